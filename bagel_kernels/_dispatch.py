@@ -1,0 +1,34 @@
+"""Backend choice for every kernel entry point.
+
+CUDA tensors go to Triton. CPU tensors go to the plain-torch reference, unless the caller asks for "triton"
+(tests do, with TRITON_INTERPRET=1 so the Triton interpreter runs the very kernel the GPU compiles).
+``BAGEL_KERNELS_BACKEND`` overrides the default for a whole process.
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+Backend = Literal["triton", "reference"]
+_VALID = ("triton", "reference")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> Backend:
+    """Pick the backend for tensors on ``device``; an explicit ``backend`` wins, then the environment."""
+    choice = backend or os.environ.get("BAGEL_KERNELS_BACKEND") or None
+    if choice is not None:
+        if choice not in _VALID:
+            raise ValueError(f"unknown kernel backend {choice!r}; expected one of {_VALID}")
+        if choice == "triton" and device.type != "cuda" and not triton_interpreting():
+            raise RuntimeError(
+                "backend='triton' on a CPU tensor needs the Triton interpreter: set TRITON_INTERPRET=1 "
+                "before importing triton (tests/conftest.py does)"
+            )
+        return choice  # type: ignore[return-value]
+    return "triton" if device.type == "cuda" else "reference"

@@ -1,0 +1,128 @@
+"""ONE entry point for every attention call BAGEL makes: ``joint_attention``.
+
+Queries attend an ordered list of KV segments (e.g. the frozen paged context cache, then the current tokens' own
+K/V). Each segment is blocked from its own start in a fixed order, so the bits of an output row never depend on the
+other rows, heads, sequences or ranks in the launch. The state can be carried across launches (resumable attention,
+used by exact ring attention); ``finalize=False`` returns it instead of the output.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._dispatch import resolve_backend
+from .attention_reference import REF_BLOCK_N, attention_reference, finalize_reference
+from .attention_types import AttentionOutput, AttentionState, ContiguousKV, PagedKV, Segment
+
+__all__ = ["joint_attention", "kv_block_size", "prefill_visible_end"]
+
+
+def kv_block_size(device: torch.device | str, backend: str | None = None) -> int:
+    """Fixed KV block of the active backend: token splits for parallelism align to it (DESIGN.md §3)."""
+    b = resolve_backend(torch.device(device), backend)
+    if b == "triton":
+        from .attention_triton import TRITON_BLOCK_N
+
+        return TRITON_BLOCK_N
+    return REF_BLOCK_N
+
+
+def prefill_visible_end(span_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token visibility bound of a packed multimodal prompt, computed on the device.
+
+    ``span_ids[i] == -1`` marks a text token (causal: it sees keys ``< i+1``); tokens sharing an id ``>= 0`` form one
+    image span and all see up to that span's end (bidirectional inside the span, causal towards the text after it).
+    """
+    if span_ids.dim() != 1:
+        raise ValueError(f"span_ids must be 1-D (tokens,), got shape {tuple(span_ids.shape)}")
+    n = span_ids.shape[0]
+    pos = torch.arange(n, device=span_ids.device)
+    img = span_ids >= 0
+    sid = torch.where(img, span_ids.long(), torch.zeros_like(span_ids, dtype=torch.long)).clamp(max=max(n - 1, 0))
+    ends = torch.zeros(max(n, 1), dtype=torch.long, device=span_ids.device)
+    ends = ends.scatter_reduce(0, sid, torch.where(img, pos + 1, torch.zeros_like(pos)), reduce="amax")
+    return torch.where(img, ends[sid], pos + 1).to(torch.int32)
+
+
+def _check(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, gqa_group, q_head_offset) -> tuple[int, torch.Tensor]:
+    if q.dim() != 3:
+        raise ValueError(f"q must be (tokens, heads, head_dim), got shape {tuple(q.shape)}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"q dtype {q.dtype} not supported; use float32, float16 or bfloat16")
+    if not segments:
+        raise ValueError("joint_attention needs at least one KV segment")
+    tq, hq, d = q.shape
+    hkv = segments[0].num_kv_heads
+    for i, s in enumerate(segments):
+        if not isinstance(s, (ContiguousKV, PagedKV)):
+            raise TypeError(f"segment {i} is {type(s).__name__}; expected ContiguousKV or PagedKV")
+        if s.k.shape[-1] != d or s.v.shape[-1] != d:
+            raise ValueError(f"segment {i}: head_dim {s.k.shape[-1]} does not match q's head_dim {d}")
+        if s.num_kv_heads != hkv or s.v.shape != s.k.shape:
+            raise ValueError(f"segment {i}: K/V heads or shapes disagree ({tuple(s.k.shape)} vs {tuple(s.v.shape)}, "
+                             f"expected {hkv} KV heads)")
+        if s.k.dtype != q.dtype or s.v.dtype != q.dtype:
+            raise TypeError(f"segment {i}: K/V dtype {s.k.dtype} differs from q dtype {q.dtype}")
+        if s.k.device != q.device:
+            raise ValueError(f"segment {i} is on {s.k.device}, q on {q.device}")
+        if isinstance(s, ContiguousKV) and s.cu_seqlens is None and cu_seqlens_q is not None and cu_seqlens_q.shape[0] > 2:
+            raise ValueError(f"segment {i}: a varlen batch needs cu_seqlens on every contiguous segment")
+        if isinstance(s, PagedKV) and cu_seqlens_q is not None and s.block_table.shape[0] != cu_seqlens_q.shape[0] - 1:
+            raise ValueError(f"segment {i}: block_table has {s.block_table.shape[0]} rows for {cu_seqlens_q.shape[0] - 1} sequences")
+    g = gqa_group if gqa_group is not None else None
+    if g is None:
+        if hq % hkv:
+            raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads (GQA); pass gqa_group")
+        g = hq // hkv
+    kv_of_q = (q_head_offset + torch.arange(hq)) // g - q_head_offset // g
+    if int(kv_of_q.max()) >= hkv:
+        raise ValueError(f"query heads {q_head_offset}..{q_head_offset + hq - 1} with GQA group {g} need KV heads "
+                         f"{q_head_offset // g}..{(q_head_offset + hq - 1) // g}, but only {hkv} are given")
+    return g, kv_of_q.to(q.device)
+
+
+def joint_attention(
+    q: torch.Tensor,
+    segments: list[Segment],
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    scale: float | None = None,
+    visible_end: torch.Tensor | None = None,
+    gqa_group: int | None = None,
+    q_head_offset: int = 0,
+    state: AttentionState | None = None,
+    finalize: bool = True,
+    backend: str | None = None,
+) -> AttentionOutput | AttentionState:
+    """Attention of ``q`` (Tq, Hq, D) over ``segments`` in order.
+
+    - GQA without expanding K/V: query head h (global index ``q_head_offset + h``) reads KV head
+      ``(q_head_offset + h) // gqa_group - q_head_offset // gqa_group`` of the given K/V.
+    - varlen: ``cu_seqlens_q`` (B+1) with host bound ``max_seqlen_q``; every segment holds B sequences.
+    - ``visible_end`` (Tq,) int: prefill mask on the LAST segment (key j visible iff j < visible_end[i],
+      sequence-local); earlier segments (the context) are fully visible. See ``prefill_visible_end``.
+    - ``state``/``finalize``: resume from and/or return the fp32 running state (exact ring attention).
+    """
+    _, kv_of_q = _check(q, segments, cu_seqlens_q, gqa_group, q_head_offset)
+    tq, hq, d = q.shape
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    if max_seqlen_q is None:
+        max_seqlen_q = tq
+    if visible_end is not None and visible_end.shape != (tq,):
+        raise ValueError(f"visible_end must have shape ({tq},), got {tuple(visible_end.shape)}")
+    which = resolve_backend(q.device, backend)
+    if state is not None and state.backend != which:
+        raise ValueError(f"attention state was made by the {state.backend!r} backend, cannot resume on {which!r}")
+    if which == "triton":
+        from .attention_triton import attention_triton
+
+        return attention_triton(q, segments, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, scale=scale,
+                                kv_head_of_q=kv_of_q, visible_end=visible_end, state=state, finalize=finalize)
+    new_state = attention_reference(q, segments, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, scale=scale,
+                                    kv_head_of_q=kv_of_q, visible_end=visible_end, state=state)
+    if not finalize:
+        return new_state
+    out, lse = finalize_reference(new_state, q.dtype)
+    return AttentionOutput(out=out, lse=lse)

@@ -1,0 +1,98 @@
+"""Batch-invariant linear layers and Mixture-of-Transformers routing (plain-torch reference path).
+
+Why padding: CPU BLAS (MKL) switches to a different kernel for very small M (we measured M <= 3 in fp32), which
+changes the bits of a row depending on how many rows share the launch. Padding the rows of every GEMM to a multiple
+of ``ROW_TILE`` keeps each row on one code path, so a row's result never depends on M — the exactness contract.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ROW_TILE = 16
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` whose rows do not depend on the number of rows in the call."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    m = x2.shape[0]
+    pad = max(ROW_TILE, -(-m // ROW_TILE) * ROW_TILE) - m
+    if pad:
+        x2 = torch.cat([x2, x2.new_zeros(pad, x2.shape[1])], dim=0)
+    y = F.linear(x2.contiguous(), weight, bias)[:m]
+    return y.reshape(*lead, weight.shape[0])
+
+
+@dataclass(frozen=True)
+class ExpertSegments:
+    """Routing of a packed token sequence to the two MoT experts, as contiguous host-side segments.
+
+    ``segments`` is a tuple of ``(start, end, is_gen)``; it is derived from the sequence *layout* (which the host
+    built), never from tensor values, so routing costs no device-to-host synchronization.
+    """
+
+    segments: tuple[tuple[int, int, bool], ...]
+
+    @staticmethod
+    def uniform(n: int, is_gen: bool) -> "ExpertSegments":
+        return ExpertSegments(((0, n, is_gen),) if n else ())
+
+    @staticmethod
+    def from_flags(flags: list[bool]) -> "ExpertSegments":
+        """Run-length encode host booleans (one per token) into segments."""
+        segs: list[tuple[int, int, bool]] = []
+        for i, g in enumerate(flags):
+            if segs and segs[-1][2] == g and segs[-1][1] == i:
+                segs[-1] = (segs[-1][0], i + 1, g)
+            else:
+                segs.append((i, i + 1, g))
+        return ExpertSegments(tuple(segs))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.segments[-1][1] if self.segments else 0
+
+    def slice(self, start: int, end: int) -> "ExpertSegments":
+        """Routing of rows [start, end) re-based to 0 (used for the token split of sequence parallelism)."""
+        out = []
+        for s, e, g in self.segments:
+            a, b = max(s, start), min(e, end)
+            if a < b:
+                out.append((a - start, b - start, g))
+        return ExpertSegments(tuple(out))
+
+    def gen_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        mask = torch.zeros(self.num_tokens, dtype=torch.bool)
+        for s, e, g in self.segments:
+            if g:
+                mask[s:e] = True
+        return mask.to(device)
+
+
+def routed_apply(x: torch.Tensor, routing: ExpertSegments, fn_und, fn_gen) -> torch.Tensor:
+    """Apply ``fn_und`` / ``fn_gen`` to each contiguous segment of rows and reassemble in order."""
+    if x.shape[0] != routing.num_tokens:
+        raise ValueError(f"routing covers {routing.num_tokens} tokens but the input has {x.shape[0]} rows")
+    parts = [(fn_gen if g else fn_und)(x[s:e]) for s, e, g in routing.segments]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts, dim=0)
+
+
+def routed_linear_reference(
+    x: torch.Tensor,
+    routing: ExpertSegments,
+    w_und: torch.Tensor,
+    b_und: torch.Tensor | None,
+    w_gen: torch.Tensor,
+    b_gen: torch.Tensor | None,
+) -> torch.Tensor:
+    """Reference MoT linear: understanding rows use (w_und, b_und), generation rows (w_gen, b_gen)."""
+    return routed_apply(
+        x, routing, lambda t: invariant_linear(t, w_und, b_und), lambda t: invariant_linear(t, w_gen, b_gen)
+    )

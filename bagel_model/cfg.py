@@ -1,0 +1,32 @@
+"""Classifier-free guidance combination (BAGEL's three branches: full, no-text, no-image) — a pure function.
+
+Deterministic and shape-stable, so every rank of a CFG-parallel run computes the identical result locally from the
+all-gathered velocities (no broadcast in the loop).
+"""
+from __future__ import annotations
+
+import torch
+
+RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+def combine_cfg(v: torch.Tensor, v_text: torch.Tensor | None, v_img: torch.Tensor | None, *, text_scale: float,
+                img_scale: float, renorm_min: float, renorm_type: str) -> torch.Tensor:
+    """v: full-context velocity; v_text: without the text prompt; v_img: without the input image. (tokens, dim)."""
+    if renorm_type not in RENORM_TYPES:
+        raise ValueError(f"unknown cfg renorm type {renorm_type!r}; expected one of {RENORM_TYPES}")
+    if text_scale <= 1.0:
+        return v
+    if v_text is None or (img_scale > 1.0 and v_img is None):
+        raise ValueError("CFG with text_scale > 1 needs the no-text velocity (and no-image when img_scale > 1)")
+    v_t = v_text + text_scale * (v - v_text)
+    if renorm_type == "text_channel":
+        scale = (torch.norm(v, dim=-1, keepdim=True) / (torch.norm(v_t, dim=-1, keepdim=True) + 1e-8))
+        v_t = v_t * scale.clamp(min=renorm_min, max=1.0)
+        return v_img + img_scale * (v_t - v_img) if img_scale > 1.0 else v_t
+    out = v_img + img_scale * (v_t - v_img) if img_scale > 1.0 else v_t
+    if renorm_type == "global":
+        scale = torch.norm(v) / (torch.norm(out) + 1e-8)
+    else:
+        scale = torch.norm(v, dim=-1, keepdim=True) / (torch.norm(out, dim=-1, keepdim=True) + 1e-8)
+    return out * scale.clamp(min=renorm_min, max=1.0)

@@ -1,0 +1,93 @@
+"""Flow-matching Euler denoising with three-branch CFG; timesteps are host floats (no device reads in the loop)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .cfg import RENORM_TYPES, combine_cfg
+
+BRANCHES = ("full", "text", "img")  # full context / without text (cfg_text) / without image (cfg_img)
+
+
+@dataclass
+class SamplingParams:
+    """Every request parameter of a generation; all of them travel between pipeline stages."""
+
+    steps: int = 50
+    seed: int = 0
+    height: int = 1024
+    width: int = 1024
+    timestep_shift: float = 3.0
+    cfg_text_scale: float = 4.0
+    cfg_img_scale: float = 1.5
+    cfg_interval: tuple[float, float] = (0.4, 1.0)
+    cfg_renorm_min: float = 0.0
+    cfg_renorm_type: str = "global"
+
+    def validate(self) -> "SamplingParams":
+        if not isinstance(self.steps, int) or self.steps < 2:
+            raise ValueError(f"steps must be an integer >= 2 (the schedule has steps-1 Euler updates), got {self.steps!r}")
+        if self.cfg_renorm_type not in RENORM_TYPES:
+            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
+        lo, hi = self.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
+        if self.timestep_shift <= 0:
+            raise ValueError(f"timestep_shift must be positive, got {self.timestep_shift}")
+        return self
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cfg_interval"] = list(self.cfg_interval)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "SamplingParams":
+        d = dict(d)
+        d["cfg_interval"] = tuple(d["cfg_interval"])
+        return SamplingParams(**d).validate()
+
+
+def timestep_schedule(steps: int, shift: float) -> tuple[list[float], list[float]]:
+    """Shifted t = s*t/(1+(s-1)*t) over linspace(1, 0, steps), computed in fp32 like BAGEL; returns (t_i, dt_i)."""
+    t = torch.linspace(1, 0, steps, dtype=torch.float32)
+    t = shift * t / (1 + (shift - 1) * t)
+    dts = t[:-1] - t[1:]
+    return t[:-1].tolist(), dts.tolist()
+
+
+def branches_at(t: float, p: SamplingParams) -> tuple[str, ...]:
+    """Branches to evaluate at time t: CFG only when lo < t <= hi (on the shifted t), and only those with scale > 1."""
+    lo, hi = p.cfg_interval
+    if not (lo < t <= hi) or p.cfg_text_scale <= 1.0:
+        return ("full",)
+    return ("full", "text", "img") if p.cfg_img_scale > 1.0 else ("full", "text")
+
+
+VelocityFn = Callable[[torch.Tensor, float, tuple[str, ...]], dict[str, torch.Tensor]]
+
+
+def initial_noise(n_tokens: int, dim: int, seed: int) -> torch.Tensor:
+    """N(0, I) drawn directly in packed-token space on the CPU generator (device-independent), fp32."""
+    return torch.randn(n_tokens, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def denoise(x: torch.Tensor, p: SamplingParams, velocities: VelocityFn, progress: bool = True,
+            on_step: Callable[[int, float], None] | None = None) -> torch.Tensor:
+    """Euler integration x <- x - v * dt with CFG; x stays fp32. ``velocities`` returns one tensor per branch."""
+    ts, dts = timestep_schedule(p.steps, p.timestep_shift)
+    for i in tqdm(range(len(ts)), desc="denoise", disable=not progress, leave=False):
+        t = ts[i]
+        active = branches_at(t, p)
+        vs = velocities(x, t, active)
+        text_scale = p.cfg_text_scale if len(active) > 1 else 1.0
+        img_scale = p.cfg_img_scale if len(active) > 2 else 1.0
+        v = combine_cfg(vs["full"], vs.get("text"), vs.get("img"), text_scale=text_scale, img_scale=img_scale,
+                        renorm_min=p.cfg_renorm_min, renorm_type=p.cfg_renorm_type)
+        x = x - v.float() * dts[i]
+        if on_step is not None:
+            on_step(i, t)
+    return x

@@ -1,0 +1,251 @@
+"""BagelModel: the Qwen2-MoT language model, generation embeddings, ViT connector and the FLUX VAE.
+
+Module names mirror the released checkpoint's tensor keys (``language_model.model.layers.{i}...``,
+``time_embedder.mlp.{0,2}``, ``vae2llm``, ``llm2vae``, ``latent_pos_embed.pos_embed``, ...), so loading is a strict
+key-for-key copy. The VAE lives in ``self.vae`` and is stored separately (``ae.safetensors``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import SiglipVisionModel
+
+from bagel_kernels import ContiguousKV, ExpertSegments, PagedKV, invariant_linear, prefill_visible_end, rope_cos_sin
+from bagel_kernels.linear import routed_apply
+from parallel.token_split import TokenSplit
+
+from .config import BagelConfig
+from .embeddings import PositionEmbedding, TimestepEmbedder, latent_position_ids
+from .layers import AttentionFn, LayerInputs, MoTDecoderLayer, RMSNorm, local_attention
+from .vae import AutoEncoder
+
+
+class _LMBody(nn.Module):
+    def __init__(self, cfg: BagelConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.llm.vocab_size, h)
+        self.layers = nn.ModuleList([MoTDecoderLayer(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(h, cfg.llm.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(h, cfg.llm.rms_norm_eps)
+
+
+class _LanguageModel(nn.Module):
+    def __init__(self, cfg: BagelConfig):
+        super().__init__()
+        self.model = _LMBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.llm.vocab_size, bias=False)
+
+
+class Connector(nn.Module):
+    """ViT -> LLM 2-layer MLP (GELU, tanh approximation)."""
+
+    def __init__(self, cin: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(cin, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x), approximate="tanh"))
+
+
+@dataclass
+class BranchContext:
+    """One CFG branch's frozen context: per-layer K/V (None for an empty context) and the image block's RoPE position."""
+
+    kv: list[ContiguousKV | PagedKV | None]
+    rope_position: int
+    length: int
+
+    @staticmethod
+    def empty(num_layers: int) -> "BranchContext":
+        return BranchContext(kv=[None] * num_layers, rope_position=0, length=0)
+
+
+@dataclass(frozen=True)
+class GenSequence:
+    """The generation query sequence [<vision_start>, latent tokens..., <vision_end>] and its token split."""
+
+    grid: tuple[int, int]  # latent rows, cols (patchified)
+    split: TokenSplit
+
+    @property
+    def n_latent(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def local(self, rank: int) -> tuple[int, int, int, int]:
+        """(row_start, row_end, latent_start, latent_end) of ``rank``'s rows; latents [a, b) live at rows a+1.. ."""
+        r0, r1 = self.split.rows(rank)
+        a = min(max(r0, 1) - 1, self.n_latent)
+        b = max(min(r1, self.n_latent + 1) - 1, a)
+        return r0, r1, a, b
+
+    def routing(self, rank: int) -> ExpertSegments:
+        """Markers use the understanding expert; latents (and tail padding) the generation expert."""
+        r0, r1 = self.split.rows(rank)
+        end_marker = self.n_latent + 1
+        return ExpertSegments.from_flags([not (g == 0 or g == end_marker) for g in range(r0, r1)])
+
+
+def make_gen_sequence(cfg: BagelConfig, height: int, width: int, degree: int = 1, align: int = 16) -> GenSequence:
+    grid = cfg.check_image_size(height, width)
+    return GenSequence(grid=grid, split=TokenSplit(grid[0] * grid[1] + 2, degree, align))
+
+
+class BagelModel(nn.Module):
+    def __init__(self, cfg: BagelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        h = cfg.hidden_size
+        self.language_model = _LanguageModel(cfg)
+        self.time_embedder = TimestepEmbedder(h)
+        self.vae2llm = nn.Linear(cfg.patch_latent_dim, h)
+        self.llm2vae = nn.Linear(h, cfg.patch_latent_dim)
+        self.latent_pos_embed = PositionEmbedding(cfg.max_latent_size, h)
+        if cfg.vit is not None:
+            self.vit_model = SiglipVisionModel(cfg.vit)
+            self.connector = Connector(cfg.vit.hidden_size, h)
+            self.vit_pos_embed = PositionEmbedding(cfg.vit_max_num_patch_per_side, h)
+        self.vae = AutoEncoder(cfg.vae)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @staticmethod
+    def random(cfg: BagelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> "BagelModel":
+        """Random weights from a seeded generator: identical on every rank and every run."""
+        with torch.device("meta"):
+            model = BagelModel(cfg)
+        model = model.to_empty(device="cpu")
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if name.endswith("pos_embed"):
+                grid = cfg.max_latent_size if name.startswith("latent") else cfg.vit_max_num_patch_per_side
+                from .embeddings import sincos_2d_table
+
+                p.data.copy_(sincos_2d_table(cfg.hidden_size, grid))
+            elif "norm" in name.split(".")[-2] or p.dim() == 1 and ("norm" in name or "layer_norm" in name):
+                p.data.fill_(1.0) if name.endswith("weight") else p.data.zero_()
+            elif p.dim() == 1:
+                p.data.normal_(0.0, 0.02, generator=gen)
+            else:
+                std = 0.02 if not name.startswith("vae.") else (1.0 / max(1, p[0].numel())) ** 0.5
+                p.data.normal_(0.0, std, generator=gen)
+        for name, b in model.named_buffers():
+            if b.is_floating_point() or b.dtype in (torch.int64, torch.int32):
+                if name.endswith("position_ids"):
+                    b.data.copy_(torch.arange(b.shape[-1]).expand_as(b))
+        model.eval().requires_grad_(False)
+        return model.to_dtype(dtype).to(device)
+
+    def to_dtype(self, dtype: torch.dtype) -> "BagelModel":
+        """Cast everything but the VAE, which always runs in fp32 (DESIGN.md §7)."""
+        for name, child in self.named_children():
+            if name != "vae":
+                child.to(dtype)
+        self.vae.float()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae2llm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae2llm.weight.device
+
+    # ---- shared pieces ------------------------------------------------------------------------------------------
+    def _run_layers(self, x: torch.Tensor, li: LayerInputs, attention: AttentionFn, kv_sink=None) -> torch.Tensor:
+        for layer in self.language_model.model.layers:
+            x = layer(x, li, attention, kv_sink)
+        body = self.language_model.model
+        return routed_apply(x, li.routing, body.norm, body.norm_moe_gen)
+
+    def _cos_sin(self, positions: torch.Tensor):
+        return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+
+    # ---- prefill (understanding expert, causal text) -----------------------------------------------------------
+    @torch.no_grad()
+    def prefill_text(self, token_ids: list[int], context: BranchContext | None = None) -> BranchContext:
+        """Append text tokens to a context (causal), returning the grown per-layer context cache."""
+        if not token_ids:
+            raise ValueError("prefill_text needs at least one token")
+        dev, n = self.device, len(token_ids)
+        context = context or BranchContext.empty(self.cfg.num_layers)
+        start = context.rope_position
+        ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+        x = self.language_model.model.embed_tokens(ids)
+        cos, sin = self._cos_sin(torch.arange(start, start + n, device=dev))
+        li = LayerInputs(routing=ExpertSegments.uniform(n, False), cos=cos, sin=sin, gen_mode=False)
+        new_kv: list = [None] * self.cfg.num_layers
+
+        def sink(i, k, v):
+            new_kv[i] = (k, v)
+
+        visible = prefill_visible_end(torch.full((n,), -1, dtype=torch.int32, device=dev))
+        self._run_layers(x, li, local_attention(context.kv, n, visible), sink)
+        kv = []
+        for i, (k, v) in enumerate(new_kv):
+            old = context.kv[i]
+            if old is not None:
+                if not isinstance(old, ContiguousKV):
+                    raise TypeError("prefill_text extends contiguous contexts only")
+                k, v = torch.cat([old.k, k]), torch.cat([old.v, v])
+            kv.append(ContiguousKV(k, v, seqlens=torch.tensor([k.shape[0]], dtype=torch.int32, device=dev)))
+        return BranchContext(kv=kv, rope_position=start + n, length=context.length + n)
+
+    # ---- generation forward (one CFG branch, one step) ---------------------------------------------------------
+    def gen_inputs(self, x_t: torch.Tensor, t: float, seq: GenSequence, rank: int, rope_position: int
+                   ) -> tuple[torch.Tensor, LayerInputs]:
+        """Embeddings of ``rank``'s rows: markers from embed_tokens, latents = vae2llm(x) + time_emb(t) + pos_emb."""
+        from .tokenizer import SPECIAL_TOKENS  # noqa: F401  (documents where the marker ids come from)
+
+        dev, dt = self.device, self.dtype
+        r0, r1, a, b = seq.local(rank)
+        parts = []
+        emb = self.language_model.model.embed_tokens
+        if r0 == 0:
+            parts.append(emb(self._marker_ids[0:1]))
+        if b > a:
+            tt = torch.tensor([t], dtype=torch.float32, device=dev)
+            temb = self.time_embedder(tt)
+            pos = self.latent_pos_embed(self._latent_pos_ids(seq)[a:b]).to(dt)
+            lat = invariant_linear(x_t[a:b].to(dt), self.vae2llm.weight, self.vae2llm.bias)
+            parts.append(lat + temb + pos)
+        end_row = seq.n_latent + 1
+        if r0 <= end_row < r1:
+            parts.append(emb(self._marker_ids[1:2]))
+        n_pad = r1 - max(r0, end_row + 1)
+        if n_pad > 0:
+            parts.append(torch.zeros(n_pad, self.cfg.hidden_size, dtype=dt, device=dev))
+        x = torch.cat(parts, dim=0)
+        cos, sin = self._cos_sin(torch.full((r1 - r0,), rope_position, dtype=torch.long, device=dev))
+        return x, LayerInputs(routing=seq.routing(rank), cos=cos, sin=sin, gen_mode=True)
+
+    def set_marker_ids(self, start_of_image: int, end_of_image: int) -> None:
+        self._marker_ids = torch.tensor([start_of_image, end_of_image], dtype=torch.long, device=self.device)
+
+    def _latent_pos_ids(self, seq: GenSequence) -> torch.Tensor:
+        cache = getattr(self, "_pos_cache", None)
+        if cache is None or cache[0] != seq.grid:
+            ids = latent_position_ids(*seq.grid, self.cfg.max_latent_size).to(self.device)
+            self._pos_cache = (seq.grid, ids)
+        return self._pos_cache[1]
+
+    @torch.no_grad()
+    def gen_velocity_rows(self, x_t: torch.Tensor, t: float, seq: GenSequence, rank: int, rope_position: int,
+                          attention: AttentionFn) -> torch.Tensor:
+        """llm2vae output for all of ``rank``'s rows (chunk, patch_dim) in fp32; latent rows are [1, n_latent+1)."""
+        x, li = self.gen_inputs(x_t, t, seq, rank, rope_position)
+        h = self._run_layers(x, li, attention)
+        return invariant_linear(h, self.llm2vae.weight, self.llm2vae.bias).float()
+
+    @torch.no_grad()
+    def gen_velocity(self, x_t: torch.Tensor, t: float, seq: GenSequence, branch: BranchContext) -> torch.Tensor:
+        """Single-device velocity of all latent tokens (n_latent, patch_dim) fp32 for one branch."""
+        if seq.split.degree != 1:
+            raise ValueError("gen_velocity is the single-device path; use parallel.denoise for degree > 1")
+        rows = self.gen_velocity_rows(x_t, t, seq, 0, branch.rope_position,
+                                      local_attention(branch.kv, seq.split.n))
+        return rows[1:seq.n_latent + 1]
