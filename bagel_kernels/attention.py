@@ -75,11 +75,12 @@ def _check(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, gqa_group, q_
         if hq % hkv:
             raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads (GQA); pass gqa_group")
         g = hq // hkv
-    kv_of_q = (q_head_offset + torch.arange(hq)) // g - q_head_offset // g
-    if int(kv_of_q.max()) >= hkv:
+    # Host arithmetic only: this runs inside the no-sync denoise loop.
+    if (q_head_offset + hq - 1) // g - q_head_offset // g >= hkv:
         raise ValueError(f"query heads {q_head_offset}..{q_head_offset + hq - 1} with GQA group {g} need KV heads "
                          f"{q_head_offset // g}..{(q_head_offset + hq - 1) // g}, but only {hkv} are given")
-    return g, kv_of_q.to(q.device)
+    kv_of_q = (q_head_offset + torch.arange(hq, device=q.device)) // g - q_head_offset // g
+    return g, kv_of_q
 
 
 def joint_attention(

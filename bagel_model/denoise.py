@@ -76,9 +76,13 @@ def initial_noise(n_tokens: int, dim: int, seed: int) -> torch.Tensor:
 
 
 def denoise(x: torch.Tensor, p: SamplingParams, velocities: VelocityFn, progress: bool = True,
-            on_step: Callable[[int, float], None] | None = None) -> torch.Tensor:
-    """Euler integration x <- x - v * dt with CFG; x stays fp32. ``velocities`` returns one tensor per branch."""
-    ts, dts = timestep_schedule(p.steps, p.timestep_shift)
+            on_step: Callable[[int, float], None] | None = None,
+            schedule: tuple[list[float], list[float]] | None = None) -> torch.Tensor:
+    """Euler integration x <- x - v * dt with CFG; x stays fp32. ``velocities`` returns one tensor per branch.
+
+    The schedule is read to host floats once, before the loop (pass it in to keep even that out of a guarded region).
+    """
+    ts, dts = schedule if schedule is not None else timestep_schedule(p.steps, p.timestep_shift)
     for i in tqdm(range(len(ts)), desc="denoise", disable=not progress, leave=False):
         t = ts[i]
         active = branches_at(t, p)

@@ -51,6 +51,17 @@ class Connector(nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(x), approximate="tanh"))
 
 
+def _siglip_with_release_prefix(vit_cfg) -> nn.Module:
+    """SigLIP whose state-dict keys read ``vision_model.*`` (the release's ``vit_model.vision_model.*``) on every
+    transformers version: 4.x nests ``vision_model`` inside SiglipVisionModel, 5.x flattens it."""
+    vit = SiglipVisionModel(vit_cfg)
+    if "vision_model" in dict(vit.named_children()):
+        return vit
+    holder = nn.Module()
+    holder.vision_model = vit
+    return holder
+
+
 @dataclass
 class BranchContext:
     """One CFG branch's frozen context: per-layer K/V (None for an empty context) and the image block's RoPE position."""
@@ -105,7 +116,7 @@ class BagelModel(nn.Module):
         self.llm2vae = nn.Linear(h, cfg.patch_latent_dim)
         self.latent_pos_embed = PositionEmbedding(cfg.max_latent_size, h)
         if cfg.vit is not None:
-            self.vit_model = SiglipVisionModel(cfg.vit)
+            self.vit_model = _siglip_with_release_prefix(cfg.vit)
             self.connector = Connector(cfg.vit.hidden_size, h)
             self.vit_pos_embed = PositionEmbedding(cfg.vit_max_num_patch_per_side, h)
         self.vae = AutoEncoder(cfg.vae)

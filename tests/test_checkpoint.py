@@ -1,0 +1,78 @@
+"""save_pretrained / from_pretrained round trip and strict key checking, on a synthetic tiny checkpoint."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bagel_model.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from bagel_model.denoise import SamplingParams
+from bagel_model.pipeline import BagelPipeline
+
+
+@pytest.fixture()
+def ckpt(tmp_path, tiny_model, tokenizer):
+    save_pretrained(tiny_model, str(tmp_path), tokenizer)
+    return tmp_path
+
+
+def test_released_layout(ckpt):
+    names = set(os.listdir(ckpt))
+    assert {"ema.safetensors", "ae.safetensors", "config.json", "llm_config.json", "vit_config.json",
+            "model.safetensors.index.json", "tokenizer.json"} <= names
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    for key in ["language_model.model.layers.0.self_attn.q_proj.weight", "language_model.model.layers.0.self_attn.q_proj_moe_gen.bias",
+                "language_model.model.layers.1.self_attn.k_norm_moe_gen.weight", "language_model.model.layers.0.mlp_moe_gen.gate_proj.weight",
+                "language_model.model.layers.0.input_layernorm_moe_gen.weight", "language_model.model.norm_moe_gen.weight",
+                "language_model.lm_head.weight", "time_embedder.mlp.0.weight", "time_embedder.mlp.2.bias", "vae2llm.weight",
+                "llm2vae.bias", "latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed", "connector.fc1.weight",
+                "language_model.model.embed_tokens.weight"]:
+        assert key in ema, key
+    assert "language_model.model.layers.0.self_attn.o_proj.bias" not in ema  # o_proj has no bias
+    assert any(k.startswith("vit_model.vision_model.") for k in ema)
+    assert not any(k.startswith("vae.") for k in ema)
+    ae = load_file(str(ckpt / "ae.safetensors"))
+    assert all(k.startswith(("encoder.", "decoder.")) for k in ae) and "decoder.conv_out.weight" in ae
+    index = json.load(open(ckpt / "model.safetensors.index.json"))
+    assert set(index["weight_map"]) == set(ema)
+
+
+def test_round_trip_gives_bit_identical_image(ckpt, tiny_model, tokenizer):
+    model, tok = from_pretrained(str(ckpt))
+    p = SamplingParams(steps=3, height=32, width=32)
+    a = BagelPipeline(tiny_model, tokenizer).text_to_image("a red cube", p, progress=False)
+    b = BagelPipeline(model, tok).text_to_image("a red cube", p, progress=False)
+    assert a.latent_md5 == b.latent_md5 and a.image_md5 == b.image_md5
+
+
+def _rewrite(path, fn):
+    sd = load_file(str(path))
+    fn(sd)
+    save_file(sd, str(path))
+
+
+def test_missing_key_is_named(ckpt):
+    _rewrite(ckpt / "ema.safetensors", lambda sd: sd.pop("llm2vae.weight"))
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): llm2vae.weight"):
+        from_pretrained(str(ckpt))
+
+
+def test_unexpected_key_is_named(ckpt):
+    _rewrite(ckpt / "ae.safetensors", lambda sd: sd.__setitem__("decoder.extra", torch.zeros(1)))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): decoder.extra"):
+        from_pretrained(str(ckpt))
+
+
+def test_misshaped_key_is_named(ckpt):
+    _rewrite(ckpt / "ema.safetensors", lambda sd: sd.__setitem__("vae2llm.bias", torch.zeros(3)))
+    with pytest.raises(CheckpointError, match=r"vae2llm.bias: checkpoint \(3,\)"):
+        from_pretrained(str(ckpt))
+
+
+def test_missing_files(tmp_path, ckpt):
+    with pytest.raises(CheckpointError, match="not found"):
+        from_pretrained(str(tmp_path / "nope"))
+    os.remove(ckpt / "ae.safetensors")
+    with pytest.raises(CheckpointError, match="VAE weights file is missing"):
+        from_pretrained(str(ckpt))

@@ -1,0 +1,106 @@
+"""Text-to-image on the tiny preset: determinism, CFG, schedule, no host syncs, bad inputs."""
+import pytest
+import torch
+
+from bagel_model.cfg import combine_cfg
+from bagel_model.denoise import SamplingParams, branches_at, denoise, timestep_schedule
+from bagel_model.model import make_gen_sequence
+from bagel_model.pipeline import BagelPipeline, single_device_velocities, text_to_image_contexts
+from bagel_model.sync_guard import HostSyncError, forbid_host_sync
+
+
+def small_params(**kw):
+    p = dict(steps=4, seed=0, height=48, width=64, cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0))
+    p.update(kw)
+    return SamplingParams(**p)
+
+
+def test_two_runs_are_bit_identical(tiny_model, tokenizer):
+    pipe = BagelPipeline(tiny_model, tokenizer)
+    a = pipe.text_to_image("a red cube", small_params(), progress=False)
+    b = pipe.text_to_image("a red cube", small_params(), progress=False)
+    assert a.latent.shape == (3 * 4, 64) and a.image.shape == (48, 64, 3) and a.image.dtype == torch.uint8
+    assert a.latent_md5 == b.latent_md5 and a.image_md5 == b.image_md5
+    assert torch.isfinite(a.latent).all()
+
+
+def test_seed_and_prompt_change_the_result(tiny_model, tokenizer):
+    pipe = BagelPipeline(tiny_model, tokenizer)
+    base = pipe.text_to_image("a red cube", small_params(), progress=False).latent_md5
+    assert pipe.text_to_image("a red cube", small_params(seed=1), progress=False).latent_md5 != base
+    assert pipe.text_to_image("a blue ball", small_params(), progress=False).latent_md5 != base
+
+
+def test_schedule_is_shifted_and_host_float():
+    ts, dts = timestep_schedule(5, 3.0)
+    assert all(isinstance(t, float) for t in ts + dts)
+    assert ts[0] == 1.0 and len(ts) == 4
+    t = 0.75
+    assert ts[1] == pytest.approx(3 * t / (1 + 2 * t), rel=1e-6)
+    assert sum(dts) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_cfg_interval_counts_like_bagel():
+    """50 timesteps with interval (0.4, 1.0] and shift 3: 41 of 49 steps use CFG (DESIGN.md)."""
+    p = SamplingParams(steps=50)
+    ts, _ = timestep_schedule(50, 3.0)
+    assert sum(len(branches_at(t, p)) == 3 for t in ts) == 41
+    assert branches_at(0.3, p) == ("full",)
+    assert branches_at(0.9, SamplingParams(cfg_img_scale=1.0)) == ("full", "text")
+
+
+def test_cfg_combine_formulas():
+    g = torch.Generator().manual_seed(0)
+    v, vt, vi = (torch.randn(6, 4, generator=g) for _ in range(3))
+    st, si = 4.0, 1.5
+    vtp = vt + st * (v - vt)
+    out = combine_cfg(v, vt, vi, text_scale=st, img_scale=si, renorm_min=0.0, renorm_type="global")
+    want = vi + si * (vtp - vi)
+    want = want * (v.norm() / (want.norm() + 1e-8)).clamp(0, 1)
+    torch.testing.assert_close(out, want)
+    out = combine_cfg(v, vt, vi, text_scale=st, img_scale=si, renorm_min=0.0, renorm_type="text_channel")
+    vT = vtp * (v.norm(dim=-1, keepdim=True) / (vtp.norm(dim=-1, keepdim=True) + 1e-8)).clamp(0, 1)
+    torch.testing.assert_close(out, vi + si * (vT - vi))
+    assert combine_cfg(v, None, None, text_scale=1.0, img_scale=1.0, renorm_min=0, renorm_type="global") is v
+    with pytest.raises(ValueError, match="renorm type"):
+        combine_cfg(v, vt, vi, text_scale=st, img_scale=si, renorm_min=0.0, renorm_type="bogus")
+
+
+def test_t2i_no_image_branch_equals_full(tiny_model, tokenizer):
+    ctx = text_to_image_contexts(tiny_model, tokenizer, "a red cube")
+    seq = make_gen_sequence(tiny_model.cfg, 32, 32)
+    x = torch.randn(seq.n_latent, 64)
+    vs = single_device_velocities(tiny_model, seq, ctx)(x, 0.8, ("full", "text", "img"))
+    assert torch.equal(vs["full"], vs["img"]) and not torch.equal(vs["full"], vs["text"])
+
+
+def test_denoise_loop_and_layers_make_no_host_reads(tiny_model, tokenizer):
+    ctx = text_to_image_contexts(tiny_model, tokenizer, "a red cube")
+    p = small_params()
+    seq = make_gen_sequence(tiny_model.cfg, p.height, p.width)
+    fn = single_device_velocities(tiny_model, seq, ctx)
+    x0 = torch.randn(seq.n_latent, 64)
+    schedule = timestep_schedule(p.steps, p.timestep_shift)
+    with forbid_host_sync(cuda=False):
+        x = denoise(x0, p, fn, progress=True, schedule=schedule)
+    assert x.shape == x0.shape
+
+
+def test_guard_catches_a_host_read():
+    with pytest.raises(HostSyncError, match="item"):
+        with forbid_host_sync(cuda=False):
+            torch.ones(2).sum().item()
+    assert torch.ones(1).item() == 1.0  # restored afterwards
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt_is_rejected(tiny_model, tokenizer, prompt):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        BagelPipeline(tiny_model, tokenizer).text_to_image(prompt, small_params(), progress=False)
+
+
+@pytest.mark.parametrize("bad,msg", [(dict(steps=1), "steps"), (dict(cfg_renorm_type="x"), "renorm"),
+                                     (dict(cfg_interval=(0.8, 0.2)), "cfg_interval"), (dict(height=40), "multiple of 16")])
+def test_bad_sampling_params(tiny_model, tokenizer, bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        BagelPipeline(tiny_model, tokenizer).text_to_image("a cube", small_params(**bad), progress=False)
