@@ -1,6 +1,6 @@
 """bagel_kernels: batch-invariant kernels for BAGEL, each beside its plain-torch reference."""
 from ._dispatch import resolve_backend
-from .attention import joint_attention, kv_block_size, prefill_visible_end
+from .attention import joint_attention, token_alignment, prefill_visible_end
 from .attention_types import AttentionOutput, AttentionState, ContiguousKV, PagedKV
 from .kv_layout import LAYOUTS, PagedKVView, allocate_kv_cache, normalize_kv_cache
 from .linear import ROW_TILE, ExpertSegments, invariant_linear, routed_linear_reference
@@ -9,7 +9,7 @@ from .norms import rms_norm_reference
 from .rope import apply_rope_reference, rope_cos_sin
 
 __all__ = [
-    "resolve_backend", "joint_attention", "kv_block_size", "prefill_visible_end", "AttentionOutput",
+    "resolve_backend", "joint_attention", "token_alignment", "prefill_visible_end", "AttentionOutput",
     "AttentionState", "ContiguousKV", "PagedKV", "LAYOUTS", "PagedKVView", "allocate_kv_cache",
     "normalize_kv_cache", "ROW_TILE", "ExpertSegments", "invariant_linear", "routed_linear_reference",
     "merge_attention_partials", "rms_norm_reference", "apply_rope_reference", "rope_cos_sin",

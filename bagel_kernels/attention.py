@@ -13,19 +13,21 @@ import torch
 
 from ._dispatch import resolve_backend
 from .attention_reference import REF_BLOCK_N, attention_reference, finalize_reference
+from .linear import ROW_TILE
 from .attention_types import AttentionOutput, AttentionState, ContiguousKV, PagedKV, Segment
 
-__all__ = ["joint_attention", "kv_block_size", "prefill_visible_end"]
+__all__ = ["joint_attention", "token_alignment", "prefill_visible_end"]
 
 
-def kv_block_size(device: torch.device | str, backend: str | None = None) -> int:
-    """Fixed KV block of the active backend: token splits for parallelism align to it (DESIGN.md §3)."""
+def token_alignment(device: torch.device | str, backend: str | None = None) -> int:
+    """Row alignment for token splits: a multiple of the backend's fixed query and KV blocks, so every real token
+    keeps its block position (and its row position inside a query tile) in every parallel layout (DESIGN.md §3)."""
     b = resolve_backend(torch.device(device), backend)
     if b == "triton":
-        from .attention_triton import TRITON_BLOCK_N
+        from .attention_triton import TRITON_BLOCK_M, TRITON_BLOCK_N
 
-        return TRITON_BLOCK_N
-    return REF_BLOCK_N
+        return max(TRITON_BLOCK_M, TRITON_BLOCK_N)
+    return max(REF_BLOCK_N, ROW_TILE)
 
 
 def prefill_visible_end(span_ids: torch.Tensor) -> torch.Tensor:
@@ -96,6 +98,7 @@ def joint_attention(
     state: AttentionState | None = None,
     finalize: bool = True,
     backend: str | None = None,
+    out: torch.Tensor | None = None,
 ) -> AttentionOutput | AttentionState:
     """Attention of ``q`` (Tq, Hq, D) over ``segments`` in order.
 
@@ -105,8 +108,9 @@ def joint_attention(
     - ``visible_end`` (Tq,) int: prefill mask on the LAST segment (key j visible iff j < visible_end[i],
       sequence-local); earlier segments (the context) are fully visible. See ``prefill_visible_end``.
     - ``state``/``finalize``: resume from and/or return the fp32 running state (exact ring attention).
+    - ``out``: optional preallocated (Tq, Hq, D) output the result is written into.
     """
-    _, kv_of_q = _check(q, segments, cu_seqlens_q, gqa_group, q_head_offset)
+    group, kv_of_q = _check(q, segments, cu_seqlens_q, gqa_group, q_head_offset)
     tq, hq, d = q.shape
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     if max_seqlen_q is None:
@@ -120,10 +124,14 @@ def joint_attention(
         from .attention_triton import attention_triton
 
         return attention_triton(q, segments, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, scale=scale,
-                                kv_head_of_q=kv_of_q, visible_end=visible_end, state=state, finalize=finalize)
+                                gqa_group=group, q_head_offset=q_head_offset, visible_end=visible_end, state=state,
+                                finalize=finalize, out=out)
     new_state = attention_reference(q, segments, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, scale=scale,
                                     kv_head_of_q=kv_of_q, visible_end=visible_end, state=state)
     if not finalize:
         return new_state
-    out, lse = finalize_reference(new_state, q.dtype)
-    return AttentionOutput(out=out, lse=lse)
+    o, lse = finalize_reference(new_state, q.dtype)
+    if out is not None:
+        out.copy_(o)
+        o = out
+    return AttentionOutput(out=o, lse=lse)

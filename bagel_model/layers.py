@@ -135,12 +135,16 @@ def local_attention(contexts: list[ContiguousKV | PagedKV | None], valid_len: in
                     visible_end: torch.Tensor | None = None) -> AttentionFn:
     """Single-device attention: queries see [context of the layer, the current tokens' own K/V (first valid_len)]."""
 
+    lens: list[torch.Tensor] = []  # made once per forward, on the device, by a fill (no host-to-device copy)
+
     def fn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not lens:
+            lens.append(torch.full((1,), valid_len, dtype=torch.int32, device=k.device))
         segs = []
         ctx = contexts[layer_idx] if contexts else None
         if ctx is not None:
             segs.append(ctx)
-        segs.append(ContiguousKV(k, v, seqlens=torch.tensor([valid_len], dtype=torch.int32, device=k.device)))
+        segs.append(ContiguousKV(k, v, seqlens=lens[0]))
         return joint_attention(q, segs, visible_end=visible_end).out
 
     return fn

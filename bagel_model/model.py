@@ -128,14 +128,17 @@ class BagelModel(nn.Module):
         """Random weights from a seeded generator: identical on every rank and every run."""
         with torch.device("meta"):
             model = BagelModel(cfg)
-        model = model.to_empty(device="cpu")
-        gen = torch.Generator().manual_seed(seed)
+        device = torch.device(device)
+        model = model.to_empty(device=device)
+        # Initialize where the weights live (a 7B model would take minutes on one CPU thread); the generator of
+        # that device makes the weights reproducible there.
+        gen = torch.Generator(device=device).manual_seed(seed)
         for name, p in model.named_parameters():
             if name.endswith("pos_embed"):
                 grid = cfg.max_latent_size if name.startswith("latent") else cfg.vit_max_num_patch_per_side
                 from .embeddings import sincos_2d_table
 
-                p.data.copy_(sincos_2d_table(cfg.hidden_size, grid))
+                p.data.copy_(sincos_2d_table(cfg.hidden_size, grid).to(device))
             elif "norm" in name.split(".")[-2] or p.dim() == 1 and ("norm" in name or "layer_norm" in name):
                 p.data.fill_(1.0) if name.endswith("weight") else p.data.zero_()
             elif p.dim() == 1:
@@ -146,9 +149,9 @@ class BagelModel(nn.Module):
         for name, b in model.named_buffers():
             if b.is_floating_point() or b.dtype in (torch.int64, torch.int32):
                 if name.endswith("position_ids"):
-                    b.data.copy_(torch.arange(b.shape[-1]).expand_as(b))
+                    b.data.copy_(torch.arange(b.shape[-1], device=device).expand_as(b))
         model.eval().requires_grad_(False)
-        return model.to_dtype(dtype).to(device)
+        return model.to_dtype(dtype)
 
     def to_dtype(self, dtype: torch.dtype) -> "BagelModel":
         """Cast everything but the VAE, which always runs in fp32 (DESIGN.md §7)."""
@@ -203,7 +206,7 @@ class BagelModel(nn.Module):
                 if not isinstance(old, ContiguousKV):
                     raise TypeError("prefill_text extends contiguous contexts only")
                 k, v = torch.cat([old.k, k]), torch.cat([old.v, v])
-            kv.append(ContiguousKV(k, v, seqlens=torch.tensor([k.shape[0]], dtype=torch.int32, device=dev)))
+            kv.append(ContiguousKV(k, v, seqlens=torch.full((1,), k.shape[0], dtype=torch.int32, device=dev)))
         return BranchContext(kv=kv, rope_position=start + n, length=context.length + n)
 
     # ---- generation forward (one CFG branch, one step) ---------------------------------------------------------
@@ -219,7 +222,7 @@ class BagelModel(nn.Module):
         if r0 == 0:
             parts.append(emb(self._marker_ids[0:1]))
         if b > a:
-            tt = torch.tensor([t], dtype=torch.float32, device=dev)
+            tt = torch.full((1,), t, dtype=torch.float32, device=dev)
             temb = self.time_embedder(tt)
             pos = self.latent_pos_embed(self._latent_pos_ids(seq)[a:b]).to(dt)
             lat = invariant_linear(x_t[a:b].to(dt), self.vae2llm.weight, self.vae2llm.bias)
