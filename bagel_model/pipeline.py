@@ -57,7 +57,9 @@ class BagelPipeline:
     def text_to_image(self, prompt: str, params: SamplingParams, progress: bool = True,
                       velocities: VelocityFn | None = None, seq: GenSequence | None = None) -> GenerationResult:
         params.validate()
-        seq = seq or make_gen_sequence(self.model.cfg, params.height, params.width)
+        from bagel_kernels import token_alignment
+
+        seq = seq or make_gen_sequence(self.model.cfg, params.height, params.width, 1, token_alignment(self.model.device))
         contexts = text_to_image_contexts(self.model, self.tokenizer, prompt)
         fn = velocities or single_device_velocities(self.model, seq, contexts)
         x0 = initial_noise(seq.n_latent, self.model.cfg.patch_latent_dim, params.seed).to(self.model.device)
