@@ -1,0 +1,116 @@
+"""Sequence and CFG parallelism on CPU/gloo: every exact configuration reproduces the single-device md5."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from parallel.mesh import ParallelConfig
+from parallel.sweep import configs_for
+from parallel.token_split import TokenSplit
+from parallel.ulysses import head_split, kv_heads_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_sweep(world: int, tmp_path, *extra: str) -> dict:
+    out = tmp_path / f"sweep{world}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
+           str(29600 + world), "-m", "parallel.sweep", "--steps", "4", "--json", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,size", [(2, ["48", "80"]), (4, ["48", "80"]), (3, ["64", "64"])])
+def test_every_exact_config_matches_single_device(world, size, tmp_path):
+    res = run_sweep(world, tmp_path, "--size", *size)
+    rows = {r["config"]: r for r in res["rows"]}
+    base = rows["single"]["md5"]
+    exact = [r for r in res["rows"] if r["mode"] == "exact" and r["config"] != "single"]
+    expected = {pc.name() for pc in configs_for(world, 6)}
+    assert expected <= set(rows), f"missing configs: {expected - set(rows)}"
+    assert exact and all(r["md5"] == base for r in exact), [(r["config"], r["md5"]) for r in exact]
+    for r in res["rows"]:
+        if r["mode"] == "fast":
+            assert r["max_abs_err"] < 1e-4  # fast ring: tolerance, not bits
+    # CFG-parallel: one all_gather per CFG step and zero broadcasts inside the loop
+    cfg_only = [r for r in res["rows"] if r["config"].startswith("cfg")]
+    for r in cfg_only:
+        assert r["collectives"]["broadcast"] == 0
+        assert r["collectives"]["all_gather"] > 0
+
+
+def test_head_split_any_degree():
+    assert head_split(28, 8) == [(0, 4), (4, 8), (8, 12), (12, 16), (16, 19), (19, 22), (22, 25), (25, 28)]
+    assert head_split(6, 4) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert [kv_heads_for(r, 7) for r in head_split(28, 8)][:3] == [(0, 1), (0, 2), (1, 2)]  # KV heads replicated
+    with pytest.raises(ValueError, match="exceeds 6 query heads"):
+        head_split(6, 7)
+
+
+def test_token_split_pads_only_the_global_tail():
+    s = TokenSplit(4098, 4, 128)
+    assert s.chunk == 1152 and s.padded == 4608
+    assert [s.valid(r) for r in range(4)] == [1152, 1152, 1152, 642]
+    assert TokenSplit(17, 4, 16).valid(3) == 0  # a rank may hold only padding
+    with pytest.raises(ValueError):
+        TokenSplit(0, 2)
+
+
+@pytest.mark.parametrize("pc,world,msg", [
+    (ParallelConfig(ulysses=2, ring=2), 2, "= 4 ranks, but the world has only 2"),
+    (ParallelConfig(cfg=4), 4, "exceeds the 3 CFG branches"),
+    (ParallelConfig(ulysses=8), 8, "exceeds the model's 6 query heads"),
+    (ParallelConfig(ring=2, ring_mode="slow"), 2, "ring_mode"),
+])
+def test_bad_degrees_are_named(pc, world, msg):
+    with pytest.raises(ValueError, match=msg):
+        pc.validate(world, num_heads=6)
+
+
+def test_cfg_branch_assignment():
+    from parallel.cfg_parallel import assign_branches
+
+    act = ("full", "text", "img")
+    assert [assign_branches(act, 3, i) for i in range(3)] == [["full"], ["text"], ["img"]]
+    assert [assign_branches(act, 2, i) for i in range(2)] == [["full", "img"], ["text"]]
+    assert assign_branches(("full",), 3, 2) == ["full"]  # outside the CFG interval every rank computes it
+
+
+def _peer_dies(rank, store_path, q):
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from parallel.mesh import CollectiveError, guarded
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=10))
+    if rank == 1:
+        os._exit(0)  # a rank fails without a word
+    try:
+        out = [torch.zeros(4) for _ in range(2)]
+        guarded("sp all_gather velocity rows", dist.all_gather, out, torch.ones(4))
+        q.put("no error")
+    except CollectiveError as e:
+        q.put(str(e))
+
+
+def test_dead_peer_gives_an_error_naming_rank_and_collective(tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_peer_dies, args=(r, str(tmp_path / "store"), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    msg = q.get(timeout=120)
+    for p in procs:
+        p.join(timeout=30)
+    assert "rank 0" in msg and "sp all_gather velocity rows" in msg, msg
