@@ -190,8 +190,8 @@ def attention_triton(q, segments, *, cu_seqlens_q, max_seqlen_q, scale, gqa_grou
     dev = q.device
     batch = 1 if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
     if cu_seqlens_q is None:
-        cu_q = torch.zeros(2, dtype=torch.int32, device=dev)
-        cu_q[1] = tq  # a fill on the device: no host-to-device copy inside the denoise loop
+        # arange * scalar runs on the device; `cu_q[1] = tq` would copy through the host and synchronize.
+        cu_q = torch.arange(2, dtype=torch.int32, device=dev) * tq
     else:
         cu_q = cu_seqlens_q.to(torch.int32)
     if visible_end is not None and not isinstance(segments[-1], ContiguousKV):
