@@ -51,17 +51,19 @@ def load_model(args):
 
 
 def sampling_params(args, cfg):
+    """The preset's generation defaults, overridden by whatever the command line gives."""
+    from dataclasses import asdict
+
     from .denoise import SamplingParams
 
-    g = cfg.generation
-    return SamplingParams(
-        steps=args.steps if args.steps is not None else g.num_timesteps, seed=args.seed, height=args.size,
-        width=args.size, timestep_shift=args.timestep_shift if args.timestep_shift is not None else g.timestep_shift,
-        cfg_text_scale=args.cfg_text_scale if args.cfg_text_scale is not None else g.cfg_text_scale,
-        cfg_img_scale=args.cfg_img_scale if args.cfg_img_scale is not None else g.cfg_img_scale,
-        cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else g.cfg_interval,
-        cfg_renorm_min=g.cfg_renorm_min,
-        cfg_renorm_type=args.cfg_renorm_type or g.cfg_renorm_type).validate()
+    p = asdict(cfg.generation)
+    steps = p.pop("num_timesteps")
+    overrides = {"cfg_text_scale": args.cfg_text_scale, "cfg_img_scale": args.cfg_img_scale,
+                 "timestep_shift": args.timestep_shift, "cfg_renorm_type": args.cfg_renorm_type,
+                 "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None}
+    p.update({k: v for k, v in overrides.items() if v is not None})
+    return SamplingParams(steps=args.steps if args.steps is not None else steps, seed=args.seed, height=args.size,
+                          width=args.size, **p).validate()
 
 
 def main(argv: list[str] | None = None) -> int:
