@@ -213,8 +213,6 @@ class BagelModel(nn.Module):
     def gen_inputs(self, x_t: torch.Tensor, t: float, seq: GenSequence, rank: int, rope_position: int
                    ) -> tuple[torch.Tensor, LayerInputs]:
         """Embeddings of ``rank``'s rows: markers from embed_tokens, latents = vae2llm(x) + time_emb(t) + pos_emb."""
-        from .tokenizer import SPECIAL_TOKENS  # noqa: F401  (documents where the marker ids come from)
-
         dev, dt = self.device, self.dtype
         r0, r1, a, b = seq.local(rank)
         parts = []
