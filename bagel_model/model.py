@@ -95,9 +95,9 @@ class GenSequence:
 
     def routing(self, rank: int) -> ExpertSegments:
         """Markers use the understanding expert; latents (and tail padding) the generation expert."""
-        r0, r1 = self.split.rows(rank)
-        end_marker = self.n_latent + 1
-        return ExpertSegments.from_flags([not (g == 0 or g == end_marker) for g in range(r0, r1)])
+        n, padded = self.n_latent, self.split.padded
+        whole = ((0, 1, False), (1, n + 1, True), (n + 1, n + 2, False), (n + 2, padded, True))
+        return ExpertSegments(tuple(s for s in whole if s[0] < s[1])).slice(*self.split.rows(rank))
 
 
 def make_gen_sequence(cfg: BagelConfig, height: int, width: int, degree: int = 1, align: int = 16) -> GenSequence:
