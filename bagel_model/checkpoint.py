@@ -101,8 +101,6 @@ def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: t
     with torch.no_grad():
         _load_file_strict(os.path.join(directory, EMA_FILE), ema, "model (ema)")
         _load_file_strict(os.path.join(directory, AE_FILE), ae, "VAE")
-        for name, b in model.named_buffers():
-            if name.endswith("position_ids"):
-                b.copy_(torch.arange(b.shape[-1]).expand_as(b))
+        model.reset_position_ids()
     model.eval().requires_grad_(False)
     return model.to(device), BagelTokenizer.from_directory(directory)

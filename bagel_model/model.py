@@ -17,7 +17,7 @@ from bagel_kernels.linear import routed_apply
 from parallel.token_split import TokenSplit
 
 from .config import BagelConfig
-from .embeddings import PositionEmbedding, TimestepEmbedder, latent_position_ids
+from .embeddings import PositionEmbedding, TimestepEmbedder, latent_position_ids, sincos_2d_table
 from .layers import AttentionFn, LayerInputs, MoTDecoderLayer, RMSNorm, local_attention
 from .vae import AutoEncoder
 
@@ -136,22 +136,23 @@ class BagelModel(nn.Module):
         for name, p in model.named_parameters():
             if name.endswith("pos_embed"):
                 grid = cfg.max_latent_size if name.startswith("latent") else cfg.vit_max_num_patch_per_side
-                from .embeddings import sincos_2d_table
-
                 p.data.copy_(sincos_2d_table(cfg.hidden_size, grid).to(device))
-            elif "norm" in name.split(".")[-2] or p.dim() == 1 and ("norm" in name or "layer_norm" in name):
+            elif "norm" in name.split(".")[-2]:  # RMSNorm, LayerNorm, GroupNorm: identity at start
                 p.data.fill_(1.0) if name.endswith("weight") else p.data.zero_()
             elif p.dim() == 1:
                 p.data.normal_(0.0, 0.02, generator=gen)
             else:
                 std = 0.02 if not name.startswith("vae.") else (1.0 / max(1, p[0].numel())) ** 0.5
                 p.data.normal_(0.0, std, generator=gen)
-        for name, b in model.named_buffers():
-            if b.is_floating_point() or b.dtype in (torch.int64, torch.int32):
-                if name.endswith("position_ids"):
-                    b.data.copy_(torch.arange(b.shape[-1], device=device).expand_as(b))
+        model.reset_position_ids()
         model.eval().requires_grad_(False)
         return model.to_dtype(dtype)
+
+    def reset_position_ids(self) -> None:
+        """Refill SigLIP's ``position_ids`` arange buffer (not stored in checkpoints, uninitialized after to_empty)."""
+        for name, b in self.named_buffers():
+            if name.endswith("position_ids"):
+                b.data.copy_(torch.arange(b.shape[-1], device=b.device).expand_as(b))
 
     def to_dtype(self, dtype: torch.dtype) -> "BagelModel":
         """Cast everything but the VAE, which always runs in fp32 (DESIGN.md §7)."""
