@@ -132,8 +132,11 @@ class MoTDecoderLayer(nn.Module):
 
 
 def local_attention(contexts: list[ContiguousKV | PagedKV | None], valid_len: int,
-                    visible_end: torch.Tensor | None = None) -> AttentionFn:
-    """Single-device attention: queries see [context of the layer, the current tokens' own K/V (first valid_len)]."""
+                    visible_end: torch.Tensor | None = None, gqa_group: int | None = None,
+                    q_head_offset: int = 0) -> AttentionFn:
+    """Queries see [context of the layer, the current tokens' own K/V (first valid_len)] without communication.
+
+    ``gqa_group``/``q_head_offset`` serve a rank that holds a slice of the heads (Ulysses)."""
 
     lens: list[torch.Tensor] = []  # made once per forward, on the device, by a fill (no host-to-device copy)
 
@@ -145,6 +148,6 @@ def local_attention(contexts: list[ContiguousKV | PagedKV | None], valid_len: in
         if ctx is not None:
             segs.append(ctx)
         segs.append(ContiguousKV(k, v, seqlens=lens[0]))
-        return joint_attention(q, segs, visible_end=visible_end).out
+        return joint_attention(q, segs, visible_end=visible_end, gqa_group=gqa_group, q_head_offset=q_head_offset).out
 
     return fn
