@@ -3,7 +3,10 @@ from ._dispatch import resolve_backend
 from .attention import joint_attention, token_alignment, prefill_visible_end
 from .attention_types import AttentionOutput, AttentionState, ContiguousKV, PagedKV
 from .kv_layout import LAYOUTS, PagedKVView, allocate_kv_cache, normalize_kv_cache
-from .linear import ROW_TILE, ExpertSegments, invariant_linear, routed_linear_reference
+from .linear import ROW_TILE, ExpertSegments, invariant_linear_reference
+from .routed_linear import invariant_linear, routed_linear, routed_linear_reference
+from .norms import routed_rms_norm
+from .qk_norm_rope import qk_norm_rope
 from .lse_merge import merge_attention_partials
 from .norms import rms_norm_reference
 from .rope import apply_rope_reference, rope_cos_sin

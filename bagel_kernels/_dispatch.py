@@ -32,3 +32,18 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> Backend
             )
         return choice  # type: ignore[return-value]
     return "triton" if device.type == "cuda" else "reference"
+
+
+Mode = Literal["exact", "fast"]
+_MODES = ("exact", "fast")
+
+
+def resolve_mode(mode: str | None = None) -> Mode:
+    """"exact" (default): every GEMM is the batch-invariant Triton kernel, so sequence-parallel runs reproduce one
+    device bit for bit. "fast": dense projections may call cuBLAS, which picks its algorithm from M — rows then
+    depend on how many tokens share the call, and parallel runs match one device only to rounding.
+    ``BAGEL_KERNELS_MODE`` sets the process default."""
+    choice = mode or os.environ.get("BAGEL_KERNELS_MODE") or "exact"
+    if choice not in _MODES:
+        raise ValueError(f"unknown kernel mode {choice!r}; expected one of {_MODES}")
+    return choice  # type: ignore[return-value]

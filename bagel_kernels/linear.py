@@ -14,8 +14,8 @@ import torch.nn.functional as F
 ROW_TILE = 16
 
 
-def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` whose rows do not depend on the number of rows in the call."""
+def invariant_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` whose rows do not depend on the number of rows in the call (CPU BLAS, padded rows)."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]}")
     lead = x.shape[:-1]
@@ -67,11 +67,16 @@ class ExpertSegments:
         return ExpertSegments(tuple(out))
 
     def gen_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        mask = torch.zeros(self.num_tokens, dtype=torch.bool)
+        return self.expert_ids(device).bool()
+
+    def expert_ids(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Expert index per row (0 = understanding, 1 = generation) as int32 on ``device``, built by fills of a
+        zeroed tensor — one small kernel per generation segment, no host-to-device copy and no synchronization."""
+        ids = torch.zeros(self.num_tokens, dtype=torch.int32, device=device)
         for s, e, g in self.segments:
             if g:
-                mask[s:e] = True
-        return mask.to(device)
+                ids[s:e] = 1
+        return ids
 
 
 def routed_apply(x: torch.Tensor, routing: ExpertSegments, fn_und, fn_gen) -> torch.Tensor:
@@ -82,17 +87,3 @@ def routed_apply(x: torch.Tensor, routing: ExpertSegments, fn_und, fn_gen) -> to
     if len(parts) == 1:
         return parts[0]
     return torch.cat(parts, dim=0)
-
-
-def routed_linear_reference(
-    x: torch.Tensor,
-    routing: ExpertSegments,
-    w_und: torch.Tensor,
-    b_und: torch.Tensor | None,
-    w_gen: torch.Tensor,
-    b_gen: torch.Tensor | None,
-) -> torch.Tensor:
-    """Reference MoT linear: understanding rows use (w_und, b_und), generation rows (w_gen, b_gen)."""
-    return routed_apply(
-        x, routing, lambda t: invariant_linear(t, w_und, b_und), lambda t: invariant_linear(t, w_gen, b_gen)
-    )

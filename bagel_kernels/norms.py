@@ -1,7 +1,14 @@
-"""RMSNorm (reference). One row, one fixed reduction order: the statistics are computed in fp32 per row."""
+"""RMSNorm with per-expert weights: the Triton kernel's entry point and its plain-torch reference.
+
+One row, one fixed reduction order: the statistics are computed in fp32 per row over the whole hidden size in one
+block whose width depends only on the hidden size, so a row's result never depends on the other rows.
+"""
 from __future__ import annotations
 
 import torch
+
+from ._dispatch import resolve_backend
+from .linear import ExpertSegments, routed_apply
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None):
@@ -15,3 +22,29 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dt
     # Qwen2 casts the normalized activations back to the input dtype before scaling by the weight.
     y = weight * xf.to(in_dtype)
     return y.to(out_dtype or in_dtype)
+
+
+def routed_rms_norm_reference(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor,
+                              eps: float) -> torch.Tensor:
+    if routing is None:
+        return rms_norm_reference(x, weight[0], eps)
+    return routed_apply(x, routing, lambda t: rms_norm_reference(t, weight[0], eps),
+                        lambda t: rms_norm_reference(t, weight[1], eps))
+
+
+def routed_rms_norm(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor, eps: float, *,
+                    expert_ids: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """RMSNorm of rows ``x`` (M, H) with the weight of each row's expert: ``weight`` is (E, H)."""
+    if weight.dim() != 2 or x.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"rms_norm: need x (rows, H) and weight (experts, H); got {tuple(x.shape)}, {tuple(weight.shape)}")
+    if routing is not None and routing.num_tokens != x.shape[0]:
+        raise ValueError(f"rms_norm: routing covers {routing.num_tokens} rows but the input has {x.shape[0]}")
+    if routing is None and weight.shape[0] != 1 and expert_ids is None:
+        raise ValueError(f"rms_norm: a weight with {weight.shape[0]} experts needs a routing")
+    if resolve_backend(x.device, backend) == "reference":
+        return routed_rms_norm_reference(x, routing, weight, eps)
+    from .norms_triton import rms_norm_triton
+
+    if expert_ids is None and routing is not None and weight.shape[0] > 1:
+        expert_ids = routing.expert_ids(x.device)
+    return rms_norm_triton(x, weight, eps, expert_ids if weight.shape[0] > 1 else None)

@@ -38,7 +38,8 @@ def save_pretrained(model: BagelModel, directory: str, tokenizer: BagelTokenizer
     os.makedirs(directory, exist_ok=True)
     model.cfg.save(directory)
     ema, ae = _split_state(model)
-    save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, os.path.join(directory, EMA_FILE))
+    # clone: parameters are views of per-expert packs (bagel_model.packing), and safetensors refuses shared storage
+    save_file({k: v.detach().cpu().clone() for k, v in ema.items()}, os.path.join(directory, EMA_FILE))
     save_file({k: v.detach().contiguous().cpu() for k, v in ae.items()}, os.path.join(directory, AE_FILE))
     total = sum(v.numel() * v.element_size() for v in ema.values())
     with open(os.path.join(directory, INDEX_FILE), "w") as f:

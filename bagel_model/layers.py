@@ -1,20 +1,23 @@
 """Qwen2 Mixture-of-Transformers decoder layer (BAGEL): two experts per layer, one joint attention.
 
-Every per-token operation is routed by ``ExpertSegments`` (host-side layout, no device reads). Attention is one
-call to ``bagel_kernels.joint_attention`` through an ``AttentionFn`` so that parallel strategies (Ulysses, Ring)
-can replace how K/V are exchanged without touching the layer.
+Every per-token operation is one routed kernel from ``bagel_kernels`` (routing by ``ExpertSegments``: host-side
+layout, and a per-row expert id tensor built once per forward on the device): routed RMSNorm, one fused QKV
+GEMM, QK-norm + RoPE, attention through an ``AttentionFn`` (so that parallel strategies can replace how K/V are
+exchanged without touching the layer), o_proj with the residual add fused, SwiGLU gate/up in one GEMM, and down
+with the residual. Parameters keep the released names; ``ExpertPack`` stacks them for the kernels in place.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
-from bagel_kernels import (ContiguousKV, ExpertSegments, PagedKV, apply_rope_reference, invariant_linear,
-                           joint_attention, rms_norm_reference)
-from bagel_kernels.linear import routed_apply
+from bagel_kernels import (ContiguousKV, ExpertSegments, PagedKV, joint_attention, qk_norm_rope, rms_norm_reference,
+                           routed_linear, routed_rms_norm)
+
+from .packing import ExpertPack
 
 
 class RMSNorm(nn.Module):
@@ -34,11 +37,6 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = invariant_linear(x, self.gate_proj.weight)
-        u = invariant_linear(x, self.up_proj.weight)
-        return invariant_linear(torch.nn.functional.silu(g) * u, self.down_proj.weight)
-
 
 @dataclass
 class LayerInputs:
@@ -48,10 +46,24 @@ class LayerInputs:
     cos: torch.Tensor  # (rows, head_dim) fp32
     sin: torch.Tensor
     gen_mode: bool  # generation forward: QK-norm and RoPE in fp32 (BAGEL); prefill: in the activation dtype
+    _ids: torch.Tensor | None = field(default=None, repr=False)
+
+    def expert_ids(self, device: torch.device) -> torch.Tensor | None:
+        """Per-row expert ids on the device, made once per forward (CPU reference kernels route by segments)."""
+        if device.type != "cuda":
+            return None
+        if self._ids is None:
+            self._ids = self.routing.expert_ids(device)
+        return self._ids
 
 
 class AttentionFn(Protocol):
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def experts_pack(module: nn.Module, *names: str, attr: str = "weight") -> ExpertPack:
+    """Pack ``attr`` of ``name`` (und) and ``name_moe_gen`` (gen) of ``module``, the names fused along N."""
+    return ExpertPack([[[(getattr(module, n + sfx), attr) for n in names]] for sfx in ("", "_moe_gen")])
 
 
 class MoTAttention(nn.Module):
@@ -60,56 +72,38 @@ class MoTAttention(nn.Module):
         h, nh, nkv = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads
         d = h // nh
         self.layer_idx, self.num_heads, self.num_kv_heads, self.head_dim = layer_idx, nh, nkv, d
-        eps = cfg.llm.rms_norm_eps
+        self.eps = cfg.llm.rms_norm_eps
         for suffix in ("", "_moe_gen"):
             setattr(self, "q_proj" + suffix, nn.Linear(h, nh * d, bias=True))
             setattr(self, "k_proj" + suffix, nn.Linear(h, nkv * d, bias=True))
             setattr(self, "v_proj" + suffix, nn.Linear(h, nkv * d, bias=True))
             setattr(self, "o_proj" + suffix, nn.Linear(nh * d, h, bias=False))
-            setattr(self, "q_norm" + suffix, RMSNorm(d, eps))
-            setattr(self, "k_norm" + suffix, RMSNorm(d, eps))
-
-    def _expert(self, gen: bool, name: str):
-        return getattr(self, name + ("_moe_gen" if gen else ""))
+            setattr(self, "q_norm" + suffix, RMSNorm(d, self.eps))
+            setattr(self, "k_norm" + suffix, RMSNorm(d, self.eps))
+        self._qkv_w = experts_pack(self, "q_proj", "k_proj", "v_proj")
+        self._qkv_b = experts_pack(self, "q_proj", "k_proj", "v_proj", attr="bias")
+        self._o_w = experts_pack(self, "o_proj")
+        self._q_norm = experts_pack(self, "q_norm")
+        self._k_norm = experts_pack(self, "k_norm")
 
     def qkv(self, x: torch.Tensor, li: LayerInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Routed projections, QK-norm and RoPE: q (rows, Hq, D), k/v (rows, Hkv, D) in the activation dtype."""
-        d = self.head_dim
+        """Routed fused QKV, QK-norm and RoPE: q (rows, Hq, D), k/v (rows, Hkv, D) in the activation dtype."""
+        ids = li.expert_ids(x.device)
+        fused = routed_linear(x, li.routing, self._qkv_w.get(), self._qkv_b.get(), expert_ids=ids)
+        return qk_norm_rope(fused, li.routing, self._q_norm.get()[:, 0], self._k_norm.get()[:, 0], li.cos, li.sin,
+                            self.num_heads, self.num_kv_heads, self.eps, li.gen_mode, expert_ids=ids)
 
-        def project(gen: bool):
-            def fn(t: torch.Tensor):
-                q = invariant_linear(t, self._expert(gen, "q_proj").weight, self._expert(gen, "q_proj").bias)
-                k = invariant_linear(t, self._expert(gen, "k_proj").weight, self._expert(gen, "k_proj").bias)
-                v = invariant_linear(t, self._expert(gen, "v_proj").weight, self._expert(gen, "v_proj").bias)
-                q, k = q.view(-1, self.num_heads, d), k.view(-1, self.num_kv_heads, d)
-                if li.gen_mode:  # BAGEL runs generation QK-norm in fp32
-                    q, k = q.float(), k.float()
-                q = self._expert(gen, "q_norm")(q)
-                k = self._expert(gen, "k_norm")(k)
-                return torch.cat([q.reshape(t.shape[0], -1), k.reshape(t.shape[0], -1),
-                                  v.to(q.dtype).reshape(t.shape[0], -1)], dim=1)
-            return fn
-
-        fused = routed_apply(x, li.routing, project(False), project(True))
-        nq, nk = self.num_heads * d, self.num_kv_heads * d
-        q = fused[:, :nq].reshape(-1, self.num_heads, d)
-        k = fused[:, nq:nq + nk].reshape(-1, self.num_kv_heads, d)
-        v = fused[:, nq + nk:].reshape(-1, self.num_kv_heads, d)
-        q = apply_rope_reference(q, li.cos, li.sin).to(x.dtype)
-        k = apply_rope_reference(k, li.cos, li.sin).to(x.dtype)
-        return q.contiguous(), k.contiguous(), v.to(x.dtype).contiguous()
-
-    def out(self, attn: torch.Tensor, li: LayerInputs) -> torch.Tensor:
-        flat = attn.reshape(attn.shape[0], -1)
-        return routed_apply(flat, li.routing, lambda t: invariant_linear(t, self.o_proj.weight),
-                            lambda t: invariant_linear(t, self.o_proj_moe_gen.weight))
+    def out(self, attn: torch.Tensor, li: LayerInputs, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + o_proj(attn)`` routed per expert."""
+        return routed_linear(attn.reshape(attn.shape[0], -1), li.routing, self._o_w.get(), residual=residual,
+                             expert_ids=li.expert_ids(attn.device))
 
 
 class MoTDecoderLayer(nn.Module):
     def __init__(self, cfg, layer_idx: int):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.llm.rms_norm_eps
-        self.layer_idx = layer_idx
+        self.layer_idx, self.eps = layer_idx, eps
         self.self_attn = MoTAttention(cfg, layer_idx)
         self.mlp = MLP(h, cfg.llm.intermediate_size)
         self.mlp_moe_gen = MLP(h, cfg.llm.intermediate_size)
@@ -117,18 +111,23 @@ class MoTDecoderLayer(nn.Module):
         self.input_layernorm_moe_gen = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm_moe_gen = RMSNorm(h, eps)
+        self._in_norm = experts_pack(self, "input_layernorm")
+        self._post_norm = experts_pack(self, "post_attention_layernorm")
+        mlps = (self.mlp, self.mlp_moe_gen)
+        self._gate_up = ExpertPack([[[(m.gate_proj, "weight")], [(m.up_proj, "weight")]] for m in mlps])
+        self._down = ExpertPack([[[(m.down_proj, "weight")]] for m in mlps])
 
     def forward(self, x: torch.Tensor, li: LayerInputs, attention: AttentionFn,
                 kv_sink: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-        r = li.routing
-        h = routed_apply(x, r, self.input_layernorm, self.input_layernorm_moe_gen)
+        r, ids = li.routing, li.expert_ids(x.device)
+        h = routed_rms_norm(x, r, self._in_norm.get()[:, 0], self.eps, expert_ids=ids)
         q, k, v = self.self_attn.qkv(h, li)
         if kv_sink is not None:  # prefill: the context cache keeps K after k_norm + RoPE
             kv_sink(self.layer_idx, k, v)
-        a = attention(self.layer_idx, q, k, v)
-        x = x + self.self_attn.out(a, li)
-        h = routed_apply(x, r, self.post_attention_layernorm, self.post_attention_layernorm_moe_gen)
-        return x + routed_apply(h, r, self.mlp, self.mlp_moe_gen)
+        x = self.self_attn.out(attention(self.layer_idx, q, k, v), li, residual=x)
+        h = routed_rms_norm(x, r, self._post_norm.get()[:, 0], self.eps, expert_ids=ids)
+        g = routed_linear(h, r, self._gate_up.get(), activation="swiglu", expert_ids=ids)
+        return routed_linear(g, r, self._down.get(), residual=x, expert_ids=ids)
 
 
 def local_attention(contexts: list[ContiguousKV | PagedKV | None], valid_len: int,

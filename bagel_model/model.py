@@ -12,13 +12,12 @@ import torch
 from torch import nn
 from transformers import SiglipVisionModel
 
-from bagel_kernels import ContiguousKV, ExpertSegments, PagedKV, invariant_linear, prefill_visible_end, rope_cos_sin
-from bagel_kernels.linear import routed_apply
+from bagel_kernels import routed_rms_norm, ContiguousKV, ExpertSegments, PagedKV, invariant_linear, prefill_visible_end, rope_cos_sin
 from parallel.token_split import TokenSplit
 
 from .config import BagelConfig
 from .embeddings import PositionEmbedding, TimestepEmbedder, latent_position_ids, sincos_2d_table
-from .layers import AttentionFn, LayerInputs, MoTDecoderLayer, RMSNorm, local_attention
+from .layers import AttentionFn, LayerInputs, MoTDecoderLayer, RMSNorm, experts_pack, local_attention
 from .vae import AutoEncoder
 
 
@@ -30,6 +29,7 @@ class _LMBody(nn.Module):
         self.layers = nn.ModuleList([MoTDecoderLayer(cfg, i) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(h, cfg.llm.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(h, cfg.llm.rms_norm_eps)
+        self._final_norm = experts_pack(self, "norm")
 
 
 class _LanguageModel(nn.Module):
@@ -175,7 +175,8 @@ class BagelModel(nn.Module):
         for layer in self.language_model.model.layers:
             x = layer(x, li, attention, kv_sink)
         body = self.language_model.model
-        return routed_apply(x, li.routing, body.norm, body.norm_moe_gen)
+        return routed_rms_norm(x, li.routing, body._final_norm.get()[:, 0], body.norm.eps,
+                               expert_ids=li.expert_ids(x.device))
 
     def _cos_sin(self, positions: torch.Tensor):
         return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)

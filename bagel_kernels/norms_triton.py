@@ -1,0 +1,35 @@
+"""Triton RMSNorm with per-expert weights (expert of each row read on the device), Qwen2 rounding."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm(X, W, IDS, OUT, s_x, s_o, H, eps, HAS_IDS: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    ok = cols < H
+    x = tl.load(X + row * s_x + cols, mask=ok, other=0.0).to(tl.float32)
+    e = tl.load(IDS + row) if HAS_IDS else 0
+    w = tl.load(W + e * H + cols, mask=ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)
+    # Qwen2: normalized activations are rounded to the input dtype, then scaled by the weight.
+    xn = (x * rstd).to(OUT.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + row * s_o + cols, (xn * w).to(OUT.dtype.element_ty), mask=ok)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, expert_ids: torch.Tensor | None) -> torch.Tensor:
+    m, h = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(m, h, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    block = triton.next_power_of_2(h)
+    # Warps fixed by the hidden size only (the reduction tree must not depend on M).
+    _rms_norm[(m,)](x, weight.contiguous(), expert_ids if expert_ids is not None else x, out, x.stride(0),
+                    out.stride(0), h, eps, HAS_IDS=expert_ids is not None, BLOCK_H=block,
+                    num_warps=8 if block >= 2048 else 4)
+    return out

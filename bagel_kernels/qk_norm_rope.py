@@ -1,0 +1,65 @@
+"""QK-norm + RoPE on the fused QKV projection: one pass from the QKV GEMM's output to the q/k/v the attention reads.
+
+Input ``qkv`` (rows, (Hq + 2·Hkv)·D) as the routed QKV GEMM writes it. Output q (rows, Hq, D), k and v
+(rows, Hkv, D), contiguous, in the activation dtype. q/k get the RMSNorm of their row's expert (per-head, over D),
+then rotate-half RoPE with the given fp32 cos/sin tables (BAGEL's position ids). ``fp32_math`` follows BAGEL: the
+generation forward normalizes and rotates in fp32 and rounds once; the prefill works in the activation dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import resolve_backend
+from .linear import ExpertSegments, routed_apply
+from .norms import rms_norm_reference
+from .rope import apply_rope_reference
+
+
+def qk_norm_rope_reference(qkv: torch.Tensor, routing: ExpertSegments | None, q_norm: torch.Tensor,
+                           k_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+                           num_kv_heads: int, eps: float, fp32_math: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = q_norm.shape[-1]
+    rows, nq, nk = qkv.shape[0], num_heads * d, num_kv_heads * d
+    q = qkv[:, :nq].reshape(rows, num_heads, d)
+    k = qkv[:, nq:nq + nk].reshape(rows, num_kv_heads, d)
+    v = qkv[:, nq + nk:].reshape(rows, num_kv_heads, d)
+    if fp32_math:
+        q, k = q.float(), k.float()
+    segments = routing if routing is not None else ExpertSegments.uniform(rows, False)
+
+    def norm(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return routed_apply(t, segments, lambda s: rms_norm_reference(s, w[0], eps),
+                            lambda s: rms_norm_reference(s, w[1], eps))
+
+    q = apply_rope_reference(norm(q, q_norm), cos, sin).to(qkv.dtype)
+    k = apply_rope_reference(norm(k, k_norm), cos, sin).to(qkv.dtype)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def qk_norm_rope(qkv: torch.Tensor, routing: ExpertSegments | None, q_norm: torch.Tensor, k_norm: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float,
+                 fp32_math: bool, *, expert_ids: torch.Tensor | None = None, backend: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split fused QKV rows into q, k, v with per-expert QK RMSNorm and RoPE applied to q and k.
+
+    ``q_norm``/``k_norm`` are (E, D); ``cos``/``sin`` are (rows, D) fp32."""
+    d = q_norm.shape[-1]
+    width = (num_heads + 2 * num_kv_heads) * d
+    if qkv.dim() != 2 or qkv.shape[1] != width:
+        raise ValueError(f"qk_norm_rope: qkv must be (rows, {width}) for {num_heads} q / {num_kv_heads} kv heads "
+                         f"of dim {d}; got {tuple(qkv.shape)}")
+    if tuple(cos.shape) != (qkv.shape[0], d) or cos.shape != sin.shape:
+        raise ValueError(f"qk_norm_rope: cos/sin must be ({qkv.shape[0]}, {d}); got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if q_norm.shape != k_norm.shape or q_norm.dim() != 2:
+        raise ValueError(f"qk_norm_rope: q_norm/k_norm must both be (experts, D); got {tuple(q_norm.shape)}, {tuple(k_norm.shape)}")
+    if routing is not None and routing.num_tokens != qkv.shape[0]:
+        raise ValueError(f"qk_norm_rope: routing covers {routing.num_tokens} rows but qkv has {qkv.shape[0]}")
+    if resolve_backend(qkv.device, backend) == "reference":
+        return qk_norm_rope_reference(qkv, routing, q_norm, k_norm, cos, sin, num_heads, num_kv_heads, eps, fp32_math)
+    from .qk_norm_rope_triton import qk_norm_rope_triton
+
+    if expert_ids is None and routing is not None and q_norm.shape[0] > 1:
+        expert_ids = routing.expert_ids(qkv.device)
+    return qk_norm_rope_triton(qkv, expert_ids if q_norm.shape[0] > 1 else None, q_norm, k_norm, cos, sin,
+                               num_heads, num_kv_heads, eps, fp32_math)

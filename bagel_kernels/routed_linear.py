@@ -1,0 +1,100 @@
+"""MoT-routed linear layers: one entry point for every projection of the BAGEL layer.
+
+``routed_linear(x, routing, weight, bias)`` computes ``x[r] @ weight[e(r)].T + bias[e(r)]`` where ``e(r)`` is the
+expert of row ``r`` (0 = understanding, 1 = generation). Weights are stacked per expert, ``(E, P, N, K)``: P = 1 for
+a plain projection (QKV fused along N), P = 2 for SwiGLU (gate, up), whose output is ``silu(gate) * up``.
+``residual`` adds the (rounded) projection to it, as the layer's ``x + o_proj(a)``.
+
+Backends (``_dispatch``): CUDA -> the Triton routed GEMM (``routed_linear_triton``) in "exact" mode, or cuBLAS per
+segment in "fast" mode; CPU -> the plain-torch reference below (row-padded GEMMs per segment), or the Triton
+interpreter when asked for ``backend="triton"``.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import resolve_backend, resolve_mode
+from .linear import ExpertSegments, invariant_linear_reference
+
+Activation = Literal["swiglu"] | None
+
+
+def _check(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor, bias: torch.Tensor | None,
+           activation: Activation, residual: torch.Tensor | None, expert_ids: torch.Tensor | None) -> None:
+    if weight.dim() != 4:
+        raise ValueError(f"routed_linear: weight must be (experts, parts, N, K), got shape {tuple(weight.shape)}")
+    e, p, n, k = weight.shape
+    if p != (2 if activation == "swiglu" else 1):
+        raise ValueError(f"routed_linear: activation {activation!r} needs {2 if activation else 1} weight parts, got {p}")
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"routed_linear: input must be (rows, {k}), got shape {tuple(x.shape)}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"routed_linear: input dtype {x.dtype} != weight dtype {weight.dtype}")
+    if bias is not None and tuple(bias.shape) != (e, p, n):
+        raise ValueError(f"routed_linear: bias must be {(e, p, n)}, got {tuple(bias.shape)}")
+    if routing is not None:
+        if routing.num_tokens != x.shape[0]:
+            raise ValueError(f"routed_linear: routing covers {routing.num_tokens} rows but the input has {x.shape[0]}")
+        if e < 2 and any(g for _, _, g in routing.segments):
+            raise ValueError("routed_linear: routing has generation rows but the weight has one expert")
+    elif e != 1 and expert_ids is None:
+        raise ValueError(f"routed_linear: a weight with {e} experts needs a routing")
+    if residual is not None and tuple(residual.shape) != (x.shape[0], n):
+        raise ValueError(f"routed_linear: residual must be {(x.shape[0], n)}, got {tuple(residual.shape)}")
+
+
+def routed_linear_reference(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor,
+                            bias: torch.Tensor | None, activation: Activation = None,
+                            residual: torch.Tensor | None = None, pad_rows: bool = True) -> torch.Tensor:
+    """Plain torch: one GEMM per (contiguous segment, part). ``pad_rows=False`` is the cuBLAS "fast" path."""
+    lin = invariant_linear_reference if pad_rows else F.linear
+    segments = routing.segments if routing is not None else ((0, x.shape[0], False),)
+
+    def project(t: torch.Tensor, e: int) -> torch.Tensor:
+        b = (lambda j: None) if bias is None else (lambda j: bias[e, j])
+        if activation == "swiglu":
+            return F.silu(lin(t, weight[e, 0], b(0))) * lin(t, weight[e, 1], b(1))
+        return lin(t, weight[e, 0], b(0))
+
+    parts = [project(x[s:t], int(g)) for s, t, g in segments if t > s]
+    y = parts[0] if len(parts) == 1 else (torch.cat(parts) if parts else x.new_empty(0, weight.shape[2]))
+    return y if residual is None else residual + y
+
+
+def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None, *, activation: Activation = None,
+                  residual: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None,
+                  backend: str | None = None, mode: str | None = None) -> torch.Tensor:
+    """Expert-routed ``act(x @ W[e].T + b[e]) (+ residual)`` for rows routed by ``routing``.
+
+    ``expert_ids`` (int32, one per row, on x's device) lets a caller build the device-side routing once per forward
+    (``routing.expert_ids(device)``); it is built here otherwise. ``routing=None`` means one expert for all rows."""
+    _check(x, routing, weight, bias, activation, residual, expert_ids)
+    chosen = resolve_backend(x.device, backend)
+    if chosen == "reference":
+        return routed_linear_reference(x, routing, weight, bias, activation, residual)
+    if resolve_mode(mode) == "fast" and x.device.type == "cuda":
+        return routed_linear_reference(x, routing, weight, bias, activation, residual, pad_rows=False)
+    from .routed_linear_triton import routed_gemm_triton
+
+    if expert_ids is None and routing is not None and weight.shape[0] > 1:
+        expert_ids = routing.expert_ids(x.device)
+    if residual is not None:
+        residual = residual.contiguous()
+    return routed_gemm_triton(x, weight.contiguous(), None if bias is None else bias.contiguous(),
+                              expert_ids if weight.shape[0] > 1 else None, activation == "swiglu", residual)
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 backend: str | None = None, mode: str | None = None) -> torch.Tensor:
+    """A plain (one-expert) batch-invariant linear over any leading shape: ``x @ weight.T + bias``."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]}")
+    lead = x.shape[:-1]
+    n, k = weight.shape
+    y = routed_linear(x.reshape(-1, k), None, weight.view(1, 1, n, k), None if bias is None else bias.view(1, 1, n),
+                      backend=backend, mode=mode)
+    return y.reshape(*lead, n)

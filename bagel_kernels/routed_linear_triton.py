@@ -1,0 +1,168 @@
+"""Triton batch-invariant, expert-routed GEMM: ``out[r] = act(x[r] @ W[e(r)].T + b[e(r)]) (+ residual[r])``.
+
+Persistent grid (one program per SM) over (BLOCK_M x BLOCK_N) output tiles; operands arrive through TMA tensor
+descriptors. The expert of each row is read on the device from ``expert_ids``: a tile whose rows all belong to one
+expert runs one K loop, a tile that straddles the und/gen boundary runs the K loop once per expert present and keeps
+each row's own result. A row's arithmetic is therefore the same K loop over the same tile shape whatever M is,
+whichever rows share its tile and however they are routed — the batch-invariance the exactness contract needs.
+Tile shapes, the K step, warps and stages are fixed per (N, K, dtype, activation) by ``gemm_config``; never from M.
+
+Weights are stacked per expert: ``W`` is (E, P, N, K) where P = 1 for a plain linear and P = 2 for SwiGLU
+(gate, up), whose epilogue computes ``silu(gate) * up`` with the same roundings as the eager reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._dispatch import triton_interpreting
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
+
+
+def _pow2_at_least(n: int, lo: int) -> int:
+    return max(lo, 1 << (max(1, n) - 1).bit_length())
+
+
+def gemm_config(n: int, k: int, dtype: torch.dtype, swiglu: bool) -> GemmConfig:
+    """The one launch configuration for a weight of shape (N, K) — a pure function of (N, K, dtype, activation).
+
+    Why not autotune: an autotuner picks per problem size, so a row's bits would depend on M (or on the rank's share
+    of the tokens). These were chosen on the H100 for BAGEL's projections and stay put."""
+    if dtype == torch.float32:
+        return GemmConfig(64, min(64, _pow2_at_least(n, 16)), 32, 8, 4, 2)
+    # The interpreter's position-independent dot materializes BLOCK_M x BLOCK_K x BLOCK_N products and Triton caps
+    # a tensor at 2^20 elements: it runs 128-wide N tiles. BLOCK_N does not enter any output element's arithmetic
+    # (each is its own K loop with a fixed BLOCK_K), so the bits are those of the GPU's 256-wide tiles.
+    bn = 128 if swiglu or triton_interpreting() else 256
+    bn = min(bn, _pow2_at_least(n, 16))
+    bk = min(64, _pow2_at_least(k, 16))
+    return GemmConfig(128, bn, bk, 8, 8, 4 if swiglu else 3)
+
+
+@triton.jit
+def _tile_dot(x_desc, w_desc, m0, n0, wrow, K, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        a = x_desc.load([m0, kk * BLOCK_K])
+        b = w_desc.load([wrow, n0, kk * BLOCK_K]).reshape(BLOCK_N, BLOCK_K)
+        if INTERPRETER:
+            # The interpreter's tl.dot is numpy matmul, whose bits depend on a row's position in the block (BLAS
+            # micro-tiles) and which mishandles 16-bit operands. A broadcast-and-sum is position-independent,
+            # like the GPU's MMA, so CPU tests can check the batch invariance the GPU kernel has.
+            acc += tl.sum(a.to(tl.float32)[:, :, None] * tl.trans(b.to(tl.float32))[None, :, :], 1)
+        else:
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _routed_gemm(
+    x_desc, w_desc, out_desc, res_desc, BIAS, IDS,
+    M, N, K, NUM_PROGRAMS,
+    HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    out_ty = out_desc.dtype
+    P: tl.constexpr = 2 if SWIGLU else 1
+    for tile in range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+        # Grouped order: consecutive programs share weight tiles in L2.
+        group = tile // per_group
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % size_m
+        pid_n = (tile % per_group) // size_m
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        rows = m0 + tl.arange(0, BLOCK_M)
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if HAS_IDS:
+            ids = tl.load(IDS + rows, mask=rows < M, other=0)
+            lo = tl.min(tl.where(rows < M, ids, 1 << 20))
+            hi = tl.max(tl.where(rows < M, ids, -1))
+        else:
+            ids = tl.zeros((BLOCK_M,), dtype=tl.int32)
+            lo = 0
+            hi = 0
+        result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for e in range(lo, hi + 1):  # one pass, or two for a tile across the und/gen boundary
+            acc = _tile_dot(x_desc, w_desc, m0, n0, e * P, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC, INTERPRETER)
+            if HAS_BIAS:
+                acc += tl.load(BIAS + (e * P) * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            if SWIGLU:
+                up = _tile_dot(x_desc, w_desc, m0, n0, e * P + 1, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC, INTERPRETER)
+                if HAS_BIAS:
+                    up += tl.load(BIAS + (e * P + 1) * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+                # Same roundings as eager: gate and up land in the activation dtype, silu(gate) is rounded,
+                # then the product is rounded.
+                g = acc.to(out_ty).to(tl.float32)
+                s = (g / (1.0 + tl.exp(-g))).to(out_ty).to(tl.float32)
+                acc = s * up.to(out_ty).to(tl.float32)
+            result = tl.where((ids == e)[:, None], acc, result)
+        if HAS_RES:  # residual + rounded projection, as eager's ``x + linear(h)``
+            res = res_desc.load([m0, n0]).to(tl.float32)
+            result = res + result.to(out_ty).to(tl.float32)
+        out_desc.store([m0, n0], result.to(out_ty))
+
+
+def _num_programs(device: torch.device, tiles: int) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4  # interpreter: a few programs so the persistent loop is exercised
+    return max(1, min(sms, tiles))
+
+
+def routed_gemm_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    expert_ids: torch.Tensor | None,
+    swiglu: bool = False,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x (M, K); weight (E, P, N, K) contiguous; bias (E, P, N) or None; expert_ids (M,) int32 on x's device."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    m, k = x.shape
+    e, p, n, k2 = weight.shape
+    cfg = gemm_config(n, k, x.dtype, swiglu)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    x = x.contiguous()
+    x_desc = TensorDescriptor.from_tensor(x, [cfg.BLOCK_M, cfg.BLOCK_K])
+    w_desc = TensorDescriptor.from_tensor(weight.view(e * p, n, k), [1, cfg.BLOCK_N, cfg.BLOCK_K])
+    out_desc = TensorDescriptor.from_tensor(out, [cfg.BLOCK_M, cfg.BLOCK_N])
+    res_desc = TensorDescriptor.from_tensor(residual, [cfg.BLOCK_M, cfg.BLOCK_N]) if residual is not None else out_desc
+    tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)
+    progs = _num_programs(x.device, tiles)
+    _routed_gemm[(progs,)](
+        x_desc, w_desc, out_desc, res_desc,
+        bias if bias is not None else x, expert_ids if expert_ids is not None else x,
+        m, n, k, progs,
+        HAS_IDS=expert_ids is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SWIGLU=swiglu,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        INTERPRETER=triton_interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
