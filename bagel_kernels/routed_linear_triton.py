@@ -121,9 +121,15 @@ def _routed_gemm(
         out_desc.store([m0, n0], result.to(out_ty))
 
 
+_SM_COUNT: dict[int, int] = {}
+
+
 def _num_programs(device: torch.device, tiles: int) -> int:
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:  # host overhead matters for the small prefill GEMMs: look it up once
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        sms = _SM_COUNT[idx]
     else:
         sms = 4  # interpreter: a few programs so the persistent loop is exercised
     return max(1, min(sms, tiles))

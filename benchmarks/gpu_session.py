@@ -1,4 +1,7 @@
-"""One GPU call: kernel checks on the device, attention benchmarks, full-size BAGEL denoise step. Writes $OUT files."""
+"""One GPU call: kernel checks on the device, benchmarks, full-size BAGEL denoise step. Writes $OUT/gpu_session.json.
+
+    python benchmarks/gpu_session.py [--parts kernel,routed,tiny,full,mot,attention] [--gemm-configs C ...]
+"""
 from __future__ import annotations
 
 import json
@@ -42,6 +45,38 @@ def check_kernel():
         hs = bk.joint_attention(q[:, 5:16].contiguous(), [bk.ContiguousKV(ck[:, 0:3], ck[:, 0:3]), bk.ContiguousKV(k[:, 0:3].contiguous(), v[:, 0:3].contiguous())], gqa_group=7, q_head_offset=5).out
         res[f"head_subset_bitwise_{dt}"] = bool(torch.equal(hs, full[:, 5:16]))
     print("kernel checks", res, flush=True)
+    return res
+
+
+def check_routed():
+    """Routed kernels on the device: accuracy vs float64, and bitwise row-subset invariance at unaligned offsets."""
+    import bagel_kernels as bk
+
+    res = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    m, k, n = 1000, 3584, 640
+    routing = bk.ExpertSegments.from_flags([(i % 300) >= 90 for i in range(m)])
+    ids = routing.expert_ids("cuda").long()
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(m, k, device="cuda", generator=g).to(dt)
+        for act in (None, "swiglu"):
+            p = 2 if act else 1
+            w = (torch.randn(2, p, n, k, device="cuda", generator=g) * 0.02).to(dt)
+            b = torch.randn(2, p, n, device="cuda", generator=g).to(dt)
+            out = bk.routed_linear(x, routing, w, b, activation=act)
+            parts = [torch.einsum("mk,mnk->mn", x.double(), w.double()[ids, j]) + b.double()[ids, j] for j in range(p)]
+            want = torch.nn.functional.silu(parts[0]) * parts[1] if act else parts[0]
+            key = f"{dt}_{act or 'plain'}"
+            res[f"rel_err_{key}"] = ((out.double() - want).norm() / want.norm()).item()
+            same = all(torch.equal(bk.routed_linear(x[a:c], routing.slice(a, c), w, b, activation=act), out[a:c])
+                       for a, c in ((0, 1), (3, 517), (77, 78), (250, 1000), (129, 131)))
+            res[f"row_subset_bitwise_{key}"] = same
+        nw = torch.randn(2, k, device="cuda", generator=g).to(dt)
+        full = bk.routed_rms_norm(x, routing, nw, 1e-6)
+        res[f"rms_subset_bitwise_{dt}"] = torch.equal(bk.routed_rms_norm(x[3:517], routing.slice(3, 517), nw, 1e-6), full[3:517])
+        ref = bk.routed_rms_norm(x.cpu(), routing, nw.cpu(), 1e-6, backend="reference")
+        res[f"rms_rel_err_{dt}"] = ((full.cpu().double() - ref.double()).norm() / ref.double().norm()).item()
+    print("routed checks", res, flush=True)
     return res
 
 
@@ -99,29 +134,37 @@ def tiny_gpu():
     return {"rc": rc}
 
 
-for name, fn in (("kernel", check_kernel), ("tiny", tiny_gpu), ("full", full_size_step)):
-    try:
-        log[name] = fn()
-    except Exception as e:  # noqa: BLE001
-        import traceback
-        traceback.print_exc()
-        log[name] = f"ERROR {type(e).__name__}: {e}"
-    torch.cuda.empty_cache()
-    json.dump(log, open(os.path.join(OUT, "gpu_session.json"), "w"), indent=1, default=str)
+def mot_bench(configs):
+    from mot_shapes import config_sweep, layer_rows, projection_rows
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_shapes import run  # noqa: E402
+    out = {"projections": projection_rows(), "layer": layer_rows()}
+    if configs:
+        out["configs"] = config_sweep(configs)
+    return out
 
-for ws in (None, "4,3", "8,2"):
-    if ws:
-        os.environ["BAGEL_ATTN_WARPS_STAGES"] = ws
-    else:
-        os.environ.pop("BAGEL_ATTN_WARPS_STAGES", None)
-    print("== attention tile warps,stages:", ws or "default 8,3", flush=True)
-    try:
-        log[f"attention_{ws or 'default'}"] = run(os.path.join(OUT, f"attention_{(ws or 'default').replace(',', '_')}.json"))
-    except Exception as e:  # noqa: BLE001
-        import traceback
-        traceback.print_exc()
-        log[f"attention_{ws}"] = f"ERROR {e}"
-    json.dump(log, open(os.path.join(OUT, "gpu_session.json"), "w"), indent=1, default=str)
+
+def attention_bench():
+    from attention_shapes import run
+
+    return run(os.path.join(OUT, "attention.json"))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="kernel,routed,tiny,full,mot,attention")
+    ap.add_argument("--gemm-configs", nargs="*", default=None)
+    a = ap.parse_args()
+    parts = {"kernel": check_kernel, "routed": check_routed, "tiny": tiny_gpu, "full": full_size_step,
+             "mot": lambda: mot_bench(a.gemm_configs), "attention": attention_bench}
+    for name in a.parts.split(","):
+        try:
+            log[name] = parts[name]()
+        except Exception as e:  # noqa: BLE001 - one failing part must not cost the others their device time
+            import traceback
+            traceback.print_exc()
+            log[name] = f"ERROR {type(e).__name__}: {e}"
+        torch.cuda.empty_cache()
+        json.dump(log, open(os.path.join(OUT, "gpu_session.json"), "w"), indent=1, default=str)
