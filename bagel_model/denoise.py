@@ -46,6 +46,14 @@ class SamplingParams:
 
     @staticmethod
     def from_dict(d: dict) -> "SamplingParams":
+        """Strict: every field must be present and none unknown — a parameter dropped between pipeline stages must
+        be an error, never a silent default (seed 000: the diffusion stage ran 50 steps instead of the request's)."""
+        from dataclasses import fields
+
+        names = {f.name for f in fields(SamplingParams)}
+        missing, unknown = sorted(names - set(d)), sorted(set(d) - names)
+        if missing or unknown:
+            raise ValueError(f"sampling parameters incomplete: missing {missing}, unknown {unknown}")
         d = dict(d)
         d["cfg_interval"] = tuple(d["cfg_interval"])
         return SamplingParams(**d).validate()

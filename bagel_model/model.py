@@ -241,10 +241,13 @@ class BagelModel(nn.Module):
         self._marker_ids = torch.tensor([start_of_image, end_of_image], dtype=torch.long, device=self.device)
 
     def _latent_pos_ids(self, seq: GenSequence) -> torch.Tensor:
+        return self._latent_pos_ids_for(seq.grid)
+
+    def _latent_pos_ids_for(self, grid: tuple[int, int]) -> torch.Tensor:
         cache = getattr(self, "_pos_cache", None)
-        if cache is None or cache[0] != seq.grid:
-            ids = latent_position_ids(*seq.grid, self.cfg.max_latent_size).to(self.device)
-            self._pos_cache = (seq.grid, ids)
+        if cache is None or cache[0] != grid:
+            ids = latent_position_ids(*grid, self.cfg.max_latent_size).to(self.device)
+            self._pos_cache = (grid, ids)
         return self._pos_cache[1]
 
     @torch.no_grad()

@@ -54,6 +54,16 @@ class BagelPipeline:
         self.model, self.tokenizer = model, tokenizer
         model.set_marker_ids(tokenizer.special["start_of_image"], tokenizer.special["end_of_image"])
 
+    def generate(self, req, kv_layout: str = "flash_attn", progress: bool = False):
+        """Any mode through both stages in this process (single stage). Returns (stage-0 result, image result or
+        None for text outputs). The split runs (``bagel_model.stages.run_split_threads``,
+        ``bagel_model.split.run_split_processes``) give the same image bit for bit."""
+        from .stages import IMAGE_OUT, run_stage0, run_stage1
+
+        r0 = run_stage0(self.model, self.tokenizer, req)
+        r1 = run_stage1(self.model, r0.payload, r0.contexts, kv_layout, progress=progress) if req.mode in IMAGE_OUT else None
+        return r0, r1
+
     def text_to_image(self, prompt: str, params: SamplingParams, progress: bool = True,
                       velocities: VelocityFn | None = None, seq: GenSequence | None = None) -> GenerationResult:
         params.validate()

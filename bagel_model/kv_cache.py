@@ -1,0 +1,56 @@
+"""A paged per-layer KV cache for one context (one CFG branch of one request), in any ``bagel_kernels`` layout.
+
+The prefill writes K/V (after k_norm + RoPE) into pages; the attention reads the pages in place through
+``PagedKV`` (strided views from ``bagel_kernels.kv_layout``), so stage 1 never needs the writer's layout.
+"""
+from __future__ import annotations
+
+import torch
+
+from bagel_kernels import PagedKV, allocate_kv_cache, normalize_kv_cache
+from bagel_kernels.kv_layout import read_tokens, write_tokens
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+class PagedCache:
+    def __init__(self, num_layers: int, capacity: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str, layout: str = "flash_attn", block_size: int = DEFAULT_BLOCK_SIZE):
+        num_blocks = max(1, -(-capacity // block_size))
+        self.layout, self.capacity, self.num_layers = layout, num_blocks * block_size, num_layers
+        self.storage = [allocate_kv_cache(layout, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+                        for _ in range(num_layers)]
+        self.views = [normalize_kv_cache(s, layout) for s in self.storage]
+        # pages in reverse order: the attention must follow the table, not assume page i holds tokens of block i
+        self.block_table = torch.arange(num_blocks - 1, -1, -1, dtype=torch.int32, device=device)[None]
+        self.length = 0  # host-side: the layout is known on the host, never read back from the device
+        self.seqlens = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def fork(self) -> "PagedCache":
+        """A cache that shares these pages but has its own length: appending to the fork (decode) writes only past
+        this cache's length, so readers of this cache (stage 1) keep seeing exactly the prefill KV."""
+        import copy
+
+        other = copy.copy(self)
+        other.seqlens = self.seqlens.clone()
+        return other
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write the next ``len(k)`` tokens of ``layer`` (call ``commit`` once all layers are written)."""
+        if self.length + k.shape[0] > self.capacity:
+            raise ValueError(f"KV cache full: {self.length} + {k.shape[0]} tokens exceed capacity {self.capacity}")
+        write_tokens(self.views[layer], self.block_table[0], self.length, k, v)
+
+    def commit(self, n: int) -> None:
+        self.length += n
+        self.seqlens.fill_(self.length)  # a fill from a host int: no synchronization
+
+    def segments(self) -> list[PagedKV | None]:
+        """Per-layer context segments for ``joint_attention`` (None while empty)."""
+        if self.length == 0:
+            return [None] * self.num_layers
+        return [PagedKV(vw.k, vw.v, self.block_table, self.seqlens) for vw in self.views]
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous (length, H_kv, D) copies of one layer's K and V (the transfer payload)."""
+        return read_tokens(self.views[layer], self.block_table[0], self.length)

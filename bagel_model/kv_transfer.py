@@ -1,0 +1,214 @@
+"""Stage 0 -> stage 1 transfer of a request's prefill KV and metadata, and the connectors that carry it.
+
+Payload = the per-layer K/V of every CFG context of one request, read out of the sender's paged cache (whatever its
+layout) as contiguous (length, H_kv, D) tensors, plus metadata: request id, mode, image shape, every sampling
+parameter, each context's length and next RoPE position, and custom fields. The receiver writes the K/V into a
+paged cache of ITS layout. Serialized with safetensors (tensors + a JSON header in its metadata) and a SHA-256 of
+the tensor bytes: a malformed, truncated or tampered payload raises ``PayloadError`` naming what is wrong.
+
+Connectors: ``InProcessConnector`` (a queue, threads), ``SharedMemoryConnector`` (POSIX shared memory between
+processes, a multiprocessing queue for the notices), ``TorchDistributedConnector`` (point-to-point send/recv).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import queue
+from dataclasses import dataclass, field
+
+import torch
+
+from .denoise import SamplingParams
+from .prefill import PrefilledContext, new_cache
+
+MAGIC, VERSION = "bagel-kv", 1
+
+
+class PayloadError(ValueError):
+    pass
+
+
+@dataclass
+class ContextKV:
+    rope_position: int
+    k: list[torch.Tensor]  # per layer (length, H_kv, D)
+    v: list[torch.Tensor]
+
+    @property
+    def length(self) -> int:
+        return self.k[0].shape[0] if self.k else 0
+
+
+@dataclass
+class KVPayload:
+    request_id: str
+    mode: str
+    params: SamplingParams
+    image_shape: tuple[int, int]
+    contexts: dict[str, ContextKV]  # unique contexts by name
+    branches: dict[str, str]  # CFG branch -> context name ("img" may share "full")
+    extra: dict = field(default_factory=dict)  # custom metadata, carried as is (JSON)
+
+
+def extract(ctx: PrefilledContext) -> ContextKV:
+    """Read a prefilled paged cache out as contiguous per-layer K/V (layout-independent)."""
+    ks, vs = zip(*(ctx.cache.read(i) for i in range(ctx.cache.num_layers))) if ctx.cache.length else ((), ())
+    return ContextKV(ctx.rope_position, [k.contiguous() for k in ks], [v.contiguous() for v in vs])
+
+
+def install(model, ckv: ContextKV, layout: str) -> PrefilledContext:
+    """Write a received context into a new paged cache of ``layout`` on the model's device."""
+    cache = new_cache(model, max(ckv.length, 1), layout)
+    if ckv.length:
+        for i, (k, v) in enumerate(zip(ckv.k, ckv.v)):
+            cache.write(i, k.to(model.device), v.to(model.device))
+        cache.commit(ckv.length)
+    return PrefilledContext(cache, ckv.rope_position)
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def serialize(p: KVPayload) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {}
+    ctx_meta = {}
+    for name, c in p.contexts.items():
+        ctx_meta[name] = {"rope_position": c.rope_position, "length": c.length, "layers": len(c.k)}
+        for i, (k, v) in enumerate(zip(c.k, c.v)):
+            tensors[f"{name}.{i}.k"] = k.detach().cpu().contiguous()
+            tensors[f"{name}.{i}.v"] = v.detach().cpu().contiguous()
+    header = {"magic": MAGIC, "version": VERSION, "request_id": p.request_id, "mode": p.mode,
+              "params": p.params.to_dict(), "image_shape": list(p.image_shape), "contexts": ctx_meta,
+              "branches": p.branches, "extra": p.extra, "sha256": _digest(tensors)}
+    return save(tensors, metadata={"bagel": json.dumps(header)})
+
+
+def deserialize(data: bytes) -> KVPayload:
+    from safetensors.torch import load
+    from safetensors import safe_open  # noqa: F401 - same library; load() validates offsets and sizes
+
+    if not isinstance(data, (bytes, bytearray)) or len(data) < 8:
+        raise PayloadError(f"KV payload too short ({len(data) if hasattr(data, '__len__') else '?'} bytes)")
+    try:
+        hlen = int.from_bytes(data[:8], "little")
+        header_json = json.loads(bytes(data[8:8 + hlen]).decode("utf-8"))
+        meta = json.loads(header_json.get("__metadata__", {}).get("bagel", "null"))
+        tensors = load(bytes(data))
+    except PayloadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parse failure is a malformed payload
+        raise PayloadError(f"KV payload is malformed or truncated ({len(data)} bytes): {type(e).__name__}: {e}") from e
+    if not isinstance(meta, dict) or meta.get("magic") != MAGIC:
+        raise PayloadError("KV payload lacks the bagel-kv header (not a payload of this protocol)")
+    if meta.get("version") != VERSION:
+        raise PayloadError(f"KV payload version {meta.get('version')} != supported {VERSION}")
+    missing = [k for k in ("request_id", "mode", "params", "image_shape", "contexts", "branches", "extra", "sha256")
+               if k not in meta]
+    if missing:
+        raise PayloadError(f"KV payload header misses {missing}")
+    if _digest(tensors) != meta["sha256"]:
+        raise PayloadError("KV payload checksum mismatch: tensor bytes were altered in transit")
+    try:
+        params = SamplingParams.from_dict(meta["params"])
+    except (TypeError, ValueError) as e:
+        raise PayloadError(f"KV payload request parameters are invalid: {e}") from e
+    contexts = {}
+    for name, cm in meta["contexts"].items():
+        ks, vs = [], []
+        for i in range(cm["layers"]):
+            for kind, lst in (("k", ks), ("v", vs)):
+                key = f"{name}.{i}.{kind}"
+                if key not in tensors:
+                    raise PayloadError(f"KV payload misses tensor {key!r}")
+                if tensors[key].shape[0] != cm["length"]:
+                    raise PayloadError(f"KV payload tensor {key!r} has {tensors[key].shape[0]} tokens, header says {cm['length']}")
+                lst.append(tensors[key])
+        contexts[name] = ContextKV(cm["rope_position"], ks, vs)
+    for b, c in meta["branches"].items():
+        if c not in contexts:
+            raise PayloadError(f"KV payload branch {b!r} refers to unknown context {c!r}")
+    return KVPayload(meta["request_id"], meta["mode"], params, tuple(meta["image_shape"]), contexts,
+                     dict(meta["branches"]), meta["extra"])
+
+
+# ---- connectors ------------------------------------------------------------------------------------------------
+class InProcessConnector:
+    """Threads of one process: a queue of serialized payloads."""
+
+    def __init__(self):
+        self._q: queue.Queue = queue.Queue()
+
+    def send(self, data: bytes) -> None:
+        self._q.put(data)
+
+    def recv(self, timeout: float = 600.0) -> bytes:
+        try:
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"stage 1: no KV payload from stage 0 within {timeout:.0f} s (in-process connector)") from None
+
+
+class SharedMemoryConnector:
+    """Two processes: the payload bytes go into a named shared-memory segment; a queue carries (name, size)."""
+
+    def __init__(self, ctx=None):
+        import multiprocessing as mp
+
+        self._q = (ctx or mp.get_context("spawn")).Queue()
+
+    def send(self, data: bytes) -> None:
+        from multiprocessing import shared_memory
+
+        shm = shared_memory.SharedMemory(create=True, size=max(1, len(data)))
+        shm.buf[:len(data)] = data
+        self._q.put((shm.name, len(data)))
+        shm.close()  # the receiver unlinks it
+
+    def recv(self, timeout: float = 600.0) -> bytes:
+        from multiprocessing import shared_memory
+
+        try:
+            name, size = self._q.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"stage 1: no KV payload from stage 0 within {timeout:.0f} s (shared-memory connector)") from None
+        shm = shared_memory.SharedMemory(name=name)
+        try:
+            return bytes(shm.buf[:size])
+        finally:
+            shm.close()
+            shm.unlink()
+
+
+class TorchDistributedConnector:
+    """Point-to-point between ranks of an initialized process group (gloo: CPU tensors; NCCL: ``device``)."""
+
+    def __init__(self, peer: int, device: torch.device | str = "cpu"):
+        self.peer, self.device = peer, torch.device(device)
+
+    def send(self, data: bytes) -> None:
+        import torch.distributed as dist
+
+        from parallel.mesh import guarded
+
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+        guarded("KV payload size send", dist.send, torch.tensor([buf.numel()], dtype=torch.int64, device=self.device), self.peer)
+        guarded("KV payload send", dist.send, buf, self.peer)
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        import torch.distributed as dist
+
+        from parallel.mesh import guarded
+
+        n = torch.zeros(1, dtype=torch.int64, device=self.device)
+        guarded("KV payload size recv", dist.recv, n, self.peer)
+        buf = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
+        guarded("KV payload recv", dist.recv, buf, self.peer)
+        return buf.cpu().numpy().tobytes()

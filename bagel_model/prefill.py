@@ -1,0 +1,176 @@
+"""Stage-0 work: packed multimodal prefill into a paged KV cache, and greedy text decoding.
+
+A prompt is a list of blocks: text (understanding expert, causal), a VAE image block (the input image's latents
+through the generation expert at t = 0, for editing) and a ViT image block (SigLIP + connector, understanding expert).
+An image block is ``[<|vision_start|>, tokens..., <|vision_end|>]``: bidirectional inside, one shared RoPE position.
+Positions, routing and the mask are built from the block layout: positions by a cumulative sum on the device (no
+per-token host loop, seed 001), routing as host segments, the mask as per-token span ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bagel_kernels import ExpertSegments, invariant_linear, prefill_visible_end
+
+from .kv_cache import PagedCache
+from .layers import LayerInputs, local_attention
+from .model import BagelModel
+from .vae import patchify
+
+
+@dataclass
+class TextBlock:
+    ids: list[int]
+
+
+@dataclass
+class VAEBlock:
+    latents: torch.Tensor  # (h*w, patch_dim) fp32 tokens of the encoded input image
+    grid: tuple[int, int]
+
+
+@dataclass
+class ViTBlock:
+    embeddings: torch.Tensor  # (n, hidden) connector output + position embedding
+
+
+Block = TextBlock | VAEBlock | ViTBlock
+
+
+def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) fp32 in [-1, 1]."""
+    if image.dim() != 3 or image.shape[-1] != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {tuple(image.shape)} {image.dtype}")
+    return (image.permute(2, 0, 1).float() / 127.5 - 1.0)[None]
+
+
+@torch.no_grad()
+def vae_block(model: BagelModel, image: torch.Tensor, seed: int) -> VAEBlock:
+    """Encode the input image (posterior sampled with a seeded CPU generator) into latent tokens."""
+    h, w = image.shape[:2]
+    grid = model.cfg.check_image_size(h, w)
+    z = model.vae.encode(image_to_pixels(image).to(model.device), torch.Generator().manual_seed(seed))[0]
+    return VAEBlock(latents=patchify(z, model.cfg.latent_patch_size).float(), grid=grid)
+
+
+@torch.no_grad()
+def vit_block(model: BagelModel, image: torch.Tensor) -> ViTBlock:
+    """SigLIP features of the image resized to the ViT's square input, connector, plus the 2-D position table.
+
+    Simplification (documented): BAGEL packs native-aspect patches (NaViT); the thin model resizes to the ViT's
+    ``image_size`` so SigLIP's own position embedding applies unchanged."""
+    vit_cfg = model.cfg.vit
+    if vit_cfg is None:
+        raise ValueError("this model has no ViT (vit_config.json missing): image understanding is unavailable")
+    side = vit_cfg.image_size
+    pixels = F.interpolate(image_to_pixels(image), size=(side, side), mode="bilinear", align_corners=False)
+    vm = model.vit_model.vision_model
+    feats = vm(pixel_values=pixels.to(model.device, model.dtype)).last_hidden_state[0]
+    n_side = side // vit_cfg.patch_size
+    r = torch.arange(n_side, device=model.device)
+    ids = (r[:, None] * model.cfg.vit_max_num_patch_per_side + r[None, :]).reshape(-1)
+    return ViTBlock(embeddings=model.connector(feats) + model.vit_pos_embed(ids).to(feats.dtype))
+
+
+def _embed(model: BagelModel, blocks: list[Block]) -> tuple[torch.Tensor, ExpertSegments, list[tuple[int, bool]]]:
+    """Input rows of the packed prompt, their routing, and per block (tokens, shares-one-position)."""
+    dev, dt = model.device, model.dtype
+    emb = model.language_model.model.embed_tokens
+    rows, flags, layout = [], [], []
+    for b in blocks:
+        if isinstance(b, TextBlock):
+            if not b.ids:
+                raise ValueError("a text block needs at least one token")
+            rows.append(emb(torch.tensor(b.ids, dtype=torch.long, device=dev)))
+            flags += [False] * len(b.ids)
+            layout.append((len(b.ids), False))
+            continue
+        if isinstance(b, VAEBlock):
+            t0 = model.time_embedder(torch.zeros(1, device=dev))
+            pos = model.latent_pos_embed(model._latent_pos_ids_for(b.grid)).to(dt)
+            body = invariant_linear(b.latents.to(dev, dt), model.vae2llm.weight, model.vae2llm.bias) + t0 + pos
+            gen = True
+        else:
+            body = b.embeddings.to(dt)
+            gen = False
+        rows += [emb(model._marker_ids[0:1]), body, emb(model._marker_ids[1:2])]
+        flags += [False] + [gen] * body.shape[0] + [False]
+        layout.append((body.shape[0] + 2, True))
+    return torch.cat(rows), ExpertSegments.from_flags(flags), layout
+
+
+def positions_and_spans(layout: list[tuple[int, bool]], start: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """RoPE positions and mask span ids of a packed prompt, vectorized on the device.
+
+    Text tokens advance the position by one each; an image block advances it once for all its tokens. Returns
+    (positions, span_ids, next_position); next_position is computed on the host from the layout."""
+    n = sum(k for k, _ in layout)
+    inc = torch.ones(n, dtype=torch.long, device=device)
+    span = torch.full((n,), -1, dtype=torch.int32, device=device)
+    row, next_pos = 0, start
+    for i, (k, shared) in enumerate(layout):
+        if shared:
+            inc[row + 1:row + k] = 0  # fills of a slice: block-level host work, not per token
+            span[row:row + k] = i
+            next_pos += 1
+        else:
+            next_pos += k
+        row += k
+    return start + torch.cumsum(inc, 0) - 1, span, next_pos
+
+
+@dataclass
+class PrefilledContext:
+    """One CFG branch after stage 0: its paged cache and the position generation continues from."""
+
+    cache: PagedCache
+    rope_position: int
+
+
+def new_cache(model: BagelModel, capacity: int, layout: str) -> PagedCache:
+    cfg = model.cfg
+    return PagedCache(cfg.num_layers, capacity, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device, layout)
+
+
+@torch.no_grad()
+def prefill(model: BagelModel, blocks: list[Block], layout: str = "flash_attn", extra_capacity: int = 0,
+            context: PrefilledContext | None = None) -> tuple[PrefilledContext, torch.Tensor]:
+    """Prefill ``blocks`` into a (new or given) paged cache; returns the context and the last row's hidden state."""
+    x, routing, blk = _embed(model, blocks)
+    n = x.shape[0]
+    if context is None:
+        context = PrefilledContext(new_cache(model, n + extra_capacity, layout), 0)
+    cache = context.cache
+    pos, span, next_pos = positions_and_spans(blk, context.rope_position, model.device)
+    cos, sin = model._cos_sin(pos)
+    # BAGEL runs QK-norm in fp32 in forwards that carry generation-expert tokens (the VAE block), else in the
+    # activation dtype.
+    li = LayerInputs(routing=routing, cos=cos, sin=sin, gen_mode=any(g for _, _, g in routing.segments))
+    h = model._run_layers(x, li, local_attention(cache.segments(), n, prefill_visible_end(span)), cache.write)
+    cache.commit(n)
+    return PrefilledContext(cache, next_pos), h[-1:]
+
+
+@torch.no_grad()
+def greedy_decode(model: BagelModel, context: PrefilledContext, last_hidden: torch.Tensor, max_tokens: int,
+                  eos_id: int, on_token=None) -> list[int]:
+    """Greedy decoding that appends to the paged cache; stops at ``eos_id`` or ``max_tokens``.
+
+    Reading the argmax back to pick the next token is the one host read per step that text decoding needs."""
+    out: list[int] = []
+    h = last_hidden
+    for i in range(max_tokens):
+        logits = invariant_linear(h, model.language_model.lm_head.weight)
+        tok = int(logits[-1].float().argmax())
+        out.append(tok)
+        if on_token is not None:
+            on_token(i, tok)
+        if tok == eos_id or i == max_tokens - 1:
+            break
+        if context.cache.length >= context.cache.capacity:
+            break
+        context, h = prefill(model, [TextBlock([tok])], context=context)
+    return out

@@ -1,0 +1,112 @@
+"""Split serving in two processes: stage 0 (AR) and stage 1 (DiT), each with its own copy of the model, joined by
+a shared-memory connector (or torch.distributed point-to-point). Both build the same weights from a ``ModelSpec``."""
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .stages import EventLog, Request
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a worker process gets the model: a checkpoint directory, or a preset with seeded random weights."""
+
+    preset: str = "tiny"
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    checkpoint: str | None = None
+    threads: int = 1
+
+    def load(self):
+        from .checkpoint import from_pretrained
+        from .config import BagelConfig
+        from .model import BagelModel
+        from .tokenizer import BagelTokenizer
+
+        torch.set_num_threads(self.threads)
+        dtype = getattr(torch, self.dtype)
+        if self.checkpoint:
+            model, tok = from_pretrained(self.checkpoint, device=self.device, dtype=dtype)
+        else:
+            model = BagelModel.random(BagelConfig.preset(self.preset), seed=self.seed, dtype=dtype, device=self.device)
+            tok = BagelTokenizer.from_directory(None)
+        model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
+        return model, tok
+
+
+def _stage0_worker(spec: ModelSpec, req: Request, connector, out_q) -> None:
+    from .stages import run_stage0
+
+    events = EventLog()
+    try:
+        model, tok = spec.load()
+        events.record("stage0_loaded")
+        r = run_stage0(model, tok, req, send=connector.send, events=events)
+        out_q.put(("stage0", {"text_ids": r.text_ids, "text": r.text, "events": events.events}))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, and stage 1 is woken
+        connector.send(b"")
+        out_q.put(("stage0", {"error": f"{type(e).__name__}: {e}", "events": events.events}))
+
+
+def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float) -> None:
+    from .kv_transfer import deserialize
+    from .stages import run_stage1
+
+    events = EventLog()
+    try:
+        model, _ = spec.load()
+        events.record("stage1_loaded")
+        payload = deserialize(connector.recv(timeout=timeout))
+        r = run_stage1(model, payload, layout=layout, events=events)
+        out_q.put(("stage1", {"latent": r.latent.cpu().numpy(), "image": r.image.cpu().numpy(),  # numpy: plain pickles, no fd sharing with an exiting process
+                              "latent_md5": r.latent_md5,
+                              "image_md5": r.image_md5, "params": r.params.to_dict(), "events": events.events}))
+    except BaseException as e:  # noqa: BLE001
+        out_q.put(("stage1", {"error": f"{type(e).__name__}: {e}", "events": events.events}))
+
+
+def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfer_nhd",
+                        timeout: float = 1800.0) -> dict:
+    """Run stage 0 and stage 1 as two spawned processes; returns both stages' results and their events."""
+    import multiprocessing as mp
+
+    from .kv_transfer import SharedMemoryConnector
+
+    req.validate()
+    if req.mode not in ("text2img", "img2img"):
+        raise ValueError(f"--split serves image outputs (text2img, img2img); {req.mode} runs in stage 0 alone")
+    ctx = mp.get_context("spawn")
+    connector, out_q = SharedMemoryConnector(ctx), ctx.Queue()
+    procs = [ctx.Process(target=_stage0_worker, args=(spec, req, connector, out_q), name="bagel-stage0"),
+             ctx.Process(target=_stage1_worker, args=(spec, layout1, connector, out_q, timeout), name="bagel-stage1")]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    results: dict = {}
+    try:
+        while len(results) < 2:
+            try:
+                name, r = out_q.get(timeout=5.0)
+                results[name] = r
+            except queue.Empty:
+                dead = [p.name for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
+                if dead:
+                    raise RuntimeError(f"split pipeline: process {dead} died (exit codes "
+                                       f"{[p.exitcode for p in procs]}) before reporting")
+                if time.monotonic() - t0 > timeout:
+                    raise TimeoutError(f"split pipeline: no result within {timeout:.0f} s; have {sorted(results)}")
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    for name in ("stage0", "stage1"):
+        if "error" in results[name]:
+            raise RuntimeError(f"split pipeline {name} failed: {results[name]['error']}")
+    results["wall_s"] = time.monotonic() - t0
+    return results

@@ -1,0 +1,174 @@
+"""Two-stage serving (AR -> DiT): split == single stage bit for bit, KV layouts round-trip, KV-ready forwarding,
+every request parameter reaches stage 1, malformed payloads are rejected."""
+import dataclasses
+import threading
+import time
+
+import pytest
+import torch
+
+from bagel_kernels import LAYOUTS
+from bagel_model.denoise import SamplingParams
+from bagel_model.kv_transfer import (InProcessConnector, PayloadError, deserialize, extract, install, serialize)
+from bagel_model.prefill import TextBlock, positions_and_spans, prefill
+from bagel_model.stages import EventLog, Request, run_split_threads, run_stage0, run_stage1
+from bagel_model.pipeline import BagelPipeline
+
+
+@pytest.fixture(scope="module")
+def image():
+    return (torch.rand(32, 48, 3, generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model, tokenizer):
+    return BagelPipeline(tiny_model, tokenizer)
+
+
+def params(h=32, w=48, **kw):
+    return SamplingParams(steps=4, height=h, width=w, **kw)
+
+
+@pytest.mark.parametrize("mode", ["text2img", "img2img"])
+@pytest.mark.parametrize("layout1", ["flashinfer_hnd", "packed"])
+def test_split_threads_match_single_stage(pipe, tiny_model, tokenizer, image, mode, layout1):
+    req = Request(mode, "a red cube", params(), image if mode == "img2img" else None, max_tokens=6)
+    _, single = pipe.generate(req)
+    r0, split = run_split_threads(tiny_model, tiny_model, tokenizer, req, InProcessConnector(), layout1=layout1)
+    assert split.latent_md5 == single.latent_md5 and split.image_md5 == single.image_md5
+    assert r0.text_ids  # the AR stage decoded while stage 1 ran
+
+
+def test_split_processes_match_single_stage(pipe, image):
+    """Two spawned processes, shared-memory connector, flash_attn -> flashinfer_nhd."""
+    from bagel_model.split import ModelSpec, run_split_processes
+
+    for mode in ("text2img", "img2img"):
+        req = Request(mode, "a red cube", params(), image if mode == "img2img" else None, max_tokens=4)
+        _, single = pipe.generate(req)
+        res = run_split_processes(ModelSpec(preset="tiny", seed=0), req, layout1="flashinfer_nhd")
+        assert res["stage1"]["image_md5"] == single.image_md5, mode
+        assert res["stage1"]["latent_md5"] == single.latent_md5, mode
+
+
+@pytest.mark.parametrize("src", LAYOUTS)
+@pytest.mark.parametrize("dst", LAYOUTS)
+def test_kv_layouts_round_trip_bitwise(tiny_model, src, dst):
+    ctx, _ = prefill(tiny_model, [TextBlock(list(range(10, 47)))], layout=src)
+    payload_ctx = extract(ctx)
+    got = install(tiny_model, deserialize(serialize(_payload(payload_ctx))).contexts["full"], dst)
+    assert got.cache.layout == dst and got.cache.length == ctx.cache.length
+    for i in range(tiny_model.cfg.num_layers):
+        for a, b in zip(ctx.cache.read(i), got.cache.read(i)):
+            assert torch.equal(a, b)
+
+
+def _payload(ckv, p=None):
+    from bagel_model.kv_transfer import KVPayload
+
+    return KVPayload("r1", "text2img", p or params(), (32, 48), {"full": ckv}, {"full": "full", "img": "full"},
+                     {"note": "custom"})
+
+
+def test_kv_ready_forwarding_starts_stage1_before_decode_ends(tiny_model, tokenizer):
+    """With a large max_tokens, stage 0 pauses at its second decoded token until stage 1 has finished a denoise
+    step. Forwarding at KV-ready lets that happen; forwarding after decode would leave stage 0 waiting forever
+    (the bounded wait then records a failure)."""
+    events = EventLog()
+    waited = {}
+
+    def on_token(i, tok):
+        if i == 1:
+            deadline = time.monotonic() + 120
+            while "dit_step" not in events.names() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            waited["saw_dit_step"] = "dit_step" in events.names()
+
+    req = Request("text2img", "a red cube", params(), max_tokens=64, ignore_eos=True)  # the decode must run long
+    run_split_threads(tiny_model, tiny_model, tokenizer, req, InProcessConnector(), events=events, on_token=on_token)
+    names = events.names()
+    assert waited["saw_dit_step"]
+    assert names.index("kv_forwarded") < names.index("stage1_start") < names.index("dit_step") < names.index("stage0_done")
+
+
+def test_every_request_parameter_reaches_stage1(pipe, tiny_model, tokenizer):
+    """Each field is set away from its default, so a field dropped on the way (and defaulted) fails the test."""
+    p = SamplingParams(steps=3, seed=11, height=32, width=16, timestep_shift=2.5, cfg_text_scale=3.0,
+                       cfg_img_scale=1.25, cfg_interval=(0.1, 0.9), cfg_renorm_min=0.5, cfg_renorm_type="channel")
+    default = SamplingParams()
+    for f in dataclasses.fields(SamplingParams):
+        assert getattr(p, f.name) != getattr(default, f.name), f"test must set {f.name} away from its default"
+    r0 = run_stage0(tiny_model, tokenizer, Request("text2img", "x", p))
+    received = deserialize(serialize(r0.payload))
+    assert received.params == p and received.image_shape == (32, 16)
+    result = run_stage1(tiny_model, received)
+    assert result.params == p and result.image.shape == (32, 16, 3)
+    with pytest.raises(ValueError, match="missing \\['seed'\\]"):
+        SamplingParams.from_dict({k: v for k, v in p.to_dict().items() if k != "seed"})
+
+
+def test_malformed_payloads_are_rejected(tiny_model):
+    ctx, _ = prefill(tiny_model, [TextBlock([1, 2, 3, 4, 5])])
+    good = serialize(_payload(extract(ctx)))
+    assert deserialize(good).extra == {"note": "custom"}
+    with pytest.raises(PayloadError, match="too short"):
+        deserialize(b"")
+    with pytest.raises(PayloadError, match="malformed or truncated"):
+        deserialize(good[:-7])
+    with pytest.raises(PayloadError, match="malformed or truncated"):
+        deserialize(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    tampered = bytearray(good)
+    tampered[-3] ^= 0xFF
+    with pytest.raises(PayloadError, match="checksum"):
+        deserialize(bytes(tampered))
+    from safetensors.torch import save
+    with pytest.raises(PayloadError, match="bagel-kv header"):
+        deserialize(save({"x": torch.zeros(2)}))
+
+
+def test_positions_are_shared_inside_image_blocks():
+    pos, span, nxt = positions_and_spans([(3, False), (5, True), (2, False)], 4, "cpu")
+    assert pos.tolist() == [4, 5, 6, 7, 7, 7, 7, 7, 8, 9] and nxt == 10
+    assert span.tolist() == [-1, -1, -1, 1, 1, 1, 1, 1, -1, -1]
+
+
+def test_text_modes_decode(tiny_model, tokenizer, image):
+    for mode in ("text2text", "img2text"):
+        r = run_stage0(tiny_model, tokenizer, Request(mode, "hello", params(), image, max_tokens=5))
+        assert 1 <= len(r.text_ids) <= 5 and r.payload is None
+    with pytest.raises(ValueError, match="needs an input image"):
+        Request("img2img", "x", params()).validate()
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        Request("text2text", "x", params()).validate()
+
+
+def test_stage0_failure_is_reported_not_hung(tiny_model, tokenizer):
+    req = Request("text2img", "x", params(h=40, w=40))  # 40 is not a multiple of 16
+    with pytest.raises((RuntimeError, ValueError)):
+        run_split_threads(tiny_model, tiny_model, tokenizer, req, InProcessConnector())
+
+
+def _dist_worker(rank, path, payload_bytes, out):
+    import torch.distributed as dist
+
+    from bagel_model.kv_transfer import TorchDistributedConnector
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    conn = TorchDistributedConnector(peer=1 - rank)
+    if rank == 0:
+        conn.send(payload_bytes)
+    else:
+        got = conn.recv()
+        torch.save(deserialize(got).contexts["full"].k[0], out)
+    dist.destroy_process_group()
+
+
+def test_torch_distributed_connector(tiny_model, tmp_path):
+    import torch.multiprocessing as mp
+
+    ctx, _ = prefill(tiny_model, [TextBlock([7, 8, 9])])
+    ckv = extract(ctx)
+    data = serialize(_payload(ckv))
+    out = str(tmp_path / "k0.pt")
+    mp.spawn(_dist_worker, args=(str(tmp_path / "store"), data, out), nprocs=2, join=True)
+    assert torch.equal(torch.load(out), ckv.k[0])
