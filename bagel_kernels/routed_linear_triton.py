@@ -70,8 +70,8 @@ def _tile_dot(x_desc, w_desc, m0, n0, wrow, K, BLOCK_K: tl.constexpr, BLOCK_M: t
 
 @triton.jit
 def _routed_gemm(
-    x_desc, w_desc, out_desc, res_desc, BIAS, IDS,
-    M, N, K, NUM_PROGRAMS,
+    x_desc, w_desc, out_desc, res_desc, BIAS, IDS, COUNTER,
+    M, N, K,
     HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr,
@@ -81,7 +81,12 @@ def _routed_gemm(
     per_group = GROUP_M * num_n
     out_ty = out_desc.dtype
     P: tl.constexpr = 2 if SWIGLU else 1
-    for tile in range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+    num_tiles = num_m * num_n
+    # Dynamic tile queue: a tile that straddles the und/gen boundary costs two K loops, and with a static
+    # round-robin the programs that drew such tiles set the end time (measured: 0.62x dense at M = 4198 mixed vs
+    # 0.88x uniform). Which program computes a tile never changes the tile's arithmetic, so bits do not depend on it.
+    tile = tl.atomic_add(COUNTER, 1)
+    while tile < num_tiles:
         # Grouped order: consecutive programs share weight tiles in L2.
         group = tile // per_group
         first_m = group * GROUP_M
@@ -119,6 +124,7 @@ def _routed_gemm(
             res = res_desc.load([m0, n0]).to(tl.float32)
             result = res + result.to(out_ty).to(tl.float32)
         out_desc.store([m0, n0], result.to(out_ty))
+        tile = tl.atomic_add(COUNTER, 1)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -164,7 +170,7 @@ def routed_gemm_triton(
     _routed_gemm[(progs,)](
         x_desc, w_desc, out_desc, res_desc,
         bias if bias is not None else x, expert_ids if expert_ids is not None else x,
-        m, n, k, progs,
+        torch.zeros(1, dtype=torch.int32, device=x.device), m, n, k,
         HAS_IDS=expert_ids is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SWIGLU=swiglu,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",

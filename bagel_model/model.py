@@ -129,24 +129,39 @@ class BagelModel(nn.Module):
         with torch.device("meta"):
             model = BagelModel(cfg)
         device = torch.device(device)
-        model = model.to_empty(device=device)
+        # Cast on the meta device, then allocate: a 7B model never exists in fp32 on the GPU.
+        model = model.to_dtype(dtype).to_empty(device=device)
         # Initialize where the weights live (a 7B model would take minutes on one CPU thread); the generator of
         # that device makes the weights reproducible there.
         gen = torch.Generator(device=device).manual_seed(seed)
+        # Draw each parameter in fp32 and copy it in: the same values as drawing everything in fp32 and casting,
+        # without ever holding an fp32 copy of a 7B model (two split-stage processes share one GPU).
         for name, p in model.named_parameters():
             if name.endswith("pos_embed"):
                 grid = cfg.max_latent_size if name.startswith("latent") else cfg.vit_max_num_patch_per_side
                 p.data.copy_(sincos_2d_table(cfg.hidden_size, grid).to(device))
             elif "norm" in name.split(".")[-2]:  # RMSNorm, LayerNorm, GroupNorm: identity at start
                 p.data.fill_(1.0) if name.endswith("weight") else p.data.zero_()
-            elif p.dim() == 1:
-                p.data.normal_(0.0, 0.02, generator=gen)
             else:
-                std = 0.02 if not name.startswith("vae.") else (1.0 / max(1, p[0].numel())) ** 0.5
-                p.data.normal_(0.0, std, generator=gen)
+                std = 0.02 if p.dim() == 1 or not name.startswith("vae.") else (1.0 / max(1, p[0].numel())) ** 0.5
+                p.data.copy_(torch.empty(p.shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=gen))
         model.reset_position_ids()
         model.eval().requires_grad_(False)
-        return model.to_dtype(dtype)
+        return model.pack_experts()
+
+    def pack_experts(self) -> "BagelModel":
+        """Build every per-expert pack now (they are otherwise built on first use), layer by layer, handing the
+        replaced parameter storage back to the device after each layer: peak memory stays at the weights plus
+        one layer, instead of the caching allocator holding both copies (two 7B stages on one GPU)."""
+        from .packing import ExpertPack
+
+        for module in self.modules():
+            packs = [v for v in vars(module).values() if isinstance(v, ExpertPack)]
+            for pack in packs:
+                pack.get()
+            if packs and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return self
 
     def reset_position_ids(self) -> None:
         """Refill SigLIP's ``position_ids`` arange buffer (not stored in checkpoints, uninitialized after to_empty)."""

@@ -39,13 +39,14 @@ class ModelSpec:
         return model, tok
 
 
-def _stage0_worker(spec: ModelSpec, req: Request, connector, out_q) -> None:
+def _stage0_worker(spec: ModelSpec, req: Request, connector, out_q, ready, timeout: float) -> None:
     from .stages import run_stage0
 
     events = EventLog()
     try:
         model, tok = spec.load()
         events.record("stage0_loaded")
+        ready.wait(timeout=timeout)  # both stages loaded: the request starts now (timings exclude model loading)
         r = run_stage0(model, tok, req, send=connector.send, events=events)
         out_q.put(("stage0", {"text_ids": r.text_ids, "text": r.text, "events": events.events}))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, and stage 1 is woken
@@ -53,7 +54,7 @@ def _stage0_worker(spec: ModelSpec, req: Request, connector, out_q) -> None:
         out_q.put(("stage0", {"error": f"{type(e).__name__}: {e}", "events": events.events}))
 
 
-def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float) -> None:
+def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float, ready) -> None:
     from .kv_transfer import deserialize
     from .stages import run_stage1
 
@@ -61,6 +62,7 @@ def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: floa
     try:
         model, _ = spec.load()
         events.record("stage1_loaded")
+        ready.wait(timeout=timeout)
         payload = deserialize(connector.recv(timeout=timeout))
         r = run_stage1(model, payload, layout=layout, events=events)
         out_q.put(("stage1", {"latent": r.latent.cpu().numpy(), "image": r.image.cpu().numpy(),  # numpy: plain pickles, no fd sharing with an exiting process
@@ -81,9 +83,10 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
     if req.mode not in ("text2img", "img2img"):
         raise ValueError(f"--split serves image outputs (text2img, img2img); {req.mode} runs in stage 0 alone")
     ctx = mp.get_context("spawn")
-    connector, out_q = SharedMemoryConnector(ctx), ctx.Queue()
-    procs = [ctx.Process(target=_stage0_worker, args=(spec, req, connector, out_q), name="bagel-stage0"),
-             ctx.Process(target=_stage1_worker, args=(spec, layout1, connector, out_q, timeout), name="bagel-stage1")]
+    connector, out_q, ready = SharedMemoryConnector(ctx), ctx.Queue(), ctx.Barrier(2)
+    procs = [ctx.Process(target=_stage0_worker, args=(spec, req, connector, out_q, ready, timeout), name="bagel-stage0"),
+             ctx.Process(target=_stage1_worker, args=(spec, layout1, connector, out_q, timeout, ready),
+                         name="bagel-stage1")]
     t0 = time.monotonic()
     for p in procs:
         p.start()
@@ -93,6 +96,8 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
             try:
                 name, r = out_q.get(timeout=5.0)
                 results[name] = r
+                if "error" in r:  # fail fast: the other stage may be waiting for a peer that is gone
+                    raise RuntimeError(f"split pipeline {name} failed: {r['error']}")
             except queue.Empty:
                 dead = [p.name for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
                 if dead:
