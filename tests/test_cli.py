@@ -33,3 +33,22 @@ def test_help_explains_options():
 def test_bad_input_exits_with_a_message(tmp_path, capsys, args, msg):
     assert main(args + ["--out", str(tmp_path / "x.png"), "--steps", "2", "--no-progress"]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_cli_modes_and_split(tmp_path, capsys):
+    from bagel_model.cli import main
+
+    src = str(tmp_path / "in.png")
+    assert main(["--steps", "3", "--size", "32", "--out", src, "--no-progress"]) == 0
+    assert main(["--mode", "img2img", "--steps", "3", "--out", str(tmp_path / "x.png"), "--no-progress"]) == 2
+    assert "needs --image" in capsys.readouterr().err
+    assert main(["--mode", "img2img", "--image", src, "--steps", "3", "--out", str(tmp_path / "e.png"),
+                 "--no-progress"]) == 0
+    single = capsys.readouterr().out
+    assert main(["--mode", "img2img", "--image", src, "--steps", "3", "--out", str(tmp_path / "s.png"), "--split",
+                 "--max-tokens", "3", "--kv-layout", "packed"]) == 0
+    split = capsys.readouterr().out
+    md5 = lambda out: [l for l in out.splitlines() if l.startswith("image  md5")]
+    assert md5(single) == md5(split) and md5(single)
+    assert main(["--mode", "img2text", "--image", src, "--max-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("text: ")
