@@ -3,16 +3,16 @@
 Payload = the per-layer K/V of every CFG context of one request, read out of the sender's paged cache (whatever its
 layout) as contiguous (length, H_kv, D) tensors, plus metadata: request id, mode, image shape, every sampling
 parameter, each context's length and next RoPE position, and custom fields. The receiver writes the K/V into a
-paged cache of ITS layout. Serialized with safetensors (tensors + a JSON header in its metadata) and a SHA-256 of
-the tensor bytes: a malformed, truncated or tampered payload raises ``PayloadError`` naming what is wrong.
+paged cache of ITS layout. Serialized with safetensors (tensors + a JSON header in its metadata) and a CRC-32 of
+the tensor bytes: a malformed, truncated or corrupted payload raises ``PayloadError`` naming what is wrong.
 
 Connectors: ``InProcessConnector`` (a queue, threads), ``SharedMemoryConnector`` (POSIX shared memory between
 processes, a multiprocessing queue for the notices), ``TorchDistributedConnector`` (point-to-point send/recv).
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import zlib
 import queue
 from dataclasses import dataclass, field
 
@@ -67,12 +67,15 @@ def install(model, ckv: ContextKV, layout: str) -> PrefilledContext:
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+    """CRC-32 over names and bytes, in name order. A transit-integrity check (corruption, mix-ups), not a defence
+    against tampering; CRC-32 runs ~3x faster than SHA-256 here, and an img2img payload is gigabytes."""
+    crc = 0
     for name in sorted(tensors):
         t = tensors[name].contiguous()
-        h.update(name.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+        crc = zlib.crc32(name.encode(), crc)
+        if t.numel():
+            crc = zlib.crc32(t.view(torch.uint8).numpy(), crc)  # the array's buffer: no copy
+    return f"{crc:08x}"
 
 
 def serialize(p: KVPayload) -> bytes:
@@ -87,7 +90,7 @@ def serialize(p: KVPayload) -> bytes:
             tensors[f"{name}.{i}.v"] = v.detach().cpu().contiguous()
     header = {"magic": MAGIC, "version": VERSION, "request_id": p.request_id, "mode": p.mode,
               "params": p.params.to_dict(), "image_shape": list(p.image_shape), "contexts": ctx_meta,
-              "branches": p.branches, "extra": p.extra, "sha256": _digest(tensors)}
+              "branches": p.branches, "extra": p.extra, "crc32": _digest(tensors)}
     return save(tensors, metadata={"bagel": json.dumps(header)})
 
 
@@ -110,11 +113,11 @@ def deserialize(data: bytes) -> KVPayload:
         raise PayloadError("KV payload lacks the bagel-kv header (not a payload of this protocol)")
     if meta.get("version") != VERSION:
         raise PayloadError(f"KV payload version {meta.get('version')} != supported {VERSION}")
-    missing = [k for k in ("request_id", "mode", "params", "image_shape", "contexts", "branches", "extra", "sha256")
+    missing = [k for k in ("request_id", "mode", "params", "image_shape", "contexts", "branches", "extra", "crc32")
                if k not in meta]
     if missing:
         raise PayloadError(f"KV payload header misses {missing}")
-    if _digest(tensors) != meta["sha256"]:
+    if _digest(tensors) != meta["crc32"]:
         raise PayloadError("KV payload checksum mismatch: tensor bytes were altered in transit")
     try:
         params = SamplingParams.from_dict(meta["params"])

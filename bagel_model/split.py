@@ -39,22 +39,24 @@ class ModelSpec:
         return model, tok
 
 
-def _stage0_worker(spec: ModelSpec, req: Request, connector, out_q, ready, timeout: float) -> None:
+def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready, timeout: float) -> None:
     from .stages import run_stage0
 
     events = EventLog()
     try:
         model, tok = spec.load()
         events.record("stage0_loaded")
-        ready.wait(timeout=timeout)  # both stages loaded: the request starts now (timings exclude model loading)
-        r = run_stage0(model, tok, req, send=connector.send, events=events)
+        for req in reqs:  # warm-up requests first, the reported one last
+            events = EventLog()
+            ready.wait(timeout=timeout)  # both stages ready: the request starts now (timings exclude loading)
+            r = run_stage0(model, tok, req, send=connector.send, events=events)
         out_q.put(("stage0", {"text_ids": r.text_ids, "text": r.text, "events": events.events}))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, and stage 1 is woken
         connector.send(b"")
         out_q.put(("stage0", {"error": f"{type(e).__name__}: {e}", "events": events.events}))
 
 
-def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float, ready) -> None:
+def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float, ready, n_requests: int) -> None:
     from .kv_transfer import deserialize
     from .stages import run_stage1
 
@@ -62,9 +64,11 @@ def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: floa
     try:
         model, _ = spec.load()
         events.record("stage1_loaded")
-        ready.wait(timeout=timeout)
-        payload = deserialize(connector.recv(timeout=timeout))
-        r = run_stage1(model, payload, layout=layout, events=events)
+        for _ in range(n_requests):
+            events = EventLog()
+            ready.wait(timeout=timeout)
+            payload = deserialize(connector.recv(timeout=timeout))
+            r = run_stage1(model, payload, layout=layout, events=events)
         out_q.put(("stage1", {"latent": r.latent.cpu().numpy(), "image": r.image.cpu().numpy(),  # numpy: plain pickles, no fd sharing with an exiting process
                               "latent_md5": r.latent_md5,
                               "image_md5": r.image_md5, "params": r.params.to_dict(), "events": events.events}))
@@ -73,8 +77,11 @@ def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: floa
 
 
 def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfer_nhd",
-                        timeout: float = 1800.0) -> dict:
-    """Run stage 0 and stage 1 as two spawned processes; returns both stages' results and their events."""
+                        timeout: float = 1800.0, warmup: Request | None = None) -> dict:
+    """Run stage 0 and stage 1 as two spawned processes; returns both stages' results and their events.
+
+    ``warmup``: a request both processes serve first (kernels loaded, allocator warm), as a running server would be;
+    results and events are those of ``req``."""
     import multiprocessing as mp
 
     from .kv_transfer import SharedMemoryConnector
@@ -84,8 +91,9 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
         raise ValueError(f"--split serves image outputs (text2img, img2img); {req.mode} runs in stage 0 alone")
     ctx = mp.get_context("spawn")
     connector, out_q, ready = SharedMemoryConnector(ctx), ctx.Queue(), ctx.Barrier(2)
-    procs = [ctx.Process(target=_stage0_worker, args=(spec, req, connector, out_q, ready, timeout), name="bagel-stage0"),
-             ctx.Process(target=_stage1_worker, args=(spec, layout1, connector, out_q, timeout, ready),
+    reqs = ([warmup.validate()] if warmup is not None else []) + [req]
+    procs = [ctx.Process(target=_stage0_worker, args=(spec, reqs, connector, out_q, ready, timeout), name="bagel-stage0"),
+             ctx.Process(target=_stage1_worker, args=(spec, layout1, connector, out_q, timeout, ready, len(reqs)),
                          name="bagel-stage1")]
     t0 = time.monotonic()
     for p in procs:
