@@ -5,15 +5,15 @@ from .attention_types import AttentionOutput, AttentionState, ContiguousKV, Page
 from .kv_layout import LAYOUTS, PagedKVView, allocate_kv_cache, normalize_kv_cache
 from .linear import ROW_TILE, ExpertSegments, invariant_linear_reference
 from .routed_linear import invariant_linear, routed_linear, routed_linear_reference
-from .norms import routed_rms_norm
 from .qk_norm_rope import qk_norm_rope
 from .lse_merge import merge_attention_partials
-from .norms import rms_norm_reference
+from .norms import rms_norm_reference, routed_rms_norm
 from .rope import apply_rope_reference, rope_cos_sin
 
 __all__ = [
     "resolve_backend", "joint_attention", "token_alignment", "prefill_visible_end", "AttentionOutput",
     "AttentionState", "ContiguousKV", "PagedKV", "LAYOUTS", "PagedKVView", "allocate_kv_cache",
-    "normalize_kv_cache", "ROW_TILE", "ExpertSegments", "invariant_linear", "routed_linear_reference",
+    "normalize_kv_cache", "ROW_TILE", "ExpertSegments", "invariant_linear", "invariant_linear_reference",
+    "routed_linear", "routed_linear_reference", "routed_rms_norm", "qk_norm_rope",
     "merge_attention_partials", "rms_norm_reference", "apply_rope_reference", "rope_cos_sin",
 ]

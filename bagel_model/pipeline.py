@@ -22,6 +22,7 @@ class GenerationResult:
     image: torch.Tensor  # (H, W, 3) uint8
     latent_md5: str
     image_md5: str
+    params: SamplingParams | None = None  # the request's parameters as the diffusion stage received them
 
     def save_png(self, path: str) -> None:
         from PIL import Image

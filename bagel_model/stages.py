@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from .kv_transfer import KVPayload, deserialize, extract, install, serialize
 from .model import BagelModel, BranchContext, make_gen_sequence
 from .prefill import PrefilledContext, TextBlock, greedy_decode, new_cache, prefill, vae_block, vit_block
 from .tokenizer import BagelTokenizer
+
+if TYPE_CHECKING:  # pipeline imports stages' entry points lazily; no import cycle at run time
+    from .pipeline import GenerationResult
 
 MODES = ("text2img", "img2img", "text2text", "img2text")
 IMAGE_OUT, IMAGE_IN = ("text2img", "img2img"), ("img2img", "img2text")
@@ -130,27 +134,14 @@ def _last_hidden(model: BagelModel, ctx: PrefilledContext, bos: int) -> torch.Te
     return h
 
 
-@dataclass
-class ImageResult:
-    latent: torch.Tensor
-    image: torch.Tensor
-    latent_md5: str
-    image_md5: str
-    params: SamplingParams
-
-    def save_png(self, path: str) -> None:
-        from PIL import Image
-
-        Image.fromarray(self.image.cpu().numpy()).save(path, format="PNG")
-
-
 @torch.no_grad()
 def run_stage1(model: BagelModel, payload: KVPayload, contexts: dict[str, PrefilledContext] | None = None,
-               layout: str = "flash_attn", events: EventLog | None = None, progress: bool = False) -> ImageResult:
+               layout: str = "flash_attn", events: EventLog | None = None, progress: bool = False
+               ) -> GenerationResult:
     """Denoise against the payload's contexts (installed into a ``layout`` cache unless given) and decode."""
     from bagel_kernels import token_alignment
 
-    from .pipeline import decode_latent, single_device_velocities, tensor_md5
+    from .pipeline import GenerationResult, decode_latent, single_device_velocities, tensor_md5
 
     events = events or EventLog()
     events.record("stage1_start")
@@ -165,7 +156,7 @@ def run_stage1(model: BagelModel, payload: KVPayload, contexts: dict[str, Prefil
     x = denoise(x0, p, fn, progress=progress, on_step=lambda i, t: events.record("dit_step") if i == 0 else None)
     image = decode_latent(model, x, seq)
     events.record("stage1_done")
-    return ImageResult(x, image, tensor_md5(x), tensor_md5(image), p)
+    return GenerationResult(x, image, tensor_md5(x), tensor_md5(image), p)
 
 
 def _branch(model: BagelModel, ctx: PrefilledContext) -> BranchContext:
@@ -174,7 +165,7 @@ def _branch(model: BagelModel, ctx: PrefilledContext) -> BranchContext:
 
 def run_split_threads(model0: BagelModel, model1: BagelModel, tok: BagelTokenizer, req: Request, connector,
                       layout1: str = "flash_attn", events: EventLog | None = None, on_token=None
-                      ) -> tuple[Stage0Result, ImageResult]:
+                      ) -> tuple[Stage0Result, GenerationResult]:
     """Stage 0 in a thread, stage 1 in the caller, joined by ``connector`` (bytes): the in-process split."""
     events = events or EventLog()
     box: dict = {}
