@@ -79,6 +79,17 @@ class ExpertSegments:
         return ids
 
 
+def device_expert_ids(routing: ExpertSegments | None, expert_ids: torch.Tensor | None, num_experts: int,
+                      device: torch.device) -> torch.Tensor | None:
+    """What a routed Triton kernel reads: the caller's per-row ids, else ids built from ``routing``; None when the
+    weights have one expert (the kernel then skips routing)."""
+    if num_experts == 1:
+        return None
+    if expert_ids is None and routing is not None:
+        expert_ids = routing.expert_ids(device)
+    return expert_ids
+
+
 def routed_apply(x: torch.Tensor, routing: ExpertSegments, fn_und, fn_gen) -> torch.Tensor:
     """Apply ``fn_und`` / ``fn_gen`` to each contiguous segment of rows and reassemble in order."""
     if x.shape[0] != routing.num_tokens:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend
-from .linear import ExpertSegments, routed_apply
+from .linear import ExpertSegments, device_expert_ids, routed_apply
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None):
@@ -45,6 +45,4 @@ def routed_rms_norm(x: torch.Tensor, routing: ExpertSegments | None, weight: tor
         return routed_rms_norm_reference(x, routing, weight, eps)
     from .norms_triton import rms_norm_triton
 
-    if expert_ids is None and routing is not None and weight.shape[0] > 1:
-        expert_ids = routing.expert_ids(x.device)
-    return rms_norm_triton(x, weight, eps, expert_ids if weight.shape[0] > 1 else None)
+    return rms_norm_triton(x, weight, eps, device_expert_ids(routing, expert_ids, weight.shape[0], x.device))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import resolve_backend
-from .linear import ExpertSegments, routed_apply
+from .linear import ExpertSegments, device_expert_ids, routed_apply
 from .norms import rms_norm_reference
 from .rope import apply_rope_reference
 
@@ -59,7 +59,6 @@ def qk_norm_rope(qkv: torch.Tensor, routing: ExpertSegments | None, q_norm: torc
         return qk_norm_rope_reference(qkv, routing, q_norm, k_norm, cos, sin, num_heads, num_kv_heads, eps, fp32_math)
     from .qk_norm_rope_triton import qk_norm_rope_triton
 
-    if expert_ids is None and routing is not None and q_norm.shape[0] > 1:
-        expert_ids = routing.expert_ids(qkv.device)
-    return qk_norm_rope_triton(qkv, expert_ids if q_norm.shape[0] > 1 else None, q_norm, k_norm, cos, sin,
+    ids = device_expert_ids(routing, expert_ids, q_norm.shape[0], qkv.device)
+    return qk_norm_rope_triton(qkv, ids, q_norm, k_norm, cos, sin,
                                num_heads, num_kv_heads, eps, fp32_math)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import resolve_backend, resolve_mode
-from .linear import ExpertSegments, invariant_linear_reference
+from .linear import ExpertSegments, device_expert_ids, invariant_linear_reference
 
 Activation = Literal["swiglu"] | None
 
@@ -80,12 +80,11 @@ def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch
         return routed_linear_reference(x, routing, weight, bias, activation, residual, pad_rows=False)
     from .routed_linear_triton import routed_gemm_triton
 
-    if expert_ids is None and routing is not None and weight.shape[0] > 1:
-        expert_ids = routing.expert_ids(x.device)
+    expert_ids = device_expert_ids(routing, expert_ids, weight.shape[0], x.device)
     if residual is not None:
         residual = residual.contiguous()
     return routed_gemm_triton(x, weight.contiguous(), None if bias is None else bias.contiguous(),
-                              expert_ids if weight.shape[0] > 1 else None, activation == "swiglu", residual)
+                              expert_ids, activation == "swiglu", residual)
 
 
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

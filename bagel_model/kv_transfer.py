@@ -96,7 +96,6 @@ def serialize(p: KVPayload) -> bytes:
 
 def deserialize(data: bytes) -> KVPayload:
     from safetensors.torch import load
-    from safetensors import safe_open  # noqa: F401 - same library; load() validates offsets and sizes
 
     if not isinstance(data, (bytes, bytearray)) or len(data) < 8:
         raise PayloadError(f"KV payload too short ({len(data) if hasattr(data, '__len__') else '?'} bytes)")

@@ -45,7 +45,6 @@ def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready
     events = EventLog()
     try:
         model, tok = spec.load()
-        events.record("stage0_loaded")
         for req in reqs:  # warm-up requests first, the reported one last
             events = EventLog()
             ready.wait(timeout=timeout)  # both stages ready: the request starts now (timings exclude loading)
@@ -63,7 +62,6 @@ def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: floa
     events = EventLog()
     try:
         model, _ = spec.load()
-        events.record("stage1_loaded")
         for _ in range(n_requests):
             events = EventLog()
             ready.wait(timeout=timeout)

@@ -149,7 +149,7 @@ def run_stage1(model: BagelModel, payload: KVPayload, contexts: dict[str, Prefil
     h, w = payload.image_shape
     if contexts is None:
         contexts = {n: install(model, c, layout) for n, c in payload.contexts.items()}
-    branch_ctx = {b: _branch(model, contexts[c]) for b, c in payload.branches.items()}
+    branch_ctx = {b: _branch(contexts[c]) for b, c in payload.branches.items()}
     seq = make_gen_sequence(model.cfg, h, w, 1, token_alignment(model.device))
     fn = single_device_velocities(model, seq, branch_ctx)
     x0 = initial_noise(seq.n_latent, model.cfg.patch_latent_dim, p.seed).to(model.device)
@@ -159,7 +159,7 @@ def run_stage1(model: BagelModel, payload: KVPayload, contexts: dict[str, Prefil
     return GenerationResult(x, image, tensor_md5(x), tensor_md5(image), p)
 
 
-def _branch(model: BagelModel, ctx: PrefilledContext) -> BranchContext:
+def _branch(ctx: PrefilledContext) -> BranchContext:
     return BranchContext(kv=ctx.cache.segments(), rope_position=ctx.rope_position, length=ctx.cache.length)
 
 
