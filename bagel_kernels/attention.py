@@ -47,7 +47,7 @@ def prefill_visible_end(span_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(img, ends[sid], pos + 1).to(torch.int32)
 
 
-def _check(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, gqa_group, q_head_offset) -> tuple[int, torch.Tensor]:
+def _check(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, gqa_group, q_head_offset) -> int:
     if q.dim() != 3:
         raise ValueError(f"q must be (tokens, heads, head_dim), got shape {tuple(q.shape)}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -81,8 +81,7 @@ def _check(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, gqa_group, q_
     if (q_head_offset + hq - 1) // g - q_head_offset // g >= hkv:
         raise ValueError(f"query heads {q_head_offset}..{q_head_offset + hq - 1} with GQA group {g} need KV heads "
                          f"{q_head_offset // g}..{(q_head_offset + hq - 1) // g}, but only {hkv} are given")
-    kv_of_q = (q_head_offset + torch.arange(hq, device=q.device)) // g - q_head_offset // g
-    return g, kv_of_q
+    return g
 
 
 def joint_attention(
@@ -110,9 +109,11 @@ def joint_attention(
     - ``state``/``finalize``: resume from and/or return the fp32 running state (exact ring attention).
     - ``out``: optional preallocated (Tq, Hq, D) output the result is written into.
     """
-    group, kv_of_q = _check(q, segments, cu_seqlens_q, gqa_group, q_head_offset)
+    group = _check(q, segments, cu_seqlens_q, gqa_group, q_head_offset)
     tq, hq, d = q.shape
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    if not scale > 0:
+        raise ValueError(f"softmax scale must be positive, got {scale}")
     if max_seqlen_q is None:
         max_seqlen_q = tq
     if visible_end is not None and visible_end.shape != (tq,):
@@ -126,6 +127,7 @@ def joint_attention(
         return attention_triton(q, segments, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, scale=scale,
                                 gqa_group=group, q_head_offset=q_head_offset, visible_end=visible_end, state=state,
                                 finalize=finalize, out=out)
+    kv_of_q = (q_head_offset + torch.arange(hq, device=q.device)) // group - q_head_offset // group
     new_state = attention_reference(q, segments, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, scale=scale,
                                     kv_head_of_q=kv_of_q, visible_end=visible_end, state=state)
     if not finalize:

@@ -6,10 +6,15 @@ segment's own start, carrying the fp32 online-softmax state (acc, m, l) in regis
 same state through memory so that chunked launches equal one launch bit for bit. Tile shapes and warps are fixed
 per (dtype, head_dim) — never chosen from the problem size — which is what makes the kernel batch-invariant.
 More than two segments run as chained launches through the state.
+
+Speed: the blocks of a segment that are full (every key real) run without masks — on the current tokens through
+TMA descriptors when the storage allows — and only a segment's last, partial block pays for masking. Whether a block
+is full depends only on its position in its segment, never on the query rows, heads or ranks in the launch, and the
+two paths do the same arithmetic on a full block, so the split keeps the invariance guarantees.
 """
 from __future__ import annotations
 
-import math
+import os
 
 import torch
 import triton
@@ -19,64 +24,118 @@ from ._dispatch import triton_interpreting
 from .attention_types import AttentionOutput, AttentionState, ContiguousKV, PagedKV
 
 TRITON_BLOCK_M = 128
-TRITON_BLOCK_N = 64
+TRITON_BLOCK_N = 128
 LOG2E = 1.4426950408889634
 
 
 def tile_config(dtype: torch.dtype, head_dim: int) -> dict:
     """Fixed launch configuration per (dtype, head_dim). Never depends on sequence lengths (exactness).
 
-    ``BAGEL_ATTN_WARPS_STAGES="warps,stages"`` overrides the warps/stages for benchmark exploration only; block
-    shapes stay fixed because the token split of parallel runs aligns to them."""
-    import os
-
-    ws = os.environ.get("BAGEL_ATTN_WARPS_STAGES")
-    if ws and dtype != torch.float32:
-        w, s = (int(x) for x in ws.split(","))
-        return dict(BLOCK_M=TRITON_BLOCK_M, BLOCK_N=TRITON_BLOCK_N, num_warps=w, num_stages=s)
+    ``BAGEL_ATTN_CONFIG="block_n,warps,stages"`` overrides it for benchmark exploration only (16-bit
+    inputs); BLOCK_M stays fixed, and a BLOCK_N that does not divide ``TRITON_BLOCK_N`` would break the alignment
+    the token split of parallel runs relies on."""
+    ex = os.environ.get("BAGEL_ATTN_CONFIG")
+    if ex and dtype != torch.float32:
+        bn, w, s = (int(x) for x in ex.split(","))
+        if TRITON_BLOCK_N % bn:
+            raise ValueError(f"BAGEL_ATTN_CONFIG block_n {bn} must divide {TRITON_BLOCK_N}")
+        return dict(BLOCK_M=TRITON_BLOCK_M, BLOCK_N=bn, num_warps=w, num_stages=s)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=TRITON_BLOCK_N, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=TRITON_BLOCK_M, BLOCK_N=TRITON_BLOCK_N, num_warps=8 if head_dim >= 128 else 4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=TRITON_BLOCK_N // 2, num_warps=4, num_stages=2)
+    if head_dim > 128:
+        return dict(BLOCK_M=TRITON_BLOCK_M, BLOCK_N=TRITON_BLOCK_N // 2, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=TRITON_BLOCK_M, BLOCK_N=TRITON_BLOCK_N, num_warps=8, num_stages=3)
 
 
 @triton.jit
-def _block_update(acc, m_i, l_i, q, k_t, v, valid, qk_scale, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+def _block_update(acc, m_i, l_i, q, k_t, v, valid, qk_scale,
+                  MASKED: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One KV block of the online softmax. Scores stay unscaled until the exponent (scale folded into one FMA);
+    max(s)·c == max(s·c) for c > 0, so m is the same number either way. A full block (MASKED=False) does exactly
+    the arithmetic a masked block with every key valid does."""
     if UPCAST:  # Triton 3.6's interpreter mishandles 16-bit dot operands; fp32 holds their products exactly
         q = q.to(tl.float32)
         k_t = k_t.to(tl.float32)
-    s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale  # (BM, BN), log2 units
-    s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen no key keeps m = -inf: subtract 0 so exp2 gives 0 rather than NaN.
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = tl.dot(q, k_t, input_precision=DOT_PREC)  # (BM, BN), unscaled
+    if MASKED:
+        s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
+    if MASKED:
+        # A row that has seen no key keeps m = -inf: subtract 0 so exp2 gives 0 rather than NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new  # a full block gives every row a finite score
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
-    p = tl.math.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
     p = p.to(v.dtype)
     if UPCAST:
         p = p.to(tl.float32)
         v = v.to(tl.float32)
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PREC)
+    acc = tl.dot(p, v, acc, input_precision=DOT_PREC)  # accumulate in place (wgmma keeps acc in registers)
     return acc, m_new, l_i
 
 
 @triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    if MASK_ROWS and MASK_COLS:
+        return tl.load(ptrs, mask=rows_ok & cols_ok, other=0.0)
+    elif MASK_ROWS:
+        return tl.load(ptrs, mask=rows_ok, other=0.0)
+    elif MASK_COLS:
+        return tl.load(ptrs, mask=cols_ok, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _ctx_block(acc, m_i, l_i, q, start, c_len, c_base, b, kvh, offs_n, offs_d, d_ok, qk_scale,
+               K0, V0, s_k0b, s_k0t, s_k0h, s_v0b, s_v0t, s_v0h, BT0, s_bt0, PAGE0,
+               CTX_PAGED: tl.constexpr, TAIL: tl.constexpr, EVEN_D: tl.constexpr,
+               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    j = start + offs_n
+    ok = j < c_len
+    if CTX_PAGED:
+        if TAIL:
+            page = tl.load(BT0 + b * s_bt0 + j // PAGE0, mask=ok, other=0).to(tl.int64)
+        else:
+            page = tl.load(BT0 + b * s_bt0 + j // PAGE0).to(tl.int64)
+        slot = (j % PAGE0).to(tl.int64)
+        kp = K0 + page[None, :] * s_k0b + slot[None, :] * s_k0t + kvh * s_k0h + offs_d[:, None]
+        vp = V0 + page[:, None] * s_v0b + slot[:, None] * s_v0t + kvh * s_v0h + offs_d[None, :]
+    else:
+        t = (c_base + j).to(tl.int64)
+        kp = K0 + t[None, :] * s_k0t + kvh * s_k0h + offs_d[:, None]
+        vp = V0 + t[:, None] * s_v0t + kvh * s_v0h + offs_d[None, :]
+    k_t = _load_tile(kp, ok[None, :], d_ok[:, None], TAIL, not EVEN_D)
+    v = _load_tile(vp, ok[:, None], d_ok[None, :], TAIL, not EVEN_D)
+    return _block_update(acc, m_i, l_i, q, k_t, v, ok[None, :], qk_scale, TAIL, DOT_PREC, UPCAST)
+
+
+@triton.jit(do_not_specialize=["Q_LEN", "LEN0_S", "LEN1_S"])
 def _attn_fwd(
     Q, s_qt, s_qh,
-    K0, V0, s_k0b, s_k0t, s_k0h, s_v0b, s_v0t, s_v0h, BT0, s_bt0, PAGE0, CU0, LEN0,
-    K1, V1, s_k1t, s_k1h, s_v1t, s_v1h, CU1, LEN1,
-    CU_Q, VIS, ACC, M, L, OUT, s_ot, s_oh, LSE,
+    K0, V0, s_k0b, s_k0t, s_k0h, s_v0b, s_v0t, s_v0h, BT0, s_bt0, PAGE0, CU0, LEN0, LEN0_S,
+    K1, V1, K1D, V1D, s_k1t, s_k1h, s_v1t, s_v1h, CU1, LEN1, LEN1_S,
+    CU_Q, Q_LEN, VIS, ACC, M, L, OUT, s_ot, s_oh, LSE,
     qk_scale, G, HEAD_OFF, D, HQ,
-    HAS_CTX: tl.constexpr, CTX_PAGED: tl.constexpr, HAS_CUR: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_STATE: tl.constexpr, FINALIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HAS_CTX: tl.constexpr, CTX_PAGED: tl.constexpr, CTX_CU: tl.constexpr, CTX_LENS: tl.constexpr,
+    HAS_CUR: tl.constexpr, CUR_CU: tl.constexpr, CUR_LENS: tl.constexpr, CUR_TMA: tl.constexpr,
+    Q_CU: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_STATE: tl.constexpr, FINALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start = tl.load(CU_Q + b)
-    q_len = tl.load(CU_Q + b + 1) - q_start
+    if Q_CU:
+        q_start = tl.load(CU_Q + b)
+        q_len = tl.load(CU_Q + b + 1) - q_start
+    else:
+        q_start = 0
+        q_len = Q_LEN
     if pid_m * BLOCK_M >= q_len:
         return
     kvh = (HEAD_OFF + h) // G - HEAD_OFF // G
@@ -101,36 +160,58 @@ def _attn_fwd(
 
     # ---- segment 0: the context, fully visible; paged through a block table or contiguous ----
     if HAS_CTX:
-        c_len = tl.load(LEN0 + b)
         c_base = 0
-        if not CTX_PAGED:
+        if CTX_CU:
             c_base = tl.load(CU0 + b)
-        for start in range(0, c_len, BLOCK_N):
-            j = start + offs_n
-            ok = j < c_len
-            if CTX_PAGED:
-                page = tl.load(BT0 + b * s_bt0 + j // PAGE0, mask=ok, other=0).to(tl.int64)
-                slot = (j % PAGE0).to(tl.int64)
-                kp = K0 + page[None, :] * s_k0b + slot[None, :] * s_k0t + kvh * s_k0h + offs_d[:, None]
-                vp = V0 + page[:, None] * s_v0b + slot[:, None] * s_v0t + kvh * s_v0h + offs_d[None, :]
-            else:
-                t = (c_base + j).to(tl.int64)
-                kp = K0 + t[None, :] * s_k0t + kvh * s_k0h + offs_d[:, None]
-                vp = V0 + t[:, None] * s_v0t + kvh * s_v0h + offs_d[None, :]
-            k_t = tl.load(kp, mask=ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(vp, mask=ok[:, None] & d_ok[None, :], other=0.0)
-            acc, m_i, l_i = _block_update(acc, m_i, l_i, q, k_t, v, ok[None, :], qk_scale, DOT_PREC, UPCAST)
+        if CTX_LENS:
+            c_len = tl.load(LEN0 + b)
+        elif CTX_CU:
+            c_len = tl.load(CU0 + b + 1) - c_base
+        else:
+            c_len = LEN0_S
+        c_full = (c_len // BLOCK_N) * BLOCK_N
+        for start in range(0, c_full, BLOCK_N):
+            acc, m_i, l_i = _ctx_block(acc, m_i, l_i, q, start, c_len, c_base, b, kvh, offs_n, offs_d, d_ok,
+                                       qk_scale, K0, V0, s_k0b, s_k0t, s_k0h, s_v0b, s_v0t, s_v0h, BT0, s_bt0,
+                                       PAGE0, CTX_PAGED, False, EVEN_D, DOT_PREC, UPCAST)
+        if c_full < c_len:
+            acc, m_i, l_i = _ctx_block(acc, m_i, l_i, q, c_full, c_len, c_base, b, kvh, offs_n, offs_d, d_ok,
+                                       qk_scale, K0, V0, s_k0b, s_k0t, s_k0h, s_v0b, s_v0t, s_v0h, BT0, s_bt0,
+                                       PAGE0, CTX_PAGED, True, EVEN_D, DOT_PREC, UPCAST)
 
     # ---- segment 1: the current tokens, contiguous, optionally masked by visible_end ----
     if HAS_CUR:
-        g_base = tl.load(CU1 + b)
-        g_len = tl.load(LEN1 + b)
-        hi = g_len
+        g_base = 0
+        if CUR_CU:
+            g_base = tl.load(CU1 + b)
+        if CUR_LENS:
+            g_len = tl.load(LEN1 + b)
+        elif CUR_CU:
+            g_len = tl.load(CU1 + b + 1) - g_base
+        else:
+            g_len = LEN1_S
         if HAS_MASK:
             vis = tl.load(VIS + rows, mask=row_ok, other=0)
             # Blocks past every row's bound are fully masked: skipping them is bit-identical (they add exact 0).
+            # Every visited block takes the masked path: which blocks are full here depends on the rows in the tile.
             hi = tl.minimum(g_len, tl.max(vis, 0))
-        for start in range(0, hi, BLOCK_N):
+            g_full = 0
+        else:
+            hi = g_len
+            g_full = (g_len // BLOCK_N) * BLOCK_N
+        col = kvh * HEAD_DIM
+        for start in range(0, g_full, BLOCK_N):
+            if CUR_TMA:
+                k_t = K1D.load([g_base + start, col]).T
+                v = V1D.load([g_base + start, col])
+            else:
+                t = (g_base + start + offs_n).to(tl.int64)
+                k_t = _load_tile(K1 + t[None, :] * s_k1t + kvh * s_k1h + offs_d[:, None], None, d_ok[:, None],
+                                 False, not EVEN_D)
+                v = _load_tile(V1 + t[:, None] * s_v1t + kvh * s_v1h + offs_d[None, :], None, d_ok[None, :],
+                               False, not EVEN_D)
+            acc, m_i, l_i = _block_update(acc, m_i, l_i, q, k_t, v, None, qk_scale, False, DOT_PREC, UPCAST)
+        for start in range(g_full, hi, BLOCK_N):  # the partial tail (or every block under the prefill mask)
             j = start + offs_n
             ok = j < g_len
             t = (g_base + j).to(tl.int64)
@@ -139,7 +220,7 @@ def _attn_fwd(
             valid = ok[None, :]
             if HAS_MASK:
                 valid = valid & (j[None, :] < vis[:, None])
-            acc, m_i, l_i = _block_update(acc, m_i, l_i, q, k_t, v, valid, qk_scale, DOT_PREC, UPCAST)
+            acc, m_i, l_i = _block_update(acc, m_i, l_i, q, k_t, v, valid, qk_scale, True, DOT_PREC, UPCAST)
 
     if FINALIZE:
         seen = l_i > 0
@@ -154,15 +235,48 @@ def _attn_fwd(
         tl.store(L + st_rows, l_i, mask=row_ok)
 
 
-def _seq_meta(seg: ContiguousKV, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cu_seqlens start offsets, valid lengths) of a contiguous segment as int32 device tensors."""
-    if seg.cu_seqlens is None:
-        cu = torch.zeros(batch + 1, dtype=torch.int32, device=device)
-        lens = seg.seqlens if seg.seqlens is not None else torch.full((batch,), seg.k.shape[0], dtype=torch.int32, device=device)
-    else:
-        cu = seg.cu_seqlens
-        lens = seg.seqlens if seg.seqlens is not None else cu[1:] - cu[:-1]
-    return cu.to(torch.int32), lens.to(torch.int32)
+_DUMMIES: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _dummy(dev: torch.device) -> torch.Tensor:
+    """A 1-element int32 device tensor for pointer arguments a launch does not read (cached: no allocation per call)."""
+    key = (dev.type, dev.index)
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.zeros(1, dtype=torch.int32, device=dev)
+    return t
+
+
+def _i32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
+
+
+def _contiguous_meta(seg: ContiguousKV, dummy: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor, bool, int]:
+    """(cu, has_cu, lens, has_lens, scalar length) of a contiguous segment; the kernel reads lengths from cu
+    differences when no seqlens are given, so nothing is computed on the host or launched for them."""
+    cu, has_cu = (_i32(seg.cu_seqlens), True) if seg.cu_seqlens is not None else (dummy, False)
+    lens, has_lens = (_i32(seg.seqlens), True) if seg.seqlens is not None else (dummy, False)
+    return cu, has_cu, lens, has_lens, seg.k.shape[0]
+
+
+def _tma_mode(seg: ContiguousKV, head_dim: int) -> bool:
+    """Whether the current tokens' full blocks are read through TMA descriptors over the (tokens, H_kv·D) rows;
+    pointers otherwise (head_dim padded, heads not adjacent, misaligned storage). Both read the same numbers.
+    ``BAGEL_ATTN_TMA=0`` turns TMA off (exploration)."""
+    if os.environ.get("BAGEL_ATTN_TMA", "1") == "0":
+        return False
+    k, v = seg.k, seg.v
+    if k.shape[2] != head_dim or k.shape[0] == 0:
+        return False
+    return all(x.stride(1) == head_dim and (x.stride(0) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+               for x in (k, v))
+
+
+def _host_descriptors(seg: ContiguousKV, block_n: int, head_dim: int):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    t, hkv, d = seg.k.shape
+    return [TensorDescriptor(x, [t, hkv * d], [x.stride(0), 1], [block_n, head_dim]) for x in (seg.k, seg.v)]
 
 
 def _launches(segments: list) -> list[tuple[object | None, ContiguousKV | None]]:
@@ -188,12 +302,9 @@ def attention_triton(q, segments, *, cu_seqlens_q, max_seqlen_q, scale, gqa_grou
                      finalize, out=None):
     tq, hq, d = q.shape
     dev = q.device
+    dummy = _dummy(dev)
     batch = 1 if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
-    if cu_seqlens_q is None:
-        # arange * scalar runs on the device; `cu_q[1] = tq` would copy through the host and synchronize.
-        cu_q = torch.arange(2, dtype=torch.int32, device=dev) * tq
-    else:
-        cu_q = cu_seqlens_q.to(torch.int32)
+    cu_q = dummy if cu_seqlens_q is None else _i32(cu_seqlens_q)
     if visible_end is not None and not isinstance(segments[-1], ContiguousKV):
         raise ValueError("the prefill mask applies to the last segment, which must be contiguous (the current tokens)")
     if q.stride(-1) != 1:
@@ -209,7 +320,6 @@ def attention_triton(q, segments, *, cu_seqlens_q, max_seqlen_q, scale, gqa_grou
     out_buf, out, lse = out, None, None
     if out_buf is not None and (out_buf.shape != q.shape or out_buf.dtype != q.dtype or out_buf.device != q.device):
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}, got {tuple(out_buf.shape)} {out_buf.dtype}")
-    dummy_i = torch.zeros(1, dtype=torch.int32, device=dev)
     for li, (ctx, cur) in enumerate(plan):
         last = li == len(plan) - 1
         fin = finalize and last
@@ -221,35 +331,41 @@ def attention_triton(q, segments, *, cu_seqlens_q, max_seqlen_q, scale, gqa_grou
             new_acc = torch.empty(tq, hq, d, dtype=torch.float32, device=dev)
             new_m = torch.empty(tq, hq, dtype=torch.float32, device=dev)
             new_l = torch.empty(tq, hq, dtype=torch.float32, device=dev)
+        paged = ctx_cu = ctx_lens = False
+        len0_s = 0
         if ctx is None:
             k0 = v0 = q
             k0s = v0s = (0, 0, 0)
-            bt0, s_bt0, page0, cu0, len0, paged = dummy_i, 0, 1, dummy_i, dummy_i, False
+            bt0, s_bt0, page0, cu0, len0 = dummy, 0, 1, dummy, dummy
         elif isinstance(ctx, PagedKV):
             k0, v0 = ctx.k, ctx.v
             _check_inner(k0, v0)
             k0s, v0s = (k0.stride(0), k0.stride(1), k0.stride(2)), (v0.stride(0), v0.stride(1), v0.stride(2))
-            bt0, s_bt0, page0 = ctx.block_table.to(torch.int32), ctx.block_table.stride(0), ctx.block_size
-            cu0, len0, paged = dummy_i, ctx.seqlens.to(torch.int32), True
+            bt0, s_bt0, page0 = _i32(ctx.block_table), ctx.block_table.stride(0), ctx.block_size
+            cu0, len0, paged, ctx_lens = dummy, _i32(ctx.seqlens), True, True
         else:
             k0, v0 = ctx.k, ctx.v
             _check_inner(k0, v0)
             k0s, v0s = (0, k0.stride(0), k0.stride(1)), (0, v0.stride(0), v0.stride(1))
-            bt0, s_bt0, page0 = dummy_i, 0, 1
-            cu0, len0 = _seq_meta(ctx, batch, dev)
-            paged = False
+            bt0, s_bt0, page0 = dummy, 0, 1
+            cu0, ctx_cu, len0, ctx_lens, len0_s = _contiguous_meta(ctx, dummy)
+        tma = False
         if cur is None:
             k1 = v1 = q
             k1s = v1s = (0, 0)
-            cu1 = len1 = dummy_i
+            cu1 = len1 = dummy
+            cur_cu = cur_lens = False
+            len1_s = 0
         else:
             k1, v1 = cur.k, cur.v
             _check_inner(k1, v1)
             k1s, v1s = (k1.stride(0), k1.stride(1)), (v1.stride(0), v1.stride(1))
-            cu1, len1 = _seq_meta(cur, batch, dev)
+            cu1, cur_cu, len1, cur_lens, len1_s = _contiguous_meta(cur, dummy)
+            tma = _tma_mode(cur, head_dim)
+        k1d, v1d = _host_descriptors(cur, cfg["BLOCK_N"], head_dim) if tma else (k1, v1)
         use_mask = visible_end is not None and last and cur is not None
-        vis = visible_end.to(torch.int32) if use_mask else dummy_i
-        st_in = (acc, m, l) if has_state else (dummy_i, dummy_i, dummy_i)
+        vis = _i32(visible_end) if use_mask else dummy
+        st_in = (acc, m, l) if has_state else (dummy, dummy, dummy)
         if fin:
             acc_arg, m_arg, l_arg = st_in
         else:
@@ -260,14 +376,15 @@ def attention_triton(q, segments, *, cu_seqlens_q, max_seqlen_q, scale, gqa_grou
         grid = (triton.cdiv(max(max_seqlen_q, 1), cfg["BLOCK_M"]), hq, batch)
         _attn_fwd[grid](
             q, q.stride(0), q.stride(1),
-            k0, v0, *k0s, *v0s, bt0, s_bt0, page0, cu0, len0,
-            k1, v1, *k1s, *v1s, cu1, len1,
-            cu_q, vis, acc_arg, m_arg, l_arg,
+            k0, v0, *k0s, *v0s, bt0, s_bt0, page0, cu0, len0, len0_s,
+            k1, v1, k1d, v1d, *k1s, *v1s, cu1, len1, len1_s,
+            cu_q, tq, vis, acc_arg, m_arg, l_arg,
             out if fin else q, (out.stride(0) if fin else 0), (out.stride(1) if fin else 0), lse if fin else m_arg,
             scale * LOG2E, g, off, d, hq,
-            HAS_CTX=ctx is not None, CTX_PAGED=paged, HAS_CUR=cur is not None, HAS_MASK=use_mask,
-            HAS_STATE=has_state, FINALIZE=fin,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=head_dim, DOT_PREC=prec,
+            HAS_CTX=ctx is not None, CTX_PAGED=paged, CTX_CU=ctx_cu, CTX_LENS=ctx_lens,
+            HAS_CUR=cur is not None, CUR_CU=cur_cu, CUR_LENS=cur_lens, CUR_TMA=tma,
+            Q_CU=cu_seqlens_q is not None, HAS_MASK=use_mask, HAS_STATE=has_state, FINALIZE=fin,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=head_dim, EVEN_D=head_dim == d, DOT_PREC=prec,
             UPCAST=triton_interpreting() and q.dtype != torch.float32,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )

@@ -1,6 +1,6 @@
 """BAGEL attention shapes vs PyTorch's attention backends; prints TFLOP/s and the ratio to the best peer.
 
-Run on the GPU: ``python benchmarks/attention_shapes.py [--json OUT]``. TFLOP/s = 4*Hq*Nq*Nk*D / time (non-causal;
+Run on the GPU: ``python benchmarks/attention_shapes.py [--json OUT]`` (``BAGEL_BENCH_CUDAGRAPH=1``: graph replay). TFLOP/s = 4*Hq*Nq*Nk*D / time (non-causal;
 for the prefill mask the FLOPs of the visible pairs only). Peers: SDPA cuDNN / FLASH / EFFICIENT (K/V expanded for
 GQA), FlexAttention (compiled, GQA native), flash-attn if importable.
 """
@@ -22,8 +22,15 @@ SHAPES = [  # (name, query tokens, context tokens)
 
 
 def bench(fn) -> float:
-    from triton.testing import do_bench
+    """Median ms. ``BAGEL_BENCH_CUDAGRAPH=1`` replays a CUDA graph: GPU time without Python launch overhead
+    (what a kernel costs inside a busy denoise step, where launches run ahead of the GPU)."""
+    import os
 
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if os.environ.get("BAGEL_BENCH_CUDAGRAPH") == "1":
+        with torch.cuda.stream(torch.cuda.Stream()):
+            return do_bench_cudagraph(fn, rep=200, return_mode="median")
     return do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 

@@ -237,8 +237,9 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--configs", nargs="*", default=None,
                     help="also time these BAGEL_GEMM_CONFIG overrides 'BM,BN,BK,warps,stages' (exploration)")
+    ap.add_argument("--layer-only", action="store_true", help="only the whole-layer comparison")
     a = ap.parse_args()
-    rows = projection_rows() + layer_rows()
+    rows = ([] if a.layer_only else projection_rows()) + layer_rows()
     if a.configs:
         rows += config_sweep(a.configs)
     if a.json:

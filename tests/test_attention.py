@@ -194,3 +194,39 @@ def test_bad_inputs_are_named():
         bk.joint_attention(q, [])
     with pytest.raises(ValueError, match="unknown kernel backend"):
         bk.joint_attention(q, [bk.ContiguousKV(k[:, :2], k[:, :2])], backend="cudnn")
+    with pytest.raises(ValueError, match="scale must be positive"):
+        bk.joint_attention(q, [bk.ContiguousKV(k[:, :2], k[:, :2])], scale=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tma_and_pointer_reads_give_the_same_bits(dtype, monkeypatch):
+    """Full blocks of the current tokens go through TMA descriptors when the storage allows (heads adjacent,
+    16-byte aligned rows) and through pointers otherwise; the numbers read are the same, so are the bits."""
+    g = torch.Generator().manual_seed(11)
+    n, hq, hkv, d = 2 * TRITON_BLOCK_N + 9, 4, 2, 32
+    q = rnd(n, hq, d, dtype=dtype, gen=g)
+    fused = rnd(n, hq + 2 * hkv, d, dtype=dtype, gen=g)  # q|k|v rows of one projection: strided, TMA-able
+    k, v = fused[:, hq:hq + hkv], fused[:, hq + hkv:]
+    ctx = bk.ContiguousKV(rnd(40, hkv, d, dtype=dtype, gen=g), rnd(40, hkv, d, dtype=dtype, gen=g))
+    from bagel_kernels.attention_triton import _tma_mode
+
+    assert _tma_mode(bk.ContiguousKV(k, v), d)
+    want = bk.joint_attention(q, [ctx, bk.ContiguousKV(k, v)], backend="triton").out
+    # heads not adjacent (head-major storage): the pointer path
+    k_hm = k.transpose(0, 1).contiguous().transpose(0, 1)
+    v_hm = v.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not _tma_mode(bk.ContiguousKV(k_hm, v_hm), d)
+    assert torch.equal(bk.joint_attention(q, [ctx, bk.ContiguousKV(k_hm, v_hm)], backend="triton").out, want)
+    monkeypatch.setenv("BAGEL_ATTN_TMA", "0")
+    assert torch.equal(bk.joint_attention(q, [ctx, bk.ContiguousKV(k, v)], backend="triton").out, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [40, 72])
+def test_head_dims_that_are_not_powers_of_two(backend, d):
+    g = torch.Generator().manual_seed(d)
+    n, hq, hkv = TRITON_BLOCK_N + 3, 4, 2
+    q, k, v = rnd(n, hq, d, gen=g), rnd(n, hkv, d, gen=g), rnd(n, hkv, d, gen=g)
+    ck, cv = rnd(TRITON_BLOCK_N, hkv, d, gen=g), rnd(TRITON_BLOCK_N, hkv, d, gen=g)
+    out = bk.joint_attention(q, [bk.ContiguousKV(ck, cv), bk.ContiguousKV(k, v)], backend=backend).out
+    assert rel_err(out, naive_attention(q, torch.cat([ck, k]), torch.cat([cv, v]))) < TOL[torch.float32]
