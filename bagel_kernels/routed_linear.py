@@ -67,33 +67,42 @@ def routed_linear_reference(x: torch.Tensor, routing: ExpertSegments | None, wei
 def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor,
                   bias: torch.Tensor | None = None, *, activation: Activation = None,
                   residual: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None,
-                  backend: str | None = None, mode: str | None = None) -> torch.Tensor:
+                  backend: str | None = None, mode: str | None = None, small_batch: bool = False) -> torch.Tensor:
     """Expert-routed ``act(x @ W[e].T + b[e]) (+ residual)`` for rows routed by ``routing``.
 
     ``expert_ids`` (int32, one per row, on x's device) lets a caller build the device-side routing once per forward
-    (``routing.expert_ids(device)``); it is built here otherwise. ``routing=None`` means one expert for all rows."""
+    (``routing.expert_ids(device)``); it is built here otherwise. ``routing=None`` means one expert for all rows.
+
+    ``small_batch=True`` (AR decode: at most 16 rows) runs a kernel split over N only, which streams the weights
+    from every SM. It is an explicit choice of the caller, never made from M: its rows are batch-invariant among
+    themselves but differ in the last bits from the large kernel's, so use it only on paths whose rows are never
+    compared against large-batch rows (text decoding; never the denoiser). More than 16 rows use the large kernel."""
     _check(x, routing, weight, bias, activation, residual, expert_ids)
     chosen = resolve_backend(x.device, backend)
     if chosen == "reference":
         return routed_linear_reference(x, routing, weight, bias, activation, residual)
     if resolve_mode(mode) == "fast" and x.device.type == "cuda":
         return routed_linear_reference(x, routing, weight, bias, activation, residual, pad_rows=False)
-    from .routed_linear_triton import routed_gemm_triton
+    from .routed_linear_triton import SMALL_BATCH_ROWS, routed_gemm_small_batch_triton, routed_gemm_triton
 
     expert_ids = device_expert_ids(routing, expert_ids, weight.shape[0], x.device)
     if residual is not None:
         residual = residual.contiguous()
+    if small_batch and x.shape[0] <= SMALL_BATCH_ROWS:
+        return routed_gemm_small_batch_triton(x, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                              expert_ids, activation == "swiglu", residual)
     return routed_gemm_triton(x, weight.contiguous(), None if bias is None else bias.contiguous(),
                               expert_ids, activation == "swiglu", residual)
 
 
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 backend: str | None = None, mode: str | None = None) -> torch.Tensor:
-    """A plain (one-expert) batch-invariant linear over any leading shape: ``x @ weight.T + bias``."""
+                     backend: str | None = None, mode: str | None = None, small_batch: bool = False) -> torch.Tensor:
+    """A plain (one-expert) batch-invariant linear over any leading shape: ``x @ weight.T + bias``
+    (``small_batch``: see ``routed_linear``)."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]}")
     lead = x.shape[:-1]
     n, k = weight.shape
     y = routed_linear(x.reshape(-1, k), None, weight.view(1, 1, n, k), None if bias is None else bias.view(1, 1, n),
-                      backend=backend, mode=mode)
+                      backend=backend, mode=mode, small_batch=small_batch)
     return y.reshape(*lead, n)

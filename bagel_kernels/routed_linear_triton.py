@@ -178,3 +178,104 @@ def routed_gemm_triton(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+# ---- few rows (AR decode): split over N only, every row in one 16-row tile ----
+SMALL_BATCH_ROWS = 16
+
+
+def small_batch_config(n: int, k: int, dtype: torch.dtype) -> GemmConfig:
+    """Fixed per (N, K, dtype) like ``gemm_config``. Narrow N tiles so that a one-token GEMM still spreads the weight
+    stream over every SM (the persistent 128 x 256 tiles leave 18 programs for the QKV projection at M = 1)."""
+    if dtype == torch.float32:
+        return GemmConfig(SMALL_BATCH_ROWS, min(32, _pow2_at_least(n, 16)), min(64, _pow2_at_least(k, 16)), 1, 4, 3)
+    return GemmConfig(SMALL_BATCH_ROWS, min(32, _pow2_at_least(n, 16)), min(256, _pow2_at_least(k, 16)), 1, 4, 4)
+
+
+@triton.jit
+def _small_tile_dot(X, W, s_xm, rows, cols, wrow, M, N, K, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        a = tl.load(X + rows[:, None].to(tl.int64) * s_xm + kk[None, :], mask=(rows < M)[:, None] & (kk < K)[None, :],
+                    other=0.0)
+        b = tl.load(W + (wrow * N + cols[:, None]).to(tl.int64) * K + kk[None, :],
+                    mask=(cols < N)[:, None] & (kk < K)[None, :], other=0.0)
+        if INTERPRETER:  # position-independent broadcast-sum, as in _tile_dot
+            acc += tl.sum(a.to(tl.float32)[:, :, None] * tl.trans(b.to(tl.float32))[None, :, :], 1)
+        else:
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _routed_gemm_small_batch(
+    X, W, OUT, RES, BIAS, IDS, M, N, K, s_xm, s_om, s_rm,
+    HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    P: tl.constexpr = 2 if SWIGLU else 1
+    out_ty = OUT.dtype.element_ty
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_IDS:
+        ids = tl.load(IDS + rows, mask=rows < M, other=0)
+        lo = tl.min(tl.where(rows < M, ids, 1 << 20))
+        hi = tl.max(tl.where(rows < M, ids, -1))
+    else:
+        ids = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        lo = 0
+        hi = 0
+    result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for e in range(lo, hi + 1):
+        acc = _small_tile_dot(X, W, s_xm, rows, cols, e * P, M, N, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC, INTERPRETER)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + (e * P) * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        if SWIGLU:
+            up = _small_tile_dot(X, W, s_xm, rows, cols, e * P + 1, M, N, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC,
+                                 INTERPRETER)
+            if HAS_BIAS:
+                up += tl.load(BIAS + (e * P + 1) * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            g = acc.to(out_ty).to(tl.float32)  # the eager roundings, as in the large kernel
+            s = (g / (1.0 + tl.exp(-g))).to(out_ty).to(tl.float32)
+            acc = s * up.to(out_ty).to(tl.float32)
+        result = tl.where((ids == e)[:, None], acc, result)
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    if HAS_RES:
+        res = tl.load(RES + rows[:, None] * s_rm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        result = res + result.to(out_ty).to(tl.float32)
+    tl.store(OUT + rows[:, None] * s_om + cols[None, :], result.to(out_ty), mask=ok)
+
+
+def routed_gemm_small_batch_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    expert_ids: torch.Tensor | None,
+    swiglu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``routed_gemm_triton`` for at most ``SMALL_BATCH_ROWS`` rows (AR decode). Rows stay independent of each other
+    and of M (<= 16) — but their bits are those of this kernel, not of the large one."""
+    m, k = x.shape
+    e, p, n, _ = weight.shape
+    if m > SMALL_BATCH_ROWS:
+        raise ValueError(f"small-batch GEMM takes at most {SMALL_BATCH_ROWS} rows, got {m}")
+    cfg = small_batch_config(n, k, x.dtype)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    x = x.contiguous()
+    res = residual if residual is not None else out
+    _routed_gemm_small_batch[(triton.cdiv(n, cfg.BLOCK_N),)](
+        x, weight, out, res, bias if bias is not None else x, expert_ids if expert_ids is not None else x,
+        m, n, k, x.stride(0), out.stride(0), res.stride(0),
+        HAS_IDS=expert_ids is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SWIGLU=swiglu,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", INTERPRETER=triton_interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

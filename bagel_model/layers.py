@@ -46,6 +46,9 @@ class LayerInputs:
     cos: torch.Tensor  # (rows, head_dim) fp32
     sin: torch.Tensor
     gen_mode: bool  # generation forward: QK-norm and RoPE in fp32 (BAGEL); prefill: in the activation dtype
+    # AR decode (a few rows): projections take the small-batch GEMM (bagel_kernels.routed_linear). Never set for
+    # the denoiser, whose rows must match across parallel layouts bit for bit.
+    small_batch: bool = False
     _ids: torch.Tensor | None = field(default=None, repr=False)
 
     def expert_ids(self, device: torch.device) -> torch.Tensor | None:
@@ -89,14 +92,15 @@ class MoTAttention(nn.Module):
     def qkv(self, x: torch.Tensor, li: LayerInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Routed fused QKV, QK-norm and RoPE: q (rows, Hq, D), k/v (rows, Hkv, D) in the activation dtype."""
         ids = li.expert_ids(x.device)
-        fused = routed_linear(x, li.routing, self._qkv_w.get(), self._qkv_b.get(), expert_ids=ids)
+        fused = routed_linear(x, li.routing, self._qkv_w.get(), self._qkv_b.get(), expert_ids=ids,
+                              small_batch=li.small_batch)
         return qk_norm_rope(fused, li.routing, self._q_norm.get()[:, 0], self._k_norm.get()[:, 0], li.cos, li.sin,
                             self.num_heads, self.num_kv_heads, self.eps, li.gen_mode, expert_ids=ids)
 
     def out(self, attn: torch.Tensor, li: LayerInputs, residual: torch.Tensor) -> torch.Tensor:
         """``residual + o_proj(attn)`` routed per expert."""
         return routed_linear(attn.reshape(attn.shape[0], -1), li.routing, self._o_w.get(), residual=residual,
-                             expert_ids=li.expert_ids(attn.device))
+                             expert_ids=li.expert_ids(attn.device), small_batch=li.small_batch)
 
 
 class MoTDecoderLayer(nn.Module):
@@ -126,8 +130,8 @@ class MoTDecoderLayer(nn.Module):
             kv_sink(self.layer_idx, k, v)
         x = self.self_attn.out(attention(self.layer_idx, q, k, v), li, residual=x)
         h = routed_rms_norm(x, r, self._post_norm.get()[:, 0], self.eps, expert_ids=ids)
-        g = routed_linear(h, r, self._gate_up.get(), activation="swiglu", expert_ids=ids)
-        return routed_linear(g, r, self._down.get(), residual=x, expert_ids=ids)
+        g = routed_linear(h, r, self._gate_up.get(), activation="swiglu", expert_ids=ids, small_batch=li.small_batch)
+        return routed_linear(g, r, self._down.get(), residual=x, expert_ids=ids, small_batch=li.small_batch)
 
 
 def local_attention(contexts: list[ContiguousKV | PagedKV | None], valid_len: int,

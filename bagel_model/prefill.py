@@ -137,8 +137,9 @@ def new_cache(model: BagelModel, capacity: int, layout: str) -> PagedCache:
 
 @torch.no_grad()
 def prefill(model: BagelModel, blocks: list[Block], layout: str = "flash_attn", extra_capacity: int = 0,
-            context: PrefilledContext | None = None) -> tuple[PrefilledContext, torch.Tensor]:
-    """Prefill ``blocks`` into a (new or given) paged cache; returns the context and the last row's hidden state."""
+            context: PrefilledContext | None = None, small_batch: bool = False) -> tuple[PrefilledContext, torch.Tensor]:
+    """Prefill ``blocks`` into a (new or given) paged cache; returns the context and the last row's hidden state.
+    ``small_batch``: the decode step's few rows take the small-batch GEMM."""
     x, routing, blk = _embed(model, blocks)
     n = x.shape[0]
     if context is None:
@@ -148,7 +149,8 @@ def prefill(model: BagelModel, blocks: list[Block], layout: str = "flash_attn", 
     cos, sin = model._cos_sin(pos)
     # BAGEL runs QK-norm in fp32 in forwards that carry generation-expert tokens (the VAE block), else in the
     # activation dtype.
-    li = LayerInputs(routing=routing, cos=cos, sin=sin, gen_mode=any(g for _, _, g in routing.segments))
+    li = LayerInputs(routing=routing, cos=cos, sin=sin, gen_mode=any(g for _, _, g in routing.segments),
+                     small_batch=small_batch)
     h = model._run_layers(x, li, local_attention(cache.segments(), n, prefill_visible_end(span)), cache.write)
     cache.commit(n)
     return PrefilledContext(cache, next_pos), h[-1:]
@@ -163,7 +165,7 @@ def greedy_decode(model: BagelModel, context: PrefilledContext, last_hidden: tor
     out: list[int] = []
     h = last_hidden
     for i in range(max_tokens):
-        logits = invariant_linear(h, model.language_model.lm_head.weight)
+        logits = invariant_linear(h, model.language_model.lm_head.weight, small_batch=True)
         tok = int(logits[-1].float().argmax())
         out.append(tok)
         if on_token is not None:
@@ -172,5 +174,5 @@ def greedy_decode(model: BagelModel, context: PrefilledContext, last_hidden: tor
             break
         if context.cache.length >= context.cache.capacity:
             break
-        context, h = prefill(model, [TextBlock([tok])], context=context)
+        context, h = prefill(model, [TextBlock([tok])], context=context, small_batch=True)
     return out

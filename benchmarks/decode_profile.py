@@ -17,6 +17,25 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def small_batch_checks() -> dict:
+    """The decode GEMM on the device: accuracy vs float64 and bitwise rows across M <= 16."""
+    import bagel_kernels as bk
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(16, 3584, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(2, 2, 1024, 3584, device="cuda", generator=g) * 0.02).bfloat16()
+    r = bk.ExpertSegments.from_flags([i >= 9 for i in range(16)])
+    full = bk.routed_linear(x, r, w, activation="swiglu", small_batch=True)
+    same = all(torch.equal(bk.routed_linear(x[a:c], r.slice(a, c), w, activation="swiglu", small_batch=True), full[a:c])
+               for a, c in ((0, 1), (3, 12), (15, 16)))
+    ids = r.expert_ids("cuda").long()
+    parts = [torch.einsum("mk,mnk->mn", x.double(), w.double()[ids, j]) for j in range(2)]
+    want = torch.nn.functional.silu(parts[0]) * parts[1]
+    res = {"rows_bitwise": same, "rel_err_bf16_swiglu": ((full.double() - want).norm() / want.norm()).item()}
+    print("small-batch checks", res, flush=True)
+    return res
+
+
 def main() -> None:
     from bagel_model.prefill import TextBlock, greedy_decode, prefill
     from bagel_model.split import ModelSpec
@@ -25,6 +44,7 @@ def main() -> None:
     ap.add_argument("--preset", default="bagel-7b-mot")
     ap.add_argument("--tokens", type=int, default=32)
     a = ap.parse_args()
+    small_batch_checks()
     model, tok = ModelSpec(preset=a.preset, dtype="bfloat16", device="cuda").load()
     with torch.no_grad():
         ctx, h = prefill(model, [TextBlock(list(range(100, 164)))], extra_capacity=4 * a.tokens + 8)

@@ -60,6 +60,45 @@ def test_routed_linear_matches_float64(backend, dtype, m, kind, swiglu, bias, re
     assert rel_err(got, float64_routed(x, r, w, b, swiglu, res)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("kind", ["und", "gen", "mixed"])
+@pytest.mark.parametrize("swiglu,bias,residual", [(False, True, False), (True, True, False), (False, False, True)])
+def test_small_batch_kernel_matches_float64(dtype, m, kind, swiglu, bias, residual):
+    """The AR-decode GEMM (at most 16 rows, split over N): same contract as the large kernel, K not a multiple of
+    its K step, N not a multiple of its N tile."""
+    g = torch.Generator().manual_seed(m * 11 + len(kind))
+    k, n = 300, 72
+    x = rnd(m, k, dtype=dtype, gen=g)
+    w = rnd(2, 2 if swiglu else 1, n, k, dtype=dtype, gen=g, scale=0.1)
+    b = rnd(2, 2 if swiglu else 1, n, dtype=dtype, gen=g) if bias else None
+    res = rnd(m, n, dtype=dtype, gen=g) if residual else None
+    r = routing_for(kind, m)
+    act = "swiglu" if swiglu else None
+    got = bk.routed_linear(x, r, w, b, activation=act, residual=res, backend="triton", small_batch=True)
+    assert got.shape == (m, n) and got.dtype == dtype
+    # bf16 SwiGLU rounds gate, silu(gate), up and the product (eager's roundings): with one row nothing averages
+    # those out, so its bound is wider
+    tol = 3e-2 if swiglu and dtype == torch.bfloat16 else TOL[dtype]
+    assert rel_err(got, float64_routed(x, r, w, b, swiglu, res)) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_batch_rows_are_batch_invariant_among_themselves(dtype):
+    g = torch.Generator().manual_seed(5)
+    x, w = rnd(16, 200, dtype=dtype, gen=g), rnd(2, 2, 40, 200, dtype=dtype, gen=g, scale=0.1)
+    r = routing_for("mixed", 16)
+    full = bk.routed_linear(x, r, w, activation="swiglu", backend="triton", small_batch=True)
+    for a, c in ((0, 1), (3, 9), (15, 16)):
+        part = bk.routed_linear(x[a:c], r.slice(a, c), w, activation="swiglu", backend="triton", small_batch=True)
+        assert torch.equal(part, full[a:c])
+    # more than 16 rows is the large kernel's job, whatever the flag says
+    big = torch.cat([x, x[:3]])
+    rb = bk.ExpertSegments.from_flags([g_ for s, e, g_ in r.segments for _ in range(s, e)] + [False] * 3)
+    assert torch.equal(bk.routed_linear(big, rb, w, activation="swiglu", backend="triton", small_batch=True),
+                       bk.routed_linear(big, rb, w, activation="swiglu", backend="triton"))
+
+
 def test_routed_linear_at_bagel_token_count():
     """M = 4098 (a 1024² image's latents + markers) with mixed routing: every row, every tile of the persistent loop."""
     g = torch.Generator().manual_seed(1)
