@@ -158,15 +158,21 @@ def prefill(model: BagelModel, blocks: list[Block], layout: str = "flash_attn", 
 
 @torch.no_grad()
 def greedy_decode(model: BagelModel, context: PrefilledContext, last_hidden: torch.Tensor, max_tokens: int,
-                  eos_id: int, on_token=None) -> list[int]:
+                  eos_id: int, on_token=None, use_graph: bool | None = None) -> list[int]:
     """Greedy decoding that appends to the paged cache; stops at ``eos_id`` or ``max_tokens``.
 
-    Reading the argmax back to pick the next token is the one host read per step that text decoding needs."""
+    Reading the argmax back to pick the next token is the one host read per step that text decoding needs. On CUDA
+    the token step is replayed from a CUDA graph (``decode_graph``; same kernels, same tokens) unless
+    ``use_graph=False`` or ``BAGEL_DECODE_GRAPH=0``."""
+    import os
+
+    if use_graph is None:
+        use_graph = model.device.type == "cuda" and os.environ.get("BAGEL_DECODE_GRAPH", "1") != "0"
     out: list[int] = []
-    h = last_hidden
+    logits = invariant_linear(last_hidden, model.language_model.lm_head.weight, small_batch=True)
+    tok = int(logits[-1].float().argmax())
+    decoder = None
     for i in range(max_tokens):
-        logits = invariant_linear(h, model.language_model.lm_head.weight, small_batch=True)
-        tok = int(logits[-1].float().argmax())
         out.append(tok)
         if on_token is not None:
             on_token(i, tok)
@@ -174,5 +180,14 @@ def greedy_decode(model: BagelModel, context: PrefilledContext, last_hidden: tor
             break
         if context.cache.length >= context.cache.capacity:
             break
-        context, h = prefill(model, [TextBlock([tok])], context=context, small_batch=True)
+        if use_graph:
+            if decoder is None:
+                from .decode_graph import GraphDecoder
+
+                decoder = GraphDecoder(model, context, tok)
+            tok = decoder.step()
+        else:
+            context, h = prefill(model, [TextBlock([tok])], context=context, small_batch=True)
+            logits = invariant_linear(h, model.language_model.lm_head.weight, small_batch=True)
+            tok = int(logits[-1].float().argmax())
     return out

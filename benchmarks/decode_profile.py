@@ -1,6 +1,7 @@
-"""Where AR decode time goes (GPU): per-token wall time, host profile, and GPU kernel time per token.
+"""AR decode on the GPU: per-token time eager vs CUDA-graph replay (same tokens?), and with ``--profile`` where the
+eager loop's time goes (host cProfile, GPU kernel time per token).
 
-    python benchmarks/decode_profile.py [--preset bagel-7b-mot] [--tokens 32]
+    python benchmarks/decode_profile.py [--preset bagel-7b-mot] [--tokens 32] [--profile]
 """
 from __future__ import annotations
 
@@ -43,34 +44,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="bagel-7b-mot")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--profile", action="store_true", help="host cProfile + GPU kernel table of the eager loop")
     a = ap.parse_args()
     small_batch_checks()
     model, tok = ModelSpec(preset=a.preset, dtype="bfloat16", device="cuda").load()
+    res = {}
     with torch.no_grad():
-        ctx, h = prefill(model, [TextBlock(list(range(100, 164)))], extra_capacity=4 * a.tokens + 8)
-        greedy_decode(model, ctx, h, 4, eos_id=-1)  # warm-up (compiles)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        greedy_decode(model, ctx, h, a.tokens, eos_id=-1)
-        torch.cuda.synchronize()
-        per_tok = (time.perf_counter() - t0) / a.tokens
-        print(f"per token {per_tok * 1e3:.1f} ms", flush=True)
-        pr = cProfile.Profile()
-        pr.enable()
-        greedy_decode(model, ctx, h, a.tokens, eos_id=-1)
-        pr.disable()
-        s = io.StringIO()
-        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(22)
-        print(s.getvalue()[:6000], flush=True)
-        from torch.profiler import ProfilerActivity, profile
+        def fresh():
+            return prefill(model, [TextBlock(list(range(100, 164)))], extra_capacity=2 * a.tokens + 8)
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            greedy_decode(model, ctx, h, a.tokens, eos_id=-1)
+        tokens = {}
+        for use_graph in (False, True):
+            ctx, h = fresh()
+            greedy_decode(model, ctx, h, 4, eos_id=-1, use_graph=use_graph)  # warm-up (compiles)
+            ctx, h = fresh()
             torch.cuda.synchronize()
-        tbl = prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)
-        print(tbl[:5000])
-        gpu_us = sum(e.device_time_total for e in prof.key_averages()) / a.tokens
-        print(f"GPU kernel time per token {gpu_us / 1e3:.2f} ms vs wall {per_tok * 1e3:.1f} ms", flush=True)
+            t0 = time.perf_counter()
+            tokens[use_graph] = greedy_decode(model, ctx, h, a.tokens, eos_id=-1, use_graph=use_graph)
+            torch.cuda.synchronize()
+            res[f"ms_per_token_graph={use_graph}"] = (time.perf_counter() - t0) / a.tokens * 1e3
+        res["graph_tokens_equal_eager"] = tokens[True] == tokens[False]
+        print("decode", res, flush=True)
+        if a.profile:
+            ctx, h = fresh()
+            pr = cProfile.Profile()
+            pr.enable()
+            greedy_decode(model, ctx, h, a.tokens, eos_id=-1, use_graph=False)
+            pr.disable()
+            s = io.StringIO()
+            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(22)
+            print(s.getvalue()[:6000], flush=True)
+            from torch.profiler import ProfilerActivity, profile
+
+            ctx, h = fresh()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                greedy_decode(model, ctx, h, a.tokens, eos_id=-1, use_graph=False)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)[:5000])
+            gpu_us = sum(e.device_time_total for e in prof.key_averages()) / a.tokens
+            print(f"GPU kernel time per token (eager) {gpu_us / 1e3:.2f} ms", flush=True)
 
 
 if __name__ == "__main__":

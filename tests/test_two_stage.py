@@ -10,7 +10,7 @@ import torch
 from bagel_kernels import LAYOUTS
 from bagel_model.denoise import SamplingParams
 from bagel_model.kv_transfer import (InProcessConnector, PayloadError, deserialize, extract, install, serialize)
-from bagel_model.prefill import TextBlock, positions_and_spans, prefill
+from bagel_model.prefill import TextBlock, greedy_decode, positions_and_spans, prefill
 from bagel_model.stages import EventLog, Request, run_split_threads, run_stage0, run_stage1
 from bagel_model.pipeline import BagelPipeline
 
@@ -172,3 +172,23 @@ def test_torch_distributed_connector(tiny_model, tmp_path):
     out = str(tmp_path / "k0.pt")
     mp.spawn(_dist_worker, args=(str(tmp_path / "store"), data, out), nprocs=2, join=True)
     assert torch.equal(torch.load(out), ckv.k[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_decoding_gives_the_eager_tokens(tiny_cfg):
+    from bagel_model.model import BagelModel
+
+    model = BagelModel.random(tiny_cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    runs = []
+    for use_graph in (False, True):
+        ctx, h = prefill(model, [TextBlock(list(range(10, 47)))], extra_capacity=40)
+        runs.append(greedy_decode(model, ctx, h, 30, eos_id=-1, use_graph=use_graph))
+    assert len(runs[0]) == 30 and runs[0] == runs[1]
+
+
+def test_graph_decoder_needs_a_prefilled_context(tiny_model):
+    from bagel_model.decode_graph import GraphDecoder
+    from bagel_model.prefill import PrefilledContext, new_cache
+
+    with pytest.raises(ValueError, match="cache is empty"):
+        GraphDecoder(tiny_model, PrefilledContext(new_cache(tiny_model, 8, "flash_attn"), 0), 1)
