@@ -7,7 +7,10 @@ paged cache of ITS layout. Serialized with safetensors (tensors + a JSON header 
 the tensor bytes: a malformed, truncated or corrupted payload raises ``PayloadError`` naming what is wrong.
 
 Connectors: ``InProcessConnector`` (a queue, threads), ``SharedMemoryConnector`` (POSIX shared memory between
-processes, a multiprocessing queue for the notices), ``TorchDistributedConnector`` (point-to-point send/recv).
+processes, a multiprocessing queue for the notices), ``TorchDistributedConnector`` (point-to-point send/recv) carry
+the serialized bytes; ``TensorQueueConnector`` carries the tensors themselves between processes of one node (CUDA
+IPC handles: the KV never leaves the GPU) with the header and per-tensor integer checksums.
+``send_payload`` / ``recv_payload`` / ``abort`` speak to either kind.
 """
 from __future__ import annotations
 
@@ -78,19 +81,26 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return f"{crc:08x}"
 
 
-def serialize(p: KVPayload) -> bytes:
-    from safetensors.torch import save
-
+def _pack(p: KVPayload, to_cpu: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header, tensors) of a payload; tensors stay on their device unless ``to_cpu``."""
     tensors = {}
     ctx_meta = {}
     for name, c in p.contexts.items():
         ctx_meta[name] = {"rope_position": c.rope_position, "length": c.length, "layers": len(c.k)}
         for i, (k, v) in enumerate(zip(c.k, c.v)):
-            tensors[f"{name}.{i}.k"] = k.detach().cpu().contiguous()
-            tensors[f"{name}.{i}.v"] = v.detach().cpu().contiguous()
+            tensors[f"{name}.{i}.k"] = (k.detach().cpu() if to_cpu else k.detach()).contiguous()
+            tensors[f"{name}.{i}.v"] = (v.detach().cpu() if to_cpu else v.detach()).contiguous()
     header = {"magic": MAGIC, "version": VERSION, "request_id": p.request_id, "mode": p.mode,
               "params": p.params.to_dict(), "image_shape": list(p.image_shape), "contexts": ctx_meta,
-              "branches": p.branches, "extra": p.extra, "crc32": _digest(tensors)}
+              "branches": p.branches, "extra": p.extra}
+    return header, tensors
+
+
+def serialize(p: KVPayload) -> bytes:
+    from safetensors.torch import save
+
+    header, tensors = _pack(p, to_cpu=True)
+    header["crc32"] = _digest(tensors)
     return save(tensors, metadata={"bagel": json.dumps(header)})
 
 
@@ -108,16 +118,25 @@ def deserialize(data: bytes) -> KVPayload:
         raise
     except Exception as e:  # noqa: BLE001 - any parse failure is a malformed payload
         raise PayloadError(f"KV payload is malformed or truncated ({len(data)} bytes): {type(e).__name__}: {e}") from e
+    _check_header(meta, "crc32")
+    if _digest(tensors) != meta["crc32"]:
+        raise PayloadError("KV payload checksum mismatch: tensor bytes were altered in transit")
+    return _unpack(meta, tensors)
+
+
+def _check_header(meta, checksum_key: str) -> None:
     if not isinstance(meta, dict) or meta.get("magic") != MAGIC:
         raise PayloadError("KV payload lacks the bagel-kv header (not a payload of this protocol)")
     if meta.get("version") != VERSION:
         raise PayloadError(f"KV payload version {meta.get('version')} != supported {VERSION}")
-    missing = [k for k in ("request_id", "mode", "params", "image_shape", "contexts", "branches", "extra", "crc32")
-               if k not in meta]
+    missing = [k for k in ("request_id", "mode", "params", "image_shape", "contexts", "branches", "extra",
+                           checksum_key) if k not in meta]
     if missing:
         raise PayloadError(f"KV payload header misses {missing}")
-    if _digest(tensors) != meta["crc32"]:
-        raise PayloadError("KV payload checksum mismatch: tensor bytes were altered in transit")
+
+
+def _unpack(meta: dict, tensors: dict[str, torch.Tensor]) -> KVPayload:
+    """A payload from a checked header and its tensors: every tensor present with the header's token count."""
     try:
         params = SamplingParams.from_dict(meta["params"])
     except (TypeError, ValueError) as e:
@@ -139,6 +158,42 @@ def deserialize(data: bytes) -> KVPayload:
             raise PayloadError(f"KV payload branch {b!r} refers to unknown context {c!r}")
     return KVPayload(meta["request_id"], meta["mode"], params, tuple(meta["image_shape"]), contexts,
                      dict(meta["branches"]), meta["extra"])
+
+
+def _tensor_sums(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Integer sums of each tensor's bits, on its device (exact, so order-independent): the transit check of the
+    tensor connector, which never copies the KV to the host. One synchronization for all tensors."""
+    names = sorted(tensors)
+    if not names:
+        return {}
+    sums = []
+    for n in names:
+        t = tensors[n].reshape(-1)
+        bits = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+        sums.append(bits.sum(dtype=torch.int64) if bits.numel() else torch.zeros((), dtype=torch.int64, device=t.device))
+    return dict(zip(names, torch.stack([x.to(sums[0].device) for x in sums]).tolist()))
+
+
+def send_payload(connector, payload: KVPayload) -> None:
+    """Send through a tensor connector as is, through a byte connector serialized."""
+    if hasattr(connector, "send_payload"):
+        connector.send_payload(payload)
+    else:
+        connector.send(serialize(payload))
+
+
+def recv_payload(connector, timeout: float = 600.0) -> KVPayload:
+    if hasattr(connector, "recv_payload"):
+        return connector.recv_payload(timeout=timeout)
+    return deserialize(connector.recv(timeout=timeout))
+
+
+def abort(connector) -> None:
+    """Wake a waiting stage 1 with an error (stage 0 failed before sending) instead of letting it time out."""
+    if hasattr(connector, "abort"):
+        connector.abort()
+    else:
+        connector.send(b"")
 
 
 # ---- connectors ------------------------------------------------------------------------------------------------
@@ -214,3 +269,65 @@ class TorchDistributedConnector:
         buf = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
         guarded("KV payload recv", dist.recv, buf, self.peer)
         return buf.cpu().numpy().tobytes()
+
+
+class TensorQueueConnector:
+    """Processes of one node: (header, tensors) through a torch.multiprocessing queue. CUDA tensors cross as IPC
+    handles (same GPU or a peer GPU: no host copy, no serialization), CPU tensors as shared memory. The receiver
+    clones what it gets and acks, so the sender frees its copy; the sender waits for the acks before it exits
+    (an IPC handle dies with its producer). Integrity: the header's per-tensor integer sums, recomputed on arrival.
+    """
+
+    def __init__(self, ctx=None):
+        import torch.multiprocessing as tmp
+
+        ctx = ctx or tmp.get_context("spawn")
+        self._q, self._acks = ctx.Queue(), ctx.Queue()
+        self._held: dict[str, dict[str, torch.Tensor]] = {}
+
+    def send_payload(self, p: KVPayload) -> None:
+        self._collect_acks(block=False)
+        header, tensors = _pack(p, to_cpu=False)
+        header["sums"] = _tensor_sums(tensors)
+        self._held[p.request_id] = tensors
+        self._q.put((header, tensors))
+
+    def recv_payload(self, timeout: float = 600.0) -> KVPayload:
+        try:
+            msg = self._q.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"stage 1: no KV payload from stage 0 within {timeout:.0f} s (tensor connector)") from None
+        if msg is None:
+            raise PayloadError("stage 0 aborted before sending its KV payload")
+        if not (isinstance(msg, tuple) and len(msg) == 2 and isinstance(msg[1], dict)):
+            raise PayloadError(f"KV payload message is malformed ({type(msg).__name__})")
+        meta, received = msg
+        _check_header(meta, "sums")
+        tensors = {n: t.clone() for n, t in received.items()}  # own copies: the sender may free its own now
+        del received
+        self._acks.put(meta["request_id"])
+        if _tensor_sums(tensors) != meta["sums"]:
+            raise PayloadError("KV payload checksum mismatch: tensors were altered in transit (or do not match the "
+                               "header's names)")
+        return _unpack(meta, tensors)
+
+    def abort(self) -> None:
+        self._q.put(None)
+
+    def _collect_acks(self, block: bool, timeout: float = 0.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self._held:
+            try:
+                rid = self._acks.get(timeout=max(0.0, deadline - time.monotonic())) if block else self._acks.get_nowait()
+            except queue.Empty:
+                if block:
+                    raise TimeoutError(f"stage 0: stage 1 did not acknowledge KV payloads {sorted(self._held)} "
+                                       f"within {timeout:.0f} s") from None
+                return
+            self._held.pop(rid, None)
+
+    def close(self, timeout: float = 600.0) -> None:
+        """Sender side: wait until every sent payload was received (its tensors may be freed only then)."""
+        self._collect_acks(block=True, timeout=timeout)

@@ -1,5 +1,6 @@
 """Split serving in two processes: stage 0 (AR) and stage 1 (DiT), each with its own copy of the model, joined by
-a shared-memory connector (or torch.distributed point-to-point). Both build the same weights from a ``ModelSpec``."""
+a connector (the KV tensors themselves through CUDA IPC, or serialized bytes in shared memory). Both build the same
+weights from a ``ModelSpec``."""
 from __future__ import annotations
 
 import queue
@@ -40,6 +41,9 @@ class ModelSpec:
 
 
 def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready, timeout: float) -> None:
+    from functools import partial
+
+    from .kv_transfer import abort, send_payload
     from .stages import run_stage0
 
     events = EventLog()
@@ -48,15 +52,17 @@ def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready
         for req in reqs:  # warm-up requests first, the reported one last
             events = EventLog()
             ready.wait(timeout=timeout)  # both stages ready: the request starts now (timings exclude loading)
-            r = run_stage0(model, tok, req, send=connector.send, events=events)
+            r = run_stage0(model, tok, req, send=partial(send_payload, connector), events=events)
+        if hasattr(connector, "close"):  # tensor connector: our tensors must outlive stage 1's receipt
+            connector.close(timeout=timeout)
         out_q.put(("stage0", {"text_ids": r.text_ids, "text": r.text, "events": events.events}))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, and stage 1 is woken
-        connector.send(b"")
+        abort(connector)
         out_q.put(("stage0", {"error": f"{type(e).__name__}: {e}", "events": events.events}))
 
 
 def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float, ready, n_requests: int) -> None:
-    from .kv_transfer import deserialize
+    from .kv_transfer import recv_payload
     from .stages import run_stage1
 
     events = EventLog()
@@ -65,7 +71,7 @@ def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: floa
         for _ in range(n_requests):
             events = EventLog()
             ready.wait(timeout=timeout)
-            payload = deserialize(connector.recv(timeout=timeout))
+            payload = recv_payload(connector, timeout=timeout)
             r = run_stage1(model, payload, layout=layout, events=events)
         out_q.put(("stage1", {"latent": r.latent.cpu().numpy(), "image": r.image.cpu().numpy(),  # numpy: plain pickles, no fd sharing with an exiting process
                               "latent_md5": r.latent_md5,
@@ -75,23 +81,29 @@ def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: floa
 
 
 def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfer_nhd",
-                        timeout: float = 1800.0, warmup: Request | None = None) -> dict:
+                        timeout: float = 1800.0, warmup: Request | None = None, connector: str | None = None) -> dict:
     """Run stage 0 and stage 1 as two spawned processes; returns both stages' results and their events.
 
     ``warmup``: a request both processes serve first (kernels loaded, allocator warm), as a running server would be;
-    results and events are those of ``req``."""
-    import multiprocessing as mp
+    results and events are those of ``req``. ``connector``: "tensor" (the KV tensors themselves: CUDA IPC, no host
+    copy — the default on CUDA) or "shm" (serialized bytes in shared memory with a CRC-32 — the default on CPU)."""
+    import torch.multiprocessing as mp
 
-    from .kv_transfer import SharedMemoryConnector
+    from .kv_transfer import SharedMemoryConnector, TensorQueueConnector
+
+    connector = connector or ("tensor" if spec.device.startswith("cuda") else "shm")
+    if connector not in ("tensor", "shm"):
+        raise ValueError(f"unknown split connector {connector!r}; expected 'tensor' or 'shm'")
 
     req.validate()
     if req.mode not in ("text2img", "img2img"):
         raise ValueError(f"--split serves image outputs (text2img, img2img); {req.mode} runs in stage 0 alone")
     ctx = mp.get_context("spawn")
-    connector, out_q, ready = SharedMemoryConnector(ctx), ctx.Queue(), ctx.Barrier(2)
+    conn = TensorQueueConnector(ctx) if connector == "tensor" else SharedMemoryConnector(ctx)
+    out_q, ready = ctx.Queue(), ctx.Barrier(2)
     reqs = ([warmup.validate()] if warmup is not None else []) + [req]
-    procs = [ctx.Process(target=_stage0_worker, args=(spec, reqs, connector, out_q, ready, timeout), name="bagel-stage0"),
-             ctx.Process(target=_stage1_worker, args=(spec, layout1, connector, out_q, timeout, ready, len(reqs)),
+    procs = [ctx.Process(target=_stage0_worker, args=(spec, reqs, conn, out_q, ready, timeout), name="bagel-stage0"),
+             ctx.Process(target=_stage1_worker, args=(spec, layout1, conn, out_q, timeout, ready, len(reqs)),
                          name="bagel-stage1")]
     t0 = time.monotonic()
     for p in procs:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .denoise import SamplingParams, denoise, initial_noise
-from .kv_transfer import KVPayload, deserialize, extract, install, serialize
+from .kv_transfer import KVPayload, abort, extract, install, recv_payload, send_payload
 from .model import BagelModel, BranchContext, make_gen_sequence
 from .prefill import PrefilledContext, TextBlock, greedy_decode, new_cache, prefill, vae_block, vit_block
 from .tokenizer import BagelTokenizer
@@ -96,7 +96,8 @@ def _image_contexts(model: BagelModel, tok: BagelTokenizer, req: Request, extra:
 def run_stage0(model: BagelModel, tok: BagelTokenizer, req: Request, send=None, events: EventLog | None = None,
                on_token=None) -> Stage0Result:
     """Prefill the request's contexts; for image outputs build the KV payload and ``send`` it at once (KV ready),
-    then decode up to ``max_tokens`` greedily. ``send`` is a connector's send (bytes) or None (single stage)."""
+    then decode up to ``max_tokens`` greedily. ``send`` takes the ``KVPayload`` (e.g. ``partial(send_payload,
+    connector)``) or is None (single stage)."""
     req.validate()
     events = events or EventLog()
     events.record("stage0_start")
@@ -108,7 +109,7 @@ def run_stage0(model: BagelModel, tok: BagelTokenizer, req: Request, send=None, 
                             {n: extract(c) for n, c in contexts.items()}, branches)
         events.record("kv_ready")
         if send is not None:
-            send(serialize(payload))
+            send(payload)
             events.record("kv_forwarded")
         result.payload, result.contexts = payload, contexts
         # decode appends to a fork: the contexts handed to stage 1 keep exactly the prefill KV
@@ -166,15 +167,15 @@ def _branch(ctx: PrefilledContext) -> BranchContext:
 def run_split_threads(model0: BagelModel, model1: BagelModel, tok: BagelTokenizer, req: Request, connector,
                       layout1: str = "flash_attn", events: EventLog | None = None, on_token=None
                       ) -> tuple[Stage0Result, GenerationResult]:
-    """Stage 0 in a thread, stage 1 in the caller, joined by ``connector`` (bytes): the in-process split."""
+    """Stage 0 in a thread, stage 1 in the caller, joined by ``connector``: the in-process split."""
     events = events or EventLog()
     box: dict = {}
 
     sent = threading.Event()
 
-    def send(data: bytes) -> None:
+    def send(payload: KVPayload) -> None:
         sent.set()
-        connector.send(data)
+        send_payload(connector, payload)
 
     def stage0():
         try:
@@ -182,12 +183,12 @@ def run_split_threads(model0: BagelModel, model1: BagelModel, tok: BagelTokenize
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             box["err"] = e
             if not sent.is_set():
-                connector.send(b"")  # wake stage 1 at once instead of letting it wait for its timeout
+                abort(connector)  # wake stage 1 at once instead of letting it wait for its timeout
 
     t = threading.Thread(target=stage0, name="bagel-stage0", daemon=True)
     t.start()
     try:
-        r1 = run_stage1(model1, deserialize(connector.recv()), layout=layout1, events=events)
+        r1 = run_stage1(model1, recv_payload(connector), layout=layout1, events=events)
     except Exception:
         t.join()
         if "err" in box:

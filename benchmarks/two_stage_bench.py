@@ -3,8 +3,8 @@
     python benchmarks/two_stage_bench.py --preset bagel-7b-mot --device cuda --steps 10 50 --max-tokens 256 --json out.json
 
 Single stage: one process runs stage 0 (prefill of the CFG contexts) and stage 1 (denoise + VAE decode); the image
-does not wait for text decoding. Split: stage 0 and stage 1 are two processes (shared-memory KV connector,
-flash_attn -> flashinfer_nhd); stage 0 forwards the KV when it is ready and then decodes ``max_tokens`` tokens
+does not wait for text decoding. Split: stage 0 and stage 1 are two processes (KV connector: ``tensor`` = CUDA IPC
+handles on the GPU, ``shm`` = serialized bytes in shared memory; flash_attn -> flashinfer_nhd); stage 0 forwards the KV when it is ready and then decodes ``max_tokens`` tokens
 (ignore_eos) while stage 1 denoises. Time = request start (stage 0 starts) to image done (stage 1 done), both
 processes' events on the host's monotonic clock; model loading is excluded from both, and both are warmed up
 (the split workers serve a 2-step request first, as a running server would be warm).
@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="image side (default 1024 for the 7B preset, 64 tiny)")
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--connector", choices=["tensor", "shm"], default=None,
+                    help="split connector (default: tensor = CUDA IPC on GPU, shm on CPU)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
@@ -78,7 +80,7 @@ def main() -> None:
         req = request(row["mode"], row["steps"])
         warm = Request(req.mode, req.prompt, SamplingParams(steps=2, height=size, width=size), req.image, 2,
                        ignore_eos=True)
-        res = run_split_processes(spec, req, layout1="flashinfer_nhd", warmup=warm)
+        res = run_split_processes(spec, req, layout1="flashinfer_nhd", warmup=warm, connector=a.connector)
         ev0, ev1 = dict(res["stage0"]["events"]), dict(res["stage1"]["events"])
         row["split_s"] = ev1["stage1_done"] - ev0["stage0_start"]
         row["split_md5"] = res["stage1"]["image_md5"]
@@ -86,6 +88,7 @@ def main() -> None:
         row["stage0_decode_end_after_s"] = ev0["stage0_done"] - ev0["stage0_start"]
         row["decoded_tokens"] = len(res["stage0"]["text_ids"])
         row["split/single"] = row["split_s"] / row["single_s"]
+        row["connector"] = a.connector or ("tensor" if a.device.startswith("cuda") else "shm")
         row["md5_equal"] = row["split_md5"] == row["single_md5"]
         print(row, flush=True)
     if a.json:

@@ -40,14 +40,15 @@ def test_split_threads_match_single_stage(pipe, tiny_model, tokenizer, image, mo
     assert r0.text_ids  # the AR stage decoded while stage 1 ran
 
 
-def test_split_processes_match_single_stage(pipe, image):
-    """Two spawned processes, shared-memory connector, flash_attn -> flashinfer_nhd."""
+@pytest.mark.parametrize("connector", ["shm", "tensor"])
+def test_split_processes_match_single_stage(pipe, image, connector):
+    """Two spawned processes, shared-memory bytes or the tensors themselves, flash_attn -> flashinfer_nhd."""
     from bagel_model.split import ModelSpec, run_split_processes
 
     for mode in ("text2img", "img2img"):
         req = Request(mode, "a red cube", params(), image if mode == "img2img" else None, max_tokens=4)
         _, single = pipe.generate(req)
-        res = run_split_processes(ModelSpec(preset="tiny", seed=0), req, layout1="flashinfer_nhd")
+        res = run_split_processes(ModelSpec(preset="tiny", seed=0), req, layout1="flashinfer_nhd", connector=connector)
         assert res["stage1"]["image_md5"] == single.image_md5, mode
         assert res["stage1"]["latent_md5"] == single.latent_md5, mode
 
@@ -125,6 +126,31 @@ def test_malformed_payloads_are_rejected(tiny_model):
     from safetensors.torch import save
     with pytest.raises(PayloadError, match="bagel-kv header"):
         deserialize(save({"x": torch.zeros(2)}))
+
+
+def test_tensor_connector_checks_what_arrives(tiny_model):
+    from bagel_model.kv_transfer import TensorQueueConnector, _pack, recv_payload, send_payload
+
+    ctx, _ = prefill(tiny_model, [TextBlock([1, 2, 3, 4, 5])])
+    conn = TensorQueueConnector()
+    send_payload(conn, _payload(extract(ctx)))
+    got = recv_payload(conn, timeout=30)
+    assert got.extra == {"note": "custom"} and torch.equal(got.contexts["full"].k[0], extract(ctx).k[0])
+    conn.close(timeout=30)  # the receipt was acknowledged: nothing held any more
+    assert not conn._held
+    header, tensors = _pack(_payload(extract(ctx)), to_cpu=False)
+    header["sums"] = {n: 0 for n in tensors}
+    conn._q.put((header, tensors))
+    with pytest.raises(PayloadError, match="checksum"):
+        recv_payload(conn, timeout=30)
+    conn._q.put(("not", "a payload"))
+    with pytest.raises(PayloadError, match="malformed"):
+        recv_payload(conn, timeout=30)
+    conn.abort()
+    with pytest.raises(PayloadError, match="aborted"):
+        recv_payload(conn, timeout=30)
+    with pytest.raises(TimeoutError, match="tensor connector"):
+        recv_payload(conn, timeout=0.1)
 
 
 def test_positions_are_shared_inside_image_blocks():
