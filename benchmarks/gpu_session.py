@@ -1,6 +1,6 @@
 """One GPU call: kernel checks on the device, benchmarks, full-size BAGEL denoise step. Writes $OUT/gpu_session.json.
 
-    python benchmarks/gpu_session.py [--parts kernel,routed,tiny,full,mot,attention] [--gemm-configs C ...]
+    python benchmarks/gpu_session.py [--parts kernel,routed,tiny,full,decode,mot,attention] [--gemm-configs C ...]
 """
 from __future__ import annotations
 
@@ -143,6 +143,18 @@ def mot_bench(configs):
     return out
 
 
+def decode_check():
+    """Small-batch GEMM invariance and graph decoding == eager decoding on the 7B preset (per-token times)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, os.path.join(here, "decode_profile.py"), "--tokens", "32"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.path.dirname(here)})
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("small-batch", "decode"))]
+    print("\n".join(lines) or out.stderr[-2000:], flush=True)
+    return lines or f"ERROR rc={out.returncode}: {out.stderr[-2000:]}"
+
+
 def attention_bench():
     from attention_shapes import run
 
@@ -154,11 +166,11 @@ if __name__ == "__main__":
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="kernel,routed,tiny,full,mot,attention")
+    ap.add_argument("--parts", default="kernel,routed,tiny,full,decode,mot,attention")
     ap.add_argument("--gemm-configs", nargs="*", default=None)
     a = ap.parse_args()
     parts = {"kernel": check_kernel, "routed": check_routed, "tiny": tiny_gpu, "full": full_size_step,
-             "mot": lambda: mot_bench(a.gemm_configs), "attention": attention_bench}
+             "mot": lambda: mot_bench(a.gemm_configs), "attention": attention_bench, "decode": decode_check}
     for name in a.parts.split(","):
         try:
             log[name] = parts[name]()
