@@ -113,6 +113,22 @@ def _ctx_block(acc, m_i, l_i, q, start, c_len, c_base, b, kvh, offs_n, offs_d, d
     return _block_update(acc, m_i, l_i, q, k_t, v, ok[None, :], qk_scale, TAIL, DOT_PREC, UPCAST)
 
 
+@triton.jit
+def _segment_extent(CU, LENS, LEN_S, b, HAS_CU: tl.constexpr, HAS_LENS: tl.constexpr):
+    """(storage start, valid length) of sequence b in a contiguous segment: cu_seqlens and seqlens when given,
+    lengths from cu differences, else one sequence of the scalar length."""
+    base = 0
+    if HAS_CU:
+        base = tl.load(CU + b)
+    if HAS_LENS:
+        n = tl.load(LENS + b)
+    elif HAS_CU:
+        n = tl.load(CU + b + 1) - base
+    else:
+        n = LEN_S
+    return base, n
+
+
 @triton.jit(do_not_specialize=["Q_LEN", "LEN0_S", "LEN1_S"])
 def _attn_fwd(
     Q, s_qt, s_qh,
@@ -160,15 +176,7 @@ def _attn_fwd(
 
     # ---- segment 0: the context, fully visible; paged through a block table or contiguous ----
     if HAS_CTX:
-        c_base = 0
-        if CTX_CU:
-            c_base = tl.load(CU0 + b)
-        if CTX_LENS:
-            c_len = tl.load(LEN0 + b)
-        elif CTX_CU:
-            c_len = tl.load(CU0 + b + 1) - c_base
-        else:
-            c_len = LEN0_S
+        c_base, c_len = _segment_extent(CU0, LEN0, LEN0_S, b, CTX_CU, CTX_LENS)
         c_full = (c_len // BLOCK_N) * BLOCK_N
         for start in range(0, c_full, BLOCK_N):
             acc, m_i, l_i = _ctx_block(acc, m_i, l_i, q, start, c_len, c_base, b, kvh, offs_n, offs_d, d_ok,
@@ -181,15 +189,7 @@ def _attn_fwd(
 
     # ---- segment 1: the current tokens, contiguous, optionally masked by visible_end ----
     if HAS_CUR:
-        g_base = 0
-        if CUR_CU:
-            g_base = tl.load(CU1 + b)
-        if CUR_LENS:
-            g_len = tl.load(LEN1 + b)
-        elif CUR_CU:
-            g_len = tl.load(CU1 + b + 1) - g_base
-        else:
-            g_len = LEN1_S
+        g_base, g_len = _segment_extent(CU1, LEN1, LEN1_S, b, CUR_CU, CUR_LENS)
         if HAS_MASK:
             vis = tl.load(VIS + rows, mask=row_ok, other=0)
             # Blocks past every row's bound are fully masked: skipping them is bit-identical (they add exact 0).

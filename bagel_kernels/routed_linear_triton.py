@@ -69,6 +69,31 @@ def _tile_dot(x_desc, w_desc, m0, n0, wrow, K, BLOCK_K: tl.constexpr, BLOCK_M: t
 
 
 @triton.jit
+def _row_experts(IDS, rows, M, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Expert id per row of a tile and the lowest/highest expert present (one K loop per expert in [lo, hi])."""
+    if HAS_IDS:
+        ids = tl.load(IDS + rows, mask=rows < M, other=0)
+        return ids, tl.min(tl.where(rows < M, ids, 1 << 20)), tl.max(tl.where(rows < M, ids, -1))
+    else:
+        return tl.zeros((BLOCK_M,), dtype=tl.int32), 0, 0
+
+
+@triton.jit
+def _add_bias(acc, BIAS, wrow, N, cols, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(BIAS + wrow * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _swiglu(gate, up, out_ty: tl.constexpr):
+    """Same roundings as eager: gate and up land in the activation dtype, silu(gate) is rounded, then the product."""
+    g = gate.to(out_ty).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(out_ty).to(tl.float32)
+    return s * up.to(out_ty).to(tl.float32)
+
+
+@triton.jit
 def _routed_gemm(
     x_desc, w_desc, out_desc, res_desc, BIAS, IDS, COUNTER,
     M, N, K,
@@ -97,28 +122,14 @@ def _routed_gemm(
         n0 = pid_n * BLOCK_N
         rows = m0 + tl.arange(0, BLOCK_M)
         cols = n0 + tl.arange(0, BLOCK_N)
-        if HAS_IDS:
-            ids = tl.load(IDS + rows, mask=rows < M, other=0)
-            lo = tl.min(tl.where(rows < M, ids, 1 << 20))
-            hi = tl.max(tl.where(rows < M, ids, -1))
-        else:
-            ids = tl.zeros((BLOCK_M,), dtype=tl.int32)
-            lo = 0
-            hi = 0
+        ids, lo, hi = _row_experts(IDS, rows, M, HAS_IDS, BLOCK_M)
         result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for e in range(lo, hi + 1):  # one pass, or two for a tile across the und/gen boundary
             acc = _tile_dot(x_desc, w_desc, m0, n0, e * P, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC, INTERPRETER)
-            if HAS_BIAS:
-                acc += tl.load(BIAS + (e * P) * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            acc = _add_bias(acc, BIAS, e * P, N, cols, HAS_BIAS)
             if SWIGLU:
                 up = _tile_dot(x_desc, w_desc, m0, n0, e * P + 1, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC, INTERPRETER)
-                if HAS_BIAS:
-                    up += tl.load(BIAS + (e * P + 1) * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-                # Same roundings as eager: gate and up land in the activation dtype, silu(gate) is rounded,
-                # then the product is rounded.
-                g = acc.to(out_ty).to(tl.float32)
-                s = (g / (1.0 + tl.exp(-g))).to(out_ty).to(tl.float32)
-                acc = s * up.to(out_ty).to(tl.float32)
+                acc = _swiglu(acc, _add_bias(up, BIAS, e * P + 1, N, cols, HAS_BIAS), out_ty)
             result = tl.where((ids == e)[:, None], acc, result)
         if HAS_RES:  # residual + rounded projection, as eager's ``x + linear(h)``
             res = res_desc.load([m0, n0]).to(tl.float32)
@@ -221,27 +232,15 @@ def _routed_gemm_small_batch(
     out_ty = OUT.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if HAS_IDS:
-        ids = tl.load(IDS + rows, mask=rows < M, other=0)
-        lo = tl.min(tl.where(rows < M, ids, 1 << 20))
-        hi = tl.max(tl.where(rows < M, ids, -1))
-    else:
-        ids = tl.zeros((BLOCK_M,), dtype=tl.int32)
-        lo = 0
-        hi = 0
+    ids, lo, hi = _row_experts(IDS, rows, M, HAS_IDS, BLOCK_M)
     result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for e in range(lo, hi + 1):
         acc = _small_tile_dot(X, W, s_xm, rows, cols, e * P, M, N, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC, INTERPRETER)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + (e * P) * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        acc = _add_bias(acc, BIAS, e * P, N, cols, HAS_BIAS)
         if SWIGLU:
             up = _small_tile_dot(X, W, s_xm, rows, cols, e * P + 1, M, N, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC,
                                  INTERPRETER)
-            if HAS_BIAS:
-                up += tl.load(BIAS + (e * P + 1) * N + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            g = acc.to(out_ty).to(tl.float32)  # the eager roundings, as in the large kernel
-            s = (g / (1.0 + tl.exp(-g))).to(out_ty).to(tl.float32)
-            acc = s * up.to(out_ty).to(tl.float32)
+            acc = _swiglu(acc, _add_bias(up, BIAS, e * P + 1, N, cols, HAS_BIAS), out_ty)
         result = tl.where((ids == e)[:, None], acc, result)
     ok = (rows < M)[:, None] & (cols < N)[None, :]
     if HAS_RES:
@@ -250,14 +249,9 @@ def _routed_gemm_small_batch(
     tl.store(OUT + rows[:, None] * s_om + cols[None, :], result.to(out_ty), mask=ok)
 
 
-def routed_gemm_small_batch_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    expert_ids: torch.Tensor | None,
-    swiglu: bool = False,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
+def routed_gemm_small_batch_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                   expert_ids: torch.Tensor | None, swiglu: bool = False,
+                                   residual: torch.Tensor | None = None) -> torch.Tensor:
     """``routed_gemm_triton`` for at most ``SMALL_BATCH_ROWS`` rows (AR decode). Rows stay independent of each other
     and of M (<= 16) — but their bits are those of this kernel, not of the large one."""
     m, k = x.shape
