@@ -87,12 +87,14 @@ def allocate_kv_cache(
     raise ValueError(f"unknown KV-cache layout {layout!r}; known: {LAYOUTS}")
 
 
-def write_tokens(view: PagedKVView, block_table_row: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write tokens ``start .. start+len(k)`` of one sequence into its pages (through the views, in place)."""
+def write_tokens(view: PagedKVView, block_table_row: torch.Tensor, start: int | torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor) -> None:
+    """Write tokens ``start .. start+len(k)`` of one sequence into its pages (through the views, in place).
+    ``start`` may be a one-element device tensor (a CUDA-graph decode step writes where the device says)."""
     n = k.shape[0]
     if n == 0:
         return
-    pos = torch.arange(start, start + n, device=k.device)
+    pos = torch.arange(n, device=k.device) + start
     pages = block_table_row.to(k.device).long()[pos // view.block_size]
     slots = pos % view.block_size
     view.k[pages, slots] = k.to(view.k.dtype)

@@ -14,15 +14,18 @@ from __future__ import annotations
 import torch
 
 from bagel_kernels import ExpertSegments, invariant_linear
+from bagel_kernels.kv_layout import write_tokens
 
 from .layers import LayerInputs, local_attention
 from .model import BagelModel
+from .prefill import PrefilledContext
 
 
 class GraphDecoder:
-    """Feeds one token per step into ``context``'s (forked) paged cache; ``next_token`` holds the greedy choice."""
+    """Feeds one token per step into ``context``'s (forked) paged cache; after a step ``token`` holds the greedy
+    choice, which the next step feeds."""
 
-    def __init__(self, model: BagelModel, context, first_token: int):
+    def __init__(self, model: BagelModel, context: PrefilledContext, first_token: int):
         cache = context.cache
         if cache.length == 0:
             raise ValueError("graph decoding continues a prefilled context; the cache is empty")
@@ -37,10 +40,7 @@ class GraphDecoder:
         self._warm = False
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        view, bs = self.cache.views[layer], self.cache.views[layer].block_size
-        page = self.cache.block_table[0].long()[self.slot // bs]
-        view.k[page, self.slot % bs] = k.to(view.k.dtype)
-        view.v[page, self.slot % bs] = v.to(view.v.dtype)
+        write_tokens(self.cache.views[layer], self.cache.block_table[0], self.slot, k, v)
 
     def _step(self) -> None:
         """One token, device work only: embed, 28 layers (cache write at ``slot``), LM head, argmax, advance."""

@@ -8,6 +8,8 @@ per-token host loop, seed 001), routing as host segments, the mask as per-token 
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -164,8 +166,6 @@ def greedy_decode(model: BagelModel, context: PrefilledContext, last_hidden: tor
     Reading the argmax back to pick the next token is the one host read per step that text decoding needs. On CUDA
     the token step is replayed from a CUDA graph (``decode_graph``; same kernels, same tokens) unless
     ``use_graph=False`` or ``BAGEL_DECODE_GRAPH=0``."""
-    import os
-
     if use_graph is None:
         use_graph = model.device.type == "cuda" and os.environ.get("BAGEL_DECODE_GRAPH", "1") != "0"
     out: list[int] = []
