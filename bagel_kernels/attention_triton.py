@@ -90,6 +90,19 @@ def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.co
 
 
 @triton.jit
+def _contiguous_kv(K, V, s_kt, s_kh, s_vt, s_vh, base, j, ok, kvh, offs_d, d_ok, TAIL: tl.constexpr,
+                   EVEN_D: tl.constexpr):
+    """K^T (D, BN) and V (BN, D) of keys base + j of KV head kvh in contiguous (tokens, H_kv, D) storage; rows past
+    the segment (``ok`` false) read as zeros in a TAIL block."""
+    t = (base + j).to(tl.int64)
+    k_t = _load_tile(K + t[None, :] * s_kt + kvh * s_kh + offs_d[:, None], ok[None, :], d_ok[:, None], TAIL,
+                     not EVEN_D)
+    v = _load_tile(V + t[:, None] * s_vt + kvh * s_vh + offs_d[None, :], ok[:, None], d_ok[None, :], TAIL,
+                   not EVEN_D)
+    return k_t, v
+
+
+@triton.jit
 def _ctx_block(acc, m_i, l_i, q, start, c_len, c_base, b, kvh, offs_n, offs_d, d_ok, qk_scale,
                K0, V0, s_k0b, s_k0t, s_k0h, s_v0b, s_v0t, s_v0h, BT0, s_bt0, PAGE0,
                CTX_PAGED: tl.constexpr, TAIL: tl.constexpr, EVEN_D: tl.constexpr,
@@ -104,12 +117,10 @@ def _ctx_block(acc, m_i, l_i, q, start, c_len, c_base, b, kvh, offs_n, offs_d, d
         slot = (j % PAGE0).to(tl.int64)
         kp = K0 + page[None, :] * s_k0b + slot[None, :] * s_k0t + kvh * s_k0h + offs_d[:, None]
         vp = V0 + page[:, None] * s_v0b + slot[:, None] * s_v0t + kvh * s_v0h + offs_d[None, :]
+        k_t = _load_tile(kp, ok[None, :], d_ok[:, None], TAIL, not EVEN_D)
+        v = _load_tile(vp, ok[:, None], d_ok[None, :], TAIL, not EVEN_D)
     else:
-        t = (c_base + j).to(tl.int64)
-        kp = K0 + t[None, :] * s_k0t + kvh * s_k0h + offs_d[:, None]
-        vp = V0 + t[:, None] * s_v0t + kvh * s_v0h + offs_d[None, :]
-    k_t = _load_tile(kp, ok[None, :], d_ok[:, None], TAIL, not EVEN_D)
-    v = _load_tile(vp, ok[:, None], d_ok[None, :], TAIL, not EVEN_D)
+        k_t, v = _contiguous_kv(K0, V0, s_k0t, s_k0h, s_v0t, s_v0h, c_base, j, ok, kvh, offs_d, d_ok, TAIL, EVEN_D)
     return _block_update(acc, m_i, l_i, q, k_t, v, ok[None, :], qk_scale, TAIL, DOT_PREC, UPCAST)
 
 
@@ -205,18 +216,14 @@ def _attn_fwd(
                 k_t = K1D.load([g_base + start, col]).T
                 v = V1D.load([g_base + start, col])
             else:
-                t = (g_base + start + offs_n).to(tl.int64)
-                k_t = _load_tile(K1 + t[None, :] * s_k1t + kvh * s_k1h + offs_d[:, None], None, d_ok[:, None],
-                                 False, not EVEN_D)
-                v = _load_tile(V1 + t[:, None] * s_v1t + kvh * s_v1h + offs_d[None, :], None, d_ok[None, :],
-                               False, not EVEN_D)
+                j = start + offs_n  # a full block: every key valid, no row mask
+                k_t, v = _contiguous_kv(K1, V1, s_k1t, s_k1h, s_v1t, s_v1h, g_base, j, j < g_len, kvh, offs_d, d_ok,
+                                        False, EVEN_D)
             acc, m_i, l_i = _block_update(acc, m_i, l_i, q, k_t, v, None, qk_scale, False, DOT_PREC, UPCAST)
         for start in range(g_full, hi, BLOCK_N):  # the partial tail (or every block under the prefill mask)
             j = start + offs_n
             ok = j < g_len
-            t = (g_base + j).to(tl.int64)
-            k_t = tl.load(K1 + t[None, :] * s_k1t + kvh * s_k1h + offs_d[:, None], mask=ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(V1 + t[:, None] * s_v1t + kvh * s_v1h + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+            k_t, v = _contiguous_kv(K1, V1, s_k1t, s_k1h, s_v1t, s_v1h, g_base, j, ok, kvh, offs_d, d_ok, True, EVEN_D)
             valid = ok[None, :]
             if HAS_MASK:
                 valid = valid & (j[None, :] < vis[:, None])
