@@ -5,12 +5,15 @@ expert of row ``r`` (0 = understanding, 1 = generation). Weights are stacked per
 a plain projection (QKV fused along N), P = 2 for SwiGLU (gate, up), whose output is ``silu(gate) * up``.
 ``residual`` adds the (rounded) projection to it, as the layer's ``x + o_proj(a)``.
 
-Backends (``_dispatch``): CUDA -> the Triton routed GEMM (``routed_linear_triton``) in "exact" mode, or cuBLAS per
-segment in "fast" mode; CPU -> the plain-torch reference below (row-padded GEMMs per segment), or the Triton
-interpreter when asked for ``backend="triton"``.
+Backends (``_dispatch``): CUDA -> in "exact" mode the batch-invariant routed GEMM: on Hopper with 16-bit inputs the
+warp-specialized Gluon kernel (``routed_linear_gluon``; row tiles start at each routing segment's first row), else
+the Triton kernel (``routed_linear_triton``) — the two give the same bits (GPU test), and ``BAGEL_GEMM_GLUON=0``
+forces the Triton one; in "fast" mode cuBLAS per segment. CPU -> the plain-torch reference below (row-padded GEMMs
+per segment), or the Triton interpreter when asked for ``backend="triton"``.
 """
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -83,6 +86,7 @@ def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch
         return routed_linear_reference(x, routing, weight, bias, activation, residual)
     if resolve_mode(mode) == "fast" and x.device.type == "cuda":
         return routed_linear_reference(x, routing, weight, bias, activation, residual, pad_rows=False)
+    from .routed_linear_gluon import gluon_available, routed_gemm_gluon
     from .routed_linear_triton import SMALL_BATCH_ROWS, routed_gemm_small_batch_triton, routed_gemm_triton
 
     expert_ids = device_expert_ids(routing, expert_ids, weight.shape[0], x.device)
@@ -91,8 +95,13 @@ def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch
     if small_batch and x.shape[0] <= SMALL_BATCH_ROWS:
         return routed_gemm_small_batch_triton(x, weight.contiguous(), None if bias is None else bias.contiguous(),
                                               expert_ids, activation == "swiglu", residual)
-    return routed_gemm_triton(x, weight.contiguous(), None if bias is None else bias.contiguous(),
-                              expert_ids, activation == "swiglu", residual)
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if gluon_available(x.device, x.dtype) and os.environ.get("BAGEL_GEMM_GLUON", "1") != "0":
+        segments = None if routing is None else tuple((s, t, int(g)) for s, t, g in routing.segments)
+        return routed_gemm_gluon(x.contiguous(), weight, bias, expert_ids, activation == "swiglu", residual,
+                                 segments=segments)
+    return routed_gemm_triton(x, weight, bias, expert_ids, activation == "swiglu", residual)
 
 
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

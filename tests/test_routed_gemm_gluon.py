@@ -1,0 +1,137 @@
+"""The Hopper warp-specialized routed GEMM (Gluon): its tile plan, that it builds for sm_90a with the pinned Triton
+(no GPU needed: Triton compiles to a cubin on the CPU), and — on a Hopper GPU — that its rows are bitwise the Triton
+kernel's for every routing, epilogue and tile plan."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import bagel_kernels.routed_linear_gluon as rg
+
+gluon = pytest.importorskip("triton.experimental.gluon")
+
+
+def test_segment_bounds_cover_the_rows_in_alternating_runs():
+    # img2img prefill: text (und), image (gen), text (und)
+    assert rg._segment_bounds(((0, 40, 0), (40, 4138, 1), (4138, 4198, 0)), 4198) == (40, 4138, 4198, 0)
+    # one expert everywhere: the later bounds sit at M (empty segments)
+    assert rg._segment_bounds(((0, 12294, 1),), 12294) == (12294, 12294, 12294, 1)
+    # adjacent runs of one expert merge, empty runs vanish
+    assert rg._segment_bounds(((0, 5, 0), (5, 5, 1), (5, 9, 0), (9, 10, 1)), 10) == (9, 10, 10, 0)
+
+
+def test_segment_bounds_fall_back_when_the_plan_cannot_hold_the_routing():
+    five = tuple((i, i + 1, i % 2) for i in range(5))
+    assert rg._segment_bounds(five, 5) is None  # more than MAX_SEGMENTS runs: row tiles with expert ids
+    assert rg._segment_bounds(((0, 3, 0),), 4) is None  # does not cover the rows
+    assert rg._segment_bounds(None, 4) is None
+
+
+def _segment_rows_host(mt: int, m: int, b1: int, b2: int, b3: int, e0: int, block_m: int):
+    """The kernel's tile -> (first row, end, expert) arithmetic, written plainly."""
+    bounds = [0, b1, b2, b3, m]
+    for i in range(4):
+        tiles = -(-(bounds[i + 1] - bounds[i]) // block_m)
+        if mt < tiles:
+            return bounds[i] + mt * block_m, bounds[i + 1], e0 ^ (i & 1)
+        mt -= tiles
+    raise IndexError
+
+
+@pytest.mark.parametrize("segments,m", [(((0, 40, 0), (40, 4138, 1), (4138, 4198, 0)), 4198),
+                                        (((0, 300, 1),), 300), (((0, 1, 1), (1, 129, 0), (129, 130, 1)), 130)])
+def test_segment_tiles_cover_each_row_once_with_its_expert(segments, m):
+    b1, b2, b3, e0 = rg._segment_bounds(segments, m)
+    expert = torch.empty(m, dtype=torch.long).fill_(-1)
+    for s0, s1, g in segments:
+        expert[s0:s1] = g
+    covered = torch.zeros(m, dtype=torch.long)
+    mt = 0
+    while True:
+        try:
+            m0, end, e = _segment_rows_host(mt, m, b1, b2, b3, e0, rg.BLOCK_M)
+        except IndexError:
+            break
+        rows = torch.arange(m0, min(m0 + rg.BLOCK_M, end))
+        assert (expert[rows] == e).all(), "a tile mixes experts"
+        covered[rows] += 1
+        mt += 1
+    assert (covered == 1).all()
+
+
+def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: bool, has_res: bool):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    m, n, k = 300, 512, 256
+    p, bn = (2 if swiglu else 1), rg._block_n(swiglu)
+    x = torch.empty(m, k, dtype=torch.bfloat16)
+    w = torch.empty(2 * p * n, k, dtype=torch.bfloat16)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+
+    def desc(t, block):
+        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
+
+    args = dict(x_desc=desc(x, [rg.BLOCK_M, rg.BLOCK_K]), w_desc=desc(w, [bn, rg.BLOCK_K]),
+                out_desc=desc(out, [rg.BLOCK_M, bn]), OUT=out, RES=out, BIAS=x,
+                IDS=torch.empty(m, dtype=torch.int32), M=m, N=n, K=k, ldo=n, ldr=n, b1=40, b2=250, b3=300, e0=0)
+    consts = dict(SEGMENTED=segmented, HAS_IDS=has_ids, HAS_BIAS=has_bias, HAS_RES=has_res, P=p,
+                  GROUP_M=rg.GROUP_M, STAGES=rg._stages(swiglu), num_warps=rg.NUM_WARPS)
+    fn = rg._routed_gemm_ws
+    signature, constexprs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name], constexprs[(i,)] = "constexpr", consts[name]
+        else:
+            signature[name] = mangle_type(args[name])
+    return triton.compile(GluonASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=rg.NUM_WARPS, maxnreg=rg.MAXNREG))
+
+
+@pytest.mark.parametrize("swiglu,segmented,has_ids,has_bias,has_res", [
+    (False, True, False, True, False),   # QKV (bias)
+    (False, True, False, False, True),   # o_proj / down (residual)
+    (True, True, False, False, False),   # gate/up SwiGLU
+    (False, False, True, True, True),    # many segments: row tiles with expert ids
+    (True, False, False, False, False),  # one expert, no routing
+])
+def test_gluon_kernel_builds_for_hopper(swiglu, segmented, has_ids, has_bias, has_res):
+    compiled = _compile_for_hopper(swiglu, segmented, has_ids, has_bias, has_res)
+    ptx = compiled.asm["ptx"]
+    assert ".target sm_90a" in ptx
+    assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx  # warp-specialized wgmma, not a fallback
+    assert compiled.metadata.shared <= 227 * 1024
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+                    or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper GPU and compiled kernels: TRITON_INTERPRET=0 pytest ... on the GPU")
+@pytest.mark.parametrize("swiglu,bias,residual", [(False, True, False), (True, False, False), (False, False, True)])
+@pytest.mark.parametrize("m", [1, 17, 300, 1000])
+def test_gluon_rows_are_the_triton_kernels_bits(swiglu, bias, residual, m):
+    from bagel_kernels.routed_linear_triton import routed_gemm_triton
+
+    g = torch.Generator(device="cuda").manual_seed(m)
+    n, k, p = 512, 384, (2 if swiglu else 1)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(2, p, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * k ** -0.5
+    b = torch.randn(2, p, n, device="cuda", dtype=torch.bfloat16, generator=g) if bias else None
+    res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g) if residual else None
+    segments = ((0, m // 3, 0), (m // 3, m - m // 5, 1), (m - m // 5, m, 0))
+    ids = torch.zeros(m, dtype=torch.int32, device="cuda")
+    ids[m // 3:m - m // 5] = 1
+    want = routed_gemm_triton(x, w, b, ids, swiglu, res)
+    for segs in (segments, None):  # segment-aligned row tiles, and fixed row tiles that straddle the boundary
+        got = rg.routed_gemm_gluon(x, w, b, ids, swiglu, res, segments=segs)
+        assert torch.equal(got, want)
+    # a row subset (rows change tile and position) gives the same rows
+    s0, s1 = m // 4, m // 4 + max(1, m // 2)
+    sub = rg.routed_gemm_gluon(x[s0:s1].contiguous(), w, b, ids[s0:s1].contiguous(), swiglu,
+                               None if res is None else res[s0:s1].contiguous())
+    assert torch.equal(sub, want[s0:s1])
