@@ -3,6 +3,7 @@ a connector (the KV tensors themselves through CUDA IPC, or serialized bytes in 
 weights from a ``ModelSpec``."""
 from __future__ import annotations
 
+import os
 import queue
 import time
 from dataclasses import dataclass
@@ -40,8 +41,11 @@ class ModelSpec:
         return model, tok
 
 
-def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready, timeout: float) -> None:
+def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready, timeout: float,
+                   env: dict[str, str] | None = None) -> None:
     from functools import partial
+
+    os.environ.update(env or {})  # before the model (and CUDA) is touched: e.g. this client's MPS SM share
 
     from .kv_transfer import abort, send_payload
     from .stages import run_stage0
@@ -61,8 +65,11 @@ def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready
         out_q.put(("stage0", {"error": f"{type(e).__name__}: {e}", "events": events.events}))
 
 
-def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float, ready, n_requests: int) -> None:
+def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float, ready, n_requests: int,
+                   env: dict[str, str] | None = None) -> None:
     from .kv_transfer import recv_payload
+
+    os.environ.update(env or {})
     from .stages import run_stage1
 
     events = EventLog()
@@ -81,12 +88,16 @@ def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: floa
 
 
 def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfer_nhd",
-                        timeout: float = 1800.0, warmup: Request | None = None, connector: str | None = None) -> dict:
+                        timeout: float = 1800.0, warmup: Request | None = None, connector: str | None = None,
+                        stage_env: dict[str, dict[str, str]] | None = None) -> dict:
     """Run stage 0 and stage 1 as two spawned processes; returns both stages' results and their events.
 
     ``warmup``: a request both processes serve first (kernels loaded, allocator warm), as a running server would be;
     results and events are those of ``req``. ``connector``: "tensor" (the KV tensors themselves: CUDA IPC, no host
-    copy — the default on CUDA) or "shm" (serialized bytes in shared memory with a CRC-32 — the default on CPU)."""
+    copy — the default on CUDA) or "shm" (serialized bytes in shared memory with a CRC-32 — the default on CPU).
+    ``stage_env``: extra environment per stage (``{"stage0": {...}, "stage1": {...}}``), applied in the child before
+    CUDA starts — e.g. ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` to cap stage 0's share of the SMs when both stages share
+    one GPU under MPS."""
     import torch.multiprocessing as mp
 
     from .kv_transfer import SharedMemoryConnector, TensorQueueConnector
@@ -102,8 +113,14 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
     conn = TensorQueueConnector(ctx) if connector == "tensor" else SharedMemoryConnector(ctx)
     out_q, ready = ctx.Queue(), ctx.Barrier(2)
     reqs = ([warmup.validate()] if warmup is not None else []) + [req]
-    procs = [ctx.Process(target=_stage0_worker, args=(spec, reqs, conn, out_q, ready, timeout), name="bagel-stage0"),
-             ctx.Process(target=_stage1_worker, args=(spec, layout1, conn, out_q, timeout, ready, len(reqs)),
+    env = stage_env or {}
+    unknown = set(env) - {"stage0", "stage1"}
+    if unknown:
+        raise ValueError(f"stage_env keys must be 'stage0'/'stage1', got {sorted(unknown)}")
+    procs = [ctx.Process(target=_stage0_worker, args=(spec, reqs, conn, out_q, ready, timeout, env.get("stage0")),
+                         name="bagel-stage0"),
+             ctx.Process(target=_stage1_worker,
+                         args=(spec, layout1, conn, out_q, timeout, ready, len(reqs), env.get("stage1")),
                          name="bagel-stage1")]
     t0 = time.monotonic()
     for p in procs:

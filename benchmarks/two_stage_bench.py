@@ -42,8 +42,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--connector", choices=["tensor", "shm"], default=None,
                     help="split connector (default: tensor = CUDA IPC on GPU, shm on CPU)")
+    ap.add_argument("--stage0-sm-percent", type=int, default=None,
+                    help="one GPU under MPS (nvidia-cuda-mps-control -d): cap stage 0's share of the SMs "
+                         "(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) so its decode disturbs the denoiser less")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    stage_env = ({"stage0": {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(a.stage0_sm_percent)}}
+                 if a.stage0_sm_percent else None)
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     size = a.size or (1024 if a.preset == "bagel-7b-mot" else 64)
     spec = ModelSpec(preset=a.preset, seed=0, dtype=dtype, device=a.device, threads=1 if a.device == "cpu" else 4)
@@ -80,7 +85,8 @@ def main() -> None:
         req = request(row["mode"], row["steps"])
         warm = Request(req.mode, req.prompt, SamplingParams(steps=2, height=size, width=size), req.image, 2,
                        ignore_eos=True)
-        res = run_split_processes(spec, req, layout1="flashinfer_nhd", warmup=warm, connector=a.connector)
+        res = run_split_processes(spec, req, layout1="flashinfer_nhd", warmup=warm, connector=a.connector,
+                                  stage_env=stage_env)
         ev0, ev1 = dict(res["stage0"]["events"]), dict(res["stage1"]["events"])
         row["split_s"] = ev1["stage1_done"] - ev0["stage0_start"]
         row["split_md5"] = res["stage1"]["image_md5"]
@@ -90,6 +96,7 @@ def main() -> None:
         row["split/single"] = row["split_s"] / row["single_s"]
         row["connector"] = a.connector or ("tensor" if a.device.startswith("cuda") else "shm")
         row["md5_equal"] = row["split_md5"] == row["single_md5"]
+        row["stage0_sm_percent"] = a.stage0_sm_percent
         print(row, flush=True)
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)

@@ -135,3 +135,30 @@ def test_gluon_rows_are_the_triton_kernels_bits(swiglu, bias, residual, m):
     sub = rg.routed_gemm_gluon(x[s0:s1].contiguous(), w, b, ids[s0:s1].contiguous(), swiglu,
                                None if res is None else res[s0:s1].contiguous())
     assert torch.equal(sub, want[s0:s1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs a GPU and compiled kernels: TRITON_INTERPRET=0 pytest ... on the GPU")
+@pytest.mark.parametrize("swiglu,residual", [(False, False), (True, False), (False, True)])
+def test_rows_do_not_depend_on_how_many_programs_share_the_gpu(swiglu, residual, monkeypatch):
+    """A GPU partition (MPS thread percentage, a smaller SKU) gives the persistent GEMMs fewer programs: the bits must
+    not move."""
+    import bagel_kernels.routed_linear_triton as rt
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    m, n, k, p = 2000, 1024, 512, (2 if swiglu else 1)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(2, p, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * k ** -0.5
+    res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g) if residual else None
+    ids = torch.zeros(m, dtype=torch.int32, device="cuda")
+    ids[300:1900] = 1
+    segments = ((0, 300, 0), (300, 1900, 1), (1900, 2000, 0))
+    kernels = [lambda: rt.routed_gemm_triton(x, w, None, ids, swiglu, res)]
+    if torch.cuda.get_device_capability()[0] == 9:
+        kernels += [lambda: rg.routed_gemm_gluon(x, w, None, ids, swiglu, res, segments=segments),
+                    lambda: rg.routed_gemm_gluon(x, w, None, ids, swiglu, res)]
+    full = [f() for f in kernels]
+    for programs in (1, 7, 20, 113):
+        monkeypatch.setitem(rt._SM_COUNT, torch.cuda.current_device(), programs)
+        for f, want in zip(kernels, full):
+            assert torch.equal(f(), want), f"bits changed with {programs} programs"
