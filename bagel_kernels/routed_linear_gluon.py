@@ -132,7 +132,9 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _swiglu(gate, up, out_ty: gl.constexpr):
-        """Same roundings as eager: gate and up land in the activation dtype, silu(gate) is rounded, then the product."""
+        """Same roundings as eager: gate and up land in the activation dtype, silu(gate) is rounded, then the product.
+        Written again from ``routed_linear_triton._swiglu`` because a Gluon kernel cannot call a Triton function; the
+        GPU tests check the two kernels' bits are equal."""
         g = gate.to(out_ty).to(gl.float32)
         s = (g / (1.0 + gl.exp(-g))).to(out_ty).to(gl.float32)
         return s * up.to(out_ty).to(gl.float32)
