@@ -6,6 +6,8 @@ key-for-key copy. The VAE lives in ``self.vae`` and is stored separately (``ae.s
 """
 from __future__ import annotations
 
+import math
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +62,35 @@ def _siglip_with_release_prefix(vit_cfg) -> nn.Module:
     holder = nn.Module()
     holder.vision_model = vit
     return holder
+
+
+_HASH_MUL = 0x7FEB352D  # < 2**31: a 32-bit value times it stays exact in int64 on every backend
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (xorshift-multiply rounds) on int64 tensors holding values in [0, 2**32)."""
+    mask = 0xFFFFFFFF
+    for shift in (16, 15, 16):
+        x = x ^ (x >> shift)
+        x = (x * _HASH_MUL) & mask
+    return x
+
+
+def counter_normal_(out: torch.Tensor, std: float, seed: int, name: str, chunk: int = 1 << 24) -> torch.Tensor:
+    """Fill ``out`` with N(0, std²) values that depend only on (seed, name, element index): element-wise integer
+    hashing and Box-Muller, no launch-dependent random streams, so every device and partition draws the same."""
+    key = zlib.crc32(f"{seed}:{name}".encode())
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), chunk):
+        n = min(chunk, flat.numel() - start)
+        idx = torch.arange(start, start + n, dtype=torch.int64, device=out.device)
+        h1 = _hash32(_hash32(idx ^ key) ^ 0x5BD1E995)
+        h2 = _hash32(_hash32(idx ^ (key ^ 0x68E31DA4)) ^ 0x1B873593)
+        u1 = (h1.double() + 0.5) / 2.0 ** 32  # in (0, 1): the log is finite
+        u2 = h2.double() / 2.0 ** 32
+        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+        flat[start:start + n].copy_((z * std).float())
+    return out
 
 
 @dataclass
@@ -131,11 +162,11 @@ class BagelModel(nn.Module):
         device = torch.device(device)
         # Cast on the meta device, then allocate: a 7B model never exists in fp32 on the GPU.
         model = model.to_dtype(dtype).to_empty(device=device)
-        # Initialize where the weights live (a 7B model would take minutes on one CPU thread); the generator of
-        # that device makes the weights reproducible there.
-        gen = torch.Generator(device=device).manual_seed(seed)
-        # Draw each parameter in fp32 and copy it in: the same values as drawing everything in fp32 and casting,
-        # without ever holding an fp32 copy of a 7B model (two split-stage processes share one GPU).
+        # Initialize where the weights live (a 7B model would take minutes on one CPU thread), with a counter-based
+        # generator: each value is a hash of (seed, parameter name, element index), so the weights are the same on
+        # every device and every GPU partition (torch's CUDA generator is not: its streams follow the launch grid,
+        # which follows the SM count — an MPS-capped process drew other weights). Drawn in fp32 chunk by chunk and
+        # copied in, without ever holding an fp32 copy of a 7B model (two split-stage processes share one GPU).
         for name, p in model.named_parameters():
             if name.endswith("pos_embed"):
                 grid = cfg.max_latent_size if name.startswith("latent") else cfg.vit_max_num_patch_per_side
@@ -144,7 +175,7 @@ class BagelModel(nn.Module):
                 p.data.fill_(1.0) if name.endswith("weight") else p.data.zero_()
             else:
                 std = 0.02 if p.dim() == 1 or not name.startswith("vae.") else (1.0 / max(1, p[0].numel())) ** 0.5
-                p.data.copy_(torch.empty(p.shape, dtype=torch.float32, device=device).normal_(0.0, std, generator=gen))
+                counter_normal_(p.data, std, seed, name)
         model.reset_position_ids()
         model.eval().requires_grad_(False)
         return model.pack_experts()
