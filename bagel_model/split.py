@@ -67,9 +67,9 @@ def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready
 
 def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float, ready, n_requests: int,
                    env: dict[str, str] | None = None) -> None:
-    from .kv_transfer import recv_payload
+    os.environ.update(env or {})  # before the model (and CUDA) is touched
 
-    os.environ.update(env or {})
+    from .kv_transfer import recv_payload
     from .stages import run_stage1
 
     events = EventLog()

@@ -48,9 +48,20 @@ def test_split_processes_match_single_stage(pipe, image, connector):
     for mode in ("text2img", "img2img"):
         req = Request(mode, "a red cube", params(), image if mode == "img2img" else None, max_tokens=4)
         _, single = pipe.generate(req)
-        res = run_split_processes(ModelSpec(preset="tiny", seed=0), req, layout1="flashinfer_nhd", connector=connector)
+        # a per-stage environment (what the one-GPU MPS benchmark uses to cap stage 0's SMs) changes no bits
+        env = {"stage0": {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"}} if connector == "shm" else None
+        res = run_split_processes(ModelSpec(preset="tiny", seed=0), req, layout1="flashinfer_nhd", connector=connector,
+                                  stage_env=env)
         assert res["stage1"]["image_md5"] == single.image_md5, mode
         assert res["stage1"]["latent_md5"] == single.latent_md5, mode
+
+
+def test_split_processes_reject_an_unknown_stage_environment(image):
+    from bagel_model.split import ModelSpec, run_split_processes
+
+    req = Request("text2img", "a red cube", params(), None, max_tokens=1)
+    with pytest.raises(ValueError, match="stage_env keys"):
+        run_split_processes(ModelSpec(preset="tiny", seed=0), req, stage_env={"stage2": {"X": "1"}})
 
 
 @pytest.mark.parametrize("src", LAYOUTS)
