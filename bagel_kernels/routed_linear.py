@@ -97,9 +97,8 @@ def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch
     if small_batch and x.shape[0] <= SMALL_BATCH_ROWS:
         return routed_gemm_small_batch_triton(x, weight, bias, expert_ids, activation == "swiglu", residual)
     if gluon_available(x.device, x.dtype) and os.environ.get("BAGEL_GEMM_GLUON", "1") != "0":
-        segments = None if routing is None else tuple((s, t, int(g)) for s, t, g in routing.segments)
         return routed_gemm_gluon(x.contiguous(), weight, bias, expert_ids, activation == "swiglu", residual,
-                                 segments=segments)
+                                 segments=None if routing is None else routing.segments)
     return routed_gemm_triton(x, weight, bias, expert_ids, activation == "swiglu", residual)
 
 

@@ -7,9 +7,11 @@ flight and run the epilogue; the producer is already filling the next tile's sta
 
 Exactness: a row's result is the same K loop (BLOCK_K = 64 steps of m64nNk16 wgmma, fp32 accumulation, in K order)
 over a tile shape fixed per (N, K, dtype, activation) — never chosen from M — followed by the same epilogue
-roundings as the Triton kernel and eager (bias, SwiGLU, residual). A tile that straddles the und/gen boundary runs
-the K loop once per expert present and writes each pass's rows with a row-masked store. Which program computes a
-tile changes nothing in the tile's arithmetic. The GPU tests check rows are bitwise those of the Triton kernel.
+roundings as the Triton kernel and eager (bias, SwiGLU, residual). Given the routing's segments, row tiles start at
+each segment's first row, so a tile holds one expert; without them (or with more than MAX_SEGMENTS), a tile that
+straddles the und/gen boundary runs the K loop once per expert present and writes each pass's rows with a
+row-masked store. Neither the tile plan nor which program computes a tile changes a row's arithmetic. The GPU
+tests check rows are bitwise those of the Triton kernel.
 
 Used for 16-bit inputs on compute capability 9.x (see ``gluon_available``); fp32 and the CPU interpreter stay on
 the Triton kernel.
@@ -265,8 +267,7 @@ def _block_n(swiglu: bool) -> int:
     return 128 if swiglu else 256  # SwiGLU holds two accumulators (gate, up): same registers as one 256-wide
 
 
-def _stages(swiglu: bool) -> int:
-    return 3  # 3 x 48 KiB operand stages + the epilogue tile fit the 227 KiB of shared memory
+STAGES = 3  # 3 x 48 KiB operand stages + the epilogue tile fit the 227 KiB of shared memory (plain and SwiGLU)
 
 
 MAX_SEGMENTS = 4  # routings with more expert segments fall back to row tiles that may straddle a boundary
@@ -328,6 +329,6 @@ def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         expert_ids if expert_ids is not None else x, m, n, k, out.stride(0), res.stride(0), b1, b2, b3, e0,
         SEGMENTED=bounds is not None, HAS_IDS=bounds is None and expert_ids is not None,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, P=p,
-        GROUP_M=GROUP_M, STAGES=_stages(swiglu), num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        GROUP_M=GROUP_M, STAGES=STAGES, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     return out

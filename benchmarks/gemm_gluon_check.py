@@ -37,18 +37,11 @@ def reference(x, w, b, ids, swiglu, res):
     return y + res.double() if res is not None else y
 
 
-def segments_of(ids, m):
-    """Host-side (start, end, expert) runs of a routing (the test builds them from ids; the model has them)."""
-    if ids is None:
-        return None
-    flags = ids.tolist()
-    runs = []
-    for i, g in enumerate(flags):
-        if runs and runs[-1][2] == g:
-            runs[-1][1] = i + 1
-        else:
-            runs.append([i, i + 1, g])
-    return tuple(tuple(r) for r in runs)
+def segments_of(ids):
+    """Host-side (start, end, expert) runs of a routing (the check builds them from ids; the model has them)."""
+    from bagel_kernels import ExpertSegments
+
+    return None if ids is None else ExpertSegments.from_flags(ids.tolist()).segments
 
 
 def check_bits() -> list[dict]:
@@ -80,7 +73,7 @@ def check_bits() -> list[dict]:
         else:  # und text, gen span, und text: boundaries inside 128-row tiles
             ids = torch.zeros(m, dtype=torch.int32, device=dev)
             ids[min(m, 40):max(min(m, 40), m - 60)] = 1
-        segs = segments_of(ids, m)
+        segs = segments_of(ids)
         a = routed_gemm_gluon(x, w, b, ids, swiglu, res, segments=segs)  # row tiles at segment starts
         a_ids = routed_gemm_gluon(x, w, b, ids, swiglu, res)  # fixed row tiles, straddling ones run two K loops
         t = routed_gemm_triton(x, w, b, ids, swiglu, res)
@@ -95,7 +88,7 @@ def check_bits() -> list[dict]:
             for s0, s1 in ((3, 517), (77, 78), (129, 131), (4100, 4198)):
                 sub = routed_gemm_gluon(x[s0:s1].contiguous(), w, b, ids[s0:s1].contiguous(), swiglu,
                                         None if res is None else res[s0:s1].contiguous(),
-                                        segments=segments_of(ids[s0:s1], s1 - s0))
+                                        segments=segments_of(ids[s0:s1]))
                 sub_ok &= bool(torch.equal(sub, a[s0:s1]))
             row["row_subsets_bitwise"] = sub_ok
         rows.append(row)
@@ -121,7 +114,7 @@ def bench_rows() -> list[dict]:
             bias = torch.randn(2, p, n, device=dev, dtype=dt) if pname == "qkv" else None  # as in the model
             dense_w = w[1].reshape(p * n, k)
             flops = 2 * m * n * k * p
-            segs = tuple((s0, s1, int(g)) for s0, s1, g in routing.segments)
+            segs = routing.segments
             impls = {
                 "gluon": lambda: routed_gemm_gluon(x, w, bias, ids, swiglu, res, segments=segs),
                 "gluon (ids only)": lambda: routed_gemm_gluon(x, w, bias, ids, swiglu, res),
