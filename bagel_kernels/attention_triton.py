@@ -307,6 +307,12 @@ def _launches(segments: list) -> list[tuple[object | None, ContiguousKV | None]]
 
 def attention_triton(q, segments, *, cu_seqlens_q, max_seqlen_q, scale, gqa_group, q_head_offset, visible_end, state,
                      finalize, out=None):
+    from .attention_gluon import attention_gluon, gluon_attention_supported
+
+    if gluon_attention_supported(q, segments, visible_end, state, finalize, out):
+        # Hopper, the common launch: the warp-specialized kernel, bit for bit this one's arithmetic.
+        return attention_gluon(q, segments, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, scale=scale,
+                               gqa_group=gqa_group, q_head_offset=q_head_offset, out=out)
     tq, hq, d = q.shape
     dev = q.device
     dummy = _dummy(dev)

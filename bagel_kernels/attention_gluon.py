@@ -1,0 +1,423 @@
+"""Hopper warp-specialized joint attention in Gluon: the Triton kernel's arithmetic, scheduled like FA3.
+
+Why a second implementation: in the Triton kernel (``attention_triton``) one CTA of 8 warps runs each KV block as
+one lock-stepped sequence — wait for the copy, QK^T wgmma, softmax, P·V wgmma — so the tensor cores idle during the
+softmax (~50 % of the H100's bf16 peak, 0.86-0.91x cuDNN). Here one producer warp streams Q, K and V by TMA into a
+ring of shared-memory stages (separate K and V barriers, so QK^T starts before V has landed) and two consumer
+warpgroups each own 64 of the tile's 128 query rows. The consumers are independent partitions with no CTA-wide
+barrier between them, so one warpgroup's softmax runs while the other's wgmma keeps the tensor cores busy.
+
+Exactness: a query row's arithmetic is the Triton kernel's, step for step — the same fixed BLOCK_N = 128 key blocks
+from each segment's own start, segment 0 (context) then segment 1 (current tokens), m64n128k16 wgmma in K order with
+fp32 accumulation, the same register layout of the scores (so the same row-reduction order), the same exponent FMA,
+the same rescaling and roundings. The GPU tests check the output and LSE are bitwise the Triton kernel's, which is
+what lets the dispatcher pick either kernel without breaking the parallel-equals-single-device contract.
+
+Keys past a segment's end inside a block are masked to -inf as in the Triton kernel. TMA reads whatever storage
+lies there (the next sequence, padding, an unwritten cache slot); p is exactly 0 for those keys, but 0 * NaN is not
+0, so when such rows are inside the storage (not TMA zero-fill) the producer zeroes them in the V stage before the
+consumers may read it — the Triton kernel's masked loads give the same zeros.
+
+Used for the common launch only (see ``gluon_attention_supported``): 16-bit inputs, head_dim 128, no prefill mask,
+no resumable state, at most one context segment (contiguous or paged with TMA-friendly pages) plus the current
+tokens. Everything else stays on the Triton kernel.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from .attention_types import AttentionOutput, ContiguousKV, PagedKV
+
+try:  # Gluon ships with Triton >= 3.5; the project pins 3.6 (CPU CI imports this module, never launches it)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+    _HAVE_GLUON = True
+except ImportError:  # pragma: no cover - older Triton
+    _HAVE_GLUON = False
+
+BLOCK_M = 128  # query rows per CTA, as the Triton kernel's BLOCK_M
+WG_M = 64  # rows per consumer warpgroup
+BLOCK_N = 128  # keys per block: the Triton kernel's fixed BLOCK_N (exactness)
+HEAD_DIM = 128
+STAGES = 3  # Q (32 KiB) + 3 x (K 32 KiB + V 32 KiB) = 224 KiB of the 227 KiB
+MAXNREG = 168  # 65536 registers / (3 warpgroups x 128 threads)
+PRODUCER_REGS = 56  # the producer warp's share; the consumer warpgroups get the rest
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+if _HAVE_GLUON:
+    # setmaxnreg budget: the launch's MAXNREG per thread over 3 warpgroups, minus the producer's, split between the
+    # two consumer warpgroups (multiples of 8).
+    _PRODUCER_REGS = gl.constexpr(PRODUCER_REGS)
+    _CONSUMER_REGS = gl.constexpr((MAXNREG * 3 - PRODUCER_REGS) // 2 // 8 * 8)
+
+    @gluon.jit
+    def _extent(CU, LENS, LEN_S, b, HAS_CU: gl.constexpr, HAS_LENS: gl.constexpr):
+        """(storage start, valid length) of sequence b in a contiguous segment (as the Triton kernel reads it)."""
+        base = 0
+        if HAS_CU:
+            base = gl.load(CU + b)
+        if HAS_LENS:
+            n = gl.load(LENS + b)
+        elif HAS_CU:
+            n = gl.load(CU + b + 1) - base
+        else:
+            n = LEN_S
+        return base, n
+
+    @gluon.constexpr_function
+    def _rows_layout(cols, num_warps):
+        """Coalesced 16-byte-per-thread layout for (rows, cols) chunks of a tile in shared memory."""
+        tpw_n = min(32, cols // 8)
+        return gl.BlockedLayout([1, 8], [32 // tpw_n, tpw_n], [num_warps, 1], [1, 0])
+
+    @gluon.jit
+    def _zero_tail_rows(buf, n_valid):
+        """Rows >= n_valid of a landed V stage become 0 (one warp, 8 rows at a time: few registers)."""
+        NB: gl.constexpr = buf.shape[0]
+        HD: gl.constexpr = buf.shape[1]
+        CH: gl.constexpr = 8
+        layout: gl.constexpr = _rows_layout(HD, 1)
+        rows = gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
+        for r in gl.static_range(0, NB, CH):
+            if r + CH > n_valid:
+                part = buf.slice(r, CH, dim=0)
+                x = part.load(layout)
+                keep = (r + rows)[:, None] < n_valid
+                part.store(gl.where(keep, x, gl.zeros_like(x)))
+
+    @gluon.jit
+    def _issue_block(desc0, desc1, i, nb0, start, c_base, c_len, g_base, kvh, b, BT0, s_bt0, PAGE0, R0, RH0, CH0,
+                     ROWS0, bar, dst, HAS_CTX: gl.constexpr, CTX_PAGED: gl.constexpr, HAS_CUR: gl.constexpr):
+        """TMA copies of one K (or V) block into ``dst``, completing on ``bar``."""
+        HD: gl.constexpr = dst.shape[1]
+        if HAS_CTX:
+            if i < nb0:
+                if CTX_PAGED:
+                    # One copy per page: the page's rows of this KV head. Pages past the sequence read from an
+                    # out-of-bounds row, i.e. TMA zero-fill (their block-table entries are never read).
+                    PB: gl.constexpr = desc0.block_type.shape[0]
+                    NBLK: gl.constexpr = dst.shape[0]
+                    for p in gl.static_range(NBLK // PB):
+                        j = start + p * PB
+                        ok = j < c_len
+                        jj = gl.where(ok, j, 0)
+                        page = gl.load(BT0 + b * s_bt0 + jj // PAGE0)
+                        row = gl.where(ok, page * R0 + kvh * RH0 + jj % PAGE0, ROWS0)
+                        tma.async_copy_global_to_shared(desc0, [row, kvh * CH0], bar, dst.slice(p * PB, PB, dim=0))
+                else:
+                    tma.async_copy_global_to_shared(desc0, [c_base + start, kvh * HD], bar, dst)
+        if HAS_CUR:
+            if i >= nb0:
+                tma.async_copy_global_to_shared(desc1, [g_base + start, kvh * HD], bar, dst)
+
+    @gluon.jit
+    def _producer(q_desc, k0_desc, v0_desc, k1_desc, v1_desc, BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0, ROWS1,
+                  q_row, q_col, kvh, b, c_base, c_len, g_base, g_len,
+                  q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, vfix,
+                  HAS_CTX: gl.constexpr, CTX_PAGED: gl.constexpr, HAS_CUR: gl.constexpr):
+        NB: gl.constexpr = k_bufs.shape[1]
+        NS: gl.constexpr = k_bufs.shape[0]
+        WM: gl.constexpr = q_smem.shape[1]
+        KV_BYTES: gl.constexpr = k1_desc.block_type.nbytes  # a whole (BLOCK_N, D) block, paged or not
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [q_row + WM, q_col], q_bar, q_smem.index(1))
+        nb0 = gl.cdiv(c_len, NB)
+        nblocks = nb0 + gl.cdiv(g_len, NB)
+        fix_phase = 0
+        for i in range(nblocks):
+            s = i % NS
+            ph = (i // NS) & 1
+            in_ctx = i < nb0
+            start = gl.where(in_ctx, i, i - nb0) * NB
+            n_valid = gl.where(in_ctx, c_len, g_len) - start
+            # A fresh mbarrier counts as having completed phase "1": the first pass over the ring does not wait.
+            mbarrier.wait(kempty.index(s), ph ^ 1)
+            mbarrier.expect(kready.index(s), KV_BYTES)
+            _issue_block(k0_desc, k1_desc, i, nb0, start, c_base, c_len, g_base, kvh, b, BT0, s_bt0, PAGE0, R0,
+                         RH0, CH0, ROWS0, kready.index(s), k_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
+            mbarrier.wait(vempty.index(s), ph ^ 1)
+            # Rows past the segment that TMA reads from inside the storage (not zero-fill) may hold anything.
+            cur_inside = (g_base + g_len < ROWS1).to(gl.int32)
+            if CTX_PAGED:  # unwritten slots of the last page
+                inside = gl.where(in_ctx, 1, cur_inside)
+            else:
+                inside = gl.where(in_ctx, (c_base + c_len < ROWS0).to(gl.int32), cur_inside)
+            if (n_valid < NB) & (inside != 0):
+                mbarrier.expect(vfix, KV_BYTES)
+                _issue_block(v0_desc, v1_desc, i, nb0, start, c_base, c_len, g_base, kvh, b, BT0, s_bt0, PAGE0, R0,
+                             RH0, CH0, ROWS0, vfix, v_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
+                mbarrier.wait(vfix, fix_phase)
+                fix_phase ^= 1
+                _zero_tail_rows(v_bufs.index(s), n_valid)
+                fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
+                mbarrier.arrive(vready.index(s), count=1)
+            else:
+                mbarrier.expect(vready.index(s), KV_BYTES)
+                _issue_block(v0_desc, v1_desc, i, nb0, start, c_base, c_len, g_base, kvh, b, BT0, s_bt0, PAGE0, R0,
+                             RH0, CH0, ROWS0, vready.index(s), v_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
+
+    @gluon.jit
+    def _consumer(q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
+                  q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, WG: gl.constexpr):
+        NB: gl.constexpr = k_bufs.shape[1]
+        HD: gl.constexpr = k_bufs.shape[2]
+        NS: gl.constexpr = k_bufs.shape[0]
+        WM: gl.constexpr = q_smem.shape[1]
+        dtype: gl.constexpr = k_bufs.dtype
+        # One warpgroup, 16 rows per warp, instruction N = the whole block: the Triton kernel's per-row layout.
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NB, 16])
+        p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        row_l: gl.constexpr = gl.SliceLayout(1, mma)
+        q = q_smem.index(WG)
+        m_i = gl.full([WM], float("-inf"), gl.float32, layout=row_l)
+        l_i = gl.zeros([WM], gl.float32, layout=row_l)
+        acc = gl.zeros([WM, HD], gl.float32, layout=mma)
+        zero_s = gl.zeros([WM, NB], gl.float32, layout=mma)
+        offs_n = gl.arange(0, NB, layout=gl.SliceLayout(0, mma))
+        nb0 = gl.cdiv(c_len, NB)
+        nblocks = nb0 + gl.cdiv(g_len, NB)
+        mbarrier.wait(q_bar, 0)
+        for i in range(nblocks):
+            s = i % NS
+            ph = (i // NS) & 1
+            in_ctx = i < nb0
+            n_valid = gl.where(in_ctx, c_len, g_len) - gl.where(in_ctx, i, i - nb0) * NB
+            mbarrier.wait(kready.index(s), ph)
+            sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
+            sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
+            mbarrier.arrive(kempty.index(s), count=1)
+            if n_valid < NB:  # a segment's last, partial block
+                sc = gl.where((offs_n < n_valid)[None, :], sc, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)  # log2 units; scale folded into the exponent FMA
+            # A row that has seen no key keeps m = -inf: subtract 0 so exp2 gives 0 rather than NaN (a no-op for a
+            # full block, whose scores are finite: the Triton kernel skips it there, same numbers).
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            p = gl.exp2(sc * qk_scale - m_use[:, None])
+            alpha = gl.exp2(m_i - m_use)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            p16 = gl.convert_layout(p.to(dtype), p_op)
+            mbarrier.wait(vready.index(s), ph)
+            acc = warpgroup_mma(p16, v_bufs.index(s), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(vempty.index(s), count=1)
+            m_i = m_new
+
+        seen = l_i > 0
+        l_safe = gl.where(seen, l_i, 1.0)
+        o = gl.where(seen[:, None], acc / l_safe[:, None], 0.0)
+        lse = gl.where(seen, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        r_loc = WG * WM + gl.arange(0, WM, layout=row_l)
+        gl.store(LSE + (q_row + r_loc).to(gl.int64) * HQ + h, lse, mask=r_loc < rows_left)
+        # Q is no longer read (every QK^T wgmma has completed): its tile stages the output.
+        q.store(o.to(dtype))
+        fence_async_shared()
+        if o_tma_ok | (WG * WM + WM <= rows_left):  # TMA clips at the tensor's end only
+            tma.async_copy_shared_to_global(o_desc, [q_row + WG * WM, h * HD], q)
+            tma.store_wait(pendings=0)
+        else:  # rows past this sequence belong to the next one: row-masked stores
+            CHUNK: gl.constexpr = 16
+            layout: gl.constexpr = _rows_layout(HD, 4)
+            cols = gl.arange(0, HD, layout=gl.SliceLayout(0, layout))
+            for r in gl.static_range(0, WM, CHUNK):
+                rl = WG * WM + r + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
+                val = q.slice(r, CHUNK, dim=0).load(layout)
+                ptrs = OUT + (q_row + rl).to(gl.int64)[:, None] * s_ot + h * s_oh + cols[None, :]
+                gl.store(ptrs, val, mask=(rl < rows_left)[:, None])
+
+    @gluon.jit(do_not_specialize=["Q_LEN", "LEN0_S", "LEN1_S", "Q_ROWS", "ROWS0", "ROWS1"])
+    def _attn_fwd_ws(q_desc, o_desc, k0_desc, v0_desc, k1_desc, v1_desc, OUT, s_ot, s_oh, LSE,
+                     BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0, CU0, LEN0, LEN0_S, ROWS1, CU1, LEN1, LEN1_S,
+                     CU_Q, Q_LEN, Q_ROWS, qk_scale, G, HEAD_OFF, HQ,
+                     HAS_CTX: gl.constexpr, CTX_PAGED: gl.constexpr, CTX_CU: gl.constexpr, CTX_LENS: gl.constexpr,
+                     HAS_CUR: gl.constexpr, CUR_CU: gl.constexpr, CUR_LENS: gl.constexpr, Q_CU: gl.constexpr,
+                     NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+        BM: gl.constexpr = 2 * q_desc.block_type.shape[0]
+        NB: gl.constexpr = k1_desc.block_type.shape[0]
+        HD: gl.constexpr = k1_desc.block_type.shape[1]
+        dtype: gl.constexpr = q_desc.dtype
+        pid_m = gl.program_id(0)
+        h = gl.program_id(1)
+        b = gl.program_id(2)
+        q_start = 0
+        if Q_CU:
+            q_start = gl.load(CU_Q + b)
+            q_len = gl.load(CU_Q + b + 1) - q_start
+        else:
+            q_len = Q_LEN
+        rows_left = q_len - pid_m * BM
+        if rows_left <= 0:
+            return
+        q_row = q_start + pid_m * BM
+        o_tma_ok = q_start + q_len >= Q_ROWS  # this sequence ends the storage: TMA's clipping is the row mask
+        kvh = (HEAD_OFF + h) // G - HEAD_OFF // G
+        c_base = gl.to_tensor(0)
+        c_len = gl.to_tensor(0)
+        if HAS_CTX:
+            if CTX_PAGED:
+                c_len = gl.load(LEN0 + b)
+            else:
+                c_base, c_len = _extent(CU0, LEN0, LEN0_S, b, CTX_CU, CTX_LENS)
+        g_base = gl.to_tensor(0)
+        g_len = gl.to_tensor(0)
+        if HAS_CUR:
+            g_base, g_len = _extent(CU1, LEN1, LEN1_S, b, CUR_CU, CUR_LENS)
+
+        q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, NB, HD], k1_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, NB, HD], v1_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        vfix = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        kready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        kempty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        vready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        vempty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(vfix, count=1)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(kready.index(i), count=1)
+            mbarrier.init(vready.index(i), count=1)
+            mbarrier.init(kempty.index(i), count=2)  # both consumer warpgroups release a stage
+            mbarrier.init(vempty.index(i), count=2)
+        gl.warp_specialize([
+            (_consumer, (q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
+                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, 0)),
+            (_consumer, (q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
+                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, 1)),
+            (_producer, (q_desc, k0_desc, v0_desc, k1_desc, v1_desc, BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0, ROWS1,
+                         q_row, h * HD, kvh, b, c_base, c_len, g_base, g_len,
+                         q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, vfix,
+                         HAS_CTX, CTX_PAGED, HAS_CUR)),
+        ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
+
+
+def _aligned_rows(x: torch.Tensor, row_stride: int) -> bool:
+    return x.data_ptr() % 16 == 0 and (row_stride * x.element_size()) % 16 == 0
+
+
+def _paged_view(seg: PagedKV) -> tuple[int, int, int, int, int] | None:
+    """How a paged cache reads as one 2-D (rows, columns) TMA matrix whose rows are tokens: (row stride, columns,
+    rows per page, rows per KV head, columns per KV head); None where TMA can't address it (then Triton runs).
+    NHD layouts keep a token's heads side by side in a row; HND layouts (and vLLM's packed K|V rows) keep one
+    head's tokens as consecutive rows of a page."""
+    nb, bs, hkv, d = seg.k.shape
+    s0, s1, s2, s3 = seg.k.stride()
+    if s3 != 1 or seg.v.stride() != seg.k.stride() or bs % 8 or not (bs % BLOCK_N == 0 or BLOCK_N % bs == 0):
+        return None
+    if s1 < d or s0 % s1:
+        return None
+    if s2 >= d and (hkv - 1) * s2 + d <= s1:  # NHD
+        return s1, (hkv - 1) * s2 + d, s0 // s1, 0, s2
+    if s2 % s1 == 0 and s2 >= bs * s1:  # HND
+        return s1, d, s0 // s1, s2 // s1, 0
+    return None
+
+
+def gluon_attention_supported(q: torch.Tensor, segments: list, visible_end, state, finalize: bool,
+                              out: torch.Tensor | None) -> bool:
+    """Whether ``attention_gluon`` takes this call (otherwise the Triton kernel does; both give the same bits)."""
+    if not _HAVE_GLUON or os.environ.get("BAGEL_ATTN_GLUON", "1") == "0":
+        return False
+    if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[2] != HEAD_DIM:
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9 or visible_end is not None or state is not None:
+        return False
+    if not finalize or q.shape[0] == 0 or not 1 <= len(segments) <= 2:
+        return False
+    if q.stride(2) != 1 or q.stride(1) != HEAD_DIM or not _aligned_rows(q, q.stride(0)):
+        return False
+    if out is not None and not (out.is_contiguous() and out.shape == q.shape and out.dtype == q.dtype):
+        return False
+    *ctx, cur = segments
+    if not isinstance(cur, ContiguousKV):
+        if len(segments) == 2 or not isinstance(cur, PagedKV):
+            return False
+        ctx, cur = [cur], None
+    for seg in ctx + ([cur] if cur is not None else []):
+        if isinstance(seg, PagedKV):
+            if _paged_view(seg) is None or not all(x.data_ptr() % 16 == 0 for x in (seg.k, seg.v)):
+                return False
+        elif (seg.k.shape[0] == 0 or seg.k.stride(1) != HEAD_DIM or seg.v.stride(1) != HEAD_DIM
+              or seg.k.stride(2) != 1 or seg.v.stride(2) != 1
+              or not (_aligned_rows(seg.k, seg.k.stride(0)) and _aligned_rows(seg.v, seg.v.stride(0)))):
+            return False
+    return True
+
+
+def _i32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
+
+
+def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tensor | None, max_seqlen_q: int,
+                    scale: float, gqa_group: int, q_head_offset: int, out: torch.Tensor | None) -> AttentionOutput:
+    """``attention_triton``'s contract for the calls ``gluon_attention_supported`` accepts."""
+    from .attention_triton import _dummy
+
+    tq, hq, d = q.shape
+    dev = q.device
+    dummy = _dummy(dev)
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    *ctxs, cur = segments
+    ctx = ctxs[0] if ctxs else None
+    if not isinstance(cur, ContiguousKV):
+        ctx, cur = cur, None
+    out = out if out is not None else torch.empty_like(q)
+    lse = torch.empty(tq, hq, dtype=torch.float32, device=dev)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, d], gdt)
+    q_layout = gl.NVMMASharedLayout.get_default_for([WG_M, d], gdt)
+
+    def rows_desc(x: torch.Tensor, block_rows: int, layout):
+        return GluonTensorDescriptor(x, [x.shape[0], x.shape[1] * d], [x.stride(0), 1], [block_rows, d], layout)
+
+    q_desc = rows_desc(q, WG_M, q_layout)
+    o_desc = rows_desc(out, WG_M, q_layout)
+    if cur is not None:
+        k1_desc, v1_desc = rows_desc(cur.k, BLOCK_N, kv_layout), rows_desc(cur.v, BLOCK_N, kv_layout)
+        cu1 = _i32(cur.cu_seqlens) if cur.cu_seqlens is not None else dummy
+        len1 = _i32(cur.seqlens) if cur.seqlens is not None else dummy
+        rows1 = cur.k.shape[0]
+    else:  # placeholders of the right block shape; never read
+        k1_desc = v1_desc = rows_desc(q, BLOCK_N, kv_layout)
+        cu1 = len1 = dummy
+        rows1 = 0
+    bt0, s_bt0, page0, r0, rh0, ch0, rows0 = dummy, 0, 1, 0, 0, 0, 0
+    cu0 = len0 = dummy
+    paged = isinstance(ctx, PagedKV)
+    if ctx is None:
+        k0_desc, v0_desc = k1_desc, v1_desc
+    elif paged:
+        row_stride, cols, r0, rh0, ch0 = _paged_view(ctx)
+        nb, bs, hkv, _ = ctx.k.shape
+        rows0 = (nb - 1) * r0 + (hkv - 1) * rh0 + bs
+        pb = min(bs, BLOCK_N)
+        page_layout = gl.NVMMASharedLayout.get_default_for([pb, d], gdt)
+        k0_desc, v0_desc = (GluonTensorDescriptor(x, [rows0, cols], [row_stride, 1], [pb, d], page_layout)
+                            for x in (ctx.k, ctx.v))
+        bt0, s_bt0, page0, len0 = _i32(ctx.block_table), ctx.block_table.stride(0), bs, _i32(ctx.seqlens)
+    else:
+        k0_desc, v0_desc = rows_desc(ctx.k, BLOCK_N, kv_layout), rows_desc(ctx.v, BLOCK_N, kv_layout)
+        cu0 = _i32(ctx.cu_seqlens) if ctx.cu_seqlens is not None else dummy
+        len0 = _i32(ctx.seqlens) if ctx.seqlens is not None else dummy
+        rows0 = ctx.k.shape[0]
+    batch = 1 if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
+    grid = (triton.cdiv(max(max_seqlen_q, 1), BLOCK_M), hq, batch)
+    _attn_fwd_ws[grid](
+        q_desc, o_desc, k0_desc, v0_desc, k1_desc, v1_desc, out, out.stride(0), out.stride(1), lse,
+        bt0, s_bt0, page0, r0, rh0, ch0, rows0, cu0, len0, rows0 if not paged else 0, rows1, cu1, len1, rows1,
+        dummy if cu_seqlens_q is None else _i32(cu_seqlens_q), tq, tq, scale * LOG2E, gqa_group, q_head_offset, hq,
+        HAS_CTX=ctx is not None, CTX_PAGED=paged, CTX_CU=(not paged and ctx is not None and ctx.cu_seqlens is not None),
+        CTX_LENS=(not paged and ctx is not None and ctx.seqlens is not None), HAS_CUR=cur is not None,
+        CUR_CU=cur is not None and cur.cu_seqlens is not None, CUR_LENS=cur is not None and cur.seqlens is not None,
+        Q_CU=cu_seqlens_q is not None, NUM_STAGES=STAGES, num_warps=4, maxnreg=MAXNREG,
+    )
+    return AttentionOutput(out=out, lse=lse)
