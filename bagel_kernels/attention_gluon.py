@@ -49,7 +49,7 @@ HEAD_DIM = 128
 STAGES = 3  # Q (32 KiB) + 3 x (K 32 KiB + V 32 KiB) = 224 KiB of the 227 KiB
 MAXNREG = 168  # 65536 registers / (3 warpgroups x 128 threads)
 PRODUCER_REGS = 56  # the producer warp's share; the consumer warpgroups get the rest
-LN2 = 0.6931471805599453
+OVERLAP = os.environ.get("BAGEL_ATTN_OVERLAP", "1") != "0"  # exploration switch: the plain loop gives the same bits
 LOG2E = 1.4426950408889634
 
 
@@ -95,23 +95,29 @@ if _HAVE_GLUON:
                 part.store(gl.where(keep, x, gl.zeros_like(x)))
 
     @gluon.jit
-    def _issue_block(desc0, desc1, i, nb0, start, c_base, c_len, g_base, kvh, b, BT0, s_bt0, PAGE0, R0, RH0, CH0,
-                     ROWS0, bar, dst, HAS_CTX: gl.constexpr, CTX_PAGED: gl.constexpr, HAS_CUR: gl.constexpr):
+    def _page_rows(BT0, s_bt0, PAGE0, R0, RH0, ROWS0, b, kvh, start, c_len, in_ctx, NPB: gl.constexpr,
+                   PB: gl.constexpr):
+        """TMA rows of the NPB pages of one context block, read from the block table in one vector load (shared by
+        the block's K and V copies). Pages past the sequence get an out-of-bounds row, i.e. TMA zero-fill, and
+        their block-table entries are never read."""
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        idx = gl.arange(0, NPB, layout=layout)
+        j = start + idx * PB
+        ok = (j < c_len) & in_ctx
+        page = gl.load(BT0 + b * s_bt0 + j // PAGE0, mask=ok, other=0)
+        return gl.where(ok, page * R0 + kvh * RH0 + j % PAGE0, ROWS0), idx
+
+    @gluon.jit
+    def _issue_block(desc0, desc1, i, nb0, start, c_base, g_base, kvh, CH0, page_rows, page_idx, bar, dst,
+                     HAS_CTX: gl.constexpr, CTX_PAGED: gl.constexpr, HAS_CUR: gl.constexpr):
         """TMA copies of one K (or V) block into ``dst``, completing on ``bar``."""
         HD: gl.constexpr = dst.shape[1]
         if HAS_CTX:
             if i < nb0:
-                if CTX_PAGED:
-                    # One copy per page: the page's rows of this KV head. Pages past the sequence read from an
-                    # out-of-bounds row, i.e. TMA zero-fill (their block-table entries are never read).
+                if CTX_PAGED:  # one copy per page: the page's rows of this KV head
                     PB: gl.constexpr = desc0.block_type.shape[0]
-                    NBLK: gl.constexpr = dst.shape[0]
-                    for p in gl.static_range(NBLK // PB):
-                        j = start + p * PB
-                        ok = j < c_len
-                        jj = gl.where(ok, j, 0)
-                        page = gl.load(BT0 + b * s_bt0 + jj // PAGE0)
-                        row = gl.where(ok, page * R0 + kvh * RH0 + jj % PAGE0, ROWS0)
+                    for p in gl.static_range(dst.shape[0] // PB):
+                        row = gl.sum(gl.where(page_idx == p, page_rows, 0), axis=0)
                         tma.async_copy_global_to_shared(desc0, [row, kvh * CH0], bar, dst.slice(p * PB, PB, dim=0))
                 else:
                     tma.async_copy_global_to_shared(desc0, [c_base + start, kvh * HD], bar, dst)
@@ -128,6 +134,7 @@ if _HAVE_GLUON:
         NS: gl.constexpr = k_bufs.shape[0]
         WM: gl.constexpr = q_smem.shape[1]
         KV_BYTES: gl.constexpr = k1_desc.block_type.nbytes  # a whole (BLOCK_N, D) block, paged or not
+        PB: gl.constexpr = k0_desc.block_type.shape[0]  # rows per context copy (a page, for a paged context)
         mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
         tma.async_copy_global_to_shared(q_desc, [q_row + WM, q_col], q_bar, q_smem.index(1))
@@ -141,10 +148,16 @@ if _HAVE_GLUON:
             start = gl.where(in_ctx, i, i - nb0) * NB
             n_valid = gl.where(in_ctx, c_len, g_len) - start
             # A fresh mbarrier counts as having completed phase "1": the first pass over the ring does not wait.
+            if CTX_PAGED:
+                page_rows, page_idx = _page_rows(BT0, s_bt0, PAGE0, R0, RH0, ROWS0, b, kvh, start, c_len, in_ctx,
+                                                 NB // PB, PB)
+            else:
+                page_rows = 0
+                page_idx = 0
             mbarrier.wait(kempty.index(s), ph ^ 1)
             mbarrier.expect(kready.index(s), KV_BYTES)
-            _issue_block(k0_desc, k1_desc, i, nb0, start, c_base, c_len, g_base, kvh, b, BT0, s_bt0, PAGE0, R0,
-                         RH0, CH0, ROWS0, kready.index(s), k_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
+            _issue_block(k0_desc, k1_desc, i, nb0, start, c_base, g_base, kvh, CH0, page_rows, page_idx,
+                         kready.index(s), k_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
             mbarrier.wait(vempty.index(s), ph ^ 1)
             # Rows past the segment that TMA reads from inside the storage (not zero-fill) may hold anything.
             cur_inside = (g_base + g_len < ROWS1).to(gl.int32)
@@ -154,8 +167,8 @@ if _HAVE_GLUON:
                 inside = gl.where(in_ctx, (c_base + c_len < ROWS0).to(gl.int32), cur_inside)
             if (n_valid < NB) & (inside != 0):
                 mbarrier.expect(vfix, KV_BYTES)
-                _issue_block(v0_desc, v1_desc, i, nb0, start, c_base, c_len, g_base, kvh, b, BT0, s_bt0, PAGE0, R0,
-                             RH0, CH0, ROWS0, vfix, v_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
+                _issue_block(v0_desc, v1_desc, i, nb0, start, c_base, g_base, kvh, CH0, page_rows, page_idx, vfix,
+                             v_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
                 mbarrier.wait(vfix, fix_phase)
                 fix_phase ^= 1
                 _zero_tail_rows(v_bufs.index(s), n_valid)
@@ -163,12 +176,47 @@ if _HAVE_GLUON:
                 mbarrier.arrive(vready.index(s), count=1)
             else:
                 mbarrier.expect(vready.index(s), KV_BYTES)
-                _issue_block(v0_desc, v1_desc, i, nb0, start, c_base, c_len, g_base, kvh, b, BT0, s_bt0, PAGE0, R0,
-                             RH0, CH0, ROWS0, vready.index(s), v_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
+                _issue_block(v0_desc, v1_desc, i, nb0, start, c_base, g_base, kvh, CH0, page_rows, page_idx,
+                             vready.index(s), v_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
+
+    @gluon.jit
+    def _mask_tail(sc, i, nb0, c_len, g_len, offs_n):
+        """Keys past the segment's end score -inf (only a segment's last block is partial)."""
+        NB: gl.constexpr = sc.shape[1]
+        in_ctx = i < nb0
+        n_valid = gl.where(in_ctx, c_len, g_len) - gl.where(in_ctx, i, i - nb0) * NB
+        if n_valid < NB:
+            sc = gl.where((offs_n < n_valid)[None, :], sc, float("-inf"))
+        return sc
+
+    @gluon.jit
+    def _scores(q, k_bufs, kready, kempty, i, nb0, c_len, g_len, zero_s, offs_n):
+        """S = Q K_i^T of block i (unscaled), its K stage released, the tail masked."""
+        NS: gl.constexpr = k_bufs.shape[0]
+        s = i % NS
+        mbarrier.wait(kready.index(s), (i // NS) & 1)
+        sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
+        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
+        mbarrier.arrive(kempty.index(s), count=1)
+        return _mask_tail(sc, i, nb0, c_len, g_len, offs_n)
+
+    @gluon.jit
+    def _softmax_step(sc, m_i, l_i, qk_scale):
+        """The Triton kernel's online-softmax update for one block, same operations in the same order:
+        returns (m, l, alpha, p); the caller rescales acc by alpha and adds p·V."""
+        m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)  # log2 units; scale folded into the exponent FMA
+        # A row that has seen no key keeps m = -inf: subtract 0 so exp2 gives 0 rather than NaN (a no-op for a
+        # full block, whose scores are finite: the Triton kernel skips it there, same numbers).
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(sc * qk_scale - m_use[:, None])
+        alpha = gl.exp2(m_i - m_use)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return m_new, l_i, alpha, p
 
     @gluon.jit
     def _consumer(q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
-                  q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, WG: gl.constexpr):
+                  q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, WG: gl.constexpr,
+                  OVERLAP: gl.constexpr):
         NB: gl.constexpr = k_bufs.shape[1]
         HD: gl.constexpr = k_bufs.shape[2]
         NS: gl.constexpr = k_bufs.shape[0]
@@ -187,31 +235,46 @@ if _HAVE_GLUON:
         nb0 = gl.cdiv(c_len, NB)
         nblocks = nb0 + gl.cdiv(g_len, NB)
         mbarrier.wait(q_bar, 0)
-        for i in range(nblocks):
-            s = i % NS
-            ph = (i // NS) & 1
-            in_ctx = i < nb0
-            n_valid = gl.where(in_ctx, c_len, g_len) - gl.where(in_ctx, i, i - nb0) * NB
-            mbarrier.wait(kready.index(s), ph)
-            sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
-            sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-            mbarrier.arrive(kempty.index(s), count=1)
-            if n_valid < NB:  # a segment's last, partial block
-                sc = gl.where((offs_n < n_valid)[None, :], sc, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)  # log2 units; scale folded into the exponent FMA
-            # A row that has seen no key keeps m = -inf: subtract 0 so exp2 gives 0 rather than NaN (a no-op for a
-            # full block, whose scores are finite: the Triton kernel skips it there, same numbers).
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            p = gl.exp2(sc * qk_scale - m_use[:, None])
-            alpha = gl.exp2(m_i - m_use)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            p16 = gl.convert_layout(p.to(dtype), p_op)
-            mbarrier.wait(vready.index(s), ph)
-            acc = warpgroup_mma(p16, v_bufs.index(s), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(vempty.index(s), count=1)
-            m_i = m_new
+        if OVERLAP:
+            if nblocks > 0:
+                # Software pipeline (FA3's intra-warpgroup overlap): QK^T of block i is issued before P·V of block
+                # i-1, and block i's softmax runs while that P·V is still on the tensor cores. Each row still sees
+                # acc = acc * alpha_i + P_i V_i in block order: the same numbers as the plain loop.
+                sc = _scores(q, k_bufs, kready, kempty, 0, nb0, c_len, g_len, zero_s, offs_n)
+                m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
+                p16 = gl.convert_layout(p.to(dtype), p_op)
+                for i in range(1, nblocks):
+                    s = i % NS
+                    sp = (i - 1) % NS
+                    mbarrier.wait(kready.index(s), (i // NS) & 1)
+                    sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
+                    mbarrier.wait(vready.index(sp), ((i - 1) // NS) & 1)
+                    acc = warpgroup_mma(p16, v_bufs.index(sp), acc, is_async=True)
+                    sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))  # groups retire in order: QK^T is done
+                    mbarrier.arrive(kempty.index(s), count=1)
+                    sc = _mask_tail(sc, i, nb0, c_len, g_len, offs_n)
+                    m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
+                    acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+                    mbarrier.arrive(vempty.index(sp), count=1)
+                    acc = acc * alpha[:, None]
+                    p16 = gl.convert_layout(p.to(dtype), p_op)
+                sl = (nblocks - 1) % NS
+                mbarrier.wait(vready.index(sl), ((nblocks - 1) // NS) & 1)
+                acc = warpgroup_mma(p16, v_bufs.index(sl), acc, is_async=True)
+                acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+                mbarrier.arrive(vempty.index(sl), count=1)
+        else:
+            for i in range(nblocks):
+                s = i % NS
+                ph = (i // NS) & 1
+                sc = _scores(q, k_bufs, kready, kempty, i, nb0, c_len, g_len, zero_s, offs_n)
+                m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
+                acc = acc * alpha[:, None]
+                p16 = gl.convert_layout(p.to(dtype), p_op)
+                mbarrier.wait(vready.index(s), ph)
+                acc = warpgroup_mma(p16, v_bufs.index(s), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(vempty.index(s), count=1)
 
         seen = l_i > 0
         l_safe = gl.where(seen, l_i, 1.0)
@@ -241,7 +304,7 @@ if _HAVE_GLUON:
                      CU_Q, Q_LEN, Q_ROWS, qk_scale, G, HEAD_OFF, HQ,
                      HAS_CTX: gl.constexpr, CTX_PAGED: gl.constexpr, CTX_CU: gl.constexpr, CTX_LENS: gl.constexpr,
                      HAS_CUR: gl.constexpr, CUR_CU: gl.constexpr, CUR_LENS: gl.constexpr, Q_CU: gl.constexpr,
-                     NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+                     NUM_STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
         BM: gl.constexpr = 2 * q_desc.block_type.shape[0]
         NB: gl.constexpr = k1_desc.block_type.shape[0]
         HD: gl.constexpr = k1_desc.block_type.shape[1]
@@ -291,9 +354,9 @@ if _HAVE_GLUON:
             mbarrier.init(vempty.index(i), count=2)
         gl.warp_specialize([
             (_consumer, (q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
-                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, 0)),
+                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, 0, OVERLAP)),
             (_consumer, (q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
-                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, 1)),
+                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, 1, OVERLAP)),
             (_producer, (q_desc, k0_desc, v0_desc, k1_desc, v1_desc, BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0, ROWS1,
                          q_row, h * HD, kvh, b, c_base, c_len, g_base, g_len,
                          q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, vfix,
@@ -418,6 +481,6 @@ def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tens
         HAS_CTX=ctx is not None, CTX_PAGED=paged, CTX_CU=(not paged and ctx is not None and ctx.cu_seqlens is not None),
         CTX_LENS=(not paged and ctx is not None and ctx.seqlens is not None), HAS_CUR=cur is not None,
         CUR_CU=cur is not None and cur.cu_seqlens is not None, CUR_LENS=cur is not None and cur.seqlens is not None,
-        Q_CU=cu_seqlens_q is not None, NUM_STAGES=STAGES, num_warps=4, maxnreg=MAXNREG,
+        Q_CU=cu_seqlens_q is not None, NUM_STAGES=STAGES, OVERLAP=OVERLAP, num_warps=4, maxnreg=MAXNREG,
     )
     return AttentionOutput(out=out, lse=lse)
