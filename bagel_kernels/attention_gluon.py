@@ -214,27 +214,23 @@ if _HAVE_GLUON:
         return m_new, l_i, alpha, p
 
     @gluon.jit
-    def _consumer(q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
-                  q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, WG: gl.constexpr,
-                  OVERLAP: gl.constexpr):
+    def _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, nblocks, c_len, g_len, qk_scale,
+                OVERLAP: gl.constexpr):
+        """One warpgroup's 64 query rows over the tile's key blocks: the fp32 state (acc, m, l)."""
         NB: gl.constexpr = k_bufs.shape[1]
         HD: gl.constexpr = k_bufs.shape[2]
         NS: gl.constexpr = k_bufs.shape[0]
-        WM: gl.constexpr = q_smem.shape[1]
+        WM: gl.constexpr = q.shape[0]
         dtype: gl.constexpr = k_bufs.dtype
         # One warpgroup, 16 rows per warp, instruction N = the whole block: the Triton kernel's per-row layout.
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NB, 16])
         p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         row_l: gl.constexpr = gl.SliceLayout(1, mma)
-        q = q_smem.index(WG)
         m_i = gl.full([WM], float("-inf"), gl.float32, layout=row_l)
         l_i = gl.zeros([WM], gl.float32, layout=row_l)
         acc = gl.zeros([WM, HD], gl.float32, layout=mma)
         zero_s = gl.zeros([WM, NB], gl.float32, layout=mma)
         offs_n = gl.arange(0, NB, layout=gl.SliceLayout(0, mma))
-        nb0 = gl.cdiv(c_len, NB)
-        nblocks = nb0 + gl.cdiv(g_len, NB)
-        mbarrier.wait(q_bar, 0)
         if OVERLAP:
             if nblocks > 0:
                 # Software pipeline (FA3's intra-warpgroup overlap): QK^T of block i is issued before P·V of block
@@ -276,27 +272,60 @@ if _HAVE_GLUON:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(vempty.index(s), count=1)
 
-        seen = l_i > 0
-        l_safe = gl.where(seen, l_i, 1.0)
-        o = gl.where(seen[:, None], acc / l_safe[:, None], 0.0)
-        lse = gl.where(seen, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        r_loc = WG * WM + gl.arange(0, WM, layout=row_l)
-        gl.store(LSE + (q_row + r_loc).to(gl.int64) * HQ + h, lse, mask=r_loc < rows_left)
-        # Q is no longer read (every QK^T wgmma has completed): its tile stages the output.
-        q.store(o.to(dtype))
-        fence_async_shared()
-        if o_tma_ok | (WG * WM + WM <= rows_left):  # TMA clips at the tensor's end only
-            tma.async_copy_shared_to_global(o_desc, [q_row + WG * WM, h * HD], q)
-            tma.store_wait(pendings=0)
-        else:  # rows past this sequence belong to the next one: row-masked stores
-            CHUNK: gl.constexpr = 16
-            layout: gl.constexpr = _rows_layout(HD, 4)
-            cols = gl.arange(0, HD, layout=gl.SliceLayout(0, layout))
-            for r in gl.static_range(0, WM, CHUNK):
-                rl = WG * WM + r + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
-                val = q.slice(r, CHUNK, dim=0).load(layout)
-                ptrs = OUT + (q_row + rl).to(gl.int64)[:, None] * s_ot + h * s_oh + cols[None, :]
-                gl.store(ptrs, val, mask=(rl < rows_left)[:, None])
+        return acc, m_i, l_i
+
+    @gluon.jit
+    def _release_all(kready, kempty, vready, vempty, nblocks):
+        """A warpgroup whose 64 rows are all past the sequence (the 2-row last tile of 4098 or 1026 queries) skips
+        the math but still releases every stage in step with the producer (it must not run a round ahead)."""
+        NS: gl.constexpr = kready.shape[0]
+        for i in range(nblocks):
+            s = i % NS
+            ph = (i // NS) & 1
+            mbarrier.wait(kready.index(s), ph)
+            mbarrier.arrive(kempty.index(s), count=1)
+            mbarrier.wait(vready.index(s), ph)
+            mbarrier.arrive(vempty.index(s), count=1)
+
+    @gluon.jit
+    def _consumer(q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
+                  q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, WG: gl.constexpr,
+                  OVERLAP: gl.constexpr):
+        NB: gl.constexpr = k_bufs.shape[1]
+        HD: gl.constexpr = k_bufs.shape[2]
+        WM: gl.constexpr = q_smem.shape[1]
+        dtype: gl.constexpr = k_bufs.dtype
+        q = q_smem.index(WG)
+        nb0 = gl.cdiv(c_len, NB)
+        nblocks = nb0 + gl.cdiv(g_len, NB)
+        if WG * WM >= rows_left:
+            _release_all(kready, kempty, vready, vempty, nblocks)
+        else:
+            mbarrier.wait(q_bar, 0)
+            acc, m_i, l_i = _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, nblocks, c_len, g_len,
+                                    qk_scale, OVERLAP)
+            row_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+            seen = l_i > 0
+            l_safe = gl.where(seen, l_i, 1.0)
+            o = gl.where(seen[:, None], acc / l_safe[:, None], 0.0)
+            lse = gl.where(seen, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+            r_loc = WG * WM + gl.arange(0, WM, layout=row_l)
+            gl.store(LSE + (q_row + r_loc).to(gl.int64) * HQ + h, lse, mask=r_loc < rows_left)
+            # Q is no longer read (every QK^T wgmma has completed): its tile stages the output.
+            q.store(o.to(dtype))
+            fence_async_shared()
+            if o_tma_ok | (WG * WM + WM <= rows_left):  # TMA clips at the tensor's end only
+                tma.async_copy_shared_to_global(o_desc, [q_row + WG * WM, h * HD], q)
+                tma.store_wait(pendings=0)
+            else:  # rows past this sequence belong to the next one: row-masked stores
+                CHUNK: gl.constexpr = 16
+                layout: gl.constexpr = _rows_layout(HD, 4)
+                cols = gl.arange(0, HD, layout=gl.SliceLayout(0, layout))
+                for r in gl.static_range(0, WM, CHUNK):
+                    rl = WG * WM + r + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
+                    val = q.slice(r, CHUNK, dim=0).load(layout)
+                    ptrs = OUT + (q_row + rl).to(gl.int64)[:, None] * s_ot + h * s_oh + cols[None, :]
+                    gl.store(ptrs, val, mask=(rl < rows_left)[:, None])
 
     @gluon.jit(do_not_specialize=["Q_LEN", "LEN0_S", "LEN1_S", "Q_ROWS", "ROWS0", "ROWS1"])
     def _attn_fwd_ws(q_desc, o_desc, k0_desc, v0_desc, k1_desc, v1_desc, OUT, s_ot, s_oh, LSE,
