@@ -4,6 +4,9 @@ Queries attend an ordered list of KV segments (e.g. the frozen paged context cac
 K/V). Each segment is blocked from its own start in a fixed order, so the bits of an output row never depend on the
 other rows, heads, sequences or ranks in the launch. The state can be carried across launches (resumable attention,
 used by exact ring attention); ``finalize=False`` returns it instead of the output.
+
+Backends: the plain-torch reference (CPU), the Triton kernel (CUDA; the CPU interpreter in tests), and on Hopper the
+warp-specialized Gluon kernel for the common launch (``attention_gluon``) — bit for bit the Triton kernel's rows.
 """
 from __future__ import annotations
 

@@ -5,13 +5,18 @@ one lock-stepped sequence — wait for the copy, QK^T wgmma, softmax, P·V wgmma
 softmax (~50 % of the H100's bf16 peak, 0.86-0.91x cuDNN). Here one producer warp streams Q, K and V by TMA into a
 ring of shared-memory stages (separate K and V barriers, so QK^T starts before V has landed) and two consumer
 warpgroups each own 64 of the tile's 128 query rows. The consumers are independent partitions with no CTA-wide
-barrier between them, so one warpgroup's softmax runs while the other's wgmma keeps the tensor cores busy.
+barrier between them, so one warpgroup's softmax runs while the other's wgmma keeps the tensor cores busy; inside a
+warpgroup QK^T of block i is issued before P·V of block i-1, so its own softmax also runs under a wgmma (FA3's
+intra-warpgroup overlap; ``BAGEL_ATTN_OVERLAP=0`` runs the plain loop, same bits).
 
 Exactness: a query row's arithmetic is the Triton kernel's, step for step — the same fixed BLOCK_N = 128 key blocks
 from each segment's own start, segment 0 (context) then segment 1 (current tokens), m64n128k16 wgmma in K order with
 fp32 accumulation, the same register layout of the scores (so the same row-reduction order), the same exponent FMA,
 the same rescaling and roundings. The GPU tests check the output and LSE are bitwise the Triton kernel's, which is
 what lets the dispatcher pick either kernel without breaking the parallel-equals-single-device contract.
+Fixed for that, never chosen from the problem: BLOCK_N = 128 keys (= the Triton kernel's), the segment order, the
+wgmma instruction (m64n128k16, 16 rows per warp), 128 query rows per CTA; which CTA or warpgroup computes a row
+does not enter its arithmetic.
 
 Keys past a segment's end inside a block are masked to -inf as in the Triton kernel. TMA reads whatever storage
 lies there (the next sequence, padding, an unwritten cache slot); p is exactly 0 for those keys, but 0 * NaN is not
@@ -29,6 +34,7 @@ import os
 import torch
 import triton
 
+from .attention_triton import LOG2E, TRITON_BLOCK_M, TRITON_BLOCK_N, _dummy, _i32
 from .attention_types import AttentionOutput, ContiguousKV, PagedKV
 
 try:  # Gluon ships with Triton >= 3.5; the project pins 3.6 (CPU CI imports this module, never launches it)
@@ -42,15 +48,14 @@ try:  # Gluon ships with Triton >= 3.5; the project pins 3.6 (CPU CI imports thi
 except ImportError:  # pragma: no cover - older Triton
     _HAVE_GLUON = False
 
-BLOCK_M = 128  # query rows per CTA, as the Triton kernel's BLOCK_M
-WG_M = 64  # rows per consumer warpgroup
-BLOCK_N = 128  # keys per block: the Triton kernel's fixed BLOCK_N (exactness)
+BLOCK_M = TRITON_BLOCK_M  # query rows per CTA (128)
+WG_M = BLOCK_M // 2  # rows per consumer warpgroup
+BLOCK_N = TRITON_BLOCK_N  # keys per block: the Triton kernel's fixed BLOCK_N (exactness)
 HEAD_DIM = 128
 STAGES = 3  # Q (32 KiB) + 3 x (K 32 KiB + V 32 KiB) = 224 KiB of the 227 KiB
 MAXNREG = 168  # 65536 registers / (3 warpgroups x 128 threads)
 PRODUCER_REGS = 56  # the producer warp's share; the consumer warpgroups get the rest
 OVERLAP = os.environ.get("BAGEL_ATTN_OVERLAP", "1") != "0"  # exploration switch: the plain loop gives the same bits
-LOG2E = 1.4426950408889634
 
 
 if _HAVE_GLUON:
@@ -446,15 +451,9 @@ def gluon_attention_supported(q: torch.Tensor, segments: list, visible_end, stat
     return True
 
 
-def _i32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.int32 else t.to(torch.int32)
-
-
 def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tensor | None, max_seqlen_q: int,
                     scale: float, gqa_group: int, q_head_offset: int, out: torch.Tensor | None) -> AttentionOutput:
     """``attention_triton``'s contract for the calls ``gluon_attention_supported`` accepts."""
-    from .attention_triton import _dummy
-
     tq, hq, d = q.shape
     dev = q.device
     dummy = _dummy(dev)

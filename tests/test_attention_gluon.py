@@ -10,6 +10,7 @@ import torch
 
 import bagel_kernels as bk
 import bagel_kernels.attention_gluon as ag
+from hopper_build import compile_for_hopper, ptx_facts, report_from_child
 
 gluon = pytest.importorskip("triton.experimental.gluon")
 
@@ -62,12 +63,8 @@ BUILD_VARIANTS = [  # has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap
 
 
 def _compile_for_hopper(has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap):
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.runtime.jit import mangle_type
 
     d = ag.HEAD_DIM
     q = torch.empty(300, 28, d, dtype=torch.bfloat16)
@@ -87,40 +84,17 @@ def _compile_for_hopper(has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap
                 HEAD_OFF=0, HQ=28)
     consts = dict(HAS_CTX=has_ctx, CTX_PAGED=paged, CTX_CU=ctx_cu, CTX_LENS=False, HAS_CUR=has_cur, CUR_CU=q_cu,
                   CUR_LENS=cur_lens, Q_CU=q_cu, NUM_STAGES=ag.STAGES, OVERLAP=overlap, num_warps=4)
-    fn = ag._attn_fwd_ws
-    signature, constexprs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            signature[name], constexprs[(i,)] = "constexpr", consts[name]
-        else:
-            signature[name] = mangle_type(args[name])
-    return triton.compile(GluonASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=4, maxnreg=ag.MAXNREG))
+    return compile_for_hopper(ag._attn_fwd_ws, args, consts, 4, ag.MAXNREG)
 
 
 def _build_report() -> list[dict]:
-    out = []
-    for variant in BUILD_VARIANTS:
-        compiled = _compile_for_hopper(*variant)
-        ptx = compiled.asm["ptx"]
-        out.append({"variant": variant, "sm_90a": ".target sm_90a" in ptx, "wgmma": "wgmma.mma_async" in ptx,
-                    "setmaxnreg": "setmaxnreg" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
-                    "shared": compiled.metadata.shared})
-    return out
+    return [{"variant": v, **ptx_facts(_compile_for_hopper(*v))} for v in BUILD_VARIANTS]
 
 
 def test_gluon_attention_builds_for_hopper():
-    """Every variant the model launches compiles to sm_90a with TMA, warp-specialized wgmma, and fits shared memory.
-    Built in a fresh process without the interpreter (under TRITON_INTERPRET=1 Triton's helpers are interpreter
-    objects; the GPU never compiles in that mode)."""
-    import json
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    """Every variant the model launches compiles to sm_90a with TMA, warp-specialized wgmma, and fits shared memory
+    (built in a fresh process without the interpreter: see hopper_build)."""
+    report = report_from_child(__file__)
     assert len(report) == len(BUILD_VARIANTS)
     for r in report:
         assert r["sm_90a"] and r["wgmma"] and r["setmaxnreg"] and r["tma"], r

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bagel_kernels.routed_linear_gluon as rg
+from hopper_build import compile_for_hopper, ptx_facts, report_from_child
 
 gluon = pytest.importorskip("triton.experimental.gluon")
 
@@ -62,12 +63,8 @@ def test_segment_tiles_cover_each_row_once_with_its_expert(segments, m):
 
 
 def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: bool, has_res: bool):
-    import triton
-    from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.runtime.jit import mangle_type
 
     m, n, k = 300, 512, 256
     p, bn = (2 if swiglu else 1), rg._block_n(swiglu)
@@ -83,15 +80,7 @@ def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: 
                 IDS=torch.empty(m, dtype=torch.int32), M=m, N=n, K=k, ldo=n, ldr=n, b1=40, b2=250, b3=300, e0=0)
     consts = dict(SEGMENTED=segmented, HAS_IDS=has_ids, HAS_BIAS=has_bias, HAS_RES=has_res, P=p,
                   GROUP_M=rg.GROUP_M, STAGES=rg.STAGES, num_warps=rg.NUM_WARPS)
-    fn = rg._routed_gemm_ws
-    signature, constexprs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            signature[name], constexprs[(i,)] = "constexpr", consts[name]
-        else:
-            signature[name] = mangle_type(args[name])
-    return triton.compile(GluonASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=rg.NUM_WARPS, maxnreg=rg.MAXNREG))
+    return compile_for_hopper(rg._routed_gemm_ws, args, consts, rg.NUM_WARPS, rg.MAXNREG)
 
 
 BUILD_VARIANTS = [  # swiglu, segmented, has_ids, has_bias, has_res
@@ -104,27 +93,14 @@ BUILD_VARIANTS = [  # swiglu, segmented, has_ids, has_bias, has_res
 
 
 def _build_report() -> list[dict]:
-    out = []
-    for variant in BUILD_VARIANTS:
-        compiled = _compile_for_hopper(*variant)
-        ptx = compiled.asm["ptx"]
-        out.append({"variant": variant, "sm_90a": ".target sm_90a" in ptx, "wgmma": "wgmma.mma_async" in ptx,
-                    "setmaxnreg": "setmaxnreg" in ptx, "shared": compiled.metadata.shared})
-    return out
+    return [{"variant": v, **ptx_facts(_compile_for_hopper(*v))} for v in BUILD_VARIANTS]
 
 
 def test_gluon_kernel_builds_for_hopper():
     """Every kernel variant the model launches compiles to sm_90a with warp-specialized wgmma and fits shared memory.
     Built in a fresh process without the interpreter: with TRITON_INTERPRET=1 (as this suite runs) Triton's own
     helpers are interpreter objects, and the GPU never compiles in that mode."""
-    import json
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = report_from_child(__file__)
     assert len(report) == len(BUILD_VARIANTS)
     for r in report:
         assert r["sm_90a"] and r["wgmma"] and r["setmaxnreg"], r  # warp-specialized wgmma, not a fallback
