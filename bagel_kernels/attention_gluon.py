@@ -20,8 +20,8 @@ does not enter its arithmetic.
 
 Keys past a segment's end inside a block are masked to -inf as in the Triton kernel. TMA reads whatever storage
 lies there (the next sequence, padding, an unwritten cache slot); p is exactly 0 for those keys, but 0 * NaN is not
-0, so when such rows are inside the storage (not TMA zero-fill) the producer zeroes them in the V stage before the
-consumers may read it — the Triton kernel's masked loads give the same zeros.
+0, so when such rows are inside the storage (not TMA zero-fill) each consumer warpgroup zeroes them in the V stage
+before its P·V — the Triton kernel's masked loads give the same zeros.
 
 Used for the common launch only (see ``gluon_attention_supported``): 16-bit inputs, head_dim 128, no prefill mask,
 no resumable state, at most one context segment (contiguous or paged with TMA-friendly pages) plus the current
@@ -85,19 +85,27 @@ if _HAVE_GLUON:
         return gl.BlockedLayout([1, 8], [32 // tpw_n, tpw_n], [num_warps, 1], [1, 0])
 
     @gluon.jit
-    def _zero_tail_rows(buf, n_valid):
-        """Rows >= n_valid of a landed V stage become 0 (one warp, 8 rows at a time: few registers)."""
-        NB: gl.constexpr = buf.shape[0]
-        HD: gl.constexpr = buf.shape[1]
-        CH: gl.constexpr = 8
-        layout: gl.constexpr = _rows_layout(HD, 1)
-        rows = gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
-        for r in gl.static_range(0, NB, CH):
-            if r + CH > n_valid:
-                part = buf.slice(r, CH, dim=0)
-                x = part.load(layout)
-                keep = (r + rows)[:, None] < n_valid
-                part.store(gl.where(keep, x, gl.zeros_like(x)))
+    def _fix_tail_v(v_buf, i, nb0, c_len, g_len, c_dirty, g_dirty):
+        """Before P·V of block i: if it is a segment's partial last block whose rows past the segment came from
+        inside the storage (not TMA zero-fill), make those V rows 0 — p is exactly 0 there, but 0 * NaN is not.
+        Both warpgroups zero the same rows of the shared stage (same values: a benign overlap), each before its own
+        wgmma, so neither waits for the other and the producer never waits for its own copy."""
+        NB: gl.constexpr = v_buf.shape[0]
+        HD: gl.constexpr = v_buf.shape[1]
+        CH: gl.constexpr = 16
+        in_ctx = i < nb0
+        n_valid = gl.where(in_ctx, c_len, g_len) - gl.where(in_ctx, i, i - nb0) * NB
+        dirty = gl.where(in_ctx, c_dirty, g_dirty)
+        if (n_valid < NB) & dirty:
+            layout: gl.constexpr = _rows_layout(HD, 4)
+            rows = gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
+            for r in gl.static_range(0, NB, CH):
+                if r + CH > n_valid:
+                    part = v_buf.slice(r, CH, dim=0)
+                    x = part.load(layout)
+                    part.store(gl.where((r + rows)[:, None] < n_valid, x, gl.zeros_like(x)))
+            fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
+            gl.thread_barrier()  # every thread of the warpgroup has written before its wgmma reads
 
     @gluon.jit
     def _page_rows(BT0, s_bt0, PAGE0, R0, RH0, ROWS0, b, kvh, start, c_len, in_ctx, NPB: gl.constexpr,
@@ -133,7 +141,7 @@ if _HAVE_GLUON:
     @gluon.jit
     def _producer(q_desc, k0_desc, v0_desc, k1_desc, v1_desc, BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0, ROWS1,
                   q_row, q_col, kvh, b, c_base, c_len, g_base, g_len,
-                  q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, vfix,
+                  q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty,
                   HAS_CTX: gl.constexpr, CTX_PAGED: gl.constexpr, HAS_CUR: gl.constexpr):
         NB: gl.constexpr = k_bufs.shape[1]
         NS: gl.constexpr = k_bufs.shape[0]
@@ -145,7 +153,6 @@ if _HAVE_GLUON:
         tma.async_copy_global_to_shared(q_desc, [q_row + WM, q_col], q_bar, q_smem.index(1))
         nb0 = gl.cdiv(c_len, NB)
         nblocks = nb0 + gl.cdiv(g_len, NB)
-        fix_phase = 0
         for i in range(nblocks):
             s = i % NS
             ph = (i // NS) & 1
@@ -164,25 +171,9 @@ if _HAVE_GLUON:
             _issue_block(k0_desc, k1_desc, i, nb0, start, c_base, g_base, kvh, CH0, page_rows, page_idx,
                          kready.index(s), k_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
             mbarrier.wait(vempty.index(s), ph ^ 1)
-            # Rows past the segment that TMA reads from inside the storage (not zero-fill) may hold anything.
-            cur_inside = (g_base + g_len < ROWS1).to(gl.int32)
-            if CTX_PAGED:  # unwritten slots of the last page
-                inside = gl.where(in_ctx, 1, cur_inside)
-            else:
-                inside = gl.where(in_ctx, (c_base + c_len < ROWS0).to(gl.int32), cur_inside)
-            if (n_valid < NB) & (inside != 0):
-                mbarrier.expect(vfix, KV_BYTES)
-                _issue_block(v0_desc, v1_desc, i, nb0, start, c_base, g_base, kvh, CH0, page_rows, page_idx, vfix,
-                             v_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
-                mbarrier.wait(vfix, fix_phase)
-                fix_phase ^= 1
-                _zero_tail_rows(v_bufs.index(s), n_valid)
-                fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
-                mbarrier.arrive(vready.index(s), count=1)
-            else:
-                mbarrier.expect(vready.index(s), KV_BYTES)
-                _issue_block(v0_desc, v1_desc, i, nb0, start, c_base, g_base, kvh, CH0, page_rows, page_idx,
-                             vready.index(s), v_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
+            mbarrier.expect(vready.index(s), KV_BYTES)
+            _issue_block(v0_desc, v1_desc, i, nb0, start, c_base, g_base, kvh, CH0, page_rows, page_idx,
+                         vready.index(s), v_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
 
     @gluon.jit
     def _mask_tail(sc, i, nb0, c_len, g_len, offs_n):
@@ -219,8 +210,8 @@ if _HAVE_GLUON:
         return m_new, l_i, alpha, p
 
     @gluon.jit
-    def _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, nblocks, c_len, g_len, qk_scale,
-                OVERLAP: gl.constexpr):
+    def _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, nblocks, c_len, g_len, c_dirty, g_dirty,
+                qk_scale, OVERLAP: gl.constexpr):
         """One warpgroup's 64 query rows over the tile's key blocks: the fp32 state (acc, m, l)."""
         NB: gl.constexpr = k_bufs.shape[1]
         HD: gl.constexpr = k_bufs.shape[2]
@@ -250,6 +241,7 @@ if _HAVE_GLUON:
                     mbarrier.wait(kready.index(s), (i // NS) & 1)
                     sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
                     mbarrier.wait(vready.index(sp), ((i - 1) // NS) & 1)
+                    _fix_tail_v(v_bufs.index(sp), i - 1, nb0, c_len, g_len, c_dirty, g_dirty)
                     acc = warpgroup_mma(p16, v_bufs.index(sp), acc, is_async=True)
                     sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))  # groups retire in order: QK^T is done
                     mbarrier.arrive(kempty.index(s), count=1)
@@ -261,6 +253,7 @@ if _HAVE_GLUON:
                     p16 = gl.convert_layout(p.to(dtype), p_op)
                 sl = (nblocks - 1) % NS
                 mbarrier.wait(vready.index(sl), ((nblocks - 1) // NS) & 1)
+                _fix_tail_v(v_bufs.index(sl), nblocks - 1, nb0, c_len, g_len, c_dirty, g_dirty)
                 acc = warpgroup_mma(p16, v_bufs.index(sl), acc, is_async=True)
                 acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
                 mbarrier.arrive(vempty.index(sl), count=1)
@@ -273,6 +266,7 @@ if _HAVE_GLUON:
                 acc = acc * alpha[:, None]
                 p16 = gl.convert_layout(p.to(dtype), p_op)
                 mbarrier.wait(vready.index(s), ph)
+                _fix_tail_v(v_bufs.index(s), i, nb0, c_len, g_len, c_dirty, g_dirty)
                 acc = warpgroup_mma(p16, v_bufs.index(s), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(vempty.index(s), count=1)
@@ -294,7 +288,7 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _consumer(q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
-                  q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, WG: gl.constexpr,
+                  q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty, WG: gl.constexpr,
                   OVERLAP: gl.constexpr):
         NB: gl.constexpr = k_bufs.shape[1]
         HD: gl.constexpr = k_bufs.shape[2]
@@ -308,7 +302,7 @@ if _HAVE_GLUON:
         else:
             mbarrier.wait(q_bar, 0)
             acc, m_i, l_i = _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, nblocks, c_len, g_len,
-                                    qk_scale, OVERLAP)
+                                    c_dirty, g_dirty, qk_scale, OVERLAP)
             row_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
             seen = l_i > 0
             l_safe = gl.where(seen, l_i, 1.0)
@@ -370,17 +364,19 @@ if _HAVE_GLUON:
         if HAS_CUR:
             g_base, g_len = _extent(CU1, LEN1, LEN1_S, b, CUR_CU, CUR_LENS)
 
+        # Whether a segment's partial last block reads rows past the segment from inside the storage (the next
+        # sequence, padding, unwritten slots of a cache page) rather than TMA zero-fill: then V is fixed up.
+        c_dirty = (c_base + c_len < ROWS0) | CTX_PAGED
+        g_dirty = g_base + g_len < ROWS1
         q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
         k_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, NB, HD], k1_desc.layout)
         v_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES, NB, HD], v1_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        vfix = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         kready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         kempty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         vready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         vempty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         mbarrier.init(q_bar, count=1)
-        mbarrier.init(vfix, count=1)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(kready.index(i), count=1)
             mbarrier.init(vready.index(i), count=1)
@@ -388,12 +384,12 @@ if _HAVE_GLUON:
             mbarrier.init(vempty.index(i), count=2)
         gl.warp_specialize([
             (_consumer, (q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
-                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, 0, OVERLAP)),
+                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty, 0, OVERLAP)),
             (_consumer, (q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
-                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, 1, OVERLAP)),
+                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty, 1, OVERLAP)),
             (_producer, (q_desc, k0_desc, v0_desc, k1_desc, v1_desc, BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0, ROWS1,
                          q_row, h * HD, kvh, b, c_base, c_len, g_base, g_len,
-                         q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, vfix,
+                         q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty,
                          HAS_CTX, CTX_PAGED, HAS_CUR)),
         ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
