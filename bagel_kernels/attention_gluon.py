@@ -7,7 +7,9 @@ ring of shared-memory stages (separate K and V barriers, so QK^T starts before V
 warpgroups each own 64 of the tile's 128 query rows. The consumers are independent partitions with no CTA-wide
 barrier between them, so one warpgroup's softmax runs while the other's wgmma keeps the tensor cores busy; inside a
 warpgroup QK^T of block i is issued before P·V of block i-1, so its own softmax also runs under a wgmma (FA3's
-intra-warpgroup overlap; ``BAGEL_ATTN_OVERLAP=0`` runs the plain loop, same bits).
+intra-warpgroup overlap; ``BAGEL_ATTN_OVERLAP=0`` runs the plain loop, same bits). A segment's partial last block
+with at most 64 real keys runs on half the stage (half the wgmma and softmax work, same bits: see
+``_partial_block``).
 
 Exactness: a query row's arithmetic is the Triton kernel's, step for step — the same fixed BLOCK_N = 128 key blocks
 from each segment's own start, segment 0 (context) then segment 1 (current tokens), m64n128k16 wgmma in K order with
@@ -85,27 +87,24 @@ if _HAVE_GLUON:
         return gl.BlockedLayout([1, 8], [32 // tpw_n, tpw_n], [num_warps, 1], [1, 0])
 
     @gluon.jit
-    def _fix_tail_v(v_buf, i, nb0, c_len, g_len, c_dirty, g_dirty):
-        """Before P·V of block i: if it is a segment's partial last block whose rows past the segment came from
-        inside the storage (not TMA zero-fill), make those V rows 0 — p is exactly 0 there, but 0 * NaN is not.
-        Both warpgroups zero the same rows of the shared stage (same values: a benign overlap), each before its own
-        wgmma, so neither waits for the other and the producer never waits for its own copy."""
-        NB: gl.constexpr = v_buf.shape[0]
+    def _zero_rows_from(v_buf, n_valid):
+        """V rows >= n_valid of a landed stage (or its first half) become 0, before this warpgroup's P·V: they are
+        keys past the segment that TMA read from inside the storage (the next sequence, padding, unwritten cache
+        slots) — p is exactly 0 there, but 0 * NaN is not. Both warpgroups zero the same rows of the shared stage
+        (same values: a benign overlap), each before its own wgmma, so neither waits for the other and the producer
+        never waits for its own copy. The Triton kernel's masked loads read the same zeros."""
+        NR: gl.constexpr = v_buf.shape[0]
         HD: gl.constexpr = v_buf.shape[1]
         CH: gl.constexpr = 16
-        in_ctx = i < nb0
-        n_valid = gl.where(in_ctx, c_len, g_len) - gl.where(in_ctx, i, i - nb0) * NB
-        dirty = gl.where(in_ctx, c_dirty, g_dirty)
-        if (n_valid < NB) & dirty:
-            layout: gl.constexpr = _rows_layout(HD, 4)
-            rows = gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
-            for r in gl.static_range(0, NB, CH):
-                if r + CH > n_valid:
-                    part = v_buf.slice(r, CH, dim=0)
-                    x = part.load(layout)
-                    part.store(gl.where((r + rows)[:, None] < n_valid, x, gl.zeros_like(x)))
-            fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
-            gl.thread_barrier()  # every thread of the warpgroup has written before its wgmma reads
+        layout: gl.constexpr = _rows_layout(HD, 4)
+        rows = gl.arange(0, CH, layout=gl.SliceLayout(1, layout))
+        for r in gl.static_range(0, NR, CH):
+            if r + CH > n_valid:
+                part = v_buf.slice(r, CH, dim=0)
+                x = part.load(layout)
+                part.store(gl.where((r + rows)[:, None] < n_valid, x, gl.zeros_like(x)))
+        fence_async_shared()  # generic-proxy stores, read next by wgmma (async proxy)
+        gl.thread_barrier()  # every thread of the warpgroup has written before its wgmma reads
 
     @gluon.jit
     def _page_rows(BT0, s_bt0, PAGE0, R0, RH0, ROWS0, b, kvh, start, c_len, in_ctx, NPB: gl.constexpr,
@@ -176,27 +175,6 @@ if _HAVE_GLUON:
                          vready.index(s), v_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
 
     @gluon.jit
-    def _mask_tail(sc, i, nb0, c_len, g_len, offs_n):
-        """Keys past the segment's end score -inf (only a segment's last block is partial)."""
-        NB: gl.constexpr = sc.shape[1]
-        in_ctx = i < nb0
-        n_valid = gl.where(in_ctx, c_len, g_len) - gl.where(in_ctx, i, i - nb0) * NB
-        if n_valid < NB:
-            sc = gl.where((offs_n < n_valid)[None, :], sc, float("-inf"))
-        return sc
-
-    @gluon.jit
-    def _scores(q, k_bufs, kready, kempty, i, nb0, c_len, g_len, zero_s, offs_n):
-        """S = Q K_i^T of block i (unscaled), its K stage released, the tail masked."""
-        NS: gl.constexpr = k_bufs.shape[0]
-        s = i % NS
-        mbarrier.wait(kready.index(s), (i // NS) & 1)
-        sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
-        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-        mbarrier.arrive(kempty.index(s), count=1)
-        return _mask_tail(sc, i, nb0, c_len, g_len, offs_n)
-
-    @gluon.jit
     def _softmax_step(sc, m_i, l_i, qk_scale):
         """The Triton kernel's online-softmax update for one block, same operations in the same order:
         returns (m, l, alpha, p); the caller rescales acc by alpha and adds p·V."""
@@ -210,67 +188,142 @@ if _HAVE_GLUON:
         return m_new, l_i, alpha, p
 
     @gluon.jit
-    def _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, nblocks, c_len, g_len, c_dirty, g_dirty,
-                qk_scale, OVERLAP: gl.constexpr):
-        """One warpgroup's 64 query rows over the tile's key blocks: the fp32 state (acc, m, l)."""
+    def _full_blocks(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, count, acc, m_i, l_i, qk_scale,
+                     OVERLAP: gl.constexpr):
+        """``count`` full key blocks (ring slots first .., no masks) into the running state (acc, m, l)."""
         NB: gl.constexpr = k_bufs.shape[1]
-        HD: gl.constexpr = k_bufs.shape[2]
         NS: gl.constexpr = k_bufs.shape[0]
         WM: gl.constexpr = q.shape[0]
         dtype: gl.constexpr = k_bufs.dtype
-        # One warpgroup, 16 rows per warp, instruction N = the whole block: the Triton kernel's per-row layout.
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NB, 16])
+        mma: gl.constexpr = acc.type.layout
         p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        row_l: gl.constexpr = gl.SliceLayout(1, mma)
-        m_i = gl.full([WM], float("-inf"), gl.float32, layout=row_l)
-        l_i = gl.zeros([WM], gl.float32, layout=row_l)
-        acc = gl.zeros([WM, HD], gl.float32, layout=mma)
         zero_s = gl.zeros([WM, NB], gl.float32, layout=mma)
-        offs_n = gl.arange(0, NB, layout=gl.SliceLayout(0, mma))
         if OVERLAP:
-            if nblocks > 0:
+            if count > 0:
                 # Software pipeline (FA3's intra-warpgroup overlap): QK^T of block i is issued before P·V of block
                 # i-1, and block i's softmax runs while that P·V is still on the tensor cores. Each row still sees
                 # acc = acc * alpha_i + P_i V_i in block order: the same numbers as the plain loop.
-                sc = _scores(q, k_bufs, kready, kempty, 0, nb0, c_len, g_len, zero_s, offs_n)
+                s = first % NS
+                mbarrier.wait(kready.index(s), (first // NS) & 1)
+                sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
+                sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
+                mbarrier.arrive(kempty.index(s), count=1)
                 m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
+                acc = acc * alpha[:, None]
                 p16 = gl.convert_layout(p.to(dtype), p_op)
-                for i in range(1, nblocks):
+                for i in range(first + 1, first + count):
                     s = i % NS
                     sp = (i - 1) % NS
                     mbarrier.wait(kready.index(s), (i // NS) & 1)
                     sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
                     mbarrier.wait(vready.index(sp), ((i - 1) // NS) & 1)
-                    _fix_tail_v(v_bufs.index(sp), i - 1, nb0, c_len, g_len, c_dirty, g_dirty)
                     acc = warpgroup_mma(p16, v_bufs.index(sp), acc, is_async=True)
                     sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))  # groups retire in order: QK^T is done
                     mbarrier.arrive(kempty.index(s), count=1)
-                    sc = _mask_tail(sc, i, nb0, c_len, g_len, offs_n)
                     m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
                     acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
                     mbarrier.arrive(vempty.index(sp), count=1)
                     acc = acc * alpha[:, None]
                     p16 = gl.convert_layout(p.to(dtype), p_op)
-                sl = (nblocks - 1) % NS
-                mbarrier.wait(vready.index(sl), ((nblocks - 1) // NS) & 1)
-                _fix_tail_v(v_bufs.index(sl), nblocks - 1, nb0, c_len, g_len, c_dirty, g_dirty)
+                last = first + count - 1
+                sl = last % NS
+                mbarrier.wait(vready.index(sl), (last // NS) & 1)
                 acc = warpgroup_mma(p16, v_bufs.index(sl), acc, is_async=True)
                 acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
                 mbarrier.arrive(vempty.index(sl), count=1)
         else:
-            for i in range(nblocks):
+            for i in range(first, first + count):
                 s = i % NS
                 ph = (i // NS) & 1
-                sc = _scores(q, k_bufs, kready, kempty, i, nb0, c_len, g_len, zero_s, offs_n)
+                mbarrier.wait(kready.index(s), ph)
+                sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
+                sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
+                mbarrier.arrive(kempty.index(s), count=1)
                 m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
                 acc = acc * alpha[:, None]
                 p16 = gl.convert_layout(p.to(dtype), p_op)
                 mbarrier.wait(vready.index(s), ph)
-                _fix_tail_v(v_bufs.index(s), i, nb0, c_len, g_len, c_dirty, g_dirty)
                 acc = warpgroup_mma(p16, v_bufs.index(s), acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(vempty.index(s), count=1)
+        return acc, m_i, l_i
 
+    @gluon.jit
+    def _partial_block(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, n_valid, dirty, acc, m_i, l_i,
+                       qk_scale, KN: gl.constexpr):
+        """A segment's last block with ``n_valid`` < BLOCK_N real keys, on the first KN rows of the stage: KN = 64
+        when n_valid <= 64 (half the wgmma and softmax work), else the whole block. Same numbers either way: the
+        keys a half block leaves out score -inf in the whole block, so they add exact zeros to every max, sum and
+        product of that row (the Triton kernel runs the whole masked block)."""
+        NS: gl.constexpr = k_bufs.shape[0]
+        WM: gl.constexpr = q.shape[0]
+        dtype: gl.constexpr = k_bufs.dtype
+        mma: gl.constexpr = acc.type.layout
+        mma_k: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KN, 16])
+        p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        s = ring % NS
+        ph = (ring // NS) & 1
+        mbarrier.wait(kready.index(s), ph)
+        k = k_bufs.index(s).slice(0, KN, dim=0)
+        sc = warpgroup_mma(q, k.permute((1, 0)), gl.zeros([WM, KN], gl.float32, layout=mma_k), is_async=True)
+        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
+        mbarrier.arrive(kempty.index(s), count=1)
+        offs = gl.arange(0, KN, layout=gl.SliceLayout(0, mma_k))
+        sc = gl.where((offs < n_valid)[None, :], sc, float("-inf"))
+        row_k: gl.constexpr = gl.SliceLayout(1, mma_k)
+        row_l: gl.constexpr = gl.SliceLayout(1, mma)
+        m_new, l_new, alpha, p = _softmax_step(sc, gl.convert_layout(m_i, row_k), gl.convert_layout(l_i, row_k),
+                                               qk_scale)
+        acc = acc * gl.convert_layout(alpha, row_l)[:, None]
+        p16 = gl.convert_layout(p.to(dtype), p_op)
+        mbarrier.wait(vready.index(s), ph)
+        v = v_bufs.index(s).slice(0, KN, dim=0)
+        if dirty:
+            _zero_rows_from(v, n_valid)
+        acc = warpgroup_mma(p16, v, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(vempty.index(s), count=1)
+        return acc, gl.convert_layout(m_new, row_l), gl.convert_layout(l_new, row_l)
+
+    @gluon.jit
+    def _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, seg_len, dirty, acc, m_i, l_i, qk_scale,
+                 OVERLAP: gl.constexpr):
+        """One segment from its own start: its full blocks, then its partial last block. Returns the state and the
+        next ring slot."""
+        NB: gl.constexpr = k_bufs.shape[1]
+        n_full = seg_len // NB
+        tail = seg_len - n_full * NB
+        acc, m_i, l_i = _full_blocks(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, n_full, acc, m_i, l_i,
+                                     qk_scale, OVERLAP)
+        ring = first + n_full
+        if tail > 0:
+            if tail <= NB // 2:
+                acc, m_i, l_i = _partial_block(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, tail, dirty,
+                                               acc, m_i, l_i, qk_scale, NB // 2)
+            else:
+                acc, m_i, l_i = _partial_block(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, tail, dirty,
+                                               acc, m_i, l_i, qk_scale, NB)
+            ring += 1
+        return acc, m_i, l_i, ring
+
+    @gluon.jit
+    def _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty, g_dirty, qk_scale,
+                OVERLAP: gl.constexpr):
+        """One warpgroup's 64 query rows over the tile's key blocks — segment 0 (context), then segment 1 (current
+        tokens), in the producer's order: the fp32 state (acc, m, l)."""
+        NB: gl.constexpr = k_bufs.shape[1]
+        HD: gl.constexpr = k_bufs.shape[2]
+        WM: gl.constexpr = q.shape[0]
+        # One warpgroup, 16 rows per warp, instruction N = the whole block: the Triton kernel's per-row layout.
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NB, 16])
+        row_l: gl.constexpr = gl.SliceLayout(1, mma)
+        m_i = gl.full([WM], float("-inf"), gl.float32, layout=row_l)
+        l_i = gl.zeros([WM], gl.float32, layout=row_l)
+        acc = gl.zeros([WM, HD], gl.float32, layout=mma)
+        acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 0, c_len, c_dirty, acc, m_i,
+                                       l_i, qk_scale, OVERLAP)
+        acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, g_len, g_dirty, acc,
+                                       m_i, l_i, qk_scale, OVERLAP)
         return acc, m_i, l_i
 
     @gluon.jit
@@ -301,8 +354,8 @@ if _HAVE_GLUON:
             _release_all(kready, kempty, vready, vempty, nblocks)
         else:
             mbarrier.wait(q_bar, 0)
-            acc, m_i, l_i = _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, nblocks, c_len, g_len,
-                                    c_dirty, g_dirty, qk_scale, OVERLAP)
+            acc, m_i, l_i = _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty, g_dirty,
+                                    qk_scale, OVERLAP)
             row_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
             seen = l_i > 0
             l_safe = gl.where(seen, l_i, 1.0)
