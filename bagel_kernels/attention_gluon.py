@@ -31,6 +31,7 @@ tokens. Everything else stays on the Triton kernel.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -157,7 +158,6 @@ if _HAVE_GLUON:
             ph = (i // NS) & 1
             in_ctx = i < nb0
             start = gl.where(in_ctx, i, i - nb0) * NB
-            n_valid = gl.where(in_ctx, c_len, g_len) - start
             # A fresh mbarrier counts as having completed phase "1": the first pass over the ring does not wait.
             if CTX_PAGED:
                 page_rows, page_idx = _page_rows(BT0, s_bt0, PAGE0, R0, RH0, ROWS0, b, kvh, start, c_len, in_ctx,
@@ -447,6 +447,17 @@ if _HAVE_GLUON:
         ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
+@functools.lru_cache(maxsize=None)
+def _is_hopper(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] == 9
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_layout(rows: int, cols: int, dtype: torch.dtype):
+    """The swizzled shared-memory layout of a (rows, cols) TMA tile (cached: it is host overhead on every call)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
 def _aligned_rows(x: torch.Tensor, row_stride: int) -> bool:
     return x.data_ptr() % 16 == 0 and (row_stride * x.element_size()) % 16 == 0
 
@@ -476,7 +487,9 @@ def gluon_attention_supported(q: torch.Tensor, segments: list, visible_end, stat
         return False
     if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[2] != HEAD_DIM:
         return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9 or visible_end is not None or state is not None:
+    if not _is_hopper(q.device.index if q.device.index is not None else torch.cuda.current_device()):
+        return False
+    if visible_end is not None or state is not None:
         return False
     if not finalize or q.shape[0] == 0 or not 1 <= len(segments) <= 2:
         return False
@@ -506,15 +519,13 @@ def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tens
     tq, hq, d = q.shape
     dev = q.device
     dummy = _dummy(dev)
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
     *ctxs, cur = segments
     ctx = ctxs[0] if ctxs else None
     if not isinstance(cur, ContiguousKV):
         ctx, cur = cur, None
     out = out if out is not None else torch.empty_like(q)
     lse = torch.empty(tq, hq, dtype=torch.float32, device=dev)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, d], gdt)
-    q_layout = gl.NVMMASharedLayout.get_default_for([WG_M, d], gdt)
+    kv_layout, q_layout = _smem_layout(BLOCK_N, d, q.dtype), _smem_layout(WG_M, d, q.dtype)
 
     def rows_desc(x: torch.Tensor, block_rows: int, layout):
         return GluonTensorDescriptor(x, [x.shape[0], x.shape[1] * d], [x.stride(0), 1], [block_rows, d], layout)
@@ -540,7 +551,7 @@ def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tens
         nb, bs, hkv, _ = ctx.k.shape
         rows0 = (nb - 1) * r0 + (hkv - 1) * rh0 + bs
         pb = min(bs, BLOCK_N)
-        page_layout = gl.NVMMASharedLayout.get_default_for([pb, d], gdt)
+        page_layout = _smem_layout(pb, d, q.dtype)
         k0_desc, v0_desc = (GluonTensorDescriptor(x, [rows0, cols], [row_stride, 1], [pb, d], page_layout)
                             for x in (ctx.k, ctx.v))
         bt0, s_bt0, page0, len0 = _i32(ctx.block_table), ctx.block_table.stride(0), bs, _i32(ctx.seqlens)

@@ -105,8 +105,8 @@ def cases(gen):
                 naive(q, [ck], [cv], 7)))
     # three CFG branches in one varlen launch: contiguous contexts 64/0/64, and a paged variant
     nqs, ctxs = [1000, 1000, 1000], [64, 0, 64]
-    cu = torch.tensor([0, 1000, 2000, 3000], dtype=torch.int32, device=DEV)
-    ccu = torch.tensor([0, 64, 64, 128], dtype=torch.int32, device=DEV)
+    cu = torch.tensor([0, *torch.tensor(nqs).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    ccu = torch.tensor([0, *torch.tensor(ctxs).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
     q, k, v = rnd(3000, 28, 128, gen=gen), rnd(3000, 4, 128, gen=gen), rnd(3000, 4, 128, gen=gen)
     ck, cv = rnd(128, 4, 128, gen=gen), rnd(128, 4, 128, gen=gen)
     segs = [bk.ContiguousKV(ck, cv, cu_seqlens=ccu, max_seqlen=64), bk.ContiguousKV(k, v, cu_seqlens=cu, max_seqlen=1000)]

@@ -153,8 +153,8 @@ def test_gluon_varlen_cfg_branches_equal_each_branch_alone():
     g = torch.Generator(device="cuda").manual_seed(3)
     rnd = lambda *s: torch.randn(*s, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
     lens, ctxs = [1000, 333, 517], [64, 0, 200]
-    cu = torch.tensor([0, 1000, 1333, 1850], dtype=torch.int32, device="cuda")
-    ccu = torch.tensor([0, 64, 64, 264], dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    ccu = torch.tensor([0, *torch.tensor(ctxs).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     q, k, v = rnd(1850, 28, 128), rnd(1850, 4, 128), rnd(1850, 4, 128)
     ck, cv = rnd(264, 4, 128), rnd(264, 4, 128)
     segs = [bk.ContiguousKV(ck, cv, cu_seqlens=ccu, max_seqlen=200), bk.ContiguousKV(k, v, cu_seqlens=cu, max_seqlen=1000)]
