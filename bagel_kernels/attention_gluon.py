@@ -188,6 +188,15 @@ if _HAVE_GLUON:
         return m_new, l_i, alpha, p
 
     @gluon.jit
+    def _scores(q, k, ready, empty, phase, zero_s):
+        """S = Q K^T of one landed K block (unscaled); the K stage is released as soon as the wgmma has read it."""
+        mbarrier.wait(ready, phase)
+        sc = warpgroup_mma(q, k.permute((1, 0)), zero_s, is_async=True)
+        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
+        mbarrier.arrive(empty, count=1)
+        return sc
+
+    @gluon.jit
     def _full_blocks(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, count, acc, m_i, l_i, qk_scale,
                      OVERLAP: gl.constexpr):
         """``count`` full key blocks (ring slots first .., no masks) into the running state (acc, m, l)."""
@@ -204,10 +213,7 @@ if _HAVE_GLUON:
                 # i-1, and block i's softmax runs while that P·V is still on the tensor cores. Each row still sees
                 # acc = acc * alpha_i + P_i V_i in block order: the same numbers as the plain loop.
                 s = first % NS
-                mbarrier.wait(kready.index(s), (first // NS) & 1)
-                sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
-                sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-                mbarrier.arrive(kempty.index(s), count=1)
+                sc = _scores(q, k_bufs.index(s), kready.index(s), kempty.index(s), (first // NS) & 1, zero_s)
                 m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
                 acc = acc * alpha[:, None]
                 p16 = gl.convert_layout(p.to(dtype), p_op)
@@ -235,10 +241,7 @@ if _HAVE_GLUON:
             for i in range(first, first + count):
                 s = i % NS
                 ph = (i // NS) & 1
-                mbarrier.wait(kready.index(s), ph)
-                sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
-                sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-                mbarrier.arrive(kempty.index(s), count=1)
+                sc = _scores(q, k_bufs.index(s), kready.index(s), kempty.index(s), ph, zero_s)
                 m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
                 acc = acc * alpha[:, None]
                 p16 = gl.convert_layout(p.to(dtype), p_op)
@@ -263,11 +266,8 @@ if _HAVE_GLUON:
         p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         s = ring % NS
         ph = (ring // NS) & 1
-        mbarrier.wait(kready.index(s), ph)
-        k = k_bufs.index(s).slice(0, KN, dim=0)
-        sc = warpgroup_mma(q, k.permute((1, 0)), gl.zeros([WM, KN], gl.float32, layout=mma_k), is_async=True)
-        sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-        mbarrier.arrive(kempty.index(s), count=1)
+        sc = _scores(q, k_bufs.index(s).slice(0, KN, dim=0), kready.index(s), kempty.index(s), ph,
+                     gl.zeros([WM, KN], gl.float32, layout=mma_k))
         offs = gl.arange(0, KN, layout=gl.SliceLayout(0, mma_k))
         sc = gl.where((offs < n_valid)[None, :], sc, float("-inf"))
         row_k: gl.constexpr = gl.SliceLayout(1, mma_k)
