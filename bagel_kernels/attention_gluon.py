@@ -480,6 +480,17 @@ def _paged_view(seg: PagedKV) -> tuple[int, int, int, int, int] | None:
     return None
 
 
+def _context_and_current(segments: list) -> tuple[ContiguousKV | PagedKV | None, ContiguousKV | None] | None:
+    """The one launch this kernel runs: (context or None, current tokens or None) — [cur], [ctx, cur] or a paged
+    [ctx] alone; None for any other list (more segments, or a paged segment last after a context)."""
+    if len(segments) == 1:
+        (seg,) = segments
+        return (None, seg) if isinstance(seg, ContiguousKV) else (seg, None)
+    if len(segments) == 2 and isinstance(segments[1], ContiguousKV):
+        return segments[0], segments[1]
+    return None
+
+
 def gluon_attention_supported(q: torch.Tensor, segments: list, visible_end, state, finalize: bool,
                               out: torch.Tensor | None) -> bool:
     """Whether ``attention_gluon`` takes this call (otherwise the Triton kernel does; both give the same bits)."""
@@ -491,18 +502,16 @@ def gluon_attention_supported(q: torch.Tensor, segments: list, visible_end, stat
         return False
     if visible_end is not None or state is not None:
         return False
-    if not finalize or q.shape[0] == 0 or not 1 <= len(segments) <= 2:
+    if not finalize or q.shape[0] == 0:
         return False
     if q.stride(2) != 1 or q.stride(1) != HEAD_DIM or not _aligned_rows(q, q.stride(0)):
         return False
     if out is not None and not (out.is_contiguous() and out.shape == q.shape and out.dtype == q.dtype):
         return False
-    *ctx, cur = segments
-    if not isinstance(cur, ContiguousKV):
-        if len(segments) == 2 or not isinstance(cur, PagedKV):
-            return False
-        ctx, cur = [cur], None
-    for seg in ctx + ([cur] if cur is not None else []):
+    split = _context_and_current(segments)
+    if split is None:
+        return False
+    for seg in (x for x in split if x is not None):
         if isinstance(seg, PagedKV):
             if _paged_view(seg) is None or not all(x.data_ptr() % 16 == 0 for x in (seg.k, seg.v)):
                 return False
@@ -519,10 +528,7 @@ def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tens
     tq, hq, d = q.shape
     dev = q.device
     dummy = _dummy(dev)
-    *ctxs, cur = segments
-    ctx = ctxs[0] if ctxs else None
-    if not isinstance(cur, ContiguousKV):
-        ctx, cur = cur, None
+    ctx, cur = _context_and_current(segments)
     out = out if out is not None else torch.empty_like(q)
     lse = torch.empty(tq, hq, dtype=torch.float32, device=dev)
     kv_layout, q_layout = _smem_layout(BLOCK_N, d, q.dtype), _smem_layout(WG_M, d, q.dtype)

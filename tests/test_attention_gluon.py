@@ -40,6 +40,18 @@ def test_paged_view_refuses_pages_tma_cannot_tile():
     assert ag._paged_view(seg) is None  # 12-token pages do not divide the 128-key block
 
 
+def test_one_launch_is_a_context_and_the_current_tokens():
+    z = torch.zeros(16, 4, 128, dtype=torch.bfloat16)
+    c, c2 = bk.ContiguousKV(z, z), bk.ContiguousKV(z, z)
+    view = bk.normalize_kv_cache(bk.allocate_kv_cache("flash_attn", 1, 16, 4, 128, dtype=torch.bfloat16), "flash_attn")
+    p = bk.PagedKV(view.k, view.v, torch.zeros(1, 1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
+    for segs, want in (([c], (None, c)), ([p], (p, None)), ([p, c], (p, c)), ([c2, c], (c2, c))):
+        got = ag._context_and_current(segs)
+        assert got is not None and all(a is b for a, b in zip(got, want))
+    assert ag._context_and_current([c, p]) is None  # a paged segment after a context: chained Triton launches
+    assert ag._context_and_current([p, c, c2]) is None
+
+
 def test_gluon_path_is_only_taken_where_it_applies():
     q = torch.zeros(8, 28, 128, dtype=torch.bfloat16)
     kv = bk.ContiguousKV(torch.zeros(8, 4, 128, dtype=torch.bfloat16), torch.zeros(8, 4, 128, dtype=torch.bfloat16))
