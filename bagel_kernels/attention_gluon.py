@@ -37,7 +37,7 @@ import os
 import torch
 import triton
 
-from .attention_triton import LOG2E, TRITON_BLOCK_M, TRITON_BLOCK_N, _dummy, _i32
+from .attention_triton import LOG2E, TRITON_BLOCK_M, TRITON_BLOCK_N, _contiguous_meta, _dummy, _i32
 from .attention_types import AttentionOutput, ContiguousKV, PagedKV
 
 try:  # Gluon ships with Triton >= 3.5; the project pins 3.6 (CPU CI imports this module, never launches it)
@@ -540,15 +540,12 @@ def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tens
     o_desc = rows_desc(out, WG_M, q_layout)
     if cur is not None:
         k1_desc, v1_desc = rows_desc(cur.k, BLOCK_N, kv_layout), rows_desc(cur.v, BLOCK_N, kv_layout)
-        cu1 = _i32(cur.cu_seqlens) if cur.cu_seqlens is not None else dummy
-        len1 = _i32(cur.seqlens) if cur.seqlens is not None else dummy
-        rows1 = cur.k.shape[0]
+        cu1, cur_cu, len1, cur_lens, rows1 = _contiguous_meta(cur, dummy)
     else:  # placeholders of the right block shape; never read
         k1_desc = v1_desc = rows_desc(q, BLOCK_N, kv_layout)
-        cu1 = len1 = dummy
-        rows1 = 0
+        cu1, cur_cu, len1, cur_lens, rows1 = dummy, False, dummy, False, 0
     bt0, s_bt0, page0, r0, rh0, ch0, rows0 = dummy, 0, 1, 0, 0, 0, 0
-    cu0 = len0 = dummy
+    cu0, ctx_cu, len0, ctx_lens = dummy, False, dummy, False
     paged = isinstance(ctx, PagedKV)
     if ctx is None:
         k0_desc, v0_desc = k1_desc, v1_desc
@@ -563,18 +560,14 @@ def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tens
         bt0, s_bt0, page0, len0 = _i32(ctx.block_table), ctx.block_table.stride(0), bs, _i32(ctx.seqlens)
     else:
         k0_desc, v0_desc = rows_desc(ctx.k, BLOCK_N, kv_layout), rows_desc(ctx.v, BLOCK_N, kv_layout)
-        cu0 = _i32(ctx.cu_seqlens) if ctx.cu_seqlens is not None else dummy
-        len0 = _i32(ctx.seqlens) if ctx.seqlens is not None else dummy
-        rows0 = ctx.k.shape[0]
+        cu0, ctx_cu, len0, ctx_lens, rows0 = _contiguous_meta(ctx, dummy)
     batch = 1 if cu_seqlens_q is None else cu_seqlens_q.shape[0] - 1
     grid = (triton.cdiv(max(max_seqlen_q, 1), BLOCK_M), hq, batch)
     _attn_fwd_ws[grid](
         q_desc, o_desc, k0_desc, v0_desc, k1_desc, v1_desc, out, out.stride(0), out.stride(1), lse,
         bt0, s_bt0, page0, r0, rh0, ch0, rows0, cu0, len0, rows0 if not paged else 0, rows1, cu1, len1, rows1,
         dummy if cu_seqlens_q is None else _i32(cu_seqlens_q), tq, tq, scale * LOG2E, gqa_group, q_head_offset, hq,
-        HAS_CTX=ctx is not None, CTX_PAGED=paged, CTX_CU=(not paged and ctx is not None and ctx.cu_seqlens is not None),
-        CTX_LENS=(not paged and ctx is not None and ctx.seqlens is not None), HAS_CUR=cur is not None,
-        CUR_CU=cur is not None and cur.cu_seqlens is not None, CUR_LENS=cur is not None and cur.seqlens is not None,
-        Q_CU=cu_seqlens_q is not None, NUM_STAGES=STAGES, OVERLAP=OVERLAP, num_warps=4, maxnreg=MAXNREG,
+        HAS_CTX=ctx is not None, CTX_PAGED=paged, CTX_CU=ctx_cu, CTX_LENS=ctx_lens, HAS_CUR=cur is not None,
+        CUR_CU=cur_cu, CUR_LENS=cur_lens, Q_CU=cu_seqlens_q is not None, NUM_STAGES=STAGES, OVERLAP=OVERLAP, num_warps=4, maxnreg=MAXNREG,
     )
     return AttentionOutput(out=out, lse=lse)
