@@ -6,6 +6,7 @@ CUDA tensors go to Triton. CPU tensors go to the plain-torch reference, unless t
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Literal
 
@@ -47,3 +48,26 @@ def resolve_mode(mode: str | None = None) -> Mode:
     if choice not in _MODES:
         raise ValueError(f"unknown kernel mode {choice!r}; expected one of {_MODES}")
     return choice  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_importable() -> bool:
+    try:  # Gluon ships with Triton >= 3.5 (the project pins 3.6); the Hopper parts are what the kernels use
+        import triton.experimental.gluon.language.nvidia.hopper  # noqa: F401
+        import triton.experimental.gluon.nvidia.hopper  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def gluon_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Where the warp-specialized Gluon kernels run (routed GEMM, attention): a Hopper GPU (sm_90) and 16-bit
+    operands. Cached per device: it is asked on every kernel call."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not _gluon_importable():
+        return False
+    return _sm_major(device.index if device.index is not None else torch.cuda.current_device()) == 9

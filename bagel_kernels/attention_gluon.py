@@ -37,6 +37,7 @@ import os
 import torch
 import triton
 
+from ._dispatch import gluon_available
 from .attention_triton import LOG2E, TRITON_BLOCK_M, TRITON_BLOCK_N, _contiguous_meta, _dummy, _i32
 from .attention_types import AttentionOutput, ContiguousKV, PagedKV
 
@@ -448,11 +449,6 @@ if _HAVE_GLUON:
 
 
 @functools.lru_cache(maxsize=None)
-def _is_hopper(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] == 9
-
-
-@functools.lru_cache(maxsize=None)
 def _smem_layout(rows: int, cols: int, dtype: torch.dtype):
     """The swizzled shared-memory layout of a (rows, cols) TMA tile (cached: it is host overhead on every call)."""
     return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
@@ -494,11 +490,9 @@ def _context_and_current(segments: list) -> tuple[ContiguousKV | PagedKV | None,
 def gluon_attention_supported(q: torch.Tensor, segments: list, visible_end, state, finalize: bool,
                               out: torch.Tensor | None) -> bool:
     """Whether ``attention_gluon`` takes this call (otherwise the Triton kernel does; both give the same bits)."""
-    if not _HAVE_GLUON or os.environ.get("BAGEL_ATTN_GLUON", "1") == "0":
+    if os.environ.get("BAGEL_ATTN_GLUON", "1") == "0" or not gluon_available(q.device, q.dtype):
         return False
-    if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16) or q.shape[2] != HEAD_DIM:
-        return False
-    if not _is_hopper(q.device.index if q.device.index is not None else torch.cuda.current_device()):
+    if q.shape[2] != HEAD_DIM:
         return False
     if visible_end is not None or state is not None:
         return False

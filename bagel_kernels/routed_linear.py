@@ -86,7 +86,8 @@ def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch
         return routed_linear_reference(x, routing, weight, bias, activation, residual)
     if resolve_mode(mode) == "fast" and x.device.type == "cuda":
         return routed_linear_reference(x, routing, weight, bias, activation, residual, pad_rows=False)
-    from .routed_linear_gluon import gluon_available, routed_gemm_gluon
+    from ._dispatch import gluon_available
+    from .routed_linear_gluon import routed_gemm_gluon
     from .routed_linear_triton import SMALL_BATCH_ROWS, routed_gemm_small_batch_triton, routed_gemm_triton
 
     expert_ids = device_expert_ids(routing, expert_ids, weight.shape[0], x.device)

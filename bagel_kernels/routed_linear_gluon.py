@@ -13,8 +13,8 @@ straddles the und/gen boundary runs the K loop once per expert present and write
 row-masked store. Neither the tile plan nor which program computes a tile changes a row's arithmetic. The GPU
 tests check rows are bitwise those of the Triton kernel.
 
-Used for 16-bit inputs on compute capability 9.x (see ``gluon_available``); fp32 and the CPU interpreter stay on
-the Triton kernel.
+Used for 16-bit inputs on compute capability 9.x (see ``_dispatch.gluon_available``); fp32 and the CPU
+interpreter stay on the Triton kernel.
 """
 from __future__ import annotations
 
@@ -31,14 +31,6 @@ try:  # Gluon ships with Triton >= 3.5; the project pins 3.6 (CPU CI imports thi
     _HAVE_GLUON = True
 except ImportError:  # pragma: no cover - older Triton
     _HAVE_GLUON = False
-
-
-def gluon_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """True where the Gluon kernel runs: a Hopper GPU (sm_90) and 16-bit operands."""
-    if not _HAVE_GLUON or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(idx)[0] == 9
 
 
 if _HAVE_GLUON:
