@@ -12,6 +12,8 @@ Weights are stacked per expert: ``W`` is (E, P, N, K) where P = 1 for a plain li
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +151,12 @@ def _num_programs(device: torch.device, tiles: int) -> int:
         sms = _SM_COUNT[idx]
     else:
         sms = 4  # interpreter: a few programs so the persistent loop is exercised
+    if os.environ.get("BAGEL_GEMM_PROGRAMS") == "tiles":
+        # One program per tile: for a GPU shared with another process (the split pipeline's stage 1 beside stage
+        # 0's decode), where a persistent program that cannot start on a busy SM holds back its whole share of
+        # tiles; the hardware scheduler balances single tiles around the other kernels. Same bits (a tile's
+        # arithmetic does not depend on the program that runs it).
+        return max(1, tiles)
     return max(1, min(sms, tiles))
 
 

@@ -182,9 +182,11 @@ def send_payload(connector, payload: KVPayload) -> None:
         connector.send(serialize(payload))
 
 
-def recv_payload(connector, timeout: float = 600.0) -> KVPayload:
+def recv_payload(connector, timeout: float = 600.0, device: torch.device | str | None = None) -> KVPayload:
+    """Receive a payload. ``device``: where a tensor connector puts its copies (the receiver's GPU when stage 0
+    runs on another one: one peer copy, no host round trip); byte connectors give CPU tensors either way."""
     if hasattr(connector, "recv_payload"):
-        return connector.recv_payload(timeout=timeout)
+        return connector.recv_payload(timeout=timeout, device=device)
     return deserialize(connector.recv(timeout=timeout))
 
 
@@ -292,7 +294,7 @@ class TensorQueueConnector:
         self._held[p.request_id] = tensors
         self._q.put((header, tensors))
 
-    def recv_payload(self, timeout: float = 600.0) -> KVPayload:
+    def recv_payload(self, timeout: float = 600.0, device: torch.device | str | None = None) -> KVPayload:
         try:
             msg = self._q.get(timeout=timeout)
         except queue.Empty:
@@ -303,7 +305,8 @@ class TensorQueueConnector:
             raise PayloadError(f"KV payload message is malformed ({type(msg).__name__})")
         meta, received = msg
         _check_header(meta, "sums")
-        tensors = {n: t.clone() for n, t in received.items()}  # own copies: the sender may free its own now
+        # own copies (the sender may free its own now), on the receiver's device if it named one
+        tensors = {n: t.to(device or t.device, copy=True) for n, t in received.items()}
         del received
         self._acks.put(meta["request_id"])
         if _tensor_sums(tensors) != meta["sums"]:

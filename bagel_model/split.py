@@ -3,6 +3,8 @@ a connector (the KV tensors themselves through CUDA IPC, or serialized bytes in 
 weights from a ``ModelSpec``."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import queue
 import time
@@ -41,6 +43,15 @@ class ModelSpec:
         return model, tok
 
 
+def _stream_context(device: str, priority: int | None):
+    """Run a stage's work on a CUDA stream of ``priority`` (lower = more urgent; torch's default stream is the
+    least urgent, 0): the GPU's block scheduler then dispatches this stage's pending blocks before those of
+    default-priority work sharing the GPU. No-op on CPU or with no priority."""
+    if priority is None or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.Stream(device=device, priority=priority))
+
+
 def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready, timeout: float,
                    env: dict[str, str] | None = None) -> None:
     from functools import partial
@@ -66,7 +77,7 @@ def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready
 
 
 def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float, ready, n_requests: int,
-                   env: dict[str, str] | None = None) -> None:
+                   env: dict[str, str] | None = None, stream_priority: int | None = None) -> None:
     os.environ.update(env or {})  # before the model (and CUDA) is touched
 
     from .kv_transfer import recv_payload
@@ -75,11 +86,12 @@ def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: floa
     events = EventLog()
     try:
         model, _ = spec.load()
-        for _ in range(n_requests):
-            events = EventLog()
-            ready.wait(timeout=timeout)
-            payload = recv_payload(connector, timeout=timeout)
-            r = run_stage1(model, payload, layout=layout, events=events)
+        with _stream_context(spec.device, stream_priority):
+            for _ in range(n_requests):
+                events = EventLog()
+                ready.wait(timeout=timeout)
+                payload = recv_payload(connector, timeout=timeout, device=model.device)
+                r = run_stage1(model, payload, layout=layout, events=events)
         out_q.put(("stage1", {"latent": r.latent.cpu().numpy(), "image": r.image.cpu().numpy(),  # numpy: plain pickles, no fd sharing with an exiting process
                               "latent_md5": r.latent_md5,
                               "image_md5": r.image_md5, "params": r.params.to_dict(), "events": events.events}))
@@ -89,7 +101,8 @@ def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: floa
 
 def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfer_nhd",
                         timeout: float = 1800.0, warmup: Request | None = None, connector: str | None = None,
-                        stage_env: dict[str, dict[str, str]] | None = None) -> dict:
+                        stage_env: dict[str, dict[str, str]] | None = None, stage0_device: str | None = None,
+                        stage1_stream_priority: int | None = None) -> dict:
     """Run stage 0 and stage 1 as two spawned processes; returns both stages' results and their events.
 
     ``warmup``: a request both processes serve first (kernels loaded, allocator warm), as a running server would be;
@@ -97,7 +110,10 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
     copy — the default on CUDA) or "shm" (serialized bytes in shared memory with a CRC-32 — the default on CPU).
     ``stage_env``: extra environment per stage (``{"stage0": {...}, "stage1": {...}}``), applied in the child before
     CUDA starts — e.g. ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` to cap stage 0's share of the SMs when both stages share
-    one GPU under MPS."""
+    one GPU under MPS, or ``CUDA_MPS_CLIENT_PRIORITY=1`` to make stage 0 a below-normal-priority MPS client.
+    ``stage0_device``: stage 0's device when it is not ``spec.device`` (e.g. "cuda:1": the AR stage on a second
+    GPU, as the seeds serve it; the KV then crosses GPUs once, peer to peer). ``stage1_stream_priority``: run stage 1
+    on a CUDA stream of that priority (e.g. -1: ahead of stage 0's default-priority decode when both share a GPU)."""
     import torch.multiprocessing as mp
 
     from .kv_transfer import SharedMemoryConnector, TensorQueueConnector
@@ -107,6 +123,10 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
         raise ValueError(f"unknown split connector {connector!r}; expected 'tensor' or 'shm'")
 
     req.validate()
+    spec0 = dataclasses.replace(spec, device=stage0_device) if stage0_device else spec
+    if connector == "tensor" and spec0.device.split(":")[0] != spec.device.split(":")[0]:
+        raise ValueError(f"stage 0 on {spec0.device!r} and stage 1 on {spec.device!r}: the tensor connector needs "
+                         "both stages on the same kind of device (it hands CUDA tensors over by IPC); use 'shm'")
     if req.mode not in ("text2img", "img2img"):
         raise ValueError(f"--split serves image outputs (text2img, img2img); {req.mode} runs in stage 0 alone")
     ctx = mp.get_context("spawn")
@@ -117,10 +137,11 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
     unknown = set(env) - {"stage0", "stage1"}
     if unknown:
         raise ValueError(f"stage_env keys must be 'stage0'/'stage1', got {sorted(unknown)}")
-    procs = [ctx.Process(target=_stage0_worker, args=(spec, reqs, conn, out_q, ready, timeout, env.get("stage0")),
+    procs = [ctx.Process(target=_stage0_worker, args=(spec0, reqs, conn, out_q, ready, timeout, env.get("stage0")),
                          name="bagel-stage0"),
              ctx.Process(target=_stage1_worker,
-                         args=(spec, layout1, conn, out_q, timeout, ready, len(reqs), env.get("stage1")),
+                         args=(spec, layout1, conn, out_q, timeout, ready, len(reqs), env.get("stage1"),
+                               stage1_stream_priority),
                          name="bagel-stage1")]
     t0 = time.monotonic()
     for p in procs:

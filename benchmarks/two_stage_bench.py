@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
@@ -31,7 +30,7 @@ def main() -> None:
     from bagel_model.denoise import SamplingParams
     from bagel_model.pipeline import BagelPipeline
     from bagel_model.split import ModelSpec, run_split_processes
-    from bagel_model.stages import Request
+    from bagel_model.stages import EventLog, Request, run_stage0, run_stage1
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
@@ -39,16 +38,40 @@ def main() -> None:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--size", type=int, default=None, help="image side (default 1024 for the 7B preset, 64 tiny)")
     ap.add_argument("--steps", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--modes", nargs="+", choices=["text2img", "img2img"], default=["text2img", "img2img"])
+    ap.add_argument("--layout1", default="flashinfer_nhd",
+                    help="stage 1's cache layout in the split run (the single-stage run keeps stage 0's flash_attn)")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--connector", choices=["tensor", "shm"], default=None,
                     help="split connector (default: tensor = CUDA IPC on GPU, shm on CPU)")
     ap.add_argument("--stage0-sm-percent", type=int, default=None,
                     help="one GPU under MPS (nvidia-cuda-mps-control -d): cap stage 0's share of the SMs "
                          "(CUDA_MPS_ACTIVE_THREAD_PERCENTAGE) so its decode disturbs the denoiser less")
+    ap.add_argument("--stage0-mps-priority", choices=["normal", "below_normal"], default=None,
+                    help="one GPU under MPS: stage 0's client priority (CUDA_MPS_CLIENT_PRIORITY 0/1); below_normal "
+                         "lets the denoiser's kernels go first")
+    ap.add_argument("--stage1-stream-priority", type=int, default=None,
+                    help="run stage 1 on a CUDA stream of this priority (-1 or lower: more urgent than the default "
+                         "stream stage 0 decodes on)")
+    ap.add_argument("--stage0-device", default=None,
+                    help="stage 0's device in the split run, e.g. cuda:1 (the AR stage on a second GPU; the "
+                         "single-stage run and stage 1 use --device)")
+    ap.add_argument("--stage-env", nargs="+", default=[], metavar="STAGE:KEY=VALUE",
+                    help="extra environment of one split stage, e.g. stage1:BAGEL_GEMM_PROGRAMS=tiles")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    stage_env = ({"stage0": {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(a.stage0_sm_percent)}}
-                 if a.stage0_sm_percent else None)
+    env0 = {}
+    if a.stage0_sm_percent:
+        env0["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(a.stage0_sm_percent)
+    if a.stage0_mps_priority:
+        env0["CUDA_MPS_CLIENT_PRIORITY"] = "1" if a.stage0_mps_priority == "below_normal" else "0"
+    stage_env = {"stage0": env0}
+    for item in a.stage_env:
+        stage, _, kv = item.partition(":")
+        key, _, value = kv.partition("=")
+        if stage not in ("stage0", "stage1") or not key:
+            ap.error(f"--stage-env {item!r}: expected stage0:KEY=VALUE or stage1:KEY=VALUE")
+        stage_env.setdefault(stage, {})[key] = value
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     size = a.size or (1024 if a.preset == "bagel-7b-mot" else 64)
     spec = ModelSpec(preset=a.preset, seed=0, dtype=dtype, device=a.device, threads=1 if a.device == "cpu" else 4)
@@ -65,7 +88,7 @@ def main() -> None:
     rows = []
     model, tok = spec.load()
     pipe = BagelPipeline(model, tok)
-    for mode in ("text2img", "img2img"):
+    for mode in a.modes:
         for steps in a.steps:
             req = request(mode, steps)
             single_req = Request(req.mode, req.prompt, req.params, req.image, 0)
@@ -73,10 +96,13 @@ def main() -> None:
                 pipe.generate(Request(mode, req.prompt, SamplingParams(steps=2, height=size, width=size),
                                       req.image, 0))  # warm-up (Triton compilation)
             _sync(a.device)
-            t0 = time.monotonic()
-            _, r = pipe.generate(single_req)
+            ev = EventLog()  # pipe.generate's two calls, with their events recorded
+            r0 = run_stage0(model, tok, single_req, events=ev)
+            r = run_stage1(model, r0.payload, r0.contexts, "flash_attn", events=ev)
             _sync(a.device)
-            rows.append({"mode": mode, "steps": steps, "single_s": time.monotonic() - t0, "single_md5": r.image_md5})
+            e = dict(ev.events)
+            rows.append({"mode": mode, "steps": steps, "single_s": e["stage1_done"] - e["stage0_start"],
+                         "single_md5": r.image_md5, "single_first_step_after_s": e["dit_step"] - e["stage0_start"]})
             print(rows[-1], flush=True)
     del model, pipe
     if a.device.startswith("cuda"):
@@ -85,18 +111,22 @@ def main() -> None:
         req = request(row["mode"], row["steps"])
         warm = Request(req.mode, req.prompt, SamplingParams(steps=2, height=size, width=size), req.image, 2,
                        ignore_eos=True)
-        res = run_split_processes(spec, req, layout1="flashinfer_nhd", warmup=warm, connector=a.connector,
-                                  stage_env=stage_env)
+        res = run_split_processes(spec, req, layout1=a.layout1, warmup=warm, connector=a.connector,
+                                  stage_env=stage_env, stage0_device=a.stage0_device,
+                                  stage1_stream_priority=a.stage1_stream_priority)
         ev0, ev1 = dict(res["stage0"]["events"]), dict(res["stage1"]["events"])
         row["split_s"] = ev1["stage1_done"] - ev0["stage0_start"]
         row["split_md5"] = res["stage1"]["image_md5"]
         row["kv_forwarded_after_s"] = ev0["kv_forwarded"] - ev0["stage0_start"]
+        row["split_first_step_after_s"] = ev1["dit_step"] - ev0["stage0_start"]  # hand-over cost: vs single's
+        row["layout1"] = a.layout1
         row["stage0_decode_end_after_s"] = ev0["stage0_done"] - ev0["stage0_start"]
         row["decoded_tokens"] = len(res["stage0"]["text_ids"])
         row["split/single"] = row["split_s"] / row["single_s"]
         row["connector"] = a.connector or ("tensor" if a.device.startswith("cuda") else "shm")
         row["md5_equal"] = row["split_md5"] == row["single_md5"]
-        row["stage0_sm_percent"] = a.stage0_sm_percent
+        row.update(stage_env=stage_env, stage0_sm_percent=a.stage0_sm_percent, stage0_mps_priority=a.stage0_mps_priority,
+                   stage1_stream_priority=a.stage1_stream_priority, stage0_device=a.stage0_device or a.device)
         print(row, flush=True)
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)

@@ -126,6 +126,16 @@ def test_routed_linear_rows_are_batch_invariant(dtype, swiglu):
         assert torch.equal(part, full[a:b]), f"rows [{a}, {b}) differ from the full launch"
 
 
+def test_one_program_per_tile_gives_the_persistent_launch_bits(monkeypatch):
+    """BAGEL_GEMM_PROGRAMS=tiles (a GPU shared with another process) only changes which program runs a tile."""
+    g = torch.Generator().manual_seed(4)
+    x, w = rnd(300, 96, dtype=torch.bfloat16, gen=g), rnd(2, 2, 160, 96, dtype=torch.bfloat16, gen=g, scale=0.1)
+    r = routing_for("mixed", 300)
+    persistent = bk.routed_linear(x, r, w, activation="swiglu", backend="triton")
+    monkeypatch.setenv("BAGEL_GEMM_PROGRAMS", "tiles")
+    assert torch.equal(bk.routed_linear(x, r, w, activation="swiglu", backend="triton"), persistent)
+
+
 def test_routed_linear_one_expert_rows_equal_dense():
     """Rows routed to one expert are bitwise the dense (one-expert) GEMM with that expert's weight."""
     g = torch.Generator().manual_seed(3)

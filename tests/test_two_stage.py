@@ -2,7 +2,6 @@
 every request parameter reaches stage 1, malformed payloads are rejected."""
 import dataclasses
 import os
-import threading
 import time
 
 import pytest
@@ -50,10 +49,34 @@ def test_split_processes_match_single_stage(pipe, image, connector):
         _, single = pipe.generate(req)
         # a per-stage environment (what the one-GPU MPS benchmark uses to cap stage 0's SMs) changes no bits
         env = {"stage0": {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "50"}} if connector == "shm" else None
+        # and so do the placement options (a no-op stream priority on the CPU, stage 0's device named explicitly)
+        placement = {"stage0_device": "cpu", "stage1_stream_priority": -1} if connector == "tensor" else {}
         res = run_split_processes(ModelSpec(preset="tiny", seed=0), req, layout1="flashinfer_nhd", connector=connector,
-                                  stage_env=env)
+                                  stage_env=env, **placement)
         assert res["stage1"]["image_md5"] == single.image_md5, mode
         assert res["stage1"]["latent_md5"] == single.latent_md5, mode
+
+
+def test_split_processes_reject_stages_on_different_kinds_of_device():
+    from bagel_model.split import ModelSpec, run_split_processes
+
+    req = Request("text2img", "a red cube", params(), None, max_tokens=1)
+    with pytest.raises(ValueError, match="same kind of device"):
+        run_split_processes(ModelSpec(preset="tiny", seed=0), req, connector="tensor", stage0_device="cuda:0")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_split_processes_across_two_gpus_match_single_stage():
+    """The seeds' placement: the AR stage on a second GPU, the KV handed over by IPC and copied peer to peer."""
+    from bagel_model.split import ModelSpec, run_split_processes
+
+    spec = ModelSpec(preset="tiny", seed=0, device="cuda:0")
+    model, tok = spec.load()
+    req = Request("text2img", "a red cube", params(), None, max_tokens=8, ignore_eos=True)
+    _, single = BagelPipeline(model, tok).generate(Request(req.mode, req.prompt, req.params, None, 0))
+    res = run_split_processes(spec, req, connector="tensor", stage0_device="cuda:1", stage1_stream_priority=-1)
+    assert res["stage1"]["image_md5"] == single.image_md5
+    assert len(res["stage0"]["text_ids"]) == 8
 
 
 def test_split_processes_reject_an_unknown_stage_environment(image):
