@@ -8,7 +8,8 @@ warpgroups each own 64 of the tile's 128 query rows. The consumers are independe
 barrier between them, so one warpgroup's softmax runs while the other's wgmma keeps the tensor cores busy; inside a
 warpgroup QK^T of block i is issued before P·V of block i-1, so its own softmax also runs under a wgmma (FA3's
 intra-warpgroup overlap; ``BAGEL_ATTN_OVERLAP=0`` runs the plain loop, same bits). A segment's partial last block
-with at most 64 real keys runs on half the stage (half the wgmma and softmax work, same bits: see
+runs on the first 16 rows of the stage when it has at most 16 real keys (the 2-key remainder of 4098 or 1026
+current tokens) and on half the stage when it has at most 64: less wgmma and softmax work, same bits (see
 ``_partial_block``).
 
 Exactness: a query row's arithmetic is the Triton kernel's, step for step — the same fixed BLOCK_N = 128 key blocks
@@ -60,6 +61,23 @@ STAGES = 3  # Q (32 KiB) + 3 x (K 32 KiB + V 32 KiB) = 224 KiB of the 227 KiB
 MAXNREG = 168  # 65536 registers / (3 warpgroups x 128 threads)
 PRODUCER_REGS = 56  # the producer warp's share; the consumer warpgroups get the rest
 OVERLAP = os.environ.get("BAGEL_ATTN_OVERLAP", "1") != "0"  # exploration switch: the plain loop gives the same bits
+# How the key blocks are pipelined; every schedule gives the same bits, only the issue order differs.
+# "segment": each segment its own software pipeline, its short last block run after it drains. "chained": one
+# pipeline through both segments, short blocks (16/64/128 keys wide) included as links, so it never drains before
+# the end. "auto" (the default) chains where the context has at least one full block (H100: +1-2 % at 1024² with
+# contexts of 1024 and 8192 keys) and keeps "segment" for short or absent contexts (chained is 7 % slower at 512²
+# with a 64-key context). BAGEL_ATTN_SCHEDULE overrides it.
+SCHEDULES = {"segment": 0, "chained": 1}
+
+
+def _schedule(ctx) -> int:
+    name = os.environ.get("BAGEL_ATTN_SCHEDULE", "auto")
+    if name == "auto":
+        # the host's bound on the context length (no device sync): it picks an issue order, never a number
+        return SCHEDULES["chained" if ctx is not None and ctx.span >= BLOCK_N else "segment"]
+    if name not in SCHEDULES:
+        raise ValueError(f"BAGEL_ATTN_SCHEDULE={name!r}: expected 'auto' or one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name]
 
 
 if _HAVE_GLUON:
@@ -255,10 +273,10 @@ if _HAVE_GLUON:
     @gluon.jit
     def _partial_block(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, n_valid, dirty, acc, m_i, l_i,
                        qk_scale, KN: gl.constexpr):
-        """A segment's last block with ``n_valid`` < BLOCK_N real keys, on the first KN rows of the stage: KN = 64
-        when n_valid <= 64 (half the wgmma and softmax work), else the whole block. Same numbers either way: the
-        keys a half block leaves out score -inf in the whole block, so they add exact zeros to every max, sum and
-        product of that row (the Triton kernel runs the whole masked block)."""
+        """A segment's last block with ``n_valid`` < BLOCK_N real keys, on the first KN rows of the stage: KN = 16
+        when n_valid <= 16, 64 when n_valid <= 64 (an eighth / half of the wgmma and softmax work), else the whole
+        block. Same numbers either way: the keys a shorter block leaves out score -inf in the whole block, so they
+        add exact zeros to every max, sum and product of that row (the Triton kernel runs the whole masked block)."""
         NS: gl.constexpr = k_bufs.shape[0]
         WM: gl.constexpr = q.shape[0]
         dtype: gl.constexpr = k_bufs.dtype
@@ -298,7 +316,10 @@ if _HAVE_GLUON:
                                      qk_scale, OVERLAP)
         ring = first + n_full
         if tail > 0:
-            if tail <= NB // 2:
+            if tail <= 16:  # e.g. the 2-key remainder of 4098 or 1026 current tokens
+                acc, m_i, l_i = _partial_block(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, tail, dirty,
+                                               acc, m_i, l_i, qk_scale, 16)
+            elif tail <= NB // 2:
                 acc, m_i, l_i = _partial_block(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, tail, dirty,
                                                acc, m_i, l_i, qk_scale, NB // 2)
             else:
@@ -307,9 +328,171 @@ if _HAVE_GLUON:
             ring += 1
         return acc, m_i, l_i, ring
 
+    @gluon.constexpr_function
+    def _kn_layout(KN):
+        """Scores layout of a KN-key block: one warpgroup, 16 rows per warp, instruction N = KN."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KN, 16])
+
+    @gluon.jit
+    def _masked_softmax(sc, n_valid, m_i, l_i, qk_scale, dtype: gl.constexpr, mma: gl.constexpr):
+        """Mask keys >= n_valid of a (WM, KN) score block, run the online-softmax step in the block's own layout:
+        (m, l, alpha) in the accumulator's row layout, and P as the P·V operand."""
+        KN: gl.constexpr = sc.shape[1]
+        if n_valid < KN:
+            offs = gl.arange(0, KN, layout=gl.SliceLayout(0, sc.type.layout))
+            sc = gl.where((offs < n_valid)[None, :], sc, float("-inf"))
+        row_k: gl.constexpr = gl.SliceLayout(1, sc.type.layout)
+        row_l: gl.constexpr = gl.SliceLayout(1, mma)
+        m_new, l_new, alpha, p = _softmax_step(sc, gl.convert_layout(m_i, row_k), gl.convert_layout(l_i, row_k),
+                                               qk_scale)
+        p16 = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2))
+        return (gl.convert_layout(m_new, row_l), gl.convert_layout(l_new, row_l), gl.convert_layout(alpha, row_l),
+                p16)
+
+    @gluon.jit
+    def _chain_start(q, k_bufs, kready, kempty, i, n_valid, m_i, l_i, acc, qk_scale, KN: gl.constexpr):
+        """The chain's first link: QK^T of ring block i (first KN keys of its stage) and its softmax; its P·V is
+        left pending. Returns (acc rescaled, m, l, P)."""
+        NS: gl.constexpr = k_bufs.shape[0]
+        WM: gl.constexpr = q.shape[0]
+        dtype: gl.constexpr = k_bufs.dtype
+        mma: gl.constexpr = acc.type.layout
+        s = i % NS
+        sc = _scores(q, k_bufs.index(s).slice(0, KN, dim=0), kready.index(s), kempty.index(s), (i // NS) & 1,
+                     gl.zeros([WM, KN], gl.float32, layout=_kn_layout(KN)))
+        m_i, l_i, alpha, p16 = _masked_softmax(sc, n_valid, m_i, l_i, qk_scale, dtype, mma)
+        return acc * alpha[:, None], m_i, l_i, p16
+
+    @gluon.jit
+    def _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, i, n_valid, p_prev, n_prev, dirty_prev,
+                    acc, m_i, l_i, qk_scale, KN: gl.constexpr):
+        """One link of the chained pipeline: QK^T of ring block i (KN keys) is issued before P·V of block i-1
+        (``p_prev``, as many keys as its width), so block i's softmax runs under that P·V. The widths may
+        differ: this is how a segment's short last block joins the pipeline instead of draining it."""
+        NS: gl.constexpr = k_bufs.shape[0]
+        WM: gl.constexpr = q.shape[0]
+        KP: gl.constexpr = p_prev.shape[1]
+        dtype: gl.constexpr = k_bufs.dtype
+        mma: gl.constexpr = acc.type.layout
+        s = i % NS
+        sp = (i - 1) % NS
+        mbarrier.wait(kready.index(s), (i // NS) & 1)
+        sc = warpgroup_mma(q, k_bufs.index(s).slice(0, KN, dim=0).permute((1, 0)),
+                           gl.zeros([WM, KN], gl.float32, layout=_kn_layout(KN)), is_async=True)
+        mbarrier.wait(vready.index(sp), ((i - 1) // NS) & 1)
+        v = v_bufs.index(sp).slice(0, KP, dim=0)
+        if dirty_prev & (n_prev < KP):
+            _zero_rows_from(v, n_prev)
+        acc = warpgroup_mma(p_prev, v, acc, is_async=True)
+        sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))  # groups retire in order: QK^T is done
+        mbarrier.arrive(kempty.index(s), count=1)
+        m_i, l_i, alpha, p16 = _masked_softmax(sc, n_valid, m_i, l_i, qk_scale, dtype, mma)
+        acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_prev))
+        mbarrier.arrive(vempty.index(sp), count=1)
+        return acc * alpha[:, None], m_i, l_i, p16
+
+    @gluon.jit
+    def _chain_end(v_bufs, vready, vempty, i, p_prev, n_prev, dirty_prev, acc):
+        """The last P·V of the chain (ring block i, ``p_prev``'s width)."""
+        NS: gl.constexpr = v_bufs.shape[0]
+        KP: gl.constexpr = p_prev.shape[1]
+        s = i % NS
+        mbarrier.wait(vready.index(s), (i // NS) & 1)
+        v = v_bufs.index(s).slice(0, KP, dim=0)
+        if dirty_prev & (n_prev < KP):
+            _zero_rows_from(v, n_prev)
+        acc = warpgroup_mma(p_prev, v, acc, is_async=True)
+        acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_prev))
+        mbarrier.arrive(vempty.index(s), count=1)
+        return acc
+
+    @gluon.jit
+    def _chain_full(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, count, p16, acc, m_i, l_i, qk_scale):
+        """Full blocks first..first+count-1 chained after a pending P (no masks, nothing dirty)."""
+        NB: gl.constexpr = k_bufs.shape[1]
+        for i in range(first, first + count):
+            acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, i, NB, p16, NB,
+                                             False, acc, m_i, l_i, qk_scale, NB)
+        return acc, m_i, l_i, p16
+
+    @gluon.jit
+    def _chained(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty, g_dirty, acc, m_i, l_i,
+                 qk_scale):
+        """Both segments as ONE software pipeline, each segment's short last block (16, 64 or 128 keys wide)
+        included as a link: the pipeline never drains at the context/current boundary or before the last block.
+        Needs at least one full current block (the caller checks). Same numbers as ``_segment``: every block's
+        keys, width, mask and update are the same, only the issue order of independent wgmmas differs."""
+        NB: gl.constexpr = k_bufs.shape[1]
+        nc_full = c_len // NB
+        c_tail = c_len - nc_full * NB
+        nb0 = nc_full + (c_tail > 0).to(gl.int32)
+        ng_full = g_len // NB
+        g_tail = g_len - ng_full * NB
+        # 1. the context, ending with the first current block's softmax done and its P·V pending (width NB)
+        if nc_full > 0:
+            acc, m_i, l_i, p16 = _chain_start(q, k_bufs, kready, kempty, 0, NB, m_i, l_i, acc, qk_scale, NB)
+            acc, m_i, l_i, p16 = _chain_full(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 1, nc_full - 1, p16,
+                                             acc, m_i, l_i, qk_scale)
+            if c_tail == 0:
+                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, NB, p16, NB,
+                                                 False, acc, m_i, l_i, qk_scale, NB)
+            elif c_tail <= 16:
+                acc, m_i, l_i, p_16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nc_full, c_tail,
+                                                p16, NB, False, acc, m_i, l_i, qk_scale, 16)
+                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, NB, p_16,
+                                                 c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
+            elif c_tail <= NB // 2:
+                acc, m_i, l_i, p_64 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nc_full, c_tail,
+                                                p16, NB, False, acc, m_i, l_i, qk_scale, NB // 2)
+                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, NB, p_64,
+                                                 c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
+            else:
+                acc, m_i, l_i, p_nb = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nc_full, c_tail,
+                                                p16, NB, False, acc, m_i, l_i, qk_scale, NB)
+                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, NB, p_nb,
+                                                 c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
+        else:
+            if c_tail == 0:
+                acc, m_i, l_i, p16 = _chain_start(q, k_bufs, kready, kempty, 0, NB, m_i, l_i, acc, qk_scale, NB)
+            elif c_tail <= 16:
+                acc, m_i, l_i, p_16 = _chain_start(q, k_bufs, kready, kempty, 0, c_tail, m_i, l_i, acc, qk_scale,
+                                                    16)
+                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 1, NB, p_16,
+                                                 c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
+            elif c_tail <= NB // 2:
+                acc, m_i, l_i, p_64 = _chain_start(q, k_bufs, kready, kempty, 0, c_tail, m_i, l_i, acc, qk_scale,
+                                                    NB // 2)
+                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 1, NB, p_64,
+                                                 c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
+            else:
+                acc, m_i, l_i, p_nb = _chain_start(q, k_bufs, kready, kempty, 0, c_tail, m_i, l_i, acc, qk_scale,
+                                                    NB)
+                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 1, NB, p_nb,
+                                                 c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
+        # 2. the remaining full current blocks
+        acc, m_i, l_i, p16 = _chain_full(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0 + 1, ng_full - 1,
+                                         p16, acc, m_i, l_i, qk_scale)
+        # 3. the current tokens' short last block, then the last P·V
+        last = nb0 + ng_full
+        if g_tail == 0:
+            acc = _chain_end(v_bufs, vready, vempty, last - 1, p16, NB, False, acc)
+        elif g_tail <= 16:
+            acc, m_i, l_i, p_16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, last, g_tail, p16, NB,
+                                            False, acc, m_i, l_i, qk_scale, 16)
+            acc = _chain_end(v_bufs, vready, vempty, last, p_16, g_tail, g_dirty, acc)
+        elif g_tail <= NB // 2:
+            acc, m_i, l_i, p_64 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, last, g_tail, p16, NB,
+                                            False, acc, m_i, l_i, qk_scale, NB // 2)
+            acc = _chain_end(v_bufs, vready, vempty, last, p_64, g_tail, g_dirty, acc)
+        else:
+            acc, m_i, l_i, p_nb = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, last, g_tail, p16, NB,
+                                            False, acc, m_i, l_i, qk_scale, NB)
+            acc = _chain_end(v_bufs, vready, vempty, last, p_nb, g_tail, g_dirty, acc)
+        return acc, m_i, l_i
+
     @gluon.jit
     def _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty, g_dirty, qk_scale,
-                OVERLAP: gl.constexpr):
+                OVERLAP: gl.constexpr, SCHEDULE: gl.constexpr):
         """One warpgroup's 64 query rows over the tile's key blocks — segment 0 (context), then segment 1 (current
         tokens), in the producer's order: the fp32 state (acc, m, l)."""
         NB: gl.constexpr = k_bufs.shape[1]
@@ -321,10 +504,20 @@ if _HAVE_GLUON:
         m_i = gl.full([WM], float("-inf"), gl.float32, layout=row_l)
         l_i = gl.zeros([WM], gl.float32, layout=row_l)
         acc = gl.zeros([WM, HD], gl.float32, layout=mma)
-        acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 0, c_len, c_dirty, acc, m_i,
-                                       l_i, qk_scale, OVERLAP)
-        acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, g_len, g_dirty, acc,
-                                       m_i, l_i, qk_scale, OVERLAP)
+        if SCHEDULE == 0:  # each segment its own pipeline, partial last blocks outside it
+            acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 0, c_len, c_dirty, acc,
+                                           m_i, l_i, qk_scale, OVERLAP)
+            acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, g_len, g_dirty,
+                                           acc, m_i, l_i, qk_scale, OVERLAP)
+        else:  # one chained pipeline over both segments, where there is a full current block to chain through
+            if g_len >= NB:
+                acc, m_i, l_i = _chained(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty,
+                                         g_dirty, acc, m_i, l_i, qk_scale)
+            else:
+                acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 0, c_len, c_dirty,
+                                               acc, m_i, l_i, qk_scale, OVERLAP)
+                acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, g_len,
+                                               g_dirty, acc, m_i, l_i, qk_scale, OVERLAP)
         return acc, m_i, l_i
 
     @gluon.jit
@@ -343,7 +536,7 @@ if _HAVE_GLUON:
     @gluon.jit
     def _consumer(q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
                   q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty, WG: gl.constexpr,
-                  OVERLAP: gl.constexpr):
+                  OVERLAP: gl.constexpr, SCHEDULE: gl.constexpr):
         NB: gl.constexpr = k_bufs.shape[1]
         HD: gl.constexpr = k_bufs.shape[2]
         WM: gl.constexpr = q_smem.shape[1]
@@ -356,7 +549,7 @@ if _HAVE_GLUON:
         else:
             mbarrier.wait(q_bar, 0)
             acc, m_i, l_i = _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty, g_dirty,
-                                    qk_scale, OVERLAP)
+                                    qk_scale, OVERLAP, SCHEDULE)
             row_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
             seen = l_i > 0
             l_safe = gl.where(seen, l_i, 1.0)
@@ -386,7 +579,8 @@ if _HAVE_GLUON:
                      CU_Q, Q_LEN, Q_ROWS, qk_scale, G, HEAD_OFF, HQ,
                      HAS_CTX: gl.constexpr, CTX_PAGED: gl.constexpr, CTX_CU: gl.constexpr, CTX_LENS: gl.constexpr,
                      HAS_CUR: gl.constexpr, CUR_CU: gl.constexpr, CUR_LENS: gl.constexpr, Q_CU: gl.constexpr,
-                     NUM_STAGES: gl.constexpr, OVERLAP: gl.constexpr, num_warps: gl.constexpr):
+                     NUM_STAGES: gl.constexpr, OVERLAP: gl.constexpr, SCHEDULE: gl.constexpr,
+                     num_warps: gl.constexpr):
         BM: gl.constexpr = 2 * q_desc.block_type.shape[0]
         NB: gl.constexpr = k1_desc.block_type.shape[0]
         HD: gl.constexpr = k1_desc.block_type.shape[1]
@@ -438,9 +632,11 @@ if _HAVE_GLUON:
             mbarrier.init(vempty.index(i), count=2)
         gl.warp_specialize([
             (_consumer, (q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
-                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty, 0, OVERLAP)),
+                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty, 0, OVERLAP,
+                         SCHEDULE)),
             (_consumer, (q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
-                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty, 1, OVERLAP)),
+                         q_row, rows_left, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty, 1, OVERLAP,
+                         SCHEDULE)),
             (_producer, (q_desc, k0_desc, v0_desc, k1_desc, v1_desc, BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0, ROWS1,
                          q_row, h * HD, kvh, b, c_base, c_len, g_base, g_len,
                          q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty,
@@ -562,6 +758,7 @@ def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tens
         bt0, s_bt0, page0, r0, rh0, ch0, rows0, cu0, len0, rows0 if not paged else 0, rows1, cu1, len1, rows1,
         dummy if cu_seqlens_q is None else _i32(cu_seqlens_q), tq, tq, scale * LOG2E, gqa_group, q_head_offset, hq,
         HAS_CTX=ctx is not None, CTX_PAGED=paged, CTX_CU=ctx_cu, CTX_LENS=ctx_lens, HAS_CUR=cur is not None,
-        CUR_CU=cur_cu, CUR_LENS=cur_lens, Q_CU=cu_seqlens_q is not None, NUM_STAGES=STAGES, OVERLAP=OVERLAP, num_warps=4, maxnreg=MAXNREG,
+        CUR_CU=cur_cu, CUR_LENS=cur_lens, Q_CU=cu_seqlens_q is not None, NUM_STAGES=STAGES, OVERLAP=OVERLAP,
+        SCHEDULE=_schedule(ctx), num_warps=4, maxnreg=MAXNREG,
     )
     return AttentionOutput(out=out, lse=lse)

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import bagel_kernels as bk  # noqa: E402
-from bagel_kernels.attention_gluon import gluon_attention_supported  # noqa: E402
+from bagel_kernels.attention_gluon import SCHEDULES, gluon_attention_supported  # noqa: E402
 
 DEV = "cuda"
 
@@ -153,7 +153,12 @@ def bench(fn) -> float:
         return do_bench_cudagraph(fn, rep=200, return_mode="median")
 
 
-def timing() -> list[dict]:
+def _use_schedule(name: str) -> None:
+    os.environ["BAGEL_ATTN_SCHEDULE"] = name
+
+
+def timing(schedules: list[str], with_paged: bool) -> list[dict]:
+    """TFLOP/s per shape: the Gluon kernel under each block schedule, the Triton kernel, cuDNN."""
     from attention_shapes import HKV, HQ, SHAPES, peers
 
     gen = torch.Generator(device=DEV).manual_seed(1)
@@ -162,20 +167,47 @@ def timing() -> list[dict]:
         q, k, v = rnd(nq, HQ, 128, gen=gen), rnd(nq, HKV, 128, gen=gen), rnd(nq, HKV, 128, gen=gen)
         ck, cv = rnd(nctx, HKV, 128, gen=gen), rnd(nctx, HKV, 128, gen=gen)
         flops = 4 * HQ * nq * (nq + nctx) * 128
-        variants = {"contiguous": [bk.ContiguousKV(ck, cv), bk.ContiguousKV(k, v)],
-                    "paged16": [paged([ck], [cv], "flash_attn", 16, gen), bk.ContiguousKV(k, v)]}
+        variants = {"contiguous": [bk.ContiguousKV(ck, cv), bk.ContiguousKV(k, v)]}
+        if with_paged:
+            variants["paged16"] = [paged([ck], [cv], "flash_attn", 16, gen), bk.ContiguousKV(k, v)]
         row = {"shape": name}
         for vname, segs in variants.items():
-            for flag, label in (("1", "gluon"), ("0", "triton")):
-                os.environ["BAGEL_ATTN_GLUON"] = flag
-                row[f"{label}_{vname}"] = flops / (bench(lambda: bk.joint_attention(q, segs)) * 1e-3) / 1e12
-        os.environ["BAGEL_ATTN_GLUON"] = "1"
+            for sched in schedules:
+                _use_schedule(sched)
+                row[f"gluon_{sched}_{vname}"] = flops / (bench(lambda: bk.joint_attention(q, segs)) * 1e-3) / 1e12
+            os.environ["BAGEL_ATTN_GLUON"] = "0"
+            row[f"triton_{vname}"] = flops / (bench(lambda: bk.joint_attention(q, segs)) * 1e-3) / 1e12
+            os.environ["BAGEL_ATTN_GLUON"] = "1"
         f = peers(q, torch.cat([ck, k]), torch.cat([cv, v])).get("cudnn")
         row["cudnn"] = flops / (bench(f) * 1e-3) / 1e12 if f else float("nan")
-        row["gluon/cudnn"] = row["gluon_contiguous"] / row["cudnn"]
-        row["gluon/triton"] = row["gluon_contiguous"] / row["triton_contiguous"]
+        for sched in schedules:
+            row[f"{sched}/cudnn"] = row[f"gluon_{sched}_contiguous"] / row["cudnn"]
         rows.append(row)
         print(json.dumps(row), flush=True)
+    # the three CFG branches in one varlen launch (contexts 64, 0, 64) vs three cuDNN launches
+    nq, ctxs = 4098, [64, 0, 64]
+    q, k, v = rnd(3 * nq, HQ, 128, gen=gen), rnd(3 * nq, HKV, 128, gen=gen), rnd(3 * nq, HKV, 128, gen=gen)
+    ck = rnd(sum(ctxs), HKV, 128, gen=gen)
+    cu = torch.tensor([0, nq, 2 * nq, 3 * nq], dtype=torch.int32, device=DEV)
+    ccu = torch.tensor([0, 64, 64, 128], dtype=torch.int32, device=DEV)
+    segs = [bk.ContiguousKV(ck, ck, cu_seqlens=ccu, max_seqlen=64), bk.ContiguousKV(k, v, cu_seqlens=cu, max_seqlen=nq)]
+    flops = sum(4 * HQ * nq * (nq + c) * 128 for c in ctxs)
+    row = {"shape": "3-branch CFG varlen (ctx 64,0,64)"}
+    for sched in schedules:
+        _use_schedule(sched)
+        ms = bench(lambda: bk.joint_attention(q, segs, cu_seqlens_q=cu, max_seqlen_q=nq))
+        row[f"gluon_{sched}_contiguous"] = flops / (ms * 1e-3) / 1e12
+    sdpa_ms = 0.0
+    for b, c in enumerate(ctxs):
+        sl = slice(b * nq, (b + 1) * nq)
+        f = peers(q[sl], torch.cat([ck[ccu[b]:ccu[b] + c], k[sl]]), torch.cat([ck[ccu[b]:ccu[b] + c], v[sl]]))["cudnn"]
+        sdpa_ms += bench(f)
+    row["cudnn"] = flops / (sdpa_ms * 1e-3) / 1e12
+    for sched in schedules:
+        row[f"{sched}/cudnn"] = row[f"gluon_{sched}_contiguous"] / row["cudnn"]
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    _use_schedule(schedules[0])
     return rows
 
 
@@ -184,11 +216,17 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--skip-bench", action="store_true", help="bits only")
     ap.add_argument("--skip-bits", action="store_true", help="timing only")
+    ap.add_argument("--schedules", nargs="+", default=["auto"], choices=["auto", *sorted(SCHEDULES)],
+                    help="the Gluon kernel's key-block schedules to check and time (BAGEL_ATTN_SCHEDULE)")
+    ap.add_argument("--paged", action="store_true", help="also time a paged (16-token pages) context")
     args = ap.parse_args()
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "bits": [] if args.skip_bits else check_bits()}
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bits": []}
+    if not args.skip_bits:
+        for sched in args.schedules:
+            _use_schedule(sched)
+            res["bits"] += [{"schedule": sched, **r} for r in check_bits()]
     if not args.skip_bench:
-        res["timing"] = timing()
+        res["timing"] = timing(args.schedules, args.paged)
     bad = [r for r in res["bits"] if not (r["gluon_used"] and r["out_bits_equal"] and r["lse_bits_equal"])
            or r["nan_in_out"]]
     res["all_bits_equal"] = not bad

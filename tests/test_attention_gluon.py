@@ -52,6 +52,22 @@ def test_one_launch_is_a_context_and_the_current_tokens():
     assert ag._context_and_current([p, c, c2]) is None
 
 
+def test_schedule_chains_only_contexts_with_a_full_block(monkeypatch):
+    """"auto" picks the issue order from host-known lengths only; an unknown name is an error naming the choices."""
+    kv = lambda n: bk.ContiguousKV(torch.zeros(n, 4, 128), torch.zeros(n, 4, 128))  # noqa: E731
+    assert ag._schedule(None) == ag.SCHEDULES["segment"]
+    assert ag._schedule(kv(64)) == ag.SCHEDULES["segment"]
+    assert ag._schedule(kv(2450)) == ag.SCHEDULES["chained"]
+    short_varlen = bk.ContiguousKV(torch.zeros(200, 4, 128), torch.zeros(200, 4, 128), max_seqlen=64,
+                                   cu_seqlens=torch.tensor([0, 64, 128, 200], dtype=torch.int32))
+    assert ag._schedule(short_varlen) == ag.SCHEDULES["segment"]
+    monkeypatch.setenv("BAGEL_ATTN_SCHEDULE", "chained")
+    assert ag._schedule(None) == ag.SCHEDULES["chained"]
+    monkeypatch.setenv("BAGEL_ATTN_SCHEDULE", "fastest")
+    with pytest.raises(ValueError, match="BAGEL_ATTN_SCHEDULE"):
+        ag._schedule(None)
+
+
 def test_gluon_path_is_only_taken_where_it_applies():
     q = torch.zeros(8, 28, 128, dtype=torch.bfloat16)
     kv = bk.ContiguousKV(torch.zeros(8, 4, 128, dtype=torch.bfloat16), torch.zeros(8, 4, 128, dtype=torch.bfloat16))
@@ -64,17 +80,19 @@ def test_gluon_path_is_only_taken_where_it_applies():
         assert not ag.gluon_attention_supported(qc.float(), [kvc], None, None, True, None)
 
 
-BUILD_VARIANTS = [  # has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap
-    (True, False, True, False, False, False, True),   # benchmark shape: contiguous context + current tokens
-    (True, True, True, False, True, False, True),     # the denoise step: paged context, current tokens with seqlens
-    (True, False, True, True, False, True, True),     # three CFG branches in one varlen launch
-    (False, False, True, True, False, False, True),   # current tokens only, varlen
-    (True, True, False, False, False, False, True),   # a paged context alone
-    (True, False, True, False, False, False, False),  # the plain (non-overlapped) loop
+BUILD_VARIANTS = [  # has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap, schedule
+    (True, False, True, False, False, False, True, 0),   # benchmark shape: contiguous context + current tokens
+    (True, True, True, False, True, False, True, 0),     # the denoise step: paged context, current tokens with seqlens
+    (True, False, True, True, False, True, True, 0),     # three CFG branches in one varlen launch
+    (False, False, True, True, False, False, True, 0),   # current tokens only, varlen
+    (True, True, False, False, False, False, True, 0),   # a paged context alone
+    (True, False, True, False, False, False, False, 0),  # the plain (non-overlapped) loop
+    (True, True, True, False, True, False, True, 1),     # the chained schedule: one pipeline through both segments
+    (True, False, True, True, False, True, True, 1),     # ... in the varlen launch
 ]
 
 
-def _compile_for_hopper(has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap):
+def _compile_for_hopper(has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap, schedule=0):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -95,7 +113,8 @@ def _compile_for_hopper(has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap
                 ROWS1=300, CU1=i32, LEN1=i32, LEN1_S=300, CU_Q=i32, Q_LEN=300, Q_ROWS=300, qk_scale=0.1, G=7,
                 HEAD_OFF=0, HQ=28)
     consts = dict(HAS_CTX=has_ctx, CTX_PAGED=paged, CTX_CU=ctx_cu, CTX_LENS=False, HAS_CUR=has_cur, CUR_CU=q_cu,
-                  CUR_LENS=cur_lens, Q_CU=q_cu, NUM_STAGES=ag.STAGES, OVERLAP=overlap, num_warps=4)
+                  CUR_LENS=cur_lens, Q_CU=q_cu, NUM_STAGES=ag.STAGES, OVERLAP=overlap, SCHEDULE=schedule,
+                  num_warps=4)
     return compile_for_hopper(ag._attn_fwd_ws, args, consts, 4, ag.MAXNREG)
 
 
@@ -132,9 +151,13 @@ def _both(q, segs, **kw):
 
 
 @needs_hopper
-@pytest.mark.parametrize("nq,nctx,pad", [(1, 0, 0), (17, 1, 5), (300, 130, 200), (4098, 1057, 0)])
+@pytest.mark.parametrize("nq,nctx,pad", [(1, 0, 0), (17, 1, 5), (300, 130, 200), (4098, 1057, 0), (1026, 64, 0),
+                                         (700, 300, 3)])
 @pytest.mark.parametrize("layout", [None, "flash_attn", "flashinfer_hnd"])
-def test_gluon_output_and_lse_are_the_triton_kernels_bits(nq, nctx, pad, layout):
+@pytest.mark.parametrize("schedule", ["segment", "chained"])
+def test_gluon_output_and_lse_are_the_triton_kernels_bits(nq, nctx, pad, layout, schedule, monkeypatch):
+    """Every key-block schedule (an issue order) gives the Triton kernel's bits."""
+    monkeypatch.setenv("BAGEL_ATTN_SCHEDULE", schedule)
     g = torch.Generator(device="cuda").manual_seed(nq + nctx)
     rnd = lambda *s: torch.randn(*s, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
     q, k, v = rnd(nq, 28, 128), rnd(nq + pad, 4, 128), rnd(nq + pad, 4, 128)
