@@ -74,10 +74,10 @@ def _schedule(ctx) -> int:
     name = os.environ.get("BAGEL_ATTN_SCHEDULE", "auto")
     if name == "auto":
         # the host's bound on the context length (no device sync): it picks an issue order, never a number
-        return SCHEDULES["chained" if ctx is not None and ctx.span >= BLOCK_N else "segment"]
+        name = "chained" if ctx is not None and ctx.span >= BLOCK_N and OVERLAP else "segment"
     if name not in SCHEDULES:
         raise ValueError(f"BAGEL_ATTN_SCHEDULE={name!r}: expected 'auto' or one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name]
+    return SCHEDULES[name] if OVERLAP else SCHEDULES["segment"]  # the plain loop (exploration) runs per segment
 
 
 if _HAVE_GLUON:
@@ -277,32 +277,10 @@ if _HAVE_GLUON:
         when n_valid <= 16, 64 when n_valid <= 64 (an eighth / half of the wgmma and softmax work), else the whole
         block. Same numbers either way: the keys a shorter block leaves out score -inf in the whole block, so they
         add exact zeros to every max, sum and product of that row (the Triton kernel runs the whole masked block)."""
-        NS: gl.constexpr = k_bufs.shape[0]
-        WM: gl.constexpr = q.shape[0]
-        dtype: gl.constexpr = k_bufs.dtype
-        mma: gl.constexpr = acc.type.layout
-        mma_k: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, KN, 16])
-        p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        s = ring % NS
-        ph = (ring // NS) & 1
-        sc = _scores(q, k_bufs.index(s).slice(0, KN, dim=0), kready.index(s), kempty.index(s), ph,
-                     gl.zeros([WM, KN], gl.float32, layout=mma_k))
-        offs = gl.arange(0, KN, layout=gl.SliceLayout(0, mma_k))
-        sc = gl.where((offs < n_valid)[None, :], sc, float("-inf"))
-        row_k: gl.constexpr = gl.SliceLayout(1, mma_k)
-        row_l: gl.constexpr = gl.SliceLayout(1, mma)
-        m_new, l_new, alpha, p = _softmax_step(sc, gl.convert_layout(m_i, row_k), gl.convert_layout(l_i, row_k),
-                                               qk_scale)
-        acc = acc * gl.convert_layout(alpha, row_l)[:, None]
-        p16 = gl.convert_layout(p.to(dtype), p_op)
-        mbarrier.wait(vready.index(s), ph)
-        v = v_bufs.index(s).slice(0, KN, dim=0)
-        if dirty:
-            _zero_rows_from(v, n_valid)
-        acc = warpgroup_mma(p16, v, acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(vempty.index(s), count=1)
-        return acc, gl.convert_layout(m_new, row_l), gl.convert_layout(l_new, row_l)
+        # a one-link chain: its QK^T and softmax, then its P·V
+        acc, m_i, l_i, p16 = _chain_start(q, k_bufs, kready, kempty, ring, n_valid, m_i, l_i, acc, qk_scale, KN)
+        acc = _chain_end(v_bufs, vready, vempty, ring, p16, n_valid, dirty, acc)
+        return acc, m_i, l_i
 
     @gluon.jit
     def _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, seg_len, dirty, acc, m_i, l_i, qk_scale,
