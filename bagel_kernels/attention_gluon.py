@@ -74,7 +74,7 @@ def _schedule(ctx) -> int:
     name = os.environ.get("BAGEL_ATTN_SCHEDULE", "auto")
     if name == "auto":
         # the host's bound on the context length (no device sync): it picks an issue order, never a number
-        name = "chained" if ctx is not None and ctx.span >= BLOCK_N and OVERLAP else "segment"
+        name = "chained" if ctx is not None and ctx.span >= BLOCK_N else "segment"
     if name not in SCHEDULES:
         raise ValueError(f"BAGEL_ATTN_SCHEDULE={name!r}: expected 'auto' or one of {sorted(SCHEDULES)}")
     return SCHEDULES[name] if OVERLAP else SCHEDULES["segment"]  # the plain loop (exploration) runs per segment
