@@ -259,7 +259,9 @@ def _block_n(swiglu: bool) -> int:
     return 128 if swiglu else 256  # SwiGLU holds two accumulators (gate, up): same registers as one 256-wide
 
 
-STAGES = 3  # 3 x 48 KiB operand stages + the epilogue tile fit the 227 KiB of shared memory (plain and SwiGLU)
+STAGES = 3  # 3 x 48 KiB operand stages + the 64 KiB epilogue tile fit the 227 KiB of shared memory
+SWIGLU_STAGES = 4  # SwiGLU's epilogue tile is half that (128 x 128): room for a fourth stage (4 x 48 + 32 KiB).
+# H100, 3 x 4098 tokens: gate_up 664 -> 688 TFLOP/s (session 7); the plain GEMMs have no room for it.
 
 
 MAX_SEGMENTS = 4  # routings with more expert segments fall back to row tiles that may straddle a boundary
@@ -321,6 +323,6 @@ def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         expert_ids if expert_ids is not None else x, m, n, k, out.stride(0), res.stride(0), b1, b2, b3, e0,
         SEGMENTED=bounds is not None, HAS_IDS=bounds is None and expert_ids is not None,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, P=p,
-        GROUP_M=GROUP_M, STAGES=STAGES, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        GROUP_M=GROUP_M, STAGES=SWIGLU_STAGES if swiglu else STAGES, num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )
     return out
