@@ -164,8 +164,8 @@ if _HAVE_GLUON:
             gl.store(OUT + rows[:, None] * ldo + cols[None, :], val, mask=mask)
 
     @gluon.jit
-    def _mma_partition(x_desc, w_desc, out_desc, OUT, RES, BIAS, IDS, M, N, K, ldo, ldr, b1, b2, b3, e0,
-                       ready, empty, x_bufs, w_bufs, c_smem,
+    def _mma_partition(x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, M, N, K, ldo, ldr, b1, b2, b3, e0,
+                       ready, empty, x_bufs, w_bufs, c_smem, res_bar,
                        SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr, HAS_BIAS: gl.constexpr,
                        HAS_RES: gl.constexpr, P: gl.constexpr, GROUP_M: gl.constexpr, NW: gl.constexpr):
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -180,14 +180,21 @@ if _HAVE_GLUON:
         num_m = _num_row_tiles(M, b1, b2, b3, SEGMENTED, BLOCK_M)
         k_iters = gl.cdiv(K, BLOCK_K)
         it = 0
+        res_phase = 0
         for t in range(gl.program_id(0), num_m * gl.cdiv(N, BLOCK_N), gl.num_programs(0)):
             m0, m_end, n0, lo, hi = _tile(t, num_m, IDS, M, N, b1, b2, b3, e0, SEGMENTED, HAS_IDS,
                                           BLOCK_M, BLOCK_N, GROUP_M, NW)
             cols = n0 + gl.arange(0, BLOCK_N, layout=col_layout)
             cmask = cols < N
-            # TMA stores clip at the tensor's edge only: a tile that ends inside the rows of another segment, a
-            # tile across the expert boundary, or a residual go through the row-masked pointer epilogue.
-            via_rows = (lo != hi) | (m_end < gl.minimum(m0 + BLOCK_M, M)) | HAS_RES
+            # TMA stores clip at the tensor's edge only: a tile that ends inside the rows of another segment or a
+            # tile across the expert boundary goes through the row-masked pointer epilogue.
+            via_rows = (lo != hi) | (m_end < gl.minimum(m0 + BLOCK_M, M))
+            # The residual of a TMA-stored tile comes by TMA too, into c_smem: issued a few K steps into the tile
+            # (once the previous tile's store has left c_smem), it lands under the mainloop instead of being read
+            # row chunk by row chunk in the epilogue. The row-masked epilogue still reads it through pointers.
+            res_step = gl.to_tensor(-1)
+            if HAS_RES:
+                res_step = gl.where(via_rows, -1, gl.minimum(2, k_iters - 1))
             for e in range(lo, hi + 1):
                 acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
                 up = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
@@ -203,6 +210,10 @@ if _HAVE_GLUON:
                     else:
                         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
                     mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1, pred=kk > 0)
+                    if kk == res_step:
+                        tma.store_wait(pendings=0)
+                        mbarrier.expect(res_bar, res_desc.block_type.nbytes)
+                        tma.async_copy_global_to_shared(res_desc, [m0, n0], res_bar, c_smem)
                     it += 1
                 if P == 2:
                     acc, up = warpgroup_mma_wait(num_outstanding=0, deps=(acc, up))
@@ -216,19 +227,29 @@ if _HAVE_GLUON:
                     if HAS_BIAS:
                         up += gl.load(BIAS + (e * P + 1) * N + cols, mask=cmask, other=0.0).to(gl.float32)[None, :]
                     acc = _swiglu(acc, up, out_ty)
-                tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
-                c_smem.store(acc.to(out_ty))
-                if via_rows:
-                    _store_rows(c_smem, OUT, RES, IDS, m0, m_end, n0, N, ldo, ldr, e, (lo != hi).to(gl.int32),
-                                HAS_IDS, HAS_RES, NW)
-                else:
+                if res_step >= 0:
+                    # res + the rounded projection, as eager's x + o_proj(a); each thread reads and writes only
+                    # the elements it owns (same layout both ways), so no barrier between the load and the store
+                    mbarrier.wait(res_bar, res_phase & 1)
+                    res_phase += 1
+                    res = c_smem.load(mma_layout)
+                    c_smem.store((res.to(gl.float32) + acc.to(out_ty).to(gl.float32)).to(out_ty))
                     fence_async_shared()
                     tma.async_copy_shared_to_global(out_desc, [m0, n0], c_smem)
+                else:
+                    tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+                    c_smem.store(acc.to(out_ty))
+                    if via_rows:
+                        _store_rows(c_smem, OUT, RES, IDS, m0, m_end, n0, N, ldo, ldr, e, (lo != hi).to(gl.int32),
+                                    HAS_IDS, HAS_RES, NW)
+                    else:
+                        fence_async_shared()
+                        tma.async_copy_shared_to_global(out_desc, [m0, n0], c_smem)
         tma.store_wait(pendings=0)
 
     @gluon.jit(do_not_specialize=["b1", "b2", "b3", "e0"])
-    def _routed_gemm_ws(x_desc, w_desc, out_desc, OUT, RES, BIAS, IDS, M, N, K, ldo, ldr, b1, b2, b3, e0,
-                        SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr, HAS_BIAS: gl.constexpr,
+    def _routed_gemm_ws(x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, M, N, K, ldo, ldr, b1, b2, b3,
+                        e0, SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr, HAS_BIAS: gl.constexpr,
                         HAS_RES: gl.constexpr, P: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                         num_warps: gl.constexpr):
         dtype: gl.constexpr = x_desc.dtype
@@ -237,13 +258,15 @@ if _HAVE_GLUON:
         c_smem = gl.allocate_shared_memory(out_desc.dtype, out_desc.block_type.shape, out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        res_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(res_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_mma_partition, (x_desc, w_desc, out_desc, OUT, RES, BIAS, IDS, M, N, K, ldo, ldr, b1, b2, b3, e0,
-                              ready, empty, x_bufs, w_bufs, c_smem, SEGMENTED, HAS_IDS, HAS_BIAS, HAS_RES, P,
-                              GROUP_M, num_warps)),
+            (_mma_partition, (x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, M, N, K, ldo, ldr, b1, b2,
+                              b3, e0, ready, empty, x_bufs, w_bufs, c_smem, res_bar, SEGMENTED, HAS_IDS, HAS_BIAS,
+                              HAS_RES, P, GROUP_M, num_warps)),
             (_load_partition, (x_desc, w_desc, IDS, M, N, K, b1, b2, b3, e0, ready, empty, x_bufs, w_bufs,
                                SEGMENTED, HAS_IDS, P, GROUP_M)),
         ], [1], [40])
@@ -314,12 +337,13 @@ def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     x_desc = GluonTensorDescriptor.from_tensor(x, [BLOCK_M, BLOCK_K], x_layout)
     w_desc = GluonTensorDescriptor.from_tensor(weight.view(e * p * n, k), [bn, BLOCK_K], w_layout)
     out_desc = GluonTensorDescriptor.from_tensor(out, [BLOCK_M, bn], o_layout)
+    res_desc = out_desc if residual is None else GluonTensorDescriptor.from_tensor(residual, [BLOCK_M, bn], o_layout)
     # Upper bound on row tiles (segment starts add at most MAX_SEGMENTS - 1): only sizes the persistent grid.
     tiles = (triton.cdiv(m, BLOCK_M) + MAX_SEGMENTS - 1) * triton.cdiv(n, bn)
     res = residual if residual is not None else out
     b1, b2, b3, e0 = bounds if bounds is not None else (0, 0, 0, 0)
     _routed_gemm_ws[(_num_programs(x.device, tiles),)](
-        x_desc, w_desc, out_desc, out, res, bias if bias is not None else x,
+        x_desc, w_desc, out_desc, res_desc, out, res, bias if bias is not None else x,
         expert_ids if expert_ids is not None else x, m, n, k, out.stride(0), res.stride(0), b1, b2, b3, e0,
         SEGMENTED=bounds is not None, HAS_IDS=bounds is None and expert_ids is not None,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, P=p,

@@ -2,10 +2,11 @@
 
 Run on a Hopper GPU: ``python benchmarks/gemm_gluon_check.py [--json OUT] [--skip-bench]``.
 1. bits: the Gluon kernel's output equals the Triton kernel's bit for bit (plain, bias, SwiGLU, residual; one
-   expert, uniform routing, mixed routing with tiles straddling the und/gen boundary; M = 1, 17, 300, 4198);
+   expert, uniform routing, mixed routing with tiles straddling the und/gen boundary; M = 1, 17, 300, 4198, 12294);
    error vs a float64 reference; row subsets of a mixed launch give the same rows (batch invariance).
 2. speed (CUDA-graph replay): BAGEL-7B projections, gen step 3x4098 and mixed i2i prefill, Gluon / Triton / one dense
-   cuBLAS GEMM of the same total size.
+   cuBLAS GEMM of the same total size, and that GEMM with the same epilogue work (bias, residual, SwiGLU).
+``--variants`` also times the Gluon kernel under environment settings (exploration switches read at call time).
 """
 from __future__ import annotations
 
@@ -131,12 +132,25 @@ def bench_rows(variants: list[str]) -> list[dict]:
             dense_w = w[1].reshape(p * n, k)
             flops = 2 * m * n * k * p
             segs = routing.segments
+            dense_b = bias[1].reshape(p * n) if bias is not None else None
             impls = {
                 "gluon": lambda: routed_gemm_gluon(x, w, bias, ids, swiglu, res, segments=segs),
                 "gluon (ids only)": lambda: routed_gemm_gluon(x, w, bias, ids, swiglu, res),
                 "triton": lambda: routed_gemm_triton(x, w, bias, ids, swiglu, res),
                 "dense cuBLAS": lambda: F.linear(x, dense_w),
             }
+            # The same epilogue work as ours: bias (qkv) fused by cuBLASLt, the residual as C with beta = 1
+            # (o_proj, down; one rounding where the model's eager x + o_proj(a) has two), and for SwiGLU, which
+            # cuBLAS cannot fuse, the GEMM followed by eager silu(gate) * up.
+            if dense_b is not None:
+                impls["dense cuBLAS, same epilogue"] = lambda: F.linear(x, dense_w, dense_b)
+            elif res is not None:
+                impls["dense cuBLAS, same epilogue"] = lambda: torch.addmm(res, x, dense_w.T)
+            elif swiglu:
+                def gemm_swiglu():
+                    gate, up = F.linear(x, dense_w).chunk(2, dim=-1)
+                    return F.silu(gate) * up
+                impls["dense cuBLAS, same epilogue"] = gemm_swiglu
             row = {"tokens": tname, "proj": pname, "M": m, "N": n * p, "K": k, "residual": res is not None,
                    "bias": bias is not None}
             for name, fn in impls.items():
@@ -146,6 +160,8 @@ def bench_rows(variants: list[str]) -> list[dict]:
                 ms = _with_env(v, lambda: do_bench_cudagraph(impls["gluon"], rep=200, return_mode="median"))
                 row[f"gluon[{v}]"] = round(flops / (ms * 1e-3) / 1e12, 1)
             row["gluon/dense"] = round(row["gluon"] / row["dense cuBLAS"], 3)
+            if "dense cuBLAS, same epilogue" in row:
+                row["gluon/dense same epilogue"] = round(row["gluon"] / row["dense cuBLAS, same epilogue"], 3)
             row["triton/dense"] = round(row["triton"] / row["dense cuBLAS"], 3)
             rows.append(row)
             print(row, flush=True)
