@@ -79,7 +79,7 @@ def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: 
                 out_desc=desc(out, [rg.BLOCK_M, bn]), res_desc=desc(out, [rg.BLOCK_M, bn]), OUT=out, RES=out, BIAS=x,
                 IDS=torch.empty(m, dtype=torch.int32), M=m, N=n, K=k, ldo=n, ldr=n, b1=40, b2=250, b3=300, e0=0)
     consts = dict(SEGMENTED=segmented, HAS_IDS=has_ids, HAS_BIAS=has_bias, HAS_RES=has_res, P=p,
-                  GROUP_M=rg.GROUP_M, STAGES=rg.SWIGLU_STAGES if swiglu else rg.STAGES, num_warps=rg.NUM_WARPS)
+                  GROUP_M=rg.GROUP_M, STAGES=rg._stages(swiglu), num_warps=rg.NUM_WARPS)
     return compile_for_hopper(rg._routed_gemm_ws, args, consts, rg.NUM_WARPS, rg.MAXNREG)
 
 
