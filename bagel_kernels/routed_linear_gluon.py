@@ -18,6 +18,8 @@ interpreter stay on the Triton kernel.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -96,8 +98,62 @@ if _HAVE_GLUON:
         return m0, m_end, pid_n * BLOCK_N, lo, hi
 
     @gluon.jit
-    def _load_partition(x_desc, w_desc, IDS, M, N, K, b1, b2, b3, e0, ready, empty, x_bufs, w_bufs,
-                        SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr, P: gl.constexpr, GROUP_M: gl.constexpr):
+    def _plan(num_tiles, k_iters, split_tail):
+        """This program's share of the launch (``stream_k_items`` is the same arithmetic on the host, with the why).
+        Returns (work items, dp_tiles, own dp tiles, tail tile, its first K step, head tile, its K steps, full split tiles
+        [first, first + count))."""
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        rounds = num_tiles // nprog
+        dp = num_tiles
+        if (split_tail != 0) & (rounds > 0) & (num_tiles % nprog != 0):
+            dp = (rounds - 1) * nprog
+        span = (num_tiles - dp) * k_iters
+        s = pid * span // nprog
+        e = (pid + 1) * span // nprog
+        tail_t = s // k_iters
+        tail_k = s - tail_t * k_iters
+        head_t = e // k_iters
+        head_k = e - head_t * k_iters
+        full_lo = tail_t + (tail_k > 0).to(gl.int32)
+        n_dp = gl.cdiv(gl.maximum(dp - pid, 0), nprog)
+        n_items = (head_k > 0).to(gl.int32) + n_dp + (head_t - full_lo) + (tail_k > 0).to(gl.int32)
+        return n_items, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, head_t - full_lo
+
+    @gluon.jit
+    def _item(w, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full, k_iters):
+        """Work item ``w`` of this program -> (tile, first K step, end K step, kind): kind 0 runs a whole tile,
+        1 the head of a split tile (its partial sum goes to the workspace), 2 the tail (starts from that sum).
+        Order: whole tiles of the even rounds, the head, whole split-region tiles, the tail."""
+        is_head = (head_k > 0) & (w == n_dp)
+        j = w - gl.where((head_k > 0) & (w > n_dp), 1, 0)
+        t = gl.where(j < n_dp, gl.program_id(0) + j * gl.num_programs(0),
+                     gl.where(j - n_dp < n_full, dp + full_lo + (j - n_dp), dp + tail_t))
+        is_tail = (j >= n_dp + n_full) & (is_head == 0)
+        k0 = gl.where(is_tail, tail_k, 0)
+        kind = gl.where(is_head, 1, gl.where(is_tail, 2, 0))
+        t = gl.where(is_head, dp + head_t, t)
+        k1 = gl.where(is_head, head_k, k_iters)
+        return t, k0, k1, kind
+
+    @gluon.jit
+    def _wait_partial(FLAGS, slot, part_bar, TARGET: gl.constexpr):
+        """Spin (one warp) until all TARGET consumer threads of program ``slot`` have published its head's partial
+        sum, reset the flag for the next launch, and tell the MMA warpgroups through ``part_bar``. Only a program
+        with a lower index is ever waited on, and programs start in index order, so the wait cannot deadlock."""
+        lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
+        zero = lane * 0
+        flag = FLAGS + slot + zero
+        seen = gl.min(gl.atomic_add(flag, zero, sem="acquire", scope="gpu"), axis=0)
+        while seen < TARGET:
+            seen = gl.min(gl.atomic_add(flag, zero, sem="acquire", scope="gpu"), axis=0)
+        gl.store(flag, zero, mask=lane == 0)
+        mbarrier.arrive(part_bar, count=1)
+
+    @gluon.jit
+    def _load_partition(x_desc, w_desc, IDS, FLAGS, M, N, K, b1, b2, b3, e0, split_tail, ready, empty, part_bar,
+                        x_bufs, w_bufs, SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr, P: gl.constexpr,
+                        GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr):
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -105,12 +161,17 @@ if _HAVE_GLUON:
         nbytes: gl.constexpr = x_desc.block_type.nbytes + P * w_desc.block_type.nbytes
         num_m = _num_row_tiles(M, b1, b2, b3, SEGMENTED, BLOCK_M)
         k_iters = gl.cdiv(K, BLOCK_K)
+        n_items, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full = _plan(
+            num_m * gl.cdiv(N, BLOCK_N), k_iters, split_tail)
         it = 0
-        for t in range(gl.program_id(0), num_m * gl.cdiv(N, BLOCK_N), gl.num_programs(0)):
+        for w in range(n_items):
+            t, k0, k1, kind = _item(w, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full, k_iters)
             m0, m_end, n0, lo, hi = _tile(t, num_m, IDS, M, N, b1, b2, b3, e0, SEGMENTED, HAS_IDS,
                                           BLOCK_M, BLOCK_N, GROUP_M, 1)
+            if kind == 2:
+                _wait_partial(FLAGS, gl.program_id(0) - 1, part_bar, CONSUMERS)
             for e in range(lo, hi + 1):
-                for kk in range(k_iters):
+                for kk in range(k0, k1):
                     s = it % STAGES
                     # A fresh mbarrier counts as having completed phase "1": the first pass does not wait.
                     mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
@@ -164,8 +225,19 @@ if _HAVE_GLUON:
             gl.store(OUT + rows[:, None] * ldo + cols[None, :], val, mask=mask)
 
     @gluon.jit
-    def _mma_partition(x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, M, N, K, ldo, ldr, b1, b2, b3, e0,
-                       ready, empty, x_bufs, w_bufs, c_smem, res_bar,
+    def _partial_ptrs(WS, slot, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, P: gl.constexpr,
+                      layout: gl.constexpr):
+        """Where program ``slot``'s split-tile partial sums live: (BLOCK_M, P * BLOCK_N) fp32, written and read in
+        the accumulator's own layout (each thread reads back the elements it wrote; the fp32 round trip is exact,
+        so the tail's K loop continues the head's bit for bit). Built where used: hoisted, these offsets would
+        hold a register per accumulator element."""
+        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+        return WS + slot * (BLOCK_M * P * BLOCK_N) + rows[:, None] * (P * BLOCK_N) + cols[None, :]
+
+    @gluon.jit
+    def _mma_partition(x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, WS, FLAGS, M, N, K, ldo, ldr,
+                       b1, b2, b3, e0, split_tail, ready, empty, x_bufs, w_bufs, c_smem, res_bar, part_bar,
                        SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr, HAS_BIAS: gl.constexpr,
                        HAS_RES: gl.constexpr, P: gl.constexpr, GROUP_M: gl.constexpr, NW: gl.constexpr):
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -177,11 +249,15 @@ if _HAVE_GLUON:
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                              instr_shape=[16, BLOCK_N, 16])
         col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+        flag_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
         num_m = _num_row_tiles(M, b1, b2, b3, SEGMENTED, BLOCK_M)
         k_iters = gl.cdiv(K, BLOCK_K)
+        n_items, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full = _plan(
+            num_m * gl.cdiv(N, BLOCK_N), k_iters, split_tail)
         it = 0
         res_phase = 0
-        for t in range(gl.program_id(0), num_m * gl.cdiv(N, BLOCK_N), gl.num_programs(0)):
+        for w in range(n_items):
+            t, k0, k1, kind = _item(w, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full, k_iters)
             m0, m_end, n0, lo, hi = _tile(t, num_m, IDS, M, N, b1, b2, b3, e0, SEGMENTED, HAS_IDS,
                                           BLOCK_M, BLOCK_N, GROUP_M, NW)
             cols = n0 + gl.arange(0, BLOCK_N, layout=col_layout)
@@ -194,11 +270,20 @@ if _HAVE_GLUON:
             # row chunk by row chunk in the epilogue. The row-masked epilogue still reads it through pointers.
             res_step = gl.to_tensor(-1)
             if HAS_RES:
-                res_step = gl.where(via_rows, -1, gl.minimum(2, k_iters - 1))
+                res_step = gl.where(via_rows | (kind == 1), -1, gl.minimum(k0 + 2, k1 - 1))
             for e in range(lo, hi + 1):
-                acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-                up = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
-                for kk in range(k_iters):
+                # The tail of a split tile starts from the head's partial sums, other tiles from zero. One masked
+                # load instead of a branch: ptxas serializes the wgmma pipeline when a branch merges the two.
+                is_tail = gl.full((BLOCK_M, BLOCK_N), 0, gl.int32, layout=mma_layout) + (kind == 2).to(gl.int32)
+                if kind == 2:
+                    mbarrier.wait(part_bar, 0)
+                part = _partial_ptrs(WS, gl.program_id(0) - 1, BLOCK_M, BLOCK_N, P, mma_layout)
+                acc = gl.load(part, mask=is_tail != 0, other=0.0, cache_modifier=".cg")
+                if P == 2:
+                    up = gl.load(part + BLOCK_N, mask=is_tail != 0, other=0.0, cache_modifier=".cg")
+                else:
+                    up = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+                for kk in range(k0, k1):
                     s = it % STAGES
                     mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                     a = x_bufs.index(s)
@@ -209,7 +294,7 @@ if _HAVE_GLUON:
                         acc, up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, up))
                     else:
                         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-                    mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1, pred=kk > 0)
+                    mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1, pred=kk > k0)
                     if kk == res_step:
                         tma.store_wait(pendings=0)
                         mbarrier.expect(res_bar, res_desc.block_type.nbytes)
@@ -221,35 +306,46 @@ if _HAVE_GLUON:
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
                 mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1)
 
-                if HAS_BIAS:
-                    acc += gl.load(BIAS + e * P * N + cols, mask=cmask, other=0.0).to(gl.float32)[None, :]
-                if P == 2:
-                    if HAS_BIAS:
-                        up += gl.load(BIAS + (e * P + 1) * N + cols, mask=cmask, other=0.0).to(gl.float32)[None, :]
-                    acc = _swiglu(acc, up, out_ty)
-                if res_step >= 0:
-                    # res + the rounded projection, as eager's x + o_proj(a); each thread reads and writes only
-                    # the elements it owns (same layout both ways), so no barrier between the load and the store
-                    mbarrier.wait(res_bar, res_phase & 1)
-                    res_phase += 1
-                    res = c_smem.load(mma_layout)
-                    c_smem.store((res.to(gl.float32) + acc.to(out_ty).to(gl.float32)).to(out_ty))
-                    fence_async_shared()
-                    tma.async_copy_shared_to_global(out_desc, [m0, n0], c_smem)
+                if kind == 1:
+                    # Head of a split tile: publish the partial sums for the next program (which runs the tail).
+                    # Each thread's release orders its own stores; the waiter counts all NW * 32 of them.
+                    part = _partial_ptrs(WS, gl.program_id(0), BLOCK_M, BLOCK_N, P, mma_layout)
+                    gl.store(part, acc, cache_modifier=".cg")
+                    if P == 2:
+                        gl.store(part + BLOCK_N, up, cache_modifier=".cg")
+                    ones = gl.full([NW * 32], 1, gl.int32, layout=flag_layout)
+                    gl.atomic_add(FLAGS + gl.program_id(0) + ones * 0, ones, sem="release", scope="gpu")
                 else:
-                    tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
-                    c_smem.store(acc.to(out_ty))
-                    if via_rows:
-                        _store_rows(c_smem, OUT, RES, IDS, m0, m_end, n0, N, ldo, ldr, e, (lo != hi).to(gl.int32),
-                                    HAS_IDS, HAS_RES, NW)
-                    else:
+                    if HAS_BIAS:
+                        acc += gl.load(BIAS + e * P * N + cols, mask=cmask, other=0.0).to(gl.float32)[None, :]
+                    if P == 2:
+                        if HAS_BIAS:
+                            b_up = gl.load(BIAS + (e * P + 1) * N + cols, mask=cmask, other=0.0)
+                            up += b_up.to(gl.float32)[None, :]
+                        acc = _swiglu(acc, up, out_ty)
+                    if res_step >= 0:
+                        # res + the rounded projection, as eager's x + o_proj(a); each thread reads and writes only
+                        # the elements it owns (same layout both ways), so no barrier between the load and the store
+                        mbarrier.wait(res_bar, res_phase & 1)
+                        res_phase += 1
+                        res = c_smem.load(mma_layout)
+                        c_smem.store((res.to(gl.float32) + acc.to(out_ty).to(gl.float32)).to(out_ty))
                         fence_async_shared()
                         tma.async_copy_shared_to_global(out_desc, [m0, n0], c_smem)
+                    else:
+                        tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+                        c_smem.store(acc.to(out_ty))
+                        if via_rows:
+                            _store_rows(c_smem, OUT, RES, IDS, m0, m_end, n0, N, ldo, ldr, e,
+                                        (lo != hi).to(gl.int32), HAS_IDS, HAS_RES, NW)
+                        else:
+                            fence_async_shared()
+                            tma.async_copy_shared_to_global(out_desc, [m0, n0], c_smem)
         tma.store_wait(pendings=0)
 
-    @gluon.jit(do_not_specialize=["b1", "b2", "b3", "e0"])
-    def _routed_gemm_ws(x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, M, N, K, ldo, ldr, b1, b2, b3,
-                        e0, SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr, HAS_BIAS: gl.constexpr,
+    @gluon.jit(do_not_specialize=["b1", "b2", "b3", "e0", "split_tail"])
+    def _routed_gemm_ws(x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, WS, FLAGS, M, N, K, ldo, ldr,
+                        b1, b2, b3, e0, split_tail, SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr, HAS_BIAS: gl.constexpr,
                         HAS_RES: gl.constexpr, P: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                         num_warps: gl.constexpr):
         dtype: gl.constexpr = x_desc.dtype
@@ -259,16 +355,18 @@ if _HAVE_GLUON:
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         res_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        part_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         mbarrier.init(res_bar, count=1)
+        mbarrier.init(part_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
-            (_mma_partition, (x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, M, N, K, ldo, ldr, b1, b2,
-                              b3, e0, ready, empty, x_bufs, w_bufs, c_smem, res_bar, SEGMENTED, HAS_IDS, HAS_BIAS,
-                              HAS_RES, P, GROUP_M, num_warps)),
-            (_load_partition, (x_desc, w_desc, IDS, M, N, K, b1, b2, b3, e0, ready, empty, x_bufs, w_bufs,
-                               SEGMENTED, HAS_IDS, P, GROUP_M)),
+            (_mma_partition, (x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, WS, FLAGS, M, N, K, ldo, ldr,
+                              b1, b2, b3, e0, split_tail, ready, empty, x_bufs, w_bufs, c_smem, res_bar, part_bar,
+                              SEGMENTED, HAS_IDS, HAS_BIAS, HAS_RES, P, GROUP_M, num_warps)),
+            (_load_partition, (x_desc, w_desc, IDS, FLAGS, M, N, K, b1, b2, b3, e0, split_tail, ready, empty,
+                               part_bar, x_bufs, w_bufs, SEGMENTED, HAS_IDS, P, GROUP_M, num_warps * 32)),
         ], [1], [40])
 
 
@@ -287,6 +385,70 @@ def _stages(swiglu: bool) -> int:
     tile is half that (128 x 128), which leaves room for a fourth stage (H100, session 7: -1 % to +3.7 % on
     gate_up, close to noise; Hopper's mainloop is not stage-bound at 3)."""
     return 4 if swiglu else 3
+
+
+def stream_k_items(pid: int, programs: int, tiles: int, k_iters: int, split_tail: bool = True
+                   ) -> list[tuple[int, int, int, int]]:
+    """Program ``pid``'s work as (tile, first K step, end K step, kind) — the host twin of the kernel's ``_plan`` and
+    ``_item``, for tests and for reading.
+
+    Why split: a persistent grid of P programs over T equal tiles takes ceil(T / P) tile-times, and BAGEL's
+    projections leave a ragged last round (o_proj at the 3 x 4098-token generation step: 1386 tiles = 10.5 rounds
+    run as 11). So the last one to two rounds' worth of tiles, [dp, T), is dealt out as a contiguous range of K
+    steps per program (stream-K), and every program does T / P tile-times. Exactness: the two pieces of a split
+    tile are the same K loop, continued — the head's fp32 partial sums go through memory unchanged and the tail's
+    wgmma accumulate onto them — so no row's bits depend on the split. The split region holds at least P tiles, so a
+    program's range is at least one tile long: at most one tail (started by program pid - 1) and one head (finished
+    by pid + 1). A program runs its head before its whole split-region tiles and its tail last, so the partial it
+    waits on is ready: its neighbour's head ends no later than its own head and whole tiles do."""
+    rounds = tiles // programs
+    dp = (rounds - 1) * programs if split_tail and rounds > 0 and tiles % programs else tiles
+    span = (tiles - dp) * k_iters
+    s, e = pid * span // programs, (pid + 1) * span // programs
+    tail_t, tail_k = divmod(s, k_iters)
+    head_t, head_k = divmod(e, k_iters)
+    items = [(t, 0, k_iters, 0) for t in range(pid, dp, programs)]
+    items += [(dp + head_t, 0, head_k, 1)] if head_k else []
+    items += [(dp + t, 0, k_iters, 0) for t in range(tail_t + (tail_k > 0), head_t)]
+    items += [(dp + tail_t, tail_k, k_iters, 2)] if tail_k else []
+    return items
+
+
+SPLIT_MIN_ROUNDS = 8
+
+
+def split_tail_wanted(tiles: int, programs: int) -> bool:
+    """Whether a launch splits its ragged last round (``stream_k_items``). The programs of a split region run at
+    different K offsets, so unlike whole tiles in lockstep they do not share operand K-slices in L2; that costs
+    more than the ragged round saves unless whole rounds dominate (H100, session 8: with 10-108 rounds the
+    generation-step projections gain 0-6 %; with 3-4 rounds the prefill's qkv, o_proj and down lose 6-16 %).
+    ``BAGEL_GEMM_SPLIT_TAIL=0`` / ``=1`` turns it off / on whenever the last round is ragged. The bits are the
+    same either way, so choosing from M is allowed."""
+    if tiles <= programs or tiles % programs == 0:
+        return False  # no ragged round
+    mode = os.environ.get("BAGEL_GEMM_SPLIT_TAIL", "auto")
+    return mode == "1" or (mode == "auto" and tiles >= SPLIT_MIN_ROUNDS * programs)
+
+
+_SPLIT_FLAGS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _split_flags(device: torch.device, programs: int) -> torch.Tensor:
+    """Per (device, stream) int32 flags for split tiles, zero between launches: the program that waits on a flag
+    resets it, so no memset is launched per call."""
+    key = (device.index if device.index is not None else torch.cuda.current_device(),
+           torch.cuda.current_stream(device).cuda_stream)
+    flags = _SPLIT_FLAGS.get(key)
+    if flags is None or flags.numel() < programs:
+        flags = _SPLIT_FLAGS[key] = torch.zeros(max(programs, 256), dtype=torch.int32, device=device)
+    return flags
+
+
+def _row_tiles(bounds: tuple[int, int, int, int] | None, m: int) -> int:
+    if bounds is None:
+        return triton.cdiv(m, BLOCK_M)
+    b1, b2, b3, _ = bounds
+    return sum(triton.cdiv(hi - lo, BLOCK_M) for lo, hi in ((0, b1), (b1, b2), (b2, b3), (b3, m)))
 
 
 MAX_SEGMENTS = 4  # routings with more expert segments fall back to row tiles that may straddle a boundary
@@ -340,14 +502,20 @@ def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     w_desc = GluonTensorDescriptor.from_tensor(weight.view(e * p * n, k), [bn, BLOCK_K], w_layout)
     out_desc = GluonTensorDescriptor.from_tensor(out, [BLOCK_M, bn], o_layout)
     res_desc = out_desc if residual is None else GluonTensorDescriptor.from_tensor(residual, [BLOCK_M, bn], o_layout)
-    # Upper bound on row tiles (segment starts add at most MAX_SEGMENTS - 1): only sizes the persistent grid.
-    tiles = (triton.cdiv(m, BLOCK_M) + MAX_SEGMENTS - 1) * triton.cdiv(n, bn)
+    has_ids = bounds is None and expert_ids is not None
+    tiles = _row_tiles(bounds, m) * triton.cdiv(n, bn)
+    progs = _num_programs(x.device, tiles)
+    # Tiles of the ids-only plan may run their K loop once per expert: they are never split.
+    split = not has_ids and split_tail_wanted(tiles, progs)
+    ws = torch.empty(progs * BLOCK_M * p * bn if split else 1, dtype=torch.float32, device=x.device)
+    flags = _split_flags(x.device, progs)
     res = residual if residual is not None else out
     b1, b2, b3, e0 = bounds if bounds is not None else (0, 0, 0, 0)
-    _routed_gemm_ws[(_num_programs(x.device, tiles),)](
+    _routed_gemm_ws[(progs,)](
         x_desc, w_desc, out_desc, res_desc, out, res, bias if bias is not None else x,
-        expert_ids if expert_ids is not None else x, m, n, k, out.stride(0), res.stride(0), b1, b2, b3, e0,
-        SEGMENTED=bounds is not None, HAS_IDS=bounds is None and expert_ids is not None,
+        expert_ids if expert_ids is not None else x, ws, flags, m, n, k, out.stride(0), res.stride(0),
+        b1, b2, b3, e0, int(split),
+        SEGMENTED=bounds is not None, HAS_IDS=has_ids,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, P=p,
         GROUP_M=GROUP_M, STAGES=_stages(swiglu), num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )

@@ -62,6 +62,59 @@ def test_segment_tiles_cover_each_row_once_with_its_expert(segments, m):
     assert (covered == 1).all()
 
 
+@pytest.mark.parametrize("tiles,programs,k_iters", [
+    (490, 132, 56), (490, 132, 296), (630, 132, 56), (5180, 132, 56), (1386, 132, 56),  # BAGEL's projections
+    (72, 7, 6), (72, 20, 6), (133, 132, 1), (264, 132, 3), (10, 132, 56), (7, 3, 2), (5, 2, 1)])
+def test_split_tail_plan_runs_every_k_step_of_every_tile_once_in_order(tiles, programs, k_iters):
+    items = {pid: rg.stream_k_items(pid, programs, tiles, k_iters) for pid in range(programs)}
+    pieces: dict[int, list[tuple[int, int, int, int]]] = {}
+    for pid, its in items.items():
+        for t, k0, k1, kind in its:
+            assert 0 <= t < tiles and 0 <= k0 < k1 <= k_iters
+            pieces.setdefault(t, []).append((k0, k1, kind, pid))
+    assert sorted(pieces) == list(range(tiles))
+    for t, ps in pieces.items():
+        ps.sort()
+        assert [p[0] for p in ps] == [0] + [p[1] for p in ps[:-1]] and ps[-1][1] == k_iters, (t, ps)
+        if len(ps) > 1:  # a split tile: the head and the tail, on neighbouring programs
+            (_, _, k_head, producer), (_, _, k_tail, consumer) = ps
+            assert len(ps) == 2 and (k_head, k_tail) == (1, 2) and consumer == producer + 1
+        else:
+            assert ps[0][2] == 0
+    done = {}  # when (in K steps of its own program) each head's partial is published
+    for pid, its in items.items():
+        kinds = [kind for *_, kind in its]
+        assert kinds.count(1) <= 1 and kinds.count(2) <= 1 and 2 not in kinds[:-1]  # the tail runs last
+        clock = 0
+        for t, k0, k1, kind in its:
+            clock += k1 - k0
+            if kind == 1:
+                done[t] = clock
+    for pid, its in items.items():
+        # a tail is never reached before its neighbour's head is done (programs that start together never wait)
+        if its and its[-1][3] == 2:
+            t = its[-1][0]
+            assert sum(k1 - k0 for _, k0, k1, _ in its[:-1]) >= done[t]
+    work = [sum(k1 - k0 for _, k0, k1, _ in its) for its in items.values()]
+    if tiles > programs and tiles % programs:  # the ragged last round is spread: no program does a whole extra tile
+        assert max(work) - min(work) <= 1, work
+    assert sum(work) == tiles * k_iters
+
+
+def test_split_tail_is_off_when_the_rounds_are_even_or_asked_off(monkeypatch):
+    assert all(kind == 0 for pid in range(132) for *_, kind in rg.stream_k_items(pid, 132, 264, 56))
+    assert all(kind == 0 for pid in range(132) for *_, kind in rg.stream_k_items(pid, 132, 490, 56, False))
+    assert rg.stream_k_items(3, 132, 490, 56, False) == [(t, 0, 56, 0) for t in (3, 135, 267, 399)]
+    # auto: only where whole rounds dominate (the generation step's 10+ rounds, not the prefill's 3-4)
+    monkeypatch.delenv("BAGEL_GEMM_SPLIT_TAIL", raising=False)
+    assert rg.split_tail_wanted(1386, 132) and not rg.split_tail_wanted(490, 132)
+    assert not rg.split_tail_wanted(1320, 132) and not rg.split_tail_wanted(100, 132)
+    monkeypatch.setenv("BAGEL_GEMM_SPLIT_TAIL", "1")
+    assert rg.split_tail_wanted(490, 132) and not rg.split_tail_wanted(1320, 132)
+    monkeypatch.setenv("BAGEL_GEMM_SPLIT_TAIL", "0")
+    assert not rg.split_tail_wanted(1386, 132)
+
+
 def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: bool, has_res: bool):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -77,7 +130,8 @@ def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: 
 
     args = dict(x_desc=desc(x, [rg.BLOCK_M, rg.BLOCK_K]), w_desc=desc(w, [bn, rg.BLOCK_K]),
                 out_desc=desc(out, [rg.BLOCK_M, bn]), res_desc=desc(out, [rg.BLOCK_M, bn]), OUT=out, RES=out, BIAS=x,
-                IDS=torch.empty(m, dtype=torch.int32), M=m, N=n, K=k, ldo=n, ldr=n, b1=40, b2=250, b3=300, e0=0)
+                IDS=torch.empty(m, dtype=torch.int32), WS=torch.empty(1), FLAGS=torch.empty(1, dtype=torch.int32),
+                M=m, N=n, K=k, ldo=n, ldr=n, b1=40, b2=250, b3=300, e0=0, split_tail=1)
     consts = dict(SEGMENTED=segmented, HAS_IDS=has_ids, HAS_BIAS=has_bias, HAS_RES=has_res, P=p,
                   GROUP_M=rg.GROUP_M, STAGES=rg._stages(swiglu), num_warps=rg.NUM_WARPS)
     return compile_for_hopper(rg._routed_gemm_ws, args, consts, rg.NUM_WARPS, rg.MAXNREG)
@@ -158,8 +212,10 @@ def test_rows_do_not_depend_on_how_many_programs_share_the_gpu(swiglu, residual,
     full = [f() for f in kernels]
     for programs in (1, 7, 20, 113):
         monkeypatch.setitem(rt._SM_COUNT, torch.cuda.current_device(), programs)
-        for f, want in zip(kernels, full):
-            assert torch.equal(f(), want), f"bits changed with {programs} programs"
+        for split in ("0", "1"):  # the Gluon kernel's ragged last round run whole, and split (stream_k_items)
+            monkeypatch.setenv("BAGEL_GEMM_SPLIT_TAIL", split)
+            for f, want in zip(kernels, full):
+                assert torch.equal(f(), want), f"bits changed with {programs} programs, split tail {split}"
 
 
 if __name__ == "__main__":  # the build check's child process (see test_gluon_kernel_builds_for_hopper)
