@@ -68,6 +68,18 @@ def test_schedule_chains_only_contexts_with_a_full_block(monkeypatch):
         ag._schedule(None)
 
 
+def test_short_last_tiles_pack_only_whole_gqa_groups(monkeypatch):
+    """The packed last tile holds 8 rows of each head of one KV head's group, in one warpgroup's 64 rows: only whole
+    groups of at most 8 heads pack (a Ulysses slice that starts mid-group does not)."""
+    monkeypatch.delenv("BAGEL_ATTN_PACK", raising=False)
+    assert ag._pack_group(7, 0, 28) == 7  # BAGEL: 28 query heads over 4 KV heads
+    assert ag._pack_group(7, 7, 7) == 7  # a Ulysses rank holding one whole group
+    assert ag._pack_group(7, 3, 7) == 0  # ... starting mid-group
+    assert ag._pack_group(1, 0, 28) == 0 and ag._pack_group(16, 0, 32) == 0  # MHA; groups past one warpgroup
+    monkeypatch.setenv("BAGEL_ATTN_PACK", "0")
+    assert ag._pack_group(7, 0, 28) == 0
+
+
 def test_gluon_path_is_only_taken_where_it_applies():
     q = torch.zeros(8, 28, 128, dtype=torch.bfloat16)
     kv = bk.ContiguousKV(torch.zeros(8, 4, 128, dtype=torch.bfloat16), torch.zeros(8, 4, 128, dtype=torch.bfloat16))
@@ -108,13 +120,13 @@ def _compile_for_hopper(has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap
 
     qd, kd = desc(q, 300, [ag.WG_M, d]), desc(k, 300, [ag.BLOCK_N, d])
     pd = desc(k, 288, [16, d]) if paged else kd
-    args = dict(q_desc=qd, o_desc=qd, k0_desc=pd, v0_desc=pd, k1_desc=kd, v1_desc=kd, OUT=q, s_ot=28 * d, s_oh=d,
+    args = dict(q_desc=qd, q8_desc=desc(q, 300, [8, d]), o_desc=qd, k0_desc=pd, v0_desc=pd, k1_desc=kd, v1_desc=kd, OUT=q, s_ot=28 * d, s_oh=d,
                 LSE=f32, BT0=i32, s_bt0=8, PAGE0=16, R0=16, RH0=0, CH0=d, ROWS0=288, CU0=i32, LEN0=i32, LEN0_S=288,
                 ROWS1=300, CU1=i32, LEN1=i32, LEN1_S=300, CU_Q=i32, Q_LEN=300, Q_ROWS=300, qk_scale=0.1, G=7,
                 HEAD_OFF=0, HQ=28)
     consts = dict(HAS_CTX=has_ctx, CTX_PAGED=paged, CTX_CU=ctx_cu, CTX_LENS=False, HAS_CUR=has_cur, CUR_CU=q_cu,
                   CUR_LENS=cur_lens, Q_CU=q_cu, NUM_STAGES=ag.STAGES, OVERLAP=overlap, SCHEDULE=schedule,
-                  num_warps=4)
+                  PACK_G=7, num_warps=4)
     return compile_for_hopper(ag._attn_fwd_ws, args, consts, 4, ag.MAXNREG)
 
 
