@@ -575,8 +575,8 @@ if _HAVE_GLUON:
                 layout: gl.constexpr = _rows_layout(HD, 4)
                 cols = gl.arange(0, HD, layout=gl.SliceLayout(0, layout))
                 for r in gl.static_range(0, WM, CHUNK):
-                    c_tok, c_hh, c_ok = _packed_rows(WG * WM + r + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout)),
-                                                     pack_r, rows_left, h, PACK_G)
+                    r_chunk = WG * WM + r + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
+                    c_tok, c_hh, c_ok = _packed_rows(r_chunk, pack_r, rows_left, h, PACK_G)
                     val = q.slice(r, CHUNK, dim=0).load(layout)
                     ptrs = OUT + (q_row + c_tok).to(gl.int64)[:, None] * s_ot + (c_hh * s_oh)[:, None] + cols[None, :]
                     gl.store(ptrs, val, mask=c_ok[:, None])

@@ -10,8 +10,11 @@ over a tile shape fixed per (N, K, dtype, activation) â€” never chosen from M â€
 roundings as the Triton kernel and eager (bias, SwiGLU, residual). Given the routing's segments, row tiles start at
 each segment's first row, so a tile holds one expert; without them (or with more than MAX_SEGMENTS), a tile that
 straddles the und/gen boundary runs the K loop once per expert present and writes each pass's rows with a
-row-masked store. Neither the tile plan nor which program computes a tile changes a row's arithmetic. The GPU
-tests check rows are bitwise those of the Triton kernel.
+row-masked store. Neither the tile plan nor which program computes a tile changes a row's arithmetic. Where whole
+rounds of tiles dominate, the ragged last round is split across programs along K (``stream_k_items``): not a
+split-K reduction (which DESIGN.md's contract forbids) but one K loop continued by a second program from the
+first one's fp32 accumulators, so the arithmetic stays the same. The GPU tests check rows are bitwise those of the
+Triton kernel, with the split on and off.
 
 Used for 16-bit inputs on compute capability 9.x (see ``_dispatch.gluon_available``); fp32 and the CPU
 interpreter stay on the Triton kernel.
@@ -100,8 +103,8 @@ if _HAVE_GLUON:
     @gluon.jit
     def _plan(num_tiles, k_iters, split_tail):
         """This program's share of the launch (``stream_k_items`` is the same arithmetic on the host, with the why).
-        Returns (work items, dp_tiles, own dp tiles, tail tile, its first K step, head tile, its K steps, full split tiles
-        [first, first + count))."""
+        Returns (work items, dp_tiles, own dp tiles, tail tile, its first K step, head tile, its K steps, whole
+        split-region tiles [first, first + count))."""
         pid = gl.program_id(0)
         nprog = gl.num_programs(0)
         rounds = num_tiles // nprog
@@ -345,7 +348,8 @@ if _HAVE_GLUON:
 
     @gluon.jit(do_not_specialize=["b1", "b2", "b3", "e0", "split_tail"])
     def _routed_gemm_ws(x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, WS, FLAGS, M, N, K, ldo, ldr,
-                        b1, b2, b3, e0, split_tail, SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr, HAS_BIAS: gl.constexpr,
+                        b1, b2, b3, e0, split_tail, SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr,
+                        HAS_BIAS: gl.constexpr,
                         HAS_RES: gl.constexpr, P: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                         num_warps: gl.constexpr):
         dtype: gl.constexpr = x_desc.dtype

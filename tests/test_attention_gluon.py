@@ -120,7 +120,8 @@ def _compile_for_hopper(has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap
 
     qd, kd = desc(q, 300, [ag.WG_M, d]), desc(k, 300, [ag.BLOCK_N, d])
     pd = desc(k, 288, [16, d]) if paged else kd
-    args = dict(q_desc=qd, q8_desc=desc(q, 300, [8, d]), o_desc=qd, k0_desc=pd, v0_desc=pd, k1_desc=kd, v1_desc=kd, OUT=q, s_ot=28 * d, s_oh=d,
+    args = dict(q_desc=qd, q8_desc=desc(q, 300, [8, d]), o_desc=qd, k0_desc=pd, v0_desc=pd, k1_desc=kd, v1_desc=kd,
+                OUT=q, s_ot=28 * d, s_oh=d,
                 LSE=f32, BT0=i32, s_bt0=8, PAGE0=16, R0=16, RH0=0, CH0=d, ROWS0=288, CU0=i32, LEN0=i32, LEN0_S=288,
                 ROWS1=300, CU1=i32, LEN1=i32, LEN1_S=300, CU_Q=i32, Q_LEN=300, Q_ROWS=300, qk_scale=0.1, G=7,
                 HEAD_OFF=0, HQ=28)
