@@ -21,6 +21,7 @@ interpreter stay on the Triton kernel.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -448,6 +449,12 @@ def _split_flags(device: torch.device, programs: int) -> torch.Tensor:
     return flags
 
 
+@functools.lru_cache(maxsize=None)
+def _no_workspace(device: torch.device) -> torch.Tensor:
+    """The workspace argument of a launch that splits nothing (fp32 like a real one: one compiled kernel)."""
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
 def _row_tiles(bounds: tuple[int, int, int, int] | None, m: int) -> int:
     if bounds is None:
         return triton.cdiv(m, BLOCK_M)
@@ -511,7 +518,8 @@ def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     progs = _num_programs(x.device, tiles)
     # Tiles of the ids-only plan may run their K loop once per expert: they are never split.
     split = not has_ids and split_tail_wanted(tiles, progs)
-    ws = torch.empty(progs * BLOCK_M * p * bn if split else 1, dtype=torch.float32, device=x.device)
+    ws = (torch.empty(progs * BLOCK_M * p * bn, dtype=torch.float32, device=x.device) if split
+          else _no_workspace(x.device))
     flags = _split_flags(x.device, progs)
     res = residual if residual is not None else out
     b1, b2, b3, e0 = bounds if bounds is not None else (0, 0, 0, 0)
