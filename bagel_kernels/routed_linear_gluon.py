@@ -493,6 +493,7 @@ def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     ``segments`` — the routing as host-side ``(start, end, expert)`` runs — lets row tiles start at each
     segment's first row (at most ``MAX_SEGMENTS`` runs), so no tile runs its K loop twice for two experts; the
     bits are the same either way (a row's result does not depend on its tile)."""
+    from .attention_triton import _dummy
     from .routed_linear_triton import _num_programs
 
     m, k = x.shape
@@ -520,7 +521,7 @@ def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     split = not has_ids and split_tail_wanted(tiles, progs)
     ws = (torch.empty(progs * BLOCK_M * p * bn, dtype=torch.float32, device=x.device) if split
           else _no_workspace(x.device))
-    flags = _split_flags(x.device, progs)
+    flags = _split_flags(x.device, progs) if split else _dummy(x.device)  # never read unsplit
     res = residual if residual is not None else out
     b1, b2, b3, e0 = bounds if bounds is not None else (0, 0, 0, 0)
     _routed_gemm_ws[(progs,)](
