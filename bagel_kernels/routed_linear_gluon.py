@@ -112,16 +112,13 @@ if _HAVE_GLUON:
         dp = num_tiles
         if (split_tail != 0) & (rounds > 0) & (num_tiles % nprog != 0):
             dp = (rounds - 1) * nprog
-        # split_tail = the K steps of one piece: a split happens only at a multiple of it within a tile
-        piece = gl.maximum(split_tail, 1)
-        per_tile = gl.cdiv(k_iters, piece)
-        span = (num_tiles - dp) * per_tile
+        span = (num_tiles - dp) * k_iters
         s = pid * span // nprog
         e = (pid + 1) * span // nprog
-        tail_t = s // per_tile
-        tail_k = (s - tail_t * per_tile) * piece
-        head_t = e // per_tile
-        head_k = (e - head_t * per_tile) * piece
+        tail_t = s // k_iters
+        tail_k = s - tail_t * k_iters
+        head_t = e // k_iters
+        head_k = e - head_t * k_iters
         full_lo = tail_t + (tail_k > 0).to(gl.int32)
         n_dp = gl.cdiv(gl.maximum(dp - pid, 0), nprog)
         n_items = (head_k > 0).to(gl.int32) + n_dp + (head_t - full_lo) + (tail_k > 0).to(gl.int32)
@@ -395,7 +392,7 @@ def _stages(swiglu: bool) -> int:
     return 4 if swiglu else 3
 
 
-def stream_k_items(pid: int, programs: int, tiles: int, k_iters: int, split_tail: bool = True, piece: int = 1
+def stream_k_items(pid: int, programs: int, tiles: int, k_iters: int, split_tail: bool = True
                    ) -> list[tuple[int, int, int, int]]:
     """Program ``pid``'s work as (tile, first K step, end K step, kind) — the host twin of the kernel's ``_plan`` and
     ``_item``, for tests and for reading.
@@ -408,18 +405,13 @@ def stream_k_items(pid: int, programs: int, tiles: int, k_iters: int, split_tail
     wgmma accumulate onto them — so no row's bits depend on the split. The split region holds at least P tiles, so a
     program's range is at least one tile long: at most one tail (started by program pid - 1) and one head (finished
     by pid + 1). A program runs its head before its whole split-region tiles and its tail last, so the partial it
-    waits on is ready: its neighbour's head ends no later than its own head and whole tiles do.
-
-    ``piece`` > 1 puts the split points on multiples of ``piece`` K steps only (``split_piece``), so the programs
-    of the split region run at a few K offsets instead of 132 different ones."""
+    waits on is ready: its neighbour's head ends no later than its own head and whole tiles do."""
     rounds = tiles // programs
     dp = (rounds - 1) * programs if split_tail and rounds > 0 and tiles % programs else tiles
-    per_tile = -(-k_iters // piece)  # pieces of ``piece`` K steps per tile: splits fall on their edges only
-    span = (tiles - dp) * per_tile
+    span = (tiles - dp) * k_iters
     s, e = pid * span // programs, (pid + 1) * span // programs
-    tail_t, tail_k = divmod(s, per_tile)
-    head_t, head_k = divmod(e, per_tile)
-    tail_k, head_k = tail_k * piece, head_k * piece
+    tail_t, tail_k = divmod(s, k_iters)
+    head_t, head_k = divmod(e, k_iters)
     items = [(t, 0, k_iters, 0) for t in range(pid, dp, programs)]
     items += [(dp + head_t, 0, head_k, 1)] if head_k else []
     items += [(dp + t, 0, k_iters, 0) for t in range(tail_t + (tail_k > 0), head_t)]
@@ -441,14 +433,6 @@ def split_tail_wanted(tiles: int, programs: int) -> bool:
         return False  # no ragged round
     mode = os.environ.get("BAGEL_GEMM_SPLIT_TAIL", "auto")
     return mode == "1" or (mode == "auto" and tiles >= SPLIT_MIN_ROUNDS * programs)
-
-
-def split_piece(k_iters: int) -> int:
-    """K steps per piece of a split tile: ``BAGEL_GEMM_SPLIT_PIECES`` = how many pieces a tile may be cut into
-    (default: any K step). Programs of the split region that sit at the same K offset read the same operand
-    K-slices while they are in L2; fewer pieces mean fewer distinct offsets, at the price of a coarser balance."""
-    pieces = int(os.environ.get("BAGEL_GEMM_SPLIT_PIECES", "0") or 0)
-    return 1 if pieces <= 0 else triton.cdiv(k_iters, min(pieces, k_iters))
 
 
 _SPLIT_FLAGS: dict[tuple[int, int], torch.Tensor] = {}
@@ -543,7 +527,7 @@ def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     _routed_gemm_ws[(progs,)](
         x_desc, w_desc, out_desc, res_desc, out, res, bias if bias is not None else x,
         expert_ids if expert_ids is not None else x, ws, flags, m, n, k, out.stride(0), res.stride(0),
-        b1, b2, b3, e0, split_piece(triton.cdiv(k, BLOCK_K)) if split else 0,
+        b1, b2, b3, e0, int(split),
         SEGMENTED=bounds is not None, HAS_IDS=has_ids,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, P=p,
         GROUP_M=GROUP_M, STAGES=_stages(swiglu), num_warps=NUM_WARPS, maxnreg=MAXNREG,

@@ -81,14 +81,12 @@ def check_bits() -> list[dict]:
         # the ragged last round split across programs (stream-K, continued K loops) wherever it is ragged
         a_split = _with_env("BAGEL_GEMM_SPLIT_TAIL=1", lambda: routed_gemm_gluon(x, w, b, ids, swiglu, res,
                                                                                  segments=segs))
-        a_quarters = _with_env("BAGEL_GEMM_SPLIT_TAIL=1,BAGEL_GEMM_SPLIT_PIECES=4",
-                               lambda: routed_gemm_gluon(x, w, b, ids, swiglu, res, segments=segs))
         t = routed_gemm_triton(x, w, b, ids, swiglu, res)
         ref = reference(x, w, b, ids, swiglu, res)
         err = ((a.double() - ref).norm() / ref.norm()).item()
         row = {"M": m, "N": n, "K": k, "swiglu": swiglu, "routing": routing, "extra": extra,
                "gluon==triton": bool(torch.equal(a, t)) and bool(torch.equal(a_ids, t))
-               and bool(torch.equal(a_split, t)) and bool(torch.equal(a_quarters, t)),
+               and bool(torch.equal(a_split, t)),
                "max|gluon-triton|": (a.float() - t.float()).abs().max().item(),
                "rel_err": err, "nan": bool(torch.isnan(a).any())}
         if m == 4198 and routing == "mixed":

@@ -65,16 +65,12 @@ def test_segment_tiles_cover_each_row_once_with_its_expert(segments, m):
 @pytest.mark.parametrize("tiles,programs,k_iters", [
     (490, 132, 56), (490, 132, 296), (630, 132, 56), (5180, 132, 56), (1386, 132, 56),  # BAGEL's projections
     (72, 7, 6), (72, 20, 6), (133, 132, 1), (264, 132, 3), (10, 132, 56), (7, 3, 2), (5, 2, 1)])
-@pytest.mark.parametrize("pieces", [None, 4, 2])
-def test_split_tail_plan_runs_every_k_step_of_every_tile_once_in_order(tiles, programs, k_iters, pieces,
-                                                                       monkeypatch):
-    monkeypatch.setenv("BAGEL_GEMM_SPLIT_PIECES", str(pieces or 0))
-    piece = rg.split_piece(k_iters)
-    items = {pid: rg.stream_k_items(pid, programs, tiles, k_iters, piece=piece) for pid in range(programs)}
+def test_split_tail_plan_runs_every_k_step_of_every_tile_once_in_order(tiles, programs, k_iters):
+    items = {pid: rg.stream_k_items(pid, programs, tiles, k_iters) for pid in range(programs)}
     pieces: dict[int, list[tuple[int, int, int, int]]] = {}
     for pid, its in items.items():
         for t, k0, k1, kind in its:
-            assert 0 <= t < tiles and 0 <= k0 < k1 <= k_iters and k0 % piece == 0  # cuts on piece edges only
+            assert 0 <= t < tiles and 0 <= k0 < k1 <= k_iters
             pieces.setdefault(t, []).append((k0, k1, kind, pid))
     assert sorted(pieces) == list(range(tiles))
     for t, ps in pieces.items():
@@ -101,7 +97,7 @@ def test_split_tail_plan_runs_every_k_step_of_every_tile_once_in_order(tiles, pr
             assert sum(k1 - k0 for _, k0, k1, _ in its[:-1]) >= done[t]
     work = [sum(k1 - k0 for _, k0, k1, _ in its) for its in items.values()]
     if tiles > programs and tiles % programs:  # the ragged last round is spread: no program does a whole extra tile
-        assert max(work) - min(work) <= piece, work
+        assert max(work) - min(work) <= 1, work
     assert sum(work) == tiles * k_iters
 
 
@@ -216,12 +212,10 @@ def test_rows_do_not_depend_on_how_many_programs_share_the_gpu(swiglu, residual,
     full = [f() for f in kernels]
     for programs in (1, 7, 20, 113):
         monkeypatch.setitem(rt._SM_COUNT, torch.cuda.current_device(), programs)
-        # the Gluon kernel's ragged last round run whole, split at any K step, and split on quarter-tile edges
-        for split, pieces in (("0", "0"), ("1", "0"), ("1", "4")):
+        for split in ("0", "1"):  # the Gluon kernel's ragged last round run whole, and split (stream_k_items)
             monkeypatch.setenv("BAGEL_GEMM_SPLIT_TAIL", split)
-            monkeypatch.setenv("BAGEL_GEMM_SPLIT_PIECES", pieces)
             for f, want in zip(kernels, full):
-                assert torch.equal(f(), want), f"bits changed with {programs} programs, split {split}/{pieces}"
+                assert torch.equal(f(), want), f"bits changed with {programs} programs, split tail {split}"
 
 
 if __name__ == "__main__":  # the build check's child process (see test_gluon_kernel_builds_for_hopper)
