@@ -8,7 +8,8 @@ a plain projection (QKV fused along N), P = 2 for SwiGLU (gate, up), whose outpu
 Backends (``_dispatch``): CUDA -> in "exact" mode the batch-invariant routed GEMM: on Hopper with 16-bit inputs the
 warp-specialized Gluon kernel (``routed_linear_gluon``; row tiles start at each routing segment's first row), else
 the Triton kernel (``routed_linear_triton``) — the two give the same bits (GPU test), and ``BAGEL_GEMM_GLUON=0``
-forces the Triton one; in "fast" mode cuBLAS per segment. CPU -> the plain-torch reference below (row-padded GEMMs
+forces the Triton one; in "fast" mode one cuBLAS GEMM per expert (``routed_linear_cublas``), except SwiGLU on Hopper,
+which stays on the Gluon kernel (its fused activation wins). CPU -> the plain-torch reference below (row-padded GEMMs
 per segment), or the Triton interpreter when asked for ``backend="triton"``.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 
 from ._dispatch import resolve_backend, resolve_mode
 from .linear import ExpertSegments, device_expert_ids, invariant_linear_reference
+from .routed_linear_cublas import routed_linear_cublas
 
 Activation = Literal["swiglu"] | None
 
@@ -51,9 +53,9 @@ def _check(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor
 
 def routed_linear_reference(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor,
                             bias: torch.Tensor | None, activation: Activation = None,
-                            residual: torch.Tensor | None = None, pad_rows: bool = True) -> torch.Tensor:
-    """Plain torch: one GEMM per (contiguous segment, part). ``pad_rows=False`` is the cuBLAS "fast" path."""
-    lin = invariant_linear_reference if pad_rows else F.linear
+                            residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain torch: one row-padded GEMM per (contiguous segment, part)."""
+    lin = invariant_linear_reference
     segments = routing.segments if routing is not None else ((0, x.shape[0], False),)
 
     def project(t: torch.Tensor, e: int) -> torch.Tensor:
@@ -84,9 +86,12 @@ def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch
     chosen = resolve_backend(x.device, backend)
     if chosen == "reference":
         return routed_linear_reference(x, routing, weight, bias, activation, residual)
-    if resolve_mode(mode) == "fast" and x.device.type == "cuda":
-        return routed_linear_reference(x, routing, weight, bias, activation, residual, pad_rows=False)
     from ._dispatch import gluon_available
+    if resolve_mode(mode) == "fast" and x.device.type == "cuda" and (
+            activation != "swiglu" or not gluon_available(x.device, x.dtype)):
+        # cuBLAS cannot fuse SwiGLU: on Hopper the Gluon kernel's fused epilogue beats GEMM + eager activation
+        # (RESULTS.md), so fast mode keeps the exact kernel there.
+        return routed_linear_cublas(x, routing, weight, bias, activation == "swiglu", residual)
     from .routed_linear_gluon import routed_gemm_gluon
     from .routed_linear_triton import SMALL_BATCH_ROWS, routed_gemm_small_batch_triton, routed_gemm_triton
 

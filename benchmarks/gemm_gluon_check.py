@@ -6,7 +6,8 @@ Run on a Hopper GPU: ``python benchmarks/gemm_gluon_check.py [--json OUT] [--ski
    split; M = 1, 17, 300, 4198, 12294);
    error vs a float64 reference; row subsets of a mixed launch give the same rows (batch invariance).
 2. speed (CUDA-graph replay): BAGEL-7B projections, gen step 3x4098 and mixed i2i prefill, Gluon / Triton / one dense
-   cuBLAS GEMM of the same total size, and that GEMM with the same epilogue work (bias, residual, SwiGLU).
+   cuBLAS GEMM of the same total size, and that GEMM with the same epilogue work (bias, residual, SwiGLU); fast mode's
+   cuBLAS path (one GEMM per expert; per segment as before session 9).
 ``--variants`` also times the Gluon kernel under environment settings (exploration switches read at call time).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bagel_kernels.routed_linear_cublas import routed_linear_cublas  # noqa: E402
 from bagel_kernels.routed_linear_gluon import routed_gemm_gluon  # noqa: E402
 from bagel_kernels.routed_linear_triton import routed_gemm_triton  # noqa: E402
 from mot_shapes import PROJECTIONS, token_sets  # noqa: E402
@@ -143,7 +145,16 @@ def bench_rows(variants: list[str]) -> list[dict]:
                 "gluon (ids only)": lambda: routed_gemm_gluon(x, w, bias, ids, swiglu, res),
                 "triton": lambda: routed_gemm_triton(x, w, bias, ids, swiglu, res),
                 "dense cuBLAS": lambda: F.linear(x, dense_w),
+                # fast mode: one cuBLAS GEMM per expert, epilogue by cuBLAS (bias, residual as C) or eager (SwiGLU)
+                "fast: cuBLAS per expert": lambda: routed_linear_cublas(x, routing, w, bias, swiglu, res),
+                # before session 9: one cuBLAS GEMM per contiguous segment (each text run re-reads W_und)
+                "fast: cuBLAS per segment": lambda: torch.cat([
+                    routed_linear_cublas(x[s:t], None, w[int(g)][None], None if bias is None else bias[int(g)][None],
+                                         swiglu, None if res is None else res[s:t]) for s, t, g in segs]),
             }
+            if res is not None:  # the residual as a separate eager add instead of cuBLAS's C operand
+                impls["fast: cuBLAS per expert, eager add"] = (
+                    lambda: routed_linear_cublas(x, routing, w, bias, swiglu, None).add_(res))
             # The same epilogue work as ours: bias (qkv) fused by cuBLASLt, the residual as C with beta = 1
             # (o_proj, down; one rounding where the model's eager x + o_proj(a) has two), and for SwiGLU, which
             # cuBLAS cannot fuse, the GEMM followed by eager silu(gate) * up.
@@ -168,6 +179,7 @@ def bench_rows(variants: list[str]) -> list[dict]:
             if "dense cuBLAS, same epilogue" in row:
                 row["gluon/dense same epilogue"] = round(row["gluon"] / row["dense cuBLAS, same epilogue"], 3)
             row["triton/dense"] = round(row["triton"] / row["dense cuBLAS"], 3)
+            row["fast per expert/dense"] = round(row["fast: cuBLAS per expert"] / row["dense cuBLAS"], 3)
             rows.append(row)
             print(row, flush=True)
     return rows

@@ -60,6 +60,61 @@ def test_routed_linear_matches_float64(backend, dtype, m, kind, swiglu, bias, re
     assert rel_err(got, float64_routed(x, r, w, b, swiglu, res)) < TOL[dtype]
 
 
+def i2i_routing(m: int) -> bk.ExpertSegments:
+    """img2img prefill's shape: text, image, text — the und expert in two runs."""
+    return bk.ExpertSegments.from_flags([m // 5 <= i < m - m // 4 for i in range(m)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 17, 300])
+@pytest.mark.parametrize("kind", ["und", "gen", "mixed", "i2i", "none"])
+@pytest.mark.parametrize("swiglu,bias,residual", [(False, True, False), (True, True, False), (False, False, True),
+                                                  (False, True, True), (True, False, True), (False, False, False)])
+def test_fast_mode_cublas_path_matches_float64(dtype, m, kind, swiglu, bias, residual):
+    """Fast mode's one-GEMM-per-expert path (gather the runs of an expert, scatter back) is the routed projection."""
+    from bagel_kernels.routed_linear_cublas import routed_linear_cublas
+
+    g = torch.Generator().manual_seed(m * 11 + len(kind))
+    k, n, e = 96, 160, (1 if kind == "none" else 2)
+    x = rnd(m, k, dtype=dtype, gen=g)
+    w = rnd(e, 2 if swiglu else 1, n, k, dtype=dtype, gen=g, scale=0.1)
+    b = rnd(e, 2 if swiglu else 1, n, dtype=dtype, gen=g) if bias else None
+    res = rnd(m, n, dtype=dtype, gen=g) if residual else None
+    r = None if kind == "none" else (i2i_routing(m) if kind == "i2i" else routing_for(kind, m))
+    got = routed_linear_cublas(x, r, w, b, swiglu, res)
+    assert got.shape == (m, n) and got.dtype == dtype
+    truth = float64_routed(x, r or bk.ExpertSegments.uniform(m, False), w, b, swiglu, res)
+    assert rel_err(got, truth) < TOL[dtype]
+
+
+def test_fast_mode_reads_each_expert_weight_once():
+    """The und rows of a text/image/text prefill are one GEMM, not one per text run."""
+    from bagel_kernels.routed_linear_cublas import expert_runs
+
+    assert expert_runs(i2i_routing(100), 100) == {0: [(0, 20), (75, 100)], 1: [(20, 75)]}
+    assert expert_runs(None, 7) == {0: [(0, 7)]}
+    assert expert_runs(bk.ExpertSegments.uniform(0, True), 0) == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fast mode's cuBLAS path runs on CUDA")
+@pytest.mark.parametrize("swiglu,residual", [(False, False), (False, True), (True, False)])
+def test_fast_mode_on_gpu_matches_float64_without_host_sync(swiglu, residual):
+    g = torch.Generator(device="cuda").manual_seed(3)
+    m, k, n = 700, 256, 384
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(2, 2 if swiglu else 1, n, k, device="cuda", generator=g) * 0.05).bfloat16()
+    b = None if residual else torch.randn(2, 2 if swiglu else 1, n, device="cuda", generator=g).bfloat16()
+    res = torch.randn(m, n, device="cuda", generator=g).bfloat16() if residual else None
+    r = i2i_routing(m)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = bk.routed_linear(x, r, w, b, activation="swiglu" if swiglu else None, residual=res, mode="fast")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert rel_err(got.cpu(), float64_routed(x.cpu(), r, w.cpu(), None if b is None else b.cpu(), swiglu,
+                                             None if res is None else res.cpu())) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 5, 16])
 @pytest.mark.parametrize("kind", ["und", "gen", "mixed"])
