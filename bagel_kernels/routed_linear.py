@@ -8,8 +8,8 @@ a plain projection (QKV fused along N), P = 2 for SwiGLU (gate, up), whose outpu
 Backends (``_dispatch``): CUDA -> in "exact" mode the batch-invariant routed GEMM: on Hopper with 16-bit inputs the
 warp-specialized Gluon kernel (``routed_linear_gluon``; row tiles start at each routing segment's first row), else
 the Triton kernel (``routed_linear_triton``) — the two give the same bits (GPU test), and ``BAGEL_GEMM_GLUON=0``
-forces the Triton one; in "fast" mode one cuBLAS GEMM per expert (``routed_linear_cublas``), except SwiGLU on Hopper,
-which stays on the Gluon kernel (its fused activation wins). CPU -> the plain-torch reference below (row-padded GEMMs
+forces the Triton one; in "fast" mode one cuBLAS GEMM per expert (``routed_linear_cublas``) where cuBLAS wins
+(``fast_mode_uses_cublas``), the Gluon kernel elsewhere. CPU -> the plain-torch reference below (row-padded GEMMs
 per segment), or the Triton interpreter when asked for ``backend="triton"``.
 """
 from __future__ import annotations
@@ -69,6 +69,17 @@ def routed_linear_reference(x: torch.Tensor, routing: ExpertSegments | None, wei
     return y if residual is None else residual + y
 
 
+def fast_mode_uses_cublas(activation: Activation, has_residual: bool, n: int, k: int, gluon: bool) -> bool:
+    """Fast mode calls cuBLAS where it wins (H100, RESULTS.md session 9), and keeps the fused Gluon kernel where
+    cuBLAS's epilogue costs more than routing: SwiGLU (GEMM + eager activation: 0.77-0.79 of the bare GEMM, ours
+    0.88-0.97) and a residual on a short K loop (o_proj, K = N: the M x N residual read is a large share of the work,
+    cuBLAS with beta = 1 reaches 0.79-0.86 of its plain GEMM, ours 0.87-0.98). A long K loop (down, K = 5.3 N) hides
+    the residual: cuBLAS 0.91-0.97, ours 0.88-0.97. Without Gluon (not Hopper) cuBLAS always wins."""
+    if not gluon:
+        return True
+    return activation != "swiglu" and not (has_residual and k <= n)
+
+
 def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor,
                   bias: torch.Tensor | None = None, *, activation: Activation = None,
                   residual: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None,
@@ -87,10 +98,8 @@ def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch
     if chosen == "reference":
         return routed_linear_reference(x, routing, weight, bias, activation, residual)
     from ._dispatch import gluon_available
-    if resolve_mode(mode) == "fast" and x.device.type == "cuda" and (
-            activation != "swiglu" or not gluon_available(x.device, x.dtype)):
-        # cuBLAS cannot fuse SwiGLU: on Hopper the Gluon kernel's fused epilogue beats GEMM + eager activation
-        # (RESULTS.md), so fast mode keeps the exact kernel there.
+    if resolve_mode(mode) == "fast" and x.device.type == "cuda" and fast_mode_uses_cublas(
+            activation, residual is not None, weight.shape[2], weight.shape[3], gluon_available(x.device, x.dtype)):
         return routed_linear_cublas(x, routing, weight, bias, activation == "swiglu", residual)
     from .routed_linear_gluon import routed_gemm_gluon
     from .routed_linear_triton import SMALL_BATCH_ROWS, routed_gemm_small_batch_triton, routed_gemm_triton

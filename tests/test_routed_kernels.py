@@ -96,11 +96,22 @@ def test_fast_mode_reads_each_expert_weight_once():
     assert expert_runs(bk.ExpertSegments.uniform(0, True), 0) == {}
 
 
+def test_fast_mode_calls_cublas_where_it_wins():
+    from bagel_kernels.routed_linear import fast_mode_uses_cublas
+
+    assert fast_mode_uses_cublas(None, False, 4608, 3584, gluon=True)  # qkv (+bias)
+    assert not fast_mode_uses_cublas(None, True, 3584, 3584, gluon=True)  # o_proj + residual
+    assert not fast_mode_uses_cublas("swiglu", False, 18944, 3584, gluon=True)  # gate/up
+    assert fast_mode_uses_cublas(None, True, 3584, 18944, gluon=True)  # down + residual
+    assert fast_mode_uses_cublas("swiglu", True, 3584, 3584, gluon=False)  # no Hopper: cuBLAS everywhere
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fast mode's cuBLAS path runs on CUDA")
-@pytest.mark.parametrize("swiglu,residual", [(False, False), (False, True), (True, False)])
-def test_fast_mode_on_gpu_matches_float64_without_host_sync(swiglu, residual):
+@pytest.mark.parametrize("swiglu,residual,k", [(False, False, 256), (False, True, 256), (False, True, 512),
+                                               (True, False, 256)])
+def test_fast_mode_on_gpu_matches_float64_without_host_sync(swiglu, residual, k):
     g = torch.Generator(device="cuda").manual_seed(3)
-    m, k, n = 700, 256, 384
+    m, n = 700, 384
     x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
     w = (torch.randn(2, 2 if swiglu else 1, n, k, device="cuda", generator=g) * 0.05).bfloat16()
     b = None if residual else torch.randn(2, 2 if swiglu else 1, n, device="cuda", generator=g).bfloat16()
