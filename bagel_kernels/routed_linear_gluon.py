@@ -102,7 +102,7 @@ if _HAVE_GLUON:
         return m0, m_end, pid_n * BLOCK_N, lo, hi
 
     @gluon.jit
-    def _plan(num_tiles, k_iters, split_tail, rotate):
+    def _plan(num_tiles, k_iters, split_tail):
         """This program's share of the launch (``stream_k_items`` is the same arithmetic on the host, with the why).
         Returns (work items, dp_tiles, own dp tiles, tail tile, its first K step, head tile, its K steps, whole
         split-region tiles [first, first + count))."""
@@ -120,24 +120,18 @@ if _HAVE_GLUON:
         head_t = e // k_iters
         head_k = e - head_t * k_iters
         full_lo = tail_t + (tail_k > 0).to(gl.int32)
-        # Whole rounds, plus one tile of a ragged last one if this program's rotated slot in it holds a tile.
-        n_dp = dp // nprog + (((pid + nprog - (dp // nprog) * rotate % nprog) % nprog) < dp % nprog).to(gl.int32)
+        n_dp = gl.cdiv(gl.maximum(dp - pid, 0), nprog)
         n_items = (head_k > 0).to(gl.int32) + n_dp + (head_t - full_lo) + (tail_k > 0).to(gl.int32)
         return n_items, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, head_t - full_lo
 
     @gluon.jit
-    def _item(w, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full, k_iters, rotate):
+    def _item(w, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full, k_iters):
         """Work item ``w`` of this program -> (tile, first K step, end K step, kind): kind 0 runs a whole tile,
         1 the head of a split tile (its partial sum goes to the workspace), 2 the tail (starts from that sum).
         Order: whole tiles of the even rounds, the head, whole split-region tiles, the tail."""
         is_head = (head_k > 0) & (w == n_dp)
         j = w - gl.where((head_k > 0) & (w > n_dp), 1, 0)
-        nprog = gl.num_programs(0)
-        # Round j's tiles go to the programs rotated by j * rotate: the same tiles run together (L2 sharing is
-        # unchanged), but a column of slow tiles (an expert's weight tile that no other row tile shares) no longer
-        # lands on the same programs round after round.
-        dp_t = j * nprog + (gl.program_id(0) + nprog - j * rotate % nprog) % nprog
-        t = gl.where(j < n_dp, dp_t,
+        t = gl.where(j < n_dp, gl.program_id(0) + j * gl.num_programs(0),
                      gl.where(j - n_dp < n_full, dp + full_lo + (j - n_dp), dp + tail_t))
         is_tail = (j >= n_dp + n_full) & (is_head == 0)
         k0 = gl.where(is_tail, tail_k, 0)
@@ -161,8 +155,7 @@ if _HAVE_GLUON:
         mbarrier.arrive(part_bar, count=1)
 
     @gluon.jit
-    def _load_partition(x_desc, w_desc, IDS, FLAGS, M, N, K, b1, b2, b3, e0, split_tail, rotate, ready, empty,
-                        part_bar,
+    def _load_partition(x_desc, w_desc, IDS, FLAGS, M, N, K, b1, b2, b3, e0, split_tail, ready, empty, part_bar,
                         x_bufs, w_bufs, SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr, P: gl.constexpr,
                         GROUP_M: gl.constexpr, CONSUMERS: gl.constexpr):
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -173,10 +166,10 @@ if _HAVE_GLUON:
         num_m = _num_row_tiles(M, b1, b2, b3, SEGMENTED, BLOCK_M)
         k_iters = gl.cdiv(K, BLOCK_K)
         n_items, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full = _plan(
-            num_m * gl.cdiv(N, BLOCK_N), k_iters, split_tail, rotate)
+            num_m * gl.cdiv(N, BLOCK_N), k_iters, split_tail)
         it = 0
         for w in range(n_items):
-            t, k0, k1, kind = _item(w, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full, k_iters, rotate)
+            t, k0, k1, kind = _item(w, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full, k_iters)
             m0, m_end, n0, lo, hi = _tile(t, num_m, IDS, M, N, b1, b2, b3, e0, SEGMENTED, HAS_IDS,
                                           BLOCK_M, BLOCK_N, GROUP_M, 1)
             if kind == 2:
@@ -248,7 +241,7 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _mma_partition(x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, WS, FLAGS, M, N, K, ldo, ldr,
-                       b1, b2, b3, e0, split_tail, rotate, ready, empty, x_bufs, w_bufs, c_smem, res_bar, part_bar,
+                       b1, b2, b3, e0, split_tail, ready, empty, x_bufs, w_bufs, c_smem, res_bar, part_bar,
                        SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr, HAS_BIAS: gl.constexpr,
                        HAS_RES: gl.constexpr, P: gl.constexpr, GROUP_M: gl.constexpr, NW: gl.constexpr):
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
@@ -264,11 +257,11 @@ if _HAVE_GLUON:
         num_m = _num_row_tiles(M, b1, b2, b3, SEGMENTED, BLOCK_M)
         k_iters = gl.cdiv(K, BLOCK_K)
         n_items, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full = _plan(
-            num_m * gl.cdiv(N, BLOCK_N), k_iters, split_tail, rotate)
+            num_m * gl.cdiv(N, BLOCK_N), k_iters, split_tail)
         it = 0
         res_phase = 0
         for w in range(n_items):
-            t, k0, k1, kind = _item(w, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full, k_iters, rotate)
+            t, k0, k1, kind = _item(w, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full, k_iters)
             m0, m_end, n0, lo, hi = _tile(t, num_m, IDS, M, N, b1, b2, b3, e0, SEGMENTED, HAS_IDS,
                                           BLOCK_M, BLOCK_N, GROUP_M, NW)
             cols = n0 + gl.arange(0, BLOCK_N, layout=col_layout)
@@ -354,9 +347,9 @@ if _HAVE_GLUON:
                             tma.async_copy_shared_to_global(out_desc, [m0, n0], c_smem)
         tma.store_wait(pendings=0)
 
-    @gluon.jit(do_not_specialize=["b1", "b2", "b3", "e0", "split_tail", "rotate"])
+    @gluon.jit(do_not_specialize=["b1", "b2", "b3", "e0", "split_tail"])
     def _routed_gemm_ws(x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, WS, FLAGS, M, N, K, ldo, ldr,
-                        b1, b2, b3, e0, split_tail, rotate, SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr,
+                        b1, b2, b3, e0, split_tail, SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr,
                         HAS_BIAS: gl.constexpr,
                         HAS_RES: gl.constexpr, P: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
                         num_warps: gl.constexpr):
@@ -375,9 +368,9 @@ if _HAVE_GLUON:
             mbarrier.init(empty.index(i), count=1)
         gl.warp_specialize([
             (_mma_partition, (x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, WS, FLAGS, M, N, K, ldo, ldr,
-                              b1, b2, b3, e0, split_tail, rotate, ready, empty, x_bufs, w_bufs, c_smem, res_bar,
-                              part_bar, SEGMENTED, HAS_IDS, HAS_BIAS, HAS_RES, P, GROUP_M, num_warps)),
-            (_load_partition, (x_desc, w_desc, IDS, FLAGS, M, N, K, b1, b2, b3, e0, split_tail, rotate, ready, empty,
+                              b1, b2, b3, e0, split_tail, ready, empty, x_bufs, w_bufs, c_smem, res_bar, part_bar,
+                              SEGMENTED, HAS_IDS, HAS_BIAS, HAS_RES, P, GROUP_M, num_warps)),
+            (_load_partition, (x_desc, w_desc, IDS, FLAGS, M, N, K, b1, b2, b3, e0, split_tail, ready, empty,
                                part_bar, x_bufs, w_bufs, SEGMENTED, HAS_IDS, P, GROUP_M, num_warps * 32)),
         ], [1], [40])
 
@@ -399,7 +392,7 @@ def _stages(swiglu: bool) -> int:
     return 4 if swiglu else 3
 
 
-def stream_k_items(pid: int, programs: int, tiles: int, k_iters: int, split_tail: bool = True, rotate: int = 0
+def stream_k_items(pid: int, programs: int, tiles: int, k_iters: int, split_tail: bool = True
                    ) -> list[tuple[int, int, int, int]]:
     """Program ``pid``'s work as (tile, first K step, end K step, kind) — the host twin of the kernel's ``_plan`` and
     ``_item``, for tests and for reading.
@@ -412,33 +405,18 @@ def stream_k_items(pid: int, programs: int, tiles: int, k_iters: int, split_tail
     wgmma accumulate onto them — so no row's bits depend on the split. The split region holds at least P tiles, so a
     program's range is at least one tile long: at most one tail (started by program pid - 1) and one head (finished
     by pid + 1). A program runs its head before its whole split-region tiles and its tail last, so the partial it
-    waits on is ready: its neighbour's head ends no later than its own head and whole tiles do.
-
-    ``rotate`` (``gemm_rotation``) shifts which program runs which tile of each whole round, by ``rotate`` more per
-    round: the tiles running together stay the same, but the programs that get the slow tiles change."""
+    waits on is ready: its neighbour's head ends no later than its own head and whole tiles do."""
     rounds = tiles // programs
     dp = (rounds - 1) * programs if split_tail and rounds > 0 and tiles % programs else tiles
     span = (tiles - dp) * k_iters
     s, e = pid * span // programs, (pid + 1) * span // programs
     tail_t, tail_k = divmod(s, k_iters)
     head_t, head_k = divmod(e, k_iters)
-    # whole rounds first: round r's slot of this program, rotated by r * rotate (see the kernel's ``_item``)
-    slots = ((r, (pid - r * rotate) % programs) for r in range(-(-dp // programs)))
-    items = [(r * programs + q, 0, k_iters, 0) for r, q in slots if r * programs + q < dp]
+    items = [(t, 0, k_iters, 0) for t in range(pid, dp, programs)]
     items += [(dp + head_t, 0, head_k, 1)] if head_k else []
     items += [(dp + t, 0, k_iters, 0) for t in range(tail_t + (tail_k > 0), head_t)]
     items += [(dp + tail_t, tail_k, k_iters, 2)] if tail_k else []
     return items
-
-
-def gemm_rotation() -> int:
-    """How far the tile -> program map of each whole round moves on from the previous round's
-    (``BAGEL_GEMM_ROTATE``, default 1). Why: tiles are numbered in groups of GROUP_M row tiles, so with 132
-    programs a given row tile's tiles land on every fourth program, round after round; when that row tile is slow (a
-    short text segment: the only tile reading its expert's weight tile from HBM), the same few programs fall behind
-    every round and the launch waits for them. Rotating spreads them over all programs. Same bits: a tile's
-    arithmetic does not depend on its program."""
-    return int(os.environ.get("BAGEL_GEMM_ROTATE", "1"))
 
 
 SPLIT_MIN_ROUNDS = 8
@@ -549,7 +527,7 @@ def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     _routed_gemm_ws[(progs,)](
         x_desc, w_desc, out_desc, res_desc, out, res, bias if bias is not None else x,
         expert_ids if expert_ids is not None else x, ws, flags, m, n, k, out.stride(0), res.stride(0),
-        b1, b2, b3, e0, int(split), gemm_rotation(),
+        b1, b2, b3, e0, int(split),
         SEGMENTED=bounds is not None, HAS_IDS=has_ids,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, P=p,
         GROUP_M=GROUP_M, STAGES=_stages(swiglu), num_warps=NUM_WARPS, maxnreg=MAXNREG,

@@ -65,9 +65,8 @@ def test_segment_tiles_cover_each_row_once_with_its_expert(segments, m):
 @pytest.mark.parametrize("tiles,programs,k_iters", [
     (490, 132, 56), (490, 132, 296), (630, 132, 56), (5180, 132, 56), (1386, 132, 56),  # BAGEL's projections
     (72, 7, 6), (72, 20, 6), (133, 132, 1), (264, 132, 3), (10, 132, 56), (7, 3, 2), (5, 2, 1)])
-@pytest.mark.parametrize("rotate", [0, 1, 5])
-def test_split_tail_plan_runs_every_k_step_of_every_tile_once_in_order(tiles, programs, k_iters, rotate):
-    items = {pid: rg.stream_k_items(pid, programs, tiles, k_iters, rotate=rotate) for pid in range(programs)}
+def test_split_tail_plan_runs_every_k_step_of_every_tile_once_in_order(tiles, programs, k_iters):
+    items = {pid: rg.stream_k_items(pid, programs, tiles, k_iters) for pid in range(programs)}
     pieces: dict[int, list[tuple[int, int, int, int]]] = {}
     for pid, its in items.items():
         for t, k0, k1, kind in its:
@@ -102,31 +101,6 @@ def test_split_tail_plan_runs_every_k_step_of_every_tile_once_in_order(tiles, pr
     assert sum(work) == tiles * k_iters
 
 
-def _tile_coords_host(t: int, num_m: int, num_n: int, group_m: int) -> tuple[int, int]:
-    """The kernel's grouped tile order, written plainly."""
-    group, r = divmod(t, group_m * num_n)
-    size = min(num_m - group * group_m, group_m)
-    return group * group_m + r % size, r // size
-
-
-def test_rotation_spreads_a_slow_row_tile_over_all_programs():
-    """gate/up at the img2img prefill: 35 row tiles x 148 column tiles on 132 programs. Row tile 0 (40 text rows,
-    the only reader of its und weight tiles) lands on 33 programs, 5 tiles each, without rotation; rotated, on 130."""
-    num_m, num_n, tiles = 35, 148, 35 * 148
-
-    def row0_tiles_per_program(rotate):
-        per = {}
-        for pid in range(132):
-            for t, _, _, kind in rg.stream_k_items(pid, 132, tiles, 56, rotate=rotate):
-                if kind == 0 and _tile_coords_host(t, num_m, num_n, rg.GROUP_M)[0] == 0:
-                    per[pid] = per.get(pid, 0) + 1
-        return per
-
-    plain, rotated = row0_tiles_per_program(0), row0_tiles_per_program(1)
-    assert (len(plain), max(plain.values())) == (33, 5)
-    assert len(rotated) >= 128 and max(rotated.values()) <= 2
-
-
 def test_split_tail_is_off_when_the_rounds_are_even_or_asked_off(monkeypatch):
     assert all(kind == 0 for pid in range(132) for *_, kind in rg.stream_k_items(pid, 132, 264, 56))
     assert all(kind == 0 for pid in range(132) for *_, kind in rg.stream_k_items(pid, 132, 490, 56, False))
@@ -157,7 +131,7 @@ def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: 
     args = dict(x_desc=desc(x, [rg.BLOCK_M, rg.BLOCK_K]), w_desc=desc(w, [bn, rg.BLOCK_K]),
                 out_desc=desc(out, [rg.BLOCK_M, bn]), res_desc=desc(out, [rg.BLOCK_M, bn]), OUT=out, RES=out, BIAS=x,
                 IDS=torch.empty(m, dtype=torch.int32), WS=torch.empty(1), FLAGS=torch.empty(1, dtype=torch.int32),
-                M=m, N=n, K=k, ldo=n, ldr=n, b1=40, b2=250, b3=300, e0=0, split_tail=1, rotate=1)
+                M=m, N=n, K=k, ldo=n, ldr=n, b1=40, b2=250, b3=300, e0=0, split_tail=1)
     consts = dict(SEGMENTED=segmented, HAS_IDS=has_ids, HAS_BIAS=has_bias, HAS_RES=has_res, P=p,
                   GROUP_M=rg.GROUP_M, STAGES=rg._stages(swiglu), num_warps=rg.NUM_WARPS)
     return compile_for_hopper(rg._routed_gemm_ws, args, consts, rg.NUM_WARPS, rg.MAXNREG)
@@ -238,12 +212,10 @@ def test_rows_do_not_depend_on_how_many_programs_share_the_gpu(swiglu, residual,
     full = [f() for f in kernels]
     for programs in (1, 7, 20, 113):
         monkeypatch.setitem(rt._SM_COUNT, torch.cuda.current_device(), programs)
-        # the Gluon kernel's ragged last round run whole and split (stream_k_items); rounds rotated or not
-        for split, rotate in (("0", "0"), ("1", "0"), ("0", "1"), ("1", "5")):
+        for split in ("0", "1"):  # the Gluon kernel's ragged last round run whole, and split (stream_k_items)
             monkeypatch.setenv("BAGEL_GEMM_SPLIT_TAIL", split)
-            monkeypatch.setenv("BAGEL_GEMM_ROTATE", rotate)
             for f, want in zip(kernels, full):
-                assert torch.equal(f(), want), f"bits changed: {programs} programs, split {split}, rotate {rotate}"
+                assert torch.equal(f(), want), f"bits changed with {programs} programs, split tail {split}"
 
 
 if __name__ == "__main__":  # the build check's child process (see test_gluon_kernel_builds_for_hopper)
