@@ -426,7 +426,8 @@ def split_tail_wanted(tiles: int, programs: int) -> bool:
     """Whether a launch splits its ragged last round (``stream_k_items``). The programs of a split region run at
     different K offsets, so unlike whole tiles in lockstep they do not share operand K-slices in L2; that costs
     more than the ragged round saves unless whole rounds dominate (H100, session 8: with 10-108 rounds the
-    generation-step projections gain 0-6 %; with 3-4 rounds the prefill's qkv, o_proj and down lose 6-16 %).
+    generation-step projections gain 0-6 %; with 3-4 rounds the prefill's qkv, o_proj and down lose 6-16 %; ncu,
+    session 9: the split raises the prefill's DRAM reads by 27 % on o_proj and 79 % on down).
     ``BAGEL_GEMM_SPLIT_TAIL=0`` / ``=1`` turns it off / on whenever the last round is ragged. The bits are the
     same either way, so choosing from M is allowed."""
     if tiles <= programs or tiles % programs == 0:
