@@ -55,7 +55,7 @@ def routed_linear_reference(x: torch.Tensor, routing: ExpertSegments | None, wei
                             bias: torch.Tensor | None, activation: Activation = None,
                             residual: torch.Tensor | None = None) -> torch.Tensor:
     """Plain torch: one row-padded GEMM per (contiguous segment, part)."""
-    lin = invariant_linear_reference
+    lin = invariant_linear_reference  # row-padded, so a row's bits do not depend on its segment's length
     segments = routing.segments if routing is not None else ((0, x.shape[0], False),)
 
     def project(t: torch.Tensor, e: int) -> torch.Tensor:
