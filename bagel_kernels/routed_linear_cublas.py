@@ -7,7 +7,8 @@ of a few hundred rows), so every weight is read by one GEMM; an expert with one 
 into its rows of the output without a copy.
 
 Not batch-invariant: cuBLAS picks its kernel from M, so a row's bits depend on how many rows share its call (see
-``_dispatch.resolve_mode``). Plain torch on any device; ``routed_linear`` calls it in "fast" mode on CUDA.
+``_dispatch.resolve_mode``). Plain torch on any device; ``routed_linear`` calls it in "fast" mode on CUDA where
+cuBLAS wins (``routed_linear.fast_mode_uses_cublas``).
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bagel_kernels.routed_linear_cublas import routed_linear_cublas  # noqa: E402
 from bagel_kernels.routed_linear_gluon import routed_gemm_gluon  # noqa: E402
 from bagel_kernels.routed_linear_triton import routed_gemm_triton  # noqa: E402
-from mot_shapes import PROJECTIONS, token_sets  # noqa: E402
+from mot_shapes import PROJECTIONS, token_sets, with_env  # noqa: E402
 
 
 def reference(x, w, b, ids, swiglu, res):
@@ -81,8 +81,8 @@ def check_bits() -> list[dict]:
         a = routed_gemm_gluon(x, w, b, ids, swiglu, res, segments=segs)  # row tiles at segment starts
         a_ids = routed_gemm_gluon(x, w, b, ids, swiglu, res)  # fixed row tiles, straddling ones run two K loops
         # the ragged last round split across programs (stream-K, continued K loops) wherever it is ragged
-        a_split = _with_env("BAGEL_GEMM_SPLIT_TAIL=1", lambda: routed_gemm_gluon(x, w, b, ids, swiglu, res,
-                                                                                 segments=segs))
+        a_split = with_env("BAGEL_GEMM_SPLIT_TAIL=1", lambda: routed_gemm_gluon(x, w, b, ids, swiglu, res,
+                                                                                segments=segs))
         t = routed_gemm_triton(x, w, b, ids, swiglu, res)
         ref = reference(x, w, b, ids, swiglu, res)
         err = ((a.double() - ref).norm() / ref.norm()).item()
@@ -102,22 +102,6 @@ def check_bits() -> list[dict]:
         rows.append(row)
         print(row, flush=True)
     return rows
-
-
-def _with_env(settings: str, fn):
-    """``fn`` run with the comma-separated ``NAME=VALUE`` settings in the environment (the kernel reads its
-    exploration switches at call time), the environment restored after."""
-    pairs = [kv.split("=", 1) for kv in settings.split(",") if kv]
-    saved = {k: os.environ.get(k) for k, _ in pairs}
-    os.environ.update(dict(pairs))
-    try:
-        return fn()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def bench_rows(variants: list[str]) -> list[dict]:
@@ -173,7 +157,7 @@ def bench_rows(variants: list[str]) -> list[dict]:
                 ms = do_bench_cudagraph(fn, rep=200, return_mode="median")
                 row[name] = round(flops / (ms * 1e-3) / 1e12, 1)
             for v in variants:
-                ms = _with_env(v, lambda: do_bench_cudagraph(impls["gluon"], rep=200, return_mode="median"))
+                ms = with_env(v, lambda: do_bench_cudagraph(impls["gluon"], rep=200, return_mode="median"))
                 row[f"gluon[{v}]"] = round(flops / (ms * 1e-3) / 1e12, 1)
             row["gluon/dense"] = round(row["gluon"] / row["dense cuBLAS"], 3)
             if "dense cuBLAS, same epilogue" in row:

@@ -7,8 +7,8 @@ Peers in the same run:
 - dense: ONE cuBLAS GEMM over all tokens with one weight (the limit: routing should cost nothing);
 - mask/scatter: boolean masks, ``x[mask]`` gathers, two cuBLAS GEMMs, scatter back (the seeds' eager approach);
 - compiled: ``torch.compile`` of the mask/scatter reference (where it compiles);
-- fast: our "fast" mode, one cuBLAS GEMM per expert (no masks, no sync, not batch-invariant; SwiGLU on Hopper
-  stays on our fused kernel).
+- fast: our "fast" mode, one cuBLAS GEMM per expert where cuBLAS wins (no masks, no sync, not batch-invariant;
+  on Hopper SwiGLU and o_proj's residual stay on our fused kernel).
 TFLOP/s = 2·M·N·K (× 2 parts for SwiGLU gate/up) / median time.
 """
 from __future__ import annotations
@@ -28,6 +28,22 @@ PROJECTIONS = [  # name, N, K, swiglu
     ("gate_up", INTER, H, True),
     ("down", H, INTER, False),
 ]
+
+
+def with_env(settings: str, fn):
+    """``fn`` run with the comma-separated ``NAME=VALUE`` settings in the environment (the kernels read their mode
+    and exploration switches at call time), the environment restored after."""
+    pairs = [kv.split("=", 1) for kv in settings.split(",") if kv]
+    saved = {k: os.environ.get(k) for k, _ in pairs}
+    os.environ.update(dict(pairs))
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def token_sets():
@@ -223,11 +239,7 @@ def layer_rows() -> list[dict]:
             return mask_scatter_layer(layer, x, mask, cos, sin, ck, cv)
 
         def ours_fast():
-            os.environ["BAGEL_KERNELS_MODE"] = "fast"
-            try:
-                return ours()
-            finally:
-                os.environ.pop("BAGEL_KERNELS_MODE")
+            return with_env("BAGEL_KERNELS_MODE=fast", ours)
 
         with torch.no_grad():
             a, b = ours(), ref()
