@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cfg import RENORM_TYPES, combine_cfg
+from .denoise_step import GenJob
 
 BRANCHES = ("full", "text", "img")  # full context / without text (cfg_text) / without image (cfg_img)
 
@@ -103,3 +104,70 @@ def denoise(x: torch.Tensor, p: SamplingParams, velocities: VelocityFn, progress
         if on_step is not None:
             on_step(i, t)
     return x
+
+
+@dataclass
+class DenoiseRequest:
+    """One request of a batched denoise: its noise, parameters, latent grid and branch contexts.
+
+    ``contexts`` maps every CFG branch the request may run ("full", "text", "img") to its frozen context; branches
+    that share one context object are one job (text-to-image's cfg_img branch IS the full branch: same context,
+    same x_t, same t, so its velocity would be the same bits — it is computed once and reused)."""
+
+    x: torch.Tensor
+    params: SamplingParams
+    grid: tuple[int, int]
+    contexts: dict
+    schedule: tuple[list[float], list[float]] | None = None
+    _jobs: dict = field(default_factory=dict, repr=False)
+
+    def job_for(self, branch: str):
+        """The job of ``branch``: one object per distinct context, made once (its identity keys engine caches)."""
+        ctx = self.contexts[branch]
+        job = self._jobs.get(id(ctx))
+        if job is None:
+            job = self._jobs[id(ctx)] = GenJob(self.grid, ctx)
+        return job
+
+
+def denoise_batch(requests: list[DenoiseRequest], engine, progress: bool = True,
+                  on_step: Callable[[int, int, float], None] | None = None) -> list[torch.Tensor]:
+    """Euler integration of several requests at once: at every step each request still running contributes its
+    distinct CFG jobs, and ``engine`` (``denoise_step.PackedStep`` or ``parallel.denoise.ParallelStep``) runs all
+    jobs of the step in one packed forward. Requests may differ in size, step count and CFG settings; each one's
+    arithmetic is what ``denoise`` does for it alone (same combine, same update), so its bits are too.
+    ``on_step(request_index, step, t)`` is called after each request's update."""
+    scheds = [r.schedule if r.schedule is not None else timestep_schedule(r.params.steps, r.params.timestep_shift)
+              for r in requests]
+    xs = [r.x for r in requests]
+    total = max(len(s[0]) for s in scheds)
+    for k in tqdm(range(total), desc="denoise", disable=not progress, leave=False):
+        jobs, job_x, job_t, plan = [], [], [], []
+        for i, r in enumerate(requests):
+            ts = scheds[i][0]
+            if k >= len(ts):
+                continue
+            active = branches_at(ts[k], r.params)
+            where = {}
+            for b in active:
+                job = r.job_for(b)
+                idx = next((n for n, jb in enumerate(jobs) if jb is job), None)
+                if idx is None:
+                    idx = len(jobs)
+                    jobs.append(job)
+                    job_x.append(xs[i])
+                    job_t.append(ts[k])
+                where[b] = idx
+            plan.append((i, active, where))
+        vels = engine(jobs, job_x, job_t)
+        for i, active, where in plan:
+            p, dt = requests[i].params, scheds[i][1][k]
+            vs = {b: vels[where[b]] for b in active}
+            text_scale = p.cfg_text_scale if len(active) > 1 else 1.0
+            img_scale = p.cfg_img_scale if len(active) > 2 else 1.0
+            v = combine_cfg(vs["full"], vs.get("text"), vs.get("img"), text_scale=text_scale, img_scale=img_scale,
+                            renorm_min=p.cfg_renorm_min, renorm_type=p.cfg_renorm_type)
+            xs[i] = xs[i] - v.float() * dt
+            if on_step is not None:
+                on_step(i, k, scheds[i][0][k])
+    return xs

@@ -312,3 +312,50 @@ class BagelModel(nn.Module):
         rows = self.gen_velocity_rows(x_t, t, seq, 0, branch.rope_position,
                                       local_attention(branch.kv, seq.split.n))
         return rows[1:seq.n_latent + 1]
+
+    # ---- packed generation forward (every job of a step at once; bagel_model.packed) ---------------------------
+    @torch.no_grad()
+    def packed_inputs(self, x_lat: torch.Tensor, t_jobs: torch.Tensor, layout, rope_positions: tuple[int, ...],
+                      rank: int, cache: dict | None = None) -> tuple[torch.Tensor, LayerInputs]:
+        """Embeddings of ``rank``'s rows of a packed forward. ``x_lat`` (all jobs' latents, packed) fp32,
+        ``t_jobs`` (J,) fp32 device tensor of each job's timestep. The same per-row arithmetic as ``gen_inputs``:
+        latents = vae2llm(x) + time_emb(t of the row's job) + pos_emb; markers from embed_tokens; zero padding.
+        ``cache`` (per layout) keeps the index tensors built on the first call."""
+        dev, dt = self.device, self.dtype
+        cache = cache if cache is not None else {}
+        r0, r1 = layout.split.rows(rank)
+        n_lat, J = layout.latent_rows, layout.num_jobs
+        parts = []
+        a, b = min(r0, n_lat), min(r1, n_lat)
+        if b > a:
+            if "lat" not in cache:
+                pos_ids = torch.cat([self._latent_pos_ids_for(g) for g in layout.grids])[a:b]
+                cache["lat"] = (layout.job_of_latent_rows(a, b, dev), pos_ids)
+            job_idx, pos_ids = cache["lat"]
+            temb = self.time_embedder(t_jobs)  # (J, hidden): invariant_linear rows do not depend on J
+            pos = self.latent_pos_embed(pos_ids).to(dt)
+            lat = invariant_linear(x_lat[a:b].to(dt), self.vae2llm.weight, self.vae2llm.bias)
+            parts.append(lat + temb.index_select(0, job_idx) + pos)
+        ma, mb = max(r0, n_lat), min(r1, n_lat + 2 * J)
+        if mb > ma:
+            parts.append(self.language_model.model.embed_tokens(self._marker_ids.repeat(J)[ma - n_lat:mb - n_lat]))
+        n_pad = r1 - max(r0, n_lat + 2 * J)
+        if n_pad > 0:
+            parts.append(torch.zeros(n_pad, self.cfg.hidden_size, dtype=dt, device=dev))
+        x = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        if "pos" not in cache:
+            positions = torch.zeros(r1 - r0, dtype=torch.long, device=dev)
+            for j, p in enumerate(rope_positions):
+                for s, e in layout.job_spans(j, r0, r1):
+                    positions[s - r0:e - r0].fill_(p)
+            cache["pos"] = self._cos_sin(positions)
+        cos, sin = cache["pos"]
+        return x, LayerInputs(routing=layout.routing(rank), cos=cos, sin=sin, gen_mode=True)
+
+    @torch.no_grad()
+    def packed_velocity_rows(self, x_lat: torch.Tensor, t_jobs: torch.Tensor, layout, rope_positions: tuple[int, ...],
+                             rank: int, attention: AttentionFn, cache: dict | None = None) -> torch.Tensor:
+        """llm2vae output (fp32) of ``rank``'s rows of a packed forward; latent rows come first in the layout."""
+        x, li = self.packed_inputs(x_lat, t_jobs, layout, rope_positions, rank, cache)
+        h = self._run_layers(x, li, attention)
+        return invariant_linear(h, self.llm2vae.weight, self.llm2vae.bias).float()

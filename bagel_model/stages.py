@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .denoise import SamplingParams, denoise, initial_noise
+from .denoise import DenoiseRequest, SamplingParams, denoise_batch, initial_noise
+from .denoise_step import PackedStep
 from .kv_transfer import KVPayload, abort, extract, install, recv_payload, send_payload
-from .model import BagelModel, BranchContext, make_gen_sequence
+from .model import BagelModel, BranchContext
 from .prefill import PrefilledContext, TextBlock, greedy_decode, new_cache, prefill, vae_block, vit_block
 from .tokenizer import BagelTokenizer
 
@@ -137,27 +138,50 @@ def _last_hidden(model: BagelModel, ctx: PrefilledContext, bos: int) -> torch.Te
 
 @torch.no_grad()
 def run_stage1(model: BagelModel, payload: KVPayload, contexts: dict[str, PrefilledContext] | None = None,
-               layout: str = "flash_attn", events: EventLog | None = None, progress: bool = False
-               ) -> GenerationResult:
+               layout: str = "flash_attn", events: EventLog | None = None, progress: bool = False,
+               engine=None) -> GenerationResult:
     """Denoise against the payload's contexts (installed into a ``layout`` cache unless given) and decode."""
-    from bagel_kernels import token_alignment
+    return run_stage1_batch(model, [payload], [contexts], layout, events, progress, engine)[0]
 
-    from .pipeline import GenerationResult, decode_latent, single_device_velocities, tensor_md5
+
+@torch.no_grad()
+def run_stage1_batch(model: BagelModel, payloads: list[KVPayload],
+                     contexts: list[dict[str, PrefilledContext] | None] | None = None, layout: str = "flash_attn",
+                     events: EventLog | None = None, progress: bool = False, engine=None) -> list[GenerationResult]:
+    """Denoise several requests together — every step's CFG jobs of all of them in one packed forward
+    (``denoise_step.PackedStep`` unless ``engine`` is given) — and decode each. Each result is bit-identical to
+    the request's run alone."""
+    from .pipeline import GenerationResult, decode_latent, tensor_md5
 
     events = events or EventLog()
     events.record("stage1_start")
-    p = payload.params
-    h, w = payload.image_shape
-    if contexts is None:
-        contexts = {n: install(model, c, layout) for n, c in payload.contexts.items()}
-    branch_ctx = {b: _branch(contexts[c]) for b, c in payload.branches.items()}
-    seq = make_gen_sequence(model.cfg, h, w, 1, token_alignment(model.device))
-    fn = single_device_velocities(model, seq, branch_ctx)
-    x0 = initial_noise(seq.n_latent, model.cfg.patch_latent_dim, p.seed).to(model.device)
-    x = denoise(x0, p, fn, progress=progress, on_step=lambda i, t: events.record("dit_step") if i == 0 else None)
-    image = decode_latent(model, x, seq)
+    contexts = contexts or [None] * len(payloads)
+    reqs = []
+    for payload, ctxs in zip(payloads, contexts):
+        p = payload.params
+        if ctxs is None:
+            ctxs = {n: install(model, c, layout) for n, c in payload.contexts.items()}
+        # one BranchContext per stored context: branches naming the same one (text-to-image's cfg_img = full) share
+        # it, which makes them one job of the packed step
+        named = {n: _branch(ctxs[n]) for n in set(payload.branches.values())}
+        grid = model.cfg.check_image_size(*payload.image_shape)
+        x0 = initial_noise(grid[0] * grid[1], model.cfg.patch_latent_dim, p.seed).to(model.device)
+        reqs.append(DenoiseRequest(x0, p, grid, {b: named[n] for b, n in payload.branches.items()}))
+    engine = engine if engine is not None else PackedStep(model)
+    first = [True]
+
+    def on_step(i: int, k: int, t: float) -> None:
+        if first[0]:
+            events.record("dit_step")
+            first[0] = False
+
+    xs = denoise_batch(reqs, engine, progress=progress, on_step=on_step)
+    out = []
+    for payload, r, x in zip(payloads, reqs, xs):
+        image = decode_latent(model, x, r.grid)
+        out.append(GenerationResult(x, image, tensor_md5(x), tensor_md5(image), payload.params))
     events.record("stage1_done")
-    return GenerationResult(x, image, tensor_md5(x), tensor_md5(image), p)
+    return out
 
 
 def _branch(ctx: PrefilledContext) -> BranchContext:

@@ -1,0 +1,138 @@
+"""The denoiser's step engine: the jobs of one step — (request, CFG branch) pairs — in one packed forward.
+
+``PackedStep`` is the single-device engine: it lays the jobs out with ``packed.PackedLayout`` and, on CUDA, records
+the forward of each job layout in a CUDA graph the second time that layout occurs (the first run is eager: it
+compiles every kernel) and replays it afterwards, the per-step inputs (latents, timesteps) copied into the graph's
+static buffers. The graph runs the very kernels of the eager forward on the same numbers, so replay == eager bit for
+bit. ``parallel.denoise.ParallelStep`` is the same engine spread over a mesh.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .model import BagelModel, BranchContext
+from .packed import PackedAttention, PackedLayout, packed_context
+
+
+@dataclass(frozen=True, eq=False)
+class GenJob:
+    """One branch-forward: a latent grid attending one frozen context. Made once per (request, distinct context),
+    so its identity keys the engine's per-layout caches."""
+
+    grid: tuple[int, int]
+    context: BranchContext
+
+
+class StepEngine(Protocol):
+    def __call__(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
+        """Velocity (n_latent, patch_dim) fp32 of every job, given its latent x_t and its timestep t."""
+        ...
+
+
+def device_floats(values: list[float], device) -> torch.Tensor:
+    """(n,) fp32 on the device from host floats, by fills (no host-to-device copy, no synchronization); each value
+    is the fp32 rounding of the host float, as ``torch.full((1,), t)`` gives it."""
+    out = torch.empty(len(values), dtype=torch.float32, device=device)
+    for i, v in enumerate(values):
+        out[i:i + 1].fill_(v)
+    return out
+
+
+@dataclass
+class _Entry:
+    """Everything one job layout needs, built on its first step and kept while the layout recurs."""
+
+    jobs: list[GenJob]  # held so that the ids in the key stay these objects'
+    layout: PackedLayout
+    ropes: tuple[int, ...]
+    attention: object
+    cache: dict = field(default_factory=dict)
+    runs: int = 0
+    graph: object = None
+    x_static: torch.Tensor | None = None
+    t_static: torch.Tensor | None = None
+    out_static: torch.Tensor | None = None
+
+
+def layout_key(jobs: list[GenJob]) -> tuple:
+    return tuple((j.grid, id(j.context)) for j in jobs)
+
+
+def split_rows(rows: torch.Tensor, layout: PackedLayout) -> list[torch.Tensor]:
+    """Per-job latent velocities from the packed output rows (latent rows come first, job after job)."""
+    return [rows[o:o + n] for o, n in zip(layout.latent_offset, layout.n_latent)]
+
+
+class PackedStep:
+    """Single-device engine. ``use_graph`` (default: on CUDA) replays each recurring job layout from a CUDA graph."""
+
+    def __init__(self, model: BagelModel, align: int | None = None, use_graph: bool | None = None):
+        from bagel_kernels import token_alignment
+
+        self.model = model
+        self.align = align if align is not None else token_alignment(model.device)
+        self.use_graph = model.device.type == "cuda" if use_graph is None else use_graph
+        if self.use_graph and model.device.type != "cuda":
+            raise ValueError("CUDA-graph replay needs a CUDA model")
+        self._entries: dict[tuple, _Entry] = {}
+        self._pool = None
+        self.forwards = 0  # packed forwards run (eager or replayed)
+        self.jobs_run = 0  # branch-forwards they contained
+
+    def _entry(self, jobs: list[GenJob]) -> _Entry:
+        key = layout_key(jobs)
+        e = self._entries.get(key)
+        if e is None:
+            m = self.model
+            layout = PackedLayout(tuple(j.grid for j in jobs), 1, self.align)
+            ctx = packed_context([j.context.kv for j in jobs], [j.context.length for j in jobs], m.cfg.num_layers)
+            attn = PackedAttention(layout, ctx, (0, layout.split.padded))
+            e = self._entries[key] = _Entry(list(jobs), layout, tuple(j.context.rope_position for j in jobs), attn)
+        return e
+
+    def _forward(self, e: _Entry, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model.packed_velocity_rows(x, t, e.layout, e.ropes, 0, e.attention, e.cache)
+
+    def __call__(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
+        if not (len(jobs) == len(xs) == len(ts)):
+            raise ValueError(f"{len(jobs)} jobs, {len(xs)} latents, {len(ts)} timesteps: one of each per job")
+        for j, x in zip(jobs, xs):
+            if x.shape[0] != j.grid[0] * j.grid[1]:
+                raise ValueError(f"latent of {x.shape[0]} tokens for a {j.grid[0]}x{j.grid[1]} grid")
+        e = self._entry(jobs)
+        dev = self.model.device
+        self.forwards += 1
+        self.jobs_run += len(jobs)
+        if not self.use_graph or e.runs == 0:
+            e.runs += 1  # eager: every run on CPU; on CUDA the first run of a layout (compiles, warms the allocator)
+            return split_rows(self._forward(e, torch.cat(xs) if len(xs) > 1 else xs[0], device_floats(ts, dev)),
+                              e.layout)
+        if e.graph is None:
+            e.x_static = torch.empty(e.layout.latent_rows, xs[0].shape[1], dtype=torch.float32, device=dev)
+            e.t_static = torch.zeros(len(jobs), dtype=torch.float32, device=dev)
+            self._copy_in(e, xs, ts)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                e.out_static = self._forward(e, e.x_static, e.t_static)
+            e.graph = graph
+        else:
+            self._copy_in(e, xs, ts)
+        e.graph.replay()
+        e.runs += 1
+        return split_rows(e.out_static, e.layout)
+
+    @staticmethod
+    def _copy_in(e: _Entry, xs: list[torch.Tensor], ts: list[float]) -> None:
+        for o, n, x in zip(e.layout.latent_offset, e.layout.n_latent, xs):
+            e.x_static[o:o + n].copy_(x)
+        for i, t in enumerate(ts):
+            e.t_static[i:i + 1].fill_(t)
+
+    def reset(self) -> None:
+        """Drop every cached layout (and its graph); call between unrelated batches to free memory."""
+        self._entries.clear()

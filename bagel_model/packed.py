@@ -1,0 +1,211 @@
+"""The packed denoise step: every (request, CFG branch) job of a step in ONE forward through the layers.
+
+Row layout of a packed forward (``PackedLayout``): all latent rows of all jobs first, job after job, then every
+job's two image markers, then the token split's padding at the global tail:
+
+    [lat_0 ... | lat_1 ... | ... | m0_0 m1_0 | m0_1 m1_1 | ... | pad]
+     generation expert ------------ | understanding expert (markers and padding) -
+
+so the routed GEMM sees two expert segments whatever the number of jobs (one branch laid out as
+[marker, latents, marker] costs every segment its own partial row tile; measured 7–12 % of the GEMM at 1024²).
+
+Why the bits do not change (DESIGN.md §3): every per-row op (norms, routed GEMMs, QK-norm + RoPE, embeddings) gives a
+row the same arithmetic wherever the row sits, and attention walks each job's keys in the job's own order — its
+context, then ``[<vision_start>, latents..., <vision_end>]`` blocked from that sequence's start — exactly what the
+one-branch forward walks. Attention therefore reads K/V through a per-job *canonical* gather (``JobRows``): the
+queries of each job form one varlen sequence, its keys another; the output rows are scattered back into the packed
+order. A job whose rows are computed in a pack with other jobs gets the bits it gets alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from bagel_kernels import ContiguousKV, ExpertSegments, PagedKV, joint_attention
+from bagel_kernels.kv_layout import PagedKVView, read_tokens
+
+from parallel.token_split import TokenSplit
+
+
+@dataclass(frozen=True)
+class JobRows:
+    """A set of packed rows grouped per job in canonical order, as device index/metadata tensors.
+
+    ``index``: packed row indices (relative to the range start) of job 0's rows, then job 1's, ...; ``cu``: (J+1,)
+    int32 offsets of each job in ``index``; ``max_len``: host bound of one job's row count."""
+
+    index: torch.Tensor
+    cu: torch.Tensor
+    max_len: int
+    total: int
+
+
+def _device_index(spans: list[tuple[int, int]], device) -> torch.Tensor:
+    """Concatenated aranges of host spans, built on the device (no host-to-device copy, no synchronization)."""
+    parts = [torch.arange(a, b, dtype=torch.int64, device=device) for a, b in spans if b > a]
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    return torch.cat(parts)
+
+
+def _device_ints(values: list[int], device, dtype=torch.int32) -> torch.Tensor:
+    """A small int tensor filled element by element from host ints (fills launch kernels; nothing synchronizes)."""
+    out = torch.empty(len(values), dtype=dtype, device=device)
+    for i, v in enumerate(values):
+        out[i:i + 1].fill_(v)
+    return out
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where every job's rows live in a packed forward split over ``degree`` sequence-parallel ranks."""
+
+    grids: tuple[tuple[int, int], ...]
+    degree: int = 1
+    align: int = 16
+
+    def __post_init__(self):
+        if not self.grids:
+            raise ValueError("a packed step needs at least one job")
+        for g in self.grids:
+            if len(g) != 2 or g[0] < 1 or g[1] < 1:
+                raise ValueError(f"latent grid must be two positive ints, got {g}")
+
+    @property
+    def num_jobs(self) -> int:
+        return len(self.grids)
+
+    @cached_property
+    def n_latent(self) -> tuple[int, ...]:
+        return tuple(h * w for h, w in self.grids)
+
+    @cached_property
+    def latent_offset(self) -> tuple[int, ...]:
+        out, acc = [], 0
+        for n in self.n_latent:
+            out.append(acc)
+            acc += n
+        return tuple(out)
+
+    @property
+    def latent_rows(self) -> int:
+        return sum(self.n_latent)
+
+    @cached_property
+    def split(self) -> TokenSplit:
+        return TokenSplit(self.latent_rows + 2 * self.num_jobs, self.degree, self.align)
+
+    def marker_rows(self, j: int) -> tuple[int, int]:
+        """Packed rows of job ``j``'s <vision_start> and <vision_end>."""
+        m = self.latent_rows + 2 * j
+        return m, m + 1
+
+    def routing(self, rank: int) -> ExpertSegments:
+        """Latents use the generation expert; markers and tail padding the understanding expert (padding rows are
+        zeros whose results are dropped: joining them to the marker segment keeps the launch at two segments)."""
+        n_lat, padded = self.latent_rows, self.split.padded
+        whole = ExpertSegments(((0, n_lat, True), (n_lat, padded, False)))
+        return whole.slice(*self.split.rows(rank))
+
+    def job_spans(self, j: int, a: int, b: int) -> list[tuple[int, int]]:
+        """Job ``j``'s rows inside the packed range [a, b), in canonical order: marker, latents, marker."""
+        m0, m1 = self.marker_rows(j)
+        lo, hi = self.latent_offset[j], self.latent_offset[j] + self.n_latent[j]
+        spans = [(m0, m0 + 1), (max(lo, a), min(hi, b)), (m1, m1 + 1)]
+        return [(max(s, a), min(e, b)) for s, e in spans if max(s, a) < min(e, b)]
+
+    def rows_by_job(self, a: int, b: int, device) -> JobRows:
+        """Rows [a, b) grouped per job in canonical order; indices relative to ``a``."""
+        spans, cu, max_len = [], [0], 0
+        for j in range(self.num_jobs):
+            js = self.job_spans(j, a, b)
+            spans += [(s - a, e - a) for s, e in js]
+            n = sum(e - s for s, e in js)
+            cu.append(cu[-1] + n)
+            max_len = max(max_len, n)
+        return JobRows(_device_index(spans, device), _device_ints(cu, device), max_len, cu[-1])
+
+    def job_of_latent_rows(self, a: int, b: int, device) -> torch.Tensor:
+        """Job index of each latent row in [a, b) (latent rows only), on the device."""
+        out = torch.empty(max(0, min(b, self.latent_rows) - a), dtype=torch.int64, device=device)
+        for j, (off, n) in enumerate(zip(self.latent_offset, self.n_latent)):
+            s, e = max(off, a), min(off + n, b)
+            if s < e:
+                out[s - a:e - a].fill_(j)
+        return out
+
+
+def packed_context(contexts: list[list[ContiguousKV | PagedKV | None] | None], lengths: list[int],
+                   num_layers: int) -> list[ContiguousKV | None]:
+    """One varlen context segment per layer from the jobs' contexts (job j = sequence j; an empty context is a
+    zero-length sequence, which walks no key block and so leaves the softmax state as no context at all would).
+
+    Paged contexts are read out contiguously once (per packed layout, not per step); the kernel walks a sequence's
+    keys in fixed blocks from its own start either way, so the bits do not change."""
+    if all(n == 0 for n in lengths):
+        return [None] * num_layers
+    out: list[ContiguousKV | None] = []
+    device = None
+    for layer in range(num_layers):
+        ks, vs = [], []
+        for ctx, n in zip(contexts, lengths):
+            seg = ctx[layer] if ctx is not None and n > 0 else None
+            if seg is None:
+                continue
+            if isinstance(seg, PagedKV):
+                k, v = read_tokens(PagedKVView(seg.k, seg.v), seg.block_table[0], n)
+            else:
+                k, v = seg.k[:n], seg.v[:n]
+            ks.append(k)
+            vs.append(v)
+            device = k.device
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        out.append(ContiguousKV(torch.cat(ks).contiguous(), torch.cat(vs).contiguous(),
+                                cu_seqlens=_device_ints(cu, device), max_seqlen=max(lengths)))
+    return out
+
+
+def packed_attention_over(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, ctx: ContiguousKV | None,
+                          q_rows: JobRows, k_rows: JobRows, gqa_group: int | None, q_head_offset: int,
+                          state=None, finalize: bool = True, with_lse: bool = False):
+    """Attention of the packed query rows ``q`` against each job's context and its own keys ``k_all``/``v_all``
+    (packed rows, gathered by ``k_rows`` into canonical per-job order). Returns packed-order output rows."""
+    qc = q.index_select(0, q_rows.index)
+    kc, vc = k_all.index_select(0, k_rows.index), v_all.index_select(0, k_rows.index)
+    segs = ([ctx] if ctx is not None else []) + [ContiguousKV(kc, vc, cu_seqlens=k_rows.cu, max_seqlen=k_rows.max_len)]
+    r = joint_attention(qc, segs, cu_seqlens_q=q_rows.cu, max_seqlen_q=max(q_rows.max_len, 1), gqa_group=gqa_group,
+                        q_head_offset=q_head_offset)
+    out = torch.zeros_like(q)
+    out.index_copy_(0, q_rows.index, r.out)
+    if with_lse:
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        lse.index_copy_(0, q_rows.index, r.lse)
+        return out, lse
+    return out
+
+
+@dataclass
+class PackedAttention:
+    """``AttentionFn`` of a packed forward whose K/V rows cover the whole packed sequence (one device, or a Ulysses
+    rank after its all-to-all): rows [q_start, q_start + rows) are the queries it holds."""
+
+    layout: PackedLayout
+    ctx: list[ContiguousKV | None]
+    q_range: tuple[int, int]
+    gqa_group: int | None = None
+    q_head_offset: int = 0
+    _rows: tuple[JobRows, JobRows] | None = field(default=None, repr=False)
+
+    def rows(self, device) -> tuple[JobRows, JobRows]:
+        if self._rows is None:
+            self._rows = (self.layout.rows_by_job(*self.q_range, device),
+                          self.layout.rows_by_job(0, self.layout.split.padded, device))
+        return self._rows
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        q_rows, k_rows = self.rows(q.device)
+        return packed_attention_over(q, k, v, self.ctx[layer_idx], q_rows, k_rows, self.gqa_group, self.q_head_offset)
