@@ -1,40 +1,109 @@
-"""The one switch: ``ParallelConfig`` -> a velocity function for ``bagel_model.denoise`` on this rank.
+"""The packed step on a mesh: ``ParallelStep`` is the ``StepEngine`` of ``bagel_model.denoise.denoise_batch`` for
+any ``ParallelConfig``.
 
-The latent x_t stays replicated; each step every SP rank computes its token chunk, the SP group all_gathers the
-velocity rows (~1 MB at 1024²), the CFG group all_gathers branch velocities, and every rank runs the same CFG
-combine and Euler update on the full tensor.
+The jobs of a step (distinct CFG branches of every request) go round-robin to the CFG ranks (one job: every rank runs
+it, no communication); each CFG group runs its jobs as ONE packed forward split over its sequence-parallel ranks
+(``bagel_model.packed``: padding only at the global tail), all_gathers the velocity rows over SP (~1 MB per job at
+1024²), and one all_gather over the CFG group hands every rank every job's velocity. The latents stay replicated:
+every rank runs the same CFG combine and Euler update on the full tensors — no broadcast inside the loop.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from bagel_model.denoise import VelocityFn
+from bagel_model.denoise import DenoiseRequest, VelocityFn
+from bagel_model.denoise_step import GenJob, device_floats, layout_key, split_rows
 from bagel_model.model import BagelModel, BranchContext, GenSequence
+from bagel_model.packed import PackedLayout, packed_context
 
-from .cfg_parallel import assign_branches, exchange_velocities
 from .mesh import Mesh, guarded
 from .usp import sp_attention
 
 
+def assign_jobs(n_jobs: int, cfg_degree: int) -> list[list[int]]:
+    """Job indices per CFG rank: job i on rank i % degree; a single job runs on every rank (no exchange)."""
+    if n_jobs == 1 or cfg_degree == 1:
+        return [list(range(n_jobs))] * cfg_degree
+    return [[i for i in range(n_jobs) if i % cfg_degree == r] for r in range(cfg_degree)]
+
+
+class ParallelStep:
+    """Packed step over ``mesh`` (every rank of the world calls it with the same jobs, in the same order)."""
+
+    def __init__(self, model: BagelModel, mesh: Mesh, align: int):
+        self.model, self.mesh, self.align = model, mesh, align
+        self._entries: dict = {}
+        self.forwards = 0
+        self.jobs_run = 0
+
+    def _entry(self, jobs: list[GenJob]):
+        key = layout_key(jobs)
+        e = self._entries.get(key)
+        if e is None:
+            m, c = self.model, self.mesh.config
+            layout = PackedLayout(tuple(j.grid for j in jobs), c.sp, self.align)
+            ctx = packed_context([j.context.kv for j in jobs], [j.context.length for j in jobs], m.cfg.num_layers)
+            attn = sp_attention(self.mesh, layout, ctx, m.cfg.num_heads, m.cfg.num_kv_heads)
+            e = self._entries[key] = (list(jobs), layout, tuple(j.context.rope_position for j in jobs), attn, {})
+        return e
+
+    def _run_group(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
+        _, layout, ropes, attn, cache = self._entry(jobs)
+        mesh, sp = self.mesh, self.mesh.config.sp
+        x = torch.cat(xs) if len(xs) > 1 else xs[0]
+        rows = self.model.packed_velocity_rows(x, device_floats(ts, x.device), layout, ropes, mesh.sp_rank, attn,
+                                               cache)
+        if sp > 1:
+            parts = [torch.empty_like(rows) for _ in range(sp)]
+            guarded("sp all_gather velocity rows", dist.all_gather, parts, rows.contiguous(), group=mesh.sp_group)
+            rows = torch.cat(parts)
+        self.forwards += 1
+        self.jobs_run += len(jobs)
+        return split_rows(rows, layout)
+
+    def __call__(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
+        mesh, cdeg = self.mesh, self.mesh.config.cfg
+        plan = assign_jobs(len(jobs), cdeg)
+        mine = plan[mesh.cfg_idx]
+        got = self._run_group([jobs[i] for i in mine], [xs[i] for i in mine], [ts[i] for i in mine]) if mine else []
+        if plan[0] is plan[-1] and len(plan[0]) == len(jobs):  # every rank ran every job
+            return got
+        # one all_gather over the CFG group; each rank's jobs flattened, padded to the longest rank's rows
+        rows_of = [sum(jobs[i].grid[0] * jobs[i].grid[1] for i in p) for p in plan]
+        dim = xs[0].shape[1]
+        buf = torch.zeros(max(rows_of), dim, dtype=torch.float32, device=xs[0].device)
+        if got:
+            torch.cat(got, out=buf[:rows_of[mesh.cfg_idx]])
+        gathered = [torch.empty_like(buf) for _ in range(cdeg)]
+        guarded("cfg all_gather velocities", dist.all_gather, gathered, buf, group=mesh.cfg_group)
+        out: list = [None] * len(jobs)
+        for r, p in enumerate(plan):
+            o = 0
+            for i in p:
+                n = jobs[i].grid[0] * jobs[i].grid[1]
+                out[i] = gathered[r][o:o + n]
+                o += n
+        return out
+
+
 def parallel_velocities(model: BagelModel, seq: GenSequence, contexts: dict[str, BranchContext], mesh: Mesh
                         ) -> VelocityFn:
-    c, cfg = mesh.config, model.cfg
+    """A one-request ``VelocityFn`` over the packed parallel step (kept for callers of the per-request loop)."""
+    c = mesh.config
     if seq.split.degree != c.sp:
         raise ValueError(f"token split degree {seq.split.degree} != sequence-parallel degree {c.sp}")
-    attn = {name: sp_attention(mesh, ctx.kv, seq.split.n, cfg.num_heads, cfg.num_kv_heads)
-            for name, ctx in contexts.items()}
-    n_lat, dim = seq.n_latent, cfg.patch_latent_dim
+    engine = ParallelStep(model, mesh, seq.split.align)
+    req = DenoiseRequest(torch.empty(0), None, seq.grid, contexts)
 
     def fn(x: torch.Tensor, t: float, active: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        mine = {}
-        for b in assign_branches(active, c.cfg, mesh.cfg_idx):
-            rows = model.gen_velocity_rows(x, t, seq, mesh.sp_rank, contexts[b].rope_position, attn[b])
-            if c.sp > 1:
-                parts = [torch.empty_like(rows) for _ in range(c.sp)]
-                guarded("sp all_gather velocity rows", dist.all_gather, parts, rows.contiguous(), group=mesh.sp_group)
-                rows = torch.cat(parts)
-            mine[b] = rows[1:n_lat + 1]
-        return exchange_velocities(mine, active, c.cfg, mesh.cfg_group, (n_lat, dim), x.device)
+        jobs, index = [], {}
+        for b in active:
+            j = req.job_for(b)
+            if j not in jobs:
+                jobs.append(j)
+            index[b] = jobs.index(j)
+        vs = engine(jobs, [x] * len(jobs), [t] * len(jobs))
+        return {b: vs[index[b]] for b in active}
 
     return fn

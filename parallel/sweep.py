@@ -59,6 +59,26 @@ class CollectiveCounter:
             setattr(dist, n, f)
 
 
+def batch_requests(args, params, cfg) -> list:
+    """The batched-requests configuration: the sweep's request plus two others (prompt, size, steps, seed, CFG)."""
+    from dataclasses import replace
+
+    small = cfg.latent_downsample  # one latent token per side
+    return [(args.prompt, params),
+            ("a blue ball", replace(params, height=2 * small, width=small, steps=max(2, params.steps - 2),
+                                    seed=params.seed + 1, cfg_img_scale=1.0)),
+            ("two green cones", replace(params, height=small, width=3 * small, steps=params.steps + 1,
+                                        seed=params.seed + 2, cfg_interval=(0.0, 1.0), cfg_renorm_type="channel"))]
+
+
+def _request(model, cfg, params, contexts):
+    from bagel_model.denoise import DenoiseRequest, initial_noise
+
+    grid = cfg.check_image_size(params.height, params.width)
+    x0 = initial_noise(grid[0] * grid[1], cfg.patch_latent_dim, params.seed).to(model.device)
+    return DenoiseRequest(x0, params, grid, contexts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bagel-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="preset (tiny | bagel-7b-mot); ignored with --checkpoint")
@@ -79,13 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     from bagel_kernels import token_alignment
     from bagel_model.checkpoint import from_pretrained
     from bagel_model.config import BagelConfig
-    from bagel_model.denoise import SamplingParams, denoise, initial_noise, timestep_schedule
+    from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise, denoise_batch, initial_noise, timestep_schedule
+    from bagel_model.denoise_step import PackedStep
     from bagel_model.model import BagelModel, make_gen_sequence
     from bagel_model.pipeline import single_device_velocities, tensor_md5, text_to_image_contexts
     from bagel_model.tokenizer import BagelTokenizer
 
     from .context_kv import broadcast_contexts
-    from .denoise import parallel_velocities
+    from .denoise import ParallelStep
     from .mesh import Mesh, init_distributed
 
     rank, world = init_distributed()
@@ -108,19 +129,39 @@ def main(argv: list[str] | None = None) -> int:
     n_lat = (h // cfg.latent_downsample) * (w // cfg.latent_downsample)
     x0 = initial_noise(n_lat, cfg.patch_latent_dim, params.seed).to(device)
 
-    # Baseline: one device, no communication (every rank runs it; rank 0's is the reference).
+    # Baseline: one device, no communication (every rank runs it; rank 0's is the reference): the packed step, and
+    # the per-branch reference loop it must reproduce bit for bit.
     t0 = time.time()
     contexts = text_to_image_contexts(model, tok, args.prompt)
-    seq1 = make_gen_sequence(cfg, h, w, 1, align)
-    base = denoise(x0, params, single_device_velocities(model, seq1, contexts), progress=False, schedule=schedule)
+    grid = cfg.check_image_size(h, w)
+    base = denoise_batch([DenoiseRequest(x0, params, grid, contexts, schedule)], PackedStep(model, align),
+                         progress=False)[0]
     base_md5, base_s = tensor_md5(base), time.time() - t0
     rows = [dict(config="single", degrees="1", md5=base_md5, match=True, seconds=round(base_s, 3), mode="exact")]
+    t0 = time.time()
+    seq1 = make_gen_sequence(cfg, h, w, 1, align)
+    ref = denoise(x0, params, single_device_velocities(model, seq1, contexts), progress=False, schedule=schedule)
+    ref_md5 = tensor_md5(ref)
+    rows.append(dict(config="single-per-branch", degrees="1", md5=ref_md5, match=ref_md5 == base_md5,
+                     seconds=round(time.time() - t0, 3), mode="exact"))
+    failures = int(ref_md5 != base_md5)
     prompt_len = len(tok.encode_prompt(args.prompt))
     lengths = {"full": prompt_len, "text": 0, "img": prompt_len}
     kv_shape = (cfg.num_kv_heads, cfg.head_dim)
-    failures = 0
+    # Batched requests: other prompts, sizes, step counts, seeds and CFG settings in one packed step; each must give
+    # the md5 it gives alone on one device.
+    batch = batch_requests(args, params, cfg)
+    batch_ctx = [text_to_image_contexts(model, tok, pr) for pr, _ in batch]
+    solo = [tensor_md5(denoise_batch([_request(model, cfg, pp, c)], PackedStep(model, align), progress=False)[0])
+            for (_, pp), c in zip(batch, batch_ctx)]
+    batch_lengths = [len(tok.encode_prompt(pr)) for pr, _ in batch]
     wanted = set(args.only.split(",")) if args.only else None
-    for pc in configs_for(world, cfg.num_heads):
+    configs = configs_for(world, cfg.num_heads)
+    # batched requests on: the last config (cfg3 with an idle rank, or plain cfg on small worlds), every exact CFG x SP
+    # config, and the hybrid SP config (Ulysses x Ring) when the world has one
+    batch_on = {configs[-1].name()} | {pc.name() for pc in configs if pc.sp > 1 and pc.ring_mode == "exact"
+                                       and (pc.cfg > 1 or (pc.ring > 1 and pc.ulysses > 1))}
+    for pc in configs:
         if wanted and pc.name() not in wanted:
             continue
         mesh = Mesh.build(pc, cfg.num_heads)
@@ -133,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         x = None
         with CollectiveCounter() as counter:
             if mesh.active:
-                seq = make_gen_sequence(cfg, h, w, pc.sp, align)
-                x = denoise(x0, params, parallel_velocities(model, seq, ctx, mesh), progress=False, schedule=schedule)
+                req = DenoiseRequest(x0, params, grid, ctx, schedule)
+                x = denoise_batch([req], ParallelStep(model, mesh, align), progress=False)[0]
         dist.barrier()
         secs = time.time() - t0
         if mesh.active and mesh.rank == 0:
@@ -147,6 +188,24 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             if not match and row["mode"] == "exact":
                 failures += 1
+        if pc.name() in batch_on:
+            dist.barrier()
+            t0 = time.time()
+            reqs = []
+            for i, ((pr, pp), c) in enumerate(zip(batch, batch_ctx)):
+                n = batch_lengths[i]
+                bc = broadcast_contexts(c if rank == 0 else None, ["full", "text"], cfg.num_layers,
+                                        {"full": n, "text": 0}, kv_shape, dtype, device)
+                bc["img"] = bc["full"]
+                reqs.append(_request(model, cfg, pp, bc))
+            xs = denoise_batch(reqs, ParallelStep(model, mesh, align), progress=False) if mesh.active else None
+            dist.barrier()
+            if mesh.active and mesh.rank == 0:
+                md5s = [tensor_md5(x) for x in xs]
+                ok = md5s == solo
+                rows.append(dict(config=f"batch{len(reqs)}-{pc.name()}", degrees=f"u{pc.ulysses} r{pc.ring} c{pc.cfg}",
+                                 md5=md5s[0], md5s=md5s, match=ok, seconds=round(time.time() - t0, 3), mode="exact"))
+                failures += int(not ok)
         # every rank learns the verdict so that all exit with the same code
         flag = torch.tensor([failures], dtype=torch.int64, device=device)
         dist.broadcast(flag, src=0)

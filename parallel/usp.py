@@ -1,16 +1,16 @@
-"""Hybrid sequence parallelism (USP): Ulysses inside, Ring across; either degree may be 1.
+"""Hybrid sequence parallelism (USP) of the packed step: Ulysses inside, Ring across; either degree may be 1.
 
-Returns an ``AttentionFn`` for ``bagel_model`` layers: local rows in, local rows out.
+Returns an ``AttentionFn`` for ``bagel_model`` layers: this rank's packed rows in, the same rows out.
 """
 from __future__ import annotations
 
 import torch
 
 from bagel_kernels import ContiguousKV, PagedKV
-from bagel_model.layers import local_attention
+from bagel_model.packed import PackedLayout, packed_attention_over
 
 from .mesh import Mesh
-from .ring import ring_attention_exact, ring_attention_fast
+from .ring import chunk_rows, ring_attention_exact, ring_attention_fast
 from .ulysses import gather_heads, head_split, kv_heads_for, scatter_heads
 
 
@@ -22,7 +22,8 @@ def _slice_heads(seg, a: int, b: int):
     return ContiguousKV(seg.k[:, a:b], seg.v[:, a:b], seg.cu_seqlens, seg.seqlens, seg.max_seqlen)
 
 
-def sp_attention(mesh: Mesh, contexts: list, n_valid_total: int, num_heads: int, num_kv_heads: int):
+def sp_attention(mesh: Mesh, layout: PackedLayout, contexts: list, num_heads: int, num_kv_heads: int):
+    """``contexts``: the packed per-layer context segments (``bagel_model.packed.packed_context``), replicated."""
     c = mesh.config
     U, R = c.ulysses, c.ring
     group = num_heads // num_kv_heads
@@ -31,21 +32,34 @@ def sp_attention(mesh: Mesh, contexts: list, n_valid_total: int, num_heads: int,
     h0, _ = q_ranges[mesh.uly_idx] if U > 1 else (0, num_heads)
     kv0, kv1 = kv_ranges[mesh.uly_idx] if U > 1 else (0, num_kv_heads)
     # The context is replicated on every rank; each rank reads only the KV heads its query heads need.
-    ctxs = [_slice_heads(c_, kv0, kv1) for c_ in contexts] if contexts else []
+    ctxs = [_slice_heads(c_, kv0, kv1) for c_ in contexts]
     kw = dict(gqa_group=group, q_head_offset=h0)
-    local = local_attention(ctxs, n_valid_total, **kw) if R == 1 else None
+    size = layout.split.chunk * U  # rows of one Ulysses group (one ring chunk)
+    rows: dict = {}
+
+    def index(device):
+        if not rows:
+            rows["q"] = layout.rows_by_job(mesh.ring_idx * size, (mesh.ring_idx + 1) * size, device)
+            rows["k"] = layout.rows_by_job(0, layout.split.padded, device)
+            if R > 1 and c.ring_mode == "fast":
+                rows["chunks"] = chunk_rows(layout, size, R, device)
+        return rows
 
     def fn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if U > 1:  # sequence -> heads: whole super-chunk of the Ulysses group, my heads (and the KV heads they read)
             q = scatter_heads(q, q_ranges, mesh.uly_idx, mesh.uly_group, f"ulysses q layer {layer_idx}")
             k = scatter_heads(k, kv_ranges, mesh.uly_idx, mesh.uly_group, f"ulysses k layer {layer_idx}")
             v = scatter_heads(v, kv_ranges, mesh.uly_idx, mesh.uly_group, f"ulysses v layer {layer_idx}")
-        if R > 1:
-            ring_fn = ring_attention_exact if c.ring_mode == "exact" else ring_attention_fast
-            ctx = ctxs[layer_idx] if ctxs else None
-            o = ring_fn(q, k, v, ctx, mesh.ring_ranks, mesh.ring_idx, mesh.ring_group, n_valid_total, **kw)
+        ix = index(q.device)
+        ctx = ctxs[layer_idx]
+        if R == 1:
+            o = packed_attention_over(q, k, v, ctx, ix["q"], ix["k"], **kw)
+        elif c.ring_mode == "exact":
+            o = ring_attention_exact(q, k, v, ctx, mesh.ring_ranks, mesh.ring_idx, mesh.ring_group, ix["q"], ix["k"],
+                                     **kw)
         else:
-            o = local(layer_idx, q, k, v)
+            o = ring_attention_fast(q, k, v, ctx, mesh.ring_ranks, mesh.ring_idx, mesh.ring_group, ix["q"],
+                                    ix["chunks"], **kw)
         if U > 1:
             o = gather_heads(o, q_ranges, mesh.uly_idx, mesh.uly_group, f"ulysses out layer {layer_idx}")
         return o

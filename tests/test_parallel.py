@@ -35,6 +35,10 @@ def test_every_exact_config_matches_single_device(world, size, tmp_path):
     expected = {pc.name() for pc in configs_for(world, 6)}
     assert expected <= set(rows), f"missing configs: {expected - set(rows)}"
     assert exact and all(r["md5"] == base for r in exact), [(r["config"], r["md5"]) for r in exact]
+    # the packed step reproduces the per-branch loop, and batched requests each give their solo md5
+    assert rows["single-per-branch"]["md5"] == base
+    batches = [r for r in res["rows"] if r["config"].startswith("batch")]
+    assert batches and all(r["match"] and len(set(r["md5s"])) == 3 for r in batches), batches
     for r in res["rows"]:
         if r["mode"] == "fast":
             assert r["max_abs_err"] < 1e-4  # fast ring: tolerance, not bits
@@ -73,13 +77,13 @@ def test_bad_degrees_are_named(pc, world, msg):
         pc.validate(world, num_heads=6)
 
 
-def test_cfg_branch_assignment():
-    from parallel.cfg_parallel import assign_branches
+def test_cfg_job_assignment():
+    from parallel.denoise import assign_jobs
 
-    act = ("full", "text", "img")
-    assert [assign_branches(act, 3, i) for i in range(3)] == [["full"], ["text"], ["img"]]
-    assert [assign_branches(act, 2, i) for i in range(2)] == [["full", "img"], ["text"]]
-    assert assign_branches(("full",), 3, 2) == ["full"]  # outside the CFG interval every rank computes it
+    assert assign_jobs(3, 3) == [[0], [1], [2]]
+    assert assign_jobs(3, 2) == [[0, 2], [1]]
+    assert assign_jobs(2, 3) == [[0], [1], []]  # deduplicated text-to-image CFG: 2 jobs, a third rank idles
+    assert assign_jobs(1, 3) == [[0]] * 3  # outside the CFG interval every rank computes the one job
 
 
 def _peer_dies(rank, store_path, q):

@@ -1,0 +1,159 @@
+"""The packed denoise step: every CFG job of every request in one forward, bit for bit the per-branch loop."""
+import pytest
+import torch
+
+from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise, denoise_batch, initial_noise
+from bagel_model.denoise_step import GenJob, PackedStep
+from bagel_model.model import make_gen_sequence
+from bagel_model.packed import PackedLayout
+from bagel_model.pipeline import BagelPipeline, single_device_velocities, tensor_md5, text_to_image_contexts
+from bagel_model.stages import Request
+from bagel_model.sync_guard import forbid_host_sync
+
+
+def params(**kw):
+    p = dict(steps=4, seed=0, height=48, width=80, cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0))
+    p.update(kw)
+    return SamplingParams(**p)
+
+
+def per_branch(model, tok, prompt, p):
+    """Today's reference loop: one forward per CFG branch, the sequence laid out [marker, latents, marker, pad]."""
+    seq = make_gen_sequence(model.cfg, p.height, p.width, 1, 16)
+    ctx = text_to_image_contexts(model, tok, prompt)
+    x0 = initial_noise(seq.n_latent, model.cfg.patch_latent_dim, p.seed)
+    return denoise(x0, p, single_device_velocities(model, seq, ctx), progress=False)
+
+
+def request(model, tok, prompt, p):
+    grid = model.cfg.check_image_size(p.height, p.width)
+    x0 = initial_noise(grid[0] * grid[1], model.cfg.patch_latent_dim, p.seed)
+    return DenoiseRequest(x0, p, grid, text_to_image_contexts(model, tok, prompt))
+
+
+def test_layout_puts_all_latents_first_and_groups_the_markers():
+    lay = PackedLayout(((2, 3), (1, 2)), degree=2, align=2)
+    assert lay.latent_offset == (0, 6) and lay.latent_rows == 8
+    assert lay.marker_rows(0) == (8, 9) and lay.marker_rows(1) == (10, 11)
+    assert lay.split.n == 12 and lay.split.padded == 12
+    # two expert segments however many jobs: generation latents, then understanding markers (+ tail padding)
+    assert lay.routing(0).segments == ((0, 6, True),)
+    assert lay.routing(1).segments == ((0, 2, True), (2, 6, False))
+    # each job's rows in its own canonical order: <vision_start>, latents, <vision_end>
+    rows = lay.rows_by_job(0, 12, "cpu")
+    assert rows.index.tolist() == [8, 0, 1, 2, 3, 4, 5, 9, 10, 6, 7, 11]
+    assert rows.cu.tolist() == [0, 8, 12] and rows.max_len == 8
+    # a rank's share, relative to its first row
+    mine = lay.rows_by_job(6, 12, "cpu")
+    assert mine.index.tolist() == [2, 3, 4, 0, 1, 5] and mine.cu.tolist() == [0, 2, 6]
+
+
+@pytest.mark.parametrize("size", [(48, 80), (16, 16), (80, 48)])  # odd grids: 3x5, 1x1, 5x3
+def test_text_to_image_packed_equals_per_branch(tiny_model, tokenizer, size):
+    p = params(height=size[0], width=size[1])
+    want = per_branch(tiny_model, tokenizer, "a red cube", p)
+    (got,) = denoise_batch([request(tiny_model, tokenizer, "a red cube", p)], PackedStep(tiny_model), progress=False)
+    assert tensor_md5(got) == tensor_md5(want)
+
+
+def test_text_to_image_cfg_step_runs_two_jobs_in_one_forward(tiny_model, tokenizer):
+    """cfg_img's context IS the full context (same x_t, same t): its velocity is computed once and reused."""
+    p = params(steps=3, cfg_interval=(0.0, 1.0))  # every step is a CFG step
+    eng = PackedStep(tiny_model)
+    denoise_batch([request(tiny_model, tokenizer, "a red cube", p)], eng, progress=False)
+    assert eng.forwards == 2 and eng.jobs_run == 4  # 2 steps, 2 jobs (full, no-text) each, 1 forward each
+
+
+def test_image_editing_packs_three_distinct_branches(tiny_model, tokenizer):
+    """img2img through the stages: three distinct contexts (paged) -> three jobs, same md5 as the per-branch loop."""
+    from bagel_model.stages import _branch, run_stage0
+
+    img = (torch.arange(48 * 64 * 3) % 251).to(torch.uint8).reshape(48, 64, 3)
+    req = Request(mode="img2img", prompt="make it blue", image=img,
+                  params=params(height=48, width=64, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
+                                cfg_renorm_type="text_channel"))
+    r0 = run_stage0(tiny_model, tokenizer, req)
+    ctx = {b: _branch(r0.contexts[c]) for b, c in r0.payload.branches.items()}
+    seq = make_gen_sequence(tiny_model.cfg, 48, 64, 1, 16)
+    x0 = initial_noise(seq.n_latent, 64, req.params.seed)
+    want = denoise(x0, req.params, single_device_velocities(tiny_model, seq, ctx), progress=False)
+    eng = PackedStep(tiny_model)
+    (got,) = denoise_batch([DenoiseRequest(x0, req.params, seq.grid, ctx)], eng, progress=False)
+    assert tensor_md5(got) == tensor_md5(want)
+    assert eng.jobs_run == 3 * eng.forwards
+    _, res = BagelPipeline(tiny_model, tokenizer).generate(req)
+    assert res.latent_md5 == tensor_md5(want)
+
+
+def test_a_batch_of_mixed_requests_equals_each_request_alone(tiny_model, tokenizer):
+    reqs = [("a red cube", params()),
+            ("a blue ball", params(height=32, width=16, steps=3, seed=5, cfg_img_scale=1.0)),
+            ("two green cones", params(height=16, width=48, steps=6, seed=7, cfg_interval=(0.0, 1.0),
+                                       cfg_renorm_type="channel")),
+            ("no guidance", params(steps=5, seed=9, cfg_text_scale=1.0))]
+    alone = [tensor_md5(per_branch(tiny_model, tokenizer, pr, p)) for pr, p in reqs]
+    eng = PackedStep(tiny_model)
+    got = denoise_batch([request(tiny_model, tokenizer, pr, p) for pr, p in reqs], eng, progress=False)
+    assert [tensor_md5(x) for x in got] == alone
+    assert eng.forwards == 5  # one packed forward per step, for as long as the longest request runs
+
+
+def test_pipeline_batch_returns_one_result_per_request(tiny_model, tokenizer):
+    pipe = BagelPipeline(tiny_model, tokenizer)
+    reqs = [Request(mode="text2img", prompt="a red cube", params=params(), request_id="a"),
+            Request(mode="text2text", prompt="hello", params=params(), max_tokens=3, request_id="b"),
+            Request(mode="text2img", prompt="a blue ball", params=params(height=16, width=32, steps=3, seed=2),
+                    request_id="c")]
+    out = pipe.generate_batch(reqs)
+    assert [r1 is None for _, r1 in out] == [False, True, False]
+    for req, (_, r1) in zip(reqs, out):
+        if r1 is not None:
+            assert r1.latent_md5 == pipe.generate(req)[1].latent_md5
+    with pytest.raises(ValueError, match="unique"):
+        pipe.generate_batch([reqs[0], reqs[0]])
+
+
+def test_packed_step_does_not_read_the_device(tiny_model, tokenizer):
+    from bagel_model.denoise import timestep_schedule
+
+    r = request(tiny_model, tokenizer, "a red cube", params())
+    r.schedule = timestep_schedule(r.params.steps, r.params.timestep_shift)  # host floats, made before the region
+    eng = PackedStep(tiny_model)
+    with forbid_host_sync(cuda=False):
+        denoise_batch([r], eng, progress=False)
+
+
+def test_jobs_and_latents_must_agree(tiny_model, tokenizer):
+    ctx = text_to_image_contexts(tiny_model, tokenizer, "x")
+    with pytest.raises(ValueError, match="latent of 4 tokens for a 3x5 grid"):
+        PackedStep(tiny_model)([GenJob((3, 5), ctx["full"])], [torch.zeros(4, 64)], [1.0])
+
+
+def test_packed_step_on_the_triton_kernels_equals_per_branch(tiny_model, tokenizer, monkeypatch):
+    """The same check through the Triton kernels (CPU interpreter): varlen attention with per-job key order."""
+    monkeypatch.setenv("BAGEL_KERNELS_BACKEND", "triton")
+    p = params(steps=2, height=16, width=32, cfg_interval=(0.0, 1.0))
+    want = per_branch(tiny_model, tokenizer, "a red cube", p)
+    (got,) = denoise_batch([request(tiny_model, tokenizer, "a red cube", p)], PackedStep(tiny_model), progress=False)
+    assert tensor_md5(got) == tensor_md5(want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_replay_equals_eager_on_the_gpu(tokenizer):
+    from bagel_model.config import BagelConfig
+    from bagel_model.model import BagelModel
+
+    m = BagelModel.random(BagelConfig.preset("tiny"), seed=0, dtype=torch.bfloat16, device="cuda")
+    m.set_marker_ids(tokenizer.special["start_of_image"], tokenizer.special["end_of_image"])
+    p = params(steps=6, height=64, width=64)
+    reqs = lambda: [request(m, tokenizer, "a red cube", p), request(m, tokenizer, "blue", params(seed=3))]  # noqa: E731
+    for r in (rs := reqs()):
+        r.x = r.x.cuda()
+    eager = denoise_batch(rs, PackedStep(m, use_graph=False), progress=False)
+    for r in (rs := reqs()):
+        r.x = r.x.cuda()
+    eng = PackedStep(m, use_graph=True)
+    with forbid_host_sync(cuda=True):
+        graphed = denoise_batch(rs, eng, progress=False)
+    assert [tensor_md5(x) for x in graphed] == [tensor_md5(x) for x in eager]
+    assert any(e.graph is not None for e in eng._entries.values())
