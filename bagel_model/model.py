@@ -18,7 +18,7 @@ from bagel_kernels import routed_rms_norm, ContiguousKV, ExpertSegments, PagedKV
 from parallel.token_split import TokenSplit
 
 from .config import BagelConfig
-from .embeddings import PositionEmbedding, TimestepEmbedder, latent_position_ids, sincos_2d_table
+from .embeddings import PositionEmbedding, TimestepEmbedder, sincos_2d_table
 from .layers import AttentionFn, LayerInputs, MoTDecoderLayer, RMSNorm, experts_pack, local_attention
 from .vae import AutoEncoder
 
@@ -292,7 +292,10 @@ class BagelModel(nn.Module):
     def _latent_pos_ids_for(self, grid: tuple[int, int]) -> torch.Tensor:
         cache = getattr(self, "_pos_cache", None)
         if cache is None or cache[0] != grid:
-            ids = latent_position_ids(*grid, self.cfg.max_latent_size).to(self.device)
+            # built on the device (aranges): a host-built table's copy would synchronize inside the denoise loop
+            h, w = grid
+            r = torch.arange(h, device=self.device)[:, None]
+            ids = (r * self.cfg.max_latent_size + torch.arange(w, device=self.device)[None, :]).reshape(-1)
             self._pos_cache = (grid, ids)
         return self._pos_cache[1]
 

@@ -141,6 +141,7 @@ def test_packed_step_on_the_triton_kernels_equals_per_branch(tiny_model, tokeniz
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_replay_equals_eager_on_the_gpu(tokenizer):
     from bagel_model.config import BagelConfig
+    from bagel_model.denoise import timestep_schedule
     from bagel_model.model import BagelModel
 
     m = BagelModel.random(BagelConfig.preset("tiny"), seed=0, dtype=torch.bfloat16, device="cuda")
@@ -152,6 +153,7 @@ def test_graph_replay_equals_eager_on_the_gpu(tokenizer):
     eager = denoise_batch(rs, PackedStep(m, use_graph=False), progress=False)
     for r in (rs := reqs()):
         r.x = r.x.cuda()
+        r.schedule = timestep_schedule(r.params.steps, r.params.timestep_shift)  # host floats, before the region
     eng = PackedStep(m, use_graph=True)
     with forbid_host_sync(cuda=True):
         graphed = denoise_batch(rs, eng, progress=False)
