@@ -206,3 +206,22 @@ def test_text_answer_excludes_the_end_of_turn_token(ref, loaded, monkeypatch):
     r0 = run_stage0(model, tok, Request("text2text", "", SamplingParams(), max_tokens=7,
                                         prompt_ids=ref["meta"]["prompt_ids"]))
     assert r0.text_ids == [113, 238]
+
+
+def test_vae_posterior_sample_is_unclamped_like_upstreams(loaded):
+    """Upstream's DiagonalGaussian samples mean + exp(logvar / 2) * eps with no clamp of the log-variance."""
+    model, _ = loaded
+
+    class Moments(torch.nn.Module):  # an encoder whose log-variance is far outside [-30, 20]
+        def forward(self, x):
+            return torch.cat([torch.zeros(1, 16, 2, 2), torch.full((1, 16, 2, 2), 50.0)], 1)
+
+    vae = model.vae
+    real, vae.encoder = vae.encoder, Moments()
+    try:
+        eps = torch.full((1, 16, 2, 2), 1e-6)
+        z = vae.encode(torch.zeros(1, 3, 16, 16), noise=eps)
+    finally:
+        vae.encoder = real
+    want = vae.cfg.scale_factor * (torch.exp(torch.tensor(25.0)) * 1e-6 - vae.cfg.shift_factor)
+    assert torch.allclose(z, torch.full_like(z, float(want)), rtol=1e-6)
