@@ -173,6 +173,29 @@ def test_edit_vit_embeddings(ref, loaded):
     assert rel(emb, call["input"][1:-1]) < RTOL
 
 
+def test_vit_of_a_non_square_image_is_upstreams_navit_packing(loaded):
+    """Upstream's recipe, written out from the release's tensors: a 48x64 image is a 6x8 grid of 8-pixel patches,
+    each flattened (row, column, channel) through the stored Linear, plus SigLIP's position embedding at
+    row * vit_max_num_patch_per_side + column; then SigLIP's layers, post-LayerNorm, connector, vit_pos_embed."""
+    model, _ = loaded
+    g = torch.Generator().manual_seed(3)
+    image = torch.randint(0, 256, (48, 64, 3), generator=g, dtype=torch.uint8)
+    p, side = model.cfg.vit.patch_size, model.cfg.vit_max_num_patch_per_side
+    with safe_open(os.path.join(FIXTURE, "ema.safetensors"), "pt") as f:
+        lin_w = f.get_tensor("vit_model.vision_model.embeddings.patch_embedding.weight").float()
+        lin_b = f.get_tensor("vit_model.vision_model.embeddings.patch_embedding.bias").float()
+    x = to_pixels(image)[0]  # (3, 48, 64)
+    patches = torch.einsum("chpwq->hwpqc", x.reshape(3, 6, p, 8, p)).reshape(48, p * p * 3)  # upstream's patchify
+    ids = (torch.arange(6)[:, None] * side + torch.arange(8)[None, :]).reshape(-1)
+    vm = model.vit_model.vision_model
+    h = patches @ lin_w.T + lin_b + vm.embeddings.position_embedding(ids)
+    h = vm.post_layernorm(vm.encoder(inputs_embeds=h[None]).last_hidden_state[0])
+    want = model.connector(h) + model.vit_pos_embed(ids)
+    got = vit_block(model, image).embeddings
+    assert got.shape == (48, model.cfg.hidden_size)
+    assert rel(got, want) < RTOL
+
+
 def test_edit_prefill_kv(ref, edit_contexts):
     ups = ref["cases"]["edit_cfg3_64x64"]["contexts"]
     for ours, theirs in (("full", "gen"), ("text", "cfg_text"), ("img", "cfg_img")):
