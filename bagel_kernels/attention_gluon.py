@@ -558,7 +558,7 @@ if _HAVE_GLUON:
             acc, m_i, l_i = _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty, g_dirty,
                                     qk_scale, OVERLAP, SCHEDULE)
             row_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
-            seen = l_i > 0
+            seen = l_i != 0  # as attention_triton: NaN surfaces, finite inputs keep their bits
             l_safe = gl.where(seen, l_i, 1.0)
             o = gl.where(seen[:, None], acc / l_safe[:, None], 0.0)
             lse = gl.where(seen, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))

@@ -137,7 +137,9 @@ def attention_reference(
 
 def finalize_reference(state: AttentionState, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     l = state.l
-    seen = l > 0
+    # l == 0 exactly iff the row saw no key (finite inputs give l >= 0, so this is l > 0 bit for bit); a NaN query,
+    # key or value makes l NaN, which counts as seen and surfaces as NaN like SDPA, never as a silent 0.
+    seen = l != 0
     out = torch.where(seen[..., None], state.acc / torch.where(seen, l, torch.ones_like(l))[..., None], 0.0)
     lse = torch.where(seen, state.m + torch.log(torch.where(seen, l, torch.ones_like(l))), float("-inf"))
     return out.to(out_dtype), lse

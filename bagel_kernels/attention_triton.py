@@ -230,7 +230,9 @@ def _attn_fwd(
             acc, m_i, l_i = _block_update(acc, m_i, l_i, q, k_t, v, valid, qk_scale, True, DOT_PREC, UPCAST)
 
     if FINALIZE:
-        seen = l_i > 0
+        # l == 0 exactly iff the row saw no key (finite inputs give l >= 0, so this equals l > 0 bit for bit);
+        # a NaN l (NaN query, key or value) counts as seen and surfaces as NaN, as SDPA gives, never as 0.
+        seen = l_i != 0
         l_safe = tl.where(seen, l_i, 1.0)
         o = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
         tl.store(OUT + rows[:, None] * s_ot + h * s_oh + offs_d[None, :], o.to(OUT.dtype.element_ty), mask=tile_ok)

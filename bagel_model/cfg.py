@@ -2,6 +2,10 @@
 
 Deterministic and shape-stable, so every rank of a CFG-parallel run computes the identical result locally from the
 all-gathered velocities (no broadcast in the loop).
+
+Deliberate difference from upstream BAGEL: the combination (and its renorm) runs in fp32 on fp32 velocities, where
+upstream combines in the branches' dtype (bf16 in a bf16 run). With fp32 weights both agree to rounding; in bf16 ours
+is the more accurate of the two, and it keeps the Euler update's fp32 x free of a bf16 rounding per step.
 """
 from __future__ import annotations
 

@@ -34,14 +34,41 @@ def _split_state(model: BagelModel) -> tuple[dict, dict]:
     return ema, ae
 
 
+# Key re-layout between the model's modules and the release's tensors. The release stores SigLIP's patch embedding
+# as the Linear that upstream's ``convert_conv2d_to_linear`` makes of the Conv2d: weight (E, p*p*C) over each patch
+# flattened in (row, column, channel) order, i.e. ``conv.permute(0, 2, 3, 1).reshape(E, -1)``. A bare reshape back
+# to (E, C, p, p) would scramble it (ViT embeddings off by rel 0.5); the inverse is reshape(E, p, p, C).permute.
+_PATCH_EMBED = "embeddings.patch_embedding.weight"
+
+
+def _is_patch_embed(key: str) -> bool:
+    return key.endswith(_PATCH_EMBED)
+
+
+def _to_release(key: str, value: torch.Tensor) -> torch.Tensor:
+    """Model tensor -> the release's layout (Linear patch embedding)."""
+    if _is_patch_embed(key) and value.dim() == 4:
+        return value.permute(0, 2, 3, 1).reshape(value.shape[0], -1)
+    return value
+
+
+def _from_release(key: str, src: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A stored tensor -> the model's ``shape``; the patch embedding may be stored as the Linear or the Conv2d."""
+    if _is_patch_embed(key) and src.dim() == 2 and len(shape) == 4:
+        e, c, p, q = shape
+        return src.reshape(e, p, q, c).permute(0, 3, 1, 2)
+    return src
+
+
 def save_pretrained(model: BagelModel, directory: str, tokenizer: BagelTokenizer | None = None) -> None:
     os.makedirs(directory, exist_ok=True)
     model.cfg.save(directory)
     ema, ae = _split_state(model)
     # clone: parameters are views of per-expert packs (bagel_model.packing), and safetensors refuses shared storage
-    save_file({k: v.detach().cpu().clone() for k, v in ema.items()}, os.path.join(directory, EMA_FILE))
+    save_file({k: _to_release(k, v.detach().cpu()).contiguous().clone() for k, v in ema.items()},
+              os.path.join(directory, EMA_FILE))
     save_file({k: v.detach().contiguous().cpu() for k, v in ae.items()}, os.path.join(directory, AE_FILE))
-    total = sum(v.numel() * v.element_size() for v in ema.values())
+    total = sum(v.numel() * v.element_size() for v in ema.values())  # a re-layout keeps the element count
     with open(os.path.join(directory, INDEX_FILE), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": {k: EMA_FILE for k in sorted(ema)}}, f, indent=1)
     if tokenizer is not None:
@@ -69,16 +96,14 @@ def _load_file_strict(path: str, expected: dict[str, torch.Tensor], what: str) -
         for k in sorted(keys & set(expected)):
             shape = tuple(f.get_slice(k).get_shape())
             want = tuple(expected[k].shape)
-            if shape != want and not (k.endswith("patch_embedding.weight") and _numel(shape) == _numel(want)):
+            if shape != want and not (_is_patch_embed(k) and _numel(shape) == _numel(want)):
                 shaped.append(f"{k}: checkpoint {shape} vs model {want}")
         if shaped:
             problems.append(f"mis-shaped keys ({len(shaped)}): " + "; ".join(shaped[:12]))
         if problems:
             raise CheckpointError(f"{path} does not match the model ({what}): " + " | ".join(problems))
         for k, dst in expected.items():
-            src = f.get_tensor(k)
-            # The release may store SigLIP's patch embedding as a Linear (E, C*P*P); ours is the Conv2d view of it.
-            dst.copy_(src.reshape(dst.shape).to(dst.dtype))
+            dst.copy_(_from_release(k, f.get_tensor(k), dst.shape).to(dst.dtype))
 
 
 def _numel(shape) -> int:

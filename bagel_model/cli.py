@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mode", default="text2img", choices=["text2img", "img2img", "text2text", "img2text"],
                    help="what to generate: an image from text, an edited image, text from text, text about an image")
-    p.add_argument("--image", default=None, help="input image (PNG/JPEG) for img2img and img2text; img2img keeps "
-                   "its size (must be a multiple of 16 within the preset's latent grid)")
+    p.add_argument("--image", default=None, help="input image (PNG/JPEG) for img2img and img2text, any size: resized "
+                   "like upstream BAGEL (aspect kept, to the model's latent grid; img2img outputs that size)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="greedy decode budget of the AR stage (default 32 for text outputs, 0 for images)")
     p.add_argument("--split", action="store_true",
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="tiny", help="embedded preset: tiny | bagel-7b-mot (ignored with --checkpoint)")
     p.add_argument("--checkpoint", default=None, help="BAGEL checkpoint directory in the released layout")
     p.add_argument("--prompt", default="a red cube", help="text prompt")
+    p.add_argument("--prompt-ids", type=int, nargs="+", default=None, metavar="ID",
+                   help="the prompt as token ids instead of --prompt (e.g. for a checkpoint without tokenizer files); "
+                        "the chat markers are added as for text")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (and of random weights)")
     p.add_argument("--steps", type=int, default=None, help="timesteps (N-1 Euler steps); default from the config")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16; text2img)")
@@ -91,11 +94,21 @@ def read_image(path: str) -> torch.Tensor:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input image not found: {path}")
-    return torch.from_numpy(__import__("numpy").array(Image.open(path).convert("RGB")))
+    from .transforms import image_from_pil
+
+    return image_from_pil(Image.open(path))  # upstream's pil_img2rgb: transparency composited onto white
+
+
+def _output_size(cfg, image):
+    """img2img's output size: the input image's after upstream's VAE-side resize."""
+    from .transforms import vae_resize_rule
+
+    return vae_resize_rule(cfg).output_size(*image.shape[:2])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    prompt = "" if args.prompt_ids is not None else args.prompt
     torch.set_num_threads(args.threads)
     from .pipeline import BagelPipeline
     from .stages import IMAGE_OUT, Request
@@ -114,17 +127,17 @@ def main(argv: list[str] | None = None) -> int:
             spec = ModelSpec(preset=args.config, seed=args.seed, device=device, checkpoint=args.checkpoint,
                              dtype=dtype or ("bfloat16" if device.startswith("cuda") else "float32"), threads=args.threads)
             cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
-            params = sampling_params(args, cfg, tuple(image.shape[:2]) if args.mode == "img2img" else None)
-            req = Request(args.mode, args.prompt, params, image, max_tokens)
+            params = sampling_params(args, cfg, _output_size(cfg, image) if args.mode == "img2img" else None)
+            req = Request(args.mode, prompt, params, image, max_tokens, prompt_ids=args.prompt_ids)
             res = run_split_processes(spec, req, layout1=args.kv_layout)
             s1 = res["stage1"]
             result_image, latent_md5, image_md5 = torch.from_numpy(s1["image"]), s1["latent_md5"], s1["image_md5"]
             text = res["stage0"]["text"]
         else:
             model, tok = load_model(args)
-            params = sampling_params(args, model.cfg, tuple(image.shape[:2]) if args.mode == "img2img" else None)
+            params = sampling_params(args, model.cfg, _output_size(model.cfg, image) if args.mode == "img2img" else None)
             model.cfg.check_image_size(params.height, params.width)
-            req = Request(args.mode, args.prompt, params, image, max_tokens)
+            req = Request(args.mode, prompt, params, image, max_tokens, prompt_ids=args.prompt_ids)
             r0, r1 = BagelPipeline(model, tok).generate(req, kv_layout=args.kv_layout, progress=not args.no_progress)
             text = r0.text
             if r1 is not None:

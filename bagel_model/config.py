@@ -32,6 +32,28 @@ class VAEConfig:
     def downsample(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
+    def to_dict(self) -> dict:
+        """The fields plus ``downsample``, as upstream's ``AutoEncoderParams`` (and a release's ``vae_config``) has."""
+        return {**asdict(self), "downsample": self.downsample}
+
+    @staticmethod
+    def from_dict(d: dict) -> "VAEConfig":
+        """Read a ``vae_config``. ``downsample`` is derived from ``ch_mult`` here (one halving per level but the
+        last); a stated one must agree, and unknown keys are an error rather than silently ignored."""
+        from dataclasses import fields
+
+        d = dict(d)
+        stated = d.pop("downsample", None)
+        names = {f.name for f in fields(VAEConfig)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"vae_config has unknown keys {unknown}; known: {sorted(names | {'downsample'})}")
+        cfg = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        if stated is not None and stated != cfg.downsample:
+            raise ConfigError(f"vae_config downsample {stated} disagrees with ch_mult {list(cfg.ch_mult)} "
+                              f"(which halves the resolution {len(cfg.ch_mult) - 1} times: downsample {cfg.downsample})")
+        return cfg
+
 
 @dataclass
 class GenerationDefaults:
@@ -138,7 +160,7 @@ class BagelConfig:
         top = {
             "name": self.name, "latent_patch_size": self.latent_patch_size, "max_latent_size": self.max_latent_size,
             "vit_max_num_patch_per_side": self.vit_max_num_patch_per_side, "connector_act": self.connector_act,
-            "vae_config": asdict(self.vae), "generation": asdict(self.generation),
+            "vae_config": self.vae.to_dict(), "generation": asdict(self.generation),
         }
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(top, f, indent=2, sort_keys=True)
@@ -168,7 +190,10 @@ class BagelConfig:
         if os.path.isfile(tpath):
             with open(tpath) as f:
                 top = json.load(f)
-        vae = VAEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in top.get("vae_config", {}).items()})
+        vae = VAEConfig.from_dict(top.get("vae_config", {}))
+        if top.get("interpolate_pos", False):
+            raise ConfigError("config.json sets interpolate_pos: ViT/latent position ids by interpolation are not "
+                              "implemented (BAGEL-7B-MoT uses extrapolation, interpolate_pos false)")
         gen = top.get("generation", {})
         if "cfg_interval" in gen:
             gen["cfg_interval"] = tuple(gen["cfg_interval"])

@@ -13,13 +13,13 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from bagel_kernels import ExpertSegments, invariant_linear, prefill_visible_end
 
 from .kv_cache import PagedCache
 from .layers import LayerInputs, local_attention
 from .model import BagelModel
+from .transforms import to_pixels, vae_resize_rule, vit_resize_rule
 from .vae import patchify
 
 
@@ -43,37 +43,44 @@ Block = TextBlock | VAEBlock | ViTBlock
 
 
 def image_to_pixels(image: torch.Tensor) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (1, 3, H, W) fp32 in [-1, 1]."""
-    if image.dim() != 3 or image.shape[-1] != 3 or image.dtype != torch.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {tuple(image.shape)} {image.dtype}")
-    return (image.permute(2, 0, 1).float() / 127.5 - 1.0)[None]
+    """(H, W, 3) uint8 -> (1, 3, H, W) fp32 in [-1, 1] (upstream's ToTensor + Normalize(0.5, 0.5))."""
+    return to_pixels(image)
 
 
 @torch.no_grad()
-def vae_block(model: BagelModel, image: torch.Tensor, seed: int) -> VAEBlock:
-    """Encode the input image (posterior sampled with a seeded CPU generator) into latent tokens."""
-    h, w = image.shape[:2]
-    grid = model.cfg.check_image_size(h, w)
-    z = model.vae.encode(image_to_pixels(image).to(model.device), torch.Generator().manual_seed(seed))[0]
+def vae_block(model: BagelModel, image: torch.Tensor, seed: int, noise: torch.Tensor | None = None) -> VAEBlock:
+    """Resize the input image like upstream's VAE transform, encode it (posterior sampled with a seeded CPU
+    generator, or with the given ``noise`` of the latent's shape) and patchify it into latent tokens."""
+    image = vae_resize_rule(model.cfg)(image)
+    grid = model.cfg.check_image_size(*image.shape[:2])
+    z = model.vae.encode(to_pixels(image).to(model.device), torch.Generator().manual_seed(seed), noise=noise)[0]
     return VAEBlock(latents=patchify(z, model.cfg.latent_patch_size).float(), grid=grid)
 
 
 @torch.no_grad()
 def vit_block(model: BagelModel, image: torch.Tensor) -> ViTBlock:
-    """SigLIP features of the image resized to the ViT's square input, connector, plus the 2-D position table.
-
-    Simplification (documented): BAGEL packs native-aspect patches (NaViT); the thin model resizes to the ViT's
-    ``image_size`` so SigLIP's own position embedding applies unchanged."""
-    vit_cfg = model.cfg.vit
-    if vit_cfg is None:
-        raise ValueError("this model has no ViT (vit_config.json missing): image understanding is unavailable")
-    side = vit_cfg.image_size
-    pixels = F.interpolate(image_to_pixels(image), size=(side, side), mode="bilinear", align_corners=False)
+    """SigLIP features of the image at its own aspect ratio, as upstream's NaViT packs them: resized like upstream's
+    ViT transform, cut into a (H/p) x (W/p) patch grid (row-major), SigLIP's position embedding and BAGEL's
+    ``vit_pos_embed`` both indexed by row * vit_max_num_patch_per_side + column; then the connector."""
+    cfg = model.cfg
+    image = vit_resize_rule(cfg)(image)  # raises a clear error when the model has no ViT
+    p, side = cfg.vit.patch_size, cfg.vit_max_num_patch_per_side
+    gh, gw = image.shape[0] // p, image.shape[1] // p
+    if image.shape[0] % p or image.shape[1] % p or max(gh, gw) > side:
+        raise ValueError(f"ViT input {tuple(image.shape[:2])} must be whole {p}-pixel patches, at most {side} per side")
     vm = model.vit_model.vision_model
-    feats = vm(pixel_values=pixels.to(model.device, model.dtype)).last_hidden_state[0]
-    n_side = side // vit_cfg.patch_size
-    r = torch.arange(n_side, device=model.device)
-    ids = (r[:, None] * model.cfg.vit_max_num_patch_per_side + r[None, :]).reshape(-1)
+    emb = vm.embeddings
+    dev = model.device
+    r, c = torch.arange(gh, device=dev), torch.arange(gw, device=dev)
+    ids = (r[:, None] * side + c[None, :]).reshape(-1)
+    if int(ids[-1]) >= emb.position_embedding.num_embeddings:
+        raise ValueError(f"a {gh}x{gw} patch grid needs SigLIP position {int(ids[-1])}, but its table has "
+                         f"{emb.position_embedding.num_embeddings} (vit_config image_size / patch_size per side)")
+    # The Conv2d over the whole image equals upstream's Linear over (row, column, channel)-flattened patches; its
+    # (E, gh, gw) output flattened row-major is upstream's patch order.
+    patches = emb.patch_embedding(to_pixels(image).to(dev, model.dtype))[0].flatten(1).transpose(0, 1)
+    h = vm.encoder(inputs_embeds=(patches + emb.position_embedding(ids))[None]).last_hidden_state
+    feats = vm.post_layernorm(h)[0]
     return ViTBlock(embeddings=model.connector(feats) + model.vit_pos_embed(ids).to(feats.dtype))
 
 

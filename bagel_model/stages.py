@@ -22,6 +22,7 @@ from .kv_transfer import KVPayload, abort, extract, install, recv_payload, send_
 from .model import BagelModel, BranchContext
 from .prefill import PrefilledContext, TextBlock, greedy_decode, new_cache, prefill, vae_block, vit_block
 from .tokenizer import BagelTokenizer
+from .transforms import vae_resize_rule
 
 if TYPE_CHECKING:  # pipeline imports stages' entry points lazily; no import cycle at run time
     from .pipeline import GenerationResult
@@ -33,16 +34,21 @@ IMAGE_OUT, IMAGE_IN = ("text2img", "img2img"), ("img2img", "img2text")
 @dataclass
 class Request:
     mode: str
-    prompt: str
+    prompt: str  # "" when the prompt is given as ``prompt_ids``
     params: SamplingParams
-    image: torch.Tensor | None = None  # (H, W, 3) uint8 input for img2img / img2text
-    max_tokens: int = 0  # greedy decode budget of stage 0 (text outputs, or "thinking" before an image)
+    image: torch.Tensor | None = None  # (H, W, 3) uint8 input for img2img / img2text, any size (resized as upstream)
+    max_tokens: int = 0  # greedy decode budget of stage 0: answer tokens (text outputs, or "thinking" before an image)
     request_id: str = "request-0"
     ignore_eos: bool = False  # decode all max_tokens (benchmarks, tests), as serving engines' ignore_eos
+    # The prompt as token ids instead of text (a checkpoint without tokenizer files, or ids from another tokenizer);
+    # without the chat markers, which are added as for text: [<|im_start|>] + ids + [<|im_end|>].
+    prompt_ids: list[int] | None = None
 
     def validate(self) -> "Request":
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.prompt_ids is not None and self.prompt:
+            raise ValueError("give the prompt as text or as prompt_ids, not both")
         if self.mode in IMAGE_IN and self.image is None:
             raise ValueError(f"mode {self.mode} needs an input image")
         if self.mode in ("text2text", "img2text") and self.max_tokens < 1:
@@ -77,19 +83,33 @@ class Stage0Result:
     text: str = ""
 
 
+def prompt_block(model: BagelModel, tok: BagelTokenizer, req: Request) -> TextBlock:
+    """The request's prompt as a text block: ``[<|im_start|>] + tokens + [<|im_end|>]`` (upstream's prepare_prompts)."""
+    if req.prompt_ids is not None:
+        return TextBlock(tok.wrap_prompt_ids(req.prompt_ids, model.cfg.llm.vocab_size))
+    return TextBlock(tok.encode_prompt(req.prompt))
+
+
+def input_image(model: BagelModel, req: Request) -> torch.Tensor:
+    """The request's image as upstream's inferencer takes it in: resized by the VAE-side rule first, in every image
+    mode (an edited image has this size; the ViT's own resize starts from it)."""
+    return vae_resize_rule(model.cfg)(req.image)
+
+
 def _image_contexts(model: BagelModel, tok: BagelTokenizer, req: Request, extra: int
                     ) -> tuple[dict[str, PrefilledContext], dict[str, str], tuple[int, int]]:
-    text = TextBlock(tok.encode_prompt(req.prompt))
+    text = prompt_block(model, tok, req)
     if req.mode == "text2img":
         full, _ = prefill(model, [text], extra_capacity=extra)
         empty = PrefilledContext(new_cache(model, 1, "flash_attn"), 0)
         return {"full": full, "text": empty}, {"full": "full", "text": "text", "img": "full"}, \
             (req.params.height, req.params.width)
-    vae, vit = vae_block(model, req.image, req.params.seed), vit_block(model, req.image)
+    image = input_image(model, req)
+    vae, vit = vae_block(model, image, req.params.seed), vit_block(model, image)
     full, _ = prefill(model, [vae, vit, text], extra_capacity=extra)
     no_text, _ = prefill(model, [vae, vit])
     no_img, _ = prefill(model, [text])
-    h, w = req.image.shape[:2]
+    h, w = image.shape[:2]
     return {"full": full, "text": no_text, "img": no_img}, {"full": "full", "text": "text", "img": "img"}, (h, w)
 
 
@@ -115,25 +135,27 @@ def run_stage0(model: BagelModel, tok: BagelTokenizer, req: Request, send=None, 
         result.payload, result.contexts = payload, contexts
         # decode appends to a fork: the contexts handed to stage 1 keep exactly the prefill KV
         decode_ctx = PrefilledContext(contexts["full"].cache.fork(), contexts["full"].rope_position)
-        last = None
     else:
-        blocks = ([vit_block(model, req.image)] if req.mode == "img2text" else []) + [TextBlock(tok.encode_prompt(req.prompt))]
-        decode_ctx, last = prefill(model, blocks, extra_capacity=req.max_tokens)
+        blocks = ([vit_block(model, input_image(model, req))] if req.mode == "img2text" else []) \
+            + [prompt_block(model, tok, req)]
+        # capacity: the <|im_start|> fed below plus max_tokens - 1 decoded tokens fed back (the last one is not)
+        decode_ctx, _ = prefill(model, blocks, extra_capacity=req.max_tokens)
         events.record("prefill_done")
     if req.max_tokens > 0:
-        if last is None:  # image modes: "thinking" continues from the full context's last prompt token
-            last = _last_hidden(model, decode_ctx, tok.special["bos_token_id"])
-        result.text_ids = greedy_decode(model, decode_ctx, last, req.max_tokens, eos, on_token=on_token)
+        decode_ctx, last = _start_answer(model, decode_ctx, tok.special["bos_token_id"])
+        ids = greedy_decode(model, decode_ctx, last, req.max_tokens, eos, on_token=on_token)
+        # upstream stops before the end-of-turn token: it is not part of the answer
+        result.text_ids = ids[:-1] if ids and ids[-1] == eos else ids
         result.text = tok.decode(result.text_ids)
     events.record("stage0_done")
     return result
 
 
-def _last_hidden(model: BagelModel, ctx: PrefilledContext, bos: int) -> torch.Tensor:
-    """Hidden state that predicts the first token after an image prompt: the prompt ends with <|im_end|>, so the
-    continuation starts from a fresh <|im_start|> (BAGEL's assistant turn), appended to the full context."""
-    _, h = prefill(model, [TextBlock([bos])], context=ctx)
-    return h
+def _start_answer(model: BagelModel, ctx: PrefilledContext, bos: int) -> tuple[PrefilledContext, torch.Tensor]:
+    """The context and hidden state that predict the first answer token. The prompt ends with <|im_end|>; as
+    upstream's ``prepare_start_tokens``/``generate_text`` do, the answer turn starts from <|im_start|> fed at the
+    next position (appended to ``ctx``); decoding continues from its row and from the position after it."""
+    return prefill(model, [TextBlock([bos])], context=ctx)
 
 
 @torch.no_grad()

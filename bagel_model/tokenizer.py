@@ -28,15 +28,26 @@ def build_tiny_tokenizer() -> Tokenizer:
 
 
 class BagelTokenizer:
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, special_ids: dict[str, int] | None = None):
+        """``special_ids`` overrides the ids of BAGEL's special tokens (``SPECIAL_TOKENS`` keys), for a checkpoint
+        whose vocabulary places them elsewhere than ``tokenizer`` does (prompts then given as token ids)."""
         self.tokenizer = tokenizer
         ids = {}
         for key, text in SPECIAL_TOKENS.items():
-            tid = tokenizer.token_to_id(text)
+            tid = tokenizer.token_to_id(text) if special_ids is None or key not in special_ids else special_ids[key]
             if tid is None:
                 raise ValueError(f"tokenizer lacks the special token {text!r} BAGEL needs ({key})")
-            ids[key] = tid
+            ids[key] = int(tid)
+        if special_ids is not None:
+            unknown = sorted(set(special_ids) - set(SPECIAL_TOKENS))
+            if unknown:
+                raise ValueError(f"unknown special token names {unknown}; expected some of {sorted(SPECIAL_TOKENS)}")
         self.special = ids
+
+    def with_special_ids(self, special_ids: dict[str, int]) -> "BagelTokenizer":
+        """The same tokenizer with BAGEL's special-token ids taken from ``special_ids`` (e.g. a checkpoint's
+        ``new_token_ids`` when it ships no tokenizer files)."""
+        return BagelTokenizer(self.tokenizer, {**self.special, **special_ids})
 
     @staticmethod
     def from_directory(directory: str | None) -> "BagelTokenizer":
@@ -64,4 +75,15 @@ class BagelTokenizer:
         """``[bos] + text + [eos]`` as BAGEL's prepare_prompts builds it; an empty prompt is an error."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("prompt is empty: give a non-empty text prompt")
-        return [self.special["bos_token_id"], *self.encode(text), self.special["eos_token_id"]]
+        return self.wrap_prompt_ids(self.encode(text))
+
+    def wrap_prompt_ids(self, ids: list[int], vocab_size: int | None = None) -> list[int]:
+        """A prompt given as token ids (no chat markers) -> ``[bos] + ids + [eos]``, as ``encode_prompt`` does for
+        text. ``vocab_size`` (the model's) bounds the ids: an out-of-range id is an error, not an index fault."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("prompt_ids is empty: give at least one token id")
+        bad = [i for i in ids if i < 0 or (vocab_size is not None and i >= vocab_size)]
+        if bad:
+            raise ValueError(f"prompt ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
+        return [self.special["bos_token_id"], *ids, self.special["eos_token_id"]]

@@ -131,11 +131,17 @@ class AutoEncoder(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
-    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, z, H/8, W/8); samples the posterior (seeded)."""
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """pixels (B, 3, H, W) in [-1, 1] -> scaled latents (B, z, H/8, W/8); samples the posterior with ``noise``
+        (N(0, 1) of the latent's shape) or, without it, noise drawn from ``generator`` on the CPU."""
         mean, logvar = self.encoder(pixels).chunk(2, dim=1)
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device="cpu").to(mean.device)
-        z = mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device="cpu")
+        elif tuple(noise.shape) != tuple(mean.shape):
+            raise ValueError(f"posterior noise has shape {tuple(noise.shape)}, the latent {tuple(mean.shape)}")
+        # No clamp of the log-variance: upstream's DiagonalGaussian has none (a clamp would change the sample).
+        z = mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)
         return self.cfg.scale_factor * (z - self.cfg.shift_factor)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -178,6 +178,23 @@ def test_row_with_no_visible_key_is_zero_not_nan(backend):
     assert torch.isfinite(res.out).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison", ["k", "v"])
+def test_nan_key_or_value_surfaces_as_nan_in_rows_that_see_it(backend, poison):
+    """As SDPA: a NaN key or value that a row attends to makes that row NaN, never a silent 0. A NaN key is masked
+    out of the rows that cannot see it (their bits are kept); a masked NaN value may reach them (0 * NaN), as in SDPA."""
+    q, k, v = rnd(5, 2, 16, seed=1), rnd(5, 2, 16, seed=2), rnd(5, 2, 16, seed=3)
+    causal = torch.arange(1, 6, dtype=torch.int32)  # row i sees keys 0..i
+    clean = bk.joint_attention(q, [bk.ContiguousKV(k, v)], visible_end=causal, backend=backend)
+    bad = {"k": k.clone(), "v": v.clone()}
+    bad[poison][2, 0] = float("nan")  # key 2, KV head 0
+    res = bk.joint_attention(q, [bk.ContiguousKV(bad["k"], bad["v"])], visible_end=causal, backend=backend)
+    assert torch.isnan(res.out[2:, 0]).all()
+    assert torch.equal(res.out[:, 1], clean.out[:, 1])  # the other KV head's query heads
+    if poison == "k":
+        assert torch.equal(res.out[:2], clean.out[:2])
+
+
 def test_bad_inputs_are_named():
     q, k = torch.randn(4, 6, 16), torch.randn(4, 4, 16)
     with pytest.raises(ValueError, match="6 query heads are not a multiple of 4 KV heads"):

@@ -223,3 +223,19 @@ if __name__ == "__main__":  # the build check's child process (see test_gluon_at
     import json
 
     print(json.dumps(_build_report()))
+
+
+@needs_hopper
+def test_gluon_nan_key_surfaces_as_nan_like_the_triton_kernel():
+    """A NaN in a context key makes every row that attends to it NaN in both kernels (never a silent 0); rows of
+    the other KV heads keep finite values."""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    rnd = lambda *s: torch.randn(*s, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
+    q, k, v = rnd(300, 28, 128), rnd(300, 4, 128), rnd(300, 4, 128)
+    ck, cv = rnd(130, 4, 128), rnd(130, 4, 128)
+    ck[70, 1, 5] = float("nan")  # context key 70 of KV head 1: query heads 7..13 see it from every row
+    segs = [bk.ContiguousKV(ck, cv), bk.ContiguousKV(k, v)]
+    assert ag.gluon_attention_supported(q, segs, None, None, True, None)
+    for res in _both(q, segs):
+        assert torch.isnan(res.out[:, 7:14]).all() and torch.isnan(res.lse[:, 7:14]).all()
+        assert torch.isfinite(res.out[:, :7]).all() and torch.isfinite(res.out[:, 14:]).all()

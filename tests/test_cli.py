@@ -52,3 +52,16 @@ def test_cli_modes_and_split(tmp_path, capsys):
     assert md5(single) == md5(split) and md5(single)
     assert main(["--mode", "img2text", "--image", src, "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("text: ")
+
+
+def test_prompt_ids_are_the_prompt_as_token_ids(tmp_path, capsys):
+    """--prompt-ids takes the prompt's token ids (chat markers added as for text): same ids, same image."""
+    from bagel_model.tokenizer import BagelTokenizer
+
+    ids = [str(i) for i in BagelTokenizer.from_directory(None).encode("a red cube")]
+    common = ["--steps", "3", "--size", "32", "--no-progress"]
+    assert main(common + ["--prompt", "a red cube", "--out", str(tmp_path / "t.png")]) == 0
+    assert main(common + ["--prompt-ids", *ids, "--out", str(tmp_path / "i.png")]) == 0
+    assert _md5(tmp_path / "t.png") == _md5(tmp_path / "i.png")
+    assert main(common + ["--prompt-ids", "100000", "--out", str(tmp_path / "x.png")]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err
