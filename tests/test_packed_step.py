@@ -74,7 +74,8 @@ def test_image_editing_packs_three_distinct_branches(tiny_model, tokenizer):
                                 cfg_renorm_type="text_channel"))
     r0 = run_stage0(tiny_model, tokenizer, req)
     ctx = {b: _branch(r0.contexts[c]) for b, c in r0.payload.branches.items()}
-    seq = make_gen_sequence(tiny_model.cfg, 48, 64, 1, 16)
+    h, w = r0.payload.image_shape  # the input image after upstream's resize rule
+    seq = make_gen_sequence(tiny_model.cfg, h, w, 1, 16)
     x0 = initial_noise(seq.n_latent, 64, req.params.seed)
     want = denoise(x0, req.params, single_device_velocities(tiny_model, seq, ctx), progress=False)
     eng = PackedStep(tiny_model)
