@@ -255,7 +255,7 @@ class TorchDistributedConnector:
     def send(self, data: bytes) -> None:
         import torch.distributed as dist
 
-        from parallel.mesh import guarded
+        from .collectives import guarded
 
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
         guarded("KV payload size send", dist.send, torch.tensor([buf.numel()], dtype=torch.int64, device=self.device), self.peer)
@@ -264,7 +264,7 @@ class TorchDistributedConnector:
     def recv(self, timeout: float | None = None) -> bytes:
         import torch.distributed as dist
 
-        from parallel.mesh import guarded
+        from .collectives import guarded
 
         n = torch.zeros(1, dtype=torch.int64, device=self.device)
         guarded("KV payload size recv", dist.recv, n, self.peer)
