@@ -25,6 +25,7 @@ class ModelSpec:
     device: str = "cpu"
     checkpoint: str | None = None
     threads: int = 1
+    byte_tokenizer: bool = False  # checkpoint without tokenizer.json: use the built-in byte-level one
 
     def load(self):
         from .checkpoint import from_pretrained
@@ -35,7 +36,8 @@ class ModelSpec:
         torch.set_num_threads(self.threads)
         dtype = getattr(torch, self.dtype)
         if self.checkpoint:
-            model, tok = from_pretrained(self.checkpoint, device=self.device, dtype=dtype)
+            model, tok = from_pretrained(self.checkpoint, device=self.device, dtype=dtype,
+                                         byte_tokenizer=self.byte_tokenizer)
         else:
             model = BagelModel.random(BagelConfig.preset(self.preset), seed=self.seed, dtype=dtype, device=self.device)
             tok = BagelTokenizer.from_directory(None)

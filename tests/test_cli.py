@@ -28,7 +28,7 @@ def test_help_explains_options():
         assert flag in text
 
 
-@pytest.mark.parametrize("args,msg", [(["--size", "40"], "multiple of 16"), (["--config", "nope"], "unknown preset"),
+@pytest.mark.parametrize("args,msg", [(["--size", "40"], "multiple of 16"), (["--config", "nope"], "invalid choice: 'nope'"),
                                       (["--prompt", ""], "prompt is empty"), (["--checkpoint", "/nonexistent"], "not found")])
 def test_bad_input_exits_with_a_message(tmp_path, capsys, args, msg):
     assert main(args + ["--out", str(tmp_path / "x.png"), "--steps", "2", "--no-progress"]) == 2
@@ -48,7 +48,7 @@ def test_cli_modes_and_split(tmp_path, capsys):
     assert main(["--mode", "img2img", "--image", src, "--steps", "3", "--out", str(tmp_path / "s.png"), "--split",
                  "--max-tokens", "3", "--kv-layout", "packed"]) == 0
     split = capsys.readouterr().out
-    md5 = lambda out: [l for l in out.splitlines() if l.startswith("image  md5")]
+    md5 = lambda out: [l for l in out.splitlines() if l.startswith("pixels md5")]
     assert md5(single) == md5(split) and md5(single)
     assert main(["--mode", "img2text", "--image", src, "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("text: ")
