@@ -1,6 +1,8 @@
 """Flow-matching Euler denoising with three-branch CFG; timesteps are host floats (no device reads in the loop)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, asdict
 from typing import Callable
 
@@ -8,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cfg import RENORM_TYPES, combine_cfg
+from .finite_guard import FiniteGuard
 
 BRANCHES = ("full", "text", "img")  # full context / without text (cfg_text) / without image (cfg_img)
 
@@ -28,6 +31,19 @@ class SamplingParams:
     cfg_renorm_type: str = "global"
 
     def validate(self) -> "SamplingParams":
+        for name in ("timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_renorm_min"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if not (isinstance(self.cfg_interval, (tuple, list)) and len(self.cfg_interval) == 2
+                and all(isinstance(v, numbers.Real) and math.isfinite(v) for v in self.cfg_interval)):
+            raise ValueError(f"cfg_interval must be two finite numbers (lo, hi), got {self.cfg_interval!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.steps, int) or self.steps < 2:
             raise ValueError(f"steps must be an integer >= 2 (the schedule has steps-1 Euler updates), got {self.steps!r}")
         if self.cfg_renorm_type not in RENORM_TYPES:
@@ -85,11 +101,16 @@ def initial_noise(n_tokens: int, dim: int, seed: int) -> torch.Tensor:
 
 def denoise(x: torch.Tensor, p: SamplingParams, velocities: VelocityFn, progress: bool = True,
             on_step: Callable[[int, float], None] | None = None,
-            schedule: tuple[list[float], list[float]] | None = None) -> torch.Tensor:
+            schedule: tuple[list[float], list[float]] | None = None, guard: FiniteGuard | None = None
+            ) -> torch.Tensor:
     """Euler integration x <- x - v * dt with CFG; x stays fp32. ``velocities`` returns one tensor per branch.
 
     The schedule is read to host floats once, before the loop (pass it in to keep even that out of a guarded region).
+    A non-finite latent raises ``NonFiniteLatentError`` naming the first bad step, after the loop (one host read);
+    pass your own ``guard`` to take that read out of here (then call ``guard.check()`` yourself).
     """
+    own_guard = guard is None
+    guard = guard or FiniteGuard()
     ts, dts = schedule if schedule is not None else timestep_schedule(p.steps, p.timestep_shift)
     for i in tqdm(range(len(ts)), desc="denoise", disable=not progress, leave=False):
         t = ts[i]
@@ -100,6 +121,9 @@ def denoise(x: torch.Tensor, p: SamplingParams, velocities: VelocityFn, progress
         v = combine_cfg(vs["full"], vs.get("text"), vs.get("img"), text_scale=text_scale, img_scale=img_scale,
                         renorm_min=p.cfg_renorm_min, renorm_type=p.cfg_renorm_type)
         x = x - v.float() * dts[i]
+        guard.step(x, i)  # device-side flag, no host read
         if on_step is not None:
             on_step(i, t)
+    if own_guard:
+        guard.check(len(ts))
     return x
