@@ -282,34 +282,67 @@ class InProcessConnector:
 
 
 class SharedMemoryConnector:
-    """Two processes: the payload bytes go into a named shared-memory segment; a queue carries (name, size)."""
+    """Two processes: the payload bytes go into a named shared-memory segment; a pipe carries (name, size).
+
+    A pipe, not a multiprocessing queue: ``send`` returns only once the notice is in the kernel's pipe buffer, so a
+    sender killed right after sending (stage 0 during its decode) has still delivered its KV. The segment outlives
+    the sender; the receiver unlinks it, and ``cleanup`` unlinks any that were never received."""
 
     def __init__(self, ctx=None):
         import multiprocessing as mp
 
-        self._q = (ctx or mp.get_context("spawn")).Queue()
+        self._rx, self._tx = (ctx or mp.get_context("spawn")).Pipe(duplex=False)
 
     def send(self, data: bytes) -> None:
         from multiprocessing import shared_memory
 
         shm = shared_memory.SharedMemory(create=True, size=max(1, len(data)))
         shm.buf[:len(data)] = data
-        self._q.put((shm.name, len(data)))
+        self._tx.send((shm.name, len(data)))
         shm.close()  # the receiver unlinks it
+
+    def abort(self) -> None:
+        self._tx.send(None)
+
+    def _get(self, timeout: float):
+        if not self._rx.poll(timeout):
+            raise TimeoutError(f"stage 1: no KV payload from stage 0 within {timeout:.0f} s (shared-memory connector)")
+        try:
+            return self._rx.recv()
+        except EOFError:
+            raise PayloadError("stage 0 closed the shared-memory connector without sending its KV payload") from None
 
     def recv(self, timeout: float = 600.0) -> bytes:
         from multiprocessing import shared_memory
 
-        try:
-            name, size = self._q.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"stage 1: no KV payload from stage 0 within {timeout:.0f} s (shared-memory connector)") from None
+        msg = self._get(timeout)
+        if msg is None:
+            raise PayloadError("stage 0 aborted before sending its KV payload")
+        name, size = msg
         shm = shared_memory.SharedMemory(name=name)
         try:
             return bytes(shm.buf[:size])
         finally:
             shm.close()
             shm.unlink()
+
+    def cleanup(self) -> None:
+        """Unlink every segment still announced in the pipe (its receiver died or was never asked)."""
+        from multiprocessing import shared_memory
+
+        while self._rx.poll(0):
+            try:
+                msg = self._rx.recv()
+            except (EOFError, OSError):
+                return
+            if msg is None:
+                continue
+            try:
+                shm = shared_memory.SharedMemory(name=msg[0])
+                shm.close()
+                shm.unlink()
+            except FileNotFoundError:
+                pass
 
 
 class TorchDistributedConnector:
@@ -378,9 +411,10 @@ class TensorQueueConnector:
             raise PayloadError("KV payload header checksum mismatch: its header was altered in transit")
         # own copies (the sender may free its own now), on the receiver's device if it named one
         tensors = {n: t.to(device or t.device, copy=True) for n, t in received.items()}
-        del received
+        sums = _tensor_sums(tensors)  # synchronizes: the (peer) copies are complete before the ack
+        del msg, received  # drop every reference to the producer's IPC tensors before acknowledging
         self._acks.put(meta["request_id"])
-        if _layout_of(tensors) != meta.get("tensors") or _tensor_sums(tensors) != meta["sums"]:
+        if _layout_of(tensors) != meta.get("tensors") or sums != meta["sums"]:
             raise PayloadError("KV payload checksum mismatch: tensors were altered in transit (or do not match the "
                                "header's names, dtypes and shapes)")
         return _unpack(meta, tensors)

@@ -39,7 +39,7 @@ def _rank_main(rank, world, port, victim, action, q):
         q.put((rank, str(e), time.monotonic() - t0))
 
 
-@pytest.mark.parametrize("world,victim,action", [(2, 1, "kill"), (3, 0, "stop"), (4, 2, "stop")])
+@pytest.mark.parametrize("world,victim,action", [(2, 1, "kill"), (4, 2, "stop")])
 def test_survivors_leave_within_the_timeout_naming_the_missing_rank(world, victim, action):
     import torch.distributed as dist
     import torch.multiprocessing as mp
