@@ -17,7 +17,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if "default" in h or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+        if "default" in h or any(action.default is x for x in (None, False, argparse.SUPPRESS)) or action.nargs == 0:
             return h
         return h + " (default: %(default)s)"
 

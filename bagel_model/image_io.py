@@ -81,18 +81,17 @@ def output_format(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     fmt = Image.registered_extensions().get(ext)
     if fmt is None or fmt not in Image.SAVE:
-        known = sorted(e for e, f in Image.registered_extensions().items() if f in Image.SAVE)
         raise ImageFileError(f"cannot tell the image format of output {path!r} from its suffix {ext or '(none)'!r}; "
-                             f"use one of {', '.join(known)}")
+                             "use .png (lossless), .jpg, .webp, .bmp, .tif or another suffix PIL can write")
     return fmt
 
 
 def check_writable(path: str) -> str:
     """Before any work: the output's format is known and its directory exists (or can be made) and is writable.
     Returns the format."""
-    fmt = output_format(path)
     if os.path.isdir(path):
         raise ImageFileError(f"output {path!r} is a directory")
+    fmt = output_format(path)
     d = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(d, exist_ok=True)
