@@ -244,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             s1 = res["stage1"]
             result_image, latent_md5, image_md5 = torch.from_numpy(s1["image"]), s1["latent_md5"], s1["image_md5"]
             text = res["stage0"]["text"]
+            if "error" in res["stage0"]:  # the image is complete (stage 1 held a verified KV); stage 0's text is not
+                print(f"bagel-generate: warning: stage 0 failed after handing over its KV ({res['stage0']['error']}); "
+                      "the image is complete, the decoded text is lost", file=sys.stderr)
         else:
             from .config import BagelConfig
 
