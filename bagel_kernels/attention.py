@@ -50,7 +50,58 @@ def prefill_visible_end(span_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(img, ends[sid], pos + 1).to(torch.int32)
 
 
-def _check(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, gqa_group, q_head_offset) -> int:
+_host_list = torch.Tensor.tolist  # bound at import: reading a host tensor is no device sync (see _host_values)
+
+
+def _host_values(t: torch.Tensor | None) -> list[int] | None:
+    """The values of a small host (CPU) tensor, else None. Index tensors on the GPU are not read (that would be a
+    device sync inside the no-sync denoise loop); on the host, an out-of-range index corrupts the heap under the
+    Triton interpreter, and reading a few ints costs microseconds."""
+    if t is None or t.device.type != "cpu":
+        return None
+    if t.dim() != 1:
+        raise ValueError(f"index tensor must be 1-D, got shape {tuple(t.shape)}")
+    return _host_list(t)
+
+
+def _check_offsets(name: str, cu: list[int], total: int, bound: int | None = None) -> list[int]:
+    """``cu`` is a valid cumulative-length array into ``total`` rows; returns the per-sequence lengths."""
+    if len(cu) < 2 or cu[0] != 0:
+        raise ValueError(f"{name} must start at 0 and hold B+1 >= 2 offsets, got {cu[:8]}")
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    if min(lens) < 0:
+        raise ValueError(f"{name} must be non-decreasing, got {cu[:8]}")
+    if cu[-1] > total:
+        raise ValueError(f"{name} ends at {cu[-1]}, beyond the {total} rows given")
+    if bound is not None and max(lens) > bound:
+        raise ValueError(f"{name} has a sequence of {max(lens)} rows, beyond its bound {bound}")
+    return lens
+
+
+def _check_indices(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, max_seqlen_q) -> None:
+    """Offsets and lengths that live on the host stay within the tensors they index (a validated error instead of
+    an out-of-bounds read)."""
+    cu = _host_values(cu_seqlens_q)
+    if cu is not None:
+        _check_offsets("cu_seqlens_q", cu, q.shape[0], max_seqlen_q)
+    for i, s in enumerate(segments):
+        lens = _host_values(s.seqlens)
+        if isinstance(s, ContiguousKV):
+            cuk = _host_values(s.cu_seqlens)
+            room = _check_offsets(f"segment {i} cu_seqlens", cuk, s.k.shape[0], s.max_seqlen) if cuk is not None else None
+            if lens is not None:
+                room = room if room is not None else [s.k.shape[0]] * len(lens)
+                if len(lens) != len(room) or any(not 0 <= n <= r for n, r in zip(lens, room)):
+                    raise ValueError(f"segment {i}: seqlens {lens[:8]} exceed the rows the KV holds {room[:8]} "
+                                     "(or are negative)")
+        elif lens is not None:
+            if len(lens) != s.block_table.shape[0] or any(not 0 <= n <= s.span for n in lens):
+                raise ValueError(f"segment {i}: paged seqlens {lens[:8]} exceed the {s.span} slots its block table "
+                                 f"maps per sequence ({s.block_table.shape[0]} sequences), or are negative")
+
+
+def _check(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, gqa_group, q_head_offset,
+           max_seqlen_q: int | None = None) -> int:
     if q.dim() != 3:
         raise ValueError(f"q must be (tokens, heads, head_dim), got shape {tuple(q.shape)}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -75,6 +126,13 @@ def _check(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, gqa_group, q_
             raise ValueError(f"segment {i}: a varlen batch needs cu_seqlens on every contiguous segment")
         if isinstance(s, PagedKV) and cu_seqlens_q is not None and s.block_table.shape[0] != cu_seqlens_q.shape[0] - 1:
             raise ValueError(f"segment {i}: block_table has {s.block_table.shape[0]} rows for {cu_seqlens_q.shape[0] - 1} sequences")
+    if gqa_group is not None and (isinstance(gqa_group, bool) or not isinstance(gqa_group, int) or gqa_group < 1):
+        raise ValueError(f"gqa_group must be a positive integer (query heads per KV head), got {gqa_group!r}")
+    if isinstance(q_head_offset, bool) or not isinstance(q_head_offset, int) or q_head_offset < 0:
+        raise ValueError(f"q_head_offset must be a non-negative integer, got {q_head_offset!r}")
+    if max_seqlen_q is not None and max_seqlen_q < 0:
+        raise ValueError(f"max_seqlen_q must be >= 0, got {max_seqlen_q}")
+    _check_indices(q, segments, cu_seqlens_q, max_seqlen_q)
     g = gqa_group if gqa_group is not None else None
     if g is None:
         if hq % hkv:
@@ -112,7 +170,7 @@ def joint_attention(
     - ``state``/``finalize``: resume from and/or return the fp32 running state (exact ring attention).
     - ``out``: optional preallocated (Tq, Hq, D) output the result is written into.
     """
-    group = _check(q, segments, cu_seqlens_q, gqa_group, q_head_offset)
+    group = _check(q, segments, cu_seqlens_q, gqa_group, q_head_offset, max_seqlen_q)
     tq, hq, d = q.shape
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     if not scale > 0:

@@ -84,7 +84,14 @@ def _describe(keys, limit: int = 12) -> str:
 def _load_file_strict(path: str, expected: dict[str, torch.Tensor], what: str) -> None:
     if not os.path.isfile(path):
         raise CheckpointError(f"{what} weights file is missing: {path}")
-    with safe_open(path, framework="pt", device="cpu") as f:
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{what} weights file {path} is empty (0 bytes)")
+    try:
+        f = safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # noqa: BLE001 - SafetensorError names neither the file nor what it means
+        raise CheckpointError(f"{what} weights file {path} is not a readable safetensors file (truncated or "
+                              f"corrupt?): {e}") from None
+    with f:
         keys = set(f.keys())
         missing, unexpected = set(expected) - keys, keys - set(expected)
         problems = []
@@ -102,8 +109,23 @@ def _load_file_strict(path: str, expected: dict[str, torch.Tensor], what: str) -
             problems.append(f"mis-shaped keys ({len(shaped)}): " + "; ".join(shaped[:12]))
         if problems:
             raise CheckpointError(f"{path} does not match the model ({what}): " + " | ".join(problems))
+        typed, nonfinite = [], []
         for k, dst in expected.items():
-            dst.copy_(_from_release(k, f.get_tensor(k), dst.shape).to(dst.dtype))
+            try:
+                src = f.get_tensor(k)
+            except Exception as e:  # noqa: BLE001 - a truncated file fails here, per tensor
+                raise CheckpointError(f"{path}: tensor {k!r} cannot be read (truncated file?): {e}") from None
+            if dst.is_floating_point() != src.is_floating_point():  # e.g. int64 data where a weight belongs
+                typed.append(f"{k}: checkpoint {src.dtype} vs model {dst.dtype}")
+                continue
+            if src.is_floating_point() and not bool(torch.isfinite(src).all()):
+                nonfinite.append(f"{k} ({int((~torch.isfinite(src)).sum())} of {src.numel()} values)")
+                continue
+            dst.copy_(_from_release(k, src, dst.shape).to(dst.dtype))
+        if typed or nonfinite:
+            raise CheckpointError(f"{path} ({what}): " + " | ".join(
+                ([f"wrongly typed tensors ({len(typed)}): " + "; ".join(typed[:12])] if typed else [])
+                + ([f"non-finite (NaN/Inf) tensors ({len(nonfinite)}): " + _describe(nonfinite)] if nonfinite else [])))
 
 
 def _numel(shape) -> int:
@@ -113,12 +135,22 @@ def _numel(shape) -> int:
     return n
 
 
-def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-                    ) -> tuple[BagelModel, BagelTokenizer]:
-    """Load a checkpoint directory strictly; returns the model (eval, no grad) and its tokenizer."""
+def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    byte_tokenizer: bool = False, check_memory: bool = True) -> tuple[BagelModel, BagelTokenizer]:
+    """Load a checkpoint directory strictly; returns the model (eval, no grad) and its tokenizer.
+
+    ``byte_tokenizer``: a directory without ``tokenizer.json`` gets the built-in byte-level tokenizer (else that is
+    an error). ``check_memory``: refuse, with the number, when the weights cannot fit on ``device``."""
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory not found: {directory!r}")
     cfg = BagelConfig.from_pretrained(directory)
+    tokenizer = BagelTokenizer.from_directory(directory, byte_fallback=byte_tokenizer)  # before the weights load
+    if check_memory:
+        from .memory import check_fits
+
+        check_fits(cfg, dtype, "cpu")  # loaded on the host first
+        if torch.device(device).type == "cuda":
+            check_fits(cfg, dtype, device)
     with torch.device("meta"):
         model = BagelModel(cfg)
     model = model.to_empty(device="cpu")
@@ -129,4 +161,4 @@ def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: t
         _load_file_strict(os.path.join(directory, AE_FILE), ae, "VAE")
         model.reset_position_ids()
     model.eval().requires_grad_(False)
-    return model.to(device).pack_experts(), BagelTokenizer.from_directory(directory)
+    return model.to(device).pack_experts(), tokenizer

@@ -11,59 +11,167 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Shows ``(default: X)`` after every help text that does not already say what its default is, and never
+    ``(default: None)``: an option whose default is computed must say so in its own words."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or any(action.default is x for x in (None, False, argparse.SUPPRESS)) or action.nargs == 0:
+            return h
+        return h + " (default: %(default)s)"
+
+
+def _gen_help(key: str, what: str) -> str:
+    from .config import GenerationDefaults
+
+    t2i = getattr(GenerationDefaults(), key)
+    fmt = (lambda v: f"{v[0]} {v[1]}") if isinstance(t2i, tuple) else str
+    return f"{what} (default: the preset's, {fmt(t2i)} for text2img; {fmt(IMG2IMG_DEFAULTS.get(key, t2i))} for img2img)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from bagel_kernels import LAYOUTS
+
+    from .config import PRESETS, BagelConfig
+
+    steps_by_preset = ", ".join(f"{n}: {BagelConfig.preset(n).generation.num_timesteps}" for n in PRESETS)
     p = argparse.ArgumentParser(
         prog="bagel-generate",
         description="Generate an image from a prompt with the thin BAGEL-7B-MoT model. Without --checkpoint the "
                     "chosen preset gets seeded random weights (the image is noise-like, but exactly reproducible). "
-                    "Same seed and settings give a byte-identical PNG and latent, run after run.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "Same seeds and settings give a byte-identical PNG and latent, run after run.",
+        formatter_class=DefaultsFormatter)
     p.add_argument("--mode", default="text2img", choices=["text2img", "img2img", "text2text", "img2text"],
                    help="what to generate: an image from text, an edited image, text from text, text about an image")
-    p.add_argument("--image", default=None, help="input image (PNG/JPEG) for img2img and img2text, any size: resized "
+    p.add_argument("--image", default=None, help="input image (any format PIL reads; EXIF orientation applied, "
+                   "transparency over white) for img2img and img2text, which only they accept; any size: resized "
                    "like upstream BAGEL (aspect kept, to the model's latent grid; img2img outputs that size)")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="greedy decode budget of the AR stage (default 32 for text outputs, 0 for images)")
+                   help="greedy decode budget of the AR stage (default: 32 for text outputs, 0 for images)")
     p.add_argument("--split", action="store_true",
-                   help="run the AR stage and the diffusion stage as two processes joined by a shared-memory KV "
-                        "connector (image modes); the image is bit-identical to the single-stage run")
-    p.add_argument("--kv-layout", default="flashinfer_nhd",
-                   help="paged KV layout of the diffusion stage (the AR stage writes flash_attn); any of "
-                        "flash_attn, flashinfer_nhd, flashinfer_hnd, separate, packed")
-    p.add_argument("--config", default="tiny", help="embedded preset: tiny | bagel-7b-mot (ignored with --checkpoint)")
-    p.add_argument("--checkpoint", default=None, help="BAGEL checkpoint directory in the released layout")
+                   help="run the AR stage and the diffusion stage as two processes joined by a KV connector (CUDA "
+                        "IPC of the KV tensors on a GPU, shared memory on CPU; image modes); the image is "
+                        "bit-identical to the single-stage run")
+    p.add_argument("--kv-layout", default="flashinfer_nhd", choices=list(LAYOUTS),
+                   help="paged KV layout of the diffusion stage (the AR stage writes flash_attn)")
+    p.add_argument("--config", default="tiny", choices=list(PRESETS),
+                   help="embedded preset (ignored with --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="BAGEL checkpoint directory in the released layout "
+                   "(default: none: the preset with seeded random weights)")
+    p.add_argument("--byte-tokenizer", action="store_true",
+                   help="with --checkpoint: accept a directory without tokenizer.json and use the built-in "
+                        "byte-level tokenizer (right only for checkpoints trained with it, e.g. saved tiny ones)")
     p.add_argument("--prompt", default="a red cube", help="text prompt")
     p.add_argument("--prompt-ids", type=int, nargs="+", default=None, metavar="ID",
                    help="the prompt as token ids instead of --prompt (e.g. for a checkpoint without tokenizer files); "
                         "the chat markers are added as for text")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (and of random weights)")
-    p.add_argument("--steps", type=int, default=None, help="timesteps (N-1 Euler steps); default from the config")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16; text2img)")
-    p.add_argument("--out", default="out.png", help="output PNG path")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights dtype (default fp32 on CPU, bf16 on CUDA)")
-    p.add_argument("--cfg-text-scale", type=float, default=None)
-    p.add_argument("--cfg-img-scale", type=float, default=None)
-    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"))
-    p.add_argument("--cfg-renorm-type", default=None, choices=["global", "channel", "text_channel"])
-    p.add_argument("--timestep-shift", type=float, default=None)
-    p.add_argument("--threads", type=int, default=1, help="CPU threads (fixed so reductions, and md5s, are reproducible)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (and of img2img's VAE "
+                   "sampling), 0 <= seed < 2**64")
+    p.add_argument("--weights-seed", type=int, default=0,
+                   help="seed of the preset's random weights (without --checkpoint): vary --seed for another image "
+                        "from the same model, this for another model")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"timesteps (N-1 Euler steps), >= 2 (default: the preset's: {steps_by_preset})")
+    p.add_argument("--size", type=int, default=None,
+                   help="text2img image side in pixels, a multiple of 16 (default: 64); img2img takes the input "
+                        "image's size and refuses --size")
+    p.add_argument("--out", default="out.png", help="output image path; the format follows the suffix (.png, "
+                   ".jpg, .webp, ...); checked for writability before generating")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--cfg-text-scale", type=float, default=None,
+                   help=_gen_help("cfg_text_scale", "classifier-free guidance scale of the text condition (> 1 "
+                                  "enables the text branch)"))
+    p.add_argument("--cfg-img-scale", type=float, default=None,
+                   help=_gen_help("cfg_img_scale", "guidance scale of the image condition (> 1 enables the image "
+                                  "branch)"))
+    p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help=_gen_help("cfg_interval", "guidance applies only for timesteps t with LO < t <= HI"))
+    p.add_argument("--cfg-renorm-type", default=None, choices=["global", "channel", "text_channel"],
+                   help=_gen_help("cfg_renorm_type", "how the guided velocity's norm is renormalized"))
+    p.add_argument("--timestep-shift", type=float, default=None,
+                   help=_gen_help("timestep_shift", "shift s of the schedule t -> s*t/(1+(s-1)*t), > 0"))
+    p.add_argument("--threads", type=int, default=1, help="CPU threads, >= 1 (fixed so reductions, and md5s, are "
+                   "reproducible)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
+
+
+def check_args(args) -> None:
+    """Everything the command line alone can get wrong, before any model is built: a clear error naming it."""
+    import math
+
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    for name in ("seed", "weights_seed"):
+        v = getattr(args, name)
+        if not 0 <= v < 2**64:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 2**64), got {v}")
+    if args.image is not None and args.mode not in ("img2img", "img2text"):
+        raise ValueError(f"--image is for --mode img2img or img2text; --mode {args.mode} would ignore it")
+    if args.size is not None and args.mode != "text2img":
+        raise ValueError(f"--size is for --mode text2img; {args.mode} "
+                         + ("takes the input image's size" if args.mode == "img2img" else "makes no image"))
+    if args.max_tokens is not None and args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    for name in ("cfg_text_scale", "cfg_img_scale", "timestep_shift"):
+        v = getattr(args, name)
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+    if args.cfg_interval is not None and not all(math.isfinite(v) for v in args.cfg_interval):
+        raise ValueError(f"--cfg-interval must be finite numbers, got {args.cfg_interval}")
+    if args.byte_tokenizer and not args.checkpoint:
+        raise ValueError("--byte-tokenizer is for --checkpoint directories (presets always use it)")
+    check_device(args.device)
+
+
+def check_device(device: str) -> None:
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:N): {e}") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is visible to torch "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif d.type != "cpu":
+        raise ValueError(f"--device {device!r}: only cpu and cuda are supported")
+
+
+def check_positions(cfg, n_prompt: int, mode: str, max_tokens: int) -> None:
+    """The request's RoPE positions must stay within the model's (text: one per token; an image block: one)."""
+    n = n_prompt + max_tokens + {"text2img": 1, "img2img": 3, "text2text": 0, "img2text": 1}[mode] + 1
+    limit = cfg.llm.max_position_embeddings
+    if n > limit:
+        raise ValueError(f"the prompt ({n_prompt} tokens) plus --max-tokens {max_tokens} and the image blocks need "
+                         f"{n} positions; {cfg.name} has {limit}")
+
+
+def resolve_dtype(args) -> torch.dtype:
+    return DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
 
 
 def load_model(args):
     from .checkpoint import from_pretrained
     from .config import BagelConfig
+    from .memory import check_fits
     from .model import BagelModel
     from .tokenizer import BagelTokenizer
 
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
+    dtype = resolve_dtype(args)
     if args.checkpoint:
-        return from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
+        return from_pretrained(args.checkpoint, device=args.device, dtype=dtype, byte_tokenizer=args.byte_tokenizer)
     cfg = BagelConfig.preset(args.config)
-    return BagelModel.random(cfg, seed=args.seed, dtype=dtype, device=args.device), BagelTokenizer.from_directory(None)
+    check_fits(cfg, dtype, args.device)  # refuse with the number before allocating
+    return (BagelModel.random(cfg, seed=args.weights_seed, dtype=dtype, device=args.device),
+            BagelTokenizer.from_directory(None))
 
+
+DEFAULT_SIZE = 64  # text2img side without --size: the tiny preset's whole latent grid is 16x16 tokens = 256 px
 
 # DESIGN.md: image editing uses its own CFG defaults
 IMG2IMG_DEFAULTS = {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0),
@@ -84,19 +192,16 @@ def sampling_params(args, cfg, size: tuple[int, int] | None = None):
                  "timestep_shift": args.timestep_shift, "cfg_renorm_type": args.cfg_renorm_type,
                  "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None}
     p.update({k: v for k, v in overrides.items() if v is not None})
-    h, w = size or (args.size, args.size)
+    h, w = size or ((args.size, args.size) if args.size is not None else (DEFAULT_SIZE, DEFAULT_SIZE))
     return SamplingParams(steps=args.steps if args.steps is not None else steps, seed=args.seed, height=h,
                           width=w, **p).validate()
 
 
-def read_image(path: str) -> torch.Tensor:
-    from PIL import Image
+def file_md5(path: str) -> str:
+    import hashlib
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"input image not found: {path}")
-    from .transforms import image_from_pil
-
-    return image_from_pil(Image.open(path))  # upstream's pil_img2rgb: transparency composited onto white
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
 
 
 def _output_size(cfg, image):
@@ -107,53 +212,79 @@ def _output_size(cfg, image):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse's usage errors (2) and --help (0): an exit code, as every other error
+        return int(e.code or 0)
+    from .checkpoint import CheckpointError
+    from .image_io import ImageFileError, check_writable, read_image, write_image
+    from .memory import InsufficientMemoryError
     prompt = "" if args.prompt_ids is not None else args.prompt
-    torch.set_num_threads(args.threads)
     from .pipeline import BagelPipeline
     from .stages import IMAGE_OUT, Request
 
     try:
+        check_args(args)
+        torch.set_num_threads(args.threads)
+        if args.mode in IMAGE_OUT:
+            check_writable(args.out)  # before the generation, not after it
         image = read_image(args.image) if args.image else None
         if args.mode in ("img2img", "img2text") and image is None:
             raise ValueError(f"--mode {args.mode} needs --image")
         max_tokens = args.max_tokens if args.max_tokens is not None else (0 if args.mode in IMAGE_OUT else 32)
         if args.split:
-            from .split import ModelSpec, run_split_processes
             from .config import BagelConfig
+            from .split import ModelSpec, run_split_processes
+            from .tokenizer import BagelTokenizer
 
-            device = args.device
-            dtype = args.dtype and str(DTYPES[args.dtype]).replace("torch.", "")
-            spec = ModelSpec(preset=args.config, seed=args.seed, device=device, checkpoint=args.checkpoint,
-                             dtype=dtype or ("bfloat16" if device.startswith("cuda") else "float32"), threads=args.threads)
+            dtype = resolve_dtype(args)
+            spec = ModelSpec(preset=args.config, seed=args.weights_seed, device=args.device,
+                             checkpoint=args.checkpoint, dtype=str(dtype).replace("torch.", ""), threads=args.threads,
+                             byte_tokenizer=args.byte_tokenizer)
             cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
+            if not args.checkpoint:
+                from .memory import check_fits
+
+                check_fits(cfg, dtype, args.device, copies=2)  # one model per stage process
             params = sampling_params(args, cfg, _output_size(cfg, image) if args.mode == "img2img" else None)
+            cfg.check_image_size(params.height, params.width)
+            tok = BagelTokenizer.from_directory(args.checkpoint, byte_fallback=args.byte_tokenizer or not args.checkpoint)
+            n_prompt = len(tok.wrap_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else tok.encode_prompt(prompt))
+            check_positions(cfg, n_prompt, args.mode, max_tokens)
             req = Request(args.mode, prompt, params, image, max_tokens, prompt_ids=args.prompt_ids)
             res = run_split_processes(spec, req, layout1=args.kv_layout)
             s1 = res["stage1"]
             result_image, latent_md5, image_md5 = torch.from_numpy(s1["image"]), s1["latent_md5"], s1["image_md5"]
             text = res["stage0"]["text"]
+            if "error" in res["stage0"]:  # the image is complete (stage 1 held a verified KV); stage 0's text is not
+                print(f"bagel-generate: warning: stage 0 failed after handing over its KV ({res['stage0']['error']}); "
+                      "the image is complete, the decoded text is lost", file=sys.stderr)
         else:
+            from .config import BagelConfig
+
+            cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
+            params = sampling_params(args, cfg, _output_size(cfg, image) if args.mode == "img2img" else None)
+            cfg.check_image_size(params.height, params.width)  # before the weights are loaded
             model, tok = load_model(args)
-            params = sampling_params(args, model.cfg, _output_size(model.cfg, image) if args.mode == "img2img" else None)
-            model.cfg.check_image_size(params.height, params.width)
+            n_prompt = len(tok.wrap_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else tok.encode_prompt(prompt))
+            check_positions(model.cfg, n_prompt, args.mode, max_tokens)
             req = Request(args.mode, prompt, params, image, max_tokens, prompt_ids=args.prompt_ids)
             r0, r1 = BagelPipeline(model, tok).generate(req, kv_layout=args.kv_layout, progress=not args.no_progress)
             text = r0.text
             if r1 is not None:
                 result_image, latent_md5, image_md5 = r1.image, r1.latent_md5, r1.image_md5
-    except (ValueError, FileNotFoundError, TypeError) as e:
+        if args.mode in IMAGE_OUT:
+            write_image(result_image, args.out)
+    except (ValueError, FileNotFoundError, TypeError, InsufficientMemoryError, CheckpointError, ImageFileError,
+            RuntimeError) as e:
         print(f"bagel-generate: error: {e}", file=sys.stderr)
         return 2
     if max_tokens:
         print(f"text: {text!r}")
     if args.mode in IMAGE_OUT:
-        from PIL import Image
-
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        Image.fromarray(result_image.cpu().numpy()).save(args.out, format="PNG")
-        print(f"latent md5 {latent_md5}")
-        print(f"image  md5 {image_md5}")
+        print(f"latent md5 {latent_md5}  (final fp32 latent tensor)")
+        print(f"pixels md5 {image_md5}  (decoded uint8 HxWx3 tensor)")
+        print(f"file   md5 {file_md5(args.out)}  ({args.out}, as md5sum prints it)")
         print(f"wrote {args.out} ({params.width}x{params.height}, {params.steps} steps, seed {params.seed}"
               f"{', split' if args.split else ''})")
     return 0

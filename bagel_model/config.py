@@ -171,25 +171,25 @@ class BagelConfig:
 
         As BAGEL does after loading: ``qk_norm=True``, ``tie_word_embeddings=False``, and the ViT's last layer dropped
         (``vit_config.json`` of the release describes the full SigLIP; ours are written already reduced and marked)."""
-        path = os.path.join(directory, "llm_config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{directory!r} is not a BAGEL checkpoint directory: llm_config.json is missing")
-        llm = Qwen2Config.from_json_file(path)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"checkpoint directory not found: {directory!r}")
+        missing = [n for n in ("llm_config.json", "vit_config.json", "config.json")
+                   if not os.path.isfile(os.path.join(directory, n))]
+        if missing:
+            raise FileNotFoundError(f"{directory!r} is not a BAGEL checkpoint directory: {', '.join(missing)} "
+                                    f"{'is' if len(missing) == 1 else 'are'} missing")
+        llm = _read_json_config(Qwen2Config, os.path.join(directory, "llm_config.json"))
         llm.qk_norm = True
         llm.tie_word_embeddings = False
-        vit = None
-        vpath = os.path.join(directory, "vit_config.json")
-        if os.path.isfile(vpath):
-            vit = SiglipVisionConfig.from_json_file(vpath)
-            if not getattr(vit, "bagel_last_layer_dropped", False):
-                vit.num_hidden_layers -= 1
-                vit.bagel_last_layer_dropped = True
-            vit.vision_use_head = False
-        top: dict = {}
+        vit = _read_json_config(SiglipVisionConfig, os.path.join(directory, "vit_config.json"))
+        if not getattr(vit, "bagel_last_layer_dropped", False):
+            vit.num_hidden_layers -= 1
+            vit.bagel_last_layer_dropped = True
+        vit.vision_use_head = False
         tpath = os.path.join(directory, "config.json")
-        if os.path.isfile(tpath):
-            with open(tpath) as f:
-                top = json.load(f)
+        top = _read_json_config(None, tpath)
+        if not isinstance(top, dict):
+            raise ConfigError(f"{tpath} must hold a JSON object, got {type(top).__name__}")
         vae = VAEConfig.from_dict(top.get("vae_config", {}))
         if top.get("interpolate_pos", False):
             raise ConfigError("config.json sets interpolate_pos: ViT/latent position ids by interpolation are not "
@@ -212,6 +212,17 @@ class BagelConfig:
         if name == "bagel-7b-mot":
             return _bagel_7b()
         raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+
+
+def _read_json_config(cls, path: str):
+    """``cls.from_json_file(path)`` (or the plain JSON for ``cls=None``); bad JSON is an error naming the file."""
+    try:
+        if cls is None:
+            with open(path) as f:
+                return json.load(f)
+        return cls.from_json_file(path)
+    except (ValueError, OSError, TypeError) as e:  # json.JSONDecodeError is a ValueError; transformers wraps it
+        raise ConfigError(f"{path} is not valid JSON for a {cls.__name__ if cls else 'BAGEL'} config: {e}") from None
 
 
 def _llm(**kw) -> Qwen2Config:

@@ -1,6 +1,8 @@
 """Flow-matching Euler denoising with three-branch CFG; timesteps are host floats (no device reads in the loop)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, asdict
 from typing import Callable
 
@@ -9,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .cfg import RENORM_TYPES, combine_cfg
 from .denoise_step import GenJob
+from .finite_guard import FiniteGuard
 
 BRANCHES = ("full", "text", "img")  # full context / without text (cfg_text) / without image (cfg_img)
 
@@ -29,6 +32,19 @@ class SamplingParams:
     cfg_renorm_type: str = "global"
 
     def validate(self) -> "SamplingParams":
+        for name in ("timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_renorm_min"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if not (isinstance(self.cfg_interval, (tuple, list)) and len(self.cfg_interval) == 2
+                and all(isinstance(v, numbers.Real) and math.isfinite(v) for v in self.cfg_interval)):
+            raise ValueError(f"cfg_interval must be two finite numbers (lo, hi), got {self.cfg_interval!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.steps, int) or self.steps < 2:
             raise ValueError(f"steps must be an integer >= 2 (the schedule has steps-1 Euler updates), got {self.steps!r}")
         if self.cfg_renorm_type not in RENORM_TYPES:
@@ -86,11 +102,16 @@ def initial_noise(n_tokens: int, dim: int, seed: int) -> torch.Tensor:
 
 def denoise(x: torch.Tensor, p: SamplingParams, velocities: VelocityFn, progress: bool = True,
             on_step: Callable[[int, float], None] | None = None,
-            schedule: tuple[list[float], list[float]] | None = None) -> torch.Tensor:
+            schedule: tuple[list[float], list[float]] | None = None, guard: FiniteGuard | None = None
+            ) -> torch.Tensor:
     """Euler integration x <- x - v * dt with CFG; x stays fp32. ``velocities`` returns one tensor per branch.
 
     The schedule is read to host floats once, before the loop (pass it in to keep even that out of a guarded region).
+    A non-finite latent raises ``NonFiniteLatentError`` naming the first bad step, after the loop (one host read);
+    pass your own ``guard`` to take that read out of here (then call ``guard.check()`` yourself).
     """
+    own_guard = guard is None
+    guard = guard or FiniteGuard()
     ts, dts = schedule if schedule is not None else timestep_schedule(p.steps, p.timestep_shift)
     for i in tqdm(range(len(ts)), desc="denoise", disable=not progress, leave=False):
         t = ts[i]
@@ -101,8 +122,11 @@ def denoise(x: torch.Tensor, p: SamplingParams, velocities: VelocityFn, progress
         v = combine_cfg(vs["full"], vs.get("text"), vs.get("img"), text_scale=text_scale, img_scale=img_scale,
                         renorm_min=p.cfg_renorm_min, renorm_type=p.cfg_renorm_type)
         x = x - v.float() * dts[i]
+        guard.step(x, i)  # device-side flag, no host read
         if on_step is not None:
             on_step(i, t)
+    if own_guard:
+        guard.check(len(ts))
     return x
 
 
@@ -131,12 +155,17 @@ class DenoiseRequest:
 
 
 def denoise_batch(requests: list[DenoiseRequest], engine, progress: bool = True,
-                  on_step: Callable[[int, int, float], None] | None = None) -> list[torch.Tensor]:
+                  on_step: Callable[[int, int, float], None] | None = None,
+                  guards: list[FiniteGuard] | None = None) -> list[torch.Tensor]:
     """Euler integration of several requests at once: at every step each request still running contributes its
     distinct CFG jobs, and ``engine`` (``denoise_step.PackedStep`` or ``parallel.denoise.ParallelStep``) runs all
     jobs of the step in one packed forward. Requests may differ in size, step count and CFG settings; each one's
     arithmetic is what ``denoise`` does for it alone (same combine, same update), so its bits are too.
-    ``on_step(request_index, step, t)`` is called after each request's update."""
+    ``on_step(request_index, step, t)`` is called after each request's update. Each request's latent is watched
+    by a ``FiniteGuard`` (device-side, no host read in the loop) and checked once at the end, naming the first
+    non-finite step; pass ``guards`` to check them yourself (e.g. outside a no-sync region)."""
+    own_guards = guards is None
+    guards = guards if guards is not None else [FiniteGuard() for _ in requests]
     scheds = [r.schedule if r.schedule is not None else timestep_schedule(r.params.steps, r.params.timestep_shift)
               for r in requests]
     xs = [r.x for r in requests]
@@ -168,6 +197,10 @@ def denoise_batch(requests: list[DenoiseRequest], engine, progress: bool = True,
             v = combine_cfg(vs["full"], vs.get("text"), vs.get("img"), text_scale=text_scale, img_scale=img_scale,
                             renorm_min=p.cfg_renorm_min, renorm_type=p.cfg_renorm_type)
             xs[i] = xs[i] - v.float() * dt
+            guards[i].step(xs[i], k)
             if on_step is not None:
                 on_step(i, k, scheds[i][0][k])
+    if own_guards:
+        for i, g in enumerate(guards):
+            g.check(len(scheds[i][0]), what=f"latent of request {i}" if len(requests) > 1 else "latent")
     return xs

@@ -3,8 +3,16 @@
 Payload = the per-layer K/V of every CFG context of one request, read out of the sender's paged cache (whatever its
 layout) as contiguous (length, H_kv, D) tensors, plus metadata: request id, mode, image shape, every sampling
 parameter, each context's length and next RoPE position, and custom fields. The receiver writes the K/V into a
-paged cache of ITS layout. Serialized with safetensors (tensors + a JSON header in its metadata) and a CRC-32 of
-the tensor bytes: a malformed, truncated or corrupted payload raises ``PayloadError`` naming what is wrong.
+paged cache of ITS layout. Serialized with safetensors (tensors + a JSON header in its metadata).
+
+Integrity: one checksum covers the whole payload — every header field (request id, mode, sampling parameters,
+image shape, each context's length / RoPE position / layer count, the branch map, custom fields) and every tensor's
+name, dtype, shape and bytes in order (CRC-32 over the bytes on the byte connectors; on the tensor connector, which
+never copies the KV to the host, a position-weighted integer sum per tensor computed on its device, so permuted
+rows change it). ``validate_payload`` then checks the payload against the receiving model (layers, KV heads,
+head_dim, dtype, the branches of its mode, image size) and the request it answers (request id). Anything wrong is a
+``PayloadError`` naming it — never an image. This is protection against corruption and mix-ups in transit, not
+against a deliberate forger (CRC-32 is not a MAC).
 
 Connectors: ``InProcessConnector`` (a queue, threads), ``SharedMemoryConnector`` (POSIX shared memory between
 processes, a multiprocessing queue for the notices), ``TorchDistributedConnector`` (point-to-point send/recv) carry
@@ -24,7 +32,7 @@ import torch
 from .denoise import SamplingParams
 from .prefill import PrefilledContext, new_cache
 
-MAGIC, VERSION = "bagel-kv", 1
+MAGIC, VERSION = "bagel-kv", 2  # 2: the checksum covers the header too
 
 
 class PayloadError(ValueError):
@@ -69,20 +77,28 @@ def install(model, ckv: ContextKV, layout: str) -> PrefilledContext:
     return PrefilledContext(cache, ckv.rope_position)
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """CRC-32 over names and bytes, in name order. A transit-integrity check (corruption, mix-ups), not a defence
-    against tampering; CRC-32 runs ~3x faster than SHA-256 here, and an img2img payload is gigabytes."""
-    crc = 0
+def _canonical(header: dict) -> bytes:
+    """The header's bytes for the checksum: JSON with sorted keys, the checksum itself left out."""
+    return json.dumps({k: v for k, v in header.items() if k != "checksum"}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+def _digest(header: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """CRC-32 over the header and every tensor's name, dtype, shape and bytes, in name order (order-sensitive
+    within each tensor). A transit-integrity check (corruption, mix-ups); CRC-32 runs ~3x faster than SHA-256 here,
+    and an img2img payload is gigabytes."""
+    crc = zlib.crc32(_canonical(header))
     for name in sorted(tensors):
         t = tensors[name].contiguous()
-        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(f"{name}|{t.dtype}|{tuple(t.shape)}".encode(), crc)
         if t.numel():
             crc = zlib.crc32(t.view(torch.uint8).numpy(), crc)  # the array's buffer: no copy
     return f"{crc:08x}"
 
 
 def _pack(p: KVPayload, to_cpu: bool) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(header, tensors) of a payload; tensors stay on their device unless ``to_cpu``."""
+    """(header, tensors) of a payload; tensors stay on their device unless ``to_cpu``. The header is made
+    JSON-plain (tuples become lists) so that the sender's and the receiver's checksums see the same bytes."""
     tensors = {}
     ctx_meta = {}
     for name, c in p.contexts.items():
@@ -93,14 +109,14 @@ def _pack(p: KVPayload, to_cpu: bool) -> tuple[dict, dict[str, torch.Tensor]]:
     header = {"magic": MAGIC, "version": VERSION, "request_id": p.request_id, "mode": p.mode,
               "params": p.params.to_dict(), "image_shape": list(p.image_shape), "contexts": ctx_meta,
               "branches": p.branches, "extra": p.extra}
-    return header, tensors
+    return json.loads(json.dumps(header)), tensors
 
 
 def serialize(p: KVPayload) -> bytes:
     from safetensors.torch import save
 
     header, tensors = _pack(p, to_cpu=True)
-    header["crc32"] = _digest(tensors)
+    header["checksum"] = _digest(header, tensors)
     return save(tensors, metadata={"bagel": json.dumps(header)})
 
 
@@ -118,19 +134,20 @@ def deserialize(data: bytes) -> KVPayload:
         raise
     except Exception as e:  # noqa: BLE001 - any parse failure is a malformed payload
         raise PayloadError(f"KV payload is malformed or truncated ({len(data)} bytes): {type(e).__name__}: {e}") from e
-    _check_header(meta, "crc32")
-    if _digest(tensors) != meta["crc32"]:
-        raise PayloadError("KV payload checksum mismatch: tensor bytes were altered in transit")
+    _check_header(meta)
+    if _digest(meta, tensors) != meta["checksum"]:
+        raise PayloadError("KV payload checksum mismatch: its header or tensor bytes were altered in transit (or it "
+                           "is not the payload its header describes)")
     return _unpack(meta, tensors)
 
 
-def _check_header(meta, checksum_key: str) -> None:
+def _check_header(meta) -> None:
     if not isinstance(meta, dict) or meta.get("magic") != MAGIC:
         raise PayloadError("KV payload lacks the bagel-kv header (not a payload of this protocol)")
     if meta.get("version") != VERSION:
         raise PayloadError(f"KV payload version {meta.get('version')} != supported {VERSION}")
     missing = [k for k in ("request_id", "mode", "params", "image_shape", "contexts", "branches", "extra",
-                           checksum_key) if k not in meta]
+                           "checksum") if k not in meta]
     if missing:
         raise PayloadError(f"KV payload header misses {missing}")
 
@@ -160,18 +177,63 @@ def _unpack(meta: dict, tensors: dict[str, torch.Tensor]) -> KVPayload:
                      dict(meta["branches"]), meta["extra"])
 
 
-def _tensor_sums(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Integer sums of each tensor's bits, on its device (exact, so order-independent): the transit check of the
-    tensor connector, which never copies the KV to the host. One synchronization for all tensors."""
+def _tensor_sums(tensors: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Per tensor, two integer sums of its bits on its device: plain, and weighted by position (Fletcher-style:
+    sum of (i + 1) * bits_i, wrapping mod 2**64, which is exact and associative, so any reduction order gives the
+    same value on any device). The weighted one changes when rows or values are permuted. One synchronization."""
     names = sorted(tensors)
     if not names:
         return {}
     sums = []
     for n in names:
         t = tensors[n].reshape(-1)
-        bits = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-        sums.append(bits.sum(dtype=torch.int64) if bits.numel() else torch.zeros((), dtype=torch.int64, device=t.device))
-    return dict(zip(names, torch.stack([x.to(sums[0].device) for x in sums]).tolist()))
+        bits = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).long()
+        pos = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=t.device)
+        sums.append(torch.stack([bits.sum(), (bits * pos).sum()]) if bits.numel()
+                    else torch.zeros(2, dtype=torch.int64, device=t.device))
+    values = torch.stack([x.to(sums[0].device) for x in sums]).tolist()
+    return {n: v for n, v in zip(names, values)}
+
+
+def _layout_of(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
+    """Each tensor's dtype and shape, for the tensor connector's header checksum."""
+    return {n: [str(t.dtype), list(t.shape)] for n, t in sorted(tensors.items())}
+
+
+def validate_payload(p: KVPayload, model=None, request_id: str | None = None) -> KVPayload:
+    """A received payload fits the model that will use it and answers the request it is expected to answer:
+    a ``PayloadError`` naming the mismatch otherwise."""
+    from .denoise import BRANCHES
+
+    if request_id is not None and p.request_id != request_id:
+        raise PayloadError(f"KV payload answers request {p.request_id!r}, expected {request_id!r}")
+    if p.mode not in ("text2img", "img2img"):
+        raise PayloadError(f"KV payload mode {p.mode!r} is not an image mode (text2img, img2img)")
+    if set(p.branches) != set(BRANCHES):
+        raise PayloadError(f"KV payload branches {sorted(p.branches)} != the CFG branches {sorted(BRANCHES)}")
+    for name, c in p.contexts.items():
+        if not 0 <= c.rope_position <= max(c.length, 0) or (c.length == 0 and c.rope_position != 0):
+            raise PayloadError(f"KV payload context {name!r}: RoPE position {c.rope_position} is impossible for "
+                               f"{c.length} tokens")
+    if model is None:
+        return p
+    cfg = model.cfg
+    try:
+        cfg.check_image_size(*p.image_shape)
+    except ValueError as e:
+        raise PayloadError(f"KV payload image shape {tuple(p.image_shape)} does not fit the model: {e}") from None
+    want_shape = (cfg.num_kv_heads, cfg.head_dim)
+    want_dtype = next(model.parameters()).dtype
+    for name, c in p.contexts.items():
+        if c.length and len(c.k) != cfg.num_layers:
+            raise PayloadError(f"KV payload context {name!r} has {len(c.k)} layers; the model has {cfg.num_layers}")
+        for i, t in enumerate(list(c.k[:1]) + list(c.v[:1])):
+            if tuple(t.shape[1:]) != want_shape:
+                raise PayloadError(f"KV payload context {name!r}: KV heads x head_dim {tuple(t.shape[1:])} != the "
+                                   f"model's {want_shape}")
+            if t.dtype != want_dtype:
+                raise PayloadError(f"KV payload context {name!r}: dtype {t.dtype} != the model's {want_dtype}")
+    return p
 
 
 def send_payload(connector, payload: KVPayload) -> None:
@@ -182,12 +244,16 @@ def send_payload(connector, payload: KVPayload) -> None:
         connector.send(serialize(payload))
 
 
-def recv_payload(connector, timeout: float = 600.0, device: torch.device | str | None = None) -> KVPayload:
-    """Receive a payload. ``device``: where a tensor connector puts its copies (the receiver's GPU when stage 0
-    runs on another one: one peer copy, no host round trip); byte connectors give CPU tensors either way."""
+def recv_payload(connector, timeout: float = 600.0, device: torch.device | str | None = None, model=None,
+                 request_id: str | None = None) -> KVPayload:
+    """Receive a payload, checked (``validate_payload``) against ``model`` and the expected ``request_id`` when
+    given. ``device``: where a tensor connector puts its copies (the receiver's GPU when stage 0 runs on another
+    one: one peer copy, no host round trip); byte connectors give CPU tensors either way."""
     if hasattr(connector, "recv_payload"):
-        return connector.recv_payload(timeout=timeout, device=device)
-    return deserialize(connector.recv(timeout=timeout))
+        p = connector.recv_payload(timeout=timeout, device=device)
+    else:
+        p = deserialize(connector.recv(timeout=timeout))
+    return validate_payload(p, model, request_id) if model is not None or request_id is not None else p
 
 
 def abort(connector) -> None:
@@ -216,34 +282,67 @@ class InProcessConnector:
 
 
 class SharedMemoryConnector:
-    """Two processes: the payload bytes go into a named shared-memory segment; a queue carries (name, size)."""
+    """Two processes: the payload bytes go into a named shared-memory segment; a pipe carries (name, size).
+
+    A pipe, not a multiprocessing queue: ``send`` returns only once the notice is in the kernel's pipe buffer, so a
+    sender killed right after sending (stage 0 during its decode) has still delivered its KV. The segment outlives
+    the sender; the receiver unlinks it, and ``cleanup`` unlinks any that were never received."""
 
     def __init__(self, ctx=None):
         import multiprocessing as mp
 
-        self._q = (ctx or mp.get_context("spawn")).Queue()
+        self._rx, self._tx = (ctx or mp.get_context("spawn")).Pipe(duplex=False)
 
     def send(self, data: bytes) -> None:
         from multiprocessing import shared_memory
 
         shm = shared_memory.SharedMemory(create=True, size=max(1, len(data)))
         shm.buf[:len(data)] = data
-        self._q.put((shm.name, len(data)))
+        self._tx.send((shm.name, len(data)))
         shm.close()  # the receiver unlinks it
+
+    def abort(self) -> None:
+        self._tx.send(None)
+
+    def _get(self, timeout: float):
+        if not self._rx.poll(timeout):
+            raise TimeoutError(f"stage 1: no KV payload from stage 0 within {timeout:.0f} s (shared-memory connector)")
+        try:
+            return self._rx.recv()
+        except EOFError:
+            raise PayloadError("stage 0 closed the shared-memory connector without sending its KV payload") from None
 
     def recv(self, timeout: float = 600.0) -> bytes:
         from multiprocessing import shared_memory
 
-        try:
-            name, size = self._q.get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(f"stage 1: no KV payload from stage 0 within {timeout:.0f} s (shared-memory connector)") from None
+        msg = self._get(timeout)
+        if msg is None:
+            raise PayloadError("stage 0 aborted before sending its KV payload")
+        name, size = msg
         shm = shared_memory.SharedMemory(name=name)
         try:
             return bytes(shm.buf[:size])
         finally:
             shm.close()
             shm.unlink()
+
+    def cleanup(self) -> None:
+        """Unlink every segment still announced in the pipe (its receiver died or was never asked)."""
+        from multiprocessing import shared_memory
+
+        while self._rx.poll(0):
+            try:
+                msg = self._rx.recv()
+            except (EOFError, OSError):
+                return
+            if msg is None:
+                continue
+            try:
+                shm = shared_memory.SharedMemory(name=msg[0])
+                shm.close()
+                shm.unlink()
+            except FileNotFoundError:
+                pass
 
 
 class TorchDistributedConnector:
@@ -255,7 +354,7 @@ class TorchDistributedConnector:
     def send(self, data: bytes) -> None:
         import torch.distributed as dist
 
-        from parallel.mesh import guarded
+        from .collectives import guarded
 
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
         guarded("KV payload size send", dist.send, torch.tensor([buf.numel()], dtype=torch.int64, device=self.device), self.peer)
@@ -264,7 +363,7 @@ class TorchDistributedConnector:
     def recv(self, timeout: float | None = None) -> bytes:
         import torch.distributed as dist
 
-        from parallel.mesh import guarded
+        from .collectives import guarded
 
         n = torch.zeros(1, dtype=torch.int64, device=self.device)
         guarded("KV payload size recv", dist.recv, n, self.peer)
@@ -277,7 +376,8 @@ class TensorQueueConnector:
     """Processes of one node: (header, tensors) through a torch.multiprocessing queue. CUDA tensors cross as IPC
     handles (same GPU or a peer GPU: no host copy, no serialization), CPU tensors as shared memory. The receiver
     clones what it gets and acks, so the sender frees its copy; the sender waits for the acks before it exits
-    (an IPC handle dies with its producer). Integrity: the header's per-tensor integer sums, recomputed on arrival.
+    (an IPC handle dies with its producer). Integrity: the header's per-tensor position-weighted sums and the
+    tensors' dtypes and shapes, recomputed on arrival, and a CRC-32 of the header itself.
     """
 
     def __init__(self, ctx=None):
@@ -291,6 +391,8 @@ class TensorQueueConnector:
         self._collect_acks(block=False)
         header, tensors = _pack(p, to_cpu=False)
         header["sums"] = _tensor_sums(tensors)
+        header["tensors"] = _layout_of(tensors)
+        header["checksum"] = f"{zlib.crc32(_canonical(header)):08x}"
         self._held[p.request_id] = tensors
         self._q.put((header, tensors))
 
@@ -304,14 +406,17 @@ class TensorQueueConnector:
         if not (isinstance(msg, tuple) and len(msg) == 2 and isinstance(msg[1], dict)):
             raise PayloadError(f"KV payload message is malformed ({type(msg).__name__})")
         meta, received = msg
-        _check_header(meta, "sums")
+        _check_header(meta)
+        if not isinstance(meta.get("sums"), dict) or f"{zlib.crc32(_canonical(meta)):08x}" != meta["checksum"]:
+            raise PayloadError("KV payload header checksum mismatch: its header was altered in transit")
         # own copies (the sender may free its own now), on the receiver's device if it named one
         tensors = {n: t.to(device or t.device, copy=True) for n, t in received.items()}
-        del received
+        sums = _tensor_sums(tensors)  # synchronizes: the (peer) copies are complete before the ack
+        del msg, received  # drop every reference to the producer's IPC tensors before acknowledging
         self._acks.put(meta["request_id"])
-        if _tensor_sums(tensors) != meta["sums"]:
+        if _layout_of(tensors) != meta.get("tensors") or sums != meta["sums"]:
             raise PayloadError("KV payload checksum mismatch: tensors were altered in transit (or do not match the "
-                               "header's names)")
+                               "header's names, dtypes and shapes)")
         return _unpack(meta, tensors)
 
     def abort(self) -> None:

@@ -25,6 +25,7 @@ class ModelSpec:
     device: str = "cpu"
     checkpoint: str | None = None
     threads: int = 1
+    byte_tokenizer: bool = False  # checkpoint without tokenizer.json: use the built-in byte-level one
 
     def load(self):
         from .checkpoint import from_pretrained
@@ -33,9 +34,15 @@ class ModelSpec:
         from .tokenizer import BagelTokenizer
 
         torch.set_num_threads(self.threads)
+        if self.device.startswith("cuda"):
+            # Make this stage's GPU the current one: Triton launches on the current device, and a tensor of another
+            # GPU then fails as "Pointer argument cannot be accessed from Triton (cpu tensor?)" (stage 0 on cuda:1
+            # while the process's current device stayed cuda:0).
+            torch.cuda.set_device(torch.device(self.device))
         dtype = getattr(torch, self.dtype)
         if self.checkpoint:
-            model, tok = from_pretrained(self.checkpoint, device=self.device, dtype=dtype)
+            model, tok = from_pretrained(self.checkpoint, device=self.device, dtype=dtype,
+                                         byte_tokenizer=self.byte_tokenizer)
         else:
             model = BagelModel.random(BagelConfig.preset(self.preset), seed=self.seed, dtype=dtype, device=self.device)
             tok = BagelTokenizer.from_directory(None)
@@ -52,10 +59,49 @@ def _stream_context(device: str, priority: int | None):
     return torch.cuda.stream(torch.cuda.Stream(device=device, priority=priority))
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """A stage must not outlive the process that started it (a killed parent left both stages running to the
+    end): Linux delivers SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); elsewhere a thread watches."""
+    import signal
+    import threading
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG = 1
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError):
+        def watch():
+            while os.getppid() == parent_pid:
+                time.sleep(0.5)
+            os._exit(1)
+        threading.Thread(target=watch, name="bagel-parent-watch", daemon=True).start()
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+class _FaultAt(EventLog):
+    """Tests only: SIGKILL this process when it records event ``name`` (a stage dying at a chosen phase)."""
+
+    def __init__(self, name: str | None):
+        super().__init__()
+        self._die_at = name
+
+    def record(self, name: str) -> None:
+        super().record(name)
+        if name == self._die_at:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready, timeout: float,
-                   env: dict[str, str] | None = None) -> None:
+                   env: dict[str, str] | None = None, parent_pid: int | None = None, die_at: str | None = None) -> None:
     from functools import partial
 
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     os.environ.update(env or {})  # before the model (and CUDA) is touched: e.g. this client's MPS SM share
 
     from .kv_transfer import abort, send_payload
@@ -65,7 +111,7 @@ def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready
     try:
         model, tok = spec.load()
         for req in reqs:  # warm-up requests first, the reported one last
-            events = EventLog()
+            events = _FaultAt(die_at) if req is reqs[-1] else EventLog()
             ready.wait(timeout=timeout)  # both stages ready: the request starts now (timings exclude loading)
             r = run_stage0(model, tok, req, send=partial(send_payload, connector), events=events)
         if hasattr(connector, "close"):  # tensor connector: our tensors must outlive stage 1's receipt
@@ -74,10 +120,16 @@ def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready
     except BaseException as e:  # noqa: BLE001 - reported to the parent, and stage 1 is woken
         abort(connector)
         out_q.put(("stage0", {"error": f"{type(e).__name__}: {e}", "events": events.events}))
+    finally:
+        out_q.close()
+        out_q.join_thread()
 
 
-def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float, ready, n_requests: int,
-                   env: dict[str, str] | None = None, stream_priority: int | None = None) -> None:
+def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float, ready, request_ids: list[str],
+                   env: dict[str, str] | None = None, stream_priority: int | None = None,
+                   parent_pid: int | None = None, die_at: str | None = None) -> None:
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     os.environ.update(env or {})  # before the model (and CUDA) is touched
 
     from .kv_transfer import recv_payload
@@ -87,22 +139,28 @@ def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: floa
     try:
         model, _ = spec.load()
         with _stream_context(spec.device, stream_priority):
-            for _ in range(n_requests):
-                events = EventLog()
+            for i, rid in enumerate(request_ids):
+                events = _FaultAt(die_at) if i == len(request_ids) - 1 else EventLog()
                 ready.wait(timeout=timeout)
-                payload = recv_payload(connector, timeout=timeout, device=model.device)
+                # checked against this model and the request it answers: a wrong payload is an error, not an image
+                payload = recv_payload(connector, timeout=timeout, device=model.device, model=model, request_id=rid)
+                events.record("kv_received")
                 r = run_stage1(model, payload, layout=layout, events=events)
         out_q.put(("stage1", {"latent": r.latent.cpu().numpy(), "image": r.image.cpu().numpy(),  # numpy: plain pickles, no fd sharing with an exiting process
                               "latent_md5": r.latent_md5,
                               "image_md5": r.image_md5, "params": r.params.to_dict(), "events": events.events}))
     except BaseException as e:  # noqa: BLE001
         out_q.put(("stage1", {"error": f"{type(e).__name__}: {e}", "events": events.events}))
+    finally:
+        out_q.close()
+        out_q.join_thread()  # the result reaches the pipe before this process may exit
 
 
 def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfer_nhd",
                         timeout: float = 1800.0, warmup: Request | None = None, connector: str | None = None,
                         stage_env: dict[str, dict[str, str]] | None = None, stage0_device: str | None = None,
-                        stage1_stream_priority: int | None = None) -> dict:
+                        stage1_stream_priority: int | None = None,
+                        _faults: dict[str, str] | None = None) -> dict:
     """Run stage 0 and stage 1 as two spawned processes; returns both stages' results and their events.
 
     ``warmup``: a request both processes serve first (kernels loaded, allocator warm), as a running server would be;
@@ -113,10 +171,16 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
     one GPU under MPS, or ``CUDA_MPS_CLIENT_PRIORITY=1`` to make stage 0 a below-normal-priority MPS client.
     ``stage0_device``: stage 0's device when it is not ``spec.device`` (e.g. "cuda:1": the AR stage on a second
     GPU, as the seeds serve it; the KV then crosses GPUs once, peer to peer). ``stage1_stream_priority``: run stage 1
-    on a CUDA stream of that priority (e.g. -1: ahead of stage 0's default-priority decode when both share a GPU)."""
+    on a CUDA stream of that priority (e.g. -1: ahead of stage 0's default-priority decode when both share a GPU).
+
+    Failures: a stage that dies or fails is noticed within a fraction of a second. If stage 0 fails after stage 1
+    holds its KV (during stage 0's decode), stage 1 still finishes and the image is returned, with
+    ``results["stage0"]["error"]`` saying what was lost (its text); otherwise the error names the stage. Both stages
+    die with this process. ``_faults`` (tests only): ``{"stage0"|"stage1": event}`` SIGKILLs that stage when it
+    records the event (e.g. "kv_forwarded": stage 0 after sending, during its decode)."""
     import torch.multiprocessing as mp
 
-    from .kv_transfer import SharedMemoryConnector, TensorQueueConnector
+    from .kv_transfer import SharedMemoryConnector, TensorQueueConnector, abort
 
     connector = connector or ("tensor" if spec.device.startswith("cuda") else "shm")
     if connector not in ("tensor", "shm"):
@@ -133,41 +197,79 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
     conn = TensorQueueConnector(ctx) if connector == "tensor" else SharedMemoryConnector(ctx)
     out_q, ready = ctx.Queue(), ctx.Barrier(2)
     reqs = ([warmup.validate()] if warmup is not None else []) + [req]
+    if warmup is not None and warmup.request_id == req.request_id:
+        reqs[0] = dataclasses.replace(warmup, request_id=f"{warmup.request_id}-warmup")
     env = stage_env or {}
     unknown = set(env) - {"stage0", "stage1"}
     if unknown:
         raise ValueError(f"stage_env keys must be 'stage0'/'stage1', got {sorted(unknown)}")
-    procs = [ctx.Process(target=_stage0_worker, args=(spec0, reqs, conn, out_q, ready, timeout, env.get("stage0")),
-                         name="bagel-stage0"),
-             ctx.Process(target=_stage1_worker,
-                         args=(spec, layout1, conn, out_q, timeout, ready, len(reqs), env.get("stage1"),
-                               stage1_stream_priority),
-                         name="bagel-stage1")]
+    faults = dict(_faults or {})
+    procs = {"stage0": ctx.Process(target=_stage0_worker,
+                                   args=(spec0, reqs, conn, out_q, ready, timeout, env.get("stage0"), os.getpid(),
+                                         faults.get("stage0")), name="bagel-stage0"),
+             "stage1": ctx.Process(target=_stage1_worker,
+                                   args=(spec, layout1, conn, out_q, timeout, ready, [r.request_id for r in reqs],
+                                         env.get("stage1"), stage1_stream_priority, os.getpid(), faults.get("stage1")),
+                                   name="bagel-stage1")}
     t0 = time.monotonic()
-    for p in procs:
+    for p in procs.values():
         p.start()
     results: dict = {}
+    failed: dict[str, str] = {}
+
+    def fail(name: str, why: str) -> None:
+        failed[name] = why
+        ready.abort()  # a peer waiting at the start barrier wakes now, not at its timeout
+        if name == "stage0":
+            # Stage 1 keeps whatever KV already reached it (the channel is first in, first out): it finishes that
+            # image, or reads this abort and stops at once.
+            abort(conn)
+        else:
+            procs["stage0"].kill()  # without stage 1 there is no image to finish
+
     try:
-        while len(results) < 2:
+        while "stage1" not in results and "stage1" not in failed:
             try:
-                name, r = out_q.get(timeout=5.0)
+                name, r = out_q.get(timeout=0.2)
                 results[name] = r
-                if "error" in r:  # fail fast: the other stage may be waiting for a peer that is gone
-                    raise RuntimeError(f"split pipeline {name} failed: {r['error']}")
+                if "error" in r:
+                    fail(name, r["error"])
             except queue.Empty:
-                dead = [p.name for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
-                if dead:
-                    raise RuntimeError(f"split pipeline: process {dead} died (exit codes "
-                                       f"{[p.exitcode for p in procs]}) before reporting")
+                for name, p in procs.items():
+                    if name not in results and name not in failed and not p.is_alive():
+                        fail(name, f"process died (exit code {p.exitcode}) before reporting")
                 if time.monotonic() - t0 > timeout:
                     raise TimeoutError(f"split pipeline: no result within {timeout:.0f} s; have {sorted(results)}")
+        if "stage1" in failed:
+            why = failed["stage1"]
+            if "stage0" in failed:
+                why = f"{why}; stage 0 failed first: {failed['stage0']}"
+            raise RuntimeError(f"split pipeline stage1 failed: {why}")
+        if "stage0" not in failed:  # stage 0 finishes its decode (text) after the image; a bounded wait for it
+            deadline = time.monotonic() + timeout
+            while "stage0" not in results:
+                try:
+                    name, r = out_q.get(timeout=0.2)
+                    results[name] = r
+                except queue.Empty:
+                    if not procs["stage0"].is_alive():
+                        failed["stage0"] = f"process died (exit code {procs['stage0'].exitcode}) before reporting"
+                        break
+                    if time.monotonic() > deadline:
+                        failed["stage0"] = f"no result within {timeout:.0f} s"
+                        break
+        if "stage0" in failed:  # the image is kept; stage 0's text (if any) is lost, and said so
+            results["stage0"] = {"error": failed["stage0"], "text": "", "text_ids": [],
+                                 "events": results.get("stage0", {}).get("events", [])}
     finally:
-        for p in procs:
-            p.join(timeout=30)
+        for p in procs.values():
+            p.join(timeout=2)
             if p.is_alive():
-                p.terminate()
-    for name in ("stage0", "stage1"):
-        if "error" in results[name]:
-            raise RuntimeError(f"split pipeline {name} failed: {results[name]['error']}")
+                p.kill()
+                p.join(timeout=5)
+        if hasattr(conn, "cleanup"):
+            conn.cleanup()  # segments sent but never received (a stage died): unlinked, not leaked
+        out_q.close()
+        out_q.join_thread()
     results["wall_s"] = time.monotonic() - t0
     return results

@@ -234,7 +234,8 @@ def run_split_threads(model0: BagelModel, model1: BagelModel, tok: BagelTokenize
     t = threading.Thread(target=stage0, name="bagel-stage0", daemon=True)
     t.start()
     try:
-        r1 = run_stage1(model1, recv_payload(connector), layout=layout1, events=events)
+        r1 = run_stage1(model1, recv_payload(connector, model=model1, request_id=req.request_id), layout=layout1,
+                       events=events)
     except Exception:
         t.join()
         if "err" in box:

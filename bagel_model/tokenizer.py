@@ -50,12 +50,21 @@ class BagelTokenizer:
         return BagelTokenizer(self.tokenizer, {**self.special, **special_ids})
 
     @staticmethod
-    def from_directory(directory: str | None) -> "BagelTokenizer":
-        """The directory's ``tokenizer.json`` if it has one, else the built-in tiny tokenizer."""
+    def from_directory(directory: str | None, byte_fallback: bool = False) -> "BagelTokenizer":
+        """The directory's ``tokenizer.json``; the built-in byte-level tokenizer for ``None`` (presets), or for a
+        directory without one only when ``byte_fallback`` opts in: with a real checkpoint, byte tokens are wrong
+        tokens, and nothing downstream would notice."""
         if directory is not None:
             path = os.path.join(directory, "tokenizer.json")
             if os.path.isfile(path):
-                return BagelTokenizer(Tokenizer.from_file(path))
+                try:
+                    return BagelTokenizer(Tokenizer.from_file(path))
+                except Exception as e:  # noqa: BLE001 - the tokenizers library's errors do not name the file
+                    raise ValueError(f"{path} is not a valid tokenizer file: {e}") from None
+            if not byte_fallback:
+                raise FileNotFoundError(f"{path} is missing: a checkpoint needs its tokenizer (pass --byte-tokenizer "
+                                        "/ byte_tokenizer=True only for checkpoints trained with the built-in "
+                                        "byte-level one)")
         return BagelTokenizer(build_tiny_tokenizer())
 
     def save(self, directory: str) -> None:

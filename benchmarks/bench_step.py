@@ -233,6 +233,7 @@ def check_graph(model, tok, rows: list) -> None:
     """Graph replay == eager, bit for bit, and no host synchronization inside the replayed loop."""
     from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise_batch, initial_noise, timestep_schedule
     from bagel_model.denoise_step import PackedStep
+    from bagel_model.finite_guard import FiniteGuard
     from bagel_model.pipeline import tensor_md5, text_to_image_contexts
     from bagel_model.sync_guard import forbid_host_sync
 
@@ -249,8 +250,11 @@ def check_graph(model, tok, rows: list) -> None:
     eager = [tensor_md5(x) for x in denoise_batch(reqs(), PackedStep(model, use_graph=False), progress=False)]
     eng = PackedStep(model, use_graph=True)
     rs = reqs()
+    guards = [FiniteGuard() for _ in rs]
     with forbid_host_sync(cuda=True):
-        xs = denoise_batch(rs, eng, progress=False)
+        xs = denoise_batch(rs, eng, progress=False, guards=guards)
+    for g in guards:
+        g.check()
     graphed = [tensor_md5(x) for x in xs]
     row = dict(subject="check", what="graph replay == eager (2 requests, 6 steps, sync debug error)",
                equal=graphed == eager, md5s=graphed, graphs=sum(e.graph is not None for e in eng._entries.values()))

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("BAGEL_COLLECTIVE_TIMEOUT_S", "300"))
+# The guarded-collective helpers live one layer down (bagel_model's KV connectors use them too); re-exported here.
+from bagel_model.collectives import DEFAULT_TIMEOUT_S, CollectiveError, configure, guarded, new_group  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -56,21 +57,13 @@ class ParallelConfig:
         return self
 
 
-class CollectiveError(RuntimeError):
-    pass
-
-
-def guarded(what: str, fn, *args, **kwargs):
-    """Run a collective; a failure or timeout names this rank and the collective instead of hanging silently."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        rank = dist.get_rank() if dist.is_initialized() else -1
-        raise CollectiveError(f"rank {rank}: collective {what!r} failed: {type(e).__name__}: {e}") from e
-
-
-def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
-    """Initialize from torchrun's environment (or a single process); NCCL on CUDA, gloo otherwise, with a timeout."""
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     watchdog: bool = True) -> tuple[int, int]:
+    """Initialize from torchrun's environment (or a single process); NCCL on CUDA, gloo otherwise. Every group
+    (this default one and the mesh's) gets ``timeout_s``; ``watchdog``: heartbeats that let a failed collective name
+    the rank that did not arrive (``bagel_model.collectives``)."""
+    if not timeout_s > 0:
+        raise ValueError(f"collective timeout must be a positive number of seconds, got {timeout_s!r}")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:
@@ -81,6 +74,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if watchdog:
+        configure(timeout_s)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -121,23 +116,23 @@ class Mesh:
         # Every rank creates every group, in the same order (a torch.distributed requirement).
         for ci in range(C):
             ranks = [g(ci, ri, ui) for ri in range(R) for ui in range(U)]
-            grp = dist.new_group(ranks)
+            grp = new_group(ranks)
             if rank in ranks:
                 mine["sp"], mine["sp_ranks"] = grp, ranks
             for ri in range(R):
                 ranks = [g(ci, ri, ui) for ui in range(U)]
-                grp = dist.new_group(ranks)
+                grp = new_group(ranks)
                 if rank in ranks:
                     mine["uly"] = grp
             for ui in range(U):
                 ranks = [g(ci, ri, ui) for ri in range(R)]
-                grp = dist.new_group(ranks)
+                grp = new_group(ranks)
                 if rank in ranks:
                     mine["ring"], mine["ring_ranks"] = grp, ranks
         for ri in range(R):
             for ui in range(U):
                 ranks = [g(ci, ri, ui) for ci in range(C)]
-                grp = dist.new_group(ranks)
+                grp = new_group(ranks)
                 if rank in ranks:
                     mine["cfg"], mine["cfg_ranks"] = grp, ranks
         if rank >= c.size:

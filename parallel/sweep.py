@@ -79,23 +79,73 @@ def _request(model, cfg, params, contexts):
     return DenoiseRequest(x0, params, grid, contexts)
 
 
+def config_names(world: int, num_heads: int) -> list[str]:
+    """The names ``--only`` accepts for this world size and model."""
+    return list(dict.fromkeys(["single"] + [pc.name() for pc in configs_for(world, num_heads)]))
+
+
+EPILOG = """valid --only names (world 2): {w2}
+valid --only names (world 4): {w4}
+(for the tiny preset's 6 heads; other worlds: ulysses<U>xring<R>-<exact|fast>xcfg<C> with U*R*C = world)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bagel-sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="tiny", help="preset (tiny | bagel-7b-mot); ignored with --checkpoint")
-    p.add_argument("--checkpoint", default=None, help="checkpoint directory instead of seeded random weights")
-    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers (quick full-size runs)")
-    p.add_argument("--prompt", default="a red cube")
-    p.add_argument("--steps", type=int, default=6)
+    from bagel_model.cli import DefaultsFormatter
+    from bagel_model.collectives import DEFAULT_TIMEOUT_S
+
+    class _Formatter(argparse.RawDescriptionHelpFormatter, DefaultsFormatter):
+        pass
+
+    p = argparse.ArgumentParser(prog="bagel-sweep", description=__doc__, formatter_class=_Formatter,
+                                epilog=EPILOG.format(w2=", ".join(config_names(2, 6)), w4=", ".join(config_names(4, 6))))
+    p.add_argument("--config", default="tiny", choices=["tiny", "bagel-7b-mot"],
+                   help="embedded preset (ignored with --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint directory instead of seeded random weights "
+                   "(default: none, random weights)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="keep only the first N layers, 1 <= N <= the preset's (default: all of them)")
+    p.add_argument("--prompt", default="a red cube", help="text prompt")
+    p.add_argument("--steps", type=int, default=6, help="timesteps (N-1 Euler steps), >= 2")
     p.add_argument("--size", type=int, nargs="+", default=[48, 80], help="height [width] in pixels (multiples of 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", default=None, help="comma-separated config names to run (default: all)")
-    p.add_argument("--json", default=None, help="write the results table as JSON")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (presets only)")
+    p.add_argument("--only", default=None, help="comma-separated config names to run (default: all the world "
+                   "allows; the names are listed below)")
+    p.add_argument("--json", default=None, help="write the results table as JSON (default: no file)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="device of every rank (default: cuda with NCCL when a GPU is present, else cpu with gloo)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per rank (fixed: reductions, and md5s, "
+                   "depend on it)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds a collective may wait for a peer; a stalled or dead rank makes every other rank "
+                        "exit within it, naming the missing rank")
     return p
 
 
+def check_args(args, world: int, num_heads: int, num_layers: int) -> None:
+    """Everything the command line can get wrong, before any work: an error naming the value."""
+    names = config_names(world, num_heads)
+    if args.only is not None:
+        wanted = [n for n in args.only.split(",") if n]
+        bad = [n for n in wanted if n not in names]
+        if not wanted or bad:
+            raise ValueError(f"--only {args.only!r} selects {'unknown config(s) ' + str(bad) if bad else 'nothing'}; "
+                             f"valid names for world {world}: {', '.join(names)}")
+    if args.layers is not None and not 1 <= args.layers <= num_layers:
+        raise ValueError(f"--layers must be in 1..{num_layers} (the preset's layer count), got {args.layers}")
+    if len(args.size) > 2:
+        raise ValueError(f"--size takes height [width], got {len(args.size)} values")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA GPU is visible")
+    if not 0 <= args.seed < 2**63 or not 0 <= args.weights_seed < 2**63:
+        raise ValueError("--seed and --weights-seed must be in [0, 2**63)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(1)  # torchrun sets OMP_NUM_THREADS=1; the baseline must use the same reductions
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from bagel_kernels import token_alignment
     from bagel_model.checkpoint import from_pretrained
     from bagel_model.config import BagelConfig
@@ -107,18 +157,29 @@ def main(argv: list[str] | None = None) -> int:
 
     from .context_kv import broadcast_contexts
     from .denoise import ParallelStep
-    from .mesh import Mesh, init_distributed
+    from .mesh import Mesh, guarded, init_distributed
 
-    rank, world = init_distributed()
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    from bagel_model import collectives
+
+    try:  # every rank checks the same arguments before any collective: all fail alike, none waits
+        cfg0 = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
+        check_args(args, int(os.environ.get("WORLD_SIZE", "1")), cfg0.num_heads, cfg0.num_layers)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"bagel-sweep: error: {e}\n")
+    # torchrun sets OMP_NUM_THREADS=1; the baseline must use the same reductions as the parallel runs
+    torch.set_num_threads(args.threads)
+    use_cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    rank, world = init_distributed(backend="nccl" if use_cuda else "gloo", timeout_s=args.timeout)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.checkpoint:
         model, tok = from_pretrained(args.checkpoint, device=device, dtype=dtype)
     else:
-        cfg = BagelConfig.preset(args.config)
+        cfg = cfg0
         if args.layers:
             cfg.llm.num_hidden_layers = args.layers
-        model, tok = BagelModel.random(cfg, seed=args.seed, dtype=dtype, device=device), BagelTokenizer.from_directory(None)
+        model = BagelModel.random(cfg, seed=args.weights_seed, dtype=dtype, device=device)
+        tok = BagelTokenizer.from_directory(None)
     model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
     cfg = model.cfg
     h, w = (args.size * 2)[:2]
@@ -165,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if wanted and pc.name() not in wanted:
             continue
         mesh = Mesh.build(pc, cfg.num_heads)
-        dist.barrier()
+        guarded(f"{pc.name()}: barrier before the run", dist.barrier)
         t0 = time.time()
         # Context KV once per request, from rank 0 (which prefilled it) to everyone.
         ctx = broadcast_contexts(contexts if rank == 0 else None, ["full", "text"], cfg.num_layers, lengths,
@@ -176,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             if mesh.active:
                 req = DenoiseRequest(x0, params, grid, ctx, schedule)
                 x = denoise_batch([req], ParallelStep(model, mesh, align), progress=False)[0]
-        dist.barrier()
+        guarded(f"{pc.name()}: barrier after the run", dist.barrier)
         secs = time.time() - t0
         if mesh.active and mesh.rank == 0:
             md5 = tensor_md5(x)
@@ -189,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             if not match and row["mode"] == "exact":
                 failures += 1
         if pc.name() in batch_on:
-            dist.barrier()
+            guarded(f"{pc.name()}: barrier before the batch", dist.barrier)
             t0 = time.time()
             reqs = []
             for i, ((pr, pp), c) in enumerate(zip(batch, batch_ctx)):
@@ -199,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                 bc["img"] = bc["full"]
                 reqs.append(_request(model, cfg, pp, bc))
             xs = denoise_batch(reqs, ParallelStep(model, mesh, align), progress=False) if mesh.active else None
-            dist.barrier()
+            guarded(f"{pc.name()}: barrier after the batch", dist.barrier)
             if mesh.active and mesh.rank == 0:
                 md5s = [tensor_md5(x) for x in xs]
                 ok = md5s == solo
@@ -208,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 failures += int(not ok)
         # every rank learns the verdict so that all exit with the same code
         flag = torch.tensor([failures], dtype=torch.int64, device=device)
-        dist.broadcast(flag, src=0)
+        guarded(f"{pc.name()}: verdict broadcast", dist.broadcast, flag, src=0)
         failures = int(flag.item())
     if rank == 0:
         print(f"\nbagel-sweep: preset {cfg.name}, world {world}, {h}x{w} ({n_lat} latent tokens + 2 markers), "
@@ -221,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump(dict(world=world, preset=cfg.name, size=[h, w], steps=params.steps, rows=rows), f, indent=1)
         print("ALL EXACT CONFIGS MATCH" if failures == 0 else f"{failures} EXACT CONFIG(S) MISMATCH", flush=True)
-    dist.barrier()
+    guarded("final barrier", dist.barrier)
+    collectives.shutdown()  # leaving on purpose: peers must not take this rank's silence for a failure
     dist.destroy_process_group()
     return 1 if failures else 0
 

@@ -28,7 +28,7 @@ def test_help_explains_options():
         assert flag in text
 
 
-@pytest.mark.parametrize("args,msg", [(["--size", "40"], "multiple of 16"), (["--config", "nope"], "unknown preset"),
+@pytest.mark.parametrize("args,msg", [(["--size", "40"], "multiple of 16"), (["--config", "nope"], "invalid choice: 'nope'"),
                                       (["--prompt", ""], "prompt is empty"), (["--checkpoint", "/nonexistent"], "not found")])
 def test_bad_input_exits_with_a_message(tmp_path, capsys, args, msg):
     assert main(args + ["--out", str(tmp_path / "x.png"), "--steps", "2", "--no-progress"]) == 2
@@ -48,7 +48,7 @@ def test_cli_modes_and_split(tmp_path, capsys):
     assert main(["--mode", "img2img", "--image", src, "--steps", "3", "--out", str(tmp_path / "s.png"), "--split",
                  "--max-tokens", "3", "--kv-layout", "packed"]) == 0
     split = capsys.readouterr().out
-    md5 = lambda out: [l for l in out.splitlines() if l.startswith("image  md5")]
+    md5 = lambda out: [l for l in out.splitlines() if l.startswith("pixels md5")]
     assert md5(single) == md5(split) and md5(single)
     assert main(["--mode", "img2text", "--image", src, "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("text: ")
@@ -65,3 +65,36 @@ def test_prompt_ids_are_the_prompt_as_token_ids(tmp_path, capsys):
     assert _md5(tmp_path / "t.png") == _md5(tmp_path / "i.png")
     assert main(common + ["--prompt-ids", "100000", "--out", str(tmp_path / "x.png")]) == 2
     assert "outside the vocabulary" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["generate", "sweep"])
+def test_every_option_has_help_with_its_real_default(which):
+    import argparse
+
+    from parallel.sweep import build_parser as sweep_parser
+
+    parser = build_parser() if which == "generate" else sweep_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help and len(action.help) > 10, f"{action.option_strings} has no help text"
+        if action.choices is None and action.type is None and action.nargs != 0 and action.dest in (
+                "mode", "kv_layout", "config", "dtype", "cfg_renorm_type"):  # --device takes cuda:N: checked apart
+            pytest.fail(f"{action.option_strings} is an enumeration without choices")
+    text = parser.format_help()
+    assert "(default: None)" not in text  # computed defaults are described, not shown as None
+    if which == "sweep":
+        assert "ulysses2xring2-exact" in text and "ring2-fast" in text  # the valid --only names are listed
+        assert "--device" in text and "--threads" in text and "--timeout" in text
+    else:
+        assert "(default: 0)" in text and "tiny: 10, bagel-7b-mot: 50" in text
+
+
+def test_seed_varies_the_noise_and_weights_seed_the_model(tmp_path, capsys):
+    def latent(*extra):
+        assert main(["--steps", "2", "--size", "32", "--out", str(tmp_path / "x.png"), "--no-progress", *extra]) == 0
+        return [l for l in capsys.readouterr().out.splitlines() if l.startswith("latent md5")][0]
+
+    base = latent()
+    assert latent("--seed", "0", "--weights-seed", "0") == base  # the defaults are today's single seed 0
+    assert len({base, latent("--seed", "1"), latent("--weights-seed", "1")}) == 3

@@ -6,6 +6,7 @@ from bagel_model.cfg import combine_cfg
 from bagel_model.denoise import SamplingParams, branches_at, denoise, timestep_schedule
 from bagel_model.model import make_gen_sequence
 from bagel_model.pipeline import BagelPipeline, single_device_velocities, text_to_image_contexts
+from bagel_model.finite_guard import FiniteGuard
 from bagel_model.sync_guard import HostSyncError, forbid_host_sync
 
 
@@ -81,8 +82,10 @@ def test_denoise_loop_and_layers_make_no_host_reads(tiny_model, tokenizer):
     fn = single_device_velocities(tiny_model, seq, ctx)
     x0 = torch.randn(seq.n_latent, 64)
     schedule = timestep_schedule(p.steps, p.timestep_shift)
+    guard = FiniteGuard()
     with forbid_host_sync(cuda=False):
-        x = denoise(x0, p, fn, progress=True, schedule=schedule)
+        x = denoise(x0, p, fn, progress=True, schedule=schedule, guard=guard)
+    guard.check()  # the non-finite check reads its device flag once, after the loop
     assert x.shape == x0.shape
 
 

@@ -4,6 +4,7 @@ import torch
 
 from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise, denoise_batch, initial_noise
 from bagel_model.denoise_step import GenJob, PackedStep
+from bagel_model.finite_guard import FiniteGuard
 from bagel_model.model import make_gen_sequence
 from bagel_model.packed import PackedLayout
 from bagel_model.pipeline import BagelPipeline, single_device_velocities, tensor_md5, text_to_image_contexts
@@ -120,8 +121,10 @@ def test_packed_step_does_not_read_the_device(tiny_model, tokenizer):
     r = request(tiny_model, tokenizer, "a red cube", params())
     r.schedule = timestep_schedule(r.params.steps, r.params.timestep_shift)  # host floats, made before the region
     eng = PackedStep(tiny_model)
+    guard = FiniteGuard()
     with forbid_host_sync(cuda=False):
-        denoise_batch([r], eng, progress=False)
+        denoise_batch([r], eng, progress=False, guards=[guard])
+    guard.check()  # the one host read, after the loop
 
 
 def test_jobs_and_latents_must_agree(tiny_model, tokenizer):
@@ -156,7 +159,10 @@ def test_graph_replay_equals_eager_on_the_gpu(tokenizer):
         r.x = r.x.cuda()
         r.schedule = timestep_schedule(r.params.steps, r.params.timestep_shift)  # host floats, before the region
     eng = PackedStep(m, use_graph=True)
+    guards = [FiniteGuard() for _ in rs]
     with forbid_host_sync(cuda=True):
-        graphed = denoise_batch(rs, eng, progress=False)
+        graphed = denoise_batch(rs, eng, progress=False, guards=guards)
+    for g in guards:
+        g.check()
     assert [tensor_md5(x) for x in graphed] == [tensor_md5(x) for x in eager]
     assert any(e.graph is not None for e in eng._entries.values())

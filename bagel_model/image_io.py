@@ -1,0 +1,111 @@
+"""Reading and writing image files the way upstream BAGEL's loader sees them, with errors that name the file.
+
+Reading: EXIF orientation applied (a phone photo is upright, as every viewer shows it); 16-bit greyscale scaled to
+8 bits (PIL's ``convert("RGB")`` clips it, turning most images white); transparency composited over white exactly
+as upstream's ``pil_img2rgb`` (ByteDance-Seed/Bagel data/data_utils.py) does; everything else ``convert("RGB")``.
+Writing: the format follows the file's suffix (``x.jpg`` is a JPEG), and the path is checked before any work.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+
+class ImageFileError(ValueError):
+    pass
+
+
+def _pil_img2rgb(image):
+    """Upstream's ``pil_img2rgb``: RGBA (or a palette/greyscale image with a transparency key) over white."""
+    from PIL import Image
+
+    if image.mode == "RGBA" or image.info.get("transparency", None) is not None:
+        image = image.convert("RGBA")
+        white = Image.new(mode="RGB", size=image.size, color=(255, 255, 255))
+        white.paste(image, mask=image.split()[3])
+        return white
+    return image.convert("RGB")
+
+
+def _to_8bit(image):
+    """16-bit and 32-bit integer greyscale (PNG ``I;16``, ``I``) scaled to 8 bits; other modes unchanged."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        a = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        return Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        raise ImageFileError("floating-point images are not supported; save it as an 8- or 16-bit PNG")
+    return image
+
+
+def load_rgb(path: str):
+    """A file as an upright RGB ``PIL.Image``; a clear ``ImageFileError`` (naming the file) for anything else."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input image not found: {path}")
+    if not os.path.isfile(path):
+        raise ImageFileError(f"input image {path} is not a file")
+    if os.path.getsize(path) == 0:
+        raise ImageFileError(f"input image {path} is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not somewhere inside the model
+            im = ImageOps.exif_transpose(im)
+            return _pil_img2rgb(_to_8bit(im))
+    except UnidentifiedImageError:
+        raise ImageFileError(f"input image {path} is not an image file PIL can read (text? unsupported "
+                             "format?)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageFileError(f"input image {path} is too large: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt data
+        if isinstance(e, ImageFileError):
+            raise ImageFileError(f"input image {path}: {e}") from None
+        raise ImageFileError(f"input image {path} is truncated or corrupt: {e}") from None
+
+
+def read_image(path: str) -> torch.Tensor:
+    """(H, W, 3) uint8 tensor of an image file, read as ``load_rgb`` does."""
+    return torch.from_numpy(np.array(load_rgb(path), dtype=np.uint8))
+
+
+def output_format(path: str) -> str:
+    """PIL's format name for ``path``'s suffix (``.jpg`` -> JPEG); an error naming the suffixes PIL can write."""
+    from PIL import Image
+
+    Image.init()
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ImageFileError(f"cannot tell the image format of output {path!r} from its suffix {ext or '(none)'!r}; "
+                             "use .png (lossless), .jpg, .webp, .bmp, .tif or another suffix PIL can write")
+    return fmt
+
+
+def check_writable(path: str) -> str:
+    """Before any work: the output's format is known and its directory exists (or can be made) and is writable.
+    Returns the format."""
+    if os.path.isdir(path):
+        raise ImageFileError(f"output {path!r} is a directory")
+    fmt = output_format(path)
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise ImageFileError(f"cannot create the output directory {d!r}: {e.strerror}") from None
+    if not os.access(d, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ImageFileError(f"output {path!r} is not writable")
+    return fmt
+
+
+def write_image(image: torch.Tensor, path: str) -> None:
+    """Save an (H, W, 3) uint8 image in the format of ``path``'s suffix (JPEG at quality 95: near-lossless)."""
+    from PIL import Image
+
+    fmt = check_writable(path)
+    kwargs = {"quality": 95} if fmt == "JPEG" else {}
+    Image.fromarray(image.cpu().numpy()).save(path, format=fmt, **kwargs)
