@@ -42,7 +42,7 @@ def device_floats(values: list[float], device) -> torch.Tensor:
 
 
 @dataclass
-class _Entry:
+class StepEntry:
     """Everything one job layout needs, built on its first step and kept while the layout recurs."""
 
     jobs: list[GenJob]  # held so that the ids in the key stay these objects'
@@ -66,6 +66,53 @@ def split_rows(rows: torch.Tensor, layout: PackedLayout) -> list[torch.Tensor]:
     return [rows[o:o + n] for o, n in zip(layout.latent_offset, layout.n_latent)]
 
 
+class GraphedForwards:
+    """Runs a packed forward per job layout: eagerly on its first run (compiles, warms the allocator), then — when
+    ``enabled`` — recorded once into a CUDA graph and replayed, the step's latents and timesteps copied into the
+    graph's static inputs. All graphs share one memory pool (they never run at the same time). Used by both
+    engines; the parallel one records its collectives (NCCL) in the graph too."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._pool = None
+
+    def run(self, e: StepEntry, forward, xs: list[torch.Tensor], ts: list[float], device) -> torch.Tensor:
+        """``forward(x_packed, t_jobs)`` -> output rows. Returns the rows (a static buffer when replayed)."""
+        if not self.enabled or e.runs == 0:
+            e.runs += 1
+            return forward(torch.cat(xs) if len(xs) > 1 else xs[0], device_floats(ts, device))
+        if e.graph is None:
+            e.x_static = torch.empty(e.layout.latent_rows, xs[0].shape[1], dtype=torch.float32, device=device)
+            e.t_static = torch.zeros(len(ts), dtype=torch.float32, device=device)
+            self._copy_in(e, xs, ts)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                e.out_static = forward(e.x_static, e.t_static)
+            e.graph = graph
+        else:
+            self._copy_in(e, xs, ts)
+        e.graph.replay()
+        e.runs += 1
+        return e.out_static
+
+    @staticmethod
+    def _copy_in(e: StepEntry, xs: list[torch.Tensor], ts: list[float]) -> None:
+        for o, n, x in zip(e.layout.latent_offset, e.layout.n_latent, xs):
+            e.x_static[o:o + n].copy_(x)
+        for i, t in enumerate(ts):
+            e.t_static[i:i + 1].fill_(t)
+
+
+def check_jobs(jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> None:
+    if not (len(jobs) == len(xs) == len(ts)):
+        raise ValueError(f"{len(jobs)} jobs, {len(xs)} latents, {len(ts)} timesteps: one of each per job")
+    for j, x in zip(jobs, xs):
+        if x.shape[0] != j.grid[0] * j.grid[1]:
+            raise ValueError(f"latent of {x.shape[0]} tokens for a {j.grid[0]}x{j.grid[1]} grid")
+
+
 class PackedStep:
     """Single-device engine. ``use_graph`` (default: on CUDA) replays each recurring job layout from a CUDA graph."""
 
@@ -74,15 +121,19 @@ class PackedStep:
 
         self.model = model
         self.align = align if align is not None else token_alignment(model.device)
-        self.use_graph = model.device.type == "cuda" if use_graph is None else use_graph
-        if self.use_graph and model.device.type != "cuda":
+        use_graph = model.device.type == "cuda" if use_graph is None else use_graph
+        if use_graph and model.device.type != "cuda":
             raise ValueError("CUDA-graph replay needs a CUDA model")
-        self._entries: dict[tuple, _Entry] = {}
-        self._pool = None
+        self.graphs = GraphedForwards(use_graph)
+        self._entries: dict[tuple, StepEntry] = {}
         self.forwards = 0  # packed forwards run (eager or replayed)
         self.jobs_run = 0  # branch-forwards they contained
 
-    def _entry(self, jobs: list[GenJob]) -> _Entry:
+    @property
+    def use_graph(self) -> bool:
+        return self.graphs.enabled
+
+    def _entry(self, jobs: list[GenJob]) -> StepEntry:
         key = layout_key(jobs)
         e = self._entries.get(key)
         if e is None:
@@ -90,48 +141,19 @@ class PackedStep:
             layout = PackedLayout(tuple(j.grid for j in jobs), 1, self.align)
             ctx = packed_context([j.context.kv for j in jobs], [j.context.length for j in jobs], m.cfg.num_layers)
             attn = PackedAttention(layout, ctx, (0, layout.split.padded))
-            e = self._entries[key] = _Entry(list(jobs), layout, tuple(j.context.rope_position for j in jobs), attn)
+            e = self._entries[key] = StepEntry(list(jobs), layout, tuple(j.context.rope_position for j in jobs), attn)
         return e
 
-    def _forward(self, e: _Entry, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.model.packed_velocity_rows(x, t, e.layout, e.ropes, 0, e.attention, e.cache)
-
     def __call__(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
-        if not (len(jobs) == len(xs) == len(ts)):
-            raise ValueError(f"{len(jobs)} jobs, {len(xs)} latents, {len(ts)} timesteps: one of each per job")
-        for j, x in zip(jobs, xs):
-            if x.shape[0] != j.grid[0] * j.grid[1]:
-                raise ValueError(f"latent of {x.shape[0]} tokens for a {j.grid[0]}x{j.grid[1]} grid")
+        check_jobs(jobs, xs, ts)
         e = self._entry(jobs)
-        dev = self.model.device
         self.forwards += 1
         self.jobs_run += len(jobs)
-        if not self.use_graph or e.runs == 0:
-            e.runs += 1  # eager: every run on CPU; on CUDA the first run of a layout (compiles, warms the allocator)
-            return split_rows(self._forward(e, torch.cat(xs) if len(xs) > 1 else xs[0], device_floats(ts, dev)),
-                              e.layout)
-        if e.graph is None:
-            e.x_static = torch.empty(e.layout.latent_rows, xs[0].shape[1], dtype=torch.float32, device=dev)
-            e.t_static = torch.zeros(len(jobs), dtype=torch.float32, device=dev)
-            self._copy_in(e, xs, ts)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                e.out_static = self._forward(e, e.x_static, e.t_static)
-            e.graph = graph
-        else:
-            self._copy_in(e, xs, ts)
-        e.graph.replay()
-        e.runs += 1
-        return split_rows(e.out_static, e.layout)
 
-    @staticmethod
-    def _copy_in(e: _Entry, xs: list[torch.Tensor], ts: list[float]) -> None:
-        for o, n, x in zip(e.layout.latent_offset, e.layout.n_latent, xs):
-            e.x_static[o:o + n].copy_(x)
-        for i, t in enumerate(ts):
-            e.t_static[i:i + 1].fill_(t)
+        def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.model.packed_velocity_rows(x, t, e.layout, e.ropes, 0, e.attention, e.cache)
+
+        return split_rows(self.graphs.run(e, forward, xs, ts, self.model.device), e.layout)
 
     def reset(self) -> None:
         """Drop every cached layout (and its graph); call between unrelated batches to free memory."""

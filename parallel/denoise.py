@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from bagel_model.denoise import DenoiseRequest, VelocityFn
-from bagel_model.denoise_step import GenJob, device_floats, layout_key, split_rows
+from bagel_model.denoise_step import GenJob, GraphedForwards, StepEntry, check_jobs, layout_key, split_rows
 from bagel_model.model import BagelModel, BranchContext, GenSequence
 from bagel_model.packed import PackedLayout, packed_context
 
@@ -31,8 +31,14 @@ def assign_jobs(n_jobs: int, cfg_degree: int) -> list[list[int]]:
 class ParallelStep:
     """Packed step over ``mesh`` (every rank of the world calls it with the same jobs, in the same order)."""
 
-    def __init__(self, model: BagelModel, mesh: Mesh, align: int):
+    def __init__(self, model: BagelModel, mesh: Mesh, align: int, use_graph: bool | None = None):
+        """``use_graph`` (default: on CUDA) records each job layout's forward — collectives included (NCCL) — in a
+        CUDA graph on its second run and replays it, as the single-device engine does."""
         self.model, self.mesh, self.align = model, mesh, align
+        use_graph = model.device.type == "cuda" if use_graph is None else use_graph
+        if use_graph and model.device.type != "cuda":
+            raise ValueError("CUDA-graph replay needs a CUDA model (and NCCL)")
+        self.graphs = GraphedForwards(use_graph)
         self._entries: dict = {}
         self.forwards = 0
         self.jobs_run = 0
@@ -45,24 +51,27 @@ class ParallelStep:
             layout = PackedLayout(tuple(j.grid for j in jobs), c.sp, self.align)
             ctx = packed_context([j.context.kv for j in jobs], [j.context.length for j in jobs], m.cfg.num_layers)
             attn = sp_attention(self.mesh, layout, ctx, m.cfg.num_heads, m.cfg.num_kv_heads)
-            e = self._entries[key] = (list(jobs), layout, tuple(j.context.rope_position for j in jobs), attn, {})
+            e = self._entries[key] = StepEntry(list(jobs), layout, tuple(j.context.rope_position for j in jobs), attn)
         return e
 
     def _run_group(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
-        _, layout, ropes, attn, cache = self._entry(jobs)
+        e = self._entry(jobs)
         mesh, sp = self.mesh, self.mesh.config.sp
-        x = torch.cat(xs) if len(xs) > 1 else xs[0]
-        rows = self.model.packed_velocity_rows(x, device_floats(ts, x.device), layout, ropes, mesh.sp_rank, attn,
-                                               cache)
-        if sp > 1:
-            parts = [torch.empty_like(rows) for _ in range(sp)]
-            guarded("sp all_gather velocity rows", dist.all_gather, parts, rows.contiguous(), group=mesh.sp_group)
-            rows = torch.cat(parts)
+
+        def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            rows = self.model.packed_velocity_rows(x, t, e.layout, e.ropes, mesh.sp_rank, e.attention, e.cache)
+            if sp > 1:
+                parts = [torch.empty_like(rows) for _ in range(sp)]
+                guarded("sp all_gather velocity rows", dist.all_gather, parts, rows.contiguous(), group=mesh.sp_group)
+                rows = torch.cat(parts)
+            return rows
+
         self.forwards += 1
         self.jobs_run += len(jobs)
-        return split_rows(rows, layout)
+        return split_rows(self.graphs.run(e, forward, xs, ts, self.model.device), e.layout)
 
     def __call__(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
+        check_jobs(jobs, xs, ts)
         mesh, cdeg = self.mesh, self.mesh.config.cfg
         plan = assign_jobs(len(jobs), cdeg)
         mine = plan[mesh.cfg_idx]
