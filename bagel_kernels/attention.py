@@ -88,6 +88,12 @@ def _check_indices(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, max_s
         lens = _host_values(s.seqlens)
         if isinstance(s, ContiguousKV):
             cuk = _host_values(s.cu_seqlens)
+            if cuk is not None and lens is not None:  # starts + lengths: starts in any order, rows may be shared
+                room = [s.k.shape[0] - a for a in cuk[:-1]]
+                if len(cuk) != len(lens) + 1 or min(cuk) < 0 or any(not 0 <= n <= r for n, r in zip(lens, room)):
+                    raise ValueError(f"segment {i}: seqlens {lens[:8]} exceed the rows the KV holds {room[:8]} "
+                                     f"from their starts {cuk[:8]} (or are negative)")
+                continue
             room = _check_offsets(f"segment {i} cu_seqlens", cuk, s.k.shape[0], s.max_seqlen) if cuk is not None else None
             if lens is not None:
                 room = room if room is not None else [s.k.shape[0]] * len(lens)
