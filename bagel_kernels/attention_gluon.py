@@ -7,7 +7,7 @@ ring of shared-memory stages (separate K and V barriers, so QK^T starts before V
 warpgroups each own 64 of the tile's 128 query rows. The consumers are independent partitions with no CTA-wide
 barrier between them, so one warpgroup's softmax runs while the other's wgmma keeps the tensor cores busy; inside a
 warpgroup QK^T of block i is issued before P·V of block i-1, so its own softmax also runs under a wgmma (FA3's
-intra-warpgroup overlap; ``BAGEL_ATTN_OVERLAP=0`` runs the plain loop, same bits). A segment's partial last block
+intra-warpgroup overlap). A segment's partial last block
 runs on the first 16 rows of the stage when it has at most 16 real keys (the 2-key remainder of 4098 or 1026
 current tokens) and on half the stage when it has at most 64: less wgmma and softmax work, same bits (see
 ``_partial_block``). A sequence's last query tile with at most 8 rows (4098 and 1026 queries end on 2) is packed
@@ -35,13 +35,11 @@ tokens. Everything else stays on the Triton kernel.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
-from ._dispatch import gluon_available
-from .attention_triton import LOG2E, TRITON_BLOCK_M, TRITON_BLOCK_N, _contiguous_meta, _dummy, _i32
+from ._launch import LOG2E, TRITON_BLOCK_M, TRITON_BLOCK_N, _contiguous_meta, _dummy, _i32
 from .attention_types import AttentionOutput, ContiguousKV, PagedKV
 
 try:  # Gluon ships with Triton >= 3.5; the project pins 3.6 (CPU CI imports this module, never launches it)
@@ -62,24 +60,22 @@ HEAD_DIM = 128
 STAGES = 3  # Q (32 KiB) + 3 x (K 32 KiB + V 32 KiB) = 224 KiB of the 227 KiB
 MAXNREG = 168  # 65536 registers / (3 warpgroups x 128 threads)
 PRODUCER_REGS = 56  # the producer warp's share; the consumer warpgroups get the rest
-OVERLAP = os.environ.get("BAGEL_ATTN_OVERLAP", "1") != "0"  # exploration switch: the plain loop gives the same bits
 # How the key blocks are pipelined; every schedule gives the same bits, only the issue order differs.
 # "segment": each segment its own software pipeline, its short last block run after it drains. "chained": one
 # pipeline through both segments, short blocks (16/64/128 keys wide) included as links, so it never drains before
 # the end. "auto" (the default) chains where the context has at least one full block (H100: +1-2 % at 1024² with
 # contexts of 1024 and 8192 keys) and keeps "segment" for short or absent contexts (chained is 7 % slower at 512²
-# with a 64-key context). BAGEL_ATTN_SCHEDULE overrides it.
+# with a 64-key context). ``KernelOptions.attention_schedule`` overrides it.
 SCHEDULES = {"segment": 0, "chained": 1}
 
 
-def _schedule(ctx) -> int:
-    name = os.environ.get("BAGEL_ATTN_SCHEDULE", "auto")
+def _schedule(ctx, name: str = "auto") -> int:
     if name == "auto":
         # the host's bound on the context length (no device sync): it picks an issue order, never a number
         name = "chained" if ctx is not None and ctx.span >= BLOCK_N else "segment"
     if name not in SCHEDULES:
-        raise ValueError(f"BAGEL_ATTN_SCHEDULE={name!r}: expected 'auto' or one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name] if OVERLAP else SCHEDULES["segment"]  # the plain loop (exploration) runs per segment
+        raise ValueError(f"attention schedule {name!r}: expected 'auto' or one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name]
 
 
 if _HAVE_GLUON:
@@ -225,8 +221,7 @@ if _HAVE_GLUON:
         return sc
 
     @gluon.jit
-    def _full_blocks(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, count, acc, m_i, l_i, qk_scale,
-                     OVERLAP: gl.constexpr):
+    def _full_blocks(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, count, acc, m_i, l_i, qk_scale):
         """``count`` full key blocks (ring slots first .., no masks) into the running state (acc, m, l)."""
         NB: gl.constexpr = k_bufs.shape[1]
         NS: gl.constexpr = k_bufs.shape[0]
@@ -235,48 +230,35 @@ if _HAVE_GLUON:
         mma: gl.constexpr = acc.type.layout
         p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         zero_s = gl.zeros([WM, NB], gl.float32, layout=mma)
-        if OVERLAP:
-            if count > 0:
-                # Software pipeline (FA3's intra-warpgroup overlap): QK^T of block i is issued before P·V of block
-                # i-1, and block i's softmax runs while that P·V is still on the tensor cores. Each row still sees
-                # acc = acc * alpha_i + P_i V_i in block order: the same numbers as the plain loop.
-                s = first % NS
-                sc = _scores(q, k_bufs.index(s), kready.index(s), kempty.index(s), (first // NS) & 1, zero_s)
-                m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
-                acc = acc * alpha[:, None]
-                p16 = gl.convert_layout(p.to(dtype), p_op)
-                for i in range(first + 1, first + count):
-                    s = i % NS
-                    sp = (i - 1) % NS
-                    mbarrier.wait(kready.index(s), (i // NS) & 1)
-                    sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
-                    mbarrier.wait(vready.index(sp), ((i - 1) // NS) & 1)
-                    acc = warpgroup_mma(p16, v_bufs.index(sp), acc, is_async=True)
-                    sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))  # groups retire in order: QK^T is done
-                    mbarrier.arrive(kempty.index(s), count=1)
-                    m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
-                    acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
-                    mbarrier.arrive(vempty.index(sp), count=1)
-                    acc = acc * alpha[:, None]
-                    p16 = gl.convert_layout(p.to(dtype), p_op)
-                last = first + count - 1
-                sl = last % NS
-                mbarrier.wait(vready.index(sl), (last // NS) & 1)
-                acc = warpgroup_mma(p16, v_bufs.index(sl), acc, is_async=True)
-                acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
-                mbarrier.arrive(vempty.index(sl), count=1)
-        else:
-            for i in range(first, first + count):
+        if count > 0:
+            # Software pipeline (FA3's intra-warpgroup overlap): QK^T of block i is issued before P·V of block
+            # i-1, and block i's softmax runs while that P·V is still on the tensor cores. Each row still sees
+            # acc = acc * alpha_i + P_i V_i in block order: the numbers of a plain loop.
+            s = first % NS
+            sc = _scores(q, k_bufs.index(s), kready.index(s), kempty.index(s), (first // NS) & 1, zero_s)
+            m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
+            acc = acc * alpha[:, None]
+            p16 = gl.convert_layout(p.to(dtype), p_op)
+            for i in range(first + 1, first + count):
                 s = i % NS
-                ph = (i // NS) & 1
-                sc = _scores(q, k_bufs.index(s), kready.index(s), kempty.index(s), ph, zero_s)
+                sp = (i - 1) % NS
+                mbarrier.wait(kready.index(s), (i // NS) & 1)
+                sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
+                mbarrier.wait(vready.index(sp), ((i - 1) // NS) & 1)
+                acc = warpgroup_mma(p16, v_bufs.index(sp), acc, is_async=True)
+                sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))  # groups retire in order: QK^T is done
+                mbarrier.arrive(kempty.index(s), count=1)
                 m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
+                acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+                mbarrier.arrive(vempty.index(sp), count=1)
                 acc = acc * alpha[:, None]
                 p16 = gl.convert_layout(p.to(dtype), p_op)
-                mbarrier.wait(vready.index(s), ph)
-                acc = warpgroup_mma(p16, v_bufs.index(s), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(vempty.index(s), count=1)
+            last = first + count - 1
+            sl = last % NS
+            mbarrier.wait(vready.index(sl), (last // NS) & 1)
+            acc = warpgroup_mma(p16, v_bufs.index(sl), acc, is_async=True)
+            acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+            mbarrier.arrive(vempty.index(sl), count=1)
         return acc, m_i, l_i
 
     @gluon.jit
@@ -292,15 +274,14 @@ if _HAVE_GLUON:
         return acc, m_i, l_i
 
     @gluon.jit
-    def _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, seg_len, dirty, acc, m_i, l_i, qk_scale,
-                 OVERLAP: gl.constexpr):
+    def _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, seg_len, dirty, acc, m_i, l_i, qk_scale):
         """One segment from its own start: its full blocks, then its partial last block. Returns the state and the
         next ring slot."""
         NB: gl.constexpr = k_bufs.shape[1]
         n_full = seg_len // NB
         tail = seg_len - n_full * NB
         acc, m_i, l_i = _full_blocks(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, n_full, acc, m_i, l_i,
-                                     qk_scale, OVERLAP)
+                                     qk_scale)
         ring = first + n_full
         if tail > 0:
             if tail <= 16:  # e.g. the 2-key remainder of 4098 or 1026 current tokens
@@ -479,7 +460,7 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty, g_dirty, qk_scale,
-                OVERLAP: gl.constexpr, SCHEDULE: gl.constexpr):
+                SCHEDULE: gl.constexpr):
         """One warpgroup's 64 query rows over the tile's key blocks — segment 0 (context), then segment 1 (current
         tokens), in the producer's order: the fp32 state (acc, m, l)."""
         NB: gl.constexpr = k_bufs.shape[1]
@@ -493,18 +474,18 @@ if _HAVE_GLUON:
         acc = gl.zeros([WM, HD], gl.float32, layout=mma)
         if SCHEDULE == 0:  # each segment its own pipeline, partial last blocks outside it
             acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 0, c_len, c_dirty, acc,
-                                           m_i, l_i, qk_scale, OVERLAP)
+                                           m_i, l_i, qk_scale)
             acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, g_len, g_dirty,
-                                           acc, m_i, l_i, qk_scale, OVERLAP)
+                                           acc, m_i, l_i, qk_scale)
         else:  # one chained pipeline over both segments, where there is a full current block to chain through
             if g_len >= NB:
                 acc, m_i, l_i = _chained(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty,
                                          g_dirty, acc, m_i, l_i, qk_scale)
             else:
                 acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 0, c_len, c_dirty,
-                                               acc, m_i, l_i, qk_scale, OVERLAP)
+                                               acc, m_i, l_i, qk_scale)
                 acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, g_len,
-                                               g_dirty, acc, m_i, l_i, qk_scale, OVERLAP)
+                                               g_dirty, acc, m_i, l_i, qk_scale)
         return acc, m_i, l_i
 
     @gluon.jit
@@ -540,7 +521,7 @@ if _HAVE_GLUON:
     @gluon.jit
     def _consumer(q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
                   q_row, rows_left, pack_r, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty,
-                  WG: gl.constexpr, OVERLAP: gl.constexpr, SCHEDULE: gl.constexpr, PACK_G: gl.constexpr):
+                  WG: gl.constexpr, SCHEDULE: gl.constexpr, PACK_G: gl.constexpr):
         NB: gl.constexpr = k_bufs.shape[1]
         HD: gl.constexpr = k_bufs.shape[2]
         WM: gl.constexpr = q_smem.shape[1]
@@ -556,7 +537,7 @@ if _HAVE_GLUON:
         else:
             mbarrier.wait(q_bar, 0)
             acc, m_i, l_i = _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty, g_dirty,
-                                    qk_scale, OVERLAP, SCHEDULE)
+                                    qk_scale, SCHEDULE)
             row_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
             seen = l_i > 0
             l_safe = gl.where(seen, l_i, 1.0)
@@ -587,7 +568,7 @@ if _HAVE_GLUON:
                      CU_Q, Q_LEN, Q_ROWS, qk_scale, G, HEAD_OFF, HQ,
                      HAS_CTX: gl.constexpr, CTX_PAGED: gl.constexpr, CTX_CU: gl.constexpr, CTX_LENS: gl.constexpr,
                      HAS_CUR: gl.constexpr, CUR_CU: gl.constexpr, CUR_LENS: gl.constexpr, Q_CU: gl.constexpr,
-                     NUM_STAGES: gl.constexpr, OVERLAP: gl.constexpr, SCHEDULE: gl.constexpr,
+                     NUM_STAGES: gl.constexpr, SCHEDULE: gl.constexpr,
                      PACK_G: gl.constexpr, num_warps: gl.constexpr):
         BM: gl.constexpr = 2 * q_desc.block_type.shape[0]
         NB: gl.constexpr = k1_desc.block_type.shape[0]
@@ -647,10 +628,10 @@ if _HAVE_GLUON:
         gl.warp_specialize([
             (_consumer, (q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
                          q_row, rows_left, pack_r, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty, 0,
-                         OVERLAP, SCHEDULE, PACK_G)),
+                         SCHEDULE, PACK_G)),
             (_consumer, (q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
                          q_row, rows_left, pack_r, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty, 1,
-                         OVERLAP, SCHEDULE, PACK_G)),
+                         SCHEDULE, PACK_G)),
             (_producer, (q_desc, q8_desc, k0_desc, v0_desc, k1_desc, v1_desc, BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0,
                          ROWS1, q_row, h * HD, kvh, b, c_base, c_len, g_base, g_len, pack_r,
                          q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty,
@@ -667,9 +648,7 @@ def _smem_layout(rows: int, cols: int, dtype: torch.dtype):
 def _pack_group(gqa_group: int, q_head_offset: int, hq: int) -> int:
     """How many query heads a sequence's last tile packs together when it has at most 8 rows (0: none): the GQA
     group sharing one KV head, when this launch holds whole groups. BAGEL's 4098 and 1026 queries end on a 2-row
-    tile: 28 such CTAs become 4. ``BAGEL_ATTN_PACK=0`` turns it off (same bits)."""
-    if os.environ.get("BAGEL_ATTN_PACK", "1") == "0":
-        return 0
+    tile: 28 such CTAs become 4."""
     whole = gqa_group > 1 and 8 * gqa_group <= WG_M and q_head_offset % gqa_group == 0 and hq % gqa_group == 0
     return gqa_group if whole else 0
 
@@ -709,8 +688,9 @@ def _context_and_current(segments: list) -> tuple[ContiguousKV | PagedKV | None,
 
 def gluon_attention_supported(q: torch.Tensor, segments: list, visible_end, state, finalize: bool,
                               out: torch.Tensor | None) -> bool:
-    """Whether ``attention_gluon`` takes this call (otherwise the Triton kernel does; both give the same bits)."""
-    if os.environ.get("BAGEL_ATTN_GLUON", "1") == "0" or not gluon_available(q.device, q.dtype):
+    """Whether ``attention_gluon`` takes this call (otherwise the Triton kernel does; both give the same bits).
+    The caller (``attention.joint_attention``) has checked that the options and the device allow Gluon."""
+    if q.device.type != "cuda":
         return False
     if q.shape[2] != HEAD_DIM:
         return False
@@ -737,7 +717,8 @@ def gluon_attention_supported(q: torch.Tensor, segments: list, visible_end, stat
 
 
 def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tensor | None, max_seqlen_q: int,
-                    scale: float, gqa_group: int, q_head_offset: int, out: torch.Tensor | None) -> AttentionOutput:
+                    scale: float, gqa_group: int, q_head_offset: int, out: torch.Tensor | None,
+                    schedule: str = "auto") -> AttentionOutput:
     """``attention_triton``'s contract for the calls ``gluon_attention_supported`` accepts."""
     tq, hq, d = q.shape
     dev = q.device
@@ -783,7 +764,7 @@ def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tens
         bt0, s_bt0, page0, r0, rh0, ch0, rows0, cu0, len0, rows0 if not paged else 0, rows1, cu1, len1, rows1,
         dummy if cu_seqlens_q is None else _i32(cu_seqlens_q), tq, tq, scale * LOG2E, gqa_group, q_head_offset, hq,
         HAS_CTX=ctx is not None, CTX_PAGED=paged, CTX_CU=ctx_cu, CTX_LENS=ctx_lens, HAS_CUR=cur is not None,
-        CUR_CU=cur_cu, CUR_LENS=cur_lens, Q_CU=cu_seqlens_q is not None, NUM_STAGES=STAGES, OVERLAP=OVERLAP,
-        SCHEDULE=_schedule(ctx), PACK_G=_pack_group(gqa_group, q_head_offset, hq), num_warps=4, maxnreg=MAXNREG,
+        CUR_CU=cur_cu, CUR_LENS=cur_lens, Q_CU=cu_seqlens_q is not None, NUM_STAGES=STAGES,
+        SCHEDULE=_schedule(ctx, schedule), PACK_G=_pack_group(gqa_group, q_head_offset, hq), num_warps=4, maxnreg=MAXNREG,
     )
     return AttentionOutput(out=out, lse=lse)

@@ -22,10 +22,11 @@ interpreter stay on the Triton kernel.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
+
+from ._launch import _dummy, _num_programs
 
 try:  # Gluon ships with Triton >= 3.5; the project pins 3.6 (CPU CI imports this module, never launches it)
     from triton.experimental import gluon
@@ -422,18 +423,17 @@ def stream_k_items(pid: int, programs: int, tiles: int, k_iters: int, split_tail
 SPLIT_MIN_ROUNDS = 8
 
 
-def split_tail_wanted(tiles: int, programs: int) -> bool:
+def split_tail_wanted(tiles: int, programs: int, force: bool | None = None) -> bool:
     """Whether a launch splits its ragged last round (``stream_k_items``). The programs of a split region run at
     different K offsets, so unlike whole tiles in lockstep they do not share operand K-slices in L2; that costs
     more than the ragged round saves unless whole rounds dominate (H100, session 8: with 10-108 rounds the
     generation-step projections gain 0-6 %; with 3-4 rounds the prefill's qkv, o_proj and down lose 6-16 %; ncu,
     session 9: the split raises the prefill's DRAM reads by 27 % on o_proj and 79 % on down).
-    ``BAGEL_GEMM_SPLIT_TAIL=0`` / ``=1`` turns it off / on whenever the last round is ragged. The bits are the
-    same either way, so choosing from M is allowed."""
+    ``force`` (the GPU tests' handle) splits (True) or keeps (False) any ragged last round. The bits are the same
+    either way, so choosing from M is allowed."""
     if tiles <= programs or tiles % programs == 0:
         return False  # no ragged round
-    mode = os.environ.get("BAGEL_GEMM_SPLIT_TAIL", "auto")
-    return mode == "1" or (mode == "auto" and tiles >= SPLIT_MIN_ROUNDS * programs)
+    return force if force is not None else tiles >= SPLIT_MIN_ROUNDS * programs
 
 
 _SPLIT_FLAGS: dict[tuple[int, int], torch.Tensor] = {}
@@ -487,16 +487,15 @@ def _segment_bounds(segments: tuple[tuple[int, int, int], ...] | None, m: int) -
 def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       expert_ids: torch.Tensor | None, swiglu: bool = False,
                       residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                      segments: tuple[tuple[int, int, int], ...] | None = None) -> torch.Tensor:
+                      segments: tuple[tuple[int, int, int], ...] | None = None,
+                      split_tail: bool | None = None) -> torch.Tensor:
     """``routed_gemm_triton``'s contract on the warp-specialized kernel: x (M, K) contiguous; weight (E, P, N, K)
     contiguous; bias (E, P, N) or None; expert_ids (M,) int32 on x's device or None (one expert).
 
     ``segments`` — the routing as host-side ``(start, end, expert)`` runs — lets row tiles start at each
     segment's first row (at most ``MAX_SEGMENTS`` runs), so no tile runs its K loop twice for two experts; the
-    bits are the same either way (a row's result does not depend on its tile)."""
-    from .attention_triton import _dummy
-    from .routed_linear_triton import _num_programs
-
+    bits are the same either way (a row's result does not depend on its tile). ``split_tail``: see
+    ``split_tail_wanted`` (None: its rule)."""
     m, k = x.shape
     e, p, n, _ = weight.shape
     if out is None:
@@ -519,7 +518,7 @@ def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     tiles = _row_tiles(bounds, m) * triton.cdiv(n, bn)
     progs = _num_programs(x.device, tiles)
     # Tiles of the ids-only plan may run their K loop once per expert: they are never split.
-    split = not has_ids and split_tail_wanted(tiles, progs)
+    split = not has_ids and split_tail_wanted(tiles, progs, split_tail)
     ws = (torch.empty(progs * BLOCK_M * p * bn, dtype=torch.float32, device=x.device) if split
           else _no_workspace(x.device))
     flags = _split_flags(x.device, progs) if split else _dummy(x.device)  # never read unsplit

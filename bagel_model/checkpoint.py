@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bagel_kernels import KernelOptions
+
 from .config import BagelConfig
 from .model import BagelModel
 from .tokenizer import BagelTokenizer
@@ -88,14 +90,15 @@ def _numel(shape) -> int:
     return n
 
 
-def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-                    ) -> tuple[BagelModel, BagelTokenizer]:
-    """Load a checkpoint directory strictly; returns the model (eval, no grad) and its tokenizer."""
+def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    kernels: KernelOptions | None = None) -> tuple[BagelModel, BagelTokenizer]:
+    """Load a checkpoint directory strictly; returns the model (eval, no grad; running with ``kernels``) and its
+    tokenizer."""
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory not found: {directory!r}")
     cfg = BagelConfig.from_pretrained(directory)
     with torch.device("meta"):
-        model = BagelModel(cfg)
+        model = BagelModel(cfg, kernels)
     model = model.to_empty(device="cpu")
     model.to_dtype(dtype)
     ema, ae = _split_state(model)

@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from bagel_kernels import KernelOptions
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -46,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timestep-shift", type=float, default=None)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (fixed so reductions, and md5s, are reproducible)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--kernels", default="exact", choices=["exact", "fast"],
+                   help="kernel mode: exact = batch-invariant kernels everywhere (bit-reproducible across parallel "
+                        "layouts); fast = cuBLAS for some projections on CUDA, which CHANGES OUTPUT BITS (the md5s "
+                        "differ from exact; no effect on CPU)")
     return p
 
 
@@ -56,10 +62,12 @@ def load_model(args):
     from .tokenizer import BagelTokenizer
 
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
+    kernels = KernelOptions(mode=args.kernels)
     if args.checkpoint:
-        return from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
+        return from_pretrained(args.checkpoint, device=args.device, dtype=dtype, kernels=kernels)
     cfg = BagelConfig.preset(args.config)
-    return BagelModel.random(cfg, seed=args.seed, dtype=dtype, device=args.device), BagelTokenizer.from_directory(None)
+    return (BagelModel.random(cfg, seed=args.seed, dtype=dtype, device=args.device, kernels=kernels),
+            BagelTokenizer.from_directory(None))
 
 
 # DESIGN.md: image editing uses its own CFG defaults
@@ -112,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             device = args.device
             dtype = args.dtype and str(DTYPES[args.dtype]).replace("torch.", "")
             spec = ModelSpec(preset=args.config, seed=args.seed, device=device, checkpoint=args.checkpoint,
-                             dtype=dtype or ("bfloat16" if device.startswith("cuda") else "float32"), threads=args.threads)
+                             dtype=dtype or ("bfloat16" if device.startswith("cuda") else "float32"), threads=args.threads,
+                             kernels=KernelOptions(mode=args.kernels))
             cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
             params = sampling_params(args, cfg, tuple(image.shape[:2]) if args.mode == "img2img" else None)
             req = Request(args.mode, args.prompt, params, image, max_tokens)

@@ -8,9 +8,11 @@ import dataclasses
 import os
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from bagel_kernels import KernelOptions, default_options
 
 from .stages import EventLog, Request
 
@@ -25,6 +27,7 @@ class ModelSpec:
     device: str = "cpu"
     checkpoint: str | None = None
     threads: int = 1
+    kernels: KernelOptions = field(default_factory=default_options)
 
     def load(self):
         from .checkpoint import from_pretrained
@@ -35,9 +38,10 @@ class ModelSpec:
         torch.set_num_threads(self.threads)
         dtype = getattr(torch, self.dtype)
         if self.checkpoint:
-            model, tok = from_pretrained(self.checkpoint, device=self.device, dtype=dtype)
+            model, tok = from_pretrained(self.checkpoint, device=self.device, dtype=dtype, kernels=self.kernels)
         else:
-            model = BagelModel.random(BagelConfig.preset(self.preset), seed=self.seed, dtype=dtype, device=self.device)
+            model = BagelModel.random(BagelConfig.preset(self.preset), seed=self.seed, dtype=dtype, device=self.device,
+                                      kernels=self.kernels)
             tok = BagelTokenizer.from_directory(None)
         model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
         return model, tok

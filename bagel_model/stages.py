@@ -12,18 +12,18 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
+from bagel_kernels import token_alignment
+
+from .decode import greedy_decode
 from .denoise import SamplingParams, denoise, initial_noise
+from .generation import GenerationResult, decode_latent, single_device_velocities, tensor_md5
 from .kv_transfer import KVPayload, abort, extract, install, recv_payload, send_payload
 from .model import BagelModel, BranchContext, make_gen_sequence
-from .prefill import PrefilledContext, TextBlock, greedy_decode, new_cache, prefill, vae_block, vit_block
+from .prefill import PrefilledContext, TextBlock, new_cache, prefill, vae_block, vit_block
 from .tokenizer import BagelTokenizer
-
-if TYPE_CHECKING:  # pipeline imports stages' entry points lazily; no import cycle at run time
-    from .pipeline import GenerationResult
 
 MODES = ("text2img", "img2img", "text2text", "img2text")
 IMAGE_OUT, IMAGE_IN = ("text2img", "img2img"), ("img2img", "img2text")
@@ -140,10 +140,6 @@ def run_stage1(model: BagelModel, payload: KVPayload, contexts: dict[str, Prefil
                layout: str = "flash_attn", events: EventLog | None = None, progress: bool = False
                ) -> GenerationResult:
     """Denoise against the payload's contexts (installed into a ``layout`` cache unless given) and decode."""
-    from bagel_kernels import token_alignment
-
-    from .pipeline import GenerationResult, decode_latent, single_device_velocities, tensor_md5
-
     events = events or EventLog()
     events.record("stage1_start")
     p = payload.params
@@ -151,7 +147,7 @@ def run_stage1(model: BagelModel, payload: KVPayload, contexts: dict[str, Prefil
     if contexts is None:
         contexts = {n: install(model, c, layout) for n, c in payload.contexts.items()}
     branch_ctx = {b: _branch(contexts[c]) for b, c in payload.branches.items()}
-    seq = make_gen_sequence(model.cfg, h, w, 1, token_alignment(model.device))
+    seq = make_gen_sequence(model.cfg, h, w, 1, token_alignment(model.device, model.kernels))
     fn = single_device_velocities(model, seq, branch_ctx)
     x0 = initial_noise(seq.n_latent, model.cfg.patch_latent_dim, p.seed).to(model.device)
     x = denoise(x0, p, fn, progress=progress, on_step=lambda i, t: events.record("dit_step") if i == 0 else None)

@@ -22,7 +22,7 @@ def parallel_velocities(model: BagelModel, seq: GenSequence, contexts: dict[str,
     c, cfg = mesh.config, model.cfg
     if seq.split.degree != c.sp:
         raise ValueError(f"token split degree {seq.split.degree} != sequence-parallel degree {c.sp}")
-    attn = {name: sp_attention(mesh, ctx.kv, seq.split.n, cfg.num_heads, cfg.num_kv_heads)
+    attn = {name: sp_attention(mesh, ctx.kv, seq.split.n, cfg.num_heads, cfg.num_kv_heads, options=model.kernels)
             for name, ctx in contexts.items()}
     n_lat, dim = seq.n_latent, cfg.patch_latent_dim
 

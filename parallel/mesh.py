@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT_S = float(os.environ.get("BAGEL_COLLECTIVE_TIMEOUT_S", "300"))
+DEFAULT_TIMEOUT_S = 300.0  # a setting: callers pass init_distributed(timeout_s=...), the library reads no env var
 
 
 @dataclass(frozen=True)

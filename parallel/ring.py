@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bagel_kernels import ContiguousKV, joint_attention, merge_attention_partials
+from bagel_kernels import ContiguousKV, KernelOptions, joint_attention, merge_attention_partials
 
 from .mesh import guarded
 
@@ -20,7 +20,7 @@ def _valid(n_valid_total: int, chunk: int, c: int, device) -> torch.Tensor:
 
 
 def ring_attention_exact(q, k, v, ctx, ring_ranks: list[int], ring_idx: int, group, n_valid_total: int,
-                         gqa_group: int, q_head_offset: int) -> torch.Tensor:
+                         gqa_group: int, q_head_offset: int, options: KernelOptions | None = None) -> torch.Tensor:
     R, chunk = len(ring_ranks), k.shape[0]
     kv = torch.stack([k, v]).contiguous()
     bufs, works = [], []
@@ -30,7 +30,7 @@ def ring_attention_exact(q, k, v, ctx, ring_ranks: list[int], ring_idx: int, gro
                              async_op=True))
         bufs.append(buf)
     state = None
-    kw = dict(gqa_group=gqa_group, q_head_offset=q_head_offset)
+    kw = dict(gqa_group=gqa_group, q_head_offset=q_head_offset, options=options)
     for c in range(R):
         guarded(f"ring wait chunk {c}", works[c].wait)
         seg = ContiguousKV(bufs[c][0], bufs[c][1], seqlens=_valid(n_valid_total, chunk, c, q.device))
@@ -40,9 +40,9 @@ def ring_attention_exact(q, k, v, ctx, ring_ranks: list[int], ring_idx: int, gro
 
 
 def ring_attention_fast(q, k, v, ctx, ring_ranks: list[int], ring_idx: int, group, n_valid_total: int,
-                        gqa_group: int, q_head_offset: int) -> torch.Tensor:
+                        gqa_group: int, q_head_offset: int, options: KernelOptions | None = None) -> torch.Tensor:
     R, chunk = len(ring_ranks), k.shape[0]
-    kw = dict(gqa_group=gqa_group, q_head_offset=q_head_offset)
+    kw = dict(gqa_group=gqa_group, q_head_offset=q_head_offset, options=options)
     cur = torch.stack([k, v]).contiguous()
     out = lse = None
     for s in range(R):

@@ -70,13 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated config names to run (default: all)")
     p.add_argument("--json", default=None, help="write the results table as JSON")
+    p.add_argument("--kernels", choices=("exact", "fast"), default="exact",
+                   help="kernel mode: exact (default; parallel == single bit for bit) or fast (cuBLAS projections "
+                        "on CUDA: changes output bits, parallel configs then match only to rounding and are not "
+                        "counted as failures)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(1)  # torchrun sets OMP_NUM_THREADS=1; the baseline must use the same reductions
-    from bagel_kernels import token_alignment
+    from bagel_kernels import KernelOptions, token_alignment
     from bagel_model.checkpoint import from_pretrained
     from bagel_model.config import BagelConfig
     from bagel_model.denoise import SamplingParams, denoise, initial_noise, timestep_schedule
@@ -98,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.layers:
             cfg.llm.num_hidden_layers = args.layers
         model, tok = BagelModel.random(cfg, seed=args.seed, dtype=dtype, device=device), BagelTokenizer.from_directory(None)
+    model.kernels = KernelOptions(mode=args.kernels)
     model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
     cfg = model.cfg
     h, w = (args.size * 2)[:2]
     params = SamplingParams(steps=args.steps, seed=args.seed, height=h, width=w,
                             timestep_shift=cfg.generation.timestep_shift).validate()
-    align = token_alignment(device)
+    align = token_alignment(device, model.kernels)
     schedule = timestep_schedule(params.steps, params.timestep_shift)
     n_lat = (h // cfg.latent_downsample) * (w // cfg.latent_downsample)
     x0 = initial_noise(n_lat, cfg.patch_latent_dim, params.seed).to(device)
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                        seconds=round(secs, 3), mode=pc.ring_mode if pc.ring > 1 else "exact", max_abs_err=err,
                        collectives=counter.counts)
             rows.append(row)
-            if not match and row["mode"] == "exact":
+            if not match and row["mode"] == "exact" and args.kernels == "exact":
                 failures += 1
         # every rank learns the verdict so that all exit with the same code
         flag = torch.tensor([failures], dtype=torch.int64, device=device)

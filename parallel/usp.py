@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from bagel_kernels import ContiguousKV, PagedKV
+from bagel_kernels import ContiguousKV, KernelOptions, PagedKV
 from bagel_model.layers import local_attention
 
 from .mesh import Mesh
@@ -22,7 +22,8 @@ def _slice_heads(seg, a: int, b: int):
     return ContiguousKV(seg.k[:, a:b], seg.v[:, a:b], seg.cu_seqlens, seg.seqlens, seg.max_seqlen)
 
 
-def sp_attention(mesh: Mesh, contexts: list, n_valid_total: int, num_heads: int, num_kv_heads: int):
+def sp_attention(mesh: Mesh, contexts: list, n_valid_total: int, num_heads: int, num_kv_heads: int,
+                 options: KernelOptions | None = None):
     c = mesh.config
     U, R = c.ulysses, c.ring
     group = num_heads // num_kv_heads
@@ -32,7 +33,7 @@ def sp_attention(mesh: Mesh, contexts: list, n_valid_total: int, num_heads: int,
     kv0, kv1 = kv_ranges[mesh.uly_idx] if U > 1 else (0, num_kv_heads)
     # The context is replicated on every rank; each rank reads only the KV heads its query heads need.
     ctxs = [_slice_heads(c_, kv0, kv1) for c_ in contexts] if contexts else []
-    kw = dict(gqa_group=group, q_head_offset=h0)
+    kw = dict(gqa_group=group, q_head_offset=h0, options=options)
     local = local_attention(ctxs, n_valid_total, **kw) if R == 1 else None
 
     def fn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Greedy text decoding with the token step captured in one CUDA graph.
+"""Greedy text decoding (``greedy_decode``), with the token step captured in one CUDA graph (``GraphDecoder``).
 
 Eager decoding is host-bound: a token runs ~220 kernel launches (28 layers of norms, routed GEMMs, QK-norm+RoPE,
 attention, cache writes), and Python + Triton's launch path cost more than the GPU work (measured on the H100:
@@ -18,7 +18,7 @@ from bagel_kernels.kv_layout import write_tokens
 
 from .layers import LayerInputs, local_attention
 from .model import BagelModel
-from .prefill import PrefilledContext
+from .prefill import PrefilledContext, TextBlock, prefill
 
 
 class GraphDecoder:
@@ -47,9 +47,10 @@ class GraphDecoder:
         m = self.model
         x = m.language_model.model.embed_tokens(self.token)
         cos, sin = m._cos_sin(self.position)
-        li = LayerInputs(routing=ExpertSegments.uniform(1, False), cos=cos, sin=sin, gen_mode=False, small_batch=True)
-        h = m._run_layers(x, li, local_attention(self.cache.segments(), 1, self.visible), self._write)
-        logits = invariant_linear(h, m.language_model.lm_head.weight, small_batch=True)
+        li = LayerInputs(routing=ExpertSegments.uniform(1, False), cos=cos, sin=sin, gen_mode=False, small_batch=True,
+                         kernels=m.kernels)
+        h = m._run_layers(x, li, local_attention(self.cache.segments(), 1, self.visible, options=m.kernels), self._write)
+        logits = invariant_linear(h, m.language_model.lm_head.weight, small_batch=True, options=m.kernels)
         self.token.copy_(logits[-1].float().argmax().view(1))
         self.position.add_(1)
         self.slot.add_(1)
@@ -73,3 +74,38 @@ class GraphDecoder:
         self.cache.length += 1  # host mirror of the device-side length (seqlens advanced in the step)
         self.rope_position += 1
         return int(self.token)
+
+
+@torch.no_grad()
+def greedy_decode(model: BagelModel, context: PrefilledContext, last_hidden: torch.Tensor, max_tokens: int,
+                  eos_id: int, on_token=None, use_graph: bool | None = None) -> list[int]:
+    """Greedy decoding that appends to the paged cache; stops at ``eos_id`` or ``max_tokens``.
+
+    Reading the argmax back to pick the next token is the one host read per step that text decoding needs. On CUDA
+    the token step is replayed from a CUDA graph (``GraphDecoder``; same kernels, same tokens) unless
+    ``use_graph=False`` or ``model.kernels.decode_graph`` is off."""
+    if use_graph is None:
+        use_graph = model.device.type == "cuda" and model.kernels.decode_graph
+    out: list[int] = []
+    logits = invariant_linear(last_hidden, model.language_model.lm_head.weight, small_batch=True,
+                              options=model.kernels)
+    tok = int(logits[-1].float().argmax())
+    decoder = None
+    for i in range(max_tokens):
+        out.append(tok)
+        if on_token is not None:
+            on_token(i, tok)
+        if tok == eos_id or i == max_tokens - 1:
+            break
+        if context.cache.length >= context.cache.capacity:
+            break
+        if use_graph:
+            if decoder is None:
+                decoder = GraphDecoder(model, context, tok)
+            tok = decoder.step()
+        else:
+            context, h = prefill(model, [TextBlock([tok])], context=context, small_batch=True)
+            logits = invariant_linear(h, model.language_model.lm_head.weight, small_batch=True,
+                                      options=model.kernels)
+            tok = int(logits[-1].float().argmax())
+    return out
