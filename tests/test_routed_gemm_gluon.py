@@ -101,13 +101,11 @@ def test_split_tail_plan_runs_every_k_step_of_every_tile_once_in_order(tiles, pr
     assert sum(work) == tiles * k_iters
 
 
-def test_tile_plan_fill_is_the_prefill_ceiling(monkeypatch):
-    """benchmarks/gemm_rounds.py's model of the launch: the img2img prefill's o_proj is 35 row tiles (40 + 4098 + 60
+def test_tile_plan_fill_is_the_prefill_ceiling():
+    """probes/gemm_rounds.py's model of the launch: the img2img prefill's o_proj is 35 row tiles (40 + 4098 + 60
     rows start their own tiles) x 14 column tiles = 490 tiles, 4 rounds on 132 programs for 3.48 rounds of rows —
     fill 0.87, which is where ours / dense cuBLAS measures; the generation step's split rounds fill 0.99."""
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from gemm_rounds import tile_plan
+    from probes.gemm_rounds import tile_plan
 
     prefill = ((0, 40, 0), (40, 4138, 1), (4138, 4198, 0))
     o_proj = tile_plan(prefill, 3584, False, 132)
