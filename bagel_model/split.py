@@ -9,12 +9,19 @@ import os
 import queue
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
+import torch.multiprocessing as mp
 
 from bagel_kernels import KernelOptions, default_options
 
-from .stages import EventLog, Request
+from .checkpoint import from_pretrained
+from .config import BagelConfig
+from .kv_transfer import SharedMemoryConnector, TensorQueueConnector, abort, recv_payload, send_payload
+from .model import BagelModel
+from .stages import EventLog, Request, run_stage0, run_stage1
+from .tokenizer import BagelTokenizer
 
 
 @dataclass(frozen=True)
@@ -30,11 +37,6 @@ class ModelSpec:
     kernels: KernelOptions = field(default_factory=default_options)
 
     def load(self):
-        from .checkpoint import from_pretrained
-        from .config import BagelConfig
-        from .model import BagelModel
-        from .tokenizer import BagelTokenizer
-
         torch.set_num_threads(self.threads)
         dtype = getattr(torch, self.dtype)
         if self.checkpoint:
@@ -58,13 +60,7 @@ def _stream_context(device: str, priority: int | None):
 
 def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready, timeout: float,
                    env: dict[str, str] | None = None) -> None:
-    from functools import partial
-
     os.environ.update(env or {})  # before the model (and CUDA) is touched: e.g. this client's MPS SM share
-
-    from .kv_transfer import abort, send_payload
-    from .stages import run_stage0
-
     events = EventLog()
     try:
         model, tok = spec.load()
@@ -83,10 +79,6 @@ def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready
 def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: float, ready, n_requests: int,
                    env: dict[str, str] | None = None, stream_priority: int | None = None) -> None:
     os.environ.update(env or {})  # before the model (and CUDA) is touched
-
-    from .kv_transfer import recv_payload
-    from .stages import run_stage1
-
     events = EventLog()
     try:
         model, _ = spec.load()
@@ -118,10 +110,6 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
     ``stage0_device``: stage 0's device when it is not ``spec.device`` (e.g. "cuda:1": the AR stage on a second
     GPU, as the seeds serve it; the KV then crosses GPUs once, peer to peer). ``stage1_stream_priority``: run stage 1
     on a CUDA stream of that priority (e.g. -1: ahead of stage 0's default-priority decode when both share a GPU)."""
-    import torch.multiprocessing as mp
-
-    from .kv_transfer import SharedMemoryConnector, TensorQueueConnector
-
     connector = connector or ("tensor" if spec.device.startswith("cuda") else "shm")
     if connector not in ("tensor", "shm"):
         raise ValueError(f"unknown split connector {connector!r}; expected 'tensor' or 'shm'")
