@@ -23,10 +23,10 @@ from functools import cached_property
 
 import torch
 
-from bagel_kernels import ContiguousKV, ExpertSegments, PagedKV, joint_attention
+from bagel_kernels import ContiguousKV, ExpertSegments, KernelOptions, PagedKV, joint_attention
 from bagel_kernels.kv_layout import PagedKVView, read_tokens
 
-from parallel.token_split import TokenSplit
+from .token_split import TokenSplit
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def packed_context(contexts: list[list[ContiguousKV | PagedKV | None] | None], l
 
 def packed_attention(q: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor], key_rows: JobRows,
                      ctx: ContiguousKV | None, plan: QueryPlan, cache: dict, gqa_group: int | None = None,
-                     q_head_offset: int = 0, with_lse: bool = False):
+                     q_head_offset: int = 0, with_lse: bool = False, options: KernelOptions | None = None):
     """Attention of packed query rows ``q`` (their ``plan``) against, per job, its context ``ctx`` (a segment from
     ``PackedContext.segment`` for ``plan.jobs``) and its own keys: ``keys`` holds packed K/V rows that
     ``key_rows`` gathers into each job's canonical order. The output is in ``q``'s packed order."""
@@ -254,7 +254,7 @@ def packed_attention(q: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor], k
     if plan.covered < q.shape[0]:
         out[plan.covered:].zero_()  # tail padding rows: no sequence writes them
     r = joint_attention(q, ([ctx] if ctx is not None else []) + [cur], cu_seqlens_q=plan.cu, max_seqlen_q=plan.max_len,
-                        gqa_group=gqa_group, q_head_offset=q_head_offset, out=out)
+                        gqa_group=gqa_group, q_head_offset=q_head_offset, out=out, options=options)
     return (r.out, r.lse) if with_lse else r.out
 
 
@@ -268,6 +268,7 @@ class PackedAttention:
     q_range: tuple[int, int]
     gqa_group: int | None = None
     q_head_offset: int = 0
+    options: KernelOptions | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def plans(self, device) -> tuple[QueryPlan, JobRows]:
@@ -279,4 +280,5 @@ class PackedAttention:
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         plan, key_rows = self.plans(q.device)
         ctx = self.ctx.segment(layer_idx, plan.jobs, q.device, self._cache)
-        return packed_attention(q, (k, v), key_rows, ctx, plan, self._cache, self.gqa_group, self.q_head_offset)
+        return packed_attention(q, (k, v), key_rows, ctx, plan, self._cache, self.gqa_group, self.q_head_offset,
+                                options=self.options)

@@ -1,57 +1,17 @@
 """Text-to-image generation with the thin BAGEL model (single device; parallel runs plug in their velocity function)."""
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-
-import torch
+from bagel_kernels import token_alignment
 
 from .denoise import DenoiseRequest, SamplingParams, VelocityFn, denoise, denoise_batch, initial_noise
 from .denoise_step import PackedStep
-from .model import BagelModel, BranchContext, GenSequence, make_gen_sequence
+# The generation pieces moved to ``generation`` (stages needs them, and stages must not import pipeline); they are
+# re-exported here for existing callers.
+from .generation import (GenerationResult, decode_latent, single_device_velocities, tensor_md5,  # noqa: F401
+                         text_to_image_contexts)
+from .model import BagelModel, GenSequence, make_gen_sequence
+from .stages import IMAGE_OUT, run_stage0, run_stage1_batch
 from .tokenizer import BagelTokenizer
-from .vae import to_uint8_image, unpatchify
-
-
-def tensor_md5(t: torch.Tensor) -> str:
-    return hashlib.md5(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-@dataclass
-class GenerationResult:
-    latent: torch.Tensor  # (n_latent, patch_dim) fp32, final x
-    image: torch.Tensor  # (H, W, 3) uint8
-    latent_md5: str
-    image_md5: str
-    params: SamplingParams | None = None  # the request's parameters as the diffusion stage received them
-
-    def save_png(self, path: str) -> None:
-        from PIL import Image
-
-        Image.fromarray(self.image.cpu().numpy()).save(path, format="PNG")
-
-
-def text_to_image_contexts(model: BagelModel, tokenizer: BagelTokenizer, prompt: str) -> dict[str, BranchContext]:
-    """The three CFG contexts of text-to-image: full = the prompt; no-text = empty; no-image = full (no input image)."""
-    full = model.prefill_text(tokenizer.encode_prompt(prompt))
-    return {"full": full, "text": BranchContext.empty(model.cfg.num_layers), "img": full}
-
-
-def single_device_velocities(model: BagelModel, seq: GenSequence, contexts: dict[str, BranchContext]) -> VelocityFn:
-    """The per-branch reference path: one forward per CFG branch (the packed step, ``denoise_step.PackedStep``,
-    must reproduce it bit for bit)."""
-    def fn(x: torch.Tensor, t: float, branches: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        return {b: model.gen_velocity(x, t, seq, contexts[b]) for b in branches}
-    return fn
-
-
-def decode_latent(model: BagelModel, latent: torch.Tensor, grid: tuple[int, int] | GenSequence) -> torch.Tensor:
-    """VAE decode of final latent tokens on a (rows, cols) latent grid -> (H, W, 3) uint8."""
-    h, w = grid.grid if isinstance(grid, GenSequence) else grid
-    z = unpatchify(latent.float(), h, w, model.cfg.latent_patch_size)[None]
-    with torch.no_grad():
-        pixels = model.vae.decode(z.to(model.device))[0]
-    return to_uint8_image(pixels)
 
 
 class BagelPipeline:
@@ -70,8 +30,6 @@ class BagelPipeline:
         then ONE batched denoise in which every step packs the CFG jobs of all image requests still running into one
         forward. Returns one (stage-0 result, image result or None) per request, each bit-identical to running the
         request alone (the batch-invariance contract: no row's arithmetic depends on the other rows)."""
-        from .stages import IMAGE_OUT, run_stage0, run_stage1_batch
-
         if not reqs:
             raise ValueError("generate_batch needs at least one request")
         ids = [r.request_id for r in reqs]
@@ -97,10 +55,8 @@ class BagelPipeline:
         grid = self.model.cfg.check_image_size(params.height, params.width)
         x0 = initial_noise(grid[0] * grid[1], self.model.cfg.patch_latent_dim, params.seed).to(self.model.device)
         if velocities is not None:
-            from bagel_kernels import token_alignment
-
             seq = seq or make_gen_sequence(self.model.cfg, params.height, params.width, 1,
-                                           token_alignment(self.model.device))
+                                           token_alignment(self.model.device, self.model.kernels))
             x = denoise(x0, params, velocities, progress=progress)
         else:
             engine = engine if engine is not None else PackedStep(self.model)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bagel_kernels import ContiguousKV, merge_attention_partials
+from bagel_kernels import ContiguousKV, KernelOptions, merge_attention_partials
 from bagel_model.packed import JobRows, PackedLayout, QueryPlan, packed_attention
 
 from .mesh import guarded
@@ -22,7 +22,7 @@ from .mesh import guarded
 
 def ring_attention_exact(q, k, v, ctx: ContiguousKV | None, ring_ranks: list[int], ring_idx: int, group,
                          plan: QueryPlan, key_rows: JobRows, cache: dict, gqa_group: int,
-                         q_head_offset: int) -> torch.Tensor:
+                         q_head_offset: int, options: KernelOptions | None = None) -> torch.Tensor:
     R = len(ring_ranks)
     kv = torch.stack([k, v]).contiguous()
     bufs, works = [], []
@@ -34,12 +34,12 @@ def ring_attention_exact(q, k, v, ctx: ContiguousKV | None, ring_ranks: list[int
     for c in range(R):
         guarded(f"ring wait chunk {c}", works[c].wait)
     keys = (torch.cat([b[0] for b in bufs]), torch.cat([b[1] for b in bufs]))
-    return packed_attention(q, keys, key_rows, ctx, plan, cache, gqa_group, q_head_offset)
+    return packed_attention(q, keys, key_rows, ctx, plan, cache, gqa_group, q_head_offset, options=options)
 
 
 def ring_attention_fast(q, k, v, ctx: ContiguousKV | None, ring_ranks: list[int], ring_idx: int, group,
                         plan: QueryPlan, chunk_rows: list[JobRows], cache: dict, gqa_group: int,
-                        q_head_offset: int) -> torch.Tensor:
+                        q_head_offset: int, options: KernelOptions | None = None) -> torch.Tensor:
     """``chunk_rows[c]``: the rows of chunk c grouped per job (relative to the chunk's start)."""
     R = len(ring_ranks)
     cur = torch.stack([k, v]).contiguous()
@@ -53,7 +53,7 @@ def ring_attention_fast(q, k, v, ctx: ContiguousKV | None, ring_ranks: list[int]
             ops = [dist.P2POp(dist.isend, cur, send_to, group=group), dist.P2POp(dist.irecv, nxt, recv_from, group=group)]
             reqs = guarded(f"ring p2p step {s}", dist.batch_isend_irecv, ops)
         o, l_ = packed_attention(q, (cur[0], cur[1]), chunk_rows[src_chunk], ctx if s == 0 else None, plan, cache,
-                                 gqa_group, q_head_offset, with_lse=True)
+                                 gqa_group, q_head_offset, with_lse=True, options=options)
         out, lse = (o, l_) if out is None else merge_attention_partials(out, lse, o, l_)
         for req in reqs:
             guarded(f"ring p2p wait step {s}", req.wait)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from bagel_kernels import KernelOptions
 from bagel_model.packed import PackedContext, PackedLayout, packed_attention
 
 from .mesh import Mesh
@@ -13,7 +14,8 @@ from .ring import chunk_rows, ring_attention_exact, ring_attention_fast
 from .ulysses import gather_heads, head_split, kv_heads_for, scatter_heads
 
 
-def sp_attention(mesh: Mesh, layout: PackedLayout, contexts: PackedContext, num_heads: int, num_kv_heads: int):
+def sp_attention(mesh: Mesh, layout: PackedLayout, contexts: PackedContext, num_heads: int, num_kv_heads: int,
+                 options: KernelOptions | None = None):
     """``contexts``: the jobs' packed contexts (``bagel_model.packed.packed_context``), replicated."""
     c = mesh.config
     U, R = c.ulysses, c.ring
@@ -24,7 +26,7 @@ def sp_attention(mesh: Mesh, layout: PackedLayout, contexts: PackedContext, num_
     kv0, kv1 = kv_ranges[mesh.uly_idx] if U > 1 else (0, num_kv_heads)
     # The context is replicated on every rank; each rank reads only the KV heads its query heads need.
     ctxs = contexts.heads(kv0, kv1) if U > 1 else contexts
-    kw = dict(gqa_group=group, q_head_offset=h0)
+    kw = dict(gqa_group=group, q_head_offset=h0, options=options)
     size = layout.split.chunk * U  # rows of one Ulysses group (one ring chunk)
     rows: dict = {}
     cache: dict = {}

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from bagel_kernels import KernelOptions
 from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise, denoise_batch, initial_noise
 from bagel_model.denoise_step import GenJob, PackedStep
 from bagel_model.finite_guard import FiniteGuard
@@ -135,7 +136,7 @@ def test_jobs_and_latents_must_agree(tiny_model, tokenizer):
 
 def test_packed_step_on_the_triton_kernels_equals_per_branch(tiny_model, tokenizer, monkeypatch):
     """The same check through the Triton kernels (CPU interpreter): varlen attention with per-job key order."""
-    monkeypatch.setenv("BAGEL_KERNELS_BACKEND", "triton")
+    monkeypatch.setattr(tiny_model, "kernels", KernelOptions(backend="triton"))
     p = params(steps=2, height=16, width=32, cfg_interval=(0.0, 1.0))
     want = per_branch(tiny_model, tokenizer, "a red cube", p)
     (got,) = denoise_batch([request(tiny_model, tokenizer, "a red cube", p)], PackedStep(tiny_model), progress=False)
