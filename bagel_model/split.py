@@ -43,7 +43,9 @@ class ModelSpec:
             # Make this stage's GPU the current one: Triton launches on the current device, and a tensor of another
             # GPU then fails as "Pointer argument cannot be accessed from Triton (cpu tensor?)" (stage 0 on cuda:1
             # while the process's current device stayed cuda:0).
-            torch.cuda.set_device(torch.device(self.device))
+            dev = torch.device(self.device)
+            if dev.index is not None:  # plain "cuda" keeps the current device
+                torch.cuda.set_device(dev)
         dtype = getattr(torch, self.dtype)
         if self.checkpoint:
             model, tok = from_pretrained(self.checkpoint, device=self.device, dtype=dtype,
