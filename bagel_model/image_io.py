@@ -146,7 +146,7 @@ def as_rgb_tensor(image) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype == object or not (np.issubdtype(image.dtype, np.number) or image.dtype == np.bool_):
             raise TypeError(f"image array has dtype {image.dtype}; expected uint8 or floating point")
-        t = torch.from_numpy(np.ascontiguousarray(image))
+        t = torch.from_numpy(np.array(image, order="C"))  # a copy: the caller's array may be read-only (PIL's)
     elif isinstance(image, torch.Tensor):
         t = image.detach().cpu()
     else:
