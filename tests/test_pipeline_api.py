@@ -116,7 +116,7 @@ def test_numpy_integers_are_integers_and_floats_are_not(pipe):
 
 
 def test_image_layouts_and_dtypes_are_told_apart(pipe, photo):
-    hwc = np.asarray(photo)
+    hwc = np.array(photo)
     want = pipe("make it blue", image=photo, num_inference_steps=3).latent_md5s
     chw_float = torch.from_numpy(hwc).permute(2, 0, 1).float() / 255  # torchvision ToTensor
     chw_uint8 = torch.from_numpy(hwc).permute(2, 0, 1).contiguous()  # torchvision.io.read_image
