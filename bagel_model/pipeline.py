@@ -323,8 +323,8 @@ class BagelPipeline:
           (``config.IMG2IMG_DEFAULTS``) for img2img.
         - ``seed`` (int, or one per prompt) or ``generator`` (``torch.Generator``, or one per prompt): BAGEL draws
           its noise (and img2img's VAE sample) on its own CPU generator seeded with the seed — for a generator,
-          ``generator.initial_seed()``, whatever it has drawn since and whatever its device — so a result is the
-          same on every device and run. One seed for a list of prompts gives each prompt the image it gets alone
+          ``generator.initial_seed()``, whatever it has drawn since and whatever its device — so a seed means the
+          same noise on every device, run after run. One seed for a list of prompts gives each prompt the image it gets alone
           with that seed. Neither: seed 0.
         - ``output_type``: "pil" | "np" | "pt" (see ``BagelPipelineOutput``).
         - ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict | None``: called after every Euler
