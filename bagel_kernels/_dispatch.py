@@ -1,53 +1,49 @@
-"""Backend choice for every kernel entry point.
+"""Backend choice for every kernel entry point, from its ``KernelOptions`` (see ``options``).
 
-CUDA tensors go to Triton. CPU tensors go to the plain-torch reference, unless the caller asks for "triton"
-(tests do, with TRITON_INTERPRET=1 so the Triton interpreter runs the very kernel the GPU compiles).
-``BAGEL_KERNELS_BACKEND`` overrides the default for a whole process.
+CUDA tensors go to Triton (and, per op, to the Gluon kernels on Hopper where the op's dispatcher finds them
+applicable); CPU tensors go to the plain-torch reference, unless the options ask for "triton" (tests do, with
+TRITON_INTERPRET=1 so the Triton interpreter runs the very kernel the GPU compiles).
 """
 from __future__ import annotations
 
 import functools
-import os
 from typing import Literal
 
 import torch
+import triton
+import triton.knobs
 
-Backend = Literal["triton", "reference"]
-_VALID = ("triton", "reference")
+from .options import KernelOptions, resolve_options
+
+Family = Literal["triton", "reference"]
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether Triton runs kernels in its CPU interpreter (Triton's own TRITON_INTERPRET knob, asked of Triton)."""
+    return bool(triton.knobs.runtime.interpret)
 
 
-def resolve_backend(device: torch.device, backend: str | None = None) -> Backend:
-    """Pick the backend for tensors on ``device``; an explicit ``backend`` wins, then the environment."""
-    choice = backend or os.environ.get("BAGEL_KERNELS_BACKEND") or None
-    if choice is not None:
-        if choice not in _VALID:
-            raise ValueError(f"unknown kernel backend {choice!r}; expected one of {_VALID}")
-        if choice == "triton" and device.type != "cuda" and not triton_interpreting():
+def resolve_backend(device: torch.device, options: KernelOptions | None = None) -> Family:
+    """The kernel family for tensors on ``device``: "reference" (plain torch) or "triton" (Triton, or Gluon where
+    the op's dispatcher finds it applicable: ``use_gluon``)."""
+    opts = resolve_options(options)
+    if opts.backend == "reference" or (opts.backend == "auto" and device.type != "cuda"):
+        return "reference"
+    if device.type != "cuda":
+        if opts.backend == "gluon":
+            raise RuntimeError("backend='gluon' runs on a Hopper GPU; these tensors are on the CPU")
+        if not triton_interpreting():
             raise RuntimeError(
                 "backend='triton' on a CPU tensor needs the Triton interpreter: set TRITON_INTERPRET=1 "
                 "before importing triton (tests/conftest.py does)"
             )
-        return choice  # type: ignore[return-value]
-    return "triton" if device.type == "cuda" else "reference"
+    return "triton"
 
 
-Mode = Literal["exact", "fast"]
-_MODES = ("exact", "fast")
-
-
-def resolve_mode(mode: str | None = None) -> Mode:
-    """"exact" (default): every GEMM is the batch-invariant Triton kernel, so sequence-parallel runs reproduce one
-    device bit for bit. "fast": dense projections may call cuBLAS, which picks its algorithm from M — rows then
-    depend on how many tokens share the call, and parallel runs match one device only to rounding.
-    ``BAGEL_KERNELS_MODE`` sets the process default."""
-    choice = mode or os.environ.get("BAGEL_KERNELS_MODE") or "exact"
-    if choice not in _MODES:
-        raise ValueError(f"unknown kernel mode {choice!r}; expected one of {_MODES}")
-    return choice  # type: ignore[return-value]
+def use_gluon(device: torch.device, dtype: torch.dtype, options: KernelOptions | None = None) -> bool:
+    """Whether the options allow the Gluon kernels and the hardware runs them (the op decides whether the call is
+    one its Gluon kernel covers)."""
+    return resolve_options(options).backend in ("auto", "gluon") and gluon_available(device, dtype)
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,8 +5,9 @@ K/V). Each segment is blocked from its own start in a fixed order, so the bits o
 other rows, heads, sequences or ranks in the launch. The state can be carried across launches (resumable attention,
 used by exact ring attention); ``finalize=False`` returns it instead of the output.
 
-Backends: the plain-torch reference (CPU), the Triton kernel (CUDA; the CPU interpreter in tests), and on Hopper the
-warp-specialized Gluon kernel for the common launch (``attention_gluon``) — bit for bit the Triton kernel's rows.
+Backends (``KernelOptions``; ``joint_attention`` is the one place that chooses): the plain-torch reference (CPU),
+the Triton kernel (CUDA; the CPU interpreter in tests), and on Hopper the warp-specialized Gluon kernel for the
+common launch (``attention_gluon.gluon_attention_supported``) — bit for bit the Triton kernel's rows.
 """
 from __future__ import annotations
 
@@ -14,21 +15,22 @@ import math
 
 import torch
 
-from ._dispatch import resolve_backend
+from ._dispatch import resolve_backend, use_gluon
+from ._launch import TRITON_BLOCK_M, TRITON_BLOCK_N
+from .attention_gluon import attention_gluon, gluon_attention_supported
 from .attention_reference import REF_BLOCK_N, attention_reference, finalize_reference
-from .linear import ROW_TILE
+from .attention_triton import attention_triton
 from .attention_types import AttentionOutput, AttentionState, ContiguousKV, PagedKV, Segment
+from .linear import ROW_TILE
+from .options import KernelOptions, resolve_options
 
 __all__ = ["joint_attention", "token_alignment", "prefill_visible_end"]
 
 
-def token_alignment(device: torch.device | str, backend: str | None = None) -> int:
+def token_alignment(device: torch.device | str, options: KernelOptions | None = None) -> int:
     """Row alignment for token splits: a multiple of the backend's fixed query and KV blocks, so every real token
     keeps its block position (and its row position inside a query tile) in every parallel layout (DESIGN.md §3)."""
-    b = resolve_backend(torch.device(device), backend)
-    if b == "triton":
-        from .attention_triton import TRITON_BLOCK_M, TRITON_BLOCK_N
-
+    if resolve_backend(torch.device(device), options) == "triton":
         return max(TRITON_BLOCK_M, TRITON_BLOCK_N)
     return max(REF_BLOCK_N, ROW_TILE)
 
@@ -88,6 +90,12 @@ def _check_indices(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, max_s
         lens = _host_values(s.seqlens)
         if isinstance(s, ContiguousKV):
             cuk = _host_values(s.cu_seqlens)
+            if cuk is not None and lens is not None:  # starts + lengths: starts in any order, rows may be shared
+                room = [s.k.shape[0] - a for a in cuk[:-1]]
+                if len(cuk) != len(lens) + 1 or min(cuk) < 0 or any(not 0 <= n <= r for n, r in zip(lens, room)):
+                    raise ValueError(f"segment {i}: seqlens {lens[:8]} exceed the rows the KV holds {room[:8]} "
+                                     f"from their starts {cuk[:8]} (or are negative)")
+                continue
             room = _check_offsets(f"segment {i} cu_seqlens", cuk, s.k.shape[0], s.max_seqlen) if cuk is not None else None
             if lens is not None:
                 room = room if room is not None else [s.k.shape[0]] * len(lens)
@@ -157,7 +165,7 @@ def joint_attention(
     q_head_offset: int = 0,
     state: AttentionState | None = None,
     finalize: bool = True,
-    backend: str | None = None,
+    options: KernelOptions | None = None,
     out: torch.Tensor | None = None,
 ) -> AttentionOutput | AttentionState:
     """Attention of ``q`` (Tq, Hq, D) over ``segments`` in order.
@@ -169,6 +177,7 @@ def joint_attention(
       sequence-local); earlier segments (the context) are fully visible. See ``prefill_visible_end``.
     - ``state``/``finalize``: resume from and/or return the fp32 running state (exact ring attention).
     - ``out``: optional preallocated (Tq, Hq, D) output the result is written into.
+    - ``options``: which kernel runs (``KernelOptions.backend``) and the Gluon kernel's schedule.
     """
     group = _check(q, segments, cu_seqlens_q, gqa_group, q_head_offset, max_seqlen_q)
     tq, hq, d = q.shape
@@ -179,12 +188,17 @@ def joint_attention(
         max_seqlen_q = tq
     if visible_end is not None and visible_end.shape != (tq,):
         raise ValueError(f"visible_end must have shape ({tq},), got {tuple(visible_end.shape)}")
-    which = resolve_backend(q.device, backend)
+    opts = resolve_options(options)
+    which = resolve_backend(q.device, opts)
     if state is not None and state.backend != which:
         raise ValueError(f"attention state was made by the {state.backend!r} backend, cannot resume on {which!r}")
     if which == "triton":
-        from .attention_triton import attention_triton
-
+        if use_gluon(q.device, q.dtype, opts) and gluon_attention_supported(q, segments, visible_end, state, finalize,
+                                                                            out):
+            # Hopper, the common launch: the warp-specialized kernel, bit for bit the Triton kernel's arithmetic.
+            return attention_gluon(q, segments, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, scale=scale,
+                                   gqa_group=group, q_head_offset=q_head_offset, out=out,
+                                   schedule=opts.attention_schedule)
         return attention_triton(q, segments, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, scale=scale,
                                 gqa_group=group, q_head_offset=q_head_offset, visible_end=visible_end, state=state,
                                 finalize=finalize, out=out)

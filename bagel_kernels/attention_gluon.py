@@ -7,7 +7,7 @@ ring of shared-memory stages (separate K and V barriers, so QK^T starts before V
 warpgroups each own 64 of the tile's 128 query rows. The consumers are independent partitions with no CTA-wide
 barrier between them, so one warpgroup's softmax runs while the other's wgmma keeps the tensor cores busy; inside a
 warpgroup QK^T of block i is issued before P·V of block i-1, so its own softmax also runs under a wgmma (FA3's
-intra-warpgroup overlap; ``BAGEL_ATTN_OVERLAP=0`` runs the plain loop, same bits). A segment's partial last block
+intra-warpgroup overlap). A segment's partial last block
 runs on the first 16 rows of the stage when it has at most 16 real keys (the 2-key remainder of 4098 or 1026
 current tokens) and on half the stage when it has at most 64: less wgmma and softmax work, same bits (see
 ``_partial_block``). A sequence's last query tile with at most 8 rows (4098 and 1026 queries end on 2) is packed
@@ -32,28 +32,24 @@ Used for the common launch only (see ``gluon_attention_supported``): 16-bit inpu
 no resumable state, at most one context segment (contiguous or paged with TMA-friendly pages) plus the current
 tokens. Everything else stays on the Triton kernel.
 """
-from __future__ import annotations
-
 import functools
-import os
 
 import torch
 import triton
 
-from ._dispatch import gluon_available
-from .attention_triton import LOG2E, TRITON_BLOCK_M, TRITON_BLOCK_N, _contiguous_meta, _dummy, _i32
+from ._gluon_common import _HAVE_GLUON
+from ._launch import LOG2E, TRITON_BLOCK_M, TRITON_BLOCK_N, _contiguous_meta, _dummy, _i32
 from .attention_types import AttentionOutput, ContiguousKV, PagedKV
 
-try:  # Gluon ships with Triton >= 3.5; the project pins 3.6 (CPU CI imports this module, never launches it)
+if _HAVE_GLUON:  # Gluon ships with Triton >= 3.5; the project pins 3.6 (CPU CI imports this module, never launches it)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
-    _HAVE_GLUON = True
-except ImportError:  # pragma: no cover - older Triton
-    _HAVE_GLUON = False
+
+    from ._gluon_common import SCALAR, aggregate, field, phase
 
 BLOCK_M = TRITON_BLOCK_M  # query rows per CTA (128)
 WG_M = BLOCK_M // 2  # rows per consumer warpgroup
@@ -62,24 +58,22 @@ HEAD_DIM = 128
 STAGES = 3  # Q (32 KiB) + 3 x (K 32 KiB + V 32 KiB) = 224 KiB of the 227 KiB
 MAXNREG = 168  # 65536 registers / (3 warpgroups x 128 threads)
 PRODUCER_REGS = 56  # the producer warp's share; the consumer warpgroups get the rest
-OVERLAP = os.environ.get("BAGEL_ATTN_OVERLAP", "1") != "0"  # exploration switch: the plain loop gives the same bits
 # How the key blocks are pipelined; every schedule gives the same bits, only the issue order differs.
 # "segment": each segment its own software pipeline, its short last block run after it drains. "chained": one
 # pipeline through both segments, short blocks (16/64/128 keys wide) included as links, so it never drains before
 # the end. "auto" (the default) chains where the context has at least one full block (H100: +1-2 % at 1024² with
 # contexts of 1024 and 8192 keys) and keeps "segment" for short or absent contexts (chained is 7 % slower at 512²
-# with a 64-key context). BAGEL_ATTN_SCHEDULE overrides it.
+# with a 64-key context). ``KernelOptions.attention_schedule`` overrides it.
 SCHEDULES = {"segment": 0, "chained": 1}
 
 
-def _schedule(ctx) -> int:
-    name = os.environ.get("BAGEL_ATTN_SCHEDULE", "auto")
+def _schedule(ctx, name: str = "auto") -> int:
     if name == "auto":
         # the host's bound on the context length (no device sync): it picks an issue order, never a number
         name = "chained" if ctx is not None and ctx.span >= BLOCK_N else "segment"
     if name not in SCHEDULES:
-        raise ValueError(f"BAGEL_ATTN_SCHEDULE={name!r}: expected 'auto' or one of {sorted(SCHEDULES)}")
-    return SCHEDULES[name] if OVERLAP else SCHEDULES["segment"]  # the plain loop (exploration) runs per segment
+        raise ValueError(f"attention schedule {name!r}: expected 'auto' or one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name]
 
 
 if _HAVE_GLUON:
@@ -87,6 +81,161 @@ if _HAVE_GLUON:
     # two consumer warpgroups (multiples of 8).
     _PRODUCER_REGS = gl.constexpr(PRODUCER_REGS)
     _CONSUMER_REGS = gl.constexpr((MAXNREG * 3 - PRODUCER_REGS) // 2 // 8 * 8)
+
+    @aggregate
+    class KVRing:
+        """The ring of K and V stages in shared memory and their mbarriers. Ring slot i (key block i of the tile's
+        stream: the context's blocks, then the current tokens') lives in stage i % NS. A stage's "ready" barrier
+        completes when its TMA copy has landed, its "empty" barrier when both consumer warpgroups have released it.
+        K and V have separate barriers, so QK^T of a block starts before its V has landed."""
+        k_bufs: gl.shared_memory_descriptor
+        v_bufs: gl.shared_memory_descriptor
+        kready: gl.shared_memory_descriptor
+        kempty: gl.shared_memory_descriptor
+        vready: gl.shared_memory_descriptor
+        vempty: gl.shared_memory_descriptor
+
+        @gluon.constexpr_function
+        def __init__(self, k_bufs, v_bufs, kready, kempty, vready, vempty):
+            self.k_bufs = k_bufs
+            self.v_bufs = v_bufs
+            self.kready = kready
+            self.kempty = kempty
+            self.vready = vready
+            self.vempty = vempty
+
+        @gluon.jit
+        def wait_k(self, i):
+            """Consumer: wait until slot i's K has landed."""
+            NS: gl.constexpr = self.k_bufs.shape[0]
+            mbarrier.wait(self.kready.index(i % NS), phase(i, NS))
+
+        @gluon.jit
+        def wait_v(self, i):
+            """Consumer: wait until slot i's V has landed."""
+            NS: gl.constexpr = self.v_bufs.shape[0]
+            mbarrier.wait(self.vready.index(i % NS), phase(i, NS))
+
+        @gluon.jit
+        def release_k(self, i):
+            """Consumer: this warpgroup has read slot i's K."""
+            NS: gl.constexpr = self.k_bufs.shape[0]
+            mbarrier.arrive(self.kempty.index(i % NS), count=1)
+
+        @gluon.jit
+        def release_v(self, i):
+            """Consumer: this warpgroup has read slot i's V."""
+            NS: gl.constexpr = self.v_bufs.shape[0]
+            mbarrier.arrive(self.vempty.index(i % NS), count=1)
+
+        @gluon.jit
+        def k(self, i):
+            NS: gl.constexpr = self.k_bufs.shape[0]
+            return self.k_bufs.index(i % NS)
+
+        @gluon.jit
+        def v(self, i):
+            NS: gl.constexpr = self.v_bufs.shape[0]
+            return self.v_bufs.index(i % NS)
+
+    @aggregate
+    class KVSource:
+        """Where the tile's key blocks are read from by TMA: segment 0 (the context; contiguous rows, or pages
+        through the block table BT0: page p of KV head h starts at TMA row p * R0 + h * RH0, column h * CH0; ROWS0
+        rows in all), then segment 1 (the current tokens' contiguous rows)."""
+        k0_desc: tma.tensor_descriptor
+        v0_desc: tma.tensor_descriptor
+        k1_desc: tma.tensor_descriptor
+        v1_desc: tma.tensor_descriptor
+        BT0: SCALAR
+        s_bt0: SCALAR
+        PAGE0: SCALAR
+        R0: SCALAR
+        RH0: SCALAR
+        CH0: SCALAR
+        ROWS0: SCALAR
+        HAS_CTX: gl.constexpr
+        CTX_PAGED: gl.constexpr
+        HAS_CUR: gl.constexpr
+
+        @gluon.constexpr_function
+        def __init__(self, k0_desc, v0_desc, k1_desc, v1_desc, BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0, HAS_CTX,
+                     CTX_PAGED, HAS_CUR):
+            self.k0_desc = k0_desc
+            self.v0_desc = v0_desc
+            self.k1_desc = k1_desc
+            self.v1_desc = v1_desc
+            self.BT0 = field(BT0)
+            self.s_bt0 = field(s_bt0)
+            self.PAGE0 = field(PAGE0)
+            self.R0 = field(R0)
+            self.RH0 = field(RH0)
+            self.CH0 = field(CH0)
+            self.ROWS0 = field(ROWS0)
+            self.HAS_CTX = gl.constexpr(HAS_CTX)
+            self.CTX_PAGED = gl.constexpr(CTX_PAGED)
+            self.HAS_CUR = gl.constexpr(HAS_CUR)
+
+    @aggregate
+    class Tile:
+        """What one CTA computes: query rows [q_row, q_row + BLOCK_M) of head h (rows_left of them real; a packed
+        last tile of pack_r rows per head holds PACK_G heads, see ``_packed_rows``), which read KV head kvh of
+        sequence b — the context's c_len keys from row c_base, then the current tokens' g_len keys from row
+        g_base. c_dirty / g_dirty: a segment's partial last block reads rows past the segment from inside the
+        storage (not TMA zero-fill), so V is fixed up. o_tma_ok: this sequence ends the storage, so a TMA store's
+        clipping is the row mask."""
+        q_row: SCALAR
+        rows_left: SCALAR
+        pack_r: SCALAR
+        h: SCALAR
+        kvh: SCALAR
+        b: SCALAR
+        c_base: SCALAR
+        c_len: SCALAR
+        g_base: SCALAR
+        g_len: SCALAR
+        c_dirty: SCALAR
+        g_dirty: SCALAR
+        o_tma_ok: SCALAR
+        PACK_G: gl.constexpr
+
+        @gluon.constexpr_function
+        def __init__(self, q_row, rows_left, pack_r, h, kvh, b, c_base, c_len, g_base, g_len, c_dirty, g_dirty,
+                     o_tma_ok, PACK_G):
+            self.q_row = field(q_row)
+            self.rows_left = field(rows_left)
+            self.pack_r = field(pack_r)
+            self.h = field(h)
+            self.kvh = field(kvh)
+            self.b = field(b)
+            self.c_base = field(c_base)
+            self.c_len = field(c_len)
+            self.g_base = field(g_base)
+            self.g_len = field(g_len)
+            self.c_dirty = field(c_dirty)
+            self.g_dirty = field(g_dirty)
+            self.o_tma_ok = field(o_tma_ok)
+            self.PACK_G = gl.constexpr(PACK_G)
+
+    @aggregate
+    class Output:
+        """Where a tile's rows go: the (tokens, HQ, D) output (by TMA through o_desc, or row-masked stores) and the
+        (tokens, HQ) LSE."""
+        o_desc: tma.tensor_descriptor
+        OUT: gl.tensor
+        s_ot: SCALAR
+        s_oh: SCALAR
+        LSE: gl.tensor
+        HQ: SCALAR
+
+        @gluon.constexpr_function
+        def __init__(self, o_desc, OUT, s_ot, s_oh, LSE, HQ):
+            self.o_desc = o_desc
+            self.OUT = OUT
+            self.s_ot = field(s_ot)
+            self.s_oh = field(s_oh)
+            self.LSE = LSE
+            self.HQ = field(HQ)
 
     @gluon.jit
     def _extent(CU, LENS, LEN_S, b, HAS_CU: gl.constexpr, HAS_LENS: gl.constexpr):
@@ -129,78 +278,76 @@ if _HAVE_GLUON:
         gl.thread_barrier()  # every thread of the warpgroup has written before its wgmma reads
 
     @gluon.jit
-    def _page_rows(BT0, s_bt0, PAGE0, R0, RH0, ROWS0, b, kvh, start, c_len, in_ctx, NPB: gl.constexpr,
-                   PB: gl.constexpr):
+    def _page_rows(src, tile, start, in_ctx, NPB: gl.constexpr, PB: gl.constexpr):
         """TMA rows of the NPB pages of one context block, read from the block table in one vector load (shared by
         the block's K and V copies). Pages past the sequence get an out-of-bounds row, i.e. TMA zero-fill, and
         their block-table entries are never read."""
         layout: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
         idx = gl.arange(0, NPB, layout=layout)
         j = start + idx * PB
-        ok = (j < c_len) & in_ctx
-        page = gl.load(BT0 + b * s_bt0 + j // PAGE0, mask=ok, other=0)
-        return gl.where(ok, page * R0 + kvh * RH0 + j % PAGE0, ROWS0), idx
+        ok = (j < tile.c_len) & in_ctx
+        page = gl.load(src.BT0 + tile.b * src.s_bt0 + j // src.PAGE0, mask=ok, other=0)
+        return gl.where(ok, page * src.R0 + tile.kvh * src.RH0 + j % src.PAGE0, src.ROWS0), idx
 
     @gluon.jit
-    def _issue_block(desc0, desc1, i, nb0, start, c_base, g_base, kvh, CH0, page_rows, page_idx, bar, dst,
-                     HAS_CTX: gl.constexpr, CTX_PAGED: gl.constexpr, HAS_CUR: gl.constexpr):
-        """TMA copies of one K (or V) block into ``dst``, completing on ``bar``."""
+    def _issue_block(desc0, desc1, src, tile, i, nb0, start, page_rows, page_idx, bar, dst):
+        """TMA copies of one K (or V: ``desc0``/``desc1`` are that tensor's context and current descriptors) block
+        into ``dst``, completing on ``bar``."""
         HD: gl.constexpr = dst.shape[1]
-        if HAS_CTX:
+        if src.HAS_CTX:
             if i < nb0:
-                if CTX_PAGED:  # one copy per page: the page's rows of this KV head
+                if src.CTX_PAGED:  # one copy per page: the page's rows of this KV head
                     PB: gl.constexpr = desc0.block_type.shape[0]
                     for p in gl.static_range(dst.shape[0] // PB):
                         row = gl.sum(gl.where(page_idx == p, page_rows, 0), axis=0)
-                        tma.async_copy_global_to_shared(desc0, [row, kvh * CH0], bar, dst.slice(p * PB, PB, dim=0))
+                        tma.async_copy_global_to_shared(desc0, [row, tile.kvh * src.CH0], bar,
+                                                        dst.slice(p * PB, PB, dim=0))
                 else:
-                    tma.async_copy_global_to_shared(desc0, [c_base + start, kvh * HD], bar, dst)
-        if HAS_CUR:
+                    tma.async_copy_global_to_shared(desc0, [tile.c_base + start, tile.kvh * HD], bar, dst)
+        if src.HAS_CUR:
             if i >= nb0:
-                tma.async_copy_global_to_shared(desc1, [g_base + start, kvh * HD], bar, dst)
+                tma.async_copy_global_to_shared(desc1, [tile.g_base + start, tile.kvh * HD], bar, dst)
 
     @gluon.jit
-    def _producer(q_desc, q8_desc, k0_desc, v0_desc, k1_desc, v1_desc, BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0,
-                  ROWS1, q_row, q_col, kvh, b, c_base, c_len, g_base, g_len, pack_r,
-                  q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty,
-                  HAS_CTX: gl.constexpr, CTX_PAGED: gl.constexpr, HAS_CUR: gl.constexpr, PACK_G: gl.constexpr):
-        NB: gl.constexpr = k_bufs.shape[1]
-        NS: gl.constexpr = k_bufs.shape[0]
+    def _producer(q_desc, q8_desc, src, tile, q_col, q_smem, q_bar, ring):
+        """The producer warp: Q once, then every key block's K and V by TMA into the ring, in the consumers'
+        order (context blocks, then current blocks), each copy issued as soon as its stage is free."""
+        NB: gl.constexpr = ring.k_bufs.shape[1]
+        NS: gl.constexpr = ring.k_bufs.shape[0]
         WM: gl.constexpr = q_smem.shape[1]
-        KV_BYTES: gl.constexpr = k1_desc.block_type.nbytes  # a whole (BLOCK_N, D) block, paged or not
-        PB: gl.constexpr = k0_desc.block_type.shape[0]  # rows per context copy (a page, for a paged context)
-        HD: gl.constexpr = k_bufs.shape[2]
-        if pack_r > 0:  # a packed last tile: 8 token rows of each of the group's PACK_G heads (see _packed_rows)
+        KV_BYTES: gl.constexpr = src.k1_desc.block_type.nbytes  # a whole (BLOCK_N, D) block, paged or not
+        PB: gl.constexpr = src.k0_desc.block_type.shape[0]  # rows per context copy (a page, for a paged context)
+        HD: gl.constexpr = ring.k_bufs.shape[2]
+        PACK_G: gl.constexpr = tile.PACK_G
+        if tile.pack_r > 0:  # a packed last tile: 8 token rows of each of the group's PACK_G heads (see _packed_rows)
             mbarrier.expect(q_bar, PACK_G * q8_desc.block_type.nbytes)
             for j in gl.static_range(PACK_G):
-                tma.async_copy_global_to_shared(q8_desc, [q_row, q_col + j * HD], q_bar,
+                tma.async_copy_global_to_shared(q8_desc, [tile.q_row, q_col + j * HD], q_bar,
                                                 q_smem.index(0).slice(8 * j, 8, dim=0))
         else:
             mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
-            tma.async_copy_global_to_shared(q_desc, [q_row + WM, q_col], q_bar, q_smem.index(1))
-        nb0 = gl.cdiv(c_len, NB)
-        nblocks = nb0 + gl.cdiv(g_len, NB)
+            tma.async_copy_global_to_shared(q_desc, [tile.q_row, q_col], q_bar, q_smem.index(0))
+            tma.async_copy_global_to_shared(q_desc, [tile.q_row + WM, q_col], q_bar, q_smem.index(1))
+        nb0 = gl.cdiv(tile.c_len, NB)
+        nblocks = nb0 + gl.cdiv(tile.g_len, NB)
         for i in range(nblocks):
             s = i % NS
-            ph = (i // NS) & 1
+            ph = phase(i, NS)
             in_ctx = i < nb0
             start = gl.where(in_ctx, i, i - nb0) * NB
-            # A fresh mbarrier counts as having completed phase "1": the first pass over the ring does not wait.
-            if CTX_PAGED:
-                page_rows, page_idx = _page_rows(BT0, s_bt0, PAGE0, R0, RH0, ROWS0, b, kvh, start, c_len, in_ctx,
-                                                 NB // PB, PB)
+            if src.CTX_PAGED:
+                page_rows, page_idx = _page_rows(src, tile, start, in_ctx, NB // PB, PB)
             else:
                 page_rows = 0
                 page_idx = 0
-            mbarrier.wait(kempty.index(s), ph ^ 1)
-            mbarrier.expect(kready.index(s), KV_BYTES)
-            _issue_block(k0_desc, k1_desc, i, nb0, start, c_base, g_base, kvh, CH0, page_rows, page_idx,
-                         kready.index(s), k_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
-            mbarrier.wait(vempty.index(s), ph ^ 1)
-            mbarrier.expect(vready.index(s), KV_BYTES)
-            _issue_block(v0_desc, v1_desc, i, nb0, start, c_base, g_base, kvh, CH0, page_rows, page_idx,
-                         vready.index(s), v_bufs.index(s), HAS_CTX, CTX_PAGED, HAS_CUR)
+            mbarrier.wait(ring.kempty.index(s), ph ^ 1)
+            mbarrier.expect(ring.kready.index(s), KV_BYTES)
+            _issue_block(src.k0_desc, src.k1_desc, src, tile, i, nb0, start, page_rows, page_idx,
+                         ring.kready.index(s), ring.k_bufs.index(s))
+            mbarrier.wait(ring.vempty.index(s), ph ^ 1)
+            mbarrier.expect(ring.vready.index(s), KV_BYTES)
+            _issue_block(src.v0_desc, src.v1_desc, src, tile, i, nb0, start, page_rows, page_idx,
+                         ring.vready.index(s), ring.v_bufs.index(s))
 
     @gluon.jit
     def _softmax_step(sc, m_i, l_i, qk_scale):
@@ -216,104 +363,80 @@ if _HAVE_GLUON:
         return m_new, l_i, alpha, p
 
     @gluon.jit
-    def _scores(q, k, ready, empty, phase, zero_s):
-        """S = Q K^T of one landed K block (unscaled); the K stage is released as soon as the wgmma has read it."""
-        mbarrier.wait(ready, phase)
+    def _scores(q, k, ring, i, zero_s):
+        """S = Q K^T of ring slot i's landed K (``k``: its stage, or its first keys), unscaled; the K stage is
+        released as soon as the wgmma has read it."""
+        ring.wait_k(i)
         sc = warpgroup_mma(q, k.permute((1, 0)), zero_s, is_async=True)
         sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-        mbarrier.arrive(empty, count=1)
+        ring.release_k(i)
         return sc
 
     @gluon.jit
-    def _full_blocks(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, count, acc, m_i, l_i, qk_scale,
-                     OVERLAP: gl.constexpr):
+    def _full_blocks(q, ring, first, count, acc, m_i, l_i, qk_scale):
         """``count`` full key blocks (ring slots first .., no masks) into the running state (acc, m, l)."""
-        NB: gl.constexpr = k_bufs.shape[1]
-        NS: gl.constexpr = k_bufs.shape[0]
+        NB: gl.constexpr = ring.k_bufs.shape[1]
         WM: gl.constexpr = q.shape[0]
-        dtype: gl.constexpr = k_bufs.dtype
+        dtype: gl.constexpr = ring.k_bufs.dtype
         mma: gl.constexpr = acc.type.layout
         p_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         zero_s = gl.zeros([WM, NB], gl.float32, layout=mma)
-        if OVERLAP:
-            if count > 0:
-                # Software pipeline (FA3's intra-warpgroup overlap): QK^T of block i is issued before P·V of block
-                # i-1, and block i's softmax runs while that P·V is still on the tensor cores. Each row still sees
-                # acc = acc * alpha_i + P_i V_i in block order: the same numbers as the plain loop.
-                s = first % NS
-                sc = _scores(q, k_bufs.index(s), kready.index(s), kempty.index(s), (first // NS) & 1, zero_s)
+        if count > 0:
+            # Software pipeline (FA3's intra-warpgroup overlap): QK^T of block i is issued before P·V of block
+            # i-1, and block i's softmax runs while that P·V is still on the tensor cores. Each row still sees
+            # acc = acc * alpha_i + P_i V_i in block order: the numbers of a plain loop.
+            sc = _scores(q, ring.k(first), ring, first, zero_s)
+            m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
+            acc = acc * alpha[:, None]
+            p16 = gl.convert_layout(p.to(dtype), p_op)
+            for i in range(first + 1, first + count):
+                ring.wait_k(i)
+                sc = warpgroup_mma(q, ring.k(i).permute((1, 0)), zero_s, is_async=True)
+                ring.wait_v(i - 1)
+                acc = warpgroup_mma(p16, ring.v(i - 1), acc, is_async=True)
+                sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))  # groups retire in order: QK^T is done
+                ring.release_k(i)
                 m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
-                acc = acc * alpha[:, None]
-                p16 = gl.convert_layout(p.to(dtype), p_op)
-                for i in range(first + 1, first + count):
-                    s = i % NS
-                    sp = (i - 1) % NS
-                    mbarrier.wait(kready.index(s), (i // NS) & 1)
-                    sc = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), zero_s, is_async=True)
-                    mbarrier.wait(vready.index(sp), ((i - 1) // NS) & 1)
-                    acc = warpgroup_mma(p16, v_bufs.index(sp), acc, is_async=True)
-                    sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))  # groups retire in order: QK^T is done
-                    mbarrier.arrive(kempty.index(s), count=1)
-                    m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
-                    acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
-                    mbarrier.arrive(vempty.index(sp), count=1)
-                    acc = acc * alpha[:, None]
-                    p16 = gl.convert_layout(p.to(dtype), p_op)
-                last = first + count - 1
-                sl = last % NS
-                mbarrier.wait(vready.index(sl), (last // NS) & 1)
-                acc = warpgroup_mma(p16, v_bufs.index(sl), acc, is_async=True)
                 acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
-                mbarrier.arrive(vempty.index(sl), count=1)
-        else:
-            for i in range(first, first + count):
-                s = i % NS
-                ph = (i // NS) & 1
-                sc = _scores(q, k_bufs.index(s), kready.index(s), kempty.index(s), ph, zero_s)
-                m_i, l_i, alpha, p = _softmax_step(sc, m_i, l_i, qk_scale)
+                ring.release_v(i - 1)
                 acc = acc * alpha[:, None]
                 p16 = gl.convert_layout(p.to(dtype), p_op)
-                mbarrier.wait(vready.index(s), ph)
-                acc = warpgroup_mma(p16, v_bufs.index(s), acc, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(vempty.index(s), count=1)
+            last = first + count - 1
+            ring.wait_v(last)
+            acc = warpgroup_mma(p16, ring.v(last), acc, is_async=True)
+            acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+            ring.release_v(last)
         return acc, m_i, l_i
 
     @gluon.jit
-    def _partial_block(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, n_valid, dirty, acc, m_i, l_i,
-                       qk_scale, KN: gl.constexpr):
+    def _partial_block(q, ring, slot, n_valid, dirty, acc, m_i, l_i, qk_scale, KN: gl.constexpr):
         """A segment's last block with ``n_valid`` < BLOCK_N real keys, on the first KN rows of the stage: KN = 16
         when n_valid <= 16, 64 when n_valid <= 64 (an eighth / half of the wgmma and softmax work), else the whole
         block. Same numbers either way: the keys a shorter block leaves out score -inf in the whole block, so they
         add exact zeros to every max, sum and product of that row (the Triton kernel runs the whole masked block)."""
         # a one-link chain: its QK^T and softmax, then its P·V
-        acc, m_i, l_i, p16 = _chain_start(q, k_bufs, kready, kempty, ring, n_valid, m_i, l_i, acc, qk_scale, KN)
-        acc = _chain_end(v_bufs, vready, vempty, ring, p16, n_valid, dirty, acc)
+        acc, m_i, l_i, p16 = _chain_start(q, ring, slot, n_valid, m_i, l_i, acc, qk_scale, KN)
+        acc = _chain_end(ring, slot, p16, n_valid, dirty, acc)
         return acc, m_i, l_i
 
     @gluon.jit
-    def _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, seg_len, dirty, acc, m_i, l_i, qk_scale,
-                 OVERLAP: gl.constexpr):
+    def _segment(q, ring, first, seg_len, dirty, acc, m_i, l_i, qk_scale):
         """One segment from its own start: its full blocks, then its partial last block. Returns the state and the
         next ring slot."""
-        NB: gl.constexpr = k_bufs.shape[1]
+        NB: gl.constexpr = ring.k_bufs.shape[1]
         n_full = seg_len // NB
         tail = seg_len - n_full * NB
-        acc, m_i, l_i = _full_blocks(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, n_full, acc, m_i, l_i,
-                                     qk_scale, OVERLAP)
-        ring = first + n_full
+        acc, m_i, l_i = _full_blocks(q, ring, first, n_full, acc, m_i, l_i, qk_scale)
+        slot = first + n_full
         if tail > 0:
             if tail <= 16:  # e.g. the 2-key remainder of 4098 or 1026 current tokens
-                acc, m_i, l_i = _partial_block(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, tail, dirty,
-                                               acc, m_i, l_i, qk_scale, 16)
+                acc, m_i, l_i = _partial_block(q, ring, slot, tail, dirty, acc, m_i, l_i, qk_scale, 16)
             elif tail <= NB // 2:
-                acc, m_i, l_i = _partial_block(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, tail, dirty,
-                                               acc, m_i, l_i, qk_scale, NB // 2)
+                acc, m_i, l_i = _partial_block(q, ring, slot, tail, dirty, acc, m_i, l_i, qk_scale, NB // 2)
             else:
-                acc, m_i, l_i = _partial_block(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, tail, dirty,
-                                               acc, m_i, l_i, qk_scale, NB)
-            ring += 1
-        return acc, m_i, l_i, ring
+                acc, m_i, l_i = _partial_block(q, ring, slot, tail, dirty, acc, m_i, l_i, qk_scale, NB)
+            slot += 1
+        return acc, m_i, l_i, slot
 
     @gluon.constexpr_function
     def _kn_layout(KN):
@@ -337,153 +460,132 @@ if _HAVE_GLUON:
                 p16)
 
     @gluon.jit
-    def _chain_start(q, k_bufs, kready, kempty, i, n_valid, m_i, l_i, acc, qk_scale, KN: gl.constexpr):
-        """The chain's first link: QK^T of ring block i (first KN keys of its stage) and its softmax; its P·V is
+    def _chain_start(q, ring, i, n_valid, m_i, l_i, acc, qk_scale, KN: gl.constexpr):
+        """The chain's first link: QK^T of ring slot i (first KN keys of its stage) and its softmax; its P·V is
         left pending. Returns (acc rescaled, m, l, P)."""
-        NS: gl.constexpr = k_bufs.shape[0]
         WM: gl.constexpr = q.shape[0]
-        dtype: gl.constexpr = k_bufs.dtype
+        dtype: gl.constexpr = ring.k_bufs.dtype
         mma: gl.constexpr = acc.type.layout
-        s = i % NS
-        sc = _scores(q, k_bufs.index(s).slice(0, KN, dim=0), kready.index(s), kempty.index(s), (i // NS) & 1,
-                     gl.zeros([WM, KN], gl.float32, layout=_kn_layout(KN)))
+        sc = _scores(q, ring.k(i).slice(0, KN, dim=0), ring, i, gl.zeros([WM, KN], gl.float32, layout=_kn_layout(KN)))
         m_i, l_i, alpha, p16 = _masked_softmax(sc, n_valid, m_i, l_i, qk_scale, dtype, mma)
         return acc * alpha[:, None], m_i, l_i, p16
 
     @gluon.jit
-    def _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, i, n_valid, p_prev, n_prev, dirty_prev,
-                    acc, m_i, l_i, qk_scale, KN: gl.constexpr):
-        """One link of the chained pipeline: QK^T of ring block i (KN keys) is issued before P·V of block i-1
-        (``p_prev``, as many keys as its width), so block i's softmax runs under that P·V. The widths may
+    def _chain_step(q, ring, i, n_valid, p_prev, n_prev, dirty_prev, acc, m_i, l_i, qk_scale, KN: gl.constexpr):
+        """One link of the chained pipeline: QK^T of ring slot i (KN keys) is issued before P·V of slot i-1
+        (``p_prev``, as many keys as its width), so slot i's softmax runs under that P·V. The widths may
         differ: this is how a segment's short last block joins the pipeline instead of draining it."""
-        NS: gl.constexpr = k_bufs.shape[0]
         WM: gl.constexpr = q.shape[0]
         KP: gl.constexpr = p_prev.shape[1]
-        dtype: gl.constexpr = k_bufs.dtype
+        dtype: gl.constexpr = ring.k_bufs.dtype
         mma: gl.constexpr = acc.type.layout
-        s = i % NS
-        sp = (i - 1) % NS
-        mbarrier.wait(kready.index(s), (i // NS) & 1)
-        sc = warpgroup_mma(q, k_bufs.index(s).slice(0, KN, dim=0).permute((1, 0)),
+        ring.wait_k(i)
+        sc = warpgroup_mma(q, ring.k(i).slice(0, KN, dim=0).permute((1, 0)),
                            gl.zeros([WM, KN], gl.float32, layout=_kn_layout(KN)), is_async=True)
-        mbarrier.wait(vready.index(sp), ((i - 1) // NS) & 1)
-        v = v_bufs.index(sp).slice(0, KP, dim=0)
+        ring.wait_v(i - 1)
+        v = ring.v(i - 1).slice(0, KP, dim=0)
         if dirty_prev & (n_prev < KP):
             _zero_rows_from(v, n_prev)
         acc = warpgroup_mma(p_prev, v, acc, is_async=True)
         sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))  # groups retire in order: QK^T is done
-        mbarrier.arrive(kempty.index(s), count=1)
+        ring.release_k(i)
         m_i, l_i, alpha, p16 = _masked_softmax(sc, n_valid, m_i, l_i, qk_scale, dtype, mma)
         acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_prev))
-        mbarrier.arrive(vempty.index(sp), count=1)
+        ring.release_v(i - 1)
         return acc * alpha[:, None], m_i, l_i, p16
 
     @gluon.jit
-    def _chain_end(v_bufs, vready, vempty, i, p_prev, n_prev, dirty_prev, acc):
-        """The last P·V of the chain (ring block i, ``p_prev``'s width)."""
-        NS: gl.constexpr = v_bufs.shape[0]
+    def _chain_end(ring, i, p_prev, n_prev, dirty_prev, acc):
+        """The last P·V of the chain (ring slot i, ``p_prev``'s width)."""
         KP: gl.constexpr = p_prev.shape[1]
-        s = i % NS
-        mbarrier.wait(vready.index(s), (i // NS) & 1)
-        v = v_bufs.index(s).slice(0, KP, dim=0)
+        ring.wait_v(i)
+        v = ring.v(i).slice(0, KP, dim=0)
         if dirty_prev & (n_prev < KP):
             _zero_rows_from(v, n_prev)
         acc = warpgroup_mma(p_prev, v, acc, is_async=True)
         acc, p_prev = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_prev))
-        mbarrier.arrive(vempty.index(s), count=1)
+        ring.release_v(i)
         return acc
 
     @gluon.jit
-    def _chain_full(q, k_bufs, v_bufs, kready, kempty, vready, vempty, first, count, p16, acc, m_i, l_i, qk_scale):
+    def _chain_full(q, ring, first, count, p16, acc, m_i, l_i, qk_scale):
         """Full blocks first..first+count-1 chained after a pending P (no masks, nothing dirty)."""
-        NB: gl.constexpr = k_bufs.shape[1]
+        NB: gl.constexpr = ring.k_bufs.shape[1]
         for i in range(first, first + count):
-            acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, i, NB, p16, NB,
-                                             False, acc, m_i, l_i, qk_scale, NB)
+            acc, m_i, l_i, p16 = _chain_step(q, ring, i, NB, p16, NB, False, acc, m_i, l_i, qk_scale, NB)
         return acc, m_i, l_i, p16
 
     @gluon.jit
-    def _chained(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty, g_dirty, acc, m_i, l_i,
-                 qk_scale):
+    def _chained(q, ring, tile, acc, m_i, l_i, qk_scale):
         """Both segments as ONE software pipeline, each segment's short last block (16, 64 or 128 keys wide)
         included as a link: the pipeline never drains at the context/current boundary or before the last block.
         Needs at least one full current block (the caller checks). Same numbers as ``_segment``: every block's
         keys, width, mask and update are the same, only the issue order of independent wgmmas differs."""
-        NB: gl.constexpr = k_bufs.shape[1]
+        NB: gl.constexpr = ring.k_bufs.shape[1]
+        c_len = tile.c_len
+        c_dirty = tile.c_dirty
+        g_dirty = tile.g_dirty
         nc_full = c_len // NB
         c_tail = c_len - nc_full * NB
         nb0 = nc_full + (c_tail > 0).to(gl.int32)
-        ng_full = g_len // NB
-        g_tail = g_len - ng_full * NB
+        ng_full = tile.g_len // NB
+        g_tail = tile.g_len - ng_full * NB
         # 1. the context, ending with the first current block's softmax done and its P·V pending (width NB)
         if nc_full > 0:
-            acc, m_i, l_i, p16 = _chain_start(q, k_bufs, kready, kempty, 0, NB, m_i, l_i, acc, qk_scale, NB)
-            acc, m_i, l_i, p16 = _chain_full(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 1, nc_full - 1, p16,
-                                             acc, m_i, l_i, qk_scale)
+            acc, m_i, l_i, p16 = _chain_start(q, ring, 0, NB, m_i, l_i, acc, qk_scale, NB)
+            acc, m_i, l_i, p16 = _chain_full(q, ring, 1, nc_full - 1, p16, acc, m_i, l_i, qk_scale)
             if c_tail == 0:
-                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, NB, p16, NB,
-                                                 False, acc, m_i, l_i, qk_scale, NB)
+                acc, m_i, l_i, p16 = _chain_step(q, ring, nb0, NB, p16, NB, False, acc, m_i, l_i, qk_scale, NB)
             elif c_tail <= 16:
-                acc, m_i, l_i, p_16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nc_full, c_tail,
-                                                p16, NB, False, acc, m_i, l_i, qk_scale, 16)
-                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, NB, p_16,
-                                                 c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
+                acc, m_i, l_i, p_16 = _chain_step(q, ring, nc_full, c_tail, p16, NB, False, acc, m_i, l_i, qk_scale,
+                                                  16)
+                acc, m_i, l_i, p16 = _chain_step(q, ring, nb0, NB, p_16, c_tail, c_dirty, acc, m_i, l_i, qk_scale,
+                                                 NB)
             elif c_tail <= NB // 2:
-                acc, m_i, l_i, p_64 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nc_full, c_tail,
-                                                p16, NB, False, acc, m_i, l_i, qk_scale, NB // 2)
-                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, NB, p_64,
-                                                 c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
+                acc, m_i, l_i, p_64 = _chain_step(q, ring, nc_full, c_tail, p16, NB, False, acc, m_i, l_i, qk_scale,
+                                                  NB // 2)
+                acc, m_i, l_i, p16 = _chain_step(q, ring, nb0, NB, p_64, c_tail, c_dirty, acc, m_i, l_i, qk_scale,
+                                                 NB)
             else:
-                acc, m_i, l_i, p_nb = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nc_full, c_tail,
-                                                p16, NB, False, acc, m_i, l_i, qk_scale, NB)
-                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0, NB, p_nb,
-                                                 c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
+                acc, m_i, l_i, p_nb = _chain_step(q, ring, nc_full, c_tail, p16, NB, False, acc, m_i, l_i, qk_scale,
+                                                  NB)
+                acc, m_i, l_i, p16 = _chain_step(q, ring, nb0, NB, p_nb, c_tail, c_dirty, acc, m_i, l_i, qk_scale,
+                                                 NB)
         else:
             if c_tail == 0:
-                acc, m_i, l_i, p16 = _chain_start(q, k_bufs, kready, kempty, 0, NB, m_i, l_i, acc, qk_scale, NB)
+                acc, m_i, l_i, p16 = _chain_start(q, ring, 0, NB, m_i, l_i, acc, qk_scale, NB)
             elif c_tail <= 16:
-                acc, m_i, l_i, p_16 = _chain_start(q, k_bufs, kready, kempty, 0, c_tail, m_i, l_i, acc, qk_scale,
-                                                    16)
-                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 1, NB, p_16,
-                                                 c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
+                acc, m_i, l_i, p_16 = _chain_start(q, ring, 0, c_tail, m_i, l_i, acc, qk_scale, 16)
+                acc, m_i, l_i, p16 = _chain_step(q, ring, 1, NB, p_16, c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
             elif c_tail <= NB // 2:
-                acc, m_i, l_i, p_64 = _chain_start(q, k_bufs, kready, kempty, 0, c_tail, m_i, l_i, acc, qk_scale,
-                                                    NB // 2)
-                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 1, NB, p_64,
-                                                 c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
+                acc, m_i, l_i, p_64 = _chain_start(q, ring, 0, c_tail, m_i, l_i, acc, qk_scale, NB // 2)
+                acc, m_i, l_i, p16 = _chain_step(q, ring, 1, NB, p_64, c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
             else:
-                acc, m_i, l_i, p_nb = _chain_start(q, k_bufs, kready, kempty, 0, c_tail, m_i, l_i, acc, qk_scale,
-                                                    NB)
-                acc, m_i, l_i, p16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 1, NB, p_nb,
-                                                 c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
+                acc, m_i, l_i, p_nb = _chain_start(q, ring, 0, c_tail, m_i, l_i, acc, qk_scale, NB)
+                acc, m_i, l_i, p16 = _chain_step(q, ring, 1, NB, p_nb, c_tail, c_dirty, acc, m_i, l_i, qk_scale, NB)
         # 2. the remaining full current blocks
-        acc, m_i, l_i, p16 = _chain_full(q, k_bufs, v_bufs, kready, kempty, vready, vempty, nb0 + 1, ng_full - 1,
-                                         p16, acc, m_i, l_i, qk_scale)
+        acc, m_i, l_i, p16 = _chain_full(q, ring, nb0 + 1, ng_full - 1, p16, acc, m_i, l_i, qk_scale)
         # 3. the current tokens' short last block, then the last P·V
         last = nb0 + ng_full
         if g_tail == 0:
-            acc = _chain_end(v_bufs, vready, vempty, last - 1, p16, NB, False, acc)
+            acc = _chain_end(ring, last - 1, p16, NB, False, acc)
         elif g_tail <= 16:
-            acc, m_i, l_i, p_16 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, last, g_tail, p16, NB,
-                                            False, acc, m_i, l_i, qk_scale, 16)
-            acc = _chain_end(v_bufs, vready, vempty, last, p_16, g_tail, g_dirty, acc)
+            acc, m_i, l_i, p_16 = _chain_step(q, ring, last, g_tail, p16, NB, False, acc, m_i, l_i, qk_scale, 16)
+            acc = _chain_end(ring, last, p_16, g_tail, g_dirty, acc)
         elif g_tail <= NB // 2:
-            acc, m_i, l_i, p_64 = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, last, g_tail, p16, NB,
-                                            False, acc, m_i, l_i, qk_scale, NB // 2)
-            acc = _chain_end(v_bufs, vready, vempty, last, p_64, g_tail, g_dirty, acc)
+            acc, m_i, l_i, p_64 = _chain_step(q, ring, last, g_tail, p16, NB, False, acc, m_i, l_i, qk_scale, NB // 2)
+            acc = _chain_end(ring, last, p_64, g_tail, g_dirty, acc)
         else:
-            acc, m_i, l_i, p_nb = _chain_step(q, k_bufs, v_bufs, kready, kempty, vready, vempty, last, g_tail, p16, NB,
-                                            False, acc, m_i, l_i, qk_scale, NB)
-            acc = _chain_end(v_bufs, vready, vempty, last, p_nb, g_tail, g_dirty, acc)
+            acc, m_i, l_i, p_nb = _chain_step(q, ring, last, g_tail, p16, NB, False, acc, m_i, l_i, qk_scale, NB)
+            acc = _chain_end(ring, last, p_nb, g_tail, g_dirty, acc)
         return acc, m_i, l_i
 
     @gluon.jit
-    def _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty, g_dirty, qk_scale,
-                OVERLAP: gl.constexpr, SCHEDULE: gl.constexpr):
+    def _attend(q, ring, tile, qk_scale, SCHEDULE: gl.constexpr):
         """One warpgroup's 64 query rows over the tile's key blocks — segment 0 (context), then segment 1 (current
         tokens), in the producer's order: the fp32 state (acc, m, l)."""
-        NB: gl.constexpr = k_bufs.shape[1]
-        HD: gl.constexpr = k_bufs.shape[2]
+        NB: gl.constexpr = ring.k_bufs.shape[1]
+        HD: gl.constexpr = ring.k_bufs.shape[2]
         WM: gl.constexpr = q.shape[0]
         # One warpgroup, 16 rows per warp, instruction N = the whole block: the Triton kernel's per-row layout.
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, NB, 16])
@@ -492,83 +594,74 @@ if _HAVE_GLUON:
         l_i = gl.zeros([WM], gl.float32, layout=row_l)
         acc = gl.zeros([WM, HD], gl.float32, layout=mma)
         if SCHEDULE == 0:  # each segment its own pipeline, partial last blocks outside it
-            acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 0, c_len, c_dirty, acc,
-                                           m_i, l_i, qk_scale, OVERLAP)
-            acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, g_len, g_dirty,
-                                           acc, m_i, l_i, qk_scale, OVERLAP)
+            acc, m_i, l_i, slot = _segment(q, ring, 0, tile.c_len, tile.c_dirty, acc, m_i, l_i, qk_scale)
+            acc, m_i, l_i, slot = _segment(q, ring, slot, tile.g_len, tile.g_dirty, acc, m_i, l_i, qk_scale)
         else:  # one chained pipeline over both segments, where there is a full current block to chain through
-            if g_len >= NB:
-                acc, m_i, l_i = _chained(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty,
-                                         g_dirty, acc, m_i, l_i, qk_scale)
+            if tile.g_len >= NB:
+                acc, m_i, l_i = _chained(q, ring, tile, acc, m_i, l_i, qk_scale)
             else:
-                acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, 0, c_len, c_dirty,
-                                               acc, m_i, l_i, qk_scale, OVERLAP)
-                acc, m_i, l_i, ring = _segment(q, k_bufs, v_bufs, kready, kempty, vready, vempty, ring, g_len,
-                                               g_dirty, acc, m_i, l_i, qk_scale, OVERLAP)
+                acc, m_i, l_i, slot = _segment(q, ring, 0, tile.c_len, tile.c_dirty, acc, m_i, l_i, qk_scale)
+                acc, m_i, l_i, slot = _segment(q, ring, slot, tile.g_len, tile.g_dirty, acc, m_i, l_i, qk_scale)
         return acc, m_i, l_i
 
     @gluon.jit
-    def _release_all(kready, kempty, vready, vempty, nblocks):
+    def _release_all(ring, nblocks):
         """A warpgroup whose 64 rows are all past the sequence (the 2-row last tile of 4098 or 1026 queries) skips
         the math but still releases every stage in step with the producer (it must not run a round ahead)."""
-        NS: gl.constexpr = kready.shape[0]
         for i in range(nblocks):
-            s = i % NS
-            ph = (i // NS) & 1
-            mbarrier.wait(kready.index(s), ph)
-            mbarrier.arrive(kempty.index(s), count=1)
-            mbarrier.wait(vready.index(s), ph)
-            mbarrier.arrive(vempty.index(s), count=1)
+            ring.wait_k(i)
+            ring.release_k(i)
+            ring.wait_v(i)
+            ring.release_v(i)
 
     @gluon.jit
-    def _packed_rows(r, pack_r, rows_left, h, PACK_G: gl.constexpr):
+    def _packed_rows(r, tile):
         """Tile row r -> (token offset from the tile's first row, query head, written?). A packed last tile (a
         sequence's last pack_r <= 8 rows, GQA group of PACK_G heads sharing one KV head) holds row i of head h + j at
         tile row 8 * j + i: one CTA instead of PACK_G nearly empty ones (4098 and 1026 queries end on 2 rows). A row
         meets the same K/V blocks with the same arithmetic wherever it sits in a tile, so the bits do not move."""
-        if PACK_G > 0:
-            packed = pack_r > 0
+        if tile.PACK_G > 0:
+            packed = tile.pack_r > 0
             tok = gl.where(packed, r % 8, r)
-            hh = h + gl.where(packed, r // 8, 0)
-            ok = gl.where(packed, (r % 8 < pack_r) & (r < 8 * PACK_G), r < rows_left)
+            hh = tile.h + gl.where(packed, r // 8, 0)
+            ok = gl.where(packed, (r % 8 < tile.pack_r) & (r < 8 * tile.PACK_G), r < tile.rows_left)
         else:
             tok = r
-            hh = h + r * 0
-            ok = r < rows_left
+            hh = tile.h + r * 0
+            ok = r < tile.rows_left
         return tok, hh, ok
 
     @gluon.jit
-    def _consumer(q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
-                  q_row, rows_left, pack_r, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty,
-                  WG: gl.constexpr, OVERLAP: gl.constexpr, SCHEDULE: gl.constexpr, PACK_G: gl.constexpr):
-        NB: gl.constexpr = k_bufs.shape[1]
-        HD: gl.constexpr = k_bufs.shape[2]
+    def _consumer(q_smem, q_bar, ring, out, tile, qk_scale, WG: gl.constexpr, SCHEDULE: gl.constexpr):
+        """Consumer warpgroup WG: rows [WG * 64, WG * 64 + 64) of the tile, attended and written out."""
+        NB: gl.constexpr = ring.k_bufs.shape[1]
+        HD: gl.constexpr = ring.k_bufs.shape[2]
         WM: gl.constexpr = q_smem.shape[1]
-        dtype: gl.constexpr = k_bufs.dtype
+        dtype: gl.constexpr = ring.k_bufs.dtype
+        PACK_G: gl.constexpr = tile.PACK_G
         q = q_smem.index(WG)
-        nb0 = gl.cdiv(c_len, NB)
-        nblocks = nb0 + gl.cdiv(g_len, NB)
-        rows_here = rows_left
+        nb0 = gl.cdiv(tile.c_len, NB)
+        nblocks = nb0 + gl.cdiv(tile.g_len, NB)
+        rows_here = tile.rows_left
         if PACK_G > 0:
-            rows_here = gl.where(pack_r > 0, 8 * PACK_G, rows_left)
+            rows_here = gl.where(tile.pack_r > 0, 8 * PACK_G, tile.rows_left)
         if WG * WM >= rows_here:
-            _release_all(kready, kempty, vready, vempty, nblocks)
+            _release_all(ring, nblocks)
         else:
             mbarrier.wait(q_bar, 0)
-            acc, m_i, l_i = _attend(q, k_bufs, v_bufs, kready, kempty, vready, vempty, c_len, g_len, c_dirty, g_dirty,
-                                    qk_scale, OVERLAP, SCHEDULE)
+            acc, m_i, l_i = _attend(q, ring, tile, qk_scale, SCHEDULE)
             row_l: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
             seen = l_i != 0  # as attention_triton: NaN surfaces, finite inputs keep their bits
             l_safe = gl.where(seen, l_i, 1.0)
             o = gl.where(seen[:, None], acc / l_safe[:, None], 0.0)
             lse = gl.where(seen, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-            tok, hh, ok = _packed_rows(WG * WM + gl.arange(0, WM, layout=row_l), pack_r, rows_left, h, PACK_G)
-            gl.store(LSE + (q_row + tok).to(gl.int64) * HQ + hh, lse, mask=ok)
+            tok, hh, ok = _packed_rows(WG * WM + gl.arange(0, WM, layout=row_l), tile)
+            gl.store(out.LSE + (tile.q_row + tok).to(gl.int64) * out.HQ + hh, lse, mask=ok)
             # Q is no longer read (every QK^T wgmma has completed): its tile stages the output.
             q.store(o.to(dtype))
             fence_async_shared()
-            if (pack_r == 0) & (o_tma_ok | (WG * WM + WM <= rows_left)):  # TMA clips at the tensor's end only
-                tma.async_copy_shared_to_global(o_desc, [q_row + WG * WM, h * HD], q)
+            if (tile.pack_r == 0) & (tile.o_tma_ok | (WG * WM + WM <= tile.rows_left)):  # TMA clips at the end only
+                tma.async_copy_shared_to_global(out.o_desc, [tile.q_row + WG * WM, tile.h * HD], q)
                 tma.store_wait(pendings=0)
             else:  # rows past this sequence belong to the next one: row-masked stores
                 CHUNK: gl.constexpr = 16
@@ -576,19 +669,24 @@ if _HAVE_GLUON:
                 cols = gl.arange(0, HD, layout=gl.SliceLayout(0, layout))
                 for r in gl.static_range(0, WM, CHUNK):
                     r_chunk = WG * WM + r + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
-                    c_tok, c_hh, c_ok = _packed_rows(r_chunk, pack_r, rows_left, h, PACK_G)
+                    c_tok, c_hh, c_ok = _packed_rows(r_chunk, tile)
                     val = q.slice(r, CHUNK, dim=0).load(layout)
-                    ptrs = OUT + (q_row + c_tok).to(gl.int64)[:, None] * s_ot + (c_hh * s_oh)[:, None] + cols[None, :]
+                    ptrs = (out.OUT + (tile.q_row + c_tok).to(gl.int64)[:, None] * out.s_ot
+                            + (c_hh * out.s_oh)[:, None] + cols[None, :])
                     gl.store(ptrs, val, mask=c_ok[:, None])
 
+    # The launch arguments stay flat (Triton 3.6 passes no aggregate from the host); the kernel groups them at once:
+    # query/output (q_desc .. LSE), the context segment (BT0 .. LEN0_S), the current tokens (ROWS1 .. LEN1_S),
+    # the query lengths and scalars (CU_Q .. HQ), then the launch's shape flags.
     @gluon.jit(do_not_specialize=["Q_LEN", "LEN0_S", "LEN1_S", "Q_ROWS", "ROWS0", "ROWS1"])
     def _attn_fwd_ws(q_desc, q8_desc, o_desc, k0_desc, v0_desc, k1_desc, v1_desc, OUT, s_ot, s_oh, LSE,
-                     BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0, CU0, LEN0, LEN0_S, ROWS1, CU1, LEN1, LEN1_S,
+                     BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0, CU0, LEN0, LEN0_S,
+                     ROWS1, CU1, LEN1, LEN1_S,
                      CU_Q, Q_LEN, Q_ROWS, qk_scale, G, HEAD_OFF, HQ,
                      HAS_CTX: gl.constexpr, CTX_PAGED: gl.constexpr, CTX_CU: gl.constexpr, CTX_LENS: gl.constexpr,
                      HAS_CUR: gl.constexpr, CUR_CU: gl.constexpr, CUR_LENS: gl.constexpr, Q_CU: gl.constexpr,
-                     NUM_STAGES: gl.constexpr, OVERLAP: gl.constexpr, SCHEDULE: gl.constexpr,
-                     PACK_G: gl.constexpr, num_warps: gl.constexpr):
+                     NUM_STAGES: gl.constexpr, SCHEDULE: gl.constexpr, PACK_G: gl.constexpr,
+                     num_warps: gl.constexpr):
         BM: gl.constexpr = 2 * q_desc.block_type.shape[0]
         NB: gl.constexpr = k1_desc.block_type.shape[0]
         HD: gl.constexpr = k1_desc.block_type.shape[1]
@@ -644,17 +742,16 @@ if _HAVE_GLUON:
             mbarrier.init(vready.index(i), count=1)
             mbarrier.init(kempty.index(i), count=2)  # both consumer warpgroups release a stage
             mbarrier.init(vempty.index(i), count=2)
+        ring = KVRing(k_bufs, v_bufs, kready, kempty, vready, vempty)
+        src = KVSource(k0_desc, v0_desc, k1_desc, v1_desc, BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0, HAS_CTX,
+                       CTX_PAGED, HAS_CUR)
+        tile = Tile(q_row, rows_left, pack_r, h, kvh, b, c_base, c_len, g_base, g_len, c_dirty, g_dirty, o_tma_ok,
+                    PACK_G)
+        out = Output(o_desc, OUT, s_ot, s_oh, LSE, HQ)
         gl.warp_specialize([
-            (_consumer, (q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
-                         q_row, rows_left, pack_r, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty, 0,
-                         OVERLAP, SCHEDULE, PACK_G)),
-            (_consumer, (q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty, o_desc, OUT, s_ot, s_oh, LSE,
-                         q_row, rows_left, pack_r, o_tma_ok, h, HQ, qk_scale, c_len, g_len, c_dirty, g_dirty, 1,
-                         OVERLAP, SCHEDULE, PACK_G)),
-            (_producer, (q_desc, q8_desc, k0_desc, v0_desc, k1_desc, v1_desc, BT0, s_bt0, PAGE0, R0, RH0, CH0, ROWS0,
-                         ROWS1, q_row, h * HD, kvh, b, c_base, c_len, g_base, g_len, pack_r,
-                         q_smem, k_bufs, v_bufs, q_bar, kready, kempty, vready, vempty,
-                         HAS_CTX, CTX_PAGED, HAS_CUR, PACK_G)),
+            (_consumer, (q_smem, q_bar, ring, out, tile, qk_scale, 0, SCHEDULE)),
+            (_consumer, (q_smem, q_bar, ring, out, tile, qk_scale, 1, SCHEDULE)),
+            (_producer, (q_desc, q8_desc, src, tile, h * HD, q_smem, q_bar, ring)),
         ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -667,9 +764,7 @@ def _smem_layout(rows: int, cols: int, dtype: torch.dtype):
 def _pack_group(gqa_group: int, q_head_offset: int, hq: int) -> int:
     """How many query heads a sequence's last tile packs together when it has at most 8 rows (0: none): the GQA
     group sharing one KV head, when this launch holds whole groups. BAGEL's 4098 and 1026 queries end on a 2-row
-    tile: 28 such CTAs become 4. ``BAGEL_ATTN_PACK=0`` turns it off (same bits)."""
-    if os.environ.get("BAGEL_ATTN_PACK", "1") == "0":
-        return 0
+    tile: 28 such CTAs become 4."""
     whole = gqa_group > 1 and 8 * gqa_group <= WG_M and q_head_offset % gqa_group == 0 and hq % gqa_group == 0
     return gqa_group if whole else 0
 
@@ -709,8 +804,9 @@ def _context_and_current(segments: list) -> tuple[ContiguousKV | PagedKV | None,
 
 def gluon_attention_supported(q: torch.Tensor, segments: list, visible_end, state, finalize: bool,
                               out: torch.Tensor | None) -> bool:
-    """Whether ``attention_gluon`` takes this call (otherwise the Triton kernel does; both give the same bits)."""
-    if os.environ.get("BAGEL_ATTN_GLUON", "1") == "0" or not gluon_available(q.device, q.dtype):
+    """Whether ``attention_gluon`` takes this call (otherwise the Triton kernel does; both give the same bits).
+    The caller (``attention.joint_attention``) has checked that the options and the device allow Gluon."""
+    if q.device.type != "cuda":
         return False
     if q.shape[2] != HEAD_DIM:
         return False
@@ -737,7 +833,8 @@ def gluon_attention_supported(q: torch.Tensor, segments: list, visible_end, stat
 
 
 def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tensor | None, max_seqlen_q: int,
-                    scale: float, gqa_group: int, q_head_offset: int, out: torch.Tensor | None) -> AttentionOutput:
+                    scale: float, gqa_group: int, q_head_offset: int, out: torch.Tensor | None,
+                    schedule: str = "auto") -> AttentionOutput:
     """``attention_triton``'s contract for the calls ``gluon_attention_supported`` accepts."""
     tq, hq, d = q.shape
     dev = q.device
@@ -783,7 +880,7 @@ def attention_gluon(q: torch.Tensor, segments: list, *, cu_seqlens_q: torch.Tens
         bt0, s_bt0, page0, r0, rh0, ch0, rows0, cu0, len0, rows0 if not paged else 0, rows1, cu1, len1, rows1,
         dummy if cu_seqlens_q is None else _i32(cu_seqlens_q), tq, tq, scale * LOG2E, gqa_group, q_head_offset, hq,
         HAS_CTX=ctx is not None, CTX_PAGED=paged, CTX_CU=ctx_cu, CTX_LENS=ctx_lens, HAS_CUR=cur is not None,
-        CUR_CU=cur_cu, CUR_LENS=cur_lens, Q_CU=cu_seqlens_q is not None, NUM_STAGES=STAGES, OVERLAP=OVERLAP,
-        SCHEDULE=_schedule(ctx), PACK_G=_pack_group(gqa_group, q_head_offset, hq), num_warps=4, maxnreg=MAXNREG,
+        CUR_CU=cur_cu, CUR_LENS=cur_lens, Q_CU=cu_seqlens_q is not None, NUM_STAGES=STAGES,
+        SCHEDULE=_schedule(ctx, schedule), PACK_G=_pack_group(gqa_group, q_head_offset, hq), num_warps=4, maxnreg=MAXNREG,
     )
     return AttentionOutput(out=out, lse=lse)

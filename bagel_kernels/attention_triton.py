@@ -14,32 +14,21 @@ two paths do the same arithmetic on a full block, so the split keeps the invaria
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._dispatch import triton_interpreting
+from ._launch import LOG2E, TRITON_BLOCK_M, TRITON_BLOCK_N, _contiguous_meta, _dummy, _i32
 from .attention_types import AttentionOutput, AttentionState, ContiguousKV, PagedKV
 
-TRITON_BLOCK_M = 128
-TRITON_BLOCK_N = 128
-LOG2E = 1.4426950408889634
+__all__ = ["attention_triton", "tile_config", "TRITON_BLOCK_M", "TRITON_BLOCK_N"]
+
 
 
 def tile_config(dtype: torch.dtype, head_dim: int) -> dict:
-    """Fixed launch configuration per (dtype, head_dim). Never depends on sequence lengths (exactness).
-
-    ``BAGEL_ATTN_CONFIG="block_n,warps,stages"`` overrides it for benchmark exploration only (16-bit
-    inputs); BLOCK_M stays fixed, and a BLOCK_N that does not divide ``TRITON_BLOCK_N`` would break the alignment
-    the token split of parallel runs relies on."""
-    ex = os.environ.get("BAGEL_ATTN_CONFIG")
-    if ex and dtype != torch.float32:
-        bn, w, s = (int(x) for x in ex.split(","))
-        if TRITON_BLOCK_N % bn:
-            raise ValueError(f"BAGEL_ATTN_CONFIG block_n {bn} must divide {TRITON_BLOCK_N}")
-        return dict(BLOCK_M=TRITON_BLOCK_M, BLOCK_N=bn, num_warps=w, num_stages=s)
+    """Fixed launch configuration per (dtype, head_dim). Never depends on sequence lengths (exactness)."""
     if dtype == torch.float32:
         return dict(BLOCK_M=64, BLOCK_N=TRITON_BLOCK_N // 2, num_warps=4, num_stages=2)
     if head_dim > 128:
@@ -244,36 +233,9 @@ def _attn_fwd(
         tl.store(L + st_rows, l_i, mask=row_ok)
 
 
-_DUMMIES: dict[tuple[str, int | None], torch.Tensor] = {}
-
-
-def _dummy(dev: torch.device) -> torch.Tensor:
-    """A 1-element int32 device tensor for pointer arguments a launch does not read (cached: no allocation per call)."""
-    key = (dev.type, dev.index)
-    t = _DUMMIES.get(key)
-    if t is None:
-        t = _DUMMIES[key] = torch.zeros(1, dtype=torch.int32, device=dev)
-    return t
-
-
-def _i32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.int32 else t.to(torch.int32)
-
-
-def _contiguous_meta(seg: ContiguousKV, dummy: torch.Tensor) -> tuple[torch.Tensor, bool, torch.Tensor, bool, int]:
-    """(cu, has_cu, lens, has_lens, scalar length) of a contiguous segment; the kernel reads lengths from cu
-    differences when no seqlens are given, so nothing is computed on the host or launched for them."""
-    cu, has_cu = (_i32(seg.cu_seqlens), True) if seg.cu_seqlens is not None else (dummy, False)
-    lens, has_lens = (_i32(seg.seqlens), True) if seg.seqlens is not None else (dummy, False)
-    return cu, has_cu, lens, has_lens, seg.k.shape[0]
-
-
 def _tma_mode(seg: ContiguousKV, head_dim: int) -> bool:
     """Whether the current tokens' full blocks are read through TMA descriptors over the (tokens, H_kv·D) rows;
-    pointers otherwise (head_dim padded, heads not adjacent, misaligned storage). Both read the same numbers.
-    ``BAGEL_ATTN_TMA=0`` turns TMA off (exploration)."""
-    if os.environ.get("BAGEL_ATTN_TMA", "1") == "0":
-        return False
+    pointers otherwise (head_dim padded, heads not adjacent, misaligned storage). Both read the same numbers."""
     k, v = seg.k, seg.v
     if k.shape[2] != head_dim or k.shape[0] == 0:
         return False
@@ -282,8 +244,6 @@ def _tma_mode(seg: ContiguousKV, head_dim: int) -> bool:
 
 
 def _host_descriptors(seg: ContiguousKV, block_n: int, head_dim: int):
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     t, hkv, d = seg.k.shape
     return [TensorDescriptor(x, [t, hkv * d], [x.stride(0), 1], [block_n, head_dim]) for x in (seg.k, seg.v)]
 
@@ -309,12 +269,6 @@ def _launches(segments: list) -> list[tuple[object | None, ContiguousKV | None]]
 
 def attention_triton(q, segments, *, cu_seqlens_q, max_seqlen_q, scale, gqa_group, q_head_offset, visible_end, state,
                      finalize, out=None):
-    from .attention_gluon import attention_gluon, gluon_attention_supported
-
-    if gluon_attention_supported(q, segments, visible_end, state, finalize, out):
-        # Hopper, the common launch: the warp-specialized kernel, bit for bit this one's arithmetic.
-        return attention_gluon(q, segments, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, scale=scale,
-                               gqa_group=gqa_group, q_head_offset=q_head_offset, out=out)
     tq, hq, d = q.shape
     dev = q.device
     dummy = _dummy(dev)

@@ -11,7 +11,9 @@ class ContiguousKV:
     """Current-token keys/values stored contiguously: ``k``, ``v`` of shape (T, H_kv, D).
 
     Varlen: sequence b occupies rows ``cu_seqlens[b] : cu_seqlens[b+1]`` of the storage; only its first
-    ``seqlens[b]`` rows are real keys (the rest are padding and contribute exactly nothing). ``max_seqlen`` is a host
+    ``seqlens[b]`` rows are real keys (the rest are padding and contribute exactly nothing). With ``seqlens`` given,
+    ``cu_seqlens[b]`` is only sequence b's start: starts may come in any order and sequences may share rows (several
+    query sequences reading one key set; ``cu_seqlens[B]`` is then unused). ``max_seqlen`` is a host
     int bounding the storage length of any sequence (defaults to T), so no launch reads lengths on the host.
     """
 

@@ -9,6 +9,8 @@ import torch
 
 from ._dispatch import resolve_backend
 from .linear import ExpertSegments, device_expert_ids, routed_apply
+from .norms_triton import rms_norm_triton
+from .options import KernelOptions
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None):
@@ -33,7 +35,7 @@ def routed_rms_norm_reference(x: torch.Tensor, routing: ExpertSegments | None, w
 
 
 def routed_rms_norm(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor, eps: float, *,
-                    expert_ids: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+                    expert_ids: torch.Tensor | None = None, options: KernelOptions | None = None) -> torch.Tensor:
     """RMSNorm of rows ``x`` (M, H) with the weight of each row's expert: ``weight`` is (E, H)."""
     if weight.dim() != 2 or x.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"rms_norm: need x (rows, H) and weight (experts, H); got {tuple(x.shape)}, {tuple(weight.shape)}")
@@ -41,8 +43,6 @@ def routed_rms_norm(x: torch.Tensor, routing: ExpertSegments | None, weight: tor
         raise ValueError(f"rms_norm: routing covers {routing.num_tokens} rows but the input has {x.shape[0]}")
     if routing is None and weight.shape[0] != 1 and expert_ids is None:
         raise ValueError(f"rms_norm: a weight with {weight.shape[0]} experts needs a routing")
-    if resolve_backend(x.device, backend) == "reference":
+    if resolve_backend(x.device, options) == "reference":
         return routed_rms_norm_reference(x, routing, weight, eps)
-    from .norms_triton import rms_norm_triton
-
     return rms_norm_triton(x, weight, eps, device_expert_ids(routing, expert_ids, weight.shape[0], x.device))

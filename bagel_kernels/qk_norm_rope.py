@@ -12,6 +12,8 @@ import torch
 from ._dispatch import resolve_backend
 from .linear import ExpertSegments, device_expert_ids, routed_apply
 from .norms import rms_norm_reference
+from .options import KernelOptions
+from .qk_norm_rope_triton import qk_norm_rope_triton
 from .rope import apply_rope_reference
 
 
@@ -39,7 +41,8 @@ def qk_norm_rope_reference(qkv: torch.Tensor, routing: ExpertSegments | None, q_
 
 def qk_norm_rope(qkv: torch.Tensor, routing: ExpertSegments | None, q_norm: torch.Tensor, k_norm: torch.Tensor,
                  cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float,
-                 fp32_math: bool, *, expert_ids: torch.Tensor | None = None, backend: str | None = None
+                 fp32_math: bool, *, expert_ids: torch.Tensor | None = None,
+                 options: KernelOptions | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split fused QKV rows into q, k, v with per-expert QK RMSNorm and RoPE applied to q and k.
 
@@ -55,10 +58,8 @@ def qk_norm_rope(qkv: torch.Tensor, routing: ExpertSegments | None, q_norm: torc
         raise ValueError(f"qk_norm_rope: q_norm/k_norm must both be (experts, D); got {tuple(q_norm.shape)}, {tuple(k_norm.shape)}")
     if routing is not None and routing.num_tokens != qkv.shape[0]:
         raise ValueError(f"qk_norm_rope: routing covers {routing.num_tokens} rows but qkv has {qkv.shape[0]}")
-    if resolve_backend(qkv.device, backend) == "reference":
+    if resolve_backend(qkv.device, options) == "reference":
         return qk_norm_rope_reference(qkv, routing, q_norm, k_norm, cos, sin, num_heads, num_kv_heads, eps, fp32_math)
-    from .qk_norm_rope_triton import qk_norm_rope_triton
-
     ids = device_expert_ids(routing, expert_ids, q_norm.shape[0], qkv.device)
     return qk_norm_rope_triton(qkv, ids, q_norm, k_norm, cos, sin,
                                num_heads, num_kv_heads, eps, fp32_math)

@@ -5,24 +5,26 @@ expert of row ``r`` (0 = understanding, 1 = generation). Weights are stacked per
 a plain projection (QKV fused along N), P = 2 for SwiGLU (gate, up), whose output is ``silu(gate) * up``.
 ``residual`` adds the (rounded) projection to it, as the layer's ``x + o_proj(a)``.
 
-Backends (``_dispatch``): CUDA -> in "exact" mode the batch-invariant routed GEMM: on Hopper with 16-bit inputs the
-warp-specialized Gluon kernel (``routed_linear_gluon``; row tiles start at each routing segment's first row), else
-the Triton kernel (``routed_linear_triton``) — the two give the same bits (GPU test), and ``BAGEL_GEMM_GLUON=0``
-forces the Triton one; in "fast" mode one cuBLAS GEMM per expert (``routed_linear_cublas``) where cuBLAS wins
+Backends (``KernelOptions``; this function is the one place that chooses): CUDA -> in "exact" mode the
+batch-invariant routed GEMM: on Hopper with 16-bit inputs the warp-specialized Gluon kernel (``routed_linear_gluon``;
+row tiles start at each routing segment's first row), else the Triton kernel (``routed_linear_triton``) — the two
+give the same bits (GPU test), and ``backend="triton"`` forces the Triton one; in "fast" mode one cuBLAS GEMM per expert (``routed_linear_cublas``) where cuBLAS wins
 (``fast_mode_uses_cublas``), the Gluon kernel elsewhere. CPU -> the plain-torch reference below (row-padded GEMMs
 per segment), or the Triton interpreter when asked for ``backend="triton"``.
 """
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import resolve_backend, resolve_mode
+from ._dispatch import resolve_backend, use_gluon
 from .linear import ExpertSegments, device_expert_ids, invariant_linear_reference
+from .options import KernelOptions, resolve_options
 from .routed_linear_cublas import routed_linear_cublas
+from .routed_linear_gluon import routed_gemm_gluon
+from .routed_linear_triton import SMALL_BATCH_ROWS, routed_gemm_small_batch_triton, routed_gemm_triton
 
 Activation = Literal["swiglu"] | None
 
@@ -83,7 +85,7 @@ def fast_mode_uses_cublas(activation: Activation, has_residual: bool, n: int, k:
 def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor,
                   bias: torch.Tensor | None = None, *, activation: Activation = None,
                   residual: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None,
-                  backend: str | None = None, mode: str | None = None, small_batch: bool = False) -> torch.Tensor:
+                  options: KernelOptions | None = None, small_batch: bool = False) -> torch.Tensor:
     """Expert-routed ``act(x @ W[e].T + b[e]) (+ residual)`` for rows routed by ``routing``.
 
     ``expert_ids`` (int32, one per row, on x's device) lets a caller build the device-side routing once per forward
@@ -94,16 +96,13 @@ def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch
     themselves but differ in the last bits from the large kernel's, so use it only on paths whose rows are never
     compared against large-batch rows (text decoding; never the denoiser). More than 16 rows use the large kernel."""
     _check(x, routing, weight, bias, activation, residual, expert_ids)
-    chosen = resolve_backend(x.device, backend)
-    if chosen == "reference":
+    opts = resolve_options(options)
+    if resolve_backend(x.device, opts) == "reference":
         return routed_linear_reference(x, routing, weight, bias, activation, residual)
-    from ._dispatch import gluon_available
-    if resolve_mode(mode) == "fast" and x.device.type == "cuda" and fast_mode_uses_cublas(
-            activation, residual is not None, weight.shape[2], weight.shape[3], gluon_available(x.device, x.dtype)):
+    gluon = use_gluon(x.device, x.dtype, opts)
+    if opts.mode == "fast" and x.device.type == "cuda" and fast_mode_uses_cublas(
+            activation, residual is not None, weight.shape[2], weight.shape[3], gluon):
         return routed_linear_cublas(x, routing, weight, bias, activation == "swiglu", residual)
-    from .routed_linear_gluon import routed_gemm_gluon
-    from .routed_linear_triton import SMALL_BATCH_ROWS, routed_gemm_small_batch_triton, routed_gemm_triton
-
     expert_ids = device_expert_ids(routing, expert_ids, weight.shape[0], x.device)
     if residual is not None:
         residual = residual.contiguous()
@@ -111,14 +110,14 @@ def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch
     bias = None if bias is None else bias.contiguous()
     if small_batch and x.shape[0] <= SMALL_BATCH_ROWS:
         return routed_gemm_small_batch_triton(x, weight, bias, expert_ids, activation == "swiglu", residual)
-    if gluon_available(x.device, x.dtype) and os.environ.get("BAGEL_GEMM_GLUON", "1") != "0":
+    if gluon:
         return routed_gemm_gluon(x.contiguous(), weight, bias, expert_ids, activation == "swiglu", residual,
                                  segments=None if routing is None else routing.segments)
     return routed_gemm_triton(x, weight, bias, expert_ids, activation == "swiglu", residual)
 
 
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                     backend: str | None = None, mode: str | None = None, small_batch: bool = False) -> torch.Tensor:
+                     options: KernelOptions | None = None, small_batch: bool = False) -> torch.Tensor:
     """A plain (one-expert) batch-invariant linear over any leading shape: ``x @ weight.T + bias``
     (``small_batch``: see ``routed_linear``)."""
     if x.shape[-1] != weight.shape[1]:
@@ -126,5 +125,5 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     lead = x.shape[:-1]
     n, k = weight.shape
     y = routed_linear(x.reshape(-1, k), None, weight.view(1, 1, n, k), None if bias is None else bias.view(1, 1, n),
-                      backend=backend, mode=mode, small_batch=small_batch)
+                      options=options, small_batch=small_batch)
     return y.reshape(*lead, n)

@@ -12,15 +12,15 @@ Weights are stacked per expert: ``W`` is (E, P, N, K) where P = 1 for a plain li
 """
 from __future__ import annotations
 
-import os
-
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._dispatch import triton_interpreting
+from ._launch import _num_programs
 
 
 @dataclass(frozen=True)
@@ -140,26 +140,6 @@ def _routed_gemm(
         tile = tl.atomic_add(COUNTER, 1)
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def _num_programs(device: torch.device, tiles: int) -> int:
-    if device.type == "cuda":
-        idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:  # host overhead matters for the small prefill GEMMs: look it up once
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        sms = _SM_COUNT[idx]
-    else:
-        sms = 4  # interpreter: a few programs so the persistent loop is exercised
-    if os.environ.get("BAGEL_GEMM_PROGRAMS") == "tiles":
-        # One program per tile: for a GPU shared with another process (the split pipeline's stage 1 beside stage
-        # 0's decode), where a persistent program that cannot start on a busy SM holds back its whole share of
-        # tiles; the hardware scheduler balances single tiles around the other kernels. Same bits (a tile's
-        # arithmetic does not depend on the program that runs it).
-        return max(1, tiles)
-    return max(1, min(sms, tiles))
-
-
 def routed_gemm_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -170,8 +150,6 @@ def routed_gemm_triton(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (M, K); weight (E, P, N, K) contiguous; bias (E, P, N) or None; expert_ids (M,) int32 on x's device."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     m, k = x.shape
     e, p, n, k2 = weight.shape
     cfg = gemm_config(n, k, x.dtype, swiglu)

@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bagel_kernels import KernelOptions
+
 from .config import BagelConfig
 from .model import BagelModel
 from .tokenizer import BagelTokenizer
@@ -136,8 +138,10 @@ def _numel(shape) -> int:
 
 
 def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    byte_tokenizer: bool = False, check_memory: bool = True) -> tuple[BagelModel, BagelTokenizer]:
-    """Load a checkpoint directory strictly; returns the model (eval, no grad) and its tokenizer.
+                    byte_tokenizer: bool = False, check_memory: bool = True,
+                    kernels: KernelOptions | None = None) -> tuple[BagelModel, BagelTokenizer]:
+    """Load a checkpoint directory strictly; returns the model (eval, no grad; running with ``kernels``) and its
+    tokenizer.
 
     ``byte_tokenizer``: a directory without ``tokenizer.json`` gets the built-in byte-level tokenizer (else that is
     an error). ``check_memory``: refuse, with the number, when the weights cannot fit on ``device``."""
@@ -152,7 +156,7 @@ def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: t
         if torch.device(device).type == "cuda":
             check_fits(cfg, dtype, device)
     with torch.device("meta"):
-        model = BagelModel(cfg)
+        model = BagelModel(cfg, kernels)
     model = model.to_empty(device="cpu")
     model.to_dtype(dtype)
     ema, ae = _split_state(model)

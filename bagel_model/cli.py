@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from bagel_kernels import KernelOptions
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -96,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="CPU threads, >= 1 (fixed so reductions, and md5s, are "
                    "reproducible)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--kernels", default="exact", choices=["exact", "fast"],
+                   help="kernel mode: exact = batch-invariant kernels everywhere (bit-reproducible across parallel "
+                        "layouts); fast = cuBLAS for some projections on CUDA, which CHANGES OUTPUT BITS (the md5s "
+                        "differ from exact; no effect on CPU)")
     return p
 
 
@@ -163,11 +169,13 @@ def load_model(args):
     from .tokenizer import BagelTokenizer
 
     dtype = resolve_dtype(args)
+    kernels = KernelOptions(mode=args.kernels)
     if args.checkpoint:
-        return from_pretrained(args.checkpoint, device=args.device, dtype=dtype, byte_tokenizer=args.byte_tokenizer)
+        return from_pretrained(args.checkpoint, device=args.device, dtype=dtype, byte_tokenizer=args.byte_tokenizer,
+                               kernels=kernels)
     cfg = BagelConfig.preset(args.config)
     check_fits(cfg, dtype, args.device)  # refuse with the number before allocating
-    return (BagelModel.random(cfg, seed=args.weights_seed, dtype=dtype, device=args.device),
+    return (BagelModel.random(cfg, seed=args.weights_seed, dtype=dtype, device=args.device, kernels=kernels),
             BagelTokenizer.from_directory(None))
 
 
@@ -237,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype = resolve_dtype(args)
             spec = ModelSpec(preset=args.config, seed=args.weights_seed, device=args.device,
                              checkpoint=args.checkpoint, dtype=str(dtype).replace("torch.", ""), threads=args.threads,
-                             byte_tokenizer=args.byte_tokenizer)
+                             byte_tokenizer=args.byte_tokenizer, kernels=KernelOptions(mode=args.kernels))
             cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
             if not args.checkpoint:
                 from .memory import check_fits

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 from transformers import Qwen2Config, SiglipVisionConfig
 
+from .tokenizer import TINY_VOCAB_SIZE
+
 PRESETS = ("tiny", "bagel-7b-mot")
 
 
@@ -240,8 +242,6 @@ def _llm(**kw) -> Qwen2Config:
 def _tiny() -> BagelConfig:
     # 6 query heads / 2 KV heads (GQA 3): Ulysses degree 4 does not divide the query heads and exceeds the KV heads,
     # degree 3 exceeds the KV heads -- so CPU tests at world sizes <= 4 reach uneven splits and KV replication.
-    from .tokenizer import TINY_VOCAB_SIZE
-
     llm = _llm(vocab_size=TINY_VOCAB_SIZE, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
                num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6,
                rms_norm_eps=1e-6)

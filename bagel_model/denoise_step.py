@@ -120,7 +120,7 @@ class PackedStep:
         from bagel_kernels import token_alignment
 
         self.model = model
-        self.align = align if align is not None else token_alignment(model.device)
+        self.align = align if align is not None else token_alignment(model.device, model.kernels)
         use_graph = model.device.type == "cuda" if use_graph is None else use_graph
         if use_graph and model.device.type != "cuda":
             raise ValueError("CUDA-graph replay needs a CUDA model")
@@ -140,7 +140,7 @@ class PackedStep:
             m = self.model
             layout = PackedLayout(tuple(j.grid for j in jobs), 1, self.align)
             ctx = packed_context([j.context.kv for j in jobs], [j.context.length for j in jobs], m.cfg.num_layers)
-            attn = PackedAttention(layout, ctx, (0, layout.split.padded))
+            attn = PackedAttention(layout, ctx, (0, layout.split.padded), options=m.kernels)
             e = self._entries[key] = StepEntry(list(jobs), layout, tuple(j.context.rope_position for j in jobs), attn)
         return e
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bagel_kernels import invariant_linear
+from bagel_kernels import KernelOptions, invariant_linear
 
 
 def sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -56,8 +56,8 @@ class TimestepEmbedder(nn.Module):
         args = t[:, None].float() * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, options: KernelOptions | None = None) -> torch.Tensor:
         lin1, lin2 = self.mlp[0], self.mlp[2]
         x = self.sinusoid(t).to(lin1.weight.dtype)
-        x = torch.nn.functional.silu(invariant_linear(x, lin1.weight, lin1.bias))
-        return invariant_linear(x, lin2.weight, lin2.bias)
+        x = torch.nn.functional.silu(invariant_linear(x, lin1.weight, lin1.bias, options=options))
+        return invariant_linear(x, lin2.weight, lin2.bias, options=options)

@@ -5,6 +5,8 @@ The prefill writes K/V (after k_norm + RoPE) into pages; the attention reads the
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from bagel_kernels import PagedKV, allocate_kv_cache, normalize_kv_cache
@@ -29,8 +31,6 @@ class PagedCache:
     def fork(self) -> "PagedCache":
         """A cache that shares these pages but has its own length: appending to the fork (decode) writes only past
         this cache's length, so readers of this cache (stage 1) keep seeing exactly the prefill KV."""
-        import copy
-
         other = copy.copy(self)
         other.seqlens = self.seqlens.clone()
         return other

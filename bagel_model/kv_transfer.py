@@ -23,11 +23,16 @@ IPC handles: the KV never leaves the GPU) with the header and per-tensor integer
 from __future__ import annotations
 
 import json
-import zlib
+import multiprocessing
 import queue
+import time
+import zlib
 from dataclasses import dataclass, field
+from multiprocessing import shared_memory
 
 import torch
+import torch.multiprocessing
+from safetensors.torch import load, save
 
 from .denoise import SamplingParams
 from .prefill import PrefilledContext, new_cache
@@ -113,16 +118,12 @@ def _pack(p: KVPayload, to_cpu: bool) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def serialize(p: KVPayload) -> bytes:
-    from safetensors.torch import save
-
     header, tensors = _pack(p, to_cpu=True)
     header["checksum"] = _digest(header, tensors)
     return save(tensors, metadata={"bagel": json.dumps(header)})
 
 
 def deserialize(data: bytes) -> KVPayload:
-    from safetensors.torch import load
-
     if not isinstance(data, (bytes, bytearray)) or len(data) < 8:
         raise PayloadError(f"KV payload too short ({len(data) if hasattr(data, '__len__') else '?'} bytes)")
     try:
@@ -294,8 +295,6 @@ class SharedMemoryConnector:
         self._rx, self._tx = (ctx or mp.get_context("spawn")).Pipe(duplex=False)
 
     def send(self, data: bytes) -> None:
-        from multiprocessing import shared_memory
-
         shm = shared_memory.SharedMemory(create=True, size=max(1, len(data)))
         shm.buf[:len(data)] = data
         self._tx.send((shm.name, len(data)))
@@ -381,9 +380,7 @@ class TensorQueueConnector:
     """
 
     def __init__(self, ctx=None):
-        import torch.multiprocessing as tmp
-
-        ctx = ctx or tmp.get_context("spawn")
+        ctx = ctx or torch.multiprocessing.get_context("spawn")
         self._q, self._acks = ctx.Queue(), ctx.Queue()
         self._held: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -423,8 +420,6 @@ class TensorQueueConnector:
         self._q.put(None)
 
     def _collect_acks(self, block: bool, timeout: float = 0.0) -> None:
-        import time
-
         deadline = time.monotonic() + timeout
         while self._held:
             try:

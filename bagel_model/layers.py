@@ -14,8 +14,8 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from bagel_kernels import (ContiguousKV, ExpertSegments, PagedKV, joint_attention, qk_norm_rope, rms_norm_reference,
-                           routed_linear, routed_rms_norm)
+from bagel_kernels import (ContiguousKV, ExpertSegments, KernelOptions, PagedKV, default_options, joint_attention,
+                           qk_norm_rope, rms_norm_reference, routed_linear, routed_rms_norm)
 
 from .packing import ExpertPack
 
@@ -49,6 +49,7 @@ class LayerInputs:
     # AR decode (a few rows): projections take the small-batch GEMM (bagel_kernels.routed_linear). Never set for
     # the denoiser, whose rows must match across parallel layouts bit for bit.
     small_batch: bool = False
+    kernels: KernelOptions = field(default_factory=default_options)  # every kernel call of the forward gets these
     _ids: torch.Tensor | None = field(default=None, repr=False)
 
     def expert_ids(self, device: torch.device) -> torch.Tensor | None:
@@ -93,14 +94,15 @@ class MoTAttention(nn.Module):
         """Routed fused QKV, QK-norm and RoPE: q (rows, Hq, D), k/v (rows, Hkv, D) in the activation dtype."""
         ids = li.expert_ids(x.device)
         fused = routed_linear(x, li.routing, self._qkv_w.get(), self._qkv_b.get(), expert_ids=ids,
-                              small_batch=li.small_batch)
+                              small_batch=li.small_batch, options=li.kernels)
         return qk_norm_rope(fused, li.routing, self._q_norm.get()[:, 0], self._k_norm.get()[:, 0], li.cos, li.sin,
-                            self.num_heads, self.num_kv_heads, self.eps, li.gen_mode, expert_ids=ids)
+                            self.num_heads, self.num_kv_heads, self.eps, li.gen_mode, expert_ids=ids,
+                            options=li.kernels)
 
     def out(self, attn: torch.Tensor, li: LayerInputs, residual: torch.Tensor) -> torch.Tensor:
         """``residual + o_proj(attn)`` routed per expert."""
         return routed_linear(attn.reshape(attn.shape[0], -1), li.routing, self._o_w.get(), residual=residual,
-                             expert_ids=li.expert_ids(attn.device), small_batch=li.small_batch)
+                             expert_ids=li.expert_ids(attn.device), small_batch=li.small_batch, options=li.kernels)
 
 
 class MoTDecoderLayer(nn.Module):
@@ -124,19 +126,22 @@ class MoTDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, li: LayerInputs, attention: AttentionFn,
                 kv_sink: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
         r, ids = li.routing, li.expert_ids(x.device)
-        h = routed_rms_norm(x, r, self._in_norm.get()[:, 0], self.eps, expert_ids=ids)
+        opts = li.kernels
+        h = routed_rms_norm(x, r, self._in_norm.get()[:, 0], self.eps, expert_ids=ids, options=opts)
         q, k, v = self.self_attn.qkv(h, li)
         if kv_sink is not None:  # prefill: the context cache keeps K after k_norm + RoPE
             kv_sink(self.layer_idx, k, v)
         x = self.self_attn.out(attention(self.layer_idx, q, k, v), li, residual=x)
-        h = routed_rms_norm(x, r, self._post_norm.get()[:, 0], self.eps, expert_ids=ids)
-        g = routed_linear(h, r, self._gate_up.get(), activation="swiglu", expert_ids=ids, small_batch=li.small_batch)
-        return routed_linear(g, r, self._down.get(), residual=x, expert_ids=ids, small_batch=li.small_batch)
+        h = routed_rms_norm(x, r, self._post_norm.get()[:, 0], self.eps, expert_ids=ids, options=opts)
+        g = routed_linear(h, r, self._gate_up.get(), activation="swiglu", expert_ids=ids, small_batch=li.small_batch,
+                          options=opts)
+        return routed_linear(g, r, self._down.get(), residual=x, expert_ids=ids, small_batch=li.small_batch,
+                             options=opts)
 
 
 def local_attention(contexts: list[ContiguousKV | PagedKV | None], valid_len: int,
                     visible_end: torch.Tensor | None = None, gqa_group: int | None = None,
-                    q_head_offset: int = 0) -> AttentionFn:
+                    q_head_offset: int = 0, options: KernelOptions | None = None) -> AttentionFn:
     """Queries see [context of the layer, the current tokens' own K/V (first valid_len)] without communication.
 
     ``gqa_group``/``q_head_offset`` serve a rank that holds a slice of the heads (Ulysses)."""
@@ -151,6 +156,7 @@ def local_attention(contexts: list[ContiguousKV | PagedKV | None], valid_len: in
         if ctx is not None:
             segs.append(ctx)
         segs.append(ContiguousKV(k, v, seqlens=lens[0]))
-        return joint_attention(q, segs, visible_end=visible_end, gqa_group=gqa_group, q_head_offset=q_head_offset).out
+        return joint_attention(q, segs, visible_end=visible_end, gqa_group=gqa_group, q_head_offset=q_head_offset,
+                               options=options).out
 
     return fn

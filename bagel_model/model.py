@@ -14,12 +14,14 @@ import torch
 from torch import nn
 from transformers import SiglipVisionModel
 
-from bagel_kernels import routed_rms_norm, ContiguousKV, ExpertSegments, PagedKV, invariant_linear, prefill_visible_end, rope_cos_sin
-from parallel.token_split import TokenSplit
+from bagel_kernels import (ContiguousKV, ExpertSegments, KernelOptions, PagedKV, default_options, invariant_linear,
+                           prefill_visible_end, rope_cos_sin, routed_rms_norm)
 
 from .config import BagelConfig
 from .embeddings import PositionEmbedding, TimestepEmbedder, sincos_2d_table
 from .layers import AttentionFn, LayerInputs, MoTDecoderLayer, RMSNorm, experts_pack, local_attention
+from .packing import ExpertPack
+from .token_split import TokenSplit
 from .vae import AutoEncoder
 
 
@@ -137,9 +139,13 @@ def make_gen_sequence(cfg: BagelConfig, height: int, width: int, degree: int = 1
 
 
 class BagelModel(nn.Module):
-    def __init__(self, cfg: BagelConfig):
+    """``kernels``: the kernel options every forward of this model runs with (``bagel_kernels.KernelOptions``;
+    None: the process default). Set it at construction or assign it later (``model.kernels = ...``)."""
+
+    def __init__(self, cfg: BagelConfig, kernels: KernelOptions | None = None):
         super().__init__()
         self.cfg = cfg.validate()
+        self.kernels = kernels if kernels is not None else default_options()
         h = cfg.hidden_size
         self.language_model = _LanguageModel(cfg)
         self.time_embedder = TimestepEmbedder(h)
@@ -155,10 +161,10 @@ class BagelModel(nn.Module):
     # ---- construction -------------------------------------------------------------------------------------------
     @staticmethod
     def random(cfg: BagelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> "BagelModel":
+               device: torch.device | str = "cpu", kernels: KernelOptions | None = None) -> "BagelModel":
         """Random weights from a seeded generator: identical on every rank and every run."""
         with torch.device("meta"):
-            model = BagelModel(cfg)
+            model = BagelModel(cfg, kernels)
         device = torch.device(device)
         # Cast on the meta device, then allocate: a 7B model never exists in fp32 on the GPU.
         model = model.to_dtype(dtype).to_empty(device=device)
@@ -184,8 +190,6 @@ class BagelModel(nn.Module):
         """Build every per-expert pack now (they are otherwise built on first use), layer by layer, handing the
         replaced parameter storage back to the device after each layer: peak memory stays at the weights plus
         one layer, instead of the caching allocator holding both copies (two 7B stages on one GPU)."""
-        from .packing import ExpertPack
-
         for module in self.modules():
             packs = [v for v in vars(module).values() if isinstance(v, ExpertPack)]
             for pack in packs:
@@ -222,7 +226,7 @@ class BagelModel(nn.Module):
             x = layer(x, li, attention, kv_sink)
         body = self.language_model.model
         return routed_rms_norm(x, li.routing, body._final_norm.get()[:, 0], body.norm.eps,
-                               expert_ids=li.expert_ids(x.device))
+                               expert_ids=li.expert_ids(x.device), options=li.kernels)
 
     def _cos_sin(self, positions: torch.Tensor):
         return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
@@ -239,14 +243,15 @@ class BagelModel(nn.Module):
         ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         x = self.language_model.model.embed_tokens(ids)
         cos, sin = self._cos_sin(torch.arange(start, start + n, device=dev))
-        li = LayerInputs(routing=ExpertSegments.uniform(n, False), cos=cos, sin=sin, gen_mode=False)
+        li = LayerInputs(routing=ExpertSegments.uniform(n, False), cos=cos, sin=sin, gen_mode=False,
+                         kernels=self.kernels)
         new_kv: list = [None] * self.cfg.num_layers
 
         def sink(i, k, v):
             new_kv[i] = (k, v)
 
         visible = prefill_visible_end(torch.full((n,), -1, dtype=torch.int32, device=dev))
-        self._run_layers(x, li, local_attention(context.kv, n, visible), sink)
+        self._run_layers(x, li, local_attention(context.kv, n, visible, options=self.kernels), sink)
         kv = []
         for i, (k, v) in enumerate(new_kv):
             old = context.kv[i]
@@ -269,9 +274,9 @@ class BagelModel(nn.Module):
             parts.append(emb(self._marker_ids[0:1]))
         if b > a:
             tt = torch.full((1,), t, dtype=torch.float32, device=dev)
-            temb = self.time_embedder(tt)
+            temb = self.time_embedder(tt, options=self.kernels)
             pos = self.latent_pos_embed(self._latent_pos_ids(seq)[a:b]).to(dt)
-            lat = invariant_linear(x_t[a:b].to(dt), self.vae2llm.weight, self.vae2llm.bias)
+            lat = invariant_linear(x_t[a:b].to(dt), self.vae2llm.weight, self.vae2llm.bias, options=self.kernels)
             parts.append(lat + temb + pos)
         end_row = seq.n_latent + 1
         if r0 <= end_row < r1:
@@ -281,7 +286,7 @@ class BagelModel(nn.Module):
             parts.append(torch.zeros(n_pad, self.cfg.hidden_size, dtype=dt, device=dev))
         x = torch.cat(parts, dim=0)
         cos, sin = self._cos_sin(torch.full((r1 - r0,), rope_position, dtype=torch.long, device=dev))
-        return x, LayerInputs(routing=seq.routing(rank), cos=cos, sin=sin, gen_mode=True)
+        return x, LayerInputs(routing=seq.routing(rank), cos=cos, sin=sin, gen_mode=True, kernels=self.kernels)
 
     def set_marker_ids(self, start_of_image: int, end_of_image: int) -> None:
         self._marker_ids = torch.tensor([start_of_image, end_of_image], dtype=torch.long, device=self.device)
@@ -305,7 +310,7 @@ class BagelModel(nn.Module):
         """llm2vae output for all of ``rank``'s rows (chunk, patch_dim) in fp32; latent rows are [1, n_latent+1)."""
         x, li = self.gen_inputs(x_t, t, seq, rank, rope_position)
         h = self._run_layers(x, li, attention)
-        return invariant_linear(h, self.llm2vae.weight, self.llm2vae.bias).float()
+        return invariant_linear(h, self.llm2vae.weight, self.llm2vae.bias, options=self.kernels).float()
 
     @torch.no_grad()
     def gen_velocity(self, x_t: torch.Tensor, t: float, seq: GenSequence, branch: BranchContext) -> torch.Tensor:
@@ -313,7 +318,7 @@ class BagelModel(nn.Module):
         if seq.split.degree != 1:
             raise ValueError("gen_velocity is the single-device path; use parallel.denoise for degree > 1")
         rows = self.gen_velocity_rows(x_t, t, seq, 0, branch.rope_position,
-                                      local_attention(branch.kv, seq.split.n))
+                                      local_attention(branch.kv, seq.split.n, options=self.kernels))
         return rows[1:seq.n_latent + 1]
 
     # ---- packed generation forward (every job of a step at once; bagel_model.packed) ---------------------------
@@ -335,9 +340,9 @@ class BagelModel(nn.Module):
                 pos_ids = torch.cat([self._latent_pos_ids_for(g) for g in layout.grids])[a:b]
                 cache["lat"] = (layout.job_of_latent_rows(a, b, dev), pos_ids)
             job_idx, pos_ids = cache["lat"]
-            temb = self.time_embedder(t_jobs)  # (J, hidden): invariant_linear rows do not depend on J
+            temb = self.time_embedder(t_jobs, options=self.kernels)  # (J, hidden): its rows do not depend on J
             pos = self.latent_pos_embed(pos_ids).to(dt)
-            lat = invariant_linear(x_lat[a:b].to(dt), self.vae2llm.weight, self.vae2llm.bias)
+            lat = invariant_linear(x_lat[a:b].to(dt), self.vae2llm.weight, self.vae2llm.bias, options=self.kernels)
             parts.append(lat + temb.index_select(0, job_idx) + pos)
         ma, mb = max(r0, n_lat), min(r1, n_lat + 2 * J)
         if mb > ma:
@@ -353,7 +358,7 @@ class BagelModel(nn.Module):
                     positions[s - r0:e - r0].fill_(p)
             cache["pos"] = self._cos_sin(positions)
         cos, sin = cache["pos"]
-        return x, LayerInputs(routing=layout.routing(rank), cos=cos, sin=sin, gen_mode=True)
+        return x, LayerInputs(routing=layout.routing(rank), cos=cos, sin=sin, gen_mode=True, kernels=self.kernels)
 
     @torch.no_grad()
     def packed_velocity_rows(self, x_lat: torch.Tensor, t_jobs: torch.Tensor, layout, rope_positions: tuple[int, ...],
@@ -361,4 +366,4 @@ class BagelModel(nn.Module):
         """llm2vae output (fp32) of ``rank``'s rows of a packed forward; latent rows come first in the layout."""
         x, li = self.packed_inputs(x_lat, t_jobs, layout, rope_positions, rank, cache)
         h = self._run_layers(x, li, attention)
-        return invariant_linear(h, self.llm2vae.weight, self.llm2vae.bias).float()
+        return invariant_linear(h, self.llm2vae.weight, self.llm2vae.bias, options=self.kernels).float()

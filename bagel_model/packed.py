@@ -23,10 +23,10 @@ from functools import cached_property
 
 import torch
 
-from bagel_kernels import ContiguousKV, ExpertSegments, PagedKV, joint_attention
+from bagel_kernels import ContiguousKV, ExpertSegments, KernelOptions, PagedKV, joint_attention
 from bagel_kernels.kv_layout import PagedKVView, read_tokens
 
-from parallel.token_split import TokenSplit
+from .token_split import TokenSplit
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,28 @@ class JobRows:
     cu: torch.Tensor
     max_len: int
     total: int
+    starts: tuple[int, ...] = ()  # host copies of cu[:-1] and of each job's row count
+    lengths: tuple[int, ...] = ()
+
+    def per_sequence(self, jobs_of_seqs: tuple[int, ...], device, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(starts (B+1), lengths (B)) device tensors for sequences reading job ``jobs_of_seqs[b]``'s rows."""
+        key = ("rows", id(self), jobs_of_seqs)
+        if key not in cache:
+            cache[key] = (_device_ints([self.starts[j] for j in jobs_of_seqs] + [0], device),
+                          _device_ints([self.lengths[j] for j in jobs_of_seqs], device))
+        return cache[key]
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """Query rows [a, b) of a packed layout as varlen sequences IN PACKED ORDER — each job's latents in the range,
+    then each job's markers in the range — so the queries need no gather and the output no scatter. Sequence b
+    belongs to job ``jobs[b]``; rows from ``covered`` on are tail padding (not attended)."""
+
+    cu: torch.Tensor
+    jobs: tuple[int, ...]
+    max_len: int
+    covered: int
 
 
 def _device_index(spans: list[tuple[int, int]], device) -> torch.Tensor:
@@ -125,7 +147,27 @@ class PackedLayout:
             n = sum(e - s for s, e in js)
             cu.append(cu[-1] + n)
             max_len = max(max_len, n)
-        return JobRows(_device_index(spans, device), _device_ints(cu, device), max_len, cu[-1])
+        return JobRows(_device_index(spans, device), _device_ints(cu, device), max_len, cu[-1], tuple(cu[:-1]),
+                       tuple(b - a for a, b in zip(cu, cu[1:])))
+
+    def query_plan(self, a: int, b: int, device) -> QueryPlan:
+        """The rows [a, b) as query sequences in packed order (see ``QueryPlan``)."""
+        lens, jobs = [], []
+        for j, (off, n) in enumerate(zip(self.latent_offset, self.n_latent)):
+            k = min(off + n, b) - max(off, a)
+            if k > 0:
+                lens.append(k)
+                jobs.append(j)
+        for j in range(self.num_jobs):
+            m0, _ = self.marker_rows(j)
+            k = min(m0 + 2, b) - max(m0, a)
+            if k > 0:
+                lens.append(k)
+                jobs.append(j)
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        return QueryPlan(_device_ints(cu, device), tuple(jobs), max(lens, default=1), cu[-1])
 
     def job_of_latent_rows(self, a: int, b: int, device) -> torch.Tensor:
         """Job index of each latent row in [a, b) (latent rows only), on the device."""
@@ -137,17 +179,48 @@ class PackedLayout:
         return out
 
 
-def packed_context(contexts: list[list[ContiguousKV | PagedKV | None] | None], lengths: list[int],
-                   num_layers: int) -> list[ContiguousKV | None]:
-    """One varlen context segment per layer from the jobs' contexts (job j = sequence j; an empty context is a
-    zero-length sequence, which walks no key block and so leaves the softmax state as no context at all would).
+@dataclass
+class PackedContext:
+    """The jobs' contexts concatenated per layer (job j's keys at rows ``starts[j] : starts[j] + lengths[j]``);
+    ``layers[i]`` is None when no job has a context."""
 
-    Paged contexts are read out contiguously once (per packed layout, not per step); the kernel walks a sequence's
-    keys in fixed blocks from its own start either way, so the bits do not change."""
-    if all(n == 0 for n in lengths):
-        return [None] * num_layers
-    out: list[ContiguousKV | None] = []
-    device = None
+    layers: list[tuple[torch.Tensor, torch.Tensor] | None]
+    starts: list[int]
+    lengths: list[int]
+
+    def heads(self, a: int, b: int) -> "PackedContext":
+        """KV heads [a, b) only (a Ulysses rank reads the KV heads its query heads need)."""
+        return PackedContext([None if kv is None else (kv[0][:, a:b], kv[1][:, a:b]) for kv in self.layers],
+                             self.starts, self.lengths)
+
+    def segment(self, layer: int, jobs_of_seqs: list[int], device, cache: dict) -> ContiguousKV | None:
+        """Layer ``layer``'s context as a varlen segment whose sequence b holds the context of job
+        ``jobs_of_seqs[b]`` (an empty context is a zero-length sequence: it walks no key block, so the softmax state
+        stays what no context at all gives)."""
+        kv = self.layers[layer]
+        if kv is None or not jobs_of_seqs:
+            return None
+        key = tuple(jobs_of_seqs)
+        meta = cache.get(key)
+        if meta is None:
+            meta = cache[key] = (_device_ints([self.starts[j] for j in jobs_of_seqs] + [0], device),
+                                 _device_ints([self.lengths[j] for j in jobs_of_seqs], device),
+                                 max(max(self.lengths[j] for j in jobs_of_seqs), 1))
+        return ContiguousKV(kv[0], kv[1], cu_seqlens=meta[0], seqlens=meta[1], max_seqlen=meta[2])
+
+
+def packed_context(contexts: list[list[ContiguousKV | PagedKV | None] | None], lengths: list[int],
+                   num_layers: int) -> PackedContext:
+    """The jobs' contexts in one buffer per layer. Paged contexts are read out contiguously once (per packed
+    layout, not per step); the kernel walks a sequence's keys in fixed blocks from its own start either way, so the
+    bits do not change."""
+    starts, acc = [], 0
+    for n in lengths:
+        starts.append(acc)
+        acc += n
+    if acc == 0:
+        return PackedContext([None] * num_layers, starts, list(lengths))
+    layers = []
     for layer in range(num_layers):
         ks, vs = [], []
         for ctx, n in zip(contexts, lengths):
@@ -160,52 +233,52 @@ def packed_context(contexts: list[list[ContiguousKV | PagedKV | None] | None], l
                 k, v = seg.k[:n], seg.v[:n]
             ks.append(k)
             vs.append(v)
-            device = k.device
-        cu = [0]
-        for n in lengths:
-            cu.append(cu[-1] + n)
-        out.append(ContiguousKV(torch.cat(ks).contiguous(), torch.cat(vs).contiguous(),
-                                cu_seqlens=_device_ints(cu, device), max_seqlen=max(lengths)))
-    return out
+        layers.append((torch.cat(ks).contiguous(), torch.cat(vs).contiguous()))
+    return PackedContext(layers, starts, list(lengths))
 
 
-def packed_attention_over(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, ctx: ContiguousKV | None,
-                          q_rows: JobRows, k_rows: JobRows, gqa_group: int | None, q_head_offset: int,
-                          state=None, finalize: bool = True, with_lse: bool = False):
-    """Attention of the packed query rows ``q`` against each job's context and its own keys ``k_all``/``v_all``
-    (packed rows, gathered by ``k_rows`` into canonical per-job order). Returns packed-order output rows."""
-    qc = q.index_select(0, q_rows.index)
-    kc, vc = k_all.index_select(0, k_rows.index), v_all.index_select(0, k_rows.index)
-    segs = ([ctx] if ctx is not None else []) + [ContiguousKV(kc, vc, cu_seqlens=k_rows.cu, max_seqlen=k_rows.max_len)]
-    r = joint_attention(qc, segs, cu_seqlens_q=q_rows.cu, max_seqlen_q=max(q_rows.max_len, 1), gqa_group=gqa_group,
-                        q_head_offset=q_head_offset)
-    out = torch.zeros_like(q)
-    out.index_copy_(0, q_rows.index, r.out)
-    if with_lse:
-        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
-        lse.index_copy_(0, q_rows.index, r.lse)
-        return out, lse
-    return out
+def packed_attention(q: torch.Tensor, keys: tuple[torch.Tensor, torch.Tensor], key_rows: JobRows,
+                     ctx: ContiguousKV | None, plan: QueryPlan, cache: dict, gqa_group: int | None = None,
+                     q_head_offset: int = 0, with_lse: bool = False, options: KernelOptions | None = None):
+    """Attention of packed query rows ``q`` (their ``plan``) against, per job, its context ``ctx`` (a segment from
+    ``PackedContext.segment`` for ``plan.jobs``) and its own keys: ``keys`` holds packed K/V rows that
+    ``key_rows`` gathers into each job's canonical order. The output is in ``q``'s packed order."""
+    if not plan.jobs:  # a rank holding only tail padding: nothing to attend
+        out = torch.zeros_like(q)
+        return (out, torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)) if with_lse else out
+    index = key_rows.index
+    kc, vc = keys[0].index_select(0, index), keys[1].index_select(0, index)
+    starts, lens = key_rows.per_sequence(plan.jobs, q.device, cache)
+    cur = ContiguousKV(kc, vc, cu_seqlens=starts, seqlens=lens, max_seqlen=max(key_rows.max_len, 1))
+    out = torch.empty_like(q)
+    if plan.covered < q.shape[0]:
+        out[plan.covered:].zero_()  # tail padding rows: no sequence writes them
+    r = joint_attention(q, ([ctx] if ctx is not None else []) + [cur], cu_seqlens_q=plan.cu, max_seqlen_q=plan.max_len,
+                        gqa_group=gqa_group, q_head_offset=q_head_offset, out=out, options=options)
+    return (r.out, r.lse) if with_lse else r.out
 
 
 @dataclass
 class PackedAttention:
     """``AttentionFn`` of a packed forward whose K/V rows cover the whole packed sequence (one device, or a Ulysses
-    rank after its all-to-all): rows [q_start, q_start + rows) are the queries it holds."""
+    rank after its all-to-all): rows ``q_range`` are the queries it holds."""
 
     layout: PackedLayout
-    ctx: list[ContiguousKV | None]
+    ctx: PackedContext
     q_range: tuple[int, int]
     gqa_group: int | None = None
     q_head_offset: int = 0
-    _rows: tuple[JobRows, JobRows] | None = field(default=None, repr=False)
+    options: KernelOptions | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
 
-    def rows(self, device) -> tuple[JobRows, JobRows]:
-        if self._rows is None:
-            self._rows = (self.layout.rows_by_job(*self.q_range, device),
-                          self.layout.rows_by_job(0, self.layout.split.padded, device))
-        return self._rows
+    def plans(self, device) -> tuple[QueryPlan, JobRows]:
+        if "plan" not in self._cache:
+            self._cache["plan"] = (self.layout.query_plan(*self.q_range, device),
+                                   self.layout.rows_by_job(0, self.layout.split.padded, device))
+        return self._cache["plan"]
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q_rows, k_rows = self.rows(q.device)
-        return packed_attention_over(q, k, v, self.ctx[layer_idx], q_rows, k_rows, self.gqa_group, self.q_head_offset)
+        plan, key_rows = self.plans(q.device)
+        ctx = self.ctx.segment(layer_idx, plan.jobs, q.device, self._cache)
+        return packed_attention(q, (k, v), key_rows, ctx, plan, self._cache, self.gqa_group, self.q_head_offset,
+                                options=self.options)

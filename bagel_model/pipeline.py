@@ -3,7 +3,6 @@
 ``text_to_image`` (parallel runs plug in their velocity function)."""
 from __future__ import annotations
 
-import hashlib
 import numbers
 import os
 from dataclasses import asdict, dataclass
@@ -12,52 +11,22 @@ from typing import Callable
 import numpy as np
 import torch
 
+from bagel_kernels import KernelOptions, token_alignment
+
+from . import checkpoint
 from .denoise import DenoiseRequest, SamplingParams, VelocityFn, denoise, denoise_batch, initial_noise
 from .denoise_step import PackedStep
-from .model import BagelModel, BranchContext, GenSequence, make_gen_sequence
+# The generation pieces moved to ``generation`` (stages needs them, and stages must not import pipeline); they are
+# re-exported here for existing callers.
+from .generation import (GenerationResult, decode_latent, single_device_velocities, tensor_md5,  # noqa: F401
+                         text_to_image_contexts)
+from .config import IMG2IMG_DEFAULTS, PRESETS, BagelConfig
+from .image_io import as_rgb_tensor
+from .memory import check_fits
+from .model import BagelModel, GenSequence, make_gen_sequence
+from .stages import IMAGE_IN, IMAGE_OUT, MODES, Request, run_stage0, run_stage1_batch
 from .tokenizer import BagelTokenizer
-from .vae import to_uint8_image, unpatchify
-
-
-def tensor_md5(t: torch.Tensor) -> str:
-    return hashlib.md5(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-@dataclass
-class GenerationResult:
-    latent: torch.Tensor  # (n_latent, patch_dim) fp32, final x
-    image: torch.Tensor  # (H, W, 3) uint8
-    latent_md5: str
-    image_md5: str
-    params: SamplingParams | None = None  # the request's parameters as the diffusion stage received them
-
-    def save_png(self, path: str) -> None:
-        from PIL import Image
-
-        Image.fromarray(self.image.cpu().numpy()).save(path, format="PNG")
-
-
-def text_to_image_contexts(model: BagelModel, tokenizer: BagelTokenizer, prompt: str) -> dict[str, BranchContext]:
-    """The three CFG contexts of text-to-image: full = the prompt; no-text = empty; no-image = full (no input image)."""
-    full = model.prefill_text(tokenizer.encode_prompt(prompt))
-    return {"full": full, "text": BranchContext.empty(model.cfg.num_layers), "img": full}
-
-
-def single_device_velocities(model: BagelModel, seq: GenSequence, contexts: dict[str, BranchContext]) -> VelocityFn:
-    """The per-branch reference path: one forward per CFG branch (the packed step, ``denoise_step.PackedStep``,
-    must reproduce it bit for bit)."""
-    def fn(x: torch.Tensor, t: float, branches: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        return {b: model.gen_velocity(x, t, seq, contexts[b]) for b in branches}
-    return fn
-
-
-def decode_latent(model: BagelModel, latent: torch.Tensor, grid: tuple[int, int] | GenSequence) -> torch.Tensor:
-    """VAE decode of final latent tokens on a (rows, cols) latent grid -> (H, W, 3) uint8."""
-    h, w = grid.grid if isinstance(grid, GenSequence) else grid
-    z = unpatchify(latent.float(), h, w, model.cfg.latent_patch_size)[None]
-    with torch.no_grad():
-        pixels = model.vae.decode(z.to(model.device))[0]
-    return to_uint8_image(pixels)
+from .transforms import vae_resize_rule
 
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -116,14 +85,10 @@ def _check_device(device: torch.device | str) -> torch.device:
     return d
 
 
-def _kernel_options(kernels):
+def _kernel_options(kernels: KernelOptions | str | None) -> KernelOptions | None:
     """``KernelOptions`` from an instance, a mode name ("exact" | "fast") or None (the process default)."""
     if kernels is None:
         return None
-    try:
-        from bagel_kernels import KernelOptions
-    except ImportError:  # the typed kernel options are not part of this build yet
-        raise NotImplementedError("kernels=: this build has no bagel_kernels.KernelOptions") from None
     if isinstance(kernels, str):
         return KernelOptions(mode=kernels)
     if not isinstance(kernels, KernelOptions):
@@ -200,7 +165,8 @@ class BagelPipeline:
     # ---- loading, saving, placement -----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: torch.device | str = "cpu",
-                        dtype: torch.dtype | str | None = None, kernels=None, weights_seed: int | None = None,
+                        dtype: torch.dtype | str | None = None, kernels: KernelOptions | str | None = None,
+                        weights_seed: int | None = None,
                         byte_tokenizer: bool = False, check_memory: bool = True) -> "BagelPipeline":
         """A checkpoint directory in BAGEL-7B-MoT's released layout (loaded strictly; a directory of that name
         wins over a preset), or a preset name (``"tiny"``, ``"bagel-7b-mot"``) with random weights drawn from
@@ -209,8 +175,6 @@ class BagelPipeline:
         ("exact" | "fast"); None is the process default. ``byte_tokenizer``: a directory without
         ``tokenizer.json`` gets the built-in byte-level tokenizer (presets always use it). ``check_memory``: refuse,
         with the numbers, weights that cannot fit on ``device``."""
-        from .config import PRESETS, BagelConfig
-
         name = os.fspath(name_or_path)
         device = _check_device(device)
         dtype = resolve_dtype(dtype, device)
@@ -218,36 +182,27 @@ class BagelPipeline:
         if os.path.isdir(name):
             if weights_seed is not None:
                 raise ValueError(f"weights_seed is for presets' random weights; {name!r} is a checkpoint directory")
-            from .checkpoint import from_pretrained
-
-            model, tok = from_pretrained(name, device=device, dtype=dtype, byte_tokenizer=byte_tokenizer,
-                                         check_memory=check_memory)
+            model, tok = checkpoint.from_pretrained(name, device=device, dtype=dtype, byte_tokenizer=byte_tokenizer,
+                                                    check_memory=check_memory, kernels=options)
         elif name in PRESETS:
             if byte_tokenizer:
                 raise ValueError("byte_tokenizer is for checkpoint directories (presets always use it)")
-            from .memory import check_fits
-
             cfg = BagelConfig.preset(name)
             if check_memory:
                 check_fits(cfg, dtype, device)  # refuse with the number before allocating
             seed = 0 if weights_seed is None else _integer("weights_seed", weights_seed)
             if not 0 <= seed < 2**64:
                 raise ValueError(f"weights_seed must be in [0, 2**64), got {seed}")
-            model, tok = BagelModel.random(cfg, seed=seed, dtype=dtype, device=device), BagelTokenizer.from_directory(None)
+            model = BagelModel.random(cfg, seed=seed, dtype=dtype, device=device, kernels=options)
+            tok = BagelTokenizer.from_directory(None)
         else:
             raise ValueError(f"{name!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
-        if options is not None:
-            if not hasattr(model, "kernels"):
-                raise NotImplementedError("kernels=: this build's BagelModel takes no kernel options")
-            model.kernels = options
         return cls(model, tok)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the model and tokenizer in the released layout; ``from_pretrained(directory)`` gives the same
         bits."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self.model, os.fspath(directory), self.tokenizer)
+        checkpoint.save_pretrained(self.model, os.fspath(directory), self.tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -272,8 +227,6 @@ class BagelPipeline:
         dev = _check_device(device) if device is not None else m.device
         dt = resolve_dtype(dtype, dev) if dtype is not None else m.dtype
         if dev.type == "cuda" and (dev != m.device or dt != m.dtype):
-            from .memory import check_fits
-
             check_fits(m.cfg, dt, dev)
         # narrow before moving (the device never holds the wide copy), widen after
         narrow = dt.itemsize <= m.dtype.itemsize
@@ -337,10 +290,6 @@ class BagelPipeline:
 
         A list of prompts runs as one batch (``generate_batch``: one packed denoise); each result is bit-identical
         to that prompt's call alone."""
-        from .config import IMG2IMG_DEFAULTS
-        from .image_io import as_rgb_tensor
-        from .stages import IMAGE_IN, IMAGE_OUT, MODES, Request
-
         prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
@@ -408,8 +357,6 @@ class BagelPipeline:
         for i, (p, im, s) in enumerate(zip(prompts, images, seeds)):
             size = (h, w)
             if mode == "img2img":
-                from .transforms import vae_resize_rule
-
                 size = vae_resize_rule(cfg).output_size(*im.shape[:2])
             params = SamplingParams(seed=s, height=size[0], width=size[1], **base).validate()
             if mode in IMAGE_OUT:
@@ -448,8 +395,6 @@ class BagelPipeline:
         forward. Returns one (stage-0 result, image result or None) per request, each bit-identical to running the
         request alone (the batch-invariance contract: no row's arithmetic depends on the other rows).
         ``on_step(request_index, step, t)``: called after each image request's Euler update (index into ``reqs``)."""
-        from .stages import IMAGE_OUT, run_stage0, run_stage1_batch
-
         if not reqs:
             raise ValueError("generate_batch needs at least one request")
         ids = [r.request_id for r in reqs]
@@ -476,10 +421,8 @@ class BagelPipeline:
         grid = self.model.cfg.check_image_size(params.height, params.width)
         x0 = initial_noise(grid[0] * grid[1], self.model.cfg.patch_latent_dim, params.seed).to(self.model.device)
         if velocities is not None:
-            from bagel_kernels import token_alignment
-
             seq = seq or make_gen_sequence(self.model.cfg, params.height, params.width, 1,
-                                           token_alignment(self.model.device))
+                                           token_alignment(self.model.device, self.model.kernels))
             x = denoise(x0, params, velocities, progress=progress)
         else:
             engine = engine if engine is not None else PackedStep(self.model)

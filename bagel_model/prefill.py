@@ -8,8 +8,6 @@ per-token host loop, seed 001), routing as host segments, the mask as per-token 
 """
 from __future__ import annotations
 
-import os
-
 from dataclasses import dataclass
 
 import torch
@@ -98,9 +96,10 @@ def _embed(model: BagelModel, blocks: list[Block]) -> tuple[torch.Tensor, Expert
             layout.append((len(b.ids), False))
             continue
         if isinstance(b, VAEBlock):
-            t0 = model.time_embedder(torch.zeros(1, device=dev))
+            t0 = model.time_embedder(torch.zeros(1, device=dev), options=model.kernels)
             pos = model.latent_pos_embed(model._latent_pos_ids_for(b.grid)).to(dt)
-            body = invariant_linear(b.latents.to(dev, dt), model.vae2llm.weight, model.vae2llm.bias) + t0 + pos
+            body = invariant_linear(b.latents.to(dev, dt), model.vae2llm.weight, model.vae2llm.bias,
+                                    options=model.kernels) + t0 + pos
             gen = True
         else:
             body = b.embeddings.to(dt)
@@ -159,42 +158,8 @@ def prefill(model: BagelModel, blocks: list[Block], layout: str = "flash_attn", 
     # BAGEL runs QK-norm in fp32 in forwards that carry generation-expert tokens (the VAE block), else in the
     # activation dtype.
     li = LayerInputs(routing=routing, cos=cos, sin=sin, gen_mode=any(g for _, _, g in routing.segments),
-                     small_batch=small_batch)
-    h = model._run_layers(x, li, local_attention(cache.segments(), n, prefill_visible_end(span)), cache.write)
+                     small_batch=small_batch, kernels=model.kernels)
+    h = model._run_layers(x, li, local_attention(cache.segments(), n, prefill_visible_end(span), options=model.kernels),
+                          cache.write)
     cache.commit(n)
     return PrefilledContext(cache, next_pos), h[-1:]
-
-
-@torch.no_grad()
-def greedy_decode(model: BagelModel, context: PrefilledContext, last_hidden: torch.Tensor, max_tokens: int,
-                  eos_id: int, on_token=None, use_graph: bool | None = None) -> list[int]:
-    """Greedy decoding that appends to the paged cache; stops at ``eos_id`` or ``max_tokens``.
-
-    Reading the argmax back to pick the next token is the one host read per step that text decoding needs. On CUDA
-    the token step is replayed from a CUDA graph (``decode_graph``; same kernels, same tokens) unless
-    ``use_graph=False`` or ``BAGEL_DECODE_GRAPH=0``."""
-    if use_graph is None:
-        use_graph = model.device.type == "cuda" and os.environ.get("BAGEL_DECODE_GRAPH", "1") != "0"
-    out: list[int] = []
-    logits = invariant_linear(last_hidden, model.language_model.lm_head.weight, small_batch=True)
-    tok = int(logits[-1].float().argmax())
-    decoder = None
-    for i in range(max_tokens):
-        out.append(tok)
-        if on_token is not None:
-            on_token(i, tok)
-        if tok == eos_id or i == max_tokens - 1:
-            break
-        if context.cache.length >= context.cache.capacity:
-            break
-        if use_graph:
-            if decoder is None:
-                from .decode_graph import GraphDecoder
-
-                decoder = GraphDecoder(model, context, tok)
-            tok = decoder.step()
-        else:
-            context, h = prefill(model, [TextBlock([tok])], context=context, small_batch=True)
-            logits = invariant_linear(h, model.language_model.lm_head.weight, small_batch=True)
-            tok = int(logits[-1].float().argmax())
-    return out

@@ -8,11 +8,20 @@ import dataclasses
 import os
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
+import torch.multiprocessing as mp
 
-from .stages import EventLog, Request
+from bagel_kernels import KernelOptions, default_options
+
+from .checkpoint import from_pretrained
+from .config import BagelConfig
+from .kv_transfer import SharedMemoryConnector, TensorQueueConnector, abort, recv_payload, send_payload
+from .model import BagelModel
+from .stages import EventLog, Request, run_stage0, run_stage1
+from .tokenizer import BagelTokenizer
 
 
 @dataclass(frozen=True)
@@ -26,13 +35,9 @@ class ModelSpec:
     checkpoint: str | None = None
     threads: int = 1
     byte_tokenizer: bool = False  # checkpoint without tokenizer.json: use the built-in byte-level one
+    kernels: KernelOptions = field(default_factory=default_options)
 
     def load(self):
-        from .checkpoint import from_pretrained
-        from .config import BagelConfig
-        from .model import BagelModel
-        from .tokenizer import BagelTokenizer
-
         torch.set_num_threads(self.threads)
         if self.device.startswith("cuda"):
             # Make this stage's GPU the current one: Triton launches on the current device, and a tensor of another
@@ -42,9 +47,10 @@ class ModelSpec:
         dtype = getattr(torch, self.dtype)
         if self.checkpoint:
             model, tok = from_pretrained(self.checkpoint, device=self.device, dtype=dtype,
-                                         byte_tokenizer=self.byte_tokenizer)
+                                         byte_tokenizer=self.byte_tokenizer, kernels=self.kernels)
         else:
-            model = BagelModel.random(BagelConfig.preset(self.preset), seed=self.seed, dtype=dtype, device=self.device)
+            model = BagelModel.random(BagelConfig.preset(self.preset), seed=self.seed, dtype=dtype, device=self.device,
+                                      kernels=self.kernels)
             tok = BagelTokenizer.from_directory(None)
         model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
         return model, tok
@@ -103,10 +109,6 @@ def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     os.environ.update(env or {})  # before the model (and CUDA) is touched: e.g. this client's MPS SM share
-
-    from .kv_transfer import abort, send_payload
-    from .stages import run_stage0
-
     events = EventLog()
     try:
         model, tok = spec.load()
@@ -131,10 +133,6 @@ def _stage1_worker(spec: ModelSpec, layout: str, connector, out_q, timeout: floa
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     os.environ.update(env or {})  # before the model (and CUDA) is touched
-
-    from .kv_transfer import recv_payload
-    from .stages import run_stage1
-
     events = EventLog()
     try:
         model, _ = spec.load()

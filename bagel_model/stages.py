@@ -12,20 +12,19 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
+from .decode import greedy_decode
 from .denoise import DenoiseRequest, SamplingParams, denoise_batch, initial_noise
 from .denoise_step import PackedStep
+from .generation import GenerationResult, decode_latent, tensor_md5
 from .kv_transfer import KVPayload, abort, extract, install, recv_payload, send_payload
 from .model import BagelModel, BranchContext
-from .prefill import PrefilledContext, TextBlock, greedy_decode, new_cache, prefill, vae_block, vit_block
+from .prefill import PrefilledContext, TextBlock, new_cache, prefill, vae_block, vit_block
 from .tokenizer import BagelTokenizer
 from .transforms import vae_resize_rule
-
-if TYPE_CHECKING:  # pipeline imports stages' entry points lazily; no import cycle at run time
-    from .pipeline import GenerationResult
 
 MODES = ("text2img", "img2img", "text2text", "img2text")
 IMAGE_OUT, IMAGE_IN = ("text2img", "img2img"), ("img2img", "img2text")
@@ -174,8 +173,6 @@ def run_stage1_batch(model: BagelModel, payloads: list[KVPayload],
     """Denoise several requests together — every step's CFG jobs of all of them in one packed forward
     (``denoise_step.PackedStep`` unless ``engine`` is given) — and decode each. Each result is bit-identical to
     the request's run alone. ``on_step(payload_index, step, t)`` is ``denoise_batch``'s per-request step hook."""
-    from .pipeline import GenerationResult, decode_latent, tensor_md5
-
     events = events or EventLog()
     events.record("stage1_start")
     contexts = contexts or [None] * len(payloads)

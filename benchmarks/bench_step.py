@@ -248,6 +248,20 @@ def check_graph(model, tok, rows: list) -> None:
         return out
 
     eager = [tensor_md5(x) for x in denoise_batch(reqs(), PackedStep(model, use_graph=False), progress=False)]
+    # the per-branch loop (one forward per CFG branch, the unpacked layout) must give the same bits
+    from bagel_kernels import token_alignment
+    from bagel_model.denoise import denoise
+    from bagel_model.model import make_gen_sequence
+    from bagel_model.pipeline import single_device_velocities
+
+    per_branch = []
+    for r in reqs():
+        seq = make_gen_sequence(model.cfg, r.params.height, r.params.width, 1, token_alignment(model.device))
+        per_branch.append(tensor_md5(denoise(r.x, r.params, single_device_velocities(model, seq, r.contexts),
+                                             progress=False)))
+    rows.append(dict(subject="check", what="packed step == per-branch loop (2 requests, 6 steps)",
+                     equal=per_branch == eager, md5s=per_branch))
+    print(rows[-1], flush=True)
     eng = PackedStep(model, use_graph=True)
     rs = reqs()
     guards = [FiniteGuard() for _ in rs]

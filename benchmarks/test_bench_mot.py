@@ -1,10 +1,14 @@
 """pytest-benchmark entry for the routed MoT GEMM vs one dense cuBLAS GEMM on BAGEL-7B shapes (GPU only).
 
     python -m pytest benchmarks/test_bench_mot.py --benchmark-only      # on the GPU machine
-The full table with every peer and the whole-layer comparison: ``python benchmarks/mot_shapes.py``.
+The full table with every peer: ``python -m benchmarks.bench_routed_gemm``; the whole layer: ``bench_layer``.
 """
 import pytest
 import torch
+import torch.nn.functional as F
+
+import bagel_kernels as bk
+from benchmarks.shapes import PROJECTIONS, token_sets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark")
 
@@ -13,11 +17,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU bench
 @pytest.mark.parametrize("tokens", ["gen step 3×4098", "i2i prefill mixed"])
 @pytest.mark.parametrize("impl", ["bagel_routed", "dense_cublas"])
 def test_projection(benchmark, impl, tokens, proj):
-    import torch.nn.functional as F
-
-    import bagel_kernels as bk
-    from mot_shapes import PROJECTIONS, token_sets
-
     _, n, k, swiglu = next(p for p in PROJECTIONS if p[0] == proj)
     routing = token_sets()[tokens]
     m, parts = routing.num_tokens, 2 if swiglu else 1

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 from bagel_kernels import ContiguousKV
+from bagel_model.model import BranchContext
 
 from .mesh import guarded
 
@@ -13,8 +14,6 @@ def broadcast_contexts(contexts: dict | None, names: list[str], num_layers: int,
                        kv_shape: tuple[int, int], dtype, device, src: int = 0) -> dict:
     """Broadcast per-layer (K, V) of each named branch context from ``src``; shapes come from host metadata
     (``lengths``, known to every rank from the prompt), so no shape exchange is needed."""
-    from bagel_model.model import BranchContext
-
     rank = dist.get_rank()
     out = {}
     for name in names:

@@ -50,7 +50,7 @@ class ParallelStep:
             m, c = self.model, self.mesh.config
             layout = PackedLayout(tuple(j.grid for j in jobs), c.sp, self.align)
             ctx = packed_context([j.context.kv for j in jobs], [j.context.length for j in jobs], m.cfg.num_layers)
-            attn = sp_attention(self.mesh, layout, ctx, m.cfg.num_heads, m.cfg.num_kv_heads)
+            attn = sp_attention(self.mesh, layout, ctx, m.cfg.num_heads, m.cfg.num_kv_heads, options=m.kernels)
             e = self._entries[key] = StepEntry(list(jobs), layout, tuple(j.context.rope_position for j in jobs), attn)
         return e
 

@@ -14,14 +14,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bagel_kernels import ContiguousKV, joint_attention, merge_attention_partials
-from bagel_model.packed import JobRows, PackedLayout, packed_attention_over
+from bagel_kernels import ContiguousKV, KernelOptions, merge_attention_partials
+from bagel_model.packed import JobRows, PackedLayout, QueryPlan, packed_attention
 
 from .mesh import guarded
 
 
-def ring_attention_exact(q, k, v, ctx, ring_ranks: list[int], ring_idx: int, group, q_rows: JobRows,
-                         k_rows: JobRows, gqa_group: int, q_head_offset: int) -> torch.Tensor:
+def ring_attention_exact(q, k, v, ctx: ContiguousKV | None, ring_ranks: list[int], ring_idx: int, group,
+                         plan: QueryPlan, key_rows: JobRows, cache: dict, gqa_group: int,
+                         q_head_offset: int, options: KernelOptions | None = None) -> torch.Tensor:
     R = len(ring_ranks)
     kv = torch.stack([k, v]).contiguous()
     bufs, works = [], []
@@ -32,17 +33,15 @@ def ring_attention_exact(q, k, v, ctx, ring_ranks: list[int], ring_idx: int, gro
         bufs.append(buf)
     for c in range(R):
         guarded(f"ring wait chunk {c}", works[c].wait)
-    k_all = torch.cat([b[0] for b in bufs])
-    v_all = torch.cat([b[1] for b in bufs])
-    return packed_attention_over(q, k_all, v_all, ctx, q_rows, k_rows, gqa_group, q_head_offset)
+    keys = (torch.cat([b[0] for b in bufs]), torch.cat([b[1] for b in bufs]))
+    return packed_attention(q, keys, key_rows, ctx, plan, cache, gqa_group, q_head_offset, options=options)
 
 
-def ring_attention_fast(q, k, v, ctx, ring_ranks: list[int], ring_idx: int, group, q_rows: JobRows,
-                        chunk_rows: list[JobRows], gqa_group: int, q_head_offset: int) -> torch.Tensor:
+def ring_attention_fast(q, k, v, ctx: ContiguousKV | None, ring_ranks: list[int], ring_idx: int, group,
+                        plan: QueryPlan, chunk_rows: list[JobRows], cache: dict, gqa_group: int,
+                        q_head_offset: int, options: KernelOptions | None = None) -> torch.Tensor:
     """``chunk_rows[c]``: the rows of chunk c grouped per job (relative to the chunk's start)."""
     R = len(ring_ranks)
-    kw = dict(gqa_group=gqa_group, q_head_offset=q_head_offset)
-    qc = q.index_select(0, q_rows.index)
     cur = torch.stack([k, v]).contiguous()
     out = lse = None
     for s in range(R):
@@ -53,19 +52,14 @@ def ring_attention_fast(q, k, v, ctx, ring_ranks: list[int], ring_idx: int, grou
             send_to, recv_from = ring_ranks[(ring_idx + 1) % R], ring_ranks[(ring_idx - 1) % R]
             ops = [dist.P2POp(dist.isend, cur, send_to, group=group), dist.P2POp(dist.irecv, nxt, recv_from, group=group)]
             reqs = guarded(f"ring p2p step {s}", dist.batch_isend_irecv, ops)
-        kr = chunk_rows[src_chunk]
-        seg = ContiguousKV(cur[0].index_select(0, kr.index), cur[1].index_select(0, kr.index), cu_seqlens=kr.cu,
-                           max_seqlen=kr.max_len)
-        segs = ([ctx] if (s == 0 and ctx is not None) else []) + [seg]
-        r = joint_attention(qc, segs, cu_seqlens_q=q_rows.cu, max_seqlen_q=max(q_rows.max_len, 1), **kw)
-        out, lse = (r.out, r.lse) if out is None else merge_attention_partials(out, lse, r.out, r.lse)
+        o, l_ = packed_attention(q, (cur[0], cur[1]), chunk_rows[src_chunk], ctx if s == 0 else None, plan, cache,
+                                 gqa_group, q_head_offset, with_lse=True, options=options)
+        out, lse = (o, l_) if out is None else merge_attention_partials(out, lse, o, l_)
         for req in reqs:
             guarded(f"ring p2p wait step {s}", req.wait)
         if s < R - 1:
             cur = nxt
-    o = torch.zeros_like(q)
-    o.index_copy_(0, q_rows.index, out)
-    return o
+    return out
 
 
 def chunk_rows(layout: PackedLayout, size: int, parts: int, device) -> list[JobRows]:

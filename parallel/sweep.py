@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help="seconds a collective may wait for a peer; a stalled or dead rank makes every other rank "
                         "exit within it, naming the missing rank")
+    p.add_argument("--kernels", choices=("exact", "fast"), default="exact",
+                   help="kernel mode: exact (parallel == single bit for bit) or fast (cuBLAS projections on CUDA: "
+                        "changes output bits, parallel configs then match only to rounding and are not counted as "
+                        "failures)")
     return p
 
 
@@ -146,7 +150,7 @@ def check_args(args, world: int, num_heads: int, num_layers: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from bagel_kernels import token_alignment
+    from bagel_kernels import KernelOptions, token_alignment
     from bagel_model.checkpoint import from_pretrained
     from bagel_model.config import BagelConfig
     from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise, denoise_batch, initial_noise, timestep_schedule
@@ -180,12 +184,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg.llm.num_hidden_layers = args.layers
         model = BagelModel.random(cfg, seed=args.weights_seed, dtype=dtype, device=device)
         tok = BagelTokenizer.from_directory(None)
+    model.kernels = KernelOptions(mode=args.kernels)
     model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
     cfg = model.cfg
     h, w = (args.size * 2)[:2]
     params = SamplingParams(steps=args.steps, seed=args.seed, height=h, width=w,
                             timestep_shift=cfg.generation.timestep_shift).validate()
-    align = token_alignment(device)
+    align = token_alignment(device, model.kernels)
     schedule = timestep_schedule(params.steps, params.timestep_shift)
     n_lat = (h // cfg.latent_downsample) * (w // cfg.latent_downsample)
     x0 = initial_noise(n_lat, cfg.patch_latent_dim, params.seed).to(device)
@@ -205,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ref_md5 = tensor_md5(ref)
     rows.append(dict(config="single-per-branch", degrees="1", md5=ref_md5, match=ref_md5 == base_md5,
                      seconds=round(time.time() - t0, 3), mode="exact"))
-    failures = int(ref_md5 != base_md5)
+    failures = int(ref_md5 != base_md5 and args.kernels == "exact")
     prompt_len = len(tok.encode_prompt(args.prompt))
     lengths = {"full": prompt_len, "text": 0, "img": prompt_len}
     kv_shape = (cfg.num_kv_heads, cfg.head_dim)
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                        seconds=round(secs, 3), mode=pc.ring_mode if pc.ring > 1 else "exact", max_abs_err=err,
                        collectives=counter.counts)
             rows.append(row)
-            if not match and row["mode"] == "exact":
+            if not match and row["mode"] == "exact" and args.kernels == "exact":
                 failures += 1
         if pc.name() in batch_on:
             guarded(f"{pc.name()}: barrier before the batch", dist.barrier)
@@ -266,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 ok = md5s == solo
                 rows.append(dict(config=f"batch{len(reqs)}-{pc.name()}", degrees=f"u{pc.ulysses} r{pc.ring} c{pc.cfg}",
                                  md5=md5s[0], md5s=md5s, match=ok, seconds=round(time.time() - t0, 3), mode="exact"))
-                failures += int(not ok)
+                failures += int(not ok and args.kernels == "exact")
         # every rank learns the verdict so that all exit with the same code
         flag = torch.tensor([failures], dtype=torch.int64, device=device)
         guarded(f"{pc.name()}: verdict broadcast", dist.broadcast, flag, src=0)

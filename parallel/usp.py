@@ -6,24 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from bagel_kernels import ContiguousKV, PagedKV
-from bagel_model.packed import PackedLayout, packed_attention_over
+from bagel_kernels import KernelOptions
+from bagel_model.packed import PackedContext, PackedLayout, packed_attention
 
 from .mesh import Mesh
 from .ring import chunk_rows, ring_attention_exact, ring_attention_fast
 from .ulysses import gather_heads, head_split, kv_heads_for, scatter_heads
 
 
-def _slice_heads(seg, a: int, b: int):
-    if seg is None:
-        return None
-    if isinstance(seg, PagedKV):
-        return PagedKV(seg.k[:, :, a:b], seg.v[:, :, a:b], seg.block_table, seg.seqlens)
-    return ContiguousKV(seg.k[:, a:b], seg.v[:, a:b], seg.cu_seqlens, seg.seqlens, seg.max_seqlen)
-
-
-def sp_attention(mesh: Mesh, layout: PackedLayout, contexts: list, num_heads: int, num_kv_heads: int):
-    """``contexts``: the packed per-layer context segments (``bagel_model.packed.packed_context``), replicated."""
+def sp_attention(mesh: Mesh, layout: PackedLayout, contexts: PackedContext, num_heads: int, num_kv_heads: int,
+                 options: KernelOptions | None = None):
+    """``contexts``: the jobs' packed contexts (``bagel_model.packed.packed_context``), replicated."""
     c = mesh.config
     U, R = c.ulysses, c.ring
     group = num_heads // num_kv_heads
@@ -32,14 +25,15 @@ def sp_attention(mesh: Mesh, layout: PackedLayout, contexts: list, num_heads: in
     h0, _ = q_ranges[mesh.uly_idx] if U > 1 else (0, num_heads)
     kv0, kv1 = kv_ranges[mesh.uly_idx] if U > 1 else (0, num_kv_heads)
     # The context is replicated on every rank; each rank reads only the KV heads its query heads need.
-    ctxs = [_slice_heads(c_, kv0, kv1) for c_ in contexts]
-    kw = dict(gqa_group=group, q_head_offset=h0)
+    ctxs = contexts.heads(kv0, kv1) if U > 1 else contexts
+    kw = dict(gqa_group=group, q_head_offset=h0, options=options)
     size = layout.split.chunk * U  # rows of one Ulysses group (one ring chunk)
     rows: dict = {}
+    cache: dict = {}
 
     def index(device):
         if not rows:
-            rows["q"] = layout.rows_by_job(mesh.ring_idx * size, (mesh.ring_idx + 1) * size, device)
+            rows["q"] = layout.query_plan(mesh.ring_idx * size, (mesh.ring_idx + 1) * size, device)
             rows["k"] = layout.rows_by_job(0, layout.split.padded, device)
             if R > 1 and c.ring_mode == "fast":
                 rows["chunks"] = chunk_rows(layout, size, R, device)
@@ -51,15 +45,15 @@ def sp_attention(mesh: Mesh, layout: PackedLayout, contexts: list, num_heads: in
             k = scatter_heads(k, kv_ranges, mesh.uly_idx, mesh.uly_group, f"ulysses k layer {layer_idx}")
             v = scatter_heads(v, kv_ranges, mesh.uly_idx, mesh.uly_group, f"ulysses v layer {layer_idx}")
         ix = index(q.device)
-        ctx = ctxs[layer_idx]
+        ctx = ctxs.segment(layer_idx, ix["q"].jobs, q.device, cache)
         if R == 1:
-            o = packed_attention_over(q, k, v, ctx, ix["q"], ix["k"], **kw)
+            o = packed_attention(q, (k, v), ix["k"], ctx, ix["q"], cache, **kw)
         elif c.ring_mode == "exact":
             o = ring_attention_exact(q, k, v, ctx, mesh.ring_ranks, mesh.ring_idx, mesh.ring_group, ix["q"], ix["k"],
-                                     **kw)
+                                     cache, **kw)
         else:
             o = ring_attention_fast(q, k, v, ctx, mesh.ring_ranks, mesh.ring_idx, mesh.ring_group, ix["q"],
-                                    ix["chunks"], **kw)
+                                    ix["chunks"], cache, **kw)
         if U > 1:
             o = gather_heads(o, q_ranges, mesh.uly_idx, mesh.uly_group, f"ulysses out layer {layer_idx}")
         return o

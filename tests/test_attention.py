@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bagel_kernels as bk
+from bagel_kernels import KernelOptions
 from bagel_kernels.attention_reference import REF_BLOCK_N, naive_attention
 from bagel_kernels.attention_triton import TRITON_BLOCK_M, TRITON_BLOCK_N
 
@@ -33,7 +34,7 @@ def test_matches_dense_reference(backend, dtype, d, hq, hkv, nq, nctx):
     ck, cv = rnd(nctx, hkv, d, dtype=dtype, gen=g), rnd(nctx, hkv, d, dtype=dtype, gen=g)
     segs = ([bk.ContiguousKV(ck, cv)] if nctx else []) + [bk.ContiguousKV(k, v)]
     out = torch.full_like(q, float("nan"))  # poison: every element must be written
-    res = bk.joint_attention(q, segs, backend=backend, out=out)
+    res = bk.joint_attention(q, segs, options=KernelOptions(backend=backend), out=out)
     want = naive_attention(q, torch.cat([ck, k]), torch.cat([cv, v]))
     assert res.out is out and torch.isfinite(out).all()
     assert rel_err(out, want) < TOL[dtype]
@@ -76,7 +77,7 @@ def test_varlen_batch_with_paged_context(backend, layout):
     paged = _paged(cks, cvs, layout, 16, g)
     cu = torch.tensor([0, 19, 24, 57], dtype=torch.int32)
     cur = bk.ContiguousKV(torch.cat(ks), torch.cat(vs), cu_seqlens=cu, max_seqlen=33)
-    res = bk.joint_attention(torch.cat(qs), [paged, cur], cu_seqlens_q=cu, max_seqlen_q=33, backend=backend)
+    res = bk.joint_attention(torch.cat(qs), [paged, cur], cu_seqlens_q=cu, max_seqlen_q=33, options=KernelOptions(backend=backend))
     for b in range(3):
         want = naive_attention(qs[b], torch.cat([cks[b], ks[b]]), torch.cat([cvs[b], vs[b]]))
         assert rel_err(res.out[cu[b]:cu[b + 1]], want) < 1e-4
@@ -104,7 +105,7 @@ def test_prefill_mask_causal_text_bidirectional_images(backend, nctx):
     dense = torch.arange(n)[None, :] < vis[:, None].long()
     mask = torch.cat([torch.ones(n, nctx, dtype=torch.bool), dense], 1)
     segs = ([bk.ContiguousKV(ck, cv)] if nctx else []) + [bk.ContiguousKV(k, v)]
-    res = bk.joint_attention(q, segs, visible_end=vis, backend=backend)
+    res = bk.joint_attention(q, segs, visible_end=vis, options=KernelOptions(backend=backend))
     want = naive_attention(q, torch.cat([ck, k]), torch.cat([cv, v]), mask=mask)
     assert rel_err(res.out, want) < 1e-4
     assert vis[5:25].eq(25).all() and vis[:5].tolist() == [1, 2, 3, 4, 5]
@@ -118,16 +119,16 @@ def test_chunked_resumable_launches_equal_one_launch_bitwise(backend):
     q, k, v = rnd(50, hq, d, gen=g), rnd(n, hkv, d, gen=g), rnd(n, hkv, d, gen=g)
     ck, cv = rnd(23, hkv, d, gen=g), rnd(23, hkv, d, gen=g)
     ctx = bk.ContiguousKV(ck, cv)
-    one = bk.joint_attention(q, [ctx, bk.ContiguousKV(k, v)], backend=backend)
-    state = bk.joint_attention(q, [ctx], backend=backend, finalize=False)
+    one = bk.joint_attention(q, [ctx, bk.ContiguousKV(k, v)], options=KernelOptions(backend=backend))
+    state = bk.joint_attention(q, [ctx], options=KernelOptions(backend=backend), finalize=False)
     bounds = [0, bn, 3 * bn, n]
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         last = i == len(bounds) - 2
-        r = bk.joint_attention(q, [bk.ContiguousKV(k[a:b], v[a:b])], backend=backend, state=state, finalize=last)
+        r = bk.joint_attention(q, [bk.ContiguousKV(k[a:b], v[a:b])], options=KernelOptions(backend=backend), state=state, finalize=last)
         state = r
     assert torch.equal(r.out, one.out) and torch.equal(r.lse, one.lse)
     # one launch over three segments (chained internally) is also the same
-    many = bk.joint_attention(q, [ctx, bk.ContiguousKV(k[:bn], v[:bn]), bk.ContiguousKV(k[bn:], v[bn:])], backend=backend)
+    many = bk.joint_attention(q, [ctx, bk.ContiguousKV(k[:bn], v[:bn]), bk.ContiguousKV(k[bn:], v[bn:])], options=KernelOptions(backend=backend))
     assert torch.equal(many.out, one.out)
 
 
@@ -138,8 +139,8 @@ def test_padding_keys_leave_results_bit_identical(backend):
     pad = 2 * BLOCK_N[backend] + 11
     kp = torch.cat([k, torch.zeros(pad, 2, 32)])
     vp = torch.cat([v, torch.zeros(pad, 2, 32)])
-    base = bk.joint_attention(q, [bk.ContiguousKV(k, v)], backend=backend)
-    padded = bk.joint_attention(q, [bk.ContiguousKV(kp, vp, seqlens=torch.tensor([37], dtype=torch.int32))], backend=backend)
+    base = bk.joint_attention(q, [bk.ContiguousKV(k, v)], options=KernelOptions(backend=backend))
+    padded = bk.joint_attention(q, [bk.ContiguousKV(kp, vp, seqlens=torch.tensor([37], dtype=torch.int32))], options=KernelOptions(backend=backend))
     assert torch.equal(base.out, padded.out)
 
 
@@ -150,14 +151,14 @@ def test_subsets_of_heads_sequences_and_rows_are_bitwise_invariant(backend):
     rows = 2 * TRITON_BLOCK_M + 30
     q, k, v = rnd(rows, hq, d, gen=g), rnd(rows, hkv, d, gen=g), rnd(rows, hkv, d, gen=g)
     ck, cv = rnd(21, hkv, d, gen=g), rnd(21, hkv, d, gen=g)
-    full = bk.joint_attention(q, [bk.ContiguousKV(ck, cv), bk.ContiguousKV(k, v)], backend=backend).out
+    full = bk.joint_attention(q, [bk.ContiguousKV(ck, cv), bk.ContiguousKV(k, v)], options=KernelOptions(backend=backend)).out
     # heads 2..4 (crossing a KV-head boundary) with only the KV heads they need
     part = bk.joint_attention(q[:, 2:5].contiguous(), [bk.ContiguousKV(ck, cv), bk.ContiguousKV(k, v)],
-                              gqa_group=3, q_head_offset=2, backend=backend).out
+                              gqa_group=3, q_head_offset=2, options=KernelOptions(backend=backend)).out
     assert torch.equal(part, full[:, 2:5])
     # an aligned block of query rows in a smaller launch
     sub = slice(TRITON_BLOCK_M, 2 * TRITON_BLOCK_M)
-    rows_only = bk.joint_attention(q[sub].contiguous(), [bk.ContiguousKV(ck, cv), bk.ContiguousKV(k, v)], backend=backend).out
+    rows_only = bk.joint_attention(q[sub].contiguous(), [bk.ContiguousKV(ck, cv), bk.ContiguousKV(k, v)], options=KernelOptions(backend=backend)).out
     assert torch.equal(rows_only, full[sub])
     # the same sequence alone vs inside a varlen batch with another sequence in front
     q2, k2, v2 = rnd(13, hq, d, gen=g), rnd(13, hkv, d, gen=g), rnd(13, hkv, d, gen=g)
@@ -165,7 +166,7 @@ def test_subsets_of_heads_sequences_and_rows_are_bitwise_invariant(backend):
     ccu = torch.tensor([0, 0, 21], dtype=torch.int32)
     batch = bk.joint_attention(torch.cat([q2, q]), [bk.ContiguousKV(ck, cv, cu_seqlens=ccu),
                                                   bk.ContiguousKV(torch.cat([k2, k]), torch.cat([v2, v]), cu_seqlens=cu)],
-                               cu_seqlens_q=cu, max_seqlen_q=rows, backend=backend).out
+                               cu_seqlens_q=cu, max_seqlen_q=rows, options=KernelOptions(backend=backend)).out
     assert torch.equal(batch[13:], full)
 
 
@@ -173,7 +174,7 @@ def test_subsets_of_heads_sequences_and_rows_are_bitwise_invariant(backend):
 def test_row_with_no_visible_key_is_zero_not_nan(backend):
     q, k, v = rnd(3, 2, 16, seed=1), rnd(4, 2, 16, seed=2), rnd(4, 2, 16, seed=3)
     res = bk.joint_attention(q, [bk.ContiguousKV(k, v)], visible_end=torch.tensor([0, 1, 4], dtype=torch.int32),
-                             backend=backend)
+                             options=KernelOptions(backend=backend))
     assert torch.equal(res.out[0], torch.zeros(2, 16)) and torch.isneginf(res.lse[0]).all()
     assert torch.isfinite(res.out).all()
 
@@ -185,10 +186,10 @@ def test_nan_key_or_value_surfaces_as_nan_in_rows_that_see_it(backend, poison):
     out of the rows that cannot see it (their bits are kept); a masked NaN value may reach them (0 * NaN), as in SDPA."""
     q, k, v = rnd(5, 2, 16, seed=1), rnd(5, 2, 16, seed=2), rnd(5, 2, 16, seed=3)
     causal = torch.arange(1, 6, dtype=torch.int32)  # row i sees keys 0..i
-    clean = bk.joint_attention(q, [bk.ContiguousKV(k, v)], visible_end=causal, backend=backend)
+    clean = bk.joint_attention(q, [bk.ContiguousKV(k, v)], visible_end=causal, options=KernelOptions(backend=backend))
     bad = {"k": k.clone(), "v": v.clone()}
     bad[poison][2, 0] = float("nan")  # key 2, KV head 0
-    res = bk.joint_attention(q, [bk.ContiguousKV(bad["k"], bad["v"])], visible_end=causal, backend=backend)
+    res = bk.joint_attention(q, [bk.ContiguousKV(bad["k"], bad["v"])], visible_end=causal, options=KernelOptions(backend=backend))
     assert torch.isnan(res.out[2:, 0]).all()
     assert torch.equal(res.out[:, 1], clean.out[:, 1])  # the other KV head's query heads
     if poison == "k":
@@ -210,13 +211,13 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="at least one KV segment"):
         bk.joint_attention(q, [])
     with pytest.raises(ValueError, match="unknown kernel backend"):
-        bk.joint_attention(q, [bk.ContiguousKV(k[:, :2], k[:, :2])], backend="cudnn")
+        bk.joint_attention(q, [bk.ContiguousKV(k[:, :2], k[:, :2])], options=KernelOptions(backend="cudnn"))
     with pytest.raises(ValueError, match="scale must be positive"):
         bk.joint_attention(q, [bk.ContiguousKV(k[:, :2], k[:, :2])], scale=-1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tma_and_pointer_reads_give_the_same_bits(dtype, monkeypatch):
+def test_tma_and_pointer_reads_give_the_same_bits(dtype):
     """Full blocks of the current tokens go through TMA descriptors when the storage allows (heads adjacent,
     16-byte aligned rows) and through pointers otherwise; the numbers read are the same, so are the bits."""
     g = torch.Generator().manual_seed(11)
@@ -228,14 +229,12 @@ def test_tma_and_pointer_reads_give_the_same_bits(dtype, monkeypatch):
     from bagel_kernels.attention_triton import _tma_mode
 
     assert _tma_mode(bk.ContiguousKV(k, v), d)
-    want = bk.joint_attention(q, [ctx, bk.ContiguousKV(k, v)], backend="triton").out
+    want = bk.joint_attention(q, [ctx, bk.ContiguousKV(k, v)], options=KernelOptions(backend="triton")).out
     # heads not adjacent (head-major storage): the pointer path
     k_hm = k.transpose(0, 1).contiguous().transpose(0, 1)
     v_hm = v.transpose(0, 1).contiguous().transpose(0, 1)
     assert not _tma_mode(bk.ContiguousKV(k_hm, v_hm), d)
-    assert torch.equal(bk.joint_attention(q, [ctx, bk.ContiguousKV(k_hm, v_hm)], backend="triton").out, want)
-    monkeypatch.setenv("BAGEL_ATTN_TMA", "0")
-    assert torch.equal(bk.joint_attention(q, [ctx, bk.ContiguousKV(k, v)], backend="triton").out, want)
+    assert torch.equal(bk.joint_attention(q, [ctx, bk.ContiguousKV(k_hm, v_hm)], options=KernelOptions(backend="triton")).out, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -245,5 +244,5 @@ def test_head_dims_that_are_not_powers_of_two(backend, d):
     n, hq, hkv = TRITON_BLOCK_N + 3, 4, 2
     q, k, v = rnd(n, hq, d, gen=g), rnd(n, hkv, d, gen=g), rnd(n, hkv, d, gen=g)
     ck, cv = rnd(TRITON_BLOCK_N, hkv, d, gen=g), rnd(TRITON_BLOCK_N, hkv, d, gen=g)
-    out = bk.joint_attention(q, [bk.ContiguousKV(ck, cv), bk.ContiguousKV(k, v)], backend=backend).out
+    out = bk.joint_attention(q, [bk.ContiguousKV(ck, cv), bk.ContiguousKV(k, v)], options=KernelOptions(backend=backend)).out
     assert rel_err(out, naive_attention(q, torch.cat([ck, k]), torch.cat([cv, v]))) < TOL[torch.float32]

@@ -52,7 +52,7 @@ def test_one_launch_is_a_context_and_the_current_tokens():
     assert ag._context_and_current([p, c, c2]) is None
 
 
-def test_schedule_chains_only_contexts_with_a_full_block(monkeypatch):
+def test_schedule_chains_only_contexts_with_a_full_block():
     """"auto" picks the issue order from host-known lengths only; an unknown name is an error naming the choices."""
     kv = lambda n: bk.ContiguousKV(torch.zeros(n, 4, 128), torch.zeros(n, 4, 128))  # noqa: E731
     assert ag._schedule(None) == ag.SCHEDULES["segment"]
@@ -61,23 +61,18 @@ def test_schedule_chains_only_contexts_with_a_full_block(monkeypatch):
     short_varlen = bk.ContiguousKV(torch.zeros(200, 4, 128), torch.zeros(200, 4, 128), max_seqlen=64,
                                    cu_seqlens=torch.tensor([0, 64, 128, 200], dtype=torch.int32))
     assert ag._schedule(short_varlen) == ag.SCHEDULES["segment"]
-    monkeypatch.setenv("BAGEL_ATTN_SCHEDULE", "chained")
-    assert ag._schedule(None) == ag.SCHEDULES["chained"]
-    monkeypatch.setenv("BAGEL_ATTN_SCHEDULE", "fastest")
-    with pytest.raises(ValueError, match="BAGEL_ATTN_SCHEDULE"):
-        ag._schedule(None)
+    assert ag._schedule(None, "chained") == ag.SCHEDULES["chained"]  # KernelOptions.attention_schedule
+    with pytest.raises(ValueError, match="attention schedule"):
+        bk.KernelOptions(attention_schedule="fastest")
 
 
-def test_short_last_tiles_pack_only_whole_gqa_groups(monkeypatch):
+def test_short_last_tiles_pack_only_whole_gqa_groups():
     """The packed last tile holds 8 rows of each head of one KV head's group, in one warpgroup's 64 rows: only whole
     groups of at most 8 heads pack (a Ulysses slice that starts mid-group does not)."""
-    monkeypatch.delenv("BAGEL_ATTN_PACK", raising=False)
     assert ag._pack_group(7, 0, 28) == 7  # BAGEL: 28 query heads over 4 KV heads
     assert ag._pack_group(7, 7, 7) == 7  # a Ulysses rank holding one whole group
     assert ag._pack_group(7, 3, 7) == 0  # ... starting mid-group
     assert ag._pack_group(1, 0, 28) == 0 and ag._pack_group(16, 0, 32) == 0  # MHA; groups past one warpgroup
-    monkeypatch.setenv("BAGEL_ATTN_PACK", "0")
-    assert ag._pack_group(7, 0, 28) == 0
 
 
 def test_gluon_path_is_only_taken_where_it_applies():
@@ -92,19 +87,18 @@ def test_gluon_path_is_only_taken_where_it_applies():
         assert not ag.gluon_attention_supported(qc.float(), [kvc], None, None, True, None)
 
 
-BUILD_VARIANTS = [  # has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap, schedule
-    (True, False, True, False, False, False, True, 0),   # benchmark shape: contiguous context + current tokens
-    (True, True, True, False, True, False, True, 0),     # the denoise step: paged context, current tokens with seqlens
-    (True, False, True, True, False, True, True, 0),     # three CFG branches in one varlen launch
-    (False, False, True, True, False, False, True, 0),   # current tokens only, varlen
-    (True, True, False, False, False, False, True, 0),   # a paged context alone
-    (True, False, True, False, False, False, False, 0),  # the plain (non-overlapped) loop
-    (True, True, True, False, True, False, True, 1),     # the chained schedule: one pipeline through both segments
-    (True, False, True, True, False, True, True, 1),     # ... in the varlen launch
+BUILD_VARIANTS = [  # has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, schedule
+    (True, False, True, False, False, False, 0),   # benchmark shape: contiguous context + current tokens
+    (True, True, True, False, True, False, 0),     # the denoise step: paged context, current tokens with seqlens
+    (True, False, True, True, False, True, 0),     # three CFG branches in one varlen launch
+    (False, False, True, True, False, False, 0),   # current tokens only, varlen
+    (True, True, False, False, False, False, 0),   # a paged context alone
+    (True, True, True, False, True, False, 1),     # the chained schedule: one pipeline through both segments
+    (True, False, True, True, False, True, 1),     # ... in the varlen launch
 ]
 
 
-def _compile_for_hopper(has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap, schedule=0):
+def _compile_for_hopper(has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, schedule=0):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -126,7 +120,7 @@ def _compile_for_hopper(has_ctx, paged, has_cur, q_cu, cur_lens, ctx_cu, overlap
                 ROWS1=300, CU1=i32, LEN1=i32, LEN1_S=300, CU_Q=i32, Q_LEN=300, Q_ROWS=300, qk_scale=0.1, G=7,
                 HEAD_OFF=0, HQ=28)
     consts = dict(HAS_CTX=has_ctx, CTX_PAGED=paged, CTX_CU=ctx_cu, CTX_LENS=False, HAS_CUR=has_cur, CUR_CU=q_cu,
-                  CUR_LENS=cur_lens, Q_CU=q_cu, NUM_STAGES=ag.STAGES, OVERLAP=overlap, SCHEDULE=schedule,
+                  CUR_LENS=cur_lens, Q_CU=q_cu, NUM_STAGES=ag.STAGES, SCHEDULE=schedule,
                   PACK_G=7, num_warps=4)
     return compile_for_hopper(ag._attn_fwd_ws, args, consts, 4, ag.MAXNREG)
 
@@ -151,16 +145,11 @@ needs_hopper = pytest.mark.skipif(
     reason="needs a Hopper GPU and compiled kernels: TRITON_INTERPRET=0 pytest ... on the GPU")
 
 
-def _both(q, segs, **kw):
+def _both(q, segs, schedule="auto", **kw):
     """(Triton kernel, Gluon kernel) results of one call, each into a NaN-poisoned output buffer."""
-    res = []
-    for flag in ("0", "1"):
-        os.environ["BAGEL_ATTN_GLUON"] = flag
-        try:
-            res.append(bk.joint_attention(q, segs, out=torch.full_like(q, float("nan")), **kw))
-        finally:
-            os.environ.pop("BAGEL_ATTN_GLUON")
-    return res
+    return [bk.joint_attention(q, segs, out=torch.full_like(q, float("nan")), **kw,
+                               options=bk.KernelOptions(backend=backend, attention_schedule=schedule))
+            for backend in ("triton", "gluon")]
 
 
 @needs_hopper
@@ -168,9 +157,8 @@ def _both(q, segs, **kw):
                                          (700, 300, 3)])
 @pytest.mark.parametrize("layout", [None, "flash_attn", "flashinfer_hnd"])
 @pytest.mark.parametrize("schedule", ["segment", "chained"])
-def test_gluon_output_and_lse_are_the_triton_kernels_bits(nq, nctx, pad, layout, schedule, monkeypatch):
+def test_gluon_output_and_lse_are_the_triton_kernels_bits(nq, nctx, pad, layout, schedule):
     """Every key-block schedule (an issue order) gives the Triton kernel's bits."""
-    monkeypatch.setenv("BAGEL_ATTN_SCHEDULE", schedule)
     g = torch.Generator(device="cuda").manual_seed(nq + nctx)
     rnd = lambda *s: torch.randn(*s, device="cuda", generator=g).to(torch.bfloat16)  # noqa: E731
     q, k, v = rnd(nq, 28, 128), rnd(nq + pad, 4, 128), rnd(nq + pad, 4, 128)
@@ -190,7 +178,7 @@ def test_gluon_output_and_lse_are_the_triton_kernels_bits(nq, nctx, pad, layout,
             bk.kv_layout.write_tokens(view, table[0], 0, ck, cv)
             segs.insert(0, bk.PagedKV(view.k, view.v, table, torch.tensor([nctx], dtype=torch.int32, device="cuda")))
     assert ag.gluon_attention_supported(q, segs, None, None, True, None)
-    tri, glu = _both(q, segs)
+    tri, glu = _both(q, segs, schedule)
     assert torch.equal(glu.out, tri.out) and torch.equal(glu.lse, tri.lse)
     assert not torch.isnan(glu.out).any()
 

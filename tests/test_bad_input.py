@@ -239,7 +239,7 @@ def test_kernel_api_rejects_out_of_range_indices(call, msg):
     else:
         segs = [bk.ContiguousKV(k, v, cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32), max_seqlen=3)]
     with pytest.raises(ValueError) as e:
-        bk.joint_attention(q, segs, backend="reference", **call)
+        bk.joint_attention(q, segs, options=bk.KernelOptions(backend="reference"), **call)
     assert msg in str(e.value), str(e.value)
 
 

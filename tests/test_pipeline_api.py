@@ -192,13 +192,17 @@ def test_to_casts_as_loading_in_that_dtype(tmp_path):
     assert moved("a red cube", **FAST).latent_md5s == loaded("a red cube", **FAST).latent_md5s
 
 
-def test_kernel_options_reach_the_model():
-    kernels = pytest.importorskip("bagel_kernels").__dict__.get("KernelOptions")
-    if kernels is None:
-        pytest.skip("this build has no bagel_kernels.KernelOptions")
-    assert BagelPipeline.from_pretrained("tiny", kernels="fast").model.kernels == kernels(mode="fast")
+def test_kernel_options_reach_the_model(tmp_path):
+    from bagel_kernels import KernelOptions
+
+    assert BagelPipeline.from_pretrained("tiny", kernels="fast").model.kernels == KernelOptions(mode="fast")
+    opts = KernelOptions(backend="reference")
+    BagelPipeline.from_pretrained("tiny").save_pretrained(tmp_path)
+    assert BagelPipeline.from_pretrained(tmp_path, kernels=opts).model.kernels == opts
     with pytest.raises(ValueError, match="unknown kernel mode"):
         BagelPipeline.from_pretrained("tiny", kernels="fastest")
+    with pytest.raises(TypeError, match="KernelOptions or a mode name"):
+        BagelPipeline.from_pretrained("tiny", kernels={"mode": "fast"})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -101,14 +101,11 @@ def test_split_tail_plan_runs_every_k_step_of_every_tile_once_in_order(tiles, pr
     assert sum(work) == tiles * k_iters
 
 
-def test_tile_plan_fill_is_the_prefill_ceiling(monkeypatch):
-    """benchmarks/gemm_rounds.py's model of the launch: the img2img prefill's o_proj is 35 row tiles (40 + 4098 + 60
+def test_tile_plan_fill_is_the_prefill_ceiling():
+    """probes/gemm_rounds.py's model of the launch: the img2img prefill's o_proj is 35 row tiles (40 + 4098 + 60
     rows start their own tiles) x 14 column tiles = 490 tiles, 4 rounds on 132 programs for 3.48 rounds of rows —
     fill 0.87, which is where ours / dense cuBLAS measures; the generation step's split rounds fill 0.99."""
-    import sys
-    monkeypatch.delenv("BAGEL_GEMM_SPLIT_TAIL", raising=False)
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-    from gemm_rounds import tile_plan
+    from probes.gemm_rounds import tile_plan
 
     prefill = ((0, 40, 0), (40, 4138, 1), (4138, 4198, 0))
     o_proj = tile_plan(prefill, 3584, False, 132)
@@ -117,18 +114,15 @@ def test_tile_plan_fill_is_the_prefill_ceiling(monkeypatch):
     assert tile_plan(((0, 3 * 4098, 1),), 3584, False, 132)["fill"] == 0.99
 
 
-def test_split_tail_is_off_when_the_rounds_are_even_or_asked_off(monkeypatch):
+def test_split_tail_is_off_when_the_rounds_are_even_or_asked_off():
     assert all(kind == 0 for pid in range(132) for *_, kind in rg.stream_k_items(pid, 132, 264, 56))
     assert all(kind == 0 for pid in range(132) for *_, kind in rg.stream_k_items(pid, 132, 490, 56, False))
     assert rg.stream_k_items(3, 132, 490, 56, False) == [(t, 0, 56, 0) for t in (3, 135, 267, 399)]
     # auto: only where whole rounds dominate (the generation step's 10+ rounds, not the prefill's 3-4)
-    monkeypatch.delenv("BAGEL_GEMM_SPLIT_TAIL", raising=False)
     assert rg.split_tail_wanted(1386, 132) and not rg.split_tail_wanted(490, 132)
     assert not rg.split_tail_wanted(1320, 132) and not rg.split_tail_wanted(100, 132)
-    monkeypatch.setenv("BAGEL_GEMM_SPLIT_TAIL", "1")
-    assert rg.split_tail_wanted(490, 132) and not rg.split_tail_wanted(1320, 132)
-    monkeypatch.setenv("BAGEL_GEMM_SPLIT_TAIL", "0")
-    assert not rg.split_tail_wanted(1386, 132)
+    assert rg.split_tail_wanted(490, 132, force=True) and not rg.split_tail_wanted(1320, 132, force=True)
+    assert not rg.split_tail_wanted(1386, 132, force=False)
 
 
 def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: bool, has_res: bool):
@@ -211,6 +205,7 @@ def test_gluon_rows_are_the_triton_kernels_bits(swiglu, bias, residual, m):
 def test_rows_do_not_depend_on_how_many_programs_share_the_gpu(swiglu, residual, monkeypatch):
     """A GPU partition (MPS thread percentage, a smaller SKU) gives the persistent GEMMs fewer programs: the bits must
     not move."""
+    import bagel_kernels._launch as launch
     import bagel_kernels.routed_linear_triton as rt
 
     g = torch.Generator(device="cuda").manual_seed(7)
@@ -221,17 +216,17 @@ def test_rows_do_not_depend_on_how_many_programs_share_the_gpu(swiglu, residual,
     ids = torch.zeros(m, dtype=torch.int32, device="cuda")
     ids[300:1900] = 1
     segments = ((0, 300, 0), (300, 1900, 1), (1900, 2000, 0))
-    kernels = [lambda: rt.routed_gemm_triton(x, w, None, ids, swiglu, res)]
+    kernels = [lambda split: rt.routed_gemm_triton(x, w, None, ids, swiglu, res)]
     if torch.cuda.get_device_capability()[0] == 9:
-        kernels += [lambda: rg.routed_gemm_gluon(x, w, None, ids, swiglu, res, segments=segments),
-                    lambda: rg.routed_gemm_gluon(x, w, None, ids, swiglu, res)]
-    full = [f() for f in kernels]
+        kernels += [lambda split: rg.routed_gemm_gluon(x, w, None, ids, swiglu, res, segments=segments,
+                                                       split_tail=split),
+                    lambda split: rg.routed_gemm_gluon(x, w, None, ids, swiglu, res, split_tail=split)]
+    full = [f(None) for f in kernels]
     for programs in (1, 7, 20, 113):
-        monkeypatch.setitem(rt._SM_COUNT, torch.cuda.current_device(), programs)
-        for split in ("0", "1"):  # the Gluon kernel's ragged last round run whole, and split (stream_k_items)
-            monkeypatch.setenv("BAGEL_GEMM_SPLIT_TAIL", split)
+        monkeypatch.setitem(launch._SM_COUNT, torch.cuda.current_device(), programs)
+        for split in (False, True):  # the Gluon kernel's ragged last round run whole, and split (stream_k_items)
             for f, want in zip(kernels, full):
-                assert torch.equal(f(), want), f"bits changed with {programs} programs, split tail {split}"
+                assert torch.equal(f(split), want), f"bits changed with {programs} programs, split tail {split}"
 
 
 if __name__ == "__main__":  # the build check's child process (see test_gluon_kernel_builds_for_hopper)

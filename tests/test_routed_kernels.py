@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import bagel_kernels as bk
+from bagel_kernels import KernelOptions
 from bagel_kernels.routed_linear_triton import gemm_config
 
 BACKENDS = ["reference", "triton"]
@@ -55,7 +56,7 @@ def test_routed_linear_matches_float64(backend, dtype, m, kind, swiglu, bias, re
     b = rnd(2, 1, n, dtype=dtype, gen=g) if bias else None
     res = rnd(m, n, dtype=dtype, gen=g) if residual else None
     r = routing_for(kind, m)
-    got = bk.routed_linear(x, r, w, b, activation="swiglu" if swiglu else None, residual=res, backend=backend)
+    got = bk.routed_linear(x, r, w, b, activation="swiglu" if swiglu else None, residual=res, options=KernelOptions(backend=backend))
     assert got.shape == (m, n) and got.dtype == dtype
     assert rel_err(got, float64_routed(x, r, w, b, swiglu, res)) < TOL[dtype]
 
@@ -119,7 +120,7 @@ def test_fast_mode_on_gpu_matches_float64_without_host_sync(swiglu, residual, k)
     r = i2i_routing(m)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = bk.routed_linear(x, r, w, b, activation="swiglu" if swiglu else None, residual=res, mode="fast")
+        got = bk.routed_linear(x, r, w, b, activation="swiglu" if swiglu else None, residual=res, options=KernelOptions(mode="fast"))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert rel_err(got.cpu(), float64_routed(x.cpu(), r, w.cpu(), None if b is None else b.cpu(), swiglu,
@@ -141,7 +142,7 @@ def test_small_batch_kernel_matches_float64(dtype, m, kind, swiglu, bias, residu
     res = rnd(m, n, dtype=dtype, gen=g) if residual else None
     r = routing_for(kind, m)
     act = "swiglu" if swiglu else None
-    got = bk.routed_linear(x, r, w, b, activation=act, residual=res, backend="triton", small_batch=True)
+    got = bk.routed_linear(x, r, w, b, activation=act, residual=res, options=KernelOptions(backend="triton"), small_batch=True)
     assert got.shape == (m, n) and got.dtype == dtype
     # bf16 SwiGLU rounds gate, silu(gate), up and the product (eager's roundings): with one row nothing averages
     # those out, so its bound is wider
@@ -154,15 +155,15 @@ def test_small_batch_rows_are_batch_invariant_among_themselves(dtype):
     g = torch.Generator().manual_seed(5)
     x, w = rnd(16, 200, dtype=dtype, gen=g), rnd(2, 2, 40, 200, dtype=dtype, gen=g, scale=0.1)
     r = routing_for("mixed", 16)
-    full = bk.routed_linear(x, r, w, activation="swiglu", backend="triton", small_batch=True)
+    full = bk.routed_linear(x, r, w, activation="swiglu", options=KernelOptions(backend="triton"), small_batch=True)
     for a, c in ((0, 1), (3, 9), (15, 16)):
-        part = bk.routed_linear(x[a:c], r.slice(a, c), w, activation="swiglu", backend="triton", small_batch=True)
+        part = bk.routed_linear(x[a:c], r.slice(a, c), w, activation="swiglu", options=KernelOptions(backend="triton"), small_batch=True)
         assert torch.equal(part, full[a:c])
     # more than 16 rows is the large kernel's job, whatever the flag says
     big = torch.cat([x, x[:3]])
     rb = bk.ExpertSegments.from_flags([g_ for s, e, g_ in r.segments for _ in range(s, e)] + [False] * 3)
-    assert torch.equal(bk.routed_linear(big, rb, w, activation="swiglu", backend="triton", small_batch=True),
-                       bk.routed_linear(big, rb, w, activation="swiglu", backend="triton"))
+    assert torch.equal(bk.routed_linear(big, rb, w, activation="swiglu", options=KernelOptions(backend="triton"), small_batch=True),
+                       bk.routed_linear(big, rb, w, activation="swiglu", options=KernelOptions(backend="triton")))
 
 
 def test_routed_linear_at_bagel_token_count():
@@ -171,8 +172,8 @@ def test_routed_linear_at_bagel_token_count():
     m, k, n = 4098, 32, 48
     x, w = rnd(m, k, dtype=torch.bfloat16, gen=g), rnd(2, 1, n, k, dtype=torch.bfloat16, gen=g, scale=0.2)
     r = routing_for("mixed", m)
-    got = bk.routed_linear(x, r, w, backend="triton")
-    want = bk.routed_linear(x, r, w, backend="reference")
+    got = bk.routed_linear(x, r, w, options=KernelOptions(backend="triton"))
+    want = bk.routed_linear(x, r, w, options=KernelOptions(backend="reference"))
     assert rel_err(got, want) < TOL[torch.bfloat16]
 
 
@@ -186,20 +187,10 @@ def test_routed_linear_rows_are_batch_invariant(dtype, swiglu):
     w = rnd(2, 2 if swiglu else 1, n, k, dtype=dtype, gen=g, scale=0.1)
     r = routing_for("mixed", m)
     act = "swiglu" if swiglu else None
-    full = bk.routed_linear(x, r, w, activation=act, backend="triton")
+    full = bk.routed_linear(x, r, w, activation=act, options=KernelOptions(backend="triton"))
     for a, b in [(0, 1), (5, 6), (3, 150), (130, 300), (11, 37), (200, 201)]:
-        part = bk.routed_linear(x[a:b], r.slice(a, b), w, activation=act, backend="triton")
+        part = bk.routed_linear(x[a:b], r.slice(a, b), w, activation=act, options=KernelOptions(backend="triton"))
         assert torch.equal(part, full[a:b]), f"rows [{a}, {b}) differ from the full launch"
-
-
-def test_one_program_per_tile_gives_the_persistent_launch_bits(monkeypatch):
-    """BAGEL_GEMM_PROGRAMS=tiles (a GPU shared with another process) only changes which program runs a tile."""
-    g = torch.Generator().manual_seed(4)
-    x, w = rnd(300, 96, dtype=torch.bfloat16, gen=g), rnd(2, 2, 160, 96, dtype=torch.bfloat16, gen=g, scale=0.1)
-    r = routing_for("mixed", 300)
-    persistent = bk.routed_linear(x, r, w, activation="swiglu", backend="triton")
-    monkeypatch.setenv("BAGEL_GEMM_PROGRAMS", "tiles")
-    assert torch.equal(bk.routed_linear(x, r, w, activation="swiglu", backend="triton"), persistent)
 
 
 def test_routed_linear_one_expert_rows_equal_dense():
@@ -207,9 +198,9 @@ def test_routed_linear_one_expert_rows_equal_dense():
     g = torch.Generator().manual_seed(3)
     x, w = rnd(150, 96, dtype=torch.bfloat16, gen=g), rnd(2, 1, 64, 96, dtype=torch.bfloat16, gen=g, scale=0.1)
     r = routing_for("mixed", 150)
-    routed = bk.routed_linear(x, r, w, backend="triton")
-    und = bk.invariant_linear(x, w[0, 0], backend="triton")
-    gen = bk.invariant_linear(x, w[1, 0], backend="triton")
+    routed = bk.routed_linear(x, r, w, options=KernelOptions(backend="triton"))
+    und = bk.invariant_linear(x, w[0, 0], options=KernelOptions(backend="triton"))
+    gen = bk.invariant_linear(x, w[1, 0], options=KernelOptions(backend="triton"))
     ids = r.expert_ids("cpu").bool()
     assert torch.equal(routed[~ids], und[~ids]) and torch.equal(routed[ids], gen[ids])
 
@@ -228,13 +219,13 @@ def test_routed_rms_norm(backend, dtype, m, h):
     g = torch.Generator().manual_seed(m + h)
     x, w = rnd(m, h, dtype=dtype, gen=g), rnd(2, h, dtype=dtype, gen=g)
     r = routing_for("mixed", m)
-    got = bk.routed_rms_norm(x, r, w, 1e-6, backend=backend)
+    got = bk.routed_rms_norm(x, r, w, 1e-6, options=KernelOptions(backend=backend))
     ids = r.expert_ids("cpu").long()
     xd = x.double()
     want = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()[ids]
     assert rel_err(got, want) < TOL[dtype]
     if backend == "triton":
-        part = bk.routed_rms_norm(x[m // 2:], r.slice(m // 2, m), w, 1e-6, backend=backend)
+        part = bk.routed_rms_norm(x[m // 2:], r.slice(m // 2, m), w, 1e-6, options=KernelOptions(backend=backend))
         assert torch.equal(part, got[m // 2:])
 
 
@@ -249,14 +240,14 @@ def test_qk_norm_rope_matches_reference(dtype, fp32_math, d, hq, hkv):
     cos, sin = bk.rope_cos_sin(torch.arange(m) * 3 + 7, d, 1e6)
     r = routing_for("mixed", m)
     args = (qkv, r, qn, kn, cos, sin, hq, hkv, 1e-6, fp32_math)
-    got = bk.qk_norm_rope(*args, backend="triton")
-    want = bk.qk_norm_rope(*args, backend="reference")
+    got = bk.qk_norm_rope(*args, options=KernelOptions(backend="triton"))
+    want = bk.qk_norm_rope(*args, options=KernelOptions(backend="reference"))
     for name, a, b in zip("qkv", got, want):
         assert a.shape == b.shape and a.is_contiguous() and a.dtype == dtype
         assert rel_err(a, b) < TOL[dtype], name
     assert torch.equal(got[2], want[2])  # v is copied, untouched
     part = bk.qk_norm_rope(qkv[5:], r.slice(5, m), qn, kn, cos[5:], sin[5:], hq, hkv, 1e-6, fp32_math,
-                           backend="triton")
+                           options=KernelOptions(backend="triton"))
     assert all(torch.equal(p, f[5:]) for p, f in zip(part, got))
 
 
@@ -311,19 +302,21 @@ def test_layer_forward_triton_matches_reference(tiny_model, monkeypatch):
     ctx = m.prefill_text([256, 10, 20, 30, 257])
     outs = {}
     for backend in BACKENDS:
-        monkeypatch.setenv("BAGEL_KERNELS_BACKEND", backend)
-        outs[backend] = m.gen_velocity_rows(x_t, 0.5, seq, 0, ctx.rope_position, local_attention(ctx.kv, seq.split.n))
+        monkeypatch.setattr(m, "kernels", KernelOptions(backend=backend))
+        outs[backend] = m.gen_velocity_rows(x_t, 0.5, seq, 0, ctx.rope_position,
+                                            local_attention(ctx.kv, seq.split.n, options=m.kernels))
     assert rel_err(outs["triton"], outs["reference"]) < 1e-5
 
 
 def test_text_decoding_through_the_triton_kernels_matches_reference(tiny_model, monkeypatch):
     """Greedy decoding with the decode path's kernels (small-batch GEMM, paged attention) under the interpreter
     picks the reference kernels' tokens, and its last hidden state agrees to fp32 rounding."""
-    from bagel_model.prefill import TextBlock, greedy_decode, prefill
+    from bagel_model.decode import greedy_decode
+    from bagel_model.prefill import TextBlock, prefill
 
     runs = {}
     for backend in BACKENDS:
-        monkeypatch.setenv("BAGEL_KERNELS_BACKEND", backend)
+        monkeypatch.setattr(tiny_model, "kernels", KernelOptions(backend=backend))
         ctx, h = prefill(tiny_model, [TextBlock(list(range(10, 31)))], extra_capacity=8)
         tokens = greedy_decode(tiny_model, ctx, h, 6, eos_id=-1, use_graph=False)
         _, h_next = prefill(tiny_model, [TextBlock(tokens[-1:])], context=ctx, small_batch=True)

@@ -10,7 +10,8 @@ import torch
 from bagel_kernels import LAYOUTS
 from bagel_model.denoise import SamplingParams
 from bagel_model.kv_transfer import (InProcessConnector, PayloadError, deserialize, extract, install, serialize)
-from bagel_model.prefill import TextBlock, greedy_decode, positions_and_spans, prefill
+from bagel_model.decode import greedy_decode
+from bagel_model.prefill import TextBlock, positions_and_spans, prefill
 from bagel_model.stages import EventLog, Request, run_split_threads, run_stage0, run_stage1
 from bagel_model.pipeline import BagelPipeline
 
@@ -249,7 +250,7 @@ def test_graph_decoding_gives_the_eager_tokens(tiny_cfg):
 
 
 def test_graph_decoder_needs_a_prefilled_context(tiny_model):
-    from bagel_model.decode_graph import GraphDecoder
+    from bagel_model.decode import GraphDecoder
     from bagel_model.prefill import PrefilledContext, new_cache
 
     with pytest.raises(ValueError, match="cache is empty"):

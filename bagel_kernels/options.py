@@ -1,0 +1,75 @@
+"""KernelOptions: which implementation runs each op, and the few knobs the kernels have.
+
+Passed explicitly: every kernel entry point takes ``options: KernelOptions | None = None``; the model carries one
+(``BagelModel.kernels``) and hands it to every kernel call of a forward. ``None`` means the process default,
+``default_options()``: ``KernelOptions()`` unless the environment override (README, "Kernel options") says
+otherwise. The environment is read once, here, and nowhere else in the library.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, fields
+from typing import Literal, Mapping
+
+Backend = Literal["auto", "reference", "triton", "gluon"]
+Mode = Literal["exact", "fast"]
+Schedule = Literal["auto", "segment", "chained"]
+
+BACKENDS: tuple[str, ...] = ("auto", "reference", "triton", "gluon")
+MODES: tuple[str, ...] = ("exact", "fast")
+SCHEDULES: tuple[str, ...] = ("auto", "segment", "chained")
+
+# The documented environment override: variable -> field. Nothing else in the library reads the environment.
+ENV_OVERRIDE = {"BAGEL_KERNELS_BACKEND": "backend", "BAGEL_KERNELS_MODE": "mode"}
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """- ``backend``: "auto" (default) — CUDA tensors run the Triton kernels, and on Hopper with 16-bit inputs the
+      warp-specialized Gluon kernels wherever they cover the call (same bits as Triton); CPU tensors run the
+      plain-torch references. "reference": the plain-torch references everywhere. "triton": the Triton kernels
+      only, never Gluon (on CPU tensors only under the Triton interpreter, ``TRITON_INTERPRET=1``, as the tests
+      run them). "gluon": "auto" on CUDA, an error on CPU tensors.
+    - ``mode``: "exact" (default) — every projection is the batch-invariant routed GEMM, so sequence-parallel runs
+      reproduce one device bit for bit. "fast" — dense projections call cuBLAS where it wins; cuBLAS picks its
+      algorithm from the row count, so the output bits change and parallel runs match one device only to rounding.
+    - ``attention_schedule``: the Gluon attention's issue order of key blocks ("auto" | "segment" | "chained");
+      changes no bit.
+    - ``decode_graph``: replay the greedy text-decoding step from a CUDA graph (CUDA only); changes no bit.
+    """
+
+    backend: Backend = "auto"
+    mode: Mode = "exact"
+    attention_schedule: Schedule = "auto"
+    decode_graph: bool = True
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("backend", BACKENDS), ("mode", MODES), ("attention_schedule", SCHEDULES)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"unknown kernel {name.replace('_', ' ')} {value!r}; expected one of {allowed}")
+        if not isinstance(self.decode_graph, bool):
+            raise TypeError(f"decode_graph must be a bool, got {self.decode_graph!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "KernelOptions":
+        """Defaults with the documented override (``ENV_OVERRIDE``) applied from ``environ`` (``os.environ``)."""
+        env = os.environ if environ is None else environ
+        known = {f.name for f in fields(cls)}
+        given = {field: env[var] for var, field in ENV_OVERRIDE.items() if env.get(var) and field in known}
+        return cls(**given)
+
+
+@functools.lru_cache(maxsize=1)
+def default_options() -> KernelOptions:
+    """The process default (what ``options=None`` means): read from the environment once, on first use."""
+    return KernelOptions.from_env()
+
+
+def resolve_options(options: KernelOptions | None) -> KernelOptions:
+    if options is None:
+        return default_options()
+    if not isinstance(options, KernelOptions):
+        raise TypeError(f"options must be a KernelOptions, got {type(options).__name__}")
+    return options

@@ -1,0 +1,67 @@
+"""End to end: one text2img request through both stages in one process (``BagelPipeline.generate``: prefill of the
+CFG contexts, the denoise loop, the VAE decode), seconds per request after a warm-up request, and the seconds per
+denoise step it implies. Runs on CPU with the tiny preset. (The packed denoise step alone: ``bench_step``.)
+
+    python -m benchmarks.bench_generate --preset bagel-7b-mot --device cuda --size 1024 --steps 50 [--kernels fast]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from bagel_kernels import KernelOptions
+from bagel_model.denoise import SamplingParams
+from bagel_model.pipeline import BagelPipeline
+from bagel_model.split import ModelSpec
+from bagel_model.stages import Request
+
+from .common import add_output_args, emit, row
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench_generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3, help="timed requests (median)")
+    ap.add_argument("--kernels", choices=["exact", "fast"], default="exact", help="kernel mode (fast changes bits)")
+    return add_output_args(ap)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
+    spec = ModelSpec(preset=a.preset, dtype=dtype, device=a.device, kernels=KernelOptions(mode=a.kernels))
+    model, tok = spec.load()
+    pipe = BagelPipeline(model, tok)
+
+    def request(steps: int) -> Request:
+        return Request("text2img", "a photo of a red cube on a wooden table",
+                       SamplingParams(steps=steps, height=a.size, width=a.size))
+
+    def sync() -> None:
+        if a.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    pipe.generate(request(2))  # warm-up: kernel compilation, allocator
+    times, md5s = [], set()
+    for _ in range(a.repeats):
+        sync()
+        t0 = time.perf_counter()
+        _, result = pipe.generate(request(a.steps))
+        sync()
+        times.append(time.perf_counter() - t0)
+        md5s.add(result.image_md5)
+    s = sorted(times)[len(times) // 2]
+    same = "same image every run" if len(md5s) == 1 else "IMAGE CHANGED between runs"
+    shape = f"{a.preset} {a.size}² text2img, {a.steps} steps, {a.kernels} kernels on {a.device}"
+    emit([row(f"generate end to end ({same})", shape, "s/request", s),
+          row("generate end to end", shape, "s/step (request / steps)", s / a.steps)], a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Benchmarks are a product: every ``benchmarks/bench_*.py`` imports without running anything (no GPU, no sys.path
+edits), answers ``--help`` on CPU, and writes the one results table's columns."""
+from __future__ import annotations
+
+import csv
+import importlib
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCHES = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
+
+
+def test_every_subject_has_a_bench():
+    assert {"bench_attention", "bench_routed_gemm", "bench_layer", "bench_parallel_step", "bench_two_stage",
+            "bench_decode", "bench_generate"} <= set(BENCHES)
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_bench_answers_help_on_cpu(name, capsys):
+    module = importlib.import_module(f"benchmarks.{name}")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")) + sorted((ROOT / "probes").glob("*.py")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_sys_path_edits(path):
+    assert "sys.path" not in path.read_text()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "probes").glob("*.py")), ids=lambda p: p.name)
+def test_a_probe_states_its_question_and_finding(path):
+    first = path.read_text().split("\n", 1)[0]
+    assert first.startswith('"""Question:') and "Finding" in first, first
+
+
+def test_rows_append_to_one_table_with_the_environment(tmp_path):
+    from benchmarks.common import FIELDS, row, write_rows
+
+    out = tmp_path / "results.csv"
+    write_rows([row("attention", "512² ctx 64", "TFLOP/s", 437.0, "cudnn", 414.0)], out)
+    write_rows([row("MoT layer exact", "gen step", "ms", 3.53)], out)
+    rows = list(csv.DictReader(out.open()))
+    assert tuple(rows[0]) == FIELDS and len(rows) == 2
+    assert rows[0]["ratio"] == str(round(437.0 / 414.0, 4)) and rows[1]["peer"] == rows[1]["ratio"] == ""
+    assert all(r["torch"] and r["triton"] and r["commit"] and r["date"] for r in rows)
+
+
+def test_the_results_table_has_the_schema():
+    from benchmarks.common import FIELDS, RESULTS_CSV
+
+    with open(RESULTS_CSV) as f:
+        rows = list(csv.DictReader(f))
+    assert rows and tuple(rows[0]) == FIELDS
+    assert all(r["device"] and r["subject"] and r["metric"] and float(r["value"]) > 0 for r in rows)
