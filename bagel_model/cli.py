@@ -25,7 +25,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
 
 def _gen_help(key: str, what: str) -> str:
-    from .config import GenerationDefaults
+    from .config import IMG2IMG_DEFAULTS, GenerationDefaults
 
     t2i = getattr(GenerationDefaults(), key)
     fmt = (lambda v: f"{v[0]} {v[1]}") if isinstance(t2i, tuple) else str
@@ -181,15 +181,12 @@ def load_model(args):
 
 DEFAULT_SIZE = 64  # text2img side without --size: the tiny preset's whole latent grid is 16x16 tokens = 256 px
 
-# DESIGN.md: image editing uses its own CFG defaults
-IMG2IMG_DEFAULTS = {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0),
-                    "cfg_renorm_type": "text_channel"}
-
 
 def sampling_params(args, cfg, size: tuple[int, int] | None = None):
     """The preset's generation defaults (img2img's own for editing), overridden by whatever the command line gives."""
     from dataclasses import asdict
 
+    from .config import IMG2IMG_DEFAULTS
     from .denoise import SamplingParams
 
     p = asdict(cfg.generation)

@@ -70,6 +70,11 @@ class GenerationDefaults:
     cfg_renorm_type: str = "global"
 
 
+# Image editing's own CFG settings (DESIGN.md §1): replace GenerationDefaults' fields for img2img requests.
+IMG2IMG_DEFAULTS = {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0),
+                    "cfg_renorm_type": "text_channel"}
+
+
 @dataclass
 class BagelConfig:
     llm: Qwen2Config

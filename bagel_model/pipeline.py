@@ -1,23 +1,386 @@
-"""Text-to-image generation with the thin BAGEL model (single device; parallel runs plug in their velocity function)."""
+"""BagelPipeline: BAGEL end to end on one device — ``pipe(prompt, ...)`` in diffusers' shape, ``from_pretrained`` /
+``save_pretrained`` / ``to``, over the explicit ``Request`` API (``generate``, ``generate_batch``) and the sweep's
+``text_to_image`` (parallel runs plug in their velocity function)."""
 from __future__ import annotations
 
-from bagel_kernels import token_alignment
+import numbers
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable
 
+import numpy as np
+import torch
+
+from bagel_kernels import KernelOptions, token_alignment
+
+from . import checkpoint
 from .denoise import DenoiseRequest, SamplingParams, VelocityFn, denoise, denoise_batch, initial_noise
 from .denoise_step import PackedStep
 # The generation pieces moved to ``generation`` (stages needs them, and stages must not import pipeline); they are
 # re-exported here for existing callers.
 from .generation import (GenerationResult, decode_latent, single_device_velocities, tensor_md5,  # noqa: F401
                          text_to_image_contexts)
+from .config import IMG2IMG_DEFAULTS, PRESETS, BagelConfig
+from .image_io import as_rgb_tensor
+from .memory import check_fits
 from .model import BagelModel, GenSequence, make_gen_sequence
-from .stages import IMAGE_OUT, run_stage0, run_stage1_batch
+from .stages import IMAGE_IN, IMAGE_OUT, MODES, Request, run_stage0, run_stage1_batch
 from .tokenizer import BagelTokenizer
+from .transforms import vae_resize_rule
+
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+# arguments of __call__ that only the denoiser reads: a text mode given one would silently ignore it
+_DENOISE_ARGS = ("height", "width", "num_inference_steps", "cfg_text_scale", "cfg_img_scale", "cfg_interval",
+                 "cfg_renorm_type", "cfg_renorm_min", "timestep_shift", "callback_on_step_end")
+
+
+@dataclass
+class BagelPipelineOutput:
+    """What ``BagelPipeline.__call__`` returns. ``text`` has one entry per prompt; for image modes so do the others
+    (for text modes they are empty).
+
+    - ``images``: as ``output_type`` asked: ``PIL.Image.Image``, or float32 in [0, 1] — numpy (H, W, 3) for
+      ``"np"``, torch (3, H, W) for ``"pt"`` — holding exactly the decoded uint8 pixels / 255
+      (``round(x * 255)`` gives them back).
+    - ``text``: the decoded answer (text modes), or the tokens decoded before the image (``max_new_tokens``).
+    - ``latents``: the final fp32 latents in BAGEL's packed token space, (latent tokens, patch_dim).
+    - ``latent_md5s`` / ``image_md5s``: md5 of each latent's bytes / of the decoded uint8 (H, W, 3) pixels —
+      what ``bagel-generate`` prints as "latent md5" and "pixels md5"."""
+
+    images: list
+    text: list[str]
+    latents: list[torch.Tensor]
+    latent_md5s: list[str]
+    image_md5s: list[str]
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
+    """``None``: float32 on CPU, bfloat16 on CUDA; a name (``"bf16"``, ``"float32"``, ...) or a torch dtype."""
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected a torch dtype or one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype {dtype} is not supported; expected float32, bfloat16 or float16")
+    return dtype
+
+
+def _check_device(device: torch.device | str) -> torch.device:
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N): {e}") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {d}: no CUDA GPU is visible to torch (CUDA build: {torch.version.cuda or 'none'})")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {d}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif d.type != "cpu":
+        raise ValueError(f"device {d}: only cpu and cuda are supported")
+    return d
+
+
+def _kernel_options(kernels: KernelOptions | str | None) -> KernelOptions | None:
+    """``KernelOptions`` from an instance, a mode name ("exact" | "fast") or None (the process default)."""
+    if kernels is None:
+        return None
+    if isinstance(kernels, str):
+        return KernelOptions(mode=kernels)
+    if not isinstance(kernels, KernelOptions):
+        raise TypeError(f"kernels must be a KernelOptions or a mode name ('exact', 'fast'), got {kernels!r}")
+    return kernels
+
+
+def _integer(name: str, v) -> int:
+    """A Python int from an int-like (numpy integers included); bools and floats are errors, not truncations."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
+    return int(v)
+
+
+def _real(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {v!r} ({type(v).__name__})")
+    return float(v)
+
+
+def _seeds(n: int, seed, generator) -> list[int]:
+    """One noise seed per prompt, from ``seed`` (int or list) or ``generator`` (torch.Generator or list)."""
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    if generator is not None:
+        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+        for g in gens:
+            if not isinstance(g, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator or a list of them, got {type(g).__name__}")
+        seeds = [g.initial_seed() for g in gens]
+        what = "generators"
+    else:
+        given = [0] if seed is None else (list(seed) if isinstance(seed, (list, tuple)) else [seed])
+        seeds = [_integer("seed", s) for s in given]
+        what = "seeds"
+    if len(seeds) == 1:
+        return seeds * n
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} {what} for {n} prompts: give one, or one per prompt")
+    return seeds
+
+
+def default_image_size(cfg) -> int:
+    """text2img's default side: the model's whole latent position table (1024 for BAGEL-7B-MoT, upstream's
+    default; 256 for ``tiny``)."""
+    return cfg.max_latent_size * cfg.latent_downsample
+
+
+def _output_image(image: torch.Tensor, output_type: str):
+    if output_type == "pil":
+        from PIL import Image
+
+        return Image.fromarray(image.cpu().numpy())
+    if output_type == "np":
+        return image.cpu().numpy().astype(np.float32) / np.float32(255.0)
+    return image.permute(2, 0, 1).float() / 255.0
 
 
 class BagelPipeline:
+    """BAGEL end to end: ``pipe(prompt, ...)`` in diffusers' shape, over the explicit ``Request`` API
+    (``generate``, ``generate_batch``).
+
+        pipe = BagelPipeline.from_pretrained("tiny")          # a preset (seeded random weights) or a checkpoint dir
+        image = pipe("a red cube", num_inference_steps=10, seed=0).images[0]
+        edited = pipe("make it blue", image=image).images[0]   # an image in: img2img
+        answer = pipe("describe it", image=image, mode="img2text").text[0]
+    """
+
     def __init__(self, model: BagelModel, tokenizer: BagelTokenizer):
         self.model, self.tokenizer = model, tokenizer
+        self._progress = True
         model.set_marker_ids(tokenizer.special["start_of_image"], tokenizer.special["end_of_image"])
+
+    # ---- loading, saving, placement -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: torch.device | str = "cpu",
+                        dtype: torch.dtype | str | None = None, kernels: KernelOptions | str | None = None,
+                        weights_seed: int | None = None,
+                        byte_tokenizer: bool = False, check_memory: bool = True) -> "BagelPipeline":
+        """A checkpoint directory in BAGEL-7B-MoT's released layout (loaded strictly; a directory of that name
+        wins over a preset), or a preset name (``"tiny"``, ``"bagel-7b-mot"``) with random weights drawn from
+        ``weights_seed`` (default 0; the same on every device). ``dtype``: default float32 on CPU, bfloat16 on
+        CUDA (the VAE always runs in float32). ``kernels``: ``bagel_kernels.KernelOptions`` or its mode name
+        ("exact" | "fast"); None is the process default. ``byte_tokenizer``: a directory without
+        ``tokenizer.json`` gets the built-in byte-level tokenizer (presets always use it). ``check_memory``: refuse,
+        with the numbers, weights that cannot fit on ``device``."""
+        name = os.fspath(name_or_path)
+        device = _check_device(device)
+        dtype = resolve_dtype(dtype, device)
+        options = _kernel_options(kernels)
+        if os.path.isdir(name):
+            if weights_seed is not None:
+                raise ValueError(f"weights_seed is for presets' random weights; {name!r} is a checkpoint directory")
+            model, tok = checkpoint.from_pretrained(name, device=device, dtype=dtype, byte_tokenizer=byte_tokenizer,
+                                                    check_memory=check_memory, kernels=options)
+        elif name in PRESETS:
+            if byte_tokenizer:
+                raise ValueError("byte_tokenizer is for checkpoint directories (presets always use it)")
+            cfg = BagelConfig.preset(name)
+            if check_memory:
+                check_fits(cfg, dtype, device)  # refuse with the number before allocating
+            seed = 0 if weights_seed is None else _integer("weights_seed", weights_seed)
+            if not 0 <= seed < 2**64:
+                raise ValueError(f"weights_seed must be in [0, 2**64), got {seed}")
+            model = BagelModel.random(cfg, seed=seed, dtype=dtype, device=device, kernels=options)
+            tok = BagelTokenizer.from_directory(None)
+        else:
+            raise ValueError(f"{name!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+        return cls(model, tok)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write the model and tokenizer in the released layout; ``from_pretrained(directory)`` gives the same
+        bits."""
+        checkpoint.save_pretrained(self.model, os.fspath(directory), self.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @torch.no_grad()
+    def to(self, device: torch.device | str | torch.dtype | None = None,
+           dtype: torch.dtype | str | None = None) -> "BagelPipeline":
+        """Move and/or cast in place (``pipe.to("cuda")``, ``pipe.to(torch.bfloat16)``, ``pipe.to("cuda",
+        "bf16")``); returns the pipeline. The VAE stays float32. The weights end up as loading them there would
+        make them: a move is an exact copy, and a cast from float32 rounds as loading in that dtype does (a cast
+        between 16-bit dtypes rounds twice: load in the dtype you want instead). The per-expert packs are rebuilt on
+        the new storage, and the device-resident tables follow."""
+        if isinstance(device, (torch.dtype, str)) and dtype is None and (
+                isinstance(device, torch.dtype) or device in DTYPES):
+            device, dtype = None, device
+        m = self.model
+        dev = _check_device(device) if device is not None else m.device
+        dt = resolve_dtype(dtype, dev) if dtype is not None else m.dtype
+        if dev.type == "cuda" and (dev != m.device or dt != m.dtype):
+            check_fits(m.cfg, dt, dev)
+        # narrow before moving (the device never holds the wide copy), widen after
+        narrow = dt.itemsize <= m.dtype.itemsize
+        if narrow and dt != m.dtype:
+            m.to_dtype(dt)
+        if dev != m.device:
+            m.to(dev)
+        if not narrow:
+            m.to_dtype(dt)
+        m.pack_experts()
+        # device-resident tables: the marker ids are rebuilt; the latent position-id cache is dropped (rebuilt on
+        # first use, on the new device)
+        self.model.set_marker_ids(self.tokenizer.special["start_of_image"], self.tokenizer.special["end_of_image"])
+        m.__dict__.pop("_pos_cache", None)
+        return self
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        """diffusers' switch for the denoising progress bar (shown by default)."""
+        self._progress = not disable
+
+    # ---- diffusers-shaped call ----------------------------------------------------------------------------------
+    def __call__(self, prompt: str | list[str], image=None, *, mode: str | None = None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+                 cfg_text_scale: float | None = None, cfg_img_scale: float | None = None,
+                 cfg_interval: tuple[float, float] | None = None, cfg_renorm_type: str | None = None,
+                 cfg_renorm_min: float | None = None, timestep_shift: float | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 seed: int | list[int] | None = None, output_type: str = "pil",
+                 callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs: list[str] | None = None,
+                 max_new_tokens: int | None = None, return_dict: bool = True):
+        """Generate for one prompt or a list of them; returns ``BagelPipelineOutput`` (``return_dict=False``: the
+        tuple ``(images, text)``).
+
+        - ``image``: an input image — PIL, numpy or torch, (H, W, C) or (C, H, W), uint8 or float in [0, 1], or a
+          file path (``image_io.as_rgb_tensor``) — or a list with one per prompt. Any size: it is resized as
+          upstream BAGEL does, and img2img outputs that size (``height``/``width`` are for text2img only).
+        - ``mode``: "text2img" | "img2img" | "text2text" | "img2text"; default img2img when an image is given, else
+          text2img. Text modes return ``text``; the denoising arguments are refused there.
+        - ``num_inference_steps``: BAGEL's timestep count N (upstream's ``num_timesteps``): the schedule has N
+          points from t=1 to t=0, so the model runs N-1 times (N-1 Euler updates). diffusers' flow-matching
+          pipelines run the model ``num_inference_steps`` times; here 50 means 49 evaluations, as upstream BAGEL.
+          Default: the model config's (50 for BAGEL-7B-MoT, 10 for ``tiny``).
+        - ``height``/``width``: text2img's image size, multiples of the latent stride (16); default the model's
+          largest (``default_image_size``: 1024 on BAGEL-7B-MoT, 256 on ``tiny``).
+        - ``cfg_*``, ``timestep_shift``: default the model config's text2img settings, or image editing's own
+          (``config.IMG2IMG_DEFAULTS``) for img2img.
+        - ``seed`` (int, or one per prompt) or ``generator`` (``torch.Generator``, or one per prompt): BAGEL draws
+          its noise (and img2img's VAE sample) on its own CPU generator seeded with the seed — for a generator,
+          ``generator.initial_seed()``, whatever it has drawn since and whatever its device — so a seed means the
+          same noise on every device, run after run. One seed for a list of prompts gives each prompt the image it gets alone
+          with that seed. Neither: seed 0.
+        - ``output_type``: "pil" | "np" | "pt" (see ``BagelPipelineOutput``).
+        - ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict | None``: called after every Euler
+          update of every request, with diffusers' arguments: ``step`` counts from 0 to N-2, ``timestep`` is
+          BAGEL's shifted t in (0, 1] of that update (a float, not diffusers' t x 1000), ``callback_kwargs`` is
+          ``{"request_index": i}`` (the prompt's index). The latents stay inside the batched loop: no tensor
+          inputs are offered (``callback_on_step_end_tensor_inputs`` must be empty), and a returned dict must not
+          carry ``"latents"``.
+        - ``max_new_tokens``: greedy decoding budget: default 32 for text modes, 0 for images.
+
+        A list of prompts runs as one batch (``generate_batch``: one packed denoise); each result is bit-identical
+        to that prompt's call alone."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        n = len(prompts)
+        if mode is None:
+            mode = "img2img" if image is not None else "text2img"
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise TypeError("callback_on_step_end must be callable: callback(pipe, step, timestep, callback_kwargs)")
+        if callback_on_step_end_tensor_inputs:
+            raise ValueError(f"callback_on_step_end_tensor_inputs={callback_on_step_end_tensor_inputs!r}: BAGEL's "
+                             "callback gets no tensors (callback_kwargs holds request_index)")
+        given = dict(height=height, width=width, num_inference_steps=num_inference_steps,
+                     cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,
+                     cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift,
+                     callback_on_step_end=callback_on_step_end)
+        if mode not in IMAGE_OUT:
+            extra = [k for k in _DENOISE_ARGS if given[k] is not None]
+            if extra:
+                raise ValueError(f"mode {mode} produces text: {', '.join(extra)} would be ignored")
+        if mode in IMAGE_IN and image is None:
+            raise ValueError(f"mode {mode} needs an input image (image=...)")
+        if mode not in IMAGE_IN and image is not None:
+            raise ValueError(f"mode {mode} takes no input image; an image given means img2img (or mode='img2text')")
+        if mode == "img2img" and (height is not None or width is not None):
+            raise ValueError("img2img outputs the input image's size (resized as upstream BAGEL does); height and "
+                             "width are for text2img")
+        images: list = [None] * n
+        if image is not None:
+            batched = isinstance(image, (list, tuple)) or (isinstance(image, (np.ndarray, torch.Tensor))
+                                                             and image.ndim == 4)
+            given_images = list(image) if batched else [image]
+            if len(given_images) not in (1, n):
+                raise ValueError(f"{len(given_images)} images for {n} prompts: give one, or one per prompt")
+            converted = [as_rgb_tensor(im) for im in given_images]
+            images = converted * n if len(converted) == 1 else converted
+        seeds = _seeds(n, seed, generator)
+        tokens = 32 if mode not in IMAGE_OUT else 0
+        if max_new_tokens is not None:
+            tokens = _integer("max_new_tokens", max_new_tokens)
+
+        cfg = self.model.cfg
+        base = asdict(cfg.generation)
+        if mode == "img2img":
+            base.update(IMG2IMG_DEFAULTS)
+        base["steps"] = base.pop("num_timesteps")
+        if num_inference_steps is not None:
+            base["steps"] = _integer("num_inference_steps", num_inference_steps)
+        for k in ("cfg_text_scale", "cfg_img_scale", "cfg_renorm_min", "timestep_shift"):
+            if given[k] is not None:
+                base[k] = _real(k, given[k])
+        if cfg_interval is not None:
+            if not isinstance(cfg_interval, (tuple, list)) or len(cfg_interval) != 2:
+                raise ValueError(f"cfg_interval must be two numbers (lo, hi), got {cfg_interval!r}")
+            base["cfg_interval"] = (_real("cfg_interval", cfg_interval[0]), _real("cfg_interval", cfg_interval[1]))
+        if cfg_renorm_type is not None:
+            base["cfg_renorm_type"] = cfg_renorm_type
+        side = default_image_size(cfg)
+        h = _integer("height", height) if height is not None else side
+        w = _integer("width", width) if width is not None else side
+        reqs = []
+        for i, (p, im, s) in enumerate(zip(prompts, images, seeds)):
+            size = (h, w)
+            if mode == "img2img":
+                size = vae_resize_rule(cfg).output_size(*im.shape[:2])
+            params = SamplingParams(seed=s, height=size[0], width=size[1], **base).validate()
+            if mode in IMAGE_OUT:
+                cfg.check_image_size(params.height, params.width)
+            reqs.append(Request(mode, p, params, im, tokens, request_id=f"request-{i}").validate())
+
+        on_step = None
+        if callback_on_step_end is not None:
+            def on_step(i: int, k: int, t: float) -> None:
+                kwargs = {"request_index": i}
+                out = callback_on_step_end(self, k, t, kwargs)
+                if out is not None and not isinstance(out, dict):
+                    raise TypeError(f"callback_on_step_end must return a dict or None, got {type(out).__name__}")
+                if out and "latents" in out:
+                    raise ValueError("callback_on_step_end returned 'latents': changing a request's latent from "
+                                     "the callback is not supported")
+
+        results = self.generate_batch(reqs, progress=self._progress, on_step=on_step)
+        text = [r0.text for r0, _ in results]
+        outs = [r1 for _, r1 in results if r1 is not None]
+        out = BagelPipelineOutput(images=[_output_image(r.image, output_type) for r in outs], text=text,
+                                  latents=[r.latent for r in outs], latent_md5s=[r.latent_md5 for r in outs],
+                                  image_md5s=[r.image_md5 for r in outs])
+        return out if return_dict else (out.images, out.text)
 
     def generate(self, req, kv_layout: str = "flash_attn", progress: bool = False, engine=None):
         """Any mode through both stages in this process (single stage). Returns (stage-0 result, image result or
@@ -25,11 +388,13 @@ class BagelPipeline:
         ``bagel_model.split.run_split_processes``) give the same image bit for bit."""
         return self.generate_batch([req], kv_layout, progress, engine)[0]
 
-    def generate_batch(self, reqs: list, kv_layout: str = "flash_attn", progress: bool = False, engine=None) -> list:
+    def generate_batch(self, reqs: list, kv_layout: str = "flash_attn", progress: bool = False, engine=None,
+                       on_step: Callable[[int, int, float], None] | None = None) -> list:
         """Several requests at once (any modes, prompts, seeds, sizes, step counts, CFG settings): stage 0 for each,
         then ONE batched denoise in which every step packs the CFG jobs of all image requests still running into one
         forward. Returns one (stage-0 result, image result or None) per request, each bit-identical to running the
-        request alone (the batch-invariance contract: no row's arithmetic depends on the other rows)."""
+        request alone (the batch-invariance contract: no row's arithmetic depends on the other rows).
+        ``on_step(request_index, step, t)``: called after each image request's Euler update (index into ``reqs``)."""
         if not reqs:
             raise ValueError("generate_batch needs at least one request")
         ids = [r.request_id for r in reqs]
@@ -39,8 +404,9 @@ class BagelPipeline:
         img = [i for i, r in enumerate(reqs) if r.mode in IMAGE_OUT]
         r1s: list = [None] * len(reqs)
         if img:
+            hook = None if on_step is None else (lambda j, k, t: on_step(img[j], k, t))
             outs = run_stage1_batch(self.model, [r0s[i].payload for i in img], [r0s[i].contexts for i in img],
-                                    kv_layout, progress=progress, engine=engine)
+                                    kv_layout, progress=progress, engine=engine, on_step=hook)
             for i, o in zip(img, outs):
                 r1s[i] = o
         return list(zip(r0s, r1s))

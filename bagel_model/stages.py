@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -167,10 +168,11 @@ def run_stage1(model: BagelModel, payload: KVPayload, contexts: dict[str, Prefil
 @torch.no_grad()
 def run_stage1_batch(model: BagelModel, payloads: list[KVPayload],
                      contexts: list[dict[str, PrefilledContext] | None] | None = None, layout: str = "flash_attn",
-                     events: EventLog | None = None, progress: bool = False, engine=None) -> list[GenerationResult]:
+                     events: EventLog | None = None, progress: bool = False, engine=None,
+                     on_step: Callable[[int, int, float], None] | None = None) -> list[GenerationResult]:
     """Denoise several requests together — every step's CFG jobs of all of them in one packed forward
     (``denoise_step.PackedStep`` unless ``engine`` is given) — and decode each. Each result is bit-identical to
-    the request's run alone."""
+    the request's run alone. ``on_step(payload_index, step, t)`` is ``denoise_batch``'s per-request step hook."""
     events = events or EventLog()
     events.record("stage1_start")
     contexts = contexts or [None] * len(payloads)
@@ -188,12 +190,14 @@ def run_stage1_batch(model: BagelModel, payloads: list[KVPayload],
     engine = engine if engine is not None else PackedStep(model)
     first = [True]
 
-    def on_step(i: int, k: int, t: float) -> None:
+    def step_hook(i: int, k: int, t: float) -> None:
         if first[0]:
             events.record("dit_step")
             first[0] = False
+        if on_step is not None:
+            on_step(i, k, t)
 
-    xs = denoise_batch(reqs, engine, progress=progress, on_step=on_step)
+    xs = denoise_batch(reqs, engine, progress=progress, on_step=step_hook)
     out = []
     for payload, r, x in zip(payloads, reqs, xs):
         image = decode_latent(model, x, r.grid)
