@@ -98,3 +98,18 @@ def test_seed_varies_the_noise_and_weights_seed_the_model(tmp_path, capsys):
     base = latent()
     assert latent("--seed", "0", "--weights-seed", "0") == base  # the defaults are today's single seed 0
     assert len({base, latent("--seed", "1"), latent("--weights-seed", "1")}) == 3
+
+
+def test_a_prompts_file_is_one_batch_and_each_image_is_its_solo_run(tmp_path, capsys):
+    """--prompts-file: request i (seed --seed + i) writes out-i.png, bit-identical to running that prompt alone."""
+    (tmp_path / "p.txt").write_text("a red cube\n\n  a blue ball  \n")
+    common = ["--steps", "3", "--size", "32", "--no-progress"]
+    assert main(common + ["--prompts-file", str(tmp_path / "p.txt"), "--seed", "5", "--out", str(tmp_path / "b.png")]) == 0
+    out = capsys.readouterr().out
+    assert "[1] prompt 'a blue ball' seed 6" in out
+    assert main(common + ["--prompt", "a blue ball", "--seed", "6", "--out", str(tmp_path / "solo.png")]) == 0
+    capsys.readouterr()
+    assert _md5(tmp_path / "b-1.png") == _md5(tmp_path / "solo.png")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert main(common + ["--prompts-file", str(tmp_path / "empty.txt")]) == 2
+    assert "holds no prompt" in capsys.readouterr().err
