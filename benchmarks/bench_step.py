@@ -1,7 +1,7 @@
 """Denoise step and end to end: the packed, graph-replayed step vs a torch.compile'd plain PyTorch step doing the
 same work (``peer_torch_step``), per-image seconds through ``BagelPipeline``, and a batch of requests.
 
-    python benchmarks/bench_step.py --preset bagel-7b-mot --parts check,step,e2e,batch --json $OUT/step.json
+    python -m benchmarks.bench_step --preset bagel-7b-mot --parts check,step,e2e,batch --json $OUT/step.json
 
 Rows: per step (ms, TFLOP/s, GPU busy, peer ms, ratio = peer / ours) for text2img (2 jobs: full + no-text, cfg_img
 deduplicated) and img2img (3 jobs) at 1024² and 512²; per image (s, peak GiB) for text2img 1024²/512² and img2img
@@ -18,6 +18,9 @@ from datetime import date
 
 import torch
 
+from benchmarks.common import add_output_args, emit, row
+from benchmarks.peer_torch_step import TorchStep
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vit-tokens", type=int, default=4902, help="ViT block length of an img2img context (1024²)")
     p.add_argument("--parts", default="check,step,e2e,batch", help="comma list of: check, step, profile, e2e, batch")
     p.add_argument("--no-peer", action="store_true", help="skip the torch.compile peer")
-    p.add_argument("--json", default=None, help="write the rows here")
-    return p
+    p.add_argument("--json", default=None, help="also write every measurement, with its details, as JSON here")
+    return add_output_args(p)
 
 
 def linear_flops_per_row(cfg) -> int:
@@ -115,8 +118,6 @@ def bench_step(model, args, rows: list) -> None:
                        wall_ms=round(wall, 3), tflops=round(fl / ms / 1e9, 1), gpu_busy=round(busy, 3))
             del eng
             if not args.no_peer:
-                from peer_torch_step import TorchStep  # noqa: E402  (benchmarks/ is the script's directory)
-
                 peer = TorchStep(model, [[(c.k, c.v) for c in ctx.kv] if ctx.length else None for ctx in ctxs],
                                  [c.rope_position for c in ctxs])
                 h_lat = torch.randn(len(jobs), n, cfg.hidden_size, device=model.device, dtype=model.dtype)
@@ -314,7 +315,29 @@ def main(argv=None) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        emit(table_rows(rows, args), args)
     return 0
+
+
+def table_rows(rows: list[dict], args) -> list[dict]:
+    """The results-table rows (benchmarks/results.csv) of this run's measurements."""
+    out = []
+    for r in rows:
+        if r["subject"] == "denoise_step":
+            shape = f"{args.preset} {r['size']}² {r['mode']} CFG step, {r['jobs']} packed jobs, ctx {r['ctx']}"
+            out.append(row("denoise step (packed, graph replay)", shape, "ms", r["ms"], "torch.compile plain step"
+                           if "peer_ms" in r else "", r.get("peer_ms")))
+            out.append(row("denoise step (packed, graph replay)", shape, "TFLOP/s", r["tflops"]))
+            out.append(row("denoise step (packed, graph replay)", shape, "GPU busy", r["gpu_busy"]))
+        elif r["subject"] == "end_to_end" and r["phase"] == "warm":
+            shape = f"{args.preset} {r['size']}² {r['mode']}, {r['steps']} timesteps"
+            out.append(row("end to end (BagelPipeline stages)", shape, "s/image", r["seconds"]))
+            out.append(row("end to end (BagelPipeline stages)", shape, "peak GiB", r["peak_gib"]))
+        elif r["subject"] == "batch":
+            shape = f"{args.preset} {r['size']}² {r['mode']}, {r['requests']} requests, {r['steps']} timesteps"
+            out.append(row("batch of requests (generate_batch)", shape, "s", r["batch_s"], "one after another",
+                           r["sequential_s"]))
+    return out
 
 
 if __name__ == "__main__":
