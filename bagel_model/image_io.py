@@ -12,21 +12,11 @@ import os
 import numpy as np
 import torch
 
+from .transforms import pil_img2rgb  # upstream's: transparency composited onto white
+
 
 class ImageFileError(ValueError):
     pass
-
-
-def _pil_img2rgb(image):
-    """Upstream's ``pil_img2rgb``: RGBA (or a palette/greyscale image with a transparency key) over white."""
-    from PIL import Image
-
-    if image.mode == "RGBA" or image.info.get("transparency", None) is not None:
-        image = image.convert("RGBA")
-        white = Image.new(mode="RGB", size=image.size, color=(255, 255, 255))
-        white.paste(image, mask=image.split()[3])
-        return white
-    return image.convert("RGB")
 
 
 def _to_8bit(image):
@@ -56,7 +46,7 @@ def load_rgb(path: str):
         with Image.open(path) as im:
             im.load()  # decode now: a truncated file fails here, not somewhere inside the model
             im = ImageOps.exif_transpose(im)
-            return _pil_img2rgb(_to_8bit(im))
+            return pil_img2rgb(_to_8bit(im))
     except UnidentifiedImageError:
         raise ImageFileError(f"input image {path} is not an image file PIL can read (text? unsupported "
                              "format?)") from None
@@ -142,7 +132,7 @@ def as_rgb_tensor(image) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         return read_image(os.fspath(image))
     if isinstance(image, Image.Image):
-        return torch.from_numpy(np.array(_pil_img2rgb(_to_8bit(image)), dtype=np.uint8))
+        return torch.from_numpy(np.array(pil_img2rgb(_to_8bit(image)), dtype=np.uint8))
     if isinstance(image, np.ndarray):
         if image.dtype == object or not (np.issubdtype(image.dtype, np.number) or image.dtype == np.bool_):
             raise TypeError(f"image array has dtype {image.dtype}; expected uint8 or floating point")
@@ -178,4 +168,4 @@ def as_rgb_tensor(image) -> torch.Tensor:
     # greyscale and RGBA through PIL, as a file of that kind would be read (uint8 (H, W) is "L", (H, W, 4) "RGBA")
     a = t.numpy()
     pil = Image.fromarray(np.ascontiguousarray(a[..., 0] if a.shape[-1] == 1 else a))
-    return torch.from_numpy(np.array(_pil_img2rgb(pil), dtype=np.uint8))
+    return torch.from_numpy(np.array(pil_img2rgb(pil), dtype=np.uint8))

@@ -290,9 +290,7 @@ class SharedMemoryConnector:
     the sender; the receiver unlinks it, and ``cleanup`` unlinks any that were never received."""
 
     def __init__(self, ctx=None):
-        import multiprocessing as mp
-
-        self._rx, self._tx = (ctx or mp.get_context("spawn")).Pipe(duplex=False)
+        self._rx, self._tx = (ctx or multiprocessing.get_context("spawn")).Pipe(duplex=False)
 
     def send(self, data: bytes) -> None:
         shm = shared_memory.SharedMemory(create=True, size=max(1, len(data)))
@@ -312,8 +310,6 @@ class SharedMemoryConnector:
             raise PayloadError("stage 0 closed the shared-memory connector without sending its KV payload") from None
 
     def recv(self, timeout: float = 600.0) -> bytes:
-        from multiprocessing import shared_memory
-
         msg = self._get(timeout)
         if msg is None:
             raise PayloadError("stage 0 aborted before sending its KV payload")
@@ -327,8 +323,6 @@ class SharedMemoryConnector:
 
     def cleanup(self) -> None:
         """Unlink every segment still announced in the pipe (its receiver died or was never asked)."""
-        from multiprocessing import shared_memory
-
         while self._rx.poll(0):
             try:
                 msg = self._rx.recv()

@@ -106,8 +106,6 @@ class _FaultAt(EventLog):
 
 def _stage0_worker(spec: ModelSpec, reqs: list[Request], connector, out_q, ready, timeout: float,
                    env: dict[str, str] | None = None, parent_pid: int | None = None, die_at: str | None = None) -> None:
-    from functools import partial
-
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     os.environ.update(env or {})  # before the model (and CUDA) is touched: e.g. this client's MPS SM share
@@ -178,10 +176,6 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
     ``results["stage0"]["error"]`` saying what was lost (its text); otherwise the error names the stage. Both stages
     die with this process. ``_faults`` (tests only): ``{"stage0"|"stage1": event}`` SIGKILLs that stage when it
     records the event (e.g. "kv_forwarded": stage 0 after sending, during its decode)."""
-    import torch.multiprocessing as mp
-
-    from .kv_transfer import SharedMemoryConnector, TensorQueueConnector, abort
-
     connector = connector or ("tensor" if spec.device.startswith("cuda") else "shm")
     if connector not in ("tensor", "shm"):
         raise ValueError(f"unknown split connector {connector!r}; expected 'tensor' or 'shm'")

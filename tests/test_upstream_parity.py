@@ -23,14 +23,10 @@ from bagel_model.pipeline import BagelPipeline, decode_latent, single_device_vel
 from bagel_model.prefill import PrefilledContext, TextBlock, prefill, vae_block, vit_block
 from bagel_model.stages import Request, run_stage0
 from bagel_model.transforms import to_pixels
+from scripts.upstream_parity_report import params_of, rel  # one reading of the fixture's parameters
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bagel_upstream_tiny")
 RTOL = 1e-5
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +42,6 @@ def loaded(ref):
     tok = tok.with_special_ids(ref["meta"]["new_token_ids"])
     BagelPipeline(model, tok)  # sets the vision marker ids
     return model, tok
-
-
-def params_of(case: dict) -> SamplingParams:
-    p = case["params"]
-    h, w = p["image_hw"]
-    return SamplingParams(steps=p["num_timesteps"], seed=0, height=h, width=w, timestep_shift=p["timestep_shift"],
-                          cfg_text_scale=p["cfg_text_scale"], cfg_img_scale=p["cfg_img_scale"],
-                          cfg_interval=tuple(p["cfg_interval"]), cfg_renorm_min=p["cfg_renorm_min"],
-                          cfg_renorm_type=p["cfg_renorm_type"])
 
 
 def branch(ctx: PrefilledContext) -> BranchContext:
