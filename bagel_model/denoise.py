@@ -155,13 +155,14 @@ class DenoiseRequest:
 
 
 def denoise_batch(requests: list[DenoiseRequest], engine, progress: bool = True,
-                  on_step: Callable[[int, int, float], None] | None = None,
+                  on_step: Callable[[int, int, float, torch.Tensor], torch.Tensor | None] | None = None,
                   guards: list[FiniteGuard] | None = None) -> list[torch.Tensor]:
     """Euler integration of several requests at once: at every step each request still running contributes its
     distinct CFG jobs, and ``engine`` (``denoise_step.PackedStep`` or ``parallel.denoise.ParallelStep``) runs all
     jobs of the step in one packed forward. Requests may differ in size, step count and CFG settings; each one's
     arithmetic is what ``denoise`` does for it alone (same combine, same update), so its bits are too.
-    ``on_step(request_index, step, t)`` is called after each request's update. Each request's latent is watched
+    ``on_step(request_index, step, t, x)`` is called after each request's update with its new latent ``x``; a
+    tensor it returns replaces that latent (same shape; fp32) — the caller's choice, which then changes the bits. Each request's latent is watched
     by a ``FiniteGuard`` (device-side, no host read in the loop) and checked once at the end, naming the first
     non-finite step; pass ``guards`` to check them yourself (e.g. outside a no-sync region)."""
     own_guards = guards is None
@@ -199,7 +200,12 @@ def denoise_batch(requests: list[DenoiseRequest], engine, progress: bool = True,
             xs[i] = xs[i] - v.float() * dt
             guards[i].step(xs[i], k)
             if on_step is not None:
-                on_step(i, k, scheds[i][0][k])
+                new = on_step(i, k, scheds[i][0][k], xs[i])
+                if new is not None:
+                    if not isinstance(new, torch.Tensor) or new.shape != xs[i].shape:
+                        raise ValueError(f"the step hook returned {type(new).__name__} "
+                                         f"{tuple(getattr(new, 'shape', ()))}; a latent must be {tuple(xs[i].shape)}")
+                    xs[i] = new.to(xs[i].device, torch.float32)
     if own_guards:
         for i, g in enumerate(guards):
             g.check(len(scheds[i][0]), what=f"latent of request {i}" if len(requests) > 1 else "latent")

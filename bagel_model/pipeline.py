@@ -283,9 +283,10 @@ class BagelPipeline:
         - ``callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict | None``: called after every Euler
           update of every request, with diffusers' arguments: ``step`` counts from 0 to N-2, ``timestep`` is
           BAGEL's shifted t in (0, 1] of that update (a float, not diffusers' t x 1000), ``callback_kwargs`` is
-          ``{"request_index": i}`` (the prompt's index). The latents stay inside the batched loop: no tensor
-          inputs are offered (``callback_on_step_end_tensor_inputs`` must be empty), and a returned dict must not
-          carry ``"latents"``.
+          ``{"request_index": i}`` (the prompt's index), plus ``"latents"`` — that request's (tokens, 64) fp32
+          latent after the update — when ``callback_on_step_end_tensor_inputs=["latents"]``. A returned dict's
+          ``"latents"`` (same shape) replaces the latent from the next step on, as in diffusers (the result is then
+          no longer the request's plain run).
         - ``max_new_tokens``: greedy decoding budget: default 32 for text modes, 0 for images.
 
         A list of prompts runs as one batch (``generate_batch``: one packed denoise); each result is bit-identical
@@ -302,9 +303,10 @@ class BagelPipeline:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if callback_on_step_end is not None and not callable(callback_on_step_end):
             raise TypeError("callback_on_step_end must be callable: callback(pipe, step, timestep, callback_kwargs)")
-        if callback_on_step_end_tensor_inputs:
-            raise ValueError(f"callback_on_step_end_tensor_inputs={callback_on_step_end_tensor_inputs!r}: BAGEL's "
-                             "callback gets no tensors (callback_kwargs holds request_index)")
+        tensor_inputs = list(callback_on_step_end_tensor_inputs or [])
+        if any(name != "latents" for name in tensor_inputs):
+            raise ValueError(f"callback_on_step_end_tensor_inputs={tensor_inputs!r}: the only tensor input BAGEL's "
+                             "callback offers is 'latents'")
         given = dict(height=height, width=width, num_inference_steps=num_inference_steps,
                      cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,
                      cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift,
@@ -365,14 +367,15 @@ class BagelPipeline:
 
         on_step = None
         if callback_on_step_end is not None:
-            def on_step(i: int, k: int, t: float) -> None:
+            def on_step(i: int, k: int, t: float, x: torch.Tensor) -> torch.Tensor | None:
                 kwargs = {"request_index": i}
+                if "latents" in tensor_inputs:
+                    kwargs["latents"] = x
                 out = callback_on_step_end(self, k, t, kwargs)
                 if out is not None and not isinstance(out, dict):
                     raise TypeError(f"callback_on_step_end must return a dict or None, got {type(out).__name__}")
-                if out and "latents" in out:
-                    raise ValueError("callback_on_step_end returned 'latents': changing a request's latent from "
-                                     "the callback is not supported")
+                new = (out or {}).get("latents")
+                return None if new is None or new is x else new
 
         results = self.generate_batch(reqs, progress=self._progress, on_step=on_step)
         text = [r0.text for r0, _ in results]
@@ -389,12 +392,13 @@ class BagelPipeline:
         return self.generate_batch([req], kv_layout, progress, engine)[0]
 
     def generate_batch(self, reqs: list, kv_layout: str = "flash_attn", progress: bool = False, engine=None,
-                       on_step: Callable[[int, int, float], None] | None = None) -> list:
+                       on_step: Callable[[int, int, float, torch.Tensor], torch.Tensor | None] | None = None) -> list:
         """Several requests at once (any modes, prompts, seeds, sizes, step counts, CFG settings): stage 0 for each,
         then ONE batched denoise in which every step packs the CFG jobs of all image requests still running into one
         forward. Returns one (stage-0 result, image result or None) per request, each bit-identical to running the
         request alone (the batch-invariance contract: no row's arithmetic depends on the other rows).
-        ``on_step(request_index, step, t)``: called after each image request's Euler update (index into ``reqs``)."""
+        ``on_step(request_index, step, t, x)``: called after each image request's Euler update (index into
+        ``reqs``) with its latent; a tensor it returns replaces the latent."""
         if not reqs:
             raise ValueError("generate_batch needs at least one request")
         ids = [r.request_id for r in reqs]
@@ -404,7 +408,7 @@ class BagelPipeline:
         img = [i for i, r in enumerate(reqs) if r.mode in IMAGE_OUT]
         r1s: list = [None] * len(reqs)
         if img:
-            hook = None if on_step is None else (lambda j, k, t: on_step(img[j], k, t))
+            hook = None if on_step is None else (lambda j, k, t, x: on_step(img[j], k, t, x))
             outs = run_stage1_batch(self.model, [r0s[i].payload for i in img], [r0s[i].contexts for i in img],
                                     kv_layout, progress=progress, engine=engine, on_step=hook)
             for i, o in zip(img, outs):

@@ -169,10 +169,11 @@ def run_stage1(model: BagelModel, payload: KVPayload, contexts: dict[str, Prefil
 def run_stage1_batch(model: BagelModel, payloads: list[KVPayload],
                      contexts: list[dict[str, PrefilledContext] | None] | None = None, layout: str = "flash_attn",
                      events: EventLog | None = None, progress: bool = False, engine=None,
-                     on_step: Callable[[int, int, float], None] | None = None) -> list[GenerationResult]:
+                     on_step: Callable[[int, int, float, torch.Tensor], torch.Tensor | None] | None = None
+                     ) -> list[GenerationResult]:
     """Denoise several requests together — every step's CFG jobs of all of them in one packed forward
     (``denoise_step.PackedStep`` unless ``engine`` is given) — and decode each. Each result is bit-identical to
-    the request's run alone. ``on_step(payload_index, step, t)`` is ``denoise_batch``'s per-request step hook."""
+    the request's run alone. ``on_step(payload_index, step, t, x)`` is ``denoise_batch``'s per-request step hook."""
     events = events or EventLog()
     events.record("stage1_start")
     contexts = contexts or [None] * len(payloads)
@@ -190,12 +191,11 @@ def run_stage1_batch(model: BagelModel, payloads: list[KVPayload],
     engine = engine if engine is not None else PackedStep(model)
     first = [True]
 
-    def step_hook(i: int, k: int, t: float) -> None:
+    def step_hook(i: int, k: int, t: float, x: torch.Tensor) -> torch.Tensor | None:
         if first[0]:
             events.record("dit_step")
             first[0] = False
-        if on_step is not None:
-            on_step(i, k, t)
+        return on_step(i, k, t, x) if on_step is not None else None
 
     xs = denoise_batch(reqs, engine, progress=progress, on_step=step_hook)
     out = []

@@ -101,10 +101,28 @@ def test_callback_on_step_end_gets_diffusers_arguments_once_per_step_per_request
         assert mine == list(enumerate(ts))  # steps 0..N-2 with BAGEL's shifted t of each update
     assert len(calls) == 4
     assert out.latent_md5s == pipe(["a red cube", "a blue ball"], seed=[0, 1], **FAST).latent_md5s
-    with pytest.raises(ValueError, match="latents"):
+    with pytest.raises(ValueError, match="a latent must be"):  # a returned latent of the wrong shape
         pipe("a", callback_on_step_end=lambda p, s, t, kw: {"latents": torch.zeros(1)}, **FAST)
-    with pytest.raises(ValueError, match="no tensors"):
-        pipe("a", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"], **FAST)
+    with pytest.raises(ValueError, match="only tensor input"):
+        pipe("a", callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"], **FAST)
+
+
+def test_callback_sees_the_latents_and_may_replace_them(pipe):
+    """diffusers' contract: callback_on_step_end_tensor_inputs=["latents"] hands each request's latent after the
+    update; returning it unchanged keeps the bits, returning a new one steers the rest of the run."""
+    seen = []
+
+    def look(p, step, t, kw):
+        seen.append((kw["request_index"], step, kw["latents"].shape, kw["latents"].dtype))
+        return kw
+
+    base = pipe("a red cube", **FAST)
+    out = pipe("a red cube", callback_on_step_end=look, callback_on_step_end_tensor_inputs=["latents"], **FAST)
+    assert out.latent_md5s == base.latent_md5s and len(seen) == 2
+    assert seen[0][2] == base.latents[0].shape and seen[0][3] == torch.float32
+    zeroed = pipe("a red cube", callback_on_step_end=lambda p, s, t, kw: {"latents": kw["latents"] * 0},
+                  callback_on_step_end_tensor_inputs=["latents"], **FAST)
+    assert torch.count_nonzero(zeroed.latents[0]) == 0  # the last update's latent was replaced by zeros
 
 
 def test_numpy_integers_are_integers_and_floats_are_not(pipe):
