@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bagel_model.denoise import DenoiseRequest, VelocityFn
 from bagel_model.denoise_step import GenJob, GraphedForwards, StepEntry, check_jobs, layout_key, split_rows
-from bagel_model.model import BagelModel, BranchContext, GenSequence
+from bagel_model.model import BagelModel
 from bagel_model.packed import PackedLayout, packed_context
 
 from .mesh import Mesh, guarded
@@ -94,25 +93,3 @@ class ParallelStep:
                 out[i] = gathered[r][o:o + n]
                 o += n
         return out
-
-
-def parallel_velocities(model: BagelModel, seq: GenSequence, contexts: dict[str, BranchContext], mesh: Mesh
-                        ) -> VelocityFn:
-    """A one-request ``VelocityFn`` over the packed parallel step (kept for callers of the per-request loop)."""
-    c = mesh.config
-    if seq.split.degree != c.sp:
-        raise ValueError(f"token split degree {seq.split.degree} != sequence-parallel degree {c.sp}")
-    engine = ParallelStep(model, mesh, seq.split.align)
-    req = DenoiseRequest(torch.empty(0), None, seq.grid, contexts)
-
-    def fn(x: torch.Tensor, t: float, active: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        jobs, index = [], {}
-        for b in active:
-            j = req.job_for(b)
-            if j not in jobs:
-                jobs.append(j)
-            index[b] = jobs.index(j)
-        vs = engine(jobs, [x] * len(jobs), [t] * len(jobs))
-        return {b: vs[index[b]] for b in active}
-
-    return fn
