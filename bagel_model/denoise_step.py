@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from .model import BagelModel, BranchContext
-from .packed import PackedAttention, PackedLayout, packed_context
+from .packed import PackedAttention, PackedLayout, device_values, packed_context
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,15 +30,6 @@ class StepEngine(Protocol):
     def __call__(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
         """Velocity (n_latent, patch_dim) fp32 of every job, given its latent x_t and its timestep t."""
         ...
-
-
-def device_floats(values: list[float], device) -> torch.Tensor:
-    """(n,) fp32 on the device from host floats, by fills (no host-to-device copy, no synchronization); each value
-    is the fp32 rounding of the host float, as ``torch.full((1,), t)`` gives it."""
-    out = torch.empty(len(values), dtype=torch.float32, device=device)
-    for i, v in enumerate(values):
-        out[i:i + 1].fill_(v)
-    return out
 
 
 @dataclass
@@ -80,7 +71,7 @@ class GraphedForwards:
         """``forward(x_packed, t_jobs)`` -> output rows. Returns the rows (a static buffer when replayed)."""
         if not self.enabled or e.runs == 0:
             e.runs += 1
-            return forward(torch.cat(xs) if len(xs) > 1 else xs[0], device_floats(ts, device))
+            return forward(torch.cat(xs) if len(xs) > 1 else xs[0], device_values(ts, device, torch.float32))
         if e.graph is None:
             e.x_static = torch.empty(e.layout.latent_rows, xs[0].shape[1], dtype=torch.float32, device=device)
             e.t_static = torch.zeros(len(ts), dtype=torch.float32, device=device)

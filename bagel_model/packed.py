@@ -47,8 +47,8 @@ class JobRows:
         """(starts (B+1), lengths (B)) device tensors for sequences reading job ``jobs_of_seqs[b]``'s rows."""
         key = ("rows", id(self), jobs_of_seqs)
         if key not in cache:
-            cache[key] = (_device_ints([self.starts[j] for j in jobs_of_seqs] + [0], device),
-                          _device_ints([self.lengths[j] for j in jobs_of_seqs], device))
+            cache[key] = (device_values([self.starts[j] for j in jobs_of_seqs] + [0], device),
+                          device_values([self.lengths[j] for j in jobs_of_seqs], device))
         return cache[key]
 
 
@@ -72,8 +72,9 @@ def _device_index(spans: list[tuple[int, int]], device) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _device_ints(values: list[int], device, dtype=torch.int32) -> torch.Tensor:
-    """A small int tensor filled element by element from host ints (fills launch kernels; nothing synchronizes)."""
+def device_values(values: list, device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """A small tensor filled element by element from host numbers (fills launch kernels; nothing is copied from the
+    host, so nothing synchronizes). A float becomes its ``dtype`` rounding, as ``torch.full((1,), t)`` gives it."""
     out = torch.empty(len(values), dtype=dtype, device=device)
     for i, v in enumerate(values):
         out[i:i + 1].fill_(v)
@@ -147,7 +148,7 @@ class PackedLayout:
             n = sum(e - s for s, e in js)
             cu.append(cu[-1] + n)
             max_len = max(max_len, n)
-        return JobRows(_device_index(spans, device), _device_ints(cu, device), max_len, cu[-1], tuple(cu[:-1]),
+        return JobRows(_device_index(spans, device), device_values(cu, device), max_len, cu[-1], tuple(cu[:-1]),
                        tuple(b - a for a, b in zip(cu, cu[1:])))
 
     def query_plan(self, a: int, b: int, device) -> QueryPlan:
@@ -167,7 +168,7 @@ class PackedLayout:
         cu = [0]
         for n in lens:
             cu.append(cu[-1] + n)
-        return QueryPlan(_device_ints(cu, device), tuple(jobs), max(lens, default=1), cu[-1])
+        return QueryPlan(device_values(cu, device), tuple(jobs), max(lens, default=1), cu[-1])
 
     def job_of_latent_rows(self, a: int, b: int, device) -> torch.Tensor:
         """Job index of each latent row in [a, b) (latent rows only), on the device."""
@@ -203,8 +204,8 @@ class PackedContext:
         key = tuple(jobs_of_seqs)
         meta = cache.get(key)
         if meta is None:
-            meta = cache[key] = (_device_ints([self.starts[j] for j in jobs_of_seqs] + [0], device),
-                                 _device_ints([self.lengths[j] for j in jobs_of_seqs], device),
+            meta = cache[key] = (device_values([self.starts[j] for j in jobs_of_seqs] + [0], device),
+                                 device_values([self.lengths[j] for j in jobs_of_seqs], device),
                                  max(max(self.lengths[j] for j in jobs_of_seqs), 1))
         return ContiguousKV(kv[0], kv[1], cu_seqlens=meta[0], seqlens=meta[1], max_seqlen=meta[2])
 
