@@ -13,8 +13,10 @@ from typing import Protocol
 
 import torch
 
+from bagel_kernels import token_alignment
+
 from .model import BagelModel, BranchContext
-from .packed import PackedAttention, PackedLayout, device_values, packed_context
+from .packed import PackedAttention, PackedContext, PackedLayout, device_values, packed_context
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,14 +106,13 @@ def check_jobs(jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> N
             raise ValueError(f"latent of {x.shape[0]} tokens for a {j.grid[0]}x{j.grid[1]} grid")
 
 
-class PackedStep:
-    """Single-device engine. ``use_graph`` (default: on CUDA) replays each recurring job layout from a CUDA graph."""
+class PackedEngine:
+    """What both step engines share: a job layout's entry (layout, packed contexts, attention, caches), made on its
+    first step and kept while it recurs, and the graph runner. ``degree``: the sequence-parallel split of a
+    forward; subclasses give the attention that suits it."""
 
-    def __init__(self, model: BagelModel, align: int | None = None, use_graph: bool | None = None):
-        from bagel_kernels import token_alignment
-
-        self.model = model
-        self.align = align if align is not None else token_alignment(model.device, model.kernels)
+    def __init__(self, model: BagelModel, align: int, degree: int, use_graph: bool | None = None):
+        self.model, self.align, self.degree = model, align, degree
         use_graph = model.device.type == "cuda" if use_graph is None else use_graph
         if use_graph and model.device.type != "cuda":
             raise ValueError("CUDA-graph replay needs a CUDA model")
@@ -124,16 +125,34 @@ class PackedStep:
     def use_graph(self) -> bool:
         return self.graphs.enabled
 
+    def _attention(self, layout: PackedLayout, ctx: PackedContext):
+        raise NotImplementedError
+
     def _entry(self, jobs: list[GenJob]) -> StepEntry:
         key = layout_key(jobs)
         e = self._entries.get(key)
         if e is None:
-            m = self.model
-            layout = PackedLayout(tuple(j.grid for j in jobs), 1, self.align)
-            ctx = packed_context([j.context.kv for j in jobs], [j.context.length for j in jobs], m.cfg.num_layers)
-            attn = PackedAttention(layout, ctx, (0, layout.split.padded), options=m.kernels)
-            e = self._entries[key] = StepEntry(list(jobs), layout, tuple(j.context.rope_position for j in jobs), attn)
+            layout = PackedLayout(tuple(j.grid for j in jobs), self.degree, self.align)
+            ctx = packed_context([j.context.kv for j in jobs], [j.context.length for j in jobs],
+                                 self.model.cfg.num_layers)
+            e = self._entries[key] = StepEntry(list(jobs), layout, tuple(j.context.rope_position for j in jobs),
+                                               self._attention(layout, ctx))
         return e
+
+    def reset(self) -> None:
+        """Drop every cached layout (and its graph); call between unrelated batches to free memory."""
+        self._entries.clear()
+
+
+class PackedStep(PackedEngine):
+    """Single-device engine. ``use_graph`` (default: on CUDA) replays each recurring job layout from a CUDA graph."""
+
+    def __init__(self, model: BagelModel, align: int | None = None, use_graph: bool | None = None):
+        super().__init__(model, align if align is not None else token_alignment(model.device, model.kernels), 1,
+                         use_graph)
+
+    def _attention(self, layout: PackedLayout, ctx: PackedContext) -> PackedAttention:
+        return PackedAttention(layout, ctx, (0, layout.split.padded), options=self.model.kernels)
 
     def __call__(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
         check_jobs(jobs, xs, ts)
@@ -145,7 +164,3 @@ class PackedStep:
             return self.model.packed_velocity_rows(x, t, e.layout, e.ropes, 0, e.attention, e.cache)
 
         return split_rows(self.graphs.run(e, forward, xs, ts, self.model.device), e.layout)
-
-    def reset(self) -> None:
-        """Drop every cached layout (and its graph); call between unrelated batches to free memory."""
-        self._entries.clear()

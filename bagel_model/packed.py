@@ -12,9 +12,10 @@ so the routed GEMM sees two expert segments whatever the number of jobs (one bra
 Why the bits do not change (DESIGN.md §3): every per-row op (norms, routed GEMMs, QK-norm + RoPE, embeddings) gives a
 row the same arithmetic wherever the row sits, and attention walks each job's keys in the job's own order — its
 context, then ``[<vision_start>, latents..., <vision_end>]`` blocked from that sequence's start — exactly what the
-one-branch forward walks. Attention therefore reads K/V through a per-job *canonical* gather (``JobRows``): the
-queries of each job form one varlen sequence, its keys another; the output rows are scattered back into the packed
-order. A job whose rows are computed in a pack with other jobs gets the bits it gets alone.
+one-branch forward walks. Attention therefore reads K/V through a per-job *canonical* gather (``JobRows``), while
+the queries stay in packed order (``QueryPlan``: each job's latents, then its markers, as varlen sequences that read
+that job's keys), so neither the queries nor the output rows are moved. A job whose rows are computed in a pack
+with other jobs gets the bits it gets alone.
 """
 from __future__ import annotations
 
@@ -39,17 +40,22 @@ class JobRows:
     index: torch.Tensor
     cu: torch.Tensor
     max_len: int
-    total: int
     starts: tuple[int, ...] = ()  # host copies of cu[:-1] and of each job's row count
     lengths: tuple[int, ...] = ()
 
     def per_sequence(self, jobs_of_seqs: tuple[int, ...], device, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(starts (B+1), lengths (B)) device tensors for sequences reading job ``jobs_of_seqs[b]``'s rows."""
-        key = ("rows", id(self), jobs_of_seqs)
-        if key not in cache:
-            cache[key] = (device_values([self.starts[j] for j in jobs_of_seqs] + [0], device),
-                          device_values([self.lengths[j] for j in jobs_of_seqs], device))
-        return cache[key]
+        return sequence_meta(self.starts, self.lengths, jobs_of_seqs, device, cache, ("rows", id(self)))
+
+
+def sequence_meta(starts, lengths, jobs_of_seqs, device, cache: dict, owner) -> tuple[torch.Tensor, torch.Tensor]:
+    """Varlen metadata of sequences that each read one job's rows of a per-job buffer: (starts (B+1; the last entry
+    unused), lengths (B)) on the device, made once per (``owner``, sequence-to-job map) and kept in ``cache``."""
+    key = (owner, tuple(jobs_of_seqs))
+    if key not in cache:
+        cache[key] = (device_values([starts[j] for j in jobs_of_seqs] + [0], device),
+                      device_values([lengths[j] for j in jobs_of_seqs], device))
+    return cache[key]
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,7 @@ class PackedLayout:
             n = sum(e - s for s, e in js)
             cu.append(cu[-1] + n)
             max_len = max(max_len, n)
-        return JobRows(_device_index(spans, device), device_values(cu, device), max_len, cu[-1], tuple(cu[:-1]),
+        return JobRows(_device_index(spans, device), device_values(cu, device), max_len, tuple(cu[:-1]),
                        tuple(b - a for a, b in zip(cu, cu[1:])))
 
     def query_plan(self, a: int, b: int, device) -> QueryPlan:
@@ -201,13 +207,9 @@ class PackedContext:
         kv = self.layers[layer]
         if kv is None or not jobs_of_seqs:
             return None
-        key = tuple(jobs_of_seqs)
-        meta = cache.get(key)
-        if meta is None:
-            meta = cache[key] = (device_values([self.starts[j] for j in jobs_of_seqs] + [0], device),
-                                 device_values([self.lengths[j] for j in jobs_of_seqs], device),
-                                 max(max(self.lengths[j] for j in jobs_of_seqs), 1))
-        return ContiguousKV(kv[0], kv[1], cu_seqlens=meta[0], seqlens=meta[1], max_seqlen=meta[2])
+        starts, lens = sequence_meta(self.starts, self.lengths, jobs_of_seqs, device, cache, "context")
+        return ContiguousKV(kv[0], kv[1], cu_seqlens=starts, seqlens=lens,
+                            max_seqlen=max(max(self.lengths[j] for j in jobs_of_seqs), 1))
 
 
 def packed_context(contexts: list[list[ContiguousKV | PagedKV | None] | None], lengths: list[int],

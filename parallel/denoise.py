@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bagel_model.denoise_step import GenJob, GraphedForwards, StepEntry, check_jobs, layout_key, split_rows
+from bagel_model.denoise_step import GenJob, PackedEngine, check_jobs, split_rows
 from bagel_model.model import BagelModel
-from bagel_model.packed import PackedLayout, packed_context
+from bagel_model.packed import PackedContext, PackedLayout
 
 from .mesh import Mesh, guarded
 from .usp import sp_attention
@@ -27,31 +27,18 @@ def assign_jobs(n_jobs: int, cfg_degree: int) -> list[list[int]]:
     return [[i for i in range(n_jobs) if i % cfg_degree == r] for r in range(cfg_degree)]
 
 
-class ParallelStep:
-    """Packed step over ``mesh`` (every rank of the world calls it with the same jobs, in the same order)."""
+class ParallelStep(PackedEngine):
+    """Packed step over ``mesh`` (every rank of the world calls it with the same jobs, in the same order).
+    ``use_graph`` (default: on CUDA) records each job layout's forward — collectives included (NCCL) — in a CUDA
+    graph on its second run and replays it, as the single-device engine does."""
 
     def __init__(self, model: BagelModel, mesh: Mesh, align: int, use_graph: bool | None = None):
-        """``use_graph`` (default: on CUDA) records each job layout's forward — collectives included (NCCL) — in a
-        CUDA graph on its second run and replays it, as the single-device engine does."""
-        self.model, self.mesh, self.align = model, mesh, align
-        use_graph = model.device.type == "cuda" if use_graph is None else use_graph
-        if use_graph and model.device.type != "cuda":
-            raise ValueError("CUDA-graph replay needs a CUDA model (and NCCL)")
-        self.graphs = GraphedForwards(use_graph)
-        self._entries: dict = {}
-        self.forwards = 0
-        self.jobs_run = 0
+        super().__init__(model, align, mesh.config.sp, use_graph)
+        self.mesh = mesh
 
-    def _entry(self, jobs: list[GenJob]):
-        key = layout_key(jobs)
-        e = self._entries.get(key)
-        if e is None:
-            m, c = self.model, self.mesh.config
-            layout = PackedLayout(tuple(j.grid for j in jobs), c.sp, self.align)
-            ctx = packed_context([j.context.kv for j in jobs], [j.context.length for j in jobs], m.cfg.num_layers)
-            attn = sp_attention(self.mesh, layout, ctx, m.cfg.num_heads, m.cfg.num_kv_heads, options=m.kernels)
-            e = self._entries[key] = StepEntry(list(jobs), layout, tuple(j.context.rope_position for j in jobs), attn)
-        return e
+    def _attention(self, layout: PackedLayout, ctx: PackedContext):
+        m = self.model
+        return sp_attention(self.mesh, layout, ctx, m.cfg.num_heads, m.cfg.num_kv_heads, options=m.kernels)
 
     def _run_group(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
         e = self._entry(jobs)
