@@ -145,6 +145,15 @@ class DenoiseRequest:
     schedule: tuple[list[float], list[float]] | None = None
     _jobs: dict = field(default_factory=dict, repr=False)
 
+    @staticmethod
+    def start(cfg, params: SamplingParams, contexts: dict, device, size: tuple[int, int] | None = None,
+              schedule: tuple[list[float], list[float]] | None = None) -> "DenoiseRequest":
+        """A request at its first step: the latent grid of ``size`` (default: the params' height x width) on model
+        config ``cfg``, and its seeded initial noise on ``device``."""
+        grid = cfg.check_image_size(*(size or (params.height, params.width)))
+        x0 = initial_noise(grid[0] * grid[1], cfg.patch_latent_dim, params.seed).to(device)
+        return DenoiseRequest(x0, params, grid, contexts, schedule)
+
     def job_for(self, branch: str):
         """The job of ``branch``: one object per distinct context, made once (its identity keys engine caches)."""
         ctx = self.contexts[branch]

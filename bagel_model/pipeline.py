@@ -14,7 +14,7 @@ import torch
 from bagel_kernels import KernelOptions, token_alignment
 
 from . import checkpoint
-from .denoise import DenoiseRequest, SamplingParams, VelocityFn, denoise, denoise_batch, initial_noise
+from .denoise import DenoiseRequest, SamplingParams, VelocityFn, denoise, denoise_batch
 from .denoise_step import PackedStep
 # The generation pieces moved to ``generation`` (stages needs them, and stages must not import pipeline); they are
 # re-exported here for existing callers.
@@ -422,14 +422,13 @@ class BagelPipeline:
         (with ``seq``) runs the per-branch reference loop instead of the packed step."""
         params.validate()
         contexts = text_to_image_contexts(self.model, self.tokenizer, prompt)
-        grid = self.model.cfg.check_image_size(params.height, params.width)
-        x0 = initial_noise(grid[0] * grid[1], self.model.cfg.patch_latent_dim, params.seed).to(self.model.device)
+        req = DenoiseRequest.start(self.model.cfg, params, contexts, self.model.device)
         if velocities is not None:
             seq = seq or make_gen_sequence(self.model.cfg, params.height, params.width, 1,
                                            token_alignment(self.model.device, self.model.kernels))
-            x = denoise(x0, params, velocities, progress=progress)
+            x = denoise(req.x, params, velocities, progress=progress)
         else:
             engine = engine if engine is not None else PackedStep(self.model)
-            (x,) = denoise_batch([DenoiseRequest(x0, params, grid, contexts)], engine, progress=progress)
-        image = decode_latent(self.model, x, grid)
+            (x,) = denoise_batch([req], engine, progress=progress)
+        image = decode_latent(self.model, x, req.grid)
         return GenerationResult(latent=x, image=image, latent_md5=tensor_md5(x), image_md5=tensor_md5(image))

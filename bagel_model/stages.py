@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .decode import greedy_decode
-from .denoise import DenoiseRequest, SamplingParams, denoise_batch, initial_noise
+from .denoise import DenoiseRequest, SamplingParams, denoise_batch
 from .denoise_step import PackedStep
 from .generation import GenerationResult, decode_latent, tensor_md5
 from .kv_transfer import KVPayload, abort, extract, install, recv_payload, send_payload
@@ -185,9 +185,8 @@ def run_stage1_batch(model: BagelModel, payloads: list[KVPayload],
         # one BranchContext per stored context: branches naming the same one (text-to-image's cfg_img = full) share
         # it, which makes them one job of the packed step
         named = {n: _branch(ctxs[n]) for n in set(payload.branches.values())}
-        grid = model.cfg.check_image_size(*payload.image_shape)
-        x0 = initial_noise(grid[0] * grid[1], model.cfg.patch_latent_dim, p.seed).to(model.device)
-        reqs.append(DenoiseRequest(x0, p, grid, {b: named[n] for b, n in payload.branches.items()}))
+        reqs.append(DenoiseRequest.start(model.cfg, p, {b: named[n] for b, n in payload.branches.items()},
+                                         model.device, size=payload.image_shape))
     engine = engine if engine is not None else PackedStep(model)
     first = [True]
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from bagel_kernels import token_alignment
 from bagel_model.config import BagelConfig
-from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise_batch, initial_noise
+from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise_batch
 from bagel_model.denoise_step import GenJob, PackedStep
 from bagel_model.generation import tensor_md5, text_to_image_contexts
 from bagel_model.model import BagelModel
@@ -111,11 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def whole_request(engine, ctx, side) -> tuple[float, str]:
         p = SamplingParams(steps=args.e2e_steps, seed=0, height=side, width=side)
-        grid = cfg.check_image_size(side, side)
-        x0 = initial_noise(grid[0] * grid[1], cfg.patch_latent_dim, 0).to(device)
+        req = DenoiseRequest.start(cfg, p, ctx, device)
         out = {}
-        secs = sync_time(lambda: out.setdefault("x", denoise_batch([DenoiseRequest(x0, p, grid, ctx)], engine,
-                                                                   progress=False)[0]))
+        secs = sync_time(lambda: out.setdefault("x", denoise_batch([req], engine, progress=False)[0]))
         return secs, tensor_md5(out["x"])
 
     with torch.no_grad():

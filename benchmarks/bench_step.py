@@ -232,7 +232,7 @@ def bench_batch(model, tok, args, rows: list) -> None:
 
 def check_graph(model, tok, rows: list) -> None:
     """Graph replay == eager, bit for bit, and no host synchronization inside the replayed loop."""
-    from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise_batch, initial_noise, timestep_schedule
+    from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise_batch, timestep_schedule
     from bagel_model.denoise_step import PackedStep
     from bagel_model.finite_guard import FiniteGuard
     from bagel_model.pipeline import tensor_md5, text_to_image_contexts
@@ -242,10 +242,8 @@ def check_graph(model, tok, rows: list) -> None:
         out = []
         for i, (pr, side) in enumerate((("a red cube", 512), ("a blue ball", 256))):
             p = SamplingParams(steps=6, seed=i, height=side, width=side)
-            grid = model.cfg.check_image_size(side, side)
-            x0 = initial_noise(grid[0] * grid[1], model.cfg.patch_latent_dim, p.seed).to(model.device)
-            out.append(DenoiseRequest(x0, p, grid, text_to_image_contexts(model, tok, pr),
-                                      timestep_schedule(p.steps, p.timestep_shift)))
+            out.append(DenoiseRequest.start(model.cfg, p, text_to_image_contexts(model, tok, pr), model.device,
+                                            schedule=timestep_schedule(p.steps, p.timestep_shift)))
         return out
 
     eager = [tensor_md5(x) for x in denoise_batch(reqs(), PackedStep(model, use_graph=False), progress=False)]

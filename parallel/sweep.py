@@ -71,14 +71,6 @@ def batch_requests(args, params, cfg) -> list:
                                         seed=params.seed + 2, cfg_interval=(0.0, 1.0), cfg_renorm_type="channel"))]
 
 
-def _request(model, cfg, params, contexts):
-    from bagel_model.denoise import DenoiseRequest, initial_noise
-
-    grid = cfg.check_image_size(params.height, params.width)
-    x0 = initial_noise(grid[0] * grid[1], cfg.patch_latent_dim, params.seed).to(model.device)
-    return DenoiseRequest(x0, params, grid, contexts)
-
-
 def config_names(world: int, num_heads: int) -> list[str]:
     """The names ``--only`` accepts for this world size and model."""
     return list(dict.fromkeys(["single"] + [pc.name() for pc in configs_for(world, num_heads)]))
@@ -218,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     # the md5 it gives alone on one device.
     batch = batch_requests(args, params, cfg)
     batch_ctx = [text_to_image_contexts(model, tok, pr) for pr, _ in batch]
-    solo = [tensor_md5(denoise_batch([_request(model, cfg, pp, c)], PackedStep(model, align), progress=False)[0])
-            for (_, pp), c in zip(batch, batch_ctx)]
+    solo = [tensor_md5(denoise_batch([DenoiseRequest.start(cfg, pp, c, model.device)], PackedStep(model, align),
+                                     progress=False)[0]) for (_, pp), c in zip(batch, batch_ctx)]
     batch_lengths = [len(tok.encode_prompt(pr)) for pr, _ in batch]
     wanted = set(args.only.split(",")) if args.only else None
     configs = configs_for(world, cfg.num_heads)
@@ -263,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 bc = broadcast_contexts(c if rank == 0 else None, ["full", "text"], cfg.num_layers,
                                         {"full": n, "text": 0}, kv_shape, dtype, device)
                 bc["img"] = bc["full"]
-                reqs.append(_request(model, cfg, pp, bc))
+                reqs.append(DenoiseRequest.start(cfg, pp, bc, model.device))
             xs = denoise_batch(reqs, ParallelStep(model, mesh, align), progress=False) if mesh.active else None
             guarded(f"{pc.name()}: barrier after the batch", dist.barrier)
             if mesh.active and mesh.rank == 0:
