@@ -7,6 +7,7 @@ prefill mask the visible pairs only), each row's ratio against the best peer of 
 from __future__ import annotations
 
 import argparse
+from typing import Iterator
 
 import torch
 
@@ -43,13 +44,12 @@ def _best(subject: str, shape: str, ours: float, peers: dict[str, float]) -> lis
     return rows
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace) -> Iterator[dict]:
     opts = bk.KernelOptions(backend=args.backend)
     graph = not args.no_graph
     subject = f"attention ({args.backend})"
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
-    rows = []
     for name, nq, nctx in SHAPES:
         q = torch.randn(nq, HQ, D, device=dev, dtype=dt)
         k, v = (torch.randn(nq, HKV, D, device=dev, dtype=dt) for _ in range(2))
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         ours = tf(bench_ms(lambda: bk.joint_attention(q, segs, options=opts), graph))
         kk, vv = torch.cat([ck, k]), torch.cat([cv, v])
         peers = {p: tf(bench_ms(f, graph)) for p, f in attention_peers(q, kk, vv).items()}
-        rows += _best(subject, name, ours, peers)
+        yield from _best(subject, name, ours, peers)
     # three CFG branches in one varlen launch (contexts 64, 0, 64) vs cuDNN launched per branch
     nq, ctxs = 4098, [64, 0, 64]
     q = torch.randn(3 * nq, HQ, D, device=dev, dtype=dt)
@@ -76,8 +76,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         vv = torch.cat([ck[ccu[b]:ccu[b] + c], v[b * nq:(b + 1) * nq]])
         peer_ms += bench_ms(attention_peers(q[b * nq:(b + 1) * nq], kk, vv, flex=False)["cudnn"], graph)
     tf = lambda t: flops / (t * 1e-3) / 1e12  # noqa: E731
-    rows.append(row(subject, "3-branch CFG varlen (ctx 64, 0, 64)", "TFLOP/s", tf(ms), "cudnn (3 launches)",
-                    tf(peer_ms)))
+    yield row(subject, "3-branch CFG varlen (ctx 64, 0, 64)", "TFLOP/s", tf(ms), "cudnn (3 launches)", tf(peer_ms))
     # prefill with the mixed mask: 40 text tokens, a 4098-token image span, 30 text tokens
     span = torch.tensor([-1] * 40 + [0] * 4098 + [-1] * 30, dtype=torch.int32, device=dev)
     n = span.shape[0]
@@ -89,8 +88,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     tf = lambda t: 4 * HQ * pairs * D / (t * 1e-3) / 1e12  # noqa: E731
     ours = tf(bench_ms(lambda: bk.joint_attention(q, [bk.ContiguousKV(k, v)], visible_end=vis, options=opts), graph))
     peers = {p: tf(bench_ms(f, graph)) for p, f in attention_peers(q, k, v, mask=dense[None, None]).items()}
-    rows += _best(subject, f"prefill mixed mask n={n}", ours, peers)
-    return rows
+    yield from _best(subject, f"prefill mixed mask n={n}", ours, peers)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ mask/scatter layer with cuDNN SDPA (``peers.mask_scatter_layer``). Times with ``
 from __future__ import annotations
 
 import argparse
+from typing import Iterator
 
 import torch
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     return add_output_args(p)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace) -> Iterator[dict]:
     cfg = BagelConfig.preset("bagel-7b-mot")
     with torch.device("meta"):
         layer = MoTDecoderLayer(cfg, 0)
@@ -34,7 +35,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     with torch.no_grad():
         for name, p in layer.named_parameters():
             p.normal_(1.0 if "norm" in name else 0.0, 0.02, generator=g)
-    rows = []
     cases = {"gen step, 4098 gen tokens, ctx 128": bk.ExpertSegments.uniform(4098, True),
              "i2i prefill, 40 text + 4098 image + 60 text, ctx 128": token_sets()["i2i prefill mixed"]}
     for cname, routing in cases.items():
@@ -54,10 +54,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             t_exact = bench_ms(lambda: ours(exact), graph=False)
             t_fast = bench_ms(lambda: ours(fast), graph=False)
         # time ratios: peer / ours is the speedup, so the row's ratio is ours / peer of the time (lower is better)
-        rows.append(row("MoT layer exact", cname, "ms", t_exact, "mask/scatter + cuDNN", peer))
-        rows.append(row("MoT layer fast", cname, "ms", t_fast, "mask/scatter + cuDNN", peer))
-        rows.append(row("peer mask/scatter + cuDNN", cname, "ms", peer))
-    return rows
+        yield row("MoT layer exact", cname, "ms", t_exact, "mask/scatter + cuDNN", peer)
+        yield row("MoT layer fast", cname, "ms", t_fast, "mask/scatter + cuDNN", peer)
+        yield row("peer mask/scatter + cuDNN", cname, "ms", peer)
 
 
 def main(argv: list[str] | None = None) -> None:

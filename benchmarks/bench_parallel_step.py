@@ -34,7 +34,7 @@ from parallel.denoise import ParallelStep
 from parallel.mesh import Mesh, init_distributed
 from parallel.sweep import configs_for
 
-from .common import add_output_args, emit, row
+from .common import add_output_args, emit, kernel_breakdown, row
 
 
 
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--e2e-steps", type=int, default=0,
                     help="also time one whole text-to-image request of this many timesteps per configuration "
                          "(denoise loop only: prefill and VAE decode are the same on every configuration)")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: also profile 3 steps of every configuration on every rank (kernel time by kind, GPU "
+                         "busy vs wall, communication not overlapped with compute); rank 0's rows go to the table")
     return add_output_args(ap)
 
 
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt_len = len(tok.encode_prompt(prompt))
     wanted = set(args.only.split(",")) if args.only else None
     rows, base = [], {}
+    profiling = args.profile and device.type == "cuda"
 
     def sync_time(fn) -> float:
         if device.type == "cuda":
@@ -126,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             base_s = _slowest(_timed(lambda: single(jobs, [x, x], [0.5, 0.5]), args.iters, args.warmup, device), device)
             base[side] = base_s
             r = dict(size=side, config="single", degrees="1", step_s=base_s, speedup=1.0, exact=True)
+            if profiling:
+                r["profile"] = kernel_breakdown(lambda: single(jobs, [x, x], [0.5, 0.5]))
             e2e_here = bool(args.e2e_steps) and side == args.size[0]  # whole requests at the first size only
             if e2e_here:
                 whole_request(single, contexts, side)  # warm: every layout of the loop captured once
@@ -148,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                     got = eng(pj, [x, x], [0.5, 0.5])
                     same = [tensor_md5(v) for v in got] == want
                     secs = _timed(lambda: eng(pj, [x, x], [0.5, 0.5]), args.iters, args.warmup, device)
+                    if profiling:
+                        r["profile"] = kernel_breakdown(lambda: eng(pj, [x, x], [0.5, 0.5]))
+                        print(f"[rank {rank}] {side}² {pc.name()}: {r['profile']}", flush=True)
                     if e2e_here:
                         whole_request(eng, ctx, side)
                         e2e, md5 = whole_request(eng, ctx, side)
@@ -181,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
              + [row(f"text2img request {r['config']} (denoise loop, {args.e2e_steps} timesteps)",
                     f"{label}, {r['size']}²", "s/image", r["e2e_s"], "" if r["config"] == "single" else "single device",
                     None if r["config"] == "single" else rows[0]["e2e_s"])
-                for r in rows if "e2e_s" in r and r["size"] == rows[0]["size"]], args)
+                for r in rows if "e2e_s" in r and r["size"] == rows[0]["size"]]
+             + [row(f"parallel step {r['config']} profile, rank 0", f"{label}, {r['size']}²", f"{kind} ms/step", ms)
+                for r in rows if "profile" in r for kind, ms in r["profile"].items()], args)
     bad = [r for r in rows if not r["exact"] and r.get("mode") == "exact"]
     dist.barrier()
     dist.destroy_process_group()

@@ -8,6 +8,7 @@ TFLOP/s = 2·M·N·K (× 2 parts for SwiGLU gate/up) / median time.
 from __future__ import annotations
 
 import argparse
+from typing import Iterator
 
 import torch
 
@@ -28,13 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     return add_output_args(p)
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace) -> Iterator[dict]:
     graph = not args.no_graph
     exact = bk.KernelOptions(backend=args.backend)
     fast = bk.KernelOptions(backend=args.backend, mode="fast")
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
-    rows = []
     for tname, routing in token_sets().items():
         m = routing.num_tokens
         ids = routing.expert_ids(dev)
@@ -51,10 +51,9 @@ def run(args: argparse.Namespace) -> list[dict]:
             ours = tf(bench_ms(lambda: bk.routed_linear(x, routing, w, activation=act, expert_ids=ids, options=exact),
                                graph))
             ours_fast = tf(bench_ms(lambda: bk.routed_linear(x, routing, w, activation=act, options=fast), graph))
-            rows.append(row(f"routed GEMM exact ({args.backend})", shape, "TFLOP/s", ours, "dense cuBLAS", dense))
-            rows.append(row("routed GEMM fast", shape, "TFLOP/s", ours_fast, "dense cuBLAS", dense))
-            rows += [row(f"peer {name}", shape, "TFLOP/s", val) for name, val in peers.items()]
-    return rows
+            yield row(f"routed GEMM exact ({args.backend})", shape, "TFLOP/s", ours, "dense cuBLAS", dense)
+            yield row("routed GEMM fast", shape, "TFLOP/s", ours_fast, "dense cuBLAS", dense)
+            yield from [row(f"peer {name}", shape, "TFLOP/s", val) for name, val in peers.items()]
 
 
 def main(argv: list[str] | None = None) -> None:

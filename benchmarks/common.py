@@ -11,6 +11,7 @@ import csv
 import datetime
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -70,16 +71,76 @@ def add_output_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def emit(rows: list[dict], args: argparse.Namespace) -> None:
+def emit(rows: Iterable[dict], args: argparse.Namespace) -> None:
+    """Print and append each row as it arrives (a generator's rows land one by one, so a run cut short by a
+    time limit keeps what it measured)."""
+    n = 0
     for r in rows:
         print(r, flush=True)
+        if not args.no_csv:
+            n += write_rows([r], args.csv)
     if not args.no_csv:
-        print(f"{write_rows(rows, args.csv)} rows -> {args.csv}")
+        print(f"{n} rows -> {args.csv}", flush=True)
 
 
 def require_cuda(what: str) -> None:
     if not torch.cuda.is_available():
         raise SystemExit(f"{what} runs on a CUDA GPU; none is visible")
+
+
+def _kind(name: str) -> str:
+    n = name.lower()
+    if "nccl" in n:
+        return "communication"
+    if "gemm" in n or "nvjet" in n or "cutlass" in n:
+        return "GEMM"
+    if "attn" in n or "flash" in n or "fmha" in n:
+        return "attention"
+    return "other"
+
+
+def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def kernel_breakdown(fn: Callable[[], object], iters: int = 3) -> dict[str, float]:
+    """Where ``fn``'s wall time goes on the GPU (profiler over ``iters`` calls after a synchronize), in ms per call:
+    kernel time by kind (GEMM, attention, communication = NCCL kernels, other), ``busy`` (time any kernel runs),
+    ``wall``, ``idle`` (wall - busy) and ``exposed_comm`` (time only communication kernels run: what overlap could
+    still hide). Kernels replayed from CUDA graphs are included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        w0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - w0) * 1e3
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0:
+            spans.setdefault(_kind(e.name), []).append((e.time_range.start / 1e3, e.time_range.end / 1e3))
+    return summarize_spans(spans, wall, iters)
+
+
+def summarize_spans(spans: dict[str, list[tuple[float, float]]], wall_ms: float, iters: int) -> dict[str, float]:
+    """``kernel_breakdown``'s arithmetic on kernel (start, end) spans in ms grouped by kind, per call."""
+    out = {k: sum(b - a for a, b in v) / iters for k, v in spans.items()}
+    busy = _union([s for v in spans.values() for s in v])
+    compute = _union([s for k, v in spans.items() if k != "communication" for s in v])
+    comm = _union(spans.get("communication", []))
+    hidden = sum(max(0.0, min(b, d) - max(a, c)) for a, b in comm for c, d in compute)
+    out.update(busy=sum(b - a for a, b in busy) / iters, wall=wall_ms / iters,
+               exposed_comm=(sum(b - a for a, b in comm) - hidden) / iters)
+    out["idle"] = out["wall"] - out["busy"]
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 def bench_ms(fn: Callable[[], object], graph: bool = True) -> float:

@@ -31,22 +31,33 @@ def kv_heads_for(q_range: tuple[int, int], group: int) -> tuple[int, int]:
     return h0 // group, (h1 - 1) // group + 1
 
 
-def _a2a(x_parts: list[torch.Tensor], out_shapes: list[tuple[int, ...]], group, what: str) -> list[torch.Tensor]:
-    send = torch.cat([p.contiguous().reshape(-1) for p in x_parts])
-    in_splits = [p.numel() for p in x_parts]
-    out_splits = [int(torch.Size(s).numel()) for s in out_shapes]
+def _a2a(parts: list[list[torch.Tensor]], out_shapes: list[list[tuple[int, ...]]], group, what: str
+         ) -> list[list[torch.Tensor]]:
+    """One all_to_all_single: ``parts[r]`` (several tensors) go to rank r; returns, per source rank, the tensors it
+    sent here, viewed in ``out_shapes[r]``."""
+    send = torch.cat([p.contiguous().reshape(-1) for ps in parts for p in ps])
+    in_splits = [sum(p.numel() for p in ps) for ps in parts]
+    sizes = [[int(torch.Size(s).numel()) for s in ss] for ss in out_shapes]
+    out_splits = [sum(ns) for ns in sizes]
     recv = send.new_empty(sum(out_splits))
     guarded(what, dist.all_to_all_single, recv, send, out_splits, in_splits, group=group)
-    return [r.view(s) for r, s in zip(recv.split(out_splits), out_shapes)]
+    got = []
+    for r, ns, ss in zip(recv.split(out_splits), sizes, out_shapes):
+        got.append([t.view(s) for t, s in zip(r.split(ns), ss)])
+    return got
 
 
-def scatter_heads(x: torch.Tensor, ranges: list[tuple[int, int]], me: int, group, what: str) -> torch.Tensor:
-    """(chunk, H, D) local rows, all heads -> (degree*chunk, my heads, D): rows of every rank, my head range."""
-    chunk, _, d = x.shape
-    parts = [x[:, a:b] for a, b in ranges]
-    a, b = ranges[me]
-    got = _a2a(parts, [(chunk, b - a, d)] * len(ranges), group, what)
-    return torch.cat(got, dim=0)
+def scatter_heads(xs: list[torch.Tensor], ranges: list[list[tuple[int, int]]], me: int, group, what: str
+                  ) -> list[torch.Tensor]:
+    """Sequence -> heads for several tensors in ONE all-to-all (q, k and v of a layer pay one collective's latency,
+    not three): each (chunk, H_i, D) of local rows, all heads -> (degree*chunk, my heads of ``ranges[i]``, D): rows
+    of every rank, in rank order. Pure data movement: the values, hence every bit downstream, are those of three
+    separate exchanges."""
+    deg = len(ranges[0])
+    parts = [[x[:, r[dst][0]:r[dst][1]] for x, r in zip(xs, ranges)] for dst in range(deg)]
+    shapes = [[(x.shape[0], r[me][1] - r[me][0], x.shape[2]) for x, r in zip(xs, ranges)]] * deg
+    got = _a2a(parts, shapes, group, what)
+    return [torch.cat([g[i] for g in got], dim=0) for i in range(len(xs))]
 
 
 def gather_heads(y: torch.Tensor, ranges: list[tuple[int, int]], me: int, group, what: str) -> torch.Tensor:
@@ -54,6 +65,6 @@ def gather_heads(y: torch.Tensor, ranges: list[tuple[int, int]], me: int, group,
     n, _, d = y.shape
     deg = len(ranges)
     chunk = n // deg
-    parts = [y[i * chunk:(i + 1) * chunk] for i in range(deg)]
-    got = _a2a(parts, [(chunk, b - a, d) for a, b in ranges], group, what)
-    return torch.cat(got, dim=1)
+    parts = [[y[i * chunk:(i + 1) * chunk]] for i in range(deg)]
+    got = _a2a(parts, [[(chunk, b - a, d)] for a, b in ranges], group, what)
+    return torch.cat([g[0] for g in got], dim=1)
