@@ -96,6 +96,70 @@ def test_cfg_job_assignment():
     assert assign_jobs(1, 3) == [[0]] * 3  # outside the CFG interval every rank computes the one job
 
 
+def test_head_groups_split_whole_gqa_groups_only():
+    from parallel.ulysses import head_groups
+
+    # BAGEL-7B under Ulysses 2: 14 query heads and 2 KV heads per rank -> two groups of 7 + 1
+    assert head_groups((14, 28), (2, 4), 7, 2) == [((14, 21), (2, 3)), ((21, 28), (3, 4))]
+    assert head_groups((0, 7), (0, 1), 7, 2) is None  # Ulysses 4: one KV head per rank
+    assert head_groups((10, 19), (1, 3), 7, 2) is None  # Ulysses 3: query heads straddle KV heads
+    assert head_groups((0, 14), (0, 2), 7, 1) is None  # one group is no pipeline
+
+
+def _ulysses_overlap(rank, store_path, q):
+    import torch
+    import torch.distributed as dist
+
+    from bagel_kernels import token_alignment
+    from bagel_model.config import BagelConfig
+    from bagel_model.denoise_step import GenJob, PackedStep
+    from bagel_model.generation import tensor_md5, text_to_image_contexts
+    from bagel_model.model import BagelModel
+    from bagel_model.tokenizer import BagelTokenizer
+    from parallel.denoise import ParallelStep
+    from parallel.mesh import Mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    cfg = BagelConfig.preset("tiny")
+    cfg.llm.num_attention_heads, cfg.llm.num_key_value_heads = 8, 4  # 4 query + 2 KV heads per rank: 2 groups
+    model, tok = BagelModel.random(cfg, seed=0), BagelTokenizer.from_directory(None)
+    model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
+    ctx = text_to_image_contexts(model, tok, "a red cube")
+    grid = cfg.check_image_size(80, 48)
+    x = torch.randn(grid[0] * grid[1], cfg.patch_latent_dim, generator=torch.Generator().manual_seed(0))
+    jobs = [GenJob(grid, ctx["full"]), GenJob(grid, ctx["text"])]
+    align = token_alignment(torch.device("cpu"), model.kernels)
+    with torch.no_grad():
+        want = [tensor_md5(v) for v in PackedStep(model, align)(jobs, [x, x], [0.5, 0.3])]
+        mesh = Mesh.build(ParallelConfig(ulysses=2), cfg.num_heads)
+        out = {}
+        for overlap in (True, False):
+            eng = ParallelStep(model, mesh, align, overlap_ulysses=overlap)
+            got = [tensor_md5(v) for v in eng(jobs, [x, x], [0.5, 0.3])]
+            out[overlap] = (eng._entry(jobs).attention.pipelined, got == want)
+    q.put((rank, out))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ulysses_overlapped_by_head_groups_keeps_every_bit(tmp_path):
+    """Ulysses 2 with two head groups per rank pipelines its all-to-alls (on CUDA against attention on a side
+    stream; here in the same order, one after another): the velocities equal one device's, as without it."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_ulysses_overlap, args=(r, str(tmp_path / "store"), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=300) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    for rank in (0, 1):
+        assert got[rank] == {True: (True, True), False: (False, True)}, got
+
+
 def _peer_dies(rank, store_path, q):
     import datetime
 
