@@ -75,9 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--e2e-steps", type=int, default=0,
                     help="also time one whole text-to-image request of this many timesteps per configuration "
                          "(denoise loop only: prefill and VAE decode are the same on every configuration)")
-    ap.add_argument("--sequential-too", action="store_true",
-                    help="also time each pure-Ulysses configuration with its all-to-alls not overlapped (the "
-                         "'-sequential-a2a' rows): the overlap's gain measured in the same run")
     ap.add_argument("--profile", action="store_true",
                     help="CUDA: also profile 3 steps of every configuration on every rank (kernel time by kind, GPU "
                          "busy vs wall, communication not overlapped with compute); rank 0's rows go to the table")
@@ -149,38 +146,34 @@ def main(argv: list[str] | None = None) -> int:
                                          {"full": prompt_len, "text": 0, "img": prompt_len},
                                          (cfg.num_kv_heads, cfg.head_dim), dtype, device)
                 ctx["img"] = ctx["full"]
-                variants = [(pc.name(), True)]
-                if args.sequential_too and pc.ulysses > 1 and pc.ring == 1:
-                    variants.append((f"{pc.name()}-sequential-a2a", False))
-                for name, overlap in variants:
-                    r = dict(size=side, config=name, degrees=f"u{pc.ulysses} r{pc.ring} c{pc.cfg}",
-                             mode=pc.ring_mode if pc.ring > 1 else "exact")
-                    if mesh.active:
-                        eng = ParallelStep(model, mesh, align, overlap_ulysses=overlap)
-                        pj = [GenJob(grid, ctx["full"]), GenJob(grid, ctx["text"])]
-                        got = eng(pj, [x, x], [0.5, 0.5])
-                        same = [tensor_md5(v) for v in got] == want
-                        secs = _timed(lambda: eng(pj, [x, x], [0.5, 0.5]), args.iters, args.warmup, device)
-                        if profiling:
-                            r["profile"] = kernel_breakdown(lambda: eng(pj, [x, x], [0.5, 0.5]))
-                            print(f"[rank {rank}] {side}² {name}: {r['profile']}", flush=True)
-                        if e2e_here:
-                            whole_request(eng, ctx, side)
-                            e2e, md5 = whole_request(eng, ctx, side)
-                            same = same and (md5 == base_md5 or r["mode"] == "fast")
-                            r["e2e_s"] = e2e
-                        del eng
-                    else:  # an idle rank (CFG 3 on 4 ranks) reports zero
-                        same, secs = True, 0.0
-                        if e2e_here:
-                            r["e2e_s"] = 0.0
-                    step_s = _slowest(secs, device)
+                r = dict(size=side, config=pc.name(), degrees=f"u{pc.ulysses} r{pc.ring} c{pc.cfg}",
+                         mode=pc.ring_mode if pc.ring > 1 else "exact")
+                if mesh.active:
+                    eng = ParallelStep(model, mesh, align)
+                    pj = [GenJob(grid, ctx["full"]), GenJob(grid, ctx["text"])]
+                    got = eng(pj, [x, x], [0.5, 0.5])
+                    same = [tensor_md5(v) for v in got] == want
+                    secs = _timed(lambda: eng(pj, [x, x], [0.5, 0.5]), args.iters, args.warmup, device)
+                    if profiling:
+                        r["profile"] = kernel_breakdown(lambda: eng(pj, [x, x], [0.5, 0.5]))
+                        print(f"[rank {rank}] {side}² {pc.name()}: {r['profile']}", flush=True)
                     if e2e_here:
-                        r["e2e_s"] = _slowest(r["e2e_s"], device)
-                    ok = torch.tensor([int(same)], device=device)
-                    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-                    r.update(step_s=step_s, speedup=base_s / step_s, exact=bool(ok.item()))
-                    rows.append(r)
+                        whole_request(eng, ctx, side)
+                        e2e, md5 = whole_request(eng, ctx, side)
+                        same = same and (md5 == base_md5 or r["mode"] == "fast")
+                        r["e2e_s"] = e2e
+                    del eng
+                else:  # an idle rank (CFG 3 on 4 ranks) reports zero
+                    same, secs = True, 0.0
+                    if e2e_here:
+                        r["e2e_s"] = 0.0
+                step_s = _slowest(secs, device)
+                if e2e_here:
+                    r["e2e_s"] = _slowest(r["e2e_s"], device)
+                ok = torch.tensor([int(same)], device=device)
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+                r.update(step_s=step_s, speedup=base_s / step_s, exact=bool(ok.item()))
+                rows.append(r)
     if rank == 0:
         print(f"\nparallel step benchmark: preset {cfg.name} ({cfg.num_layers} layers), world {world}, "
               f"device {device.type} {torch.cuda.get_device_name() if device.type == 'cuda' else ''}")

@@ -61,21 +61,32 @@ def mask_scatter_linear(x: torch.Tensor, gen_mask: torch.Tensor, w_und: torch.Te
     return out
 
 
-def projection_peers(x: torch.Tensor, gen_mask: torch.Tensor, w: torch.Tensor, swiglu: bool, graph: bool
+def projection_peers(x: torch.Tensor, gen_mask: torch.Tensor, w: torch.Tensor, swiglu: bool, graph: bool,
+                     bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
                      ) -> dict[str, Callable[[], torch.Tensor]]:
-    """Peers of the routed projection of x with stacked weights w (2, P, N, K): "dense cuBLAS" (ONE GEMM over all
-    rows with the generation weight: what routing would cost if it cost nothing), and unless timed by graph replay
+    """Peers of the routed projection of x with stacked weights w (2, P, N, K) and the model's epilogue (``bias``
+    (2, P, N) or ``residual`` (M, N)): "dense cuBLAS" (ONE GEMM over all rows with the generation weight, its bias
+    or residual in cuBLAS's epilogue: what routing would cost if it cost nothing), and unless timed by graph replay
     (they synchronize) "mask/scatter" and its ``torch.compile``."""
     e, p, n, k = w.shape
     dense_w = w[1].reshape(p * n, k)
-    peers: dict[str, Callable[[], torch.Tensor]] = {"dense cuBLAS": lambda: F.linear(x, dense_w)}
+    dense_b = None if bias is None else bias[1].reshape(p * n)
+    if residual is not None:
+        def dense():
+            return torch.addmm(residual, x, dense_w.t())  # beta = 1: the residual in the GEMM's epilogue
+    else:
+        def dense():
+            return F.linear(x, dense_w, dense_b)
+    peers: dict[str, Callable[[], torch.Tensor]] = {"dense cuBLAS": dense}
+    b_und, b_gen = (None, None) if bias is None else (bias[0].reshape(p * n), bias[1].reshape(p * n))
     if swiglu:
         def ref():
-            gu = mask_scatter_linear(x, gen_mask, w[0].reshape(p * n, k), w[1].reshape(p * n, k))
+            gu = mask_scatter_linear(x, gen_mask, w[0].reshape(p * n, k), w[1].reshape(p * n, k), b_und, b_gen)
             return F.silu(gu[:, :n]) * gu[:, n:]
     else:
         def ref():
-            return mask_scatter_linear(x, gen_mask, w[0, 0], w[1, 0])
+            y = mask_scatter_linear(x, gen_mask, w[0, 0], w[1, 0], b_und, b_gen)
+            return y if residual is None else residual + y
     if not graph:
         peers["mask/scatter"] = ref
         try:

@@ -13,6 +13,9 @@ PROJECTIONS = [  # name, N, K, swiglu
     ("gate_up", INTER, H, True),
     ("down", H, INTER, False),
 ]
+# What each projection's epilogue adds in the model (bagel_model.layers): qkv its bias, o_proj and down the residual
+# stream; gate_up its SwiGLU (the swiglu flag above).
+EPILOGUE = {"qkv": "bias", "o_proj": "residual", "gate_up": None, "down": "residual"}
 
 
 def token_sets() -> dict[str, bk.ExpertSegments]:

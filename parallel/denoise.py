@@ -30,19 +30,15 @@ def assign_jobs(n_jobs: int, cfg_degree: int) -> list[list[int]]:
 class ParallelStep(PackedEngine):
     """Packed step over ``mesh`` (every rank of the world calls it with the same jobs, in the same order).
     ``use_graph`` (default: on CUDA) records each job layout's forward — collectives included (NCCL) — in a CUDA
-    graph on its second run and replays it, as the single-device engine does. ``overlap_ulysses``: overlap pure
-    Ulysses' all-to-alls with attention by head groups (``parallel.usp``; the same bits either way)."""
+    graph on its second run and replays it, as the single-device engine does."""
 
-    def __init__(self, model: BagelModel, mesh: Mesh, align: int, use_graph: bool | None = None,
-                 overlap_ulysses: bool = True):
+    def __init__(self, model: BagelModel, mesh: Mesh, align: int, use_graph: bool | None = None):
         super().__init__(model, align, mesh.config.sp, use_graph)
         self.mesh = mesh
-        self.overlap_ulysses = overlap_ulysses
 
     def _attention(self, layout: PackedLayout, ctx: PackedContext):
         m = self.model
-        return sp_attention(self.mesh, layout, ctx, m.cfg.num_heads, m.cfg.num_kv_heads, options=m.kernels,
-                            overlap=self.overlap_ulysses)
+        return sp_attention(self.mesh, layout, ctx, m.cfg.num_heads, m.cfg.num_kv_heads, options=m.kernels)
 
     def _run_group(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
         e = self._entry(jobs)

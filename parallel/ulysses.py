@@ -60,10 +60,10 @@ def scatter_heads(xs: list[torch.Tensor], ranges: list[list[tuple[int, int]]], m
     return [torch.cat([g[i] for g in got], dim=0) for i in range(len(xs))]
 
 
-def exchange_heads_back(y: torch.Tensor, ranges: list[tuple[int, int]], group, what: str) -> list[torch.Tensor]:
-    """The attention output's all-to-all: (degree*chunk, my heads, D), rows in rank order -> per source rank, its
-    heads ``ranges[src]`` of my chunk of rows, (chunk, heads of src, D). ``y``'s row blocks already are the
-    per-destination parts, so it is sent as it is (no packing copy)."""
+def gather_heads(y: torch.Tensor, ranges: list[tuple[int, int]], me: int, group, what: str) -> torch.Tensor:
+    """Inverse of scatter_heads for the attention output: (degree*chunk, my heads, D), rows in rank order ->
+    (chunk, all heads, D). ``y``'s row blocks already are the per-destination parts, so it is sent as it is (no
+    packing copy); the received heads are interleaved per row by one cat."""
     n, _, d = y.shape
     deg = len(ranges)
     chunk = n // deg
@@ -71,23 +71,4 @@ def exchange_heads_back(y: torch.Tensor, ranges: list[tuple[int, int]], group, w
     out_splits = [chunk * (b - a) * d for a, b in ranges]
     recv = y.new_empty(sum(out_splits))
     guarded(what, dist.all_to_all_single, recv, y.reshape(-1), out_splits, [y.numel() // deg] * deg, group=group)
-    return [r.view(chunk, b - a, d) for r, (a, b) in zip(recv.split(out_splits), ranges)]
-
-
-def gather_heads(y: torch.Tensor, ranges: list[tuple[int, int]], me: int, group, what: str) -> torch.Tensor:
-    """Inverse of scatter_heads for the attention output: (degree*chunk, my heads, D) -> (chunk, all heads, D)."""
-    return torch.cat(exchange_heads_back(y, ranges, group, what), dim=1)
-
-
-def head_groups(q_range: tuple[int, int], kv_range: tuple[int, int], gqa_group: int, parts: int
-                ) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
-    """Split a rank's heads into ``parts`` (query heads, KV heads) groups that share no KV head, or None when the
-    rank's query heads are not whole GQA groups of its KV heads (degree 3 over 28 heads) or the KV heads do not
-    divide evenly (degree 4 over 4 KV heads leaves one per rank)."""
-    (h0, h1), (k0, k1) = q_range, kv_range
-    nkv = k1 - k0
-    if parts < 2 or nkv % parts or h0 != k0 * gqa_group or h1 != k1 * gqa_group:
-        return None
-    step = nkv // parts
-    return [((h0 + i * step * gqa_group, h0 + (i + 1) * step * gqa_group), (k0 + i * step, k0 + (i + 1) * step))
-            for i in range(parts)]
+    return torch.cat([r.view(chunk, b - a, d) for r, (a, b) in zip(recv.split(out_splits), ranges)], dim=1)
