@@ -1,8 +1,9 @@
 """The packed step on a mesh: ``ParallelStep`` is the ``StepEngine`` of ``bagel_model.denoise.denoise_batch`` for
 any ``ParallelConfig``.
 
-The jobs of a step (distinct CFG branches of every request) go round-robin to the CFG ranks (one job: every rank runs
-it, no communication); each CFG group runs its jobs as ONE packed forward split over its sequence-parallel ranks
+The jobs of a step (distinct CFG branches of every request) go round-robin to the CFG ranks; a step with one job (a
+text2img step outside the CFG interval) runs on ``Mesh.solo``, where the CFG ranks join the sequence split. Each CFG
+group runs its jobs as ONE packed forward split over its sequence-parallel ranks
 (``bagel_model.packed``: padding only at the global tail), all_gathers the velocity rows over SP (~1 MB per job at
 1024²), and one all_gather over the CFG group hands every rank every job's velocity. The latents stay replicated:
 every rank runs the same CFG combine and Euler update on the full tensors — no broadcast inside the loop.
@@ -35,6 +36,7 @@ class ParallelStep(PackedEngine):
     def __init__(self, model: BagelModel, mesh: Mesh, align: int, use_graph: bool | None = None):
         super().__init__(model, align, mesh.config.sp, use_graph)
         self.mesh = mesh
+        self._solo: ParallelStep | None = None
 
     def _attention(self, layout: PackedLayout, ctx: PackedContext):
         m = self.model
@@ -59,6 +61,13 @@ class ParallelStep(PackedEngine):
     def __call__(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
         check_jobs(jobs, xs, ts)
         mesh, cdeg = self.mesh, self.mesh.config.cfg
+        if len(jobs) == 1 and mesh.solo is not None:
+            if self._solo is None:
+                self._solo = ParallelStep(self.model, mesh.solo, self.align, self.graphs.enabled)
+                self._solo.graphs = self.graphs  # one graph pool: the two engines' graphs never run at once
+            self.forwards += 1
+            self.jobs_run += 1
+            return self._solo(jobs, xs, ts)
         plan = assign_jobs(len(jobs), cdeg)
         mine = plan[mesh.cfg_idx]
         got = self._run_group([jobs[i] for i in mine], [xs[i] for i in mine], [ts[i] for i in mine]) if mine else []

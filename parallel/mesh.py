@@ -94,6 +94,9 @@ class Mesh:
     sp_ranks: list[int]
     ring_ranks: list[int]
     cfg_ranks: list[int]
+    # CFG-parallel only: the mesh a step with a single job runs on (outside the CFG interval a text2img step has one
+    # job; rather than every CFG rank computing all of it, the CFG ranks join its sequence split). None otherwise.
+    solo: "Mesh | None" = None
 
     @property
     def active(self) -> bool:
@@ -102,6 +105,20 @@ class Mesh:
     @property
     def sp_rank(self) -> int:
         return self.ring_idx * self.config.ulysses + self.uly_idx
+
+    @staticmethod
+    def solo_config(c: ParallelConfig, num_heads: int | None = None) -> ParallelConfig | None:
+        """The configuration of a single-job step under CFG-parallel ``c``: with no ring, Ulysses across the CFG
+        ranks too (ulysses x cfg; global ranks keep their order); with a ring, the ring grows by the CFG degree.
+        Every exact configuration reproduces one device bit for bit, so this changes no output. None without
+        CFG-parallel, or when the heads cannot be split that far."""
+        if c.cfg == 1:
+            return None
+        if c.ring == 1:
+            solo = ParallelConfig(ulysses=c.ulysses * c.cfg)
+        else:
+            solo = ParallelConfig(ulysses=c.ulysses, ring=c.ring * c.cfg, ring_mode=c.ring_mode)
+        return None if num_heads is not None and solo.ulysses > num_heads else solo
 
     @staticmethod
     def build(config: ParallelConfig, num_heads: int | None = None) -> "Mesh":
@@ -135,10 +152,12 @@ class Mesh:
                 grp = new_group(ranks)
                 if rank in ranks:
                     mine["cfg"], mine["cfg_ranks"] = grp, ranks
+        sc = Mesh.solo_config(c, num_heads)
+        solo = Mesh.build(sc, num_heads) if sc is not None else None  # every rank builds it: new groups
         if rank >= c.size:
-            return Mesh(c, rank, world, -1, -1, -1, None, None, None, None, [], [], [])
+            return Mesh(c, rank, world, -1, -1, -1, None, None, None, None, [], [], [], solo)
         ui = rank % U
         ri = (rank // U) % R
         ci = rank // (U * R)
         return Mesh(c, rank, world, ci, ri, ui, mine["sp"], mine["uly"], mine["ring"], mine["cfg"],
-                    mine["sp_ranks"], mine["ring_ranks"], mine["cfg_ranks"])
+                    mine["sp_ranks"], mine["ring_ranks"], mine["cfg_ranks"], solo)

@@ -96,6 +96,66 @@ def test_cfg_job_assignment():
     assert assign_jobs(1, 3) == [[0]] * 3  # outside the CFG interval every rank computes the one job
 
 
+def _single_job_steps(rank, world, store_path, config, q):
+    import torch
+    import torch.distributed as dist
+
+    from bagel_kernels import token_alignment
+    from bagel_model.config import BagelConfig
+    from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise_batch
+    from bagel_model.denoise_step import PackedStep
+    from bagel_model.generation import tensor_md5, text_to_image_contexts
+    from bagel_model.model import BagelModel
+    from bagel_model.tokenizer import BagelTokenizer
+    from parallel.denoise import ParallelStep
+    from parallel.mesh import Mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world)
+    cfg = BagelConfig.preset("tiny")
+    model, tok = BagelModel.random(cfg, seed=0), BagelTokenizer.from_directory(None)
+    model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
+    ctx = text_to_image_contexts(model, tok, "a red cube")
+    # 6 steps, CFG only above t = 0.6: the last steps have one job each
+    params = SamplingParams(steps=6, seed=3, height=48, width=80, cfg_interval=(0.6, 1.0))
+    align = token_alignment(torch.device("cpu"), model.kernels)
+    mesh = Mesh.build(config, cfg.num_heads)
+    with torch.no_grad():
+        want = tensor_md5(denoise_batch([DenoiseRequest.start(cfg, params, ctx, "cpu")], PackedStep(model, align),
+                                        progress=False)[0])
+        got, solo = None, 0
+        if mesh.active:
+            eng = ParallelStep(model, mesh, align)
+            got = tensor_md5(denoise_batch([DenoiseRequest.start(cfg, params, ctx, "cpu")], eng, progress=False)[0])
+            solo = eng._solo.forwards if eng._solo is not None else 0
+    q.put((rank, mesh.active, got == want, solo, mesh.solo.config.name() if mesh.solo else None))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,config,solo_name", [
+    (2, ParallelConfig(cfg=2), "ulysses2"),
+    (3, ParallelConfig(cfg=3), "ulysses3"),
+    (4, ParallelConfig(ring=2, cfg=2), "ring4-exact"),
+])
+def test_cfg_parallel_splits_single_job_steps_over_every_rank(world, config, solo_name, tmp_path):
+    """Outside the CFG interval a text2img step has one job: under CFG-parallel the CFG ranks join its sequence
+    split (``Mesh.solo``) instead of each computing all of it, and the request's latent stays one device's, bitwise."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_single_job_steps, args=(r, world, str(tmp_path / "store"), config, q))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    got = [q.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    for rank, active, same, solo, name in got:
+        assert active and same and solo > 0 and name == solo_name, got
+
+
 def _peer_dies(rank, store_path, q):
     import datetime
 
