@@ -32,32 +32,48 @@ def kv_heads_for(q_range: tuple[int, int], group: int) -> tuple[int, int]:
 
 
 def _a2a(parts: list[list[torch.Tensor]], out_shapes: list[list[tuple[int, ...]]], group, what: str
-         ) -> list[list[torch.Tensor]]:
-    """One all_to_all_single: ``parts[r]`` (several tensors) go to rank r; returns, per source rank, the tensors it
-    sent here, viewed in ``out_shapes[r]``."""
-    send = torch.cat([p.contiguous().reshape(-1) for ps in parts for p in ps])
+         ) -> torch.Tensor:
+    """One all_to_all_single: ``parts[r]`` (several tensors) go to rank r, each copied once straight into its
+    region of the send buffer (no contiguous() + cat double copy). Returns the receive buffer: per source rank r,
+    the tensors of ``out_shapes[r]`` back to back."""
     in_splits = [sum(p.numel() for p in ps) for ps in parts]
-    sizes = [[int(torch.Size(s).numel()) for s in ss] for ss in out_shapes]
-    out_splits = [sum(ns) for ns in sizes]
+    send = parts[0][0].new_empty(sum(in_splits))
+    o = 0
+    for ps in parts:
+        for p in ps:
+            send[o:o + p.numel()].view(p.shape).copy_(p)
+            o += p.numel()
+    out_splits = [sum(int(torch.Size(s).numel()) for s in ss) for ss in out_shapes]
     recv = send.new_empty(sum(out_splits))
     guarded(what, dist.all_to_all_single, recv, send, out_splits, in_splits, group=group)
-    got = []
-    for r, ns, ss in zip(recv.split(out_splits), sizes, out_shapes):
-        got.append([t.view(s) for t, s in zip(r.split(ns), ss)])
-    return got
+    return recv
 
 
 def scatter_heads(xs: list[torch.Tensor], ranges: list[list[tuple[int, int]]], me: int, group, what: str
                   ) -> list[torch.Tensor]:
-    """Sequence -> heads for several tensors in ONE all-to-all (q, k and v of a layer pay one collective's latency,
-    not three): each (chunk, H_i, D) of local rows, all heads -> (degree*chunk, my heads of ``ranges[i]``, D): rows
-    of every rank, in rank order. Pure data movement: the values, hence every bit downstream, are those of three
-    separate exchanges."""
+    """Sequence -> heads: each (chunk, H_i, D) of local rows, all heads -> (degree*chunk, my heads of
+    ``ranges[i]``, D): rows of every rank, in rank order. The first tensor (q, the large one) has an exchange of its
+    own, whose receive buffer already is that layout (no unpacking copy); the others (k and v) share one exchange
+    and are unpacked. Pure data movement: the values, hence every bit downstream, are the inputs'."""
     deg = len(ranges[0])
-    parts = [[x[:, r[dst][0]:r[dst][1]] for x, r in zip(xs, ranges)] for dst in range(deg)]
-    shapes = [[(x.shape[0], r[me][1] - r[me][0], x.shape[2]) for x, r in zip(xs, ranges)]] * deg
-    got = _a2a(parts, shapes, group, what)
-    return [torch.cat([g[i] for g in got], dim=0) for i in range(len(xs))]
+    chunk, d = xs[0].shape[0], xs[0].shape[2]
+
+    def exchange(ts, rs):
+        parts = [[x[:, r[dst][0]:r[dst][1]] for x, r in zip(ts, rs)] for dst in range(deg)]
+        shapes = [[(chunk, r[me][1] - r[me][0], d) for r in rs]] * deg
+        return _a2a(parts, shapes, group, what), [r[me][1] - r[me][0] for r in rs]
+
+    recv, (hq,) = exchange(xs[:1], ranges[:1])
+    out = [recv.view(deg * chunk, hq, d)]
+    if len(xs) > 1:
+        recv, heads = exchange(xs[1:], ranges[1:])
+        per_src = recv.view(deg, -1)
+        o = 0
+        for h in heads:
+            n = chunk * h * d
+            out.append(per_src[:, o:o + n].reshape(deg * chunk, h, d))
+            o += n
+    return out
 
 
 def gather_heads(y: torch.Tensor, ranges: list[tuple[int, int]], me: int, group, what: str) -> torch.Tensor:
