@@ -21,8 +21,8 @@ from .packed import PackedAttention, PackedContext, PackedLayout, device_values,
 
 @dataclass(frozen=True, eq=False)
 class GenJob:
-    """One branch-forward: a latent grid attending one frozen context. Made once per (request, distinct context),
-    so its identity keys the engine's per-layout caches."""
+    """One branch-forward: a latent grid attending one frozen context. Made once per (request, distinct context):
+    the engine copies a layout's contexts into its own buffers when the context objects change."""
 
     grid: tuple[int, int]
     context: BranchContext
@@ -36,11 +36,14 @@ class StepEngine(Protocol):
 
 @dataclass
 class StepEntry:
-    """Everything one job layout needs, built on its first step and kept while the layout recurs."""
+    """Everything one job layout needs, built on its first step and kept while the layout recurs -- across
+    requests too: ``ctx`` holds the jobs' contexts in the entry's own buffers (what the attention and a captured
+    graph read), refilled in place when jobs of the same shapes but other contexts arrive."""
 
-    jobs: list[GenJob]  # held so that the ids in the key stay these objects'
+    jobs: list[GenJob]  # the jobs whose contexts ``ctx`` holds (held: their ids stay theirs)
     layout: PackedLayout
     ropes: tuple[int, ...]
+    ctx: PackedContext
     attention: object
     cache: dict = field(default_factory=dict)
     runs: int = 0
@@ -51,7 +54,13 @@ class StepEntry:
 
 
 def layout_key(jobs: list[GenJob]) -> tuple:
-    return tuple((j.grid, id(j.context)) for j in jobs)
+    """What a layout's forward depends on besides its inputs and its contexts' values: the jobs' grids, context
+    lengths and RoPE positions (their order included)."""
+    return tuple((j.grid, j.context.length, j.context.rope_position) for j in jobs)
+
+
+def _owners(jobs: list[GenJob]) -> tuple[int, ...]:
+    return tuple(id(j.context) for j in jobs)
 
 
 def split_rows(rows: torch.Tensor, layout: PackedLayout) -> list[torch.Tensor]:
@@ -111,8 +120,11 @@ class PackedEngine:
     first step and kept while it recurs, and the graph runner. ``degree``: the sequence-parallel split of a
     forward; subclasses give the attention that suits it."""
 
-    def __init__(self, model: BagelModel, align: int, degree: int, use_graph: bool | None = None):
-        self.model, self.align, self.degree = model, align, degree
+    def __init__(self, model: BagelModel, align: int, degree: int, use_graph: bool | None = None,
+                 max_layouts: int = 8):
+        if max_layouts < 1:
+            raise ValueError(f"max_layouts must be >= 1, got {max_layouts}")
+        self.model, self.align, self.degree, self.max_layouts = model, align, degree, max_layouts
         use_graph = model.device.type == "cuda" if use_graph is None else use_graph
         if use_graph and model.device.type != "cuda":
             raise ValueError("CUDA-graph replay needs a CUDA model")
@@ -120,6 +132,7 @@ class PackedEngine:
         self._entries: dict[tuple, StepEntry] = {}
         self.forwards = 0  # packed forwards run (eager or replayed)
         self.jobs_run = 0  # branch-forwards they contained
+        self.refills = 0  # layouts reused with other contexts copied in (a later request of the same shapes)
 
     @property
     def use_graph(self) -> bool:
@@ -130,14 +143,30 @@ class PackedEngine:
 
     def _entry(self, jobs: list[GenJob]) -> StepEntry:
         key = layout_key(jobs)
-        e = self._entries.get(key)
+        e = self._entries.pop(key, None)
         if e is None:
+            while len(self._entries) >= self.max_layouts:  # a long-lived engine keeps the latest layouts only
+                self._entries.pop(next(iter(self._entries)))
             layout = PackedLayout(tuple(j.grid for j in jobs), self.degree, self.align)
-            ctx = packed_context([j.context.kv for j in jobs], [j.context.length for j in jobs],
-                                 self.model.cfg.num_layers)
-            e = self._entries[key] = StepEntry(list(jobs), layout, tuple(j.context.rope_position for j in jobs),
-                                               self._attention(layout, ctx))
+            ctx = self._packed(jobs)
+            e = StepEntry(list(jobs), layout, tuple(j.context.rope_position for j in jobs), ctx,
+                          self._attention(layout, ctx))
+        elif _owners(e.jobs) != _owners(jobs):
+            # Same shapes, other contexts (the next request): copy them into the entry's buffers, so its caches and
+            # its CUDA graph serve again. The forward then reads these values, so its bits are a fresh entry's.
+            new = self._packed(jobs)
+            for mine, theirs in zip(e.ctx.layers, new.layers):
+                if mine is not None:
+                    mine[0].copy_(theirs[0])
+                    mine[1].copy_(theirs[1])
+            e.jobs = list(jobs)
+            self.refills += 1
+        self._entries[key] = e  # most recently used last
         return e
+
+    def _packed(self, jobs: list[GenJob]) -> PackedContext:
+        return packed_context([j.context.kv for j in jobs], [j.context.length for j in jobs],
+                              self.model.cfg.num_layers)
 
     def reset(self) -> None:
         """Drop every cached layout (and its graph); call between unrelated batches to free memory."""
@@ -145,11 +174,14 @@ class PackedEngine:
 
 
 class PackedStep(PackedEngine):
-    """Single-device engine. ``use_graph`` (default: on CUDA) replays each recurring job layout from a CUDA graph."""
+    """Single-device engine. ``use_graph`` (default: on CUDA) replays each recurring job layout from a CUDA graph;
+    ``max_layouts``: how many job layouts (with their graphs) a long-lived engine keeps, the least recently used
+    dropped first."""
 
-    def __init__(self, model: BagelModel, align: int | None = None, use_graph: bool | None = None):
+    def __init__(self, model: BagelModel, align: int | None = None, use_graph: bool | None = None,
+                 max_layouts: int = 8):
         super().__init__(model, align if align is not None else token_alignment(model.device, model.kernels), 1,
-                         use_graph)
+                         use_graph, max_layouts)
 
     def _attention(self, layout: PackedLayout, ctx: PackedContext) -> PackedAttention:
         return PackedAttention(layout, ctx, (0, layout.split.padded), options=self.model.kernels)

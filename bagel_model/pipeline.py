@@ -160,6 +160,7 @@ class BagelPipeline:
     def __init__(self, model: BagelModel, tokenizer: BagelTokenizer):
         self.model, self.tokenizer = model, tokenizer
         self._progress = True
+        self._engine: PackedStep | None = None
         model.set_marker_ids(tokenizer.special["start_of_image"], tokenizer.special["end_of_image"])
 
     # ---- loading, saving, placement -----------------------------------------------------------------------------
@@ -241,7 +242,18 @@ class BagelPipeline:
         # first use, on the new device)
         self.model.set_marker_ids(self.tokenizer.special["start_of_image"], self.tokenizer.special["end_of_image"])
         m.__dict__.pop("_pos_cache", None)
+        self._engine = None  # its buffers and graphs live on the old device / dtype
         return self
+
+    def step_engine(self) -> PackedStep:
+        """The denoise step engine every call of this pipeline uses unless given one: kept across calls, so a
+        request whose job layouts (image sizes, context lengths) ran before replays their CUDA graphs at once
+        instead of running eagerly and recording them again (the latest 8 layouts are kept;
+        ``step_engine().reset()`` frees them). Its contexts are copied into the engine's buffers, so the bits are
+        those of a fresh engine."""
+        if self._engine is None:
+            self._engine = PackedStep(self.model)
+        return self._engine
 
     def set_progress_bar_config(self, disable: bool = False) -> None:
         """diffusers' switch for the denoising progress bar (shown by default)."""
@@ -409,6 +421,7 @@ class BagelPipeline:
         r1s: list = [None] * len(reqs)
         if img:
             hook = None if on_step is None else (lambda j, k, t, x: on_step(img[j], k, t, x))
+            engine = engine if engine is not None else self.step_engine()
             outs = run_stage1_batch(self.model, [r0s[i].payload for i in img], [r0s[i].contexts for i in img],
                                     kv_layout, progress=progress, engine=engine, on_step=hook)
             for i, o in zip(img, outs):
@@ -428,7 +441,6 @@ class BagelPipeline:
                                            token_alignment(self.model.device, self.model.kernels))
             x = denoise(req.x, params, velocities, progress=progress)
         else:
-            engine = engine if engine is not None else PackedStep(self.model)
-            (x,) = denoise_batch([req], engine, progress=progress)
+            (x,) = denoise_batch([req], engine if engine is not None else self.step_engine(), progress=progress)
         image = decode_latent(self.model, x, req.grid)
         return GenerationResult(latent=x, image=image, latent_md5=tensor_md5(x), image_md5=tensor_md5(image))

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=10, help="timed step replays")
     p.add_argument("--text-tokens", type=int, default=64, help="prompt context length of a step")
     p.add_argument("--vit-tokens", type=int, default=4902, help="ViT block length of an img2img context (1024²)")
-    p.add_argument("--parts", default="check,step,e2e,batch", help="comma list of: check, step, profile, e2e, batch")
+    p.add_argument("--parts", default="check,step,e2e,batch", help="comma list of: check, step, profile, e2e, batch, reuse")
     p.add_argument("--no-peer", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--json", default=None, help="also write every measurement, with its details, as JSON here")
     return add_output_args(p)
@@ -230,6 +230,40 @@ def bench_batch(model, tok, args, rows: list) -> None:
     rows.append(row)
 
 
+def bench_reuse(model, tok, args, rows: list) -> None:
+    """A request through a pipeline whose step engine has run a request of the same shapes before (another prompt of
+    the same length: its layouts replay their CUDA graphs from the first step) against the same request through a
+    fresh engine (first step of each layout eager, the second one recorded); both latents must be equal."""
+    from bagel_model.denoise import SamplingParams
+    from bagel_model.denoise_step import PackedStep
+    from bagel_model.pipeline import BagelPipeline
+    from bagel_model.stages import Request
+
+    pipe = BagelPipeline(model, tok)
+    prompts = ("a photo of a red cube on a wooden table", "a photo of a tan cube on a wooden table")
+    assert len(tok.encode_prompt(prompts[0])) == len(tok.encode_prompt(prompts[1]))
+    for side in args.sizes:
+        def req(prompt, rid):
+            p = SamplingParams(steps=args.steps, seed=0, height=side, width=side)
+            return Request(mode="text2img", prompt=prompt, params=p, request_id=rid)
+
+        pipe.generate(req(prompts[0], "a"))  # the long-lived engine records this size's layouts
+        timed = {}
+        for name, engine in (("long-lived engine", None), ("fresh engine", PackedStep(model))):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            _, r1 = pipe.generate(req(prompts[1], "b"), engine=engine)
+            torch.cuda.synchronize()
+            timed[name] = (time.perf_counter() - t0, r1.latent_md5)
+        row = dict(subject="reuse", mode="text2img", size=side, steps=args.steps,
+                   reused_s=round(timed["long-lived engine"][0], 3), fresh_s=round(timed["fresh engine"][0], 3),
+                   md5_equal=timed["long-lived engine"][1] == timed["fresh engine"][1],
+                   refills=pipe.step_engine().refills)
+        print(row, flush=True)
+        rows.append(row)
+    del pipe
+
+
 def check_graph(model, tok, rows: list) -> None:
     """Graph replay == eager, bit for bit, and no host synchronization inside the replayed loop."""
     from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise_batch, timestep_schedule
@@ -309,6 +343,8 @@ def main(argv=None) -> int:
             bench_e2e(model, tok, args, rows)
         if "batch" in parts:
             bench_batch(model, tok, args, rows)
+        if "reuse" in parts:
+            bench_reuse(model, tok, args, rows)
     finally:
         if args.json:
             with open(args.json, "w") as f:
@@ -331,6 +367,10 @@ def table_rows(rows: list[dict], args) -> list[dict]:
             shape = f"{args.preset} {r['size']}² {r['mode']}, {r['steps']} timesteps"
             out.append(row("end to end (BagelPipeline stages)", shape, "s/image", r["seconds"]))
             out.append(row("end to end (BagelPipeline stages)", shape, "peak GiB", r["peak_gib"]))
+        elif r["subject"] == "reuse":
+            shape = f"{args.preset} {r['size']}² text2img, {r['steps']} timesteps, after a request of the same shapes"
+            out.append(row(f"end to end, long-lived step engine ({'same latent' if r['md5_equal'] else 'LATENT DIFFERS'})",
+                           shape, "s/image", r["reused_s"], "fresh engine", r["fresh_s"]))
         elif r["subject"] == "batch":
             shape = f"{args.preset} {r['size']}² {r['mode']}, {r['requests']} requests, {r['steps']} timesteps"
             out.append(row("batch of requests (generate_batch)", shape, "s", r["batch_s"], "one after another",

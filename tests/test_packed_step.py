@@ -171,3 +171,46 @@ def test_graph_replay_equals_eager_on_the_gpu(tokenizer):
     want = denoise(r.x.cuda(), p, single_device_velocities(m, seq, r.contexts), progress=False)
     assert tensor_md5(want) == tensor_md5(eager[0])  # the GPU kernels give the per-branch loop's bits too
     assert any(e.graph is not None for e in eng._entries.values())
+
+
+def test_a_later_request_of_the_same_shapes_reuses_the_layout_bit_for_bit(tiny_model, tokenizer):
+    """A long-lived engine keys its layouts by shapes (grids, context lengths, RoPE positions): a second prompt of
+    the same length reuses the first one's entries -- on CUDA its CUDA graphs -- with its contexts copied into the
+    entry's buffers, and gives what a fresh engine gives; so does the first prompt again afterwards."""
+    a, b = "a red cube", "a tan cube"
+    assert len(tokenizer.encode_prompt(a)) == len(tokenizer.encode_prompt(b))
+    p = params()
+    fresh = {s: tensor_md5(denoise_batch([request(tiny_model, tokenizer, s, p)], PackedStep(tiny_model),
+                                         progress=False)[0]) for s in (a, b)}
+    assert fresh[a] != fresh[b]
+    eng = PackedStep(tiny_model)
+    got = [tensor_md5(denoise_batch([request(tiny_model, tokenizer, s, p)], eng, progress=False)[0]) for s in (a, b, a)]
+    assert got == [fresh[a], fresh[b], fresh[a]]
+    assert eng.refills >= 2  # b took a's layouts over, then a took them back
+    layouts = len(eng._entries)
+    denoise_batch([request(tiny_model, tokenizer, b, p)], eng, progress=False)
+    assert len(eng._entries) == layouts  # no new layout for the same shapes
+
+
+def test_a_long_lived_engine_keeps_only_its_latest_layouts(tiny_model, tokenizer):
+    eng = PackedStep(tiny_model, max_layouts=1)
+    for size in [(48, 80), (16, 16), (48, 80)]:
+        p = params(height=size[0], width=size[1])
+        want = per_branch(tiny_model, tokenizer, "a red cube", p)
+        (got,) = denoise_batch([request(tiny_model, tokenizer, "a red cube", p)], eng, progress=False)
+        assert tensor_md5(got) == tensor_md5(want) and len(eng._entries) == 1
+    with pytest.raises(ValueError, match="max_layouts"):
+        PackedStep(tiny_model, max_layouts=0)
+
+
+def test_the_pipeline_keeps_one_step_engine_across_calls(tiny_cfg, tokenizer):
+    from bagel_model.model import BagelModel
+
+    pipe = BagelPipeline(BagelModel.random(tiny_cfg, seed=0), tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    eng = pipe.step_engine()
+    pipe.generate(Request(mode="text2img", prompt="a red cube", params=params(), request_id="one"))
+    pipe.generate(Request(mode="text2img", prompt="a tan cube", params=params(), request_id="two"))
+    assert pipe.step_engine() is eng and eng.forwards > 0 and eng.refills > 0
+    pipe.to(torch.float32)  # placement changes drop it: its buffers belong to the old placement
+    assert pipe.step_engine() is not eng
