@@ -121,7 +121,7 @@ class PackedEngine:
     forward; subclasses give the attention that suits it."""
 
     def __init__(self, model: BagelModel, align: int, degree: int, use_graph: bool | None = None,
-                 max_layouts: int = 8):
+                 max_layouts: int = 4):
         if max_layouts < 1:
             raise ValueError(f"max_layouts must be >= 1, got {max_layouts}")
         self.model, self.align, self.degree, self.max_layouts = model, align, degree, max_layouts
@@ -179,7 +179,7 @@ class PackedStep(PackedEngine):
     dropped first."""
 
     def __init__(self, model: BagelModel, align: int | None = None, use_graph: bool | None = None,
-                 max_layouts: int = 8):
+                 max_layouts: int = 4):
         super().__init__(model, align if align is not None else token_alignment(model.device, model.kernels), 1,
                          use_graph, max_layouts)
 
