@@ -249,7 +249,7 @@ class BagelPipeline:
         """The denoise step engine every call of this pipeline uses unless given one: kept across calls, so a
         request whose job layouts (image sizes, context lengths) ran before replays their CUDA graphs at once
         instead of running eagerly and recording them again. It keeps the latest 4 layouts with their context
-        buffers (an img2img layout at 1024² holds about 1.5 GB of context K/V in bf16); ``step_engine().reset()``
+        buffers (an img2img layout at 1024² holds about 1 GB of context K/V in bf16); ``step_engine().reset()``
         frees them. Its contexts are copied into the engine's buffers, so the bits are
         those of a fresh engine."""
         if self._engine is None:
