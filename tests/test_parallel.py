@@ -9,7 +9,7 @@ import pytest
 
 from parallel.mesh import ParallelConfig
 from parallel.sweep import configs_for
-from parallel.token_split import TokenSplit
+from bagel_model.token_split import TokenSplit
 from parallel.ulysses import head_split, kv_heads_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
