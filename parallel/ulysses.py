@@ -31,49 +31,47 @@ def kv_heads_for(q_range: tuple[int, int], group: int) -> tuple[int, int]:
     return h0 // group, (h1 - 1) // group + 1
 
 
-def _a2a(parts: list[list[torch.Tensor]], out_shapes: list[list[tuple[int, ...]]], group, what: str
-         ) -> torch.Tensor:
-    """One all_to_all_single: ``parts[r]`` (several tensors) go to rank r, each copied once straight into its
-    region of the send buffer (no contiguous() + cat double copy). Returns the receive buffer: per source rank r,
-    the tensors of ``out_shapes[r]`` back to back."""
-    in_splits = [sum(p.numel() for p in ps) for ps in parts]
-    send = parts[0][0].new_empty(sum(in_splits))
-    o = 0
-    for ps in parts:
-        for p in ps:
-            send[o:o + p.numel()].view(p.shape).copy_(p)
-            o += p.numel()
-    out_splits = [sum(int(torch.Size(s).numel()) for s in ss) for ss in out_shapes]
+def _exchange(send: torch.Tensor, in_splits: list[int], out_splits: list[int], group, what: str) -> torch.Tensor:
+    """One all_to_all_single of the flat ``send`` (``in_splits[r]`` elements to rank r); returns the flat receive
+    buffer (``out_splits[r]`` elements from rank r, in rank order)."""
     recv = send.new_empty(sum(out_splits))
     guarded(what, dist.all_to_all_single, recv, send, out_splits, in_splits, group=group)
     return recv
 
 
-def scatter_heads(xs: list[torch.Tensor], ranges: list[list[tuple[int, int]]], me: int, group, what: str
-                  ) -> list[torch.Tensor]:
-    """Sequence -> heads: each (chunk, H_i, D) of local rows, all heads -> (degree*chunk, my heads of
-    ``ranges[i]``, D): rows of every rank, in rank order. The first tensor (q, the large one) has an exchange of its
-    own, whose receive buffer already is that layout (no unpacking copy); the others (k and v) share one exchange
-    and are unpacked. Pure data movement: the values, hence every bit downstream, are the inputs'."""
+def _send_heads(xs: list[torch.Tensor], ranges: list[list[tuple[int, int]]], me: int, group, what: str
+                ) -> tuple[torch.Tensor, list[int]]:
+    """Sequence -> heads for tensors ``xs`` (chunk, H_i, D) in one exchange: rank r gets each tensor's heads
+    ``ranges[i][r]``, every part copied once straight into its region of the send buffer (no contiguous() + cat
+    double copy). Returns the receive buffer -- per source rank, this rank's heads of each tensor back to back --
+    and this rank's head count per tensor."""
     deg = len(ranges[0])
-    chunk, d = xs[0].shape[0], xs[0].shape[2]
+    parts = [[x[:, r[dst][0]:r[dst][1]] for x, r in zip(xs, ranges)] for dst in range(deg)]
+    in_splits = [sum(p.numel() for p in ps) for ps in parts]
+    send = xs[0].new_empty(sum(in_splits))
+    o = 0
+    for ps in parts:
+        for p in ps:
+            send[o:o + p.numel()].view(p.shape).copy_(p)
+            o += p.numel()
+    heads = [r[me][1] - r[me][0] for r in ranges]
+    per_src = sum(x.shape[0] * h * x.shape[2] for x, h in zip(xs, heads))
+    return _exchange(send, in_splits, [per_src] * deg, group, what), heads
 
-    def exchange(ts, rs):
-        parts = [[x[:, r[dst][0]:r[dst][1]] for x, r in zip(ts, rs)] for dst in range(deg)]
-        shapes = [[(chunk, r[me][1] - r[me][0], d) for r in rs]] * deg
-        return _a2a(parts, shapes, group, what), [r[me][1] - r[me][0] for r in rs]
 
-    recv, (hq,) = exchange(xs[:1], ranges[:1])
-    out = [recv.view(deg * chunk, hq, d)]
-    if len(xs) > 1:
-        recv, heads = exchange(xs[1:], ranges[1:])
-        per_src = recv.view(deg, -1)
-        o = 0
-        for h in heads:
-            n = chunk * h * d
-            out.append(per_src[:, o:o + n].reshape(deg * chunk, h, d))
-            o += n
-    return out
+def scatter_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_ranges: list[tuple[int, int]],
+                  kv_ranges: list[tuple[int, int]], me: int, group, what: str
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequence -> heads for a layer's q, k, v, each (chunk, H, D) of local rows, all heads -> (degree*chunk, my
+    heads, D): rows of every rank, in rank order. q (the large one) has an exchange of its own, whose receive
+    buffer already is that layout (no unpacking copy); k and v share a second one and are unpacked. Pure data
+    movement: the values, hence every bit downstream, are the inputs'."""
+    deg, (chunk, _, d) = len(q_ranges), q.shape
+    recv, (hq,) = _send_heads([q], [q_ranges], me, group, what)
+    recv_kv, (hk, _) = _send_heads([k, v], [kv_ranges, kv_ranges], me, group, what)
+    per_src, n = recv_kv.view(deg, -1), chunk * hk * d
+    return (recv.view(deg * chunk, hq, d), per_src[:, :n].reshape(deg * chunk, hk, d),
+            per_src[:, n:].reshape(deg * chunk, hk, d))
 
 
 def gather_heads(y: torch.Tensor, ranges: list[tuple[int, int]], me: int, group, what: str) -> torch.Tensor:
@@ -85,6 +83,5 @@ def gather_heads(y: torch.Tensor, ranges: list[tuple[int, int]], me: int, group,
     chunk = n // deg
     y = y.contiguous()
     out_splits = [chunk * (b - a) * d for a, b in ranges]
-    recv = y.new_empty(sum(out_splits))
-    guarded(what, dist.all_to_all_single, recv, y.reshape(-1), out_splits, [y.numel() // deg] * deg, group=group)
+    recv = _exchange(y.reshape(-1), [y.numel() // deg] * deg, out_splits, group, what)
     return torch.cat([r.view(chunk, b - a, d) for r, (a, b) in zip(recv.split(out_splits), ranges)], dim=1)

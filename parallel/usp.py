@@ -41,7 +41,7 @@ def sp_attention(mesh: Mesh, layout: PackedLayout, contexts: PackedContext, num_
 
     def fn(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if U > 1:  # sequence -> heads: whole super-chunk of the Ulysses group, my heads (and the KV heads they read)
-            q, k, v = scatter_heads([q, k, v], [q_ranges, kv_ranges, kv_ranges], mesh.uly_idx, mesh.uly_group,
+            q, k, v = scatter_heads(q, k, v, q_ranges, kv_ranges, mesh.uly_idx, mesh.uly_group,
                                     f"ulysses qkv layer {layer_idx}")
         ix = index(q.device)
         ctx = ctxs.segment(layer_idx, ix["q"].jobs, q.device, cache)
