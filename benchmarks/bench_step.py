@@ -18,7 +18,7 @@ from datetime import date
 
 import torch
 
-from benchmarks.common import add_output_args, emit, row
+from benchmarks.common import add_output_args, emit, kernel_breakdown, row
 from benchmarks.peer_torch_step import TorchStep
 
 
@@ -78,19 +78,9 @@ def timed(fn, iters: int) -> tuple[float, float]:
 
 
 def gpu_busy(fn, iters: int = 3) -> float:
-    """Sum of kernel times / wall time over ``iters`` calls (profiler): how much of the step the GPU computes."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        w0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - w0
-    kern = sum(e.device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA" and e.device_time_total)
-    # key_averages double-counts nothing for kernels (self events); microseconds
-    return kern / 1e6 / wall
+    """Time some kernel runs / wall time over ``iters`` calls (profiler): how much of the step the GPU computes."""
+    got = kernel_breakdown(fn, iters)
+    return got["busy"] / got["wall"]
 
 
 def bench_step(model, args, rows: list) -> None:

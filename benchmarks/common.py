@@ -50,11 +50,13 @@ def row(subject: str, shape: str, metric: str, value: float, peer: str = "", pee
             "ratio": ratio}
 
 
-def write_rows(rows: Iterable[dict], path: str | os.PathLike | None = None) -> int:
-    """Append ``rows`` (``row(...)`` dicts; environment fields filled in where missing) to the results table,
-    writing its header if the file is new. Returns how many rows were written."""
+def write_rows(rows: Iterable[dict], path: str | os.PathLike | None = None, env: dict[str, str] | None = None
+               ) -> int:
+    """Append ``rows`` (``row(...)`` dicts; environment fields -- ``env``, or ``environment()`` read now -- filled in
+    where missing) to the results table, writing its header if the file is new. Returns how many rows were
+    written."""
     path = Path(path) if path is not None else RESULTS_CSV
-    env = environment()
+    env = env if env is not None else environment()
     rows = [{**env, **r} for r in rows]
     new = not path.exists() or path.stat().st_size == 0
     with open(path, "a", newline="") as f:
@@ -74,11 +76,12 @@ def add_output_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def emit(rows: Iterable[dict], args: argparse.Namespace) -> None:
     """Print and append each row as it arrives (a generator's rows land one by one, so a run cut short by a
     time limit keeps what it measured)."""
-    n = 0
+    n, env = 0, None
     for r in rows:
         print(r, flush=True)
         if not args.no_csv:
-            n += write_rows([r], args.csv)
+            env = env or environment()  # once per run: it asks git for the commit
+            n += write_rows([r], args.csv, env)
     if not args.no_csv:
         print(f"{n} rows -> {args.csv}", flush=True)
 

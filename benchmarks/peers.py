@@ -70,15 +70,14 @@ def projection_peers(x: torch.Tensor, gen_mask: torch.Tensor, w: torch.Tensor, s
     (they synchronize) "mask/scatter" and its ``torch.compile``."""
     e, p, n, k = w.shape
     dense_w = w[1].reshape(p * n, k)
-    dense_b = None if bias is None else bias[1].reshape(p * n)
+    b_und, b_gen = (None, None) if bias is None else (bias[0].reshape(p * n), bias[1].reshape(p * n))
     if residual is not None:
         def dense():
             return torch.addmm(residual, x, dense_w.t())  # beta = 1: the residual in the GEMM's epilogue
     else:
         def dense():
-            return F.linear(x, dense_w, dense_b)
+            return F.linear(x, dense_w, b_gen)
     peers: dict[str, Callable[[], torch.Tensor]] = {"dense cuBLAS": dense}
-    b_und, b_gen = (None, None) if bias is None else (bias[0].reshape(p * n), bias[1].reshape(p * n))
     if swiglu:
         def ref():
             gu = mask_scatter_linear(x, gen_mask, w[0].reshape(p * n, k), w[1].reshape(p * n, k), b_und, b_gen)
