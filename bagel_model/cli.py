@@ -25,7 +25,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
 
 def _gen_help(key: str, what: str) -> str:
-    from .config import IMG2IMG_DEFAULTS, GenerationDefaults
+    from .core.config import IMG2IMG_DEFAULTS, GenerationDefaults
 
     t2i = getattr(GenerationDefaults(), key)
     fmt = (lambda v: f"{v[0]} {v[1]}") if isinstance(t2i, tuple) else str
@@ -35,7 +35,7 @@ def _gen_help(key: str, what: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from bagel_kernels import LAYOUTS
 
-    from .config import PRESETS, BagelConfig
+    from .core.config import PRESETS, BagelConfig
 
     steps_by_preset = ", ".join(f"{n}: {BagelConfig.preset(n).generation.num_timesteps}" for n in PRESETS)
     p = argparse.ArgumentParser(
@@ -166,11 +166,11 @@ def resolve_dtype(args) -> torch.dtype:
 
 
 def load_model(args):
-    from .checkpoint import from_pretrained
-    from .config import BagelConfig
-    from .memory import check_fits
-    from .model import BagelModel
-    from .tokenizer import BagelTokenizer
+    from .core.checkpoint import from_pretrained
+    from .core.config import BagelConfig
+    from .core.memory import check_fits
+    from .core.model import BagelModel
+    from .core.tokenizer import BagelTokenizer
 
     dtype = resolve_dtype(args)
     kernels = KernelOptions(mode=args.kernels)
@@ -190,8 +190,8 @@ def sampling_params(args, cfg, size: tuple[int, int] | None = None):
     """The preset's generation defaults (img2img's own for editing), overridden by whatever the command line gives."""
     from dataclasses import asdict
 
-    from .config import IMG2IMG_DEFAULTS
-    from .denoise import SamplingParams
+    from .core.config import IMG2IMG_DEFAULTS
+    from .engine.denoise import SamplingParams
 
     p = asdict(cfg.generation)
     if getattr(args, "mode", "text2img") == "img2img":
@@ -215,7 +215,7 @@ def file_md5(path: str) -> str:
 
 def _output_size(cfg, image):
     """img2img's output size: the input image's after upstream's VAE-side resize."""
-    from .transforms import vae_resize_rule
+    from .core.transforms import vae_resize_rule
 
     return vae_resize_rule(cfg).output_size(*image.shape[:2])
 
@@ -225,12 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse's usage errors (2) and --help (0): an exit code, as every other error
         return int(e.code or 0)
-    from .checkpoint import CheckpointError
-    from .image_io import ImageFileError, check_writable, read_image, write_image
-    from .memory import InsufficientMemoryError
+    from .core.checkpoint import CheckpointError
+    from .core.image_io import ImageFileError, check_writable, read_image, write_image
+    from .core.memory import InsufficientMemoryError
     prompt = "" if args.prompt_ids is not None else args.prompt
     from .pipeline import BagelPipeline
-    from .stages import IMAGE_OUT, Request
+    from .serving.stages import IMAGE_OUT, Request
 
     try:
         check_args(args)
@@ -244,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompts_file:
             return _run_batch(args, max_tokens)
         if args.split:
-            from .config import BagelConfig
-            from .split import ModelSpec, run_split_processes
-            from .tokenizer import BagelTokenizer
+            from .core.config import BagelConfig
+            from .serving.split import ModelSpec, run_split_processes
+            from .core.tokenizer import BagelTokenizer
 
             dtype = resolve_dtype(args)
             spec = ModelSpec(preset=args.config, seed=args.weights_seed, device=args.device,
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                              byte_tokenizer=args.byte_tokenizer, kernels=KernelOptions(mode=args.kernels))
             cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
             if not args.checkpoint:
-                from .memory import check_fits
+                from .core.memory import check_fits
 
                 check_fits(cfg, dtype, args.device, copies=2)  # one model per stage process
             params = sampling_params(args, cfg, _output_size(cfg, image) if args.mode == "img2img" else None)
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bagel-generate: warning: stage 0 failed after handing over its KV ({res['stage0']['error']}); "
                       "the image is complete, the decoded text is lost", file=sys.stderr)
         else:
-            from .config import BagelConfig
+            from .core.config import BagelConfig
 
             cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
             params = sampling_params(args, cfg, _output_size(cfg, image) if args.mode == "img2img" else None)
@@ -322,10 +322,10 @@ def _run_batch(args, max_tokens: int) -> int:
     """``--prompts-file``: every prompt as one request of one batched generation (``BagelPipeline.generate_batch``)."""
     from dataclasses import replace
 
-    from .config import BagelConfig
-    from .image_io import check_writable, write_image
+    from .core.config import BagelConfig
+    from .core.image_io import check_writable, write_image
     from .pipeline import BagelPipeline
-    from .stages import IMAGE_OUT, Request
+    from .serving.stages import IMAGE_OUT, Request
 
     if args.mode not in ("text2img", "text2text"):
         raise ValueError(f"--prompts-file runs text2img or text2text batches, not --mode {args.mode}")

@@ -13,20 +13,20 @@ import torch
 
 from bagel_kernels import KernelOptions, token_alignment
 
-from . import checkpoint
-from .denoise import DenoiseRequest, SamplingParams, VelocityFn, denoise, denoise_batch
-from .denoise_step import PackedStep
+from .core import checkpoint
+from .engine.denoise import DenoiseRequest, SamplingParams, VelocityFn, denoise, denoise_batch
+from .engine.step import PackedStep
 # The generation pieces moved to ``generation`` (stages needs them, and stages must not import pipeline); they are
 # re-exported here for existing callers.
-from .generation import (GenerationResult, decode_latent, single_device_velocities, tensor_md5,  # noqa: F401
+from .engine.output import (GenerationResult, decode_latent, single_device_velocities, tensor_md5,  # noqa: F401
                          text_to_image_contexts)
-from .config import IMG2IMG_DEFAULTS, PRESETS, BagelConfig
-from .image_io import as_rgb_tensor
-from .memory import check_fits
-from .model import BagelModel, GenSequence, make_gen_sequence
-from .stages import IMAGE_IN, IMAGE_OUT, MODES, Request, run_stage0, run_stage1_batch
-from .tokenizer import BagelTokenizer
-from .transforms import vae_resize_rule
+from .core.config import IMG2IMG_DEFAULTS, PRESETS, BagelConfig
+from .core.image_io import as_rgb_tensor
+from .core.memory import check_fits
+from .core.model import BagelModel, GenSequence, make_gen_sequence
+from .serving.stages import IMAGE_IN, IMAGE_OUT, MODES, Request, run_stage0, run_stage1_batch
+from .core.tokenizer import BagelTokenizer
+from .core.transforms import vae_resize_rule
 
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -400,8 +400,8 @@ class BagelPipeline:
 
     def generate(self, req, kv_layout: str = "flash_attn", progress: bool = False, engine=None):
         """Any mode through both stages in this process (single stage). Returns (stage-0 result, image result or
-        None for text outputs). The split runs (``bagel_model.stages.run_split_threads``,
-        ``bagel_model.split.run_split_processes``) give the same image bit for bit."""
+        None for text outputs). The split runs (``bagel_model.serving.stages.run_split_threads``,
+        ``bagel_model.serving.split.run_split_processes``) give the same image bit for bit."""
         return self.generate_batch([req], kv_layout, progress, engine)[0]
 
     def generate_batch(self, reqs: list, kv_layout: str = "flash_attn", progress: bool = False, engine=None,

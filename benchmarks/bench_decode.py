@@ -15,9 +15,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bagel_model.decode import greedy_decode
-from bagel_model.prefill import TextBlock, prefill
-from bagel_model.split import ModelSpec
+from bagel_model.engine.decode import greedy_decode
+from bagel_model.engine.prefill import TextBlock, prefill
+from bagel_model.serving.split import ModelSpec
 
 from .common import add_output_args, emit, require_cuda, row
 

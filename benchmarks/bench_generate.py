@@ -12,10 +12,10 @@ import time
 import torch
 
 from bagel_kernels import KernelOptions
-from bagel_model.denoise import SamplingParams
+from bagel_model.engine.denoise import SamplingParams
 from bagel_model.pipeline import BagelPipeline
-from bagel_model.split import ModelSpec
-from bagel_model.stages import Request
+from bagel_model.serving.split import ModelSpec
+from bagel_model.serving.stages import Request
 
 from .common import add_output_args, emit, row
 

@@ -12,8 +12,8 @@ from typing import Iterator
 import torch
 
 import bagel_kernels as bk
-from bagel_model.config import BagelConfig
-from bagel_model.layers import LayerInputs, MoTDecoderLayer, local_attention
+from bagel_model.core.config import BagelConfig
+from bagel_model.core.layers import LayerInputs, MoTDecoderLayer, local_attention
 
 from .common import add_output_args, bench_ms, emit, require_cuda, row
 from .peers import mask_scatter_layer

@@ -5,7 +5,7 @@ size allows; optionally one whole text-to-image request per configuration (``--e
     (2048²: random weights with a grown latent position table; the released checkpoint stops at 1024 px)
 
 A step = one text-to-image CFG step as the pipeline runs it: two jobs (``full`` and ``text``; ``img`` is the full
-branch, deduplicated) in one packed forward (``bagel_model.denoise_step.PackedStep`` on one device,
+branch, deduplicated) in one packed forward (``bagel_model.engine.step.PackedStep`` on one device,
 ``parallel.denoise.ParallelStep`` on the mesh, both replayed from CUDA graphs on CUDA), with the SP all_gather of
 velocity rows and the CFG exchange. Median of ``--iters`` steps after ``--warmup``, timed on the devices (CUDA events)
 or the host clock (CPU/gloo), the maximum over ranks. Every rank checks its velocities against the single-device
@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 
 from bagel_kernels import token_alignment
-from bagel_model.config import BagelConfig
-from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise_batch
-from bagel_model.denoise_step import GenJob, PackedStep
-from bagel_model.generation import tensor_md5, text_to_image_contexts
-from bagel_model.model import BagelModel
-from bagel_model.tokenizer import BagelTokenizer
+from bagel_model.core.config import BagelConfig
+from bagel_model.engine.denoise import DenoiseRequest, SamplingParams, denoise_batch
+from bagel_model.engine.step import GenJob, PackedStep
+from bagel_model.engine.output import tensor_md5, text_to_image_contexts
+from bagel_model.core.model import BagelModel
+from bagel_model.core.tokenizer import BagelTokenizer
 from parallel.context_kv import broadcast_contexts
 from parallel.denoise import ParallelStep
 from parallel.mesh import Mesh, init_distributed

@@ -49,7 +49,7 @@ def step_flops(cfg, n_rows: list[int], ctx_lens: list[int]) -> float:
 
 def random_context(model, n: int, seed: int):
     from bagel_kernels import ContiguousKV
-    from bagel_model.model import BranchContext
+    from bagel_model.core.model import BranchContext
 
     if n == 0:
         return BranchContext.empty(model.cfg.num_layers)
@@ -84,7 +84,7 @@ def gpu_busy(fn, iters: int = 3) -> float:
 
 
 def bench_step(model, args, rows: list) -> None:
-    from bagel_model.denoise_step import GenJob, PackedStep
+    from bagel_model.engine.step import GenJob, PackedStep
 
     cfg = model.cfg
     for side in args.sizes:
@@ -133,7 +133,7 @@ def profile_step(model, args, rows: list) -> None:
     """Where a text2img 1024² CFG step's GPU time goes: kernels by total time (profiler, 3 replays)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bagel_model.denoise_step import GenJob, PackedStep
+    from bagel_model.engine.step import GenJob, PackedStep
 
     side = max(args.sizes)
     grid = model.cfg.check_image_size(side, side)
@@ -158,9 +158,9 @@ def profile_step(model, args, rows: list) -> None:
 
 
 def bench_e2e(model, tok, args, rows: list) -> None:
-    from bagel_model.denoise import SamplingParams
+    from bagel_model.engine.denoise import SamplingParams
     from bagel_model.pipeline import BagelPipeline
-    from bagel_model.stages import EventLog, Request, run_stage0, run_stage1
+    from bagel_model.serving.stages import EventLog, Request, run_stage0, run_stage1
 
     pipe = BagelPipeline(model, tok)
     img = (torch.arange(1024 * 1024 * 3) % 251).to(torch.uint8).reshape(1024, 1024, 3)
@@ -194,9 +194,9 @@ def bench_e2e(model, tok, args, rows: list) -> None:
 
 
 def bench_batch(model, tok, args, rows: list) -> None:
-    from bagel_model.denoise import SamplingParams
+    from bagel_model.engine.denoise import SamplingParams
     from bagel_model.pipeline import BagelPipeline
-    from bagel_model.stages import Request
+    from bagel_model.serving.stages import Request
 
     pipe = BagelPipeline(model, tok)
     side = min(args.sizes)
@@ -224,10 +224,10 @@ def bench_reuse(model, tok, args, rows: list) -> None:
     """A request through a pipeline whose step engine has run a request of the same shapes before (another prompt of
     the same length: its layouts replay their CUDA graphs from the first step) against the same request through a
     fresh engine (first step of each layout eager, the second one recorded); both latents must be equal."""
-    from bagel_model.denoise import SamplingParams
-    from bagel_model.denoise_step import PackedStep
+    from bagel_model.engine.denoise import SamplingParams
+    from bagel_model.engine.step import PackedStep
     from bagel_model.pipeline import BagelPipeline
-    from bagel_model.stages import Request
+    from bagel_model.serving.stages import Request
 
     pipe = BagelPipeline(model, tok)
     prompts = ("a photo of a red cube on a wooden table", "a photo of a tan cube on a wooden table")
@@ -256,11 +256,11 @@ def bench_reuse(model, tok, args, rows: list) -> None:
 
 def check_graph(model, tok, rows: list) -> None:
     """Graph replay == eager, bit for bit, and no host synchronization inside the replayed loop."""
-    from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise_batch, timestep_schedule
-    from bagel_model.denoise_step import PackedStep
-    from bagel_model.finite_guard import FiniteGuard
+    from bagel_model.engine.denoise import DenoiseRequest, SamplingParams, denoise_batch, timestep_schedule
+    from bagel_model.engine.step import PackedStep
+    from bagel_model.engine.finite_guard import FiniteGuard
     from bagel_model.pipeline import tensor_md5, text_to_image_contexts
-    from bagel_model.sync_guard import forbid_host_sync
+    from bagel_model.runtime.sync_guard import forbid_host_sync
 
     def reqs():
         out = []
@@ -273,8 +273,8 @@ def check_graph(model, tok, rows: list) -> None:
     eager = [tensor_md5(x) for x in denoise_batch(reqs(), PackedStep(model, use_graph=False), progress=False)]
     # the per-branch loop (one forward per CFG branch, the unpacked layout) must give the same bits
     from bagel_kernels import token_alignment
-    from bagel_model.denoise import denoise
-    from bagel_model.model import make_gen_sequence
+    from bagel_model.engine.denoise import denoise
+    from bagel_model.core.model import make_gen_sequence
     from bagel_model.pipeline import single_device_velocities
 
     per_branch = []
@@ -305,9 +305,9 @@ def main(argv=None) -> int:
         raise SystemExit("bench_step needs a CUDA GPU (see --help)")
     import triton
 
-    from bagel_model.config import BagelConfig
-    from bagel_model.model import BagelModel
-    from bagel_model.tokenizer import BagelTokenizer
+    from bagel_model.core.config import BagelConfig
+    from bagel_model.core.model import BagelModel
+    from bagel_model.core.tokenizer import BagelTokenizer
 
     cfg = BagelConfig.preset(args.preset)
     if args.layers:

@@ -16,10 +16,10 @@ import argparse
 
 import torch
 
-from bagel_model.denoise import SamplingParams
+from bagel_model.engine.denoise import SamplingParams
 from bagel_model.pipeline import BagelPipeline
-from bagel_model.split import ModelSpec, run_split_processes
-from bagel_model.stages import EventLog, Request, run_stage0, run_stage1
+from bagel_model.serving.split import ModelSpec, run_split_processes
+from bagel_model.serving.stages import EventLog, Request, run_stage0, run_stage1
 
 from .common import add_output_args, emit, row
 

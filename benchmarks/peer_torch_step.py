@@ -4,7 +4,7 @@ What a competent engineer would write without our kernels: cuBLAS linears (``F.l
 expert), scaled_dot_product_attention per job (cuDNN / flash, GQA native), RMSNorm / QK-norm / RoPE / SwiGLU in plain
 torch for Inductor to fuse; jobs batched as (jobs, latents, hidden) so each expert projection is ONE GEMM over the
 latent rows of every job (markers: one small GEMM). It reads the weights of a ``BagelModel``, does the same work as
-``bagel_model.denoise_step.PackedStep`` for the same jobs (deduplicated the same way), and the whole step is
+``bagel_model.engine.step.PackedStep`` for the same jobs (deduplicated the same way), and the whole step is
 replayed from one CUDA graph like ours. Tolerance-level equal to ours (bf16 rounding differs), never bitwise.
 """
 from __future__ import annotations

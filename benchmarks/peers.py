@@ -99,7 +99,7 @@ def projection_peers(x: torch.Tensor, gen_mask: torch.Tensor, w: torch.Tensor, s
 
 def mask_scatter_layer(layer, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        ctx_k: torch.Tensor, ctx_v: torch.Tensor) -> torch.Tensor:
-    """One MoT layer (``bagel_model.layers.MoTDecoderLayer``'s weights) the eager way, BAGEL's original code path:
+    """One MoT layer (``bagel_model.core.layers.MoTDecoderLayer``'s weights) the eager way, BAGEL's original code path:
     boolean-mask gathers/scatters per expert for every norm and projection, separate q/k/v and gate/up GEMMs, cuDNN
     SDPA over expanded K/V."""
     a, eps, und = layer.self_attn, layer.eps, ~mask

@@ -13,7 +13,7 @@ PROJECTIONS = [  # name, N, K, swiglu
     ("gate_up", INTER, H, True),
     ("down", H, INTER, False),
 ]
-# What each projection's epilogue adds in the model (bagel_model.layers): qkv its bias, o_proj and down the residual
+# What each projection's epilogue adds in the model (bagel_model.core.layers): qkv its bias, o_proj and down the residual
 # stream; gate_up its SwiGLU (the swiglu flag above).
 EPILOGUE = {"qkv": "bias", "o_proj": "residual", "gate_up": None, "down": "residual"}
 

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU bench
 
 @pytest.fixture(scope="module")
 def model():
-    from bagel_model.config import BagelConfig
-    from bagel_model.model import BagelModel
+    from bagel_model.core.config import BagelConfig
+    from bagel_model.core.model import BagelModel
 
     m = BagelModel.random(BagelConfig.preset("bagel-7b-mot"), seed=0, dtype=torch.bfloat16, device="cuda")
     m.set_marker_ids(0, 1)
@@ -22,7 +22,7 @@ def model():
 
 @pytest.mark.parametrize("impl", ["bagel_packed", "torch_compile_peer"])
 def test_text2img_cfg_step_1024(benchmark, model, impl):
-    from bagel_model.denoise_step import GenJob, PackedStep
+    from bagel_model.engine.step import GenJob, PackedStep
     from benchmarks.bench_step import random_context, step_flops
     from benchmarks.peer_torch_step import TorchStep
 

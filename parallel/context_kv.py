@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from bagel_kernels import ContiguousKV
-from bagel_model.model import BranchContext
+from bagel_model.core.model import BranchContext
 
 from .mesh import guarded
 

@@ -1,10 +1,10 @@
-"""The packed step on a mesh: ``ParallelStep`` is the ``StepEngine`` of ``bagel_model.denoise.denoise_batch`` for
+"""The packed step on a mesh: ``ParallelStep`` is the ``StepEngine`` of ``bagel_model.engine.denoise.denoise_batch`` for
 any ``ParallelConfig``.
 
 The jobs of a step (distinct CFG branches of every request) go round-robin to the CFG ranks; a step with one job (a
 text2img step outside the CFG interval) runs on ``Mesh.solo``, where the CFG ranks join the sequence split. Each CFG
 group runs its jobs as ONE packed forward split over its sequence-parallel ranks
-(``bagel_model.packed``: padding only at the global tail), all_gathers the velocity rows over SP (~1 MB per job at
+(``bagel_model.engine.layout``: padding only at the global tail), all_gathers the velocity rows over SP (~1 MB per job at
 1024²), and one all_gather over the CFG group hands every rank every job's velocity. The latents stay replicated:
 every rank runs the same CFG combine and Euler update on the full tensors — no broadcast inside the loop.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bagel_model.denoise_step import GenJob, PackedEngine, check_jobs, split_rows
-from bagel_model.model import BagelModel
-from bagel_model.packed import PackedContext, PackedLayout
+from bagel_model.engine.step import GenJob, PackedEngine, check_jobs, split_rows
+from bagel_model.core.model import BagelModel
+from bagel_model.engine.layout import PackedContext, PackedLayout
 
 from .mesh import Mesh, guarded
 from .usp import sp_attention

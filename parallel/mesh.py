@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 # The guarded-collective helpers live one layer down (bagel_model's KV connectors use them too); re-exported here.
-from bagel_model.collectives import DEFAULT_TIMEOUT_S, CollectiveError, configure, guarded, new_group  # noqa: F401
+from bagel_model.runtime.collectives import DEFAULT_TIMEOUT_S, CollectiveError, configure, guarded, new_group  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
                      watchdog: bool = True) -> tuple[int, int]:
     """Initialize from torchrun's environment (or a single process); NCCL on CUDA, gloo otherwise. Every group
     (this default one and the mesh's) gets ``timeout_s``; ``watchdog``: heartbeats that let a failed collective name
-    the rank that did not arrive (``bagel_model.collectives``)."""
+    the rank that did not arrive (``bagel_model.runtime.collectives``)."""
     if not timeout_s > 0:
         raise ValueError(f"collective timeout must be a positive number of seconds, got {timeout_s!r}")
     if dist.is_initialized():

@@ -1,4 +1,4 @@
-"""Ring attention over the ring group for the packed step (``bagel_model.packed``): each ring rank holds one
+"""Ring attention over the ring group for the packed step (``bagel_model.engine.layout``): each ring rank holds one
 super-chunk of the packed rows (its queries, its K/V).
 
 exact: every chunk reaches every ring rank by a broadcast from its owner (all issued up front, each waited for in
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from bagel_kernels import ContiguousKV, KernelOptions, merge_attention_partials
-from bagel_model.packed import JobRows, PackedLayout, QueryPlan, packed_attention
+from bagel_model.engine.layout import JobRows, PackedLayout, QueryPlan, packed_attention
 
 from .mesh import guarded
 

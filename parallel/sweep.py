@@ -83,7 +83,7 @@ valid --only names (world 4): {w4}
 
 def build_parser() -> argparse.ArgumentParser:
     from bagel_model.cli import DefaultsFormatter
-    from bagel_model.collectives import DEFAULT_TIMEOUT_S
+    from bagel_model.runtime.collectives import DEFAULT_TIMEOUT_S
 
     class _Formatter(argparse.RawDescriptionHelpFormatter, DefaultsFormatter):
         pass
@@ -143,19 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from bagel_kernels import KernelOptions, token_alignment
-    from bagel_model.checkpoint import from_pretrained
-    from bagel_model.config import BagelConfig
-    from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise, denoise_batch, initial_noise, timestep_schedule
-    from bagel_model.denoise_step import PackedStep
-    from bagel_model.model import BagelModel, make_gen_sequence
+    from bagel_model.core.checkpoint import from_pretrained
+    from bagel_model.core.config import BagelConfig
+    from bagel_model.engine.denoise import DenoiseRequest, SamplingParams, denoise, denoise_batch, initial_noise, timestep_schedule
+    from bagel_model.engine.step import PackedStep
+    from bagel_model.core.model import BagelModel, make_gen_sequence
     from bagel_model.pipeline import single_device_velocities, tensor_md5, text_to_image_contexts
-    from bagel_model.tokenizer import BagelTokenizer
+    from bagel_model.core.tokenizer import BagelTokenizer
 
     from .context_kv import broadcast_contexts
     from .denoise import ParallelStep
     from .mesh import Mesh, guarded, init_distributed
 
-    from bagel_model import collectives
+    from bagel_model.runtime import collectives
 
     try:  # every rank checks the same arguments before any collective: all fail alike, none waits
         cfg0 = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from bagel_kernels import KernelOptions
-from bagel_model.packed import PackedContext, PackedLayout, packed_attention
+from bagel_model.engine.layout import PackedContext, PackedLayout, packed_attention
 
 from .mesh import Mesh
 from .ring import chunk_rows, ring_attention_exact, ring_attention_fast
@@ -16,7 +16,7 @@ from .ulysses import gather_heads, head_split, kv_heads_for, scatter_heads
 
 def sp_attention(mesh: Mesh, layout: PackedLayout, contexts: PackedContext, num_heads: int, num_kv_heads: int,
                  options: KernelOptions | None = None):
-    """``contexts``: the jobs' packed contexts (``bagel_model.packed.packed_context``), replicated."""
+    """``contexts``: the jobs' packed contexts (``bagel_model.engine.layout.packed_context``), replicated."""
     c = mesh.config
     U, R = c.ulysses, c.ring
     group = num_heads // num_kv_heads

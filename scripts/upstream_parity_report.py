@@ -18,15 +18,15 @@ import os
 
 import torch
 
-from bagel_model.cfg import combine_cfg
-from bagel_model.checkpoint import from_pretrained
-from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise_batch
-from bagel_model.denoise_step import PackedStep
-from bagel_model.generation import decode_latent, single_device_velocities
-from bagel_model.model import BranchContext, make_gen_sequence
+from bagel_model.engine.cfg import combine_cfg
+from bagel_model.core.checkpoint import from_pretrained
+from bagel_model.engine.denoise import DenoiseRequest, SamplingParams, denoise_batch
+from bagel_model.engine.step import PackedStep
+from bagel_model.engine.output import decode_latent, single_device_velocities
+from bagel_model.core.model import BranchContext, make_gen_sequence
 from bagel_model.pipeline import BagelPipeline
-from bagel_model.prefill import TextBlock, prefill, vae_block, vit_block
-from bagel_model.stages import Request, run_stage0
+from bagel_model.engine.prefill import TextBlock, prefill, vae_block, vit_block
+from bagel_model.serving.stages import Request, run_stage0
 
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "fixtures",
                        "bagel_upstream_tiny")

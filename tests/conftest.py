@@ -13,14 +13,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    from bagel_model.config import BagelConfig
+    from bagel_model.core.config import BagelConfig
 
     return BagelConfig.preset("tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_cfg):
-    from bagel_model.model import BagelModel
+    from bagel_model.core.model import BagelModel
 
     m = BagelModel.random(tiny_cfg, seed=0)
     m.set_marker_ids(258, 259)
@@ -29,6 +29,6 @@ def tiny_model(tiny_cfg):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from bagel_model.tokenizer import BagelTokenizer
+    from bagel_model.core.tokenizer import BagelTokenizer
 
     return BagelTokenizer.from_directory(None)

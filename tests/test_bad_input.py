@@ -66,7 +66,7 @@ CLI_ROWS = [
 def test_cli_bad_input_is_a_clear_early_error(tmp_path, capsys, monkeypatch, cls, args, msg):
     _files(tmp_path)
     if cls == "memory":  # the same refusal on any machine: pretend the host has 16 GiB available
-        monkeypatch.setattr("bagel_model.memory.available_bytes", lambda device: 16 * 2**30)
+        monkeypatch.setattr("bagel_model.core.memory.available_bytes", lambda device: 16 * 2**30)
     fill = lambda a: a.replace("{tmp}", str(tmp_path))
     argv = [fill(a) for a in args]
     if "--out" not in argv:
@@ -92,7 +92,7 @@ def test_out_format_follows_the_suffix(tmp_path, capsys):
 
 # ---- image files are read as upstream BAGEL reads them -------------------------------------------------------
 def test_16bit_png_is_scaled_not_clipped(tmp_path):
-    from bagel_model.image_io import read_image
+    from bagel_model.core.image_io import read_image
 
     _png16(tmp_path / "g16.png", 40000)
     img = read_image(str(tmp_path / "g16.png"))
@@ -100,7 +100,7 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path):
 
 
 def test_exif_orientation_is_applied(tmp_path):
-    from bagel_model.image_io import read_image
+    from bagel_model.core.image_io import read_image
 
     a = np.zeros((16, 32, 3), np.uint8)
     a[:, :16] = 255  # left half white
@@ -114,7 +114,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 
 def test_transparency_is_composited_over_white_as_upstream(tmp_path):
-    from bagel_model.image_io import read_image
+    from bagel_model.core.image_io import read_image
 
     a = np.zeros((16, 16, 4), np.uint8)
     a[..., 0] = 200
@@ -127,7 +127,7 @@ def test_transparency_is_composited_over_white_as_upstream(tmp_path):
 
 # ---- library rows ------------------------------------------------------------------------------------------
 def _params(**kw):
-    from bagel_model.denoise import SamplingParams
+    from bagel_model.engine.denoise import SamplingParams
 
     return SamplingParams(**{"steps": 2, "height": 32, "width": 32, **kw})
 
@@ -146,9 +146,9 @@ def test_non_finite_and_out_of_range_parameters_are_rejected(kw, msg):
 
 @pytest.mark.parametrize("where", ["latent", "weights"])
 def test_a_non_finite_latent_fails_naming_the_first_bad_step(tiny_model, tokenizer, where):
-    from bagel_model.denoise import denoise, initial_noise
-    from bagel_model.finite_guard import NonFiniteLatentError
-    from bagel_model.model import make_gen_sequence
+    from bagel_model.engine.denoise import denoise, initial_noise
+    from bagel_model.engine.finite_guard import NonFiniteLatentError
+    from bagel_model.core.model import make_gen_sequence
     from bagel_model.pipeline import single_device_velocities, text_to_image_contexts
 
     p = _params(steps=3)  # two Euler steps: 0 and 1
@@ -171,7 +171,7 @@ def test_a_non_finite_latent_fails_naming_the_first_bad_step(tiny_model, tokeniz
 
 
 def _ckpt(tmp, tiny_model, tokenizer):
-    from bagel_model.checkpoint import save_pretrained
+    from bagel_model.core.checkpoint import save_pretrained
 
     save_pretrained(tiny_model, str(tmp), tokenizer)
     return tmp
@@ -189,7 +189,7 @@ def _ckpt(tmp, tiny_model, tokenizer):
 def test_checkpoint_damage_is_named(tmp_path, tiny_model, tokenizer, damage, msg):
     from safetensors.torch import load_file, save_file
 
-    from bagel_model.checkpoint import from_pretrained
+    from bagel_model.core.checkpoint import from_pretrained
 
     d = _ckpt(tmp_path, tiny_model, tokenizer)
     ema = d / "ema.safetensors"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bagel_model.checkpoint import CheckpointError, from_pretrained, save_pretrained
-from bagel_model.denoise import SamplingParams
+from bagel_model.core.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from bagel_model.engine.denoise import SamplingParams
 from bagel_model.pipeline import BagelPipeline
 
 

@@ -56,7 +56,7 @@ def test_cli_modes_and_split(tmp_path, capsys):
 
 def test_prompt_ids_are_the_prompt_as_token_ids(tmp_path, capsys):
     """--prompt-ids takes the prompt's token ids (chat markers added as for text): same ids, same image."""
-    from bagel_model.tokenizer import BagelTokenizer
+    from bagel_model.core.tokenizer import BagelTokenizer
 
     ids = [str(i) for i in BagelTokenizer.from_directory(None).encode("a red cube")]
     common = ["--steps", "3", "--size", "32", "--no-progress"]

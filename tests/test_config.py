@@ -1,6 +1,6 @@
 import pytest
 
-from bagel_model.config import BagelConfig, ConfigError
+from bagel_model.core.config import BagelConfig, ConfigError
 
 
 def test_presets_have_bagel_geometry():

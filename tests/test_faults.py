@@ -16,7 +16,7 @@ def _rank_main(rank, world, port, victim, action, q):
     import torch
     import torch.distributed as dist
 
-    from bagel_model.collectives import CollectiveError, configure, guarded
+    from bagel_model.runtime.collectives import CollectiveError, configure, guarded
     from parallel.mesh import Mesh, ParallelConfig
 
     def client():

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from bagel_model.cfg import combine_cfg
-from bagel_model.denoise import SamplingParams, branches_at, denoise, timestep_schedule
-from bagel_model.model import make_gen_sequence
+from bagel_model.engine.cfg import combine_cfg
+from bagel_model.engine.denoise import SamplingParams, branches_at, denoise, timestep_schedule
+from bagel_model.core.model import make_gen_sequence
 from bagel_model.pipeline import BagelPipeline, single_device_velocities, text_to_image_contexts
-from bagel_model.finite_guard import FiniteGuard
-from bagel_model.sync_guard import HostSyncError, forbid_host_sync
+from bagel_model.engine.finite_guard import FiniteGuard
+from bagel_model.runtime.sync_guard import HostSyncError, forbid_host_sync
 
 
 def small_params(**kw):

@@ -5,8 +5,8 @@ import torch
 
 from bagel_kernels import ExpertSegments
 from bagel_kernels.attention_reference import naive_attention
-from bagel_model.layers import LayerInputs, local_attention
-from bagel_model.model import BagelModel
+from bagel_model.core.layers import LayerInputs, local_attention
+from bagel_model.core.model import BagelModel
 
 
 def _rms(x, w, eps):

@@ -53,8 +53,8 @@ def test_token_alignment_follows_the_backend():
 
 
 def test_the_model_carries_its_options_into_every_forward(monkeypatch):
-    from bagel_model.config import BagelConfig
-    from bagel_model.model import BagelModel
+    from bagel_model.core.config import BagelConfig
+    from bagel_model.core.model import BagelModel
 
     opts = KernelOptions(mode="fast", decode_graph=False)
     m = BagelModel.random(BagelConfig.preset("tiny"), kernels=opts)
@@ -62,7 +62,7 @@ def test_the_model_carries_its_options_into_every_forward(monkeypatch):
     seen = []
     orig = bk.routed_linear
 
-    import bagel_model.layers as layers
+    import bagel_model.core.layers as layers
 
     def spy(*a, options=None, **k):
         seen.append(options)

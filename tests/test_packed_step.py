@@ -3,14 +3,14 @@ import pytest
 import torch
 
 from bagel_kernels import KernelOptions
-from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise, denoise_batch, initial_noise
-from bagel_model.denoise_step import GenJob, PackedStep
-from bagel_model.finite_guard import FiniteGuard
-from bagel_model.model import make_gen_sequence
-from bagel_model.packed import PackedLayout
+from bagel_model.engine.denoise import DenoiseRequest, SamplingParams, denoise, denoise_batch, initial_noise
+from bagel_model.engine.step import GenJob, PackedStep
+from bagel_model.engine.finite_guard import FiniteGuard
+from bagel_model.core.model import make_gen_sequence
+from bagel_model.engine.layout import PackedLayout
 from bagel_model.pipeline import BagelPipeline, single_device_velocities, tensor_md5, text_to_image_contexts
-from bagel_model.stages import Request
-from bagel_model.sync_guard import forbid_host_sync
+from bagel_model.serving.stages import Request
+from bagel_model.runtime.sync_guard import forbid_host_sync
 
 
 def params(**kw):
@@ -68,7 +68,7 @@ def test_text_to_image_cfg_step_runs_two_jobs_in_one_forward(tiny_model, tokeniz
 
 def test_image_editing_packs_three_distinct_branches(tiny_model, tokenizer):
     """img2img through the stages: three distinct contexts (paged) -> three jobs, same md5 as the per-branch loop."""
-    from bagel_model.stages import _branch, run_stage0
+    from bagel_model.serving.stages import _branch, run_stage0
 
     img = (torch.arange(48 * 64 * 3) % 251).to(torch.uint8).reshape(48, 64, 3)
     req = Request(mode="img2img", prompt="make it blue", image=img,
@@ -117,7 +117,7 @@ def test_pipeline_batch_returns_one_result_per_request(tiny_model, tokenizer):
 
 
 def test_packed_step_does_not_read_the_device(tiny_model, tokenizer):
-    from bagel_model.denoise import timestep_schedule
+    from bagel_model.engine.denoise import timestep_schedule
 
     r = request(tiny_model, tokenizer, "a red cube", params())
     r.schedule = timestep_schedule(r.params.steps, r.params.timestep_shift)  # host floats, made before the region
@@ -145,9 +145,9 @@ def test_packed_step_on_the_triton_kernels_equals_per_branch(tiny_model, tokeniz
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graph_replay_equals_eager_on_the_gpu(tokenizer):
-    from bagel_model.config import BagelConfig
-    from bagel_model.denoise import timestep_schedule
-    from bagel_model.model import BagelModel
+    from bagel_model.core.config import BagelConfig
+    from bagel_model.engine.denoise import timestep_schedule
+    from bagel_model.core.model import BagelModel
 
     m = BagelModel.random(BagelConfig.preset("tiny"), seed=0, dtype=torch.bfloat16, device="cuda")
     m.set_marker_ids(tokenizer.special["start_of_image"], tokenizer.special["end_of_image"])
@@ -204,7 +204,7 @@ def test_a_long_lived_engine_keeps_only_its_latest_layouts(tiny_model, tokenizer
 
 
 def test_the_pipeline_keeps_one_step_engine_across_calls(tiny_cfg, tokenizer):
-    from bagel_model.model import BagelModel
+    from bagel_model.core.model import BagelModel
 
     pipe = BagelPipeline(BagelModel.random(tiny_cfg, seed=0), tokenizer)
     pipe.set_progress_bar_config(disable=True)

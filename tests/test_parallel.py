@@ -9,7 +9,7 @@ import pytest
 
 from parallel.mesh import ParallelConfig
 from parallel.sweep import configs_for
-from bagel_model.token_split import TokenSplit
+from bagel_model.engine.token_split import TokenSplit
 from parallel.ulysses import head_split, kv_heads_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,12 +101,12 @@ def _single_job_steps(rank, world, store_path, config, q):
     import torch.distributed as dist
 
     from bagel_kernels import token_alignment
-    from bagel_model.config import BagelConfig
-    from bagel_model.denoise import DenoiseRequest, SamplingParams, denoise_batch
-    from bagel_model.denoise_step import PackedStep
-    from bagel_model.generation import tensor_md5, text_to_image_contexts
-    from bagel_model.model import BagelModel
-    from bagel_model.tokenizer import BagelTokenizer
+    from bagel_model.core.config import BagelConfig
+    from bagel_model.engine.denoise import DenoiseRequest, SamplingParams, denoise_batch
+    from bagel_model.engine.step import PackedStep
+    from bagel_model.engine.output import tensor_md5, text_to_image_contexts
+    from bagel_model.core.model import BagelModel
+    from bagel_model.core.tokenizer import BagelTokenizer
     from parallel.denoise import ParallelStep
     from parallel.mesh import Mesh
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from bagel_model.kv_transfer import (KVPayload, PayloadError, TensorQueueConnector, _pack, deserialize, extract,
+from bagel_model.serving.kv_transfer import (KVPayload, PayloadError, TensorQueueConnector, _pack, deserialize, extract,
                                      recv_payload, send_payload, serialize, validate_payload)
-from bagel_model.stages import Request, run_stage0
-from bagel_model.denoise import SamplingParams
+from bagel_model.serving.stages import Request, run_stage0
+from bagel_model.engine.denoise import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_tensor_connector_checks_header_and_row_order(payload, tiny_model):
 
     def sent(edit):
         header, tensors = _pack(payload, to_cpu=False)
-        from bagel_model.kv_transfer import _canonical, _layout_of, _tensor_sums
+        from bagel_model.serving.kv_transfer import _canonical, _layout_of, _tensor_sums
         import zlib
 
         header["sums"], header["tensors"] = _tensor_sums(tensors), _layout_of(tensors)

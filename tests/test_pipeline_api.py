@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from bagel_model.denoise import SamplingParams, timestep_schedule
+from bagel_model.engine.denoise import SamplingParams, timestep_schedule
 from bagel_model.pipeline import BagelPipeline, BagelPipelineOutput
-from bagel_model.stages import Request
+from bagel_model.serving.stages import Request
 
 FAST = dict(height=32, width=32, num_inference_steps=3)  # two Euler updates on a 2x2 latent grid
 
@@ -46,7 +46,7 @@ def _t2i_defaults(pipe):
 
 def test_pil_in_pil_out_edits_at_the_resized_input_size(pipe, photo):
     out = pipe("make it blue", image=photo, num_inference_steps=3, seed=1)
-    from bagel_model.transforms import vae_resize_rule
+    from bagel_model.core.transforms import vae_resize_rule
 
     h, w = vae_resize_rule(pipe.model.cfg).output_size(48, 40)
     assert out.images[0].size == (w, h)

@@ -2,8 +2,8 @@
 GPU partition and however the fill is chunked (torch's CUDA generator follows the launch grid, i.e. the SM count)."""
 import torch
 
-from bagel_model.config import BagelConfig
-from bagel_model.model import BagelModel, counter_normal_
+from bagel_model.core.config import BagelConfig
+from bagel_model.core.model import BagelModel, counter_normal_
 
 
 def test_counter_normal_does_not_depend_on_how_the_fill_is_cut():

@@ -274,9 +274,9 @@ def test_bad_inputs_are_named():
 
 
 def test_expert_pack_shares_storage_and_follows_moves():
-    from bagel_model.layers import MoTDecoderLayer
+    from bagel_model.core.layers import MoTDecoderLayer
 
-    from bagel_model.config import BagelConfig
+    from bagel_model.core.config import BagelConfig
     layer = MoTDecoderLayer(BagelConfig.preset("tiny"), 0)
     pack = layer._gate_up.get()
     assert pack.shape == (2, 2, layer.mlp.gate_proj.weight.shape[0], layer.mlp.gate_proj.weight.shape[1])
@@ -293,8 +293,8 @@ def test_expert_pack_shares_storage_and_follows_moves():
 
 def test_layer_forward_triton_matches_reference(tiny_model, monkeypatch):
     """The whole MoT layer stack through the Triton kernels (interpreter) vs the reference kernels."""
-    from bagel_model.model import make_gen_sequence
-    from bagel_model.layers import local_attention
+    from bagel_model.core.model import make_gen_sequence
+    from bagel_model.core.layers import local_attention
 
     m = tiny_model
     seq = make_gen_sequence(m.cfg, 32, 32)
@@ -311,8 +311,8 @@ def test_layer_forward_triton_matches_reference(tiny_model, monkeypatch):
 def test_text_decoding_through_the_triton_kernels_matches_reference(tiny_model, monkeypatch):
     """Greedy decoding with the decode path's kernels (small-batch GEMM, paged attention) under the interpreter
     picks the reference kernels' tokens, and its last hidden state agrees to fp32 rounding."""
-    from bagel_model.decode import greedy_decode
-    from bagel_model.prefill import TextBlock, prefill
+    from bagel_model.engine.decode import greedy_decode
+    from bagel_model.engine.prefill import TextBlock, prefill
 
     runs = {}
     for backend in BACKENDS:

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from bagel_model.denoise import SamplingParams
-from bagel_model.split import ModelSpec, run_split_processes
-from bagel_model.stages import Request
+from bagel_model.engine.denoise import SamplingParams
+from bagel_model.serving.split import ModelSpec, run_split_processes
+from bagel_model.serving.stages import Request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,9 +24,9 @@ def _req(max_tokens=4):
 def _script(body: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent("""
         import json, sys
-        from bagel_model.denoise import SamplingParams
-        from bagel_model.split import ModelSpec, run_split_processes
-        from bagel_model.stages import Request
+        from bagel_model.engine.denoise import SamplingParams
+        from bagel_model.serving.split import ModelSpec, run_split_processes
+        from bagel_model.serving.stages import Request
         req = Request("text2img", "a red cube", SamplingParams(steps=2, height=32, width=32), None, {n},
                       ignore_eos=True)
         """) + textwrap.dedent(body)]

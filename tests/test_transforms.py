@@ -4,12 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bagel_model.config import BagelConfig
-from bagel_model.denoise import SamplingParams
+from bagel_model.core.config import BagelConfig
+from bagel_model.engine.denoise import SamplingParams
 from bagel_model.pipeline import BagelPipeline
-from bagel_model.prefill import vit_block
-from bagel_model.stages import Request
-from bagel_model.transforms import (UPSTREAM_MAX_PIXELS, VAE_UPSTREAM, VIT_UPSTREAM, ResizeRule, image_from_pil,
+from bagel_model.engine.prefill import vit_block
+from bagel_model.serving.stages import Request
+from bagel_model.core.transforms import (UPSTREAM_MAX_PIXELS, VAE_UPSTREAM, VIT_UPSTREAM, ResizeRule, image_from_pil,
                                     vae_resize_rule, vit_resize_rule)
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from bagel_kernels import LAYOUTS
-from bagel_model.denoise import SamplingParams
-from bagel_model.kv_transfer import (InProcessConnector, PayloadError, deserialize, extract, install, serialize)
-from bagel_model.decode import greedy_decode
-from bagel_model.prefill import TextBlock, positions_and_spans, prefill
-from bagel_model.stages import EventLog, Request, run_split_threads, run_stage0, run_stage1
+from bagel_model.engine.denoise import SamplingParams
+from bagel_model.serving.kv_transfer import (InProcessConnector, PayloadError, deserialize, extract, install, serialize)
+from bagel_model.engine.decode import greedy_decode
+from bagel_model.engine.prefill import TextBlock, positions_and_spans, prefill
+from bagel_model.serving.stages import EventLog, Request, run_split_threads, run_stage0, run_stage1
 from bagel_model.pipeline import BagelPipeline
 
 
@@ -43,7 +43,7 @@ def test_split_threads_match_single_stage(pipe, tiny_model, tokenizer, image, mo
 @pytest.mark.parametrize("connector", ["shm", "tensor"])
 def test_split_processes_match_single_stage(pipe, image, connector):
     """Two spawned processes, shared-memory bytes or the tensors themselves, flash_attn -> flashinfer_nhd."""
-    from bagel_model.split import ModelSpec, run_split_processes
+    from bagel_model.serving.split import ModelSpec, run_split_processes
 
     for mode in ("text2img", "img2img"):
         req = Request(mode, "a red cube", params(), image if mode == "img2img" else None, max_tokens=4)
@@ -59,7 +59,7 @@ def test_split_processes_match_single_stage(pipe, image, connector):
 
 
 def test_split_processes_reject_stages_on_different_kinds_of_device():
-    from bagel_model.split import ModelSpec, run_split_processes
+    from bagel_model.serving.split import ModelSpec, run_split_processes
 
     req = Request("text2img", "a red cube", params(), None, max_tokens=1)
     with pytest.raises(ValueError, match="same kind of device"):
@@ -69,7 +69,7 @@ def test_split_processes_reject_stages_on_different_kinds_of_device():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_split_processes_across_two_gpus_match_single_stage():
     """The seeds' placement: the AR stage on a second GPU, the KV handed over by IPC and copied peer to peer."""
-    from bagel_model.split import ModelSpec, run_split_processes
+    from bagel_model.serving.split import ModelSpec, run_split_processes
 
     spec = ModelSpec(preset="tiny", seed=0, device="cuda:0")
     model, tok = spec.load()
@@ -81,7 +81,7 @@ def test_split_processes_across_two_gpus_match_single_stage():
 
 
 def test_split_processes_reject_an_unknown_stage_environment(image):
-    from bagel_model.split import ModelSpec, run_split_processes
+    from bagel_model.serving.split import ModelSpec, run_split_processes
 
     req = Request("text2img", "a red cube", params(), None, max_tokens=1)
     with pytest.raises(ValueError, match="stage_env keys"):
@@ -101,7 +101,7 @@ def test_kv_layouts_round_trip_bitwise(tiny_model, src, dst):
 
 
 def _payload(ckv, p=None):
-    from bagel_model.kv_transfer import KVPayload
+    from bagel_model.serving.kv_transfer import KVPayload
 
     return KVPayload("r1", "text2img", p or params(), (32, 48), {"full": ckv}, {"full": "full", "img": "full"},
                      {"note": "custom"})
@@ -164,7 +164,7 @@ def test_malformed_payloads_are_rejected(tiny_model):
 
 
 def test_tensor_connector_checks_what_arrives(tiny_model):
-    from bagel_model.kv_transfer import TensorQueueConnector, _pack, recv_payload, send_payload
+    from bagel_model.serving.kv_transfer import TensorQueueConnector, _pack, recv_payload, send_payload
 
     ctx, _ = prefill(tiny_model, [TextBlock([1, 2, 3, 4, 5])])
     conn = TensorQueueConnector()
@@ -213,7 +213,7 @@ def test_stage0_failure_is_reported_not_hung(tiny_model, tokenizer):
 def _dist_worker(rank, path, payload_bytes, out):
     import torch.distributed as dist
 
-    from bagel_model.kv_transfer import TorchDistributedConnector
+    from bagel_model.serving.kv_transfer import TorchDistributedConnector
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     conn = TorchDistributedConnector(peer=1 - rank)
@@ -239,7 +239,7 @@ def test_torch_distributed_connector(tiny_model, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="CUDA graphs need a GPU and compiled kernels: TRITON_INTERPRET=0 pytest ... on the GPU")
 def test_graph_decoding_gives_the_eager_tokens(tiny_cfg):
-    from bagel_model.model import BagelModel
+    from bagel_model.core.model import BagelModel
 
     model = BagelModel.random(tiny_cfg, seed=0, dtype=torch.bfloat16, device="cuda")
     runs = []
@@ -250,8 +250,8 @@ def test_graph_decoding_gives_the_eager_tokens(tiny_cfg):
 
 
 def test_graph_decoder_needs_a_prefilled_context(tiny_model):
-    from bagel_model.decode import GraphDecoder
-    from bagel_model.prefill import PrefilledContext, new_cache
+    from bagel_model.engine.decode import GraphDecoder
+    from bagel_model.engine.prefill import PrefilledContext, new_cache
 
     with pytest.raises(ValueError, match="cache is empty"):
         GraphDecoder(tiny_model, PrefilledContext(new_cache(tiny_model, 8, "flash_attn"), 0), 1)

@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bagel_model.cfg import combine_cfg
-from bagel_model.checkpoint import from_pretrained, save_pretrained
-from bagel_model.denoise import SamplingParams, denoise, timestep_schedule
-from bagel_model.model import BranchContext, make_gen_sequence
+from bagel_model.engine.cfg import combine_cfg
+from bagel_model.core.checkpoint import from_pretrained, save_pretrained
+from bagel_model.engine.denoise import SamplingParams, denoise, timestep_schedule
+from bagel_model.core.model import BranchContext, make_gen_sequence
 from bagel_model.pipeline import BagelPipeline, decode_latent, single_device_velocities
-from bagel_model.prefill import PrefilledContext, TextBlock, prefill, vae_block, vit_block
-from bagel_model.stages import Request, run_stage0
-from bagel_model.transforms import to_pixels
+from bagel_model.engine.prefill import PrefilledContext, TextBlock, prefill, vae_block, vit_block
+from bagel_model.serving.stages import Request, run_stage0
+from bagel_model.core.transforms import to_pixels
 from scripts.upstream_parity_report import params_of, rel  # one reading of the fixture's parameters
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bagel_upstream_tiny")
@@ -208,7 +208,7 @@ def test_text_answer_token_ids(ref, loaded):
 
 def test_text_answer_excludes_the_end_of_turn_token(ref, loaded, monkeypatch):
     """Upstream stops before <|im_end|>: the end-of-turn token is not part of the answer (ids nor text)."""
-    import bagel_model.stages as stages
+    import bagel_model.serving.stages as stages
 
     model, tok = loaded
     eos = tok.special["eos_token_id"]

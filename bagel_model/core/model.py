@@ -20,8 +20,8 @@ from bagel_kernels import (ContiguousKV, ExpertSegments, KernelOptions, PagedKV,
 from .config import BagelConfig
 from .embeddings import PositionEmbedding, TimestepEmbedder, sincos_2d_table
 from .layers import AttentionFn, LayerInputs, MoTDecoderLayer, RMSNorm, experts_pack, local_attention
-from .packing import ExpertPack
-from .token_split import TokenSplit
+from .expert_pack import ExpertPack
+from ..engine.token_split import TokenSplit
 from .vae import AutoEncoder
 
 
@@ -321,7 +321,7 @@ class BagelModel(nn.Module):
                                       local_attention(branch.kv, seq.split.n, options=self.kernels))
         return rows[1:seq.n_latent + 1]
 
-    # ---- packed generation forward (every job of a step at once; bagel_model.packed) ---------------------------
+    # ---- packed generation forward (every job of a step at once; bagel_model.engine.layout) ---------------------------
     @torch.no_grad()
     def packed_inputs(self, x_lat: torch.Tensor, t_jobs: torch.Tensor, layout, rope_positions: tuple[int, ...],
                       rank: int, cache: dict | None = None) -> tuple[torch.Tensor, LayerInputs]:

@@ -34,8 +34,8 @@ import torch
 import torch.multiprocessing
 from safetensors.torch import load, save
 
-from .denoise import SamplingParams
-from .prefill import PrefilledContext, new_cache
+from ..engine.denoise import SamplingParams
+from ..engine.prefill import PrefilledContext, new_cache
 
 MAGIC, VERSION = "bagel-kv", 2  # 2: the checksum covers the header too
 
@@ -204,7 +204,7 @@ def _layout_of(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
 def validate_payload(p: KVPayload, model=None, request_id: str | None = None) -> KVPayload:
     """A received payload fits the model that will use it and answers the request it is expected to answer:
     a ``PayloadError`` naming the mismatch otherwise."""
-    from .denoise import BRANCHES
+    from ..engine.denoise import BRANCHES
 
     if request_id is not None and p.request_id != request_id:
         raise PayloadError(f"KV payload answers request {p.request_id!r}, expected {request_id!r}")
@@ -347,7 +347,7 @@ class TorchDistributedConnector:
     def send(self, data: bytes) -> None:
         import torch.distributed as dist
 
-        from .collectives import guarded
+        from ..runtime.collectives import guarded
 
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
         guarded("KV payload size send", dist.send, torch.tensor([buf.numel()], dtype=torch.int64, device=self.device), self.peer)
@@ -356,7 +356,7 @@ class TorchDistributedConnector:
     def recv(self, timeout: float | None = None) -> bytes:
         import torch.distributed as dist
 
-        from .collectives import guarded
+        from ..runtime.collectives import guarded
 
         n = torch.zeros(1, dtype=torch.int64, device=self.device)
         guarded("KV payload size recv", dist.recv, n, self.peer)

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cfg import RENORM_TYPES, combine_cfg
-from .denoise_step import GenJob
+from .step import GenJob
 from .finite_guard import FiniteGuard
 
 BRANCHES = ("full", "text", "img")  # full context / without text (cfg_text) / without image (cfg_img)

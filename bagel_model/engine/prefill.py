@@ -15,10 +15,10 @@ import torch
 from bagel_kernels import ExpertSegments, invariant_linear, prefill_visible_end
 
 from .kv_cache import PagedCache
-from .layers import LayerInputs, local_attention
-from .model import BagelModel
-from .transforms import to_pixels, vae_resize_rule, vit_resize_rule
-from .vae import patchify
+from ..core.layers import LayerInputs, local_attention
+from ..core.model import BagelModel
+from ..core.transforms import to_pixels, vae_resize_rule, vit_resize_rule
+from ..core.vae import patchify
 
 
 @dataclass

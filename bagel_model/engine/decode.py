@@ -16,8 +16,8 @@ import torch
 from bagel_kernels import ExpertSegments, invariant_linear
 from bagel_kernels.kv_layout import write_tokens
 
-from .layers import LayerInputs, local_attention
-from .model import BagelModel
+from ..core.layers import LayerInputs, local_attention
+from ..core.model import BagelModel
 from .prefill import PrefilledContext, TextBlock, prefill
 
 

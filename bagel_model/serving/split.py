@@ -16,12 +16,12 @@ import torch.multiprocessing as mp
 
 from bagel_kernels import KernelOptions, default_options
 
-from .checkpoint import from_pretrained
-from .config import BagelConfig
+from ..core.checkpoint import from_pretrained
+from ..core.config import BagelConfig
 from .kv_transfer import SharedMemoryConnector, TensorQueueConnector, abort, recv_payload, send_payload
-from .model import BagelModel
+from ..core.model import BagelModel
 from .stages import EventLog, Request, run_stage0, run_stage1
-from .tokenizer import BagelTokenizer
+from ..core.tokenizer import BagelTokenizer
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from .denoise import SamplingParams, VelocityFn
-from .model import BagelModel, BranchContext, GenSequence
-from .tokenizer import BagelTokenizer
-from .vae import to_uint8_image, unpatchify
+from ..core.model import BagelModel, BranchContext, GenSequence
+from ..core.tokenizer import BagelTokenizer
+from ..core.vae import to_uint8_image, unpatchify
 
 
 def tensor_md5(t: torch.Tensor) -> str:

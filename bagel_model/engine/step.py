@@ -15,8 +15,8 @@ import torch
 
 from bagel_kernels import token_alignment
 
-from .model import BagelModel, BranchContext
-from .packed import PackedAttention, PackedContext, PackedLayout, device_values, packed_context
+from ..core.model import BagelModel, BranchContext
+from .layout import PackedAttention, PackedContext, PackedLayout, device_values, packed_context
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,15 +16,15 @@ from typing import Callable
 
 import torch
 
-from .decode import greedy_decode
-from .denoise import DenoiseRequest, SamplingParams, denoise_batch
-from .denoise_step import PackedStep
-from .generation import GenerationResult, decode_latent, tensor_md5
+from ..engine.decode import greedy_decode
+from ..engine.denoise import DenoiseRequest, SamplingParams, denoise_batch
+from ..engine.step import PackedStep
+from ..engine.output import GenerationResult, decode_latent, tensor_md5
 from .kv_transfer import KVPayload, abort, extract, install, recv_payload, send_payload
-from .model import BagelModel, BranchContext
-from .prefill import PrefilledContext, TextBlock, new_cache, prefill, vae_block, vit_block
-from .tokenizer import BagelTokenizer
-from .transforms import vae_resize_rule
+from ..core.model import BagelModel, BranchContext
+from ..engine.prefill import PrefilledContext, TextBlock, new_cache, prefill, vae_block, vit_block
+from ..core.tokenizer import BagelTokenizer
+from ..core.transforms import vae_resize_rule
 
 MODES = ("text2img", "img2img", "text2text", "img2text")
 IMAGE_OUT, IMAGE_IN = ("text2img", "img2img"), ("img2img", "img2text")

@@ -17,7 +17,7 @@ from torch import nn
 from bagel_kernels import (ContiguousKV, ExpertSegments, KernelOptions, PagedKV, default_options, joint_attention,
                            qk_norm_rope, rms_norm_reference, routed_linear, routed_rms_norm)
 
-from .packing import ExpertPack
+from .expert_pack import ExpertPack
 
 
 class RMSNorm(nn.Module):

@@ -66,7 +66,7 @@ def save_pretrained(model: BagelModel, directory: str, tokenizer: BagelTokenizer
     os.makedirs(directory, exist_ok=True)
     model.cfg.save(directory)
     ema, ae = _split_state(model)
-    # clone: parameters are views of per-expert packs (bagel_model.packing), and safetensors refuses shared storage
+    # clone: parameters are views of per-expert packs (bagel_model.core.expert_pack), and safetensors refuses shared storage
     save_file({k: _to_release(k, v.detach().cpu()).contiguous().clone() for k, v in ema.items()},
               os.path.join(directory, EMA_FILE))
     save_file({k: v.detach().contiguous().cpu() for k, v in ae.items()}, os.path.join(directory, AE_FILE))
