@@ -1,4 +1,6 @@
-"""``bagel-generate``: text-to-image with the thin BAGEL model (tiny preset by default, runs on a laptop CPU)."""
+"""``bagel-generate``: a thin command-line shell over ``BagelPipeline`` (tiny preset by default, runs on a laptop
+CPU). Its requests are made by ``pipeline.make_requests`` and its defaults are ``core.sampling.resolve_sampling``'s,
+which ``--help`` prints."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +11,7 @@ import torch
 
 from bagel_kernels import KernelOptions
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+from .pipeline import DTYPES
 
 
 class DefaultsFormatter(argparse.HelpFormatter):
@@ -24,20 +25,27 @@ class DefaultsFormatter(argparse.HelpFormatter):
         return h + " (default: %(default)s)"
 
 
-def _gen_help(key: str, what: str) -> str:
-    from .core.config import IMG2IMG_DEFAULTS, GenerationDefaults
+def _defaults_help(key: str, what: str) -> str:
+    """``what`` followed by the resolver's default of ``key`` for each preset and image mode."""
+    from .core.config import PRESETS, BagelConfig
+    from .core.sampling import resolve_sampling
 
-    t2i = getattr(GenerationDefaults(), key)
-    fmt = (lambda v: f"{v[0]} {v[1]}") if isinstance(t2i, tuple) else str
-    return f"{what} (default: the preset's, {fmt(t2i)} for text2img; {fmt(IMG2IMG_DEFAULTS.get(key, t2i))} for img2img)"
+    def fmt(v):
+        return f"{v[0]} {v[1]}" if isinstance(v, tuple) else str(v)
+
+    parts = []
+    for name in PRESETS:
+        cfg = BagelConfig.preset(name)
+        t2i = getattr(resolve_sampling(cfg, "text2img"), key)
+        i2i = getattr(resolve_sampling(cfg, "img2img"), key)
+        parts.append(f"{name}: {fmt(t2i)}" + (f" (img2img {fmt(i2i)})" if i2i != t2i else ""))
+    return f"{what} (default: the model's; presets: {'; '.join(parts)})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from bagel_kernels import LAYOUTS
 
-    from .core.config import PRESETS, BagelConfig
-
-    steps_by_preset = ", ".join(f"{n}: {BagelConfig.preset(n).generation.num_timesteps}" for n in PRESETS)
+    from .core.config import PRESETS
     p = argparse.ArgumentParser(
         prog="bagel-generate",
         description="Generate an image from a prompt with the thin BAGEL-7B-MoT model. Without --checkpoint the "
@@ -55,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the AR stage and the diffusion stage as two processes joined by a KV connector (CUDA "
                         "IPC of the KV tensors on a GPU, shared memory on CPU; image modes); the image is "
                         "bit-identical to the single-stage run")
-    p.add_argument("--kv-layout", default="flashinfer_nhd", choices=list(LAYOUTS),
-                   help="paged KV layout of the diffusion stage (the AR stage writes flash_attn)")
+    p.add_argument("--kv-layout", default=None, choices=list(LAYOUTS),
+                   help="with --split: the paged KV layout the diffusion stage installs the received KV into (the AR "
+                        "stage writes flash_attn; default: flashinfer_nhd)")
     p.add_argument("--config", default="tiny", choices=list(PRESETS),
                    help="embedded preset (ignored with --checkpoint)")
     p.add_argument("--checkpoint", default=None, help="BAGEL checkpoint directory in the released layout "
@@ -64,12 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--byte-tokenizer", action="store_true",
                    help="with --checkpoint: accept a directory without tokenizer.json and use the built-in "
                         "byte-level tokenizer (right only for checkpoints trained with it, e.g. saved tiny ones)")
-    p.add_argument("--prompt", default="a red cube", help="text prompt")
-    p.add_argument("--prompts-file", default=None, metavar="FILE",
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="a red cube", help="text prompt")
+    prompt.add_argument("--prompts-file", default=None, metavar="FILE",
                    help="a batch: one prompt per line (blank lines skipped), generated together — every denoise step "
                         "packs all requests' CFG jobs into one forward — each bit-identical to its run alone; request "
                         "i gets seed --seed + i and writes --out with '-i' before the suffix (text2img, text2text)")
-    p.add_argument("--prompt-ids", type=int, nargs="+", default=None, metavar="ID",
+    prompt.add_argument("--prompt-ids", type=int, nargs="+", default=None, metavar="ID",
                    help="the prompt as token ids instead of --prompt (e.g. for a checkpoint without tokenizer files); "
                         "the chat markers are added as for text")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (and of img2img's VAE "
@@ -78,27 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the preset's random weights (without --checkpoint): vary --seed for another image "
                         "from the same model, this for another model")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"timesteps (N-1 Euler steps), >= 2 (default: the preset's: {steps_by_preset})")
+                   help=_defaults_help("steps", "timesteps (N-1 Euler steps), >= 2"))
     p.add_argument("--size", type=int, default=None,
-                   help="text2img image side in pixels, a multiple of 16 (default: 64); img2img takes the input "
-                        "image's size and refuses --size")
+                   help=_defaults_help("height", "text2img image side in pixels, a multiple of 16; img2img takes the "
+                                       "input image's size and refuses --size"))
     p.add_argument("--out", default="out.png", help="output image path; the format follows the suffix (.png, "
                    ".jpg, .webp, ...); checked for writability before generating")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--cfg-text-scale", type=float, default=None,
-                   help=_gen_help("cfg_text_scale", "classifier-free guidance scale of the text condition (> 1 "
+                   help=_defaults_help("cfg_text_scale", "classifier-free guidance scale of the text condition (> 1 "
                                   "enables the text branch)"))
     p.add_argument("--cfg-img-scale", type=float, default=None,
-                   help=_gen_help("cfg_img_scale", "guidance scale of the image condition (> 1 enables the image "
-                                  "branch)"))
+                   help=_defaults_help("cfg_img_scale", "guidance scale of the image condition (> 1 enables the image "
+                                       "branch)"))
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help=_gen_help("cfg_interval", "guidance applies only for timesteps t with LO < t <= HI"))
+                   help=_defaults_help("cfg_interval", "guidance applies only for timesteps t with LO < t <= HI"))
     p.add_argument("--cfg-renorm-type", default=None, choices=["global", "channel", "text_channel"],
-                   help=_gen_help("cfg_renorm_type", "how the guided velocity's norm is renormalized"))
+                   help=_defaults_help("cfg_renorm_type", "how the guided velocity's norm is renormalized"))
+    p.add_argument("--cfg-renorm-min", type=float, default=None,
+                   help=_defaults_help("cfg_renorm_min", "lower clamp of the renormalization factor"))
     p.add_argument("--timestep-shift", type=float, default=None,
-                   help=_gen_help("timestep_shift", "shift s of the schedule t -> s*t/(1+(s-1)*t), > 0"))
+                   help=_defaults_help("timestep_shift", "shift s of the schedule t -> s*t/(1+(s-1)*t), > 0"))
     p.add_argument("--threads", type=int, default=1, help="CPU threads, >= 1 (fixed so reductions, and md5s, are "
                    "reproducible)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -126,7 +138,7 @@ def check_args(args) -> None:
                          + ("takes the input image's size" if args.mode == "img2img" else "makes no image"))
     if args.max_tokens is not None and args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    for name in ("cfg_text_scale", "cfg_img_scale", "timestep_shift"):
+    for name in ("cfg_text_scale", "cfg_img_scale", "cfg_renorm_min", "timestep_shift"):
         v = getattr(args, name)
         if v is not None and not math.isfinite(v):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
@@ -134,22 +146,15 @@ def check_args(args) -> None:
         raise ValueError(f"--cfg-interval must be finite numbers, got {args.cfg_interval}")
     if args.byte_tokenizer and not args.checkpoint:
         raise ValueError("--byte-tokenizer is for --checkpoint directories (presets always use it)")
-    check_device(args.device)
+    if args.kv_layout is not None and not args.split:
+        raise ValueError("--kv-layout is the diffusion stage's layout under --split; without --split the contexts "
+                         "stay where the prefill wrote them")
+    from .pipeline import check_device
 
-
-def check_device(device: str) -> None:
     try:
-        d = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:N): {e}") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA GPU is visible to torch "
-                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'})")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
-    elif d.type != "cpu":
-        raise ValueError(f"--device {device!r}: only cpu and cuda are supported")
+        check_device(args.device)
+    except ValueError as e:
+        raise ValueError(f"--device: {e}") from None
 
 
 def check_positions(cfg, n_prompt: int, mode: str, max_tokens: int) -> None:
@@ -161,49 +166,24 @@ def check_positions(cfg, n_prompt: int, mode: str, max_tokens: int) -> None:
                          f"{n} positions; {cfg.name} has {limit}")
 
 
-def resolve_dtype(args) -> torch.dtype:
-    return DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
+def load_pipeline(args):
+    """The pipeline of ``--checkpoint`` (a directory) or of the ``--config`` preset with ``--weights-seed``."""
+    from .pipeline import BagelPipeline
 
-
-def load_model(args):
-    from .core.checkpoint import from_pretrained
-    from .core.config import BagelConfig
-    from .core.memory import check_fits
-    from .core.model import BagelModel
-    from .core.tokenizer import BagelTokenizer
-
-    dtype = resolve_dtype(args)
     kernels = KernelOptions(mode=args.kernels)
     if args.checkpoint:
-        return from_pretrained(args.checkpoint, device=args.device, dtype=dtype, byte_tokenizer=args.byte_tokenizer,
-                               kernels=kernels)
-    cfg = BagelConfig.preset(args.config)
-    check_fits(cfg, dtype, args.device)  # refuse with the number before allocating
-    return (BagelModel.random(cfg, seed=args.weights_seed, dtype=dtype, device=args.device, kernels=kernels),
-            BagelTokenizer.from_directory(None))
+        return BagelPipeline.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, kernels=kernels,
+                                             byte_tokenizer=args.byte_tokenizer)
+    return BagelPipeline.from_preset(args.config, device=args.device, dtype=args.dtype, kernels=kernels,
+                                     weights_seed=args.weights_seed)
 
 
-DEFAULT_SIZE = 64  # text2img side without --size: the tiny preset's whole latent grid is 16x16 tokens = 256 px
-
-
-def sampling_params(args, cfg, size: tuple[int, int] | None = None):
-    """The preset's generation defaults (img2img's own for editing), overridden by whatever the command line gives."""
-    from dataclasses import asdict
-
-    from .core.config import IMG2IMG_DEFAULTS
-    from .engine.denoise import SamplingParams
-
-    p = asdict(cfg.generation)
-    if getattr(args, "mode", "text2img") == "img2img":
-        p.update(IMG2IMG_DEFAULTS)
-    steps = p.pop("num_timesteps")
-    overrides = {"cfg_text_scale": args.cfg_text_scale, "cfg_img_scale": args.cfg_img_scale,
-                 "timestep_shift": args.timestep_shift, "cfg_renorm_type": args.cfg_renorm_type,
-                 "cfg_interval": tuple(args.cfg_interval) if args.cfg_interval else None}
-    p.update({k: v for k, v in overrides.items() if v is not None})
-    h, w = size or ((args.size, args.size) if args.size is not None else (DEFAULT_SIZE, DEFAULT_SIZE))
-    return SamplingParams(steps=args.steps if args.steps is not None else steps, seed=args.seed, height=h,
-                          width=w, **p).validate()
+def request_args(args) -> dict:
+    """The sampling parameters the command line gives (None: not given, the resolver's default)."""
+    return dict(steps=args.steps, height=args.size, width=args.size, cfg_text_scale=args.cfg_text_scale,
+                cfg_img_scale=args.cfg_img_scale, cfg_renorm_min=args.cfg_renorm_min,
+                cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
+                cfg_renorm_type=args.cfg_renorm_type, timestep_shift=args.timestep_shift)
 
 
 def file_md5(path: str) -> str:
@@ -211,13 +191,6 @@ def file_md5(path: str) -> str:
 
     with open(path, "rb") as f:
         return hashlib.md5(f.read()).hexdigest()
-
-
-def _output_size(cfg, image):
-    """img2img's output size: the input image's after upstream's VAE-side resize."""
-    from .core.transforms import vae_resize_rule
-
-    return vae_resize_rule(cfg).output_size(*image.shape[:2])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,60 +201,31 @@ def main(argv: list[str] | None = None) -> int:
     from .core.checkpoint import CheckpointError
     from .core.image_io import ImageFileError, check_writable, read_image, write_image
     from .core.memory import InsufficientMemoryError
-    prompt = "" if args.prompt_ids is not None else args.prompt
-    from .pipeline import BagelPipeline
-    from .serving.stages import IMAGE_OUT, Request
+    from .pipeline import make_requests
+    from .serving.stages import IMAGE_OUT
 
     try:
         check_args(args)
         torch.set_num_threads(args.threads)
+        if args.prompts_file:
+            return _run_batch(args)
         if args.mode in IMAGE_OUT:
             check_writable(args.out)  # before the generation, not after it
         image = read_image(args.image) if args.image else None
         if args.mode in ("img2img", "img2text") and image is None:
             raise ValueError(f"--mode {args.mode} needs --image")
-        max_tokens = args.max_tokens if args.max_tokens is not None else (0 if args.mode in IMAGE_OUT else 32)
-        if args.prompts_file:
-            return _run_batch(args, max_tokens)
+        prompt = [] if args.prompt_ids is not None else [args.prompt]
         if args.split:
-            from .core.config import BagelConfig
-            from .serving.split import ModelSpec, run_split_processes
-            from .core.tokenizer import BagelTokenizer
-
-            dtype = resolve_dtype(args)
-            spec = ModelSpec(preset=args.config, seed=args.weights_seed, device=args.device,
-                             checkpoint=args.checkpoint, dtype=str(dtype).replace("torch.", ""), threads=args.threads,
-                             byte_tokenizer=args.byte_tokenizer, kernels=KernelOptions(mode=args.kernels))
-            cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
-            if not args.checkpoint:
-                from .core.memory import check_fits
-
-                check_fits(cfg, dtype, args.device, copies=2)  # one model per stage process
-            params = sampling_params(args, cfg, _output_size(cfg, image) if args.mode == "img2img" else None)
-            cfg.check_image_size(params.height, params.width)
-            tok = BagelTokenizer.from_directory(args.checkpoint, byte_fallback=args.byte_tokenizer or not args.checkpoint)
-            n_prompt = len(tok.wrap_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else tok.encode_prompt(prompt))
-            check_positions(cfg, n_prompt, args.mode, max_tokens)
-            req = Request(args.mode, prompt, params, image, max_tokens, prompt_ids=args.prompt_ids)
-            res = run_split_processes(spec, req, layout1=args.kv_layout)
-            s1 = res["stage1"]
-            result_image, latent_md5, image_md5 = torch.from_numpy(s1["image"]), s1["latent_md5"], s1["image_md5"]
-            text = res["stage0"]["text"]
-            if "error" in res["stage0"]:  # the image is complete (stage 1 held a verified KV); stage 0's text is not
-                print(f"bagel-generate: warning: stage 0 failed after handing over its KV ({res['stage0']['error']}); "
-                      "the image is complete, the decoded text is lost", file=sys.stderr)
+            text, result_image, latent_md5, image_md5, params = _run_split(args, prompt, image)
         else:
-            from .core.config import BagelConfig
-
-            cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
-            params = sampling_params(args, cfg, _output_size(cfg, image) if args.mode == "img2img" else None)
-            cfg.check_image_size(params.height, params.width)  # before the weights are loaded
-            model, tok = load_model(args)
-            n_prompt = len(tok.wrap_prompt_ids(args.prompt_ids) if args.prompt_ids is not None else tok.encode_prompt(prompt))
-            check_positions(model.cfg, n_prompt, args.mode, max_tokens)
-            req = Request(args.mode, prompt, params, image, max_tokens, prompt_ids=args.prompt_ids)
-            r0, r1 = BagelPipeline(model, tok).generate(req, kv_layout=args.kv_layout, progress=not args.no_progress)
-            text = r0.text
+            pipe = load_pipeline(args)
+            pipe.set_progress_bar_config(disable=args.no_progress)
+            (req,) = make_requests(pipe.model.cfg, prompt, args.mode, images=[image] if image is not None else None,
+                                   seeds=[args.seed], max_new_tokens=args.max_tokens, prompt_ids=args.prompt_ids,
+                                   **request_args(args))
+            check_positions(pipe.model.cfg, _prompt_tokens(pipe.tokenizer, req), args.mode, req.max_tokens)
+            r0, r1 = pipe.generate(req, progress=not args.no_progress)
+            text, params = r0.text, req.params
             if r1 is not None:
                 result_image, latent_md5, image_md5 = r1.image, r1.latent_md5, r1.image_md5
         if args.mode in IMAGE_OUT:
@@ -290,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             RuntimeError) as e:
         print(f"bagel-generate: error: {e}", file=sys.stderr)
         return 2
-    if max_tokens:
+    if args.max_tokens or (args.max_tokens is None and args.mode not in IMAGE_OUT):  # text was decoded
         print(f"text: {text!r}")
     if args.mode in IMAGE_OUT:
         print(f"latent md5 {latent_md5}  (final fp32 latent tensor)")
@@ -299,6 +243,37 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out} ({params.width}x{params.height}, {params.steps} steps, seed {params.seed}"
               f"{', split' if args.split else ''})")
     return 0
+
+
+def _prompt_tokens(tok, req) -> int:
+    return len(tok.wrap_prompt_ids(req.prompt_ids) if req.prompt_ids is not None else tok.encode_prompt(req.prompt))
+
+
+def _run_split(args, prompt: list[str], image):
+    """``--split``: the request made as the pipeline makes it, run by two stage processes (each loads the model)."""
+    from .core.config import BagelConfig
+    from .core.memory import check_fits
+    from .core.tokenizer import BagelTokenizer
+    from .pipeline import make_requests, resolve_dtype
+    from .serving.split import ModelSpec, run_split_processes
+
+    dtype = resolve_dtype(args.dtype, args.device)
+    spec = ModelSpec(preset=args.config, seed=args.weights_seed, device=args.device, checkpoint=args.checkpoint,
+                     dtype=str(dtype).replace("torch.", ""), threads=args.threads, byte_tokenizer=args.byte_tokenizer,
+                     kernels=KernelOptions(mode=args.kernels))
+    cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
+    if not args.checkpoint:
+        check_fits(cfg, dtype, args.device, copies=2)  # one model per stage process
+    (req,) = make_requests(cfg, prompt, args.mode, images=[image] if image is not None else None, seeds=[args.seed],
+                           max_new_tokens=args.max_tokens, prompt_ids=args.prompt_ids, **request_args(args))
+    tok = BagelTokenizer.from_directory(args.checkpoint, byte_fallback=args.byte_tokenizer or not args.checkpoint)
+    check_positions(cfg, _prompt_tokens(tok, req), args.mode, req.max_tokens)
+    res = run_split_processes(spec, req, layout1=args.kv_layout or "flashinfer_nhd")
+    s1 = res["stage1"]
+    if "error" in res["stage0"]:  # the image is complete (stage 1 held a verified KV); stage 0's text is not
+        print(f"bagel-generate: warning: stage 0 failed after handing over its KV ({res['stage0']['error']}); "
+              "the image is complete, the decoded text is lost", file=sys.stderr)
+    return res["stage0"]["text"], torch.from_numpy(s1["image"]), s1["latent_md5"], s1["image_md5"], req.params
 
 
 def batch_out_path(out: str, i: int) -> str:
@@ -318,37 +293,32 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _run_batch(args, max_tokens: int) -> int:
-    """``--prompts-file``: every prompt as one request of one batched generation (``BagelPipeline.generate_batch``)."""
-    from dataclasses import replace
-
-    from .core.config import BagelConfig
+def _run_batch(args) -> int:
+    """``--prompts-file``: every prompt as one request of one batched generation (``BagelPipeline.generate_batch``);
+    request i gets seed --seed + i."""
     from .core.image_io import check_writable, write_image
-    from .pipeline import BagelPipeline
-    from .serving.stages import IMAGE_OUT, Request
+    from .pipeline import make_requests
+    from .serving.stages import IMAGE_OUT
 
     if args.mode not in ("text2img", "text2text"):
         raise ValueError(f"--prompts-file runs text2img or text2text batches, not --mode {args.mode}")
-    if args.split or args.prompt_ids is not None:
-        raise ValueError("--prompts-file cannot be combined with --split or --prompt-ids")
+    if args.split:
+        raise ValueError("--prompts-file cannot be combined with --split")
     prompts = read_prompts(args.prompts_file)
     if args.seed + len(prompts) > 2**64:
         raise ValueError(f"--seed {args.seed} + {len(prompts)} requests leaves [0, 2**64)")
     outs = [batch_out_path(args.out, i) for i in range(len(prompts))] if args.mode in IMAGE_OUT else []
     for o in outs:
         check_writable(o)
-    cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
-    params = sampling_params(args, cfg)
-    cfg.check_image_size(params.height, params.width)
-    model, tok = load_model(args)
-    for pr in prompts:
-        check_positions(model.cfg, len(tok.encode_prompt(pr)), args.mode, max_tokens)
-    reqs = [Request(args.mode, pr, replace(params, seed=params.seed + i), None, max_tokens, request_id=f"request-{i}")
-            for i, pr in enumerate(prompts)]
-    results = BagelPipeline(model, tok).generate_batch(reqs, kv_layout=args.kv_layout, progress=not args.no_progress)
+    pipe = load_pipeline(args)
+    reqs = make_requests(pipe.model.cfg, prompts, args.mode, seeds=[args.seed + i for i in range(len(prompts))],
+                         max_new_tokens=args.max_tokens, **request_args(args))
+    for req in reqs:
+        check_positions(pipe.model.cfg, _prompt_tokens(pipe.tokenizer, req), args.mode, req.max_tokens)
+    results = pipe.generate_batch(reqs, progress=not args.no_progress)
     for i, (req, (r0, r1)) in enumerate(zip(reqs, results)):
         print(f"[{i}] prompt {req.prompt!r} seed {req.params.seed}")
-        if max_tokens:
+        if req.max_tokens:
             print(f"    text: {r0.text!r}")
         if r1 is not None:
             write_image(r1.image, outs[i])

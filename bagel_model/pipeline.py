@@ -1,40 +1,35 @@
 """BagelPipeline: BAGEL end to end on one device — ``pipe(prompt, ...)`` in diffusers' shape, ``from_pretrained`` /
-``save_pretrained`` / ``to``, over the explicit ``Request`` API (``generate``, ``generate_batch``) and the sweep's
-``text_to_image`` (parallel runs plug in their velocity function)."""
+``save_pretrained`` / ``to``, over the explicit ``Request`` API (``generate``, ``generate_batch``). ``make_requests``
+turns a call's arguments into requests (the CLI's split run uses it too); every default comes from
+``core.sampling.resolve_sampling``."""
 from __future__ import annotations
 
-import numbers
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from bagel_kernels import KernelOptions, token_alignment
+from bagel_kernels import KernelOptions
 
 from .core import checkpoint
-from .engine.denoise import DenoiseRequest, SamplingParams, VelocityFn, denoise, denoise_batch
-from .engine.step import PackedStep
-# The generation pieces moved to ``generation`` (stages needs them, and stages must not import pipeline); they are
-# re-exported here for existing callers.
-from .engine.output import (GenerationResult, decode_latent, single_device_velocities, tensor_md5,  # noqa: F401
-                         text_to_image_contexts)
-from .core.config import IMG2IMG_DEFAULTS, PRESETS, BagelConfig
+from .core.config import PRESETS, BagelConfig
 from .core.image_io import as_rgb_tensor
 from .core.memory import check_fits
-from .core.model import BagelModel, GenSequence, make_gen_sequence
-from .serving.stages import IMAGE_IN, IMAGE_OUT, MODES, Request, run_stage0, run_stage1_batch
+from .core.model import BagelModel
+from .core.sampling import _integer, resolve_sampling
 from .core.tokenizer import BagelTokenizer
 from .core.transforms import vae_resize_rule
+from .engine.step import PackedStep
+from .serving.stages import IMAGE_IN, IMAGE_OUT, MODES, Request, run_stage0, run_stage1_batch
 
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-# arguments of __call__ that only the denoiser reads: a text mode given one would silently ignore it
-_DENOISE_ARGS = ("height", "width", "num_inference_steps", "cfg_text_scale", "cfg_img_scale", "cfg_interval",
-                 "cfg_renorm_type", "cfg_renorm_min", "timestep_shift", "callback_on_step_end")
+# the diffusers-style name of a sampling parameter, for messages
+_ARG_NAMES = {"steps": "num_inference_steps"}
 
 
 @dataclass
@@ -70,7 +65,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -
     return dtype
 
 
-def _check_device(device: torch.device | str) -> torch.device:
+def check_device(device: torch.device | str) -> torch.device:
     try:
         d = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -96,19 +91,6 @@ def _kernel_options(kernels: KernelOptions | str | None) -> KernelOptions | None
     return kernels
 
 
-def _integer(name: str, v) -> int:
-    """A Python int from an int-like (numpy integers included); bools and floats are errors, not truncations."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
-    return int(v)
-
-
-def _real(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {v!r} ({type(v).__name__})")
-    return float(v)
-
-
 def _seeds(n: int, seed, generator) -> list[int]:
     """One noise seed per prompt, from ``seed`` (int or list) or ``generator`` (torch.Generator or list)."""
     if seed is not None and generator is not None:
@@ -131,12 +113,6 @@ def _seeds(n: int, seed, generator) -> list[int]:
     return seeds
 
 
-def default_image_size(cfg) -> int:
-    """text2img's default side: the model's whole latent position table (1024 for BAGEL-7B-MoT, upstream's
-    default; 256 for ``tiny``)."""
-    return cfg.max_latent_size * cfg.latent_downsample
-
-
 def _output_image(image: torch.Tensor, output_type: str):
     if output_type == "pil":
         from PIL import Image
@@ -145,6 +121,53 @@ def _output_image(image: torch.Tensor, output_type: str):
     if output_type == "np":
         return image.cpu().numpy().astype(np.float32) / np.float32(255.0)
     return image.permute(2, 0, 1).float() / 255.0
+
+
+def make_requests(cfg: BagelConfig, prompts: list[str] | None, mode: str = "text2img", *,
+                  images: list[torch.Tensor] | None = None, seeds: list[int] | None = None,
+                  max_new_tokens: int | None = None, prompt_ids: list[int] | None = None, **sampling) -> list[Request]:
+    """The requests of one call: one per prompt (or one for ``prompt_ids``), each with ``SamplingParams`` from
+    ``resolve_sampling(cfg, mode, **sampling)`` (a None value is "not given"). ``images``: (H, W, 3) uint8 tensors,
+    one for all prompts or one per prompt; img2img's size is its image's after upstream's resize rule. ``seeds``: one
+    per prompt (default 0). ``max_new_tokens``: default 32 for text modes, 0 for images. Everything a mode would
+    ignore is an error here, before any work."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if prompt_ids is not None:
+        if prompts:
+            raise ValueError("give the prompt as text or as prompt_ids, not both")
+        prompts = [""]
+    n = len(prompts)
+    if mode not in IMAGE_OUT:
+        extra = [k for k, v in sampling.items() if v is not None]
+        if extra:
+            raise ValueError(f"mode {mode} produces text: {', '.join(_ARG_NAMES.get(k, k) for k in extra)} "
+                             "would be ignored")
+    if mode in IMAGE_IN and not images:
+        raise ValueError(f"mode {mode} needs an input image (image=...)")
+    if mode not in IMAGE_IN and images:
+        raise ValueError(f"mode {mode} takes no input image; an image given means img2img (or mode='img2text')")
+    if mode == "img2img" and (sampling.get("height") is not None or sampling.get("width") is not None):
+        raise ValueError("img2img outputs the input image's size (resized as upstream BAGEL does); height and "
+                         "width are for text2img")
+    if images is not None and len(images) not in (1, n):
+        raise ValueError(f"{len(images)} images for {n} prompts: give one, or one per prompt")
+    per_prompt_images = (images * n if len(images) == 1 else images) if images else [None] * n
+    seeds = seeds if seeds is not None else [0] * n
+    tokens = 32 if mode not in IMAGE_OUT else 0
+    if max_new_tokens is not None:
+        tokens = _integer("max_new_tokens", max_new_tokens)
+    reqs = []
+    for i, (prompt, im, seed) in enumerate(zip(prompts, per_prompt_images, seeds)):
+        given = dict(sampling, seed=seed)
+        if mode == "img2img":
+            given["height"], given["width"] = vae_resize_rule(cfg).output_size(*im.shape[:2])
+        params = resolve_sampling(cfg, mode, **given)
+        if mode in IMAGE_OUT:
+            cfg.check_image_size(params.height, params.width)
+        reqs.append(Request(mode, prompt, params, im, tokens, request_id=f"request-{i}",
+                            prompt_ids=prompt_ids).validate())
+    return reqs
 
 
 class BagelPipeline:
@@ -167,38 +190,55 @@ class BagelPipeline:
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: torch.device | str = "cpu",
                         dtype: torch.dtype | str | None = None, kernels: KernelOptions | str | None = None,
-                        weights_seed: int | None = None,
-                        byte_tokenizer: bool = False, check_memory: bool = True) -> "BagelPipeline":
-        """A checkpoint directory in BAGEL-7B-MoT's released layout (loaded strictly; a directory of that name
-        wins over a preset), or a preset name (``"tiny"``, ``"bagel-7b-mot"``) with random weights drawn from
-        ``weights_seed`` (default 0; the same on every device). ``dtype``: default float32 on CPU, bfloat16 on
-        CUDA (the VAE always runs in float32). ``kernels``: ``bagel_kernels.KernelOptions`` or its mode name
-        ("exact" | "fast"); None is the process default. ``byte_tokenizer``: a directory without
+                        weights_seed: int | None = None, byte_tokenizer: bool = False, check_memory: bool = True,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool | None = None) -> "BagelPipeline":
+        """A checkpoint in BAGEL-7B-MoT's released layout — a directory, or a hub id (``"ByteDance-Seed/BAGEL-7B-MoT"``)
+        resolved through huggingface_hub's cache (``revision``, ``cache_dir``; ``local_files_only`` or
+        ``HF_HUB_OFFLINE=1``: the cache alone) — loaded strictly; or a preset name (``"tiny"``, ``"bagel-7b-mot"``:
+        ``from_preset``). A directory of a preset's name wins over the preset. ``dtype``: default float32 on CPU,
+        bfloat16 on CUDA (the VAE always runs in float32). ``kernels``: ``bagel_kernels.KernelOptions`` or its mode
+        name ("exact" | "fast"); None is the process default. ``byte_tokenizer``: a directory without
         ``tokenizer.json`` gets the built-in byte-level tokenizer (presets always use it). ``check_memory``: refuse,
         with the numbers, weights that cannot fit on ``device``."""
+        from .core.hub import looks_like_hub_id, resolve_hub_id
+
         name = os.fspath(name_or_path)
-        device = _check_device(device)
-        dtype = resolve_dtype(dtype, device)
-        options = _kernel_options(kernels)
-        if os.path.isdir(name):
-            if weights_seed is not None:
-                raise ValueError(f"weights_seed is for presets' random weights; {name!r} is a checkpoint directory")
-            model, tok = checkpoint.from_pretrained(name, device=device, dtype=dtype, byte_tokenizer=byte_tokenizer,
-                                                    check_memory=check_memory, kernels=options)
-        elif name in PRESETS:
+        if not os.path.isdir(name) and name in PRESETS:
             if byte_tokenizer:
                 raise ValueError("byte_tokenizer is for checkpoint directories (presets always use it)")
-            cfg = BagelConfig.preset(name)
-            if check_memory:
-                check_fits(cfg, dtype, device)  # refuse with the number before allocating
-            seed = 0 if weights_seed is None else _integer("weights_seed", weights_seed)
-            if not 0 <= seed < 2**64:
-                raise ValueError(f"weights_seed must be in [0, 2**64), got {seed}")
-            model = BagelModel.random(cfg, seed=seed, dtype=dtype, device=device, kernels=options)
-            tok = BagelTokenizer.from_directory(None)
-        else:
-            raise ValueError(f"{name!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+            return cls.from_preset(name, device, dtype, kernels, weights_seed, check_memory)
+        if weights_seed is not None:
+            raise ValueError(f"weights_seed is for presets' random weights; {name!r} is a checkpoint")
+        if not os.path.isdir(name):
+            if not looks_like_hub_id(name):
+                raise ValueError(f"{name!r} is neither a checkpoint directory, a hub id (owner/name) nor a preset "
+                                 f"({', '.join(PRESETS)})")
+            name = resolve_hub_id(name, revision, cache_dir, local_files_only)
+        device = check_device(device)
+        model, tok = checkpoint.from_pretrained(name, device=device, dtype=resolve_dtype(dtype, device),
+                                                byte_tokenizer=byte_tokenizer, check_memory=check_memory,
+                                                kernels=_kernel_options(kernels))
         return cls(model, tok)
+
+    @classmethod
+    def from_preset(cls, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
+                    kernels: KernelOptions | str | None = None, weights_seed: int | None = None,
+                    check_memory: bool = True) -> "BagelPipeline":
+        """An embedded preset (``"tiny"``, ``"bagel-7b-mot"``) with random weights drawn from ``weights_seed``
+        (default 0; the same on every device) and the built-in byte-level tokenizer."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
+        device = check_device(device)
+        dtype = resolve_dtype(dtype, device)
+        cfg = BagelConfig.preset(name)
+        if check_memory:
+            check_fits(cfg, dtype, device)  # refuse with the number before allocating
+        seed = 0 if weights_seed is None else _integer("weights_seed", weights_seed)
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"weights_seed must be in [0, 2**64), got {seed}")
+        model = BagelModel.random(cfg, seed=seed, dtype=dtype, device=device, kernels=_kernel_options(kernels))
+        return cls(model, BagelTokenizer.from_directory(None))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the model and tokenizer in the released layout; ``from_pretrained(directory)`` gives the same
@@ -225,7 +265,7 @@ class BagelPipeline:
                 isinstance(device, torch.dtype) or device in DTYPES):
             device, dtype = None, device
         m = self.model
-        dev = _check_device(device) if device is not None else m.device
+        dev = check_device(device) if device is not None else m.device
         dt = resolve_dtype(dtype, dev) if dtype is not None else m.dtype
         if dev.type == "cuda" and (dev != m.device or dt != m.dtype):
             check_fits(m.cfg, dt, dev)
@@ -320,63 +360,18 @@ class BagelPipeline:
         if any(name != "latents" for name in tensor_inputs):
             raise ValueError(f"callback_on_step_end_tensor_inputs={tensor_inputs!r}: the only tensor input BAGEL's "
                              "callback offers is 'latents'")
-        given = dict(height=height, width=width, num_inference_steps=num_inference_steps,
-                     cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,
-                     cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min, timestep_shift=timestep_shift,
-                     callback_on_step_end=callback_on_step_end)
-        if mode not in IMAGE_OUT:
-            extra = [k for k in _DENOISE_ARGS if given[k] is not None]
-            if extra:
-                raise ValueError(f"mode {mode} produces text: {', '.join(extra)} would be ignored")
-        if mode in IMAGE_IN and image is None:
-            raise ValueError(f"mode {mode} needs an input image (image=...)")
-        if mode not in IMAGE_IN and image is not None:
-            raise ValueError(f"mode {mode} takes no input image; an image given means img2img (or mode='img2text')")
-        if mode == "img2img" and (height is not None or width is not None):
-            raise ValueError("img2img outputs the input image's size (resized as upstream BAGEL does); height and "
-                             "width are for text2img")
-        images: list = [None] * n
+        if mode not in IMAGE_OUT and callback_on_step_end is not None:
+            raise ValueError(f"mode {mode} produces text: callback_on_step_end would be ignored")
+        images: list | None = None
         if image is not None:
             batched = isinstance(image, (list, tuple)) or (isinstance(image, (np.ndarray, torch.Tensor))
                                                              and image.ndim == 4)
-            given_images = list(image) if batched else [image]
-            if len(given_images) not in (1, n):
-                raise ValueError(f"{len(given_images)} images for {n} prompts: give one, or one per prompt")
-            converted = [as_rgb_tensor(im) for im in given_images]
-            images = converted * n if len(converted) == 1 else converted
-        seeds = _seeds(n, seed, generator)
-        tokens = 32 if mode not in IMAGE_OUT else 0
-        if max_new_tokens is not None:
-            tokens = _integer("max_new_tokens", max_new_tokens)
-
-        cfg = self.model.cfg
-        base = asdict(cfg.generation)
-        if mode == "img2img":
-            base.update(IMG2IMG_DEFAULTS)
-        base["steps"] = base.pop("num_timesteps")
-        if num_inference_steps is not None:
-            base["steps"] = _integer("num_inference_steps", num_inference_steps)
-        for k in ("cfg_text_scale", "cfg_img_scale", "cfg_renorm_min", "timestep_shift"):
-            if given[k] is not None:
-                base[k] = _real(k, given[k])
-        if cfg_interval is not None:
-            if not isinstance(cfg_interval, (tuple, list)) or len(cfg_interval) != 2:
-                raise ValueError(f"cfg_interval must be two numbers (lo, hi), got {cfg_interval!r}")
-            base["cfg_interval"] = (_real("cfg_interval", cfg_interval[0]), _real("cfg_interval", cfg_interval[1]))
-        if cfg_renorm_type is not None:
-            base["cfg_renorm_type"] = cfg_renorm_type
-        side = default_image_size(cfg)
-        h = _integer("height", height) if height is not None else side
-        w = _integer("width", width) if width is not None else side
-        reqs = []
-        for i, (p, im, s) in enumerate(zip(prompts, images, seeds)):
-            size = (h, w)
-            if mode == "img2img":
-                size = vae_resize_rule(cfg).output_size(*im.shape[:2])
-            params = SamplingParams(seed=s, height=size[0], width=size[1], **base).validate()
-            if mode in IMAGE_OUT:
-                cfg.check_image_size(params.height, params.width)
-            reqs.append(Request(mode, p, params, im, tokens, request_id=f"request-{i}").validate())
+            images = [as_rgb_tensor(im) for im in (list(image) if batched else [image])]
+        reqs = make_requests(self.model.cfg, prompts, mode, images=images, seeds=_seeds(n, seed, generator),
+                             max_new_tokens=max_new_tokens, steps=num_inference_steps, height=height, width=width,
+                             cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,
+                             cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
+                             timestep_shift=timestep_shift)
 
         on_step = None
         if callback_on_step_end is not None:
@@ -398,13 +393,13 @@ class BagelPipeline:
                                   image_md5s=[r.image_md5 for r in outs])
         return out if return_dict else (out.images, out.text)
 
-    def generate(self, req, kv_layout: str = "flash_attn", progress: bool = False, engine=None):
+    def generate(self, req, progress: bool = False, engine=None):
         """Any mode through both stages in this process (single stage). Returns (stage-0 result, image result or
         None for text outputs). The split runs (``bagel_model.serving.stages.run_split_threads``,
         ``bagel_model.serving.split.run_split_processes``) give the same image bit for bit."""
-        return self.generate_batch([req], kv_layout, progress, engine)[0]
+        return self.generate_batch([req], progress, engine)[0]
 
-    def generate_batch(self, reqs: list, kv_layout: str = "flash_attn", progress: bool = False, engine=None,
+    def generate_batch(self, reqs: list, progress: bool = False, engine=None,
                        on_step: Callable[[int, int, float, torch.Tensor], torch.Tensor | None] | None = None) -> list:
         """Several requests at once (any modes, prompts, seeds, sizes, step counts, CFG settings): stage 0 for each,
         then ONE batched denoise in which every step packs the CFG jobs of all image requests still running into one
@@ -423,25 +418,8 @@ class BagelPipeline:
         if img:
             hook = None if on_step is None else (lambda j, k, t, x: on_step(img[j], k, t, x))
             engine = engine if engine is not None else self.step_engine()
-            outs = run_stage1_batch(self.model, [r0s[i].payload for i in img], [r0s[i].contexts for i in img],
-                                    kv_layout, progress=progress, engine=engine, on_step=hook)
+            outs = run_stage1_batch(self.model, [r0s[i].diffusion for i in img], progress=progress, engine=engine,
+                                    on_step=hook)
             for i, o in zip(img, outs):
                 r1s[i] = o
         return list(zip(r0s, r1s))
-
-    def text_to_image(self, prompt: str, params: SamplingParams, progress: bool = True,
-                      velocities: VelocityFn | None = None, seq: GenSequence | None = None,
-                      engine=None) -> GenerationResult:
-        """Text to image with the prompt's contexts prefilled contiguously (the sweep's path). ``velocities``
-        (with ``seq``) runs the per-branch reference loop instead of the packed step."""
-        params.validate()
-        contexts = text_to_image_contexts(self.model, self.tokenizer, prompt)
-        req = DenoiseRequest.start(self.model.cfg, params, contexts, self.model.device)
-        if velocities is not None:
-            seq = seq or make_gen_sequence(self.model.cfg, params.height, params.width, 1,
-                                           token_alignment(self.model.device, self.model.kernels))
-            x = denoise(req.x, params, velocities, progress=progress)
-        else:
-            (x,) = denoise_batch([req], engine if engine is not None else self.step_engine(), progress=progress)
-        image = decode_latent(self.model, x, req.grid)
-        return GenerationResult(latent=x, image=image, latent_md5=tensor_md5(x), image_md5=tensor_md5(image))

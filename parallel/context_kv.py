@@ -4,31 +4,35 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bagel_kernels import ContiguousKV
-from bagel_model.core.model import BranchContext
+from bagel_model.engine.kv_cache import Context, empty_context, new_cache
 
 from .mesh import guarded
 
 
-def broadcast_contexts(contexts: dict | None, names: list[str], num_layers: int, lengths: dict[str, int],
-                       kv_shape: tuple[int, int], dtype, device, src: int = 0) -> dict:
-    """Broadcast per-layer (K, V) of each named branch context from ``src``; shapes come from host metadata
-    (``lengths``, known to every rank from the prompt), so no shape exchange is needed."""
+def broadcast_contexts(contexts: dict[str, Context] | None, shapes: dict[str, tuple[int, int]], model,
+                       src: int = 0) -> dict[str, Context]:
+    """Broadcast each named context's per-layer (K, V) from ``src``; ``shapes`` gives each name's (length, RoPE
+    position), host metadata every rank knows from the prompt, so no shape exchange is needed. Every other rank
+    writes what it receives into a paged cache of its own (the same values: the step reads the same bits); ``src``
+    keeps its own contexts."""
     rank = dist.get_rank()
+    cfg = model.cfg
     out = {}
-    for name in names:
-        n = lengths[name]
-        if n == 0:
-            out[name] = BranchContext.empty(num_layers)
-            continue
-        kv = []
-        for i in range(num_layers):
+    for name, (n, rope) in shapes.items():
+        if rank == src:
+            out[name] = contexts[name]
+        elif n == 0:
+            out[name] = empty_context(model)
+        else:
+            out[name] = Context(new_cache(model, n), rope)
+        for i in range(cfg.num_layers if n else 0):
             if rank == src:
-                seg = contexts[name].kv[i]
-                buf = torch.stack([seg.k, seg.v]).contiguous()
+                buf = torch.stack(contexts[name].cache.read(i)).contiguous()
             else:
-                buf = torch.empty((2, n) + tuple(kv_shape), dtype=dtype, device=device)
+                buf = torch.empty((2, n, cfg.num_kv_heads, cfg.head_dim), dtype=model.dtype, device=model.device)
             guarded(f"context-KV broadcast {name} layer {i}", dist.broadcast, buf, src=src)
-            kv.append(ContiguousKV(buf[0], buf[1], seqlens=torch.full((1,), n, dtype=torch.int32, device=device)))
-        out[name] = BranchContext(kv=kv, rope_position=n, length=n)
+            if rank != src:
+                out[name].cache.write(i, buf[0], buf[1])
+        if rank != src and n:
+            out[name].cache.commit(n)
     return out

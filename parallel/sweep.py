@@ -145,11 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     from bagel_kernels import KernelOptions, token_alignment
     from bagel_model.core.checkpoint import from_pretrained
     from bagel_model.core.config import BagelConfig
-    from bagel_model.engine.denoise import DenoiseRequest, SamplingParams, denoise, denoise_batch, initial_noise, timestep_schedule
-    from bagel_model.engine.step import PackedStep
-    from bagel_model.core.model import BagelModel, make_gen_sequence
-    from bagel_model.pipeline import single_device_velocities, tensor_md5, text_to_image_contexts
+    from bagel_model.core.model import BagelModel
     from bagel_model.core.tokenizer import BagelTokenizer
+    from bagel_model.engine.denoise import DenoiseRequest, denoise
+    from bagel_model.engine.output import tensor_md5
+    from bagel_model.engine.step import PackedStep
+    from bagel_model.oracle import PerBranchStep
+    from bagel_model.pipeline import make_requests
+    from bagel_model.serving.stages import Request, prepare_image
 
     from .context_kv import broadcast_contexts
     from .denoise import ParallelStep
@@ -180,39 +183,40 @@ def main(argv: list[str] | None = None) -> int:
     model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
     cfg = model.cfg
     h, w = (args.size * 2)[:2]
-    params = SamplingParams(steps=args.steps, seed=args.seed, height=h, width=w,
-                            timestep_shift=cfg.generation.timestep_shift).validate()
+    # the request as the pipeline makes it (its defaults, the sweep's size, steps and seed), prefilled as stage 0 does
+    (request,) = make_requests(cfg, [args.prompt], "text2img", seeds=[args.seed], steps=args.steps, height=h, width=w)
+    params = request.params
     align = token_alignment(device, model.kernels)
-    schedule = timestep_schedule(params.steps, params.timestep_shift)
     n_lat = (h // cfg.latent_downsample) * (w // cfg.latent_downsample)
-    x0 = initial_noise(n_lat, cfg.patch_latent_dim, params.seed).to(device)
 
     # Baseline: one device, no communication (every rank runs it; rank 0's is the reference): the packed step, and
-    # the per-branch reference loop it must reproduce bit for bit.
+    # the per-branch oracle it must reproduce bit for bit.
     t0 = time.time()
-    contexts = text_to_image_contexts(model, tok, args.prompt)
-    grid = cfg.check_image_size(h, w)
-    base = denoise_batch([DenoiseRequest(x0, params, grid, contexts, schedule)], PackedStep(model, align),
-                         progress=False)[0]
+    prepared = prepare_image(model, tok, request)
+    base = denoise([prepared.start(model)], PackedStep(model, align), progress=False)[0]
     base_md5, base_s = tensor_md5(base), time.time() - t0
     rows = [dict(config="single", degrees="1", md5=base_md5, match=True, seconds=round(base_s, 3), mode="exact")]
     t0 = time.time()
-    seq1 = make_gen_sequence(cfg, h, w, 1, align)
-    ref = denoise(x0, params, single_device_velocities(model, seq1, contexts), progress=False, schedule=schedule)
+    ref = denoise([prepared.start(model)], PerBranchStep(model, align), progress=False)[0]
     ref_md5 = tensor_md5(ref)
     rows.append(dict(config="single-per-branch", degrees="1", md5=ref_md5, match=ref_md5 == base_md5,
                      seconds=round(time.time() - t0, 3), mode="exact"))
     failures = int(ref_md5 != base_md5 and args.kernels == "exact")
-    prompt_len = len(tok.encode_prompt(args.prompt))
-    lengths = {"full": prompt_len, "text": 0, "img": prompt_len}
-    kv_shape = (cfg.num_kv_heads, cfg.head_dim)
+
+    def shapes(inp) -> dict[str, tuple[int, int]]:  # (length, RoPE position) of the contexts to broadcast
+        return {b: (inp.contexts[b].length, inp.contexts[b].rope_position) for b in ("full", "text")}
+
+    def broadcast_request(inp) -> DenoiseRequest:
+        """Context KV once per request, from rank 0 (which prefilled it) to everyone."""
+        ctx = broadcast_contexts(inp.contexts if rank == 0 else None, shapes(inp), model)
+        ctx["img"] = ctx["full"]
+        return DenoiseRequest.start(cfg, inp.params, ctx, model.device)
+
     # Batched requests: other prompts, sizes, step counts, seeds and CFG settings in one packed step; each must give
     # the md5 it gives alone on one device.
-    batch = batch_requests(args, params, cfg)
-    batch_ctx = [text_to_image_contexts(model, tok, pr) for pr, _ in batch]
-    solo = [tensor_md5(denoise_batch([DenoiseRequest.start(cfg, pp, c, model.device)], PackedStep(model, align),
-                                     progress=False)[0]) for (_, pp), c in zip(batch, batch_ctx)]
-    batch_lengths = [len(tok.encode_prompt(pr)) for pr, _ in batch]
+    batch = [prepare_image(model, tok, Request("text2img", pr, pp, request_id=f"request-{i}"))
+             for i, (pr, pp) in enumerate(batch_requests(args, params, cfg))]
+    solo = [tensor_md5(denoise([inp.start(model)], PackedStep(model, align), progress=False)[0]) for inp in batch]
     wanted = set(args.only.split(",")) if args.only else None
     configs = configs_for(world, cfg.num_heads)
     # batched requests on: the last config (cfg3 with an idle rank, or plain cfg on small worlds), every exact CFG x SP
@@ -225,15 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         mesh = Mesh.build(pc, cfg.num_heads)
         guarded(f"{pc.name()}: barrier before the run", dist.barrier)
         t0 = time.time()
-        # Context KV once per request, from rank 0 (which prefilled it) to everyone.
-        ctx = broadcast_contexts(contexts if rank == 0 else None, ["full", "text"], cfg.num_layers, lengths,
-                                 kv_shape, dtype, device)
-        ctx["img"] = ctx["full"]
+        req = broadcast_request(prepared)
         x = None
         with CollectiveCounter() as counter:
             if mesh.active:
-                req = DenoiseRequest(x0, params, grid, ctx, schedule)
-                x = denoise_batch([req], ParallelStep(model, mesh, align), progress=False)[0]
+                x = denoise([req], ParallelStep(model, mesh, align), progress=False)[0]
         guarded(f"{pc.name()}: barrier after the run", dist.barrier)
         secs = time.time() - t0
         if mesh.active and mesh.rank == 0:
@@ -249,14 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         if pc.name() in batch_on:
             guarded(f"{pc.name()}: barrier before the batch", dist.barrier)
             t0 = time.time()
-            reqs = []
-            for i, ((pr, pp), c) in enumerate(zip(batch, batch_ctx)):
-                n = batch_lengths[i]
-                bc = broadcast_contexts(c if rank == 0 else None, ["full", "text"], cfg.num_layers,
-                                        {"full": n, "text": 0}, kv_shape, dtype, device)
-                bc["img"] = bc["full"]
-                reqs.append(DenoiseRequest.start(cfg, pp, bc, model.device))
-            xs = denoise_batch(reqs, ParallelStep(model, mesh, align), progress=False) if mesh.active else None
+            reqs = [broadcast_request(inp) for inp in batch]
+            xs = denoise(reqs, ParallelStep(model, mesh, align), progress=False) if mesh.active else None
             guarded(f"{pc.name()}: barrier after the batch", dist.barrier)
             if mesh.active and mesh.rank == 0:
                 md5s = [tensor_md5(x) for x in xs]

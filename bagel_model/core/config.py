@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from transformers import Qwen2Config, SiglipVisionConfig
 
+from .sampling import check_model_defaults
 from .tokenizer import TINY_VOCAB_SIZE
 
 PRESETS = ("tiny", "bagel-7b-mot")
@@ -58,24 +59,6 @@ class VAEConfig:
 
 
 @dataclass
-class GenerationDefaults:
-    """Text-to-image defaults of BAGEL's inferencer (DESIGN.md §1)."""
-
-    timestep_shift: float = 3.0
-    num_timesteps: int = 50
-    cfg_text_scale: float = 4.0
-    cfg_img_scale: float = 1.5
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm_min: float = 0.0
-    cfg_renorm_type: str = "global"
-
-
-# Image editing's own CFG settings (DESIGN.md §1): replace GenerationDefaults' fields for img2img requests.
-IMG2IMG_DEFAULTS = {"cfg_text_scale": 4.0, "cfg_img_scale": 2.0, "cfg_interval": (0.0, 1.0),
-                    "cfg_renorm_type": "text_channel"}
-
-
-@dataclass
 class BagelConfig:
     llm: Qwen2Config
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -84,7 +67,8 @@ class BagelConfig:
     max_latent_size: int = 64
     vit_max_num_patch_per_side: int = 70
     connector_act: str = "gelu_pytorch_tanh"
-    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    # this model's sampling defaults, any ``SamplingParams`` field (``sampling.resolve_sampling`` applies them)
+    generation: dict = field(default_factory=dict)
     name: str = "custom"
 
     # ---- derived sizes -------------------------------------------------------------------------------------------
@@ -167,7 +151,8 @@ class BagelConfig:
         top = {
             "name": self.name, "latent_patch_size": self.latent_patch_size, "max_latent_size": self.max_latent_size,
             "vit_max_num_patch_per_side": self.vit_max_num_patch_per_side, "connector_act": self.connector_act,
-            "vae_config": self.vae.to_dict(), "generation": asdict(self.generation),
+            "vae_config": self.vae.to_dict(),
+            "generation": {k: list(v) if isinstance(v, tuple) else v for k, v in self.generation.items()},
         }
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(top, f, indent=2, sort_keys=True)
@@ -201,15 +186,16 @@ class BagelConfig:
         if top.get("interpolate_pos", False):
             raise ConfigError("config.json sets interpolate_pos: ViT/latent position ids by interpolation are not "
                               "implemented (BAGEL-7B-MoT uses extrapolation, interpolate_pos false)")
-        gen = top.get("generation", {})
-        if "cfg_interval" in gen:
-            gen["cfg_interval"] = tuple(gen["cfg_interval"])
+        try:
+            gen = check_model_defaults(top.get("generation", {}))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{tpath}: {e}") from None
         return BagelConfig(
             llm=llm, vae=vae, vit=vit,
             latent_patch_size=top.get("latent_patch_size", 2), max_latent_size=top.get("max_latent_size", 64),
             vit_max_num_patch_per_side=top.get("vit_max_num_patch_per_side", 70),
             connector_act=top.get("connector_act", "gelu_pytorch_tanh"),
-            generation=GenerationDefaults(**gen), name=top.get("name", os.path.basename(os.path.normpath(directory))),
+            generation=gen, name=top.get("name", os.path.basename(os.path.normpath(directory))),
         ).validate()
 
     @staticmethod
@@ -250,7 +236,7 @@ def _tiny() -> BagelConfig:
     vit.bagel_last_layer_dropped = True
     vae = VAEConfig(resolution=64, ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=16)
     return BagelConfig(llm=llm, vae=vae, vit=vit, max_latent_size=16, vit_max_num_patch_per_side=4,
-                       generation=GenerationDefaults(num_timesteps=10), name="tiny").validate()
+                       generation={"steps": 10}, name="tiny").validate()
 
 
 def _bagel_7b() -> BagelConfig:

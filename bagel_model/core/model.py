@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import SiglipVisionModel
 
-from bagel_kernels import (ContiguousKV, ExpertSegments, KernelOptions, PagedKV, default_options, invariant_linear,
-                           prefill_visible_end, rope_cos_sin, routed_rms_norm)
+from bagel_kernels import KernelOptions, default_options, invariant_linear, rope_cos_sin, routed_rms_norm
 
 from .config import BagelConfig
 from .embeddings import PositionEmbedding, TimestepEmbedder, sincos_2d_table
-from .layers import AttentionFn, LayerInputs, MoTDecoderLayer, RMSNorm, experts_pack, local_attention
+from .layers import AttentionFn, LayerInputs, MoTDecoderLayer, RMSNorm, experts_pack
 from .expert_pack import ExpertPack
-from ..engine.token_split import TokenSplit
 from .vae import AutoEncoder
 
 
@@ -93,49 +90,6 @@ def counter_normal_(out: torch.Tensor, std: float, seed: int, name: str, chunk: 
         z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
         flat[start:start + n].copy_((z * std).float())
     return out
-
-
-@dataclass
-class BranchContext:
-    """One CFG branch's frozen context: per-layer K/V (None for an empty context) and the image block's RoPE position."""
-
-    kv: list[ContiguousKV | PagedKV | None]
-    rope_position: int
-    length: int
-
-    @staticmethod
-    def empty(num_layers: int) -> "BranchContext":
-        return BranchContext(kv=[None] * num_layers, rope_position=0, length=0)
-
-
-@dataclass(frozen=True)
-class GenSequence:
-    """The generation query sequence [<vision_start>, latent tokens..., <vision_end>] and its token split."""
-
-    grid: tuple[int, int]  # latent rows, cols (patchified)
-    split: TokenSplit
-
-    @property
-    def n_latent(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    def local(self, rank: int) -> tuple[int, int, int, int]:
-        """(row_start, row_end, latent_start, latent_end) of ``rank``'s rows; latents [a, b) live at rows a+1.. ."""
-        r0, r1 = self.split.rows(rank)
-        a = min(max(r0, 1) - 1, self.n_latent)
-        b = max(min(r1, self.n_latent + 1) - 1, a)
-        return r0, r1, a, b
-
-    def routing(self, rank: int) -> ExpertSegments:
-        """Markers use the understanding expert; latents (and tail padding) the generation expert."""
-        n, padded = self.n_latent, self.split.padded
-        whole = ((0, 1, False), (1, n + 1, True), (n + 1, n + 2, False), (n + 2, padded, True))
-        return ExpertSegments(tuple(s for s in whole if s[0] < s[1])).slice(*self.split.rows(rank))
-
-
-def make_gen_sequence(cfg: BagelConfig, height: int, width: int, degree: int = 1, align: int = 16) -> GenSequence:
-    grid = cfg.check_image_size(height, width)
-    return GenSequence(grid=grid, split=TokenSplit(grid[0] * grid[1] + 2, degree, align))
 
 
 class BagelModel(nn.Module):
@@ -231,68 +185,8 @@ class BagelModel(nn.Module):
     def _cos_sin(self, positions: torch.Tensor):
         return rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
 
-    # ---- prefill (understanding expert, causal text) -----------------------------------------------------------
-    @torch.no_grad()
-    def prefill_text(self, token_ids: list[int], context: BranchContext | None = None) -> BranchContext:
-        """Append text tokens to a context (causal), returning the grown per-layer context cache."""
-        if not token_ids:
-            raise ValueError("prefill_text needs at least one token")
-        dev, n = self.device, len(token_ids)
-        context = context or BranchContext.empty(self.cfg.num_layers)
-        start = context.rope_position
-        ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
-        x = self.language_model.model.embed_tokens(ids)
-        cos, sin = self._cos_sin(torch.arange(start, start + n, device=dev))
-        li = LayerInputs(routing=ExpertSegments.uniform(n, False), cos=cos, sin=sin, gen_mode=False,
-                         kernels=self.kernels)
-        new_kv: list = [None] * self.cfg.num_layers
-
-        def sink(i, k, v):
-            new_kv[i] = (k, v)
-
-        visible = prefill_visible_end(torch.full((n,), -1, dtype=torch.int32, device=dev))
-        self._run_layers(x, li, local_attention(context.kv, n, visible, options=self.kernels), sink)
-        kv = []
-        for i, (k, v) in enumerate(new_kv):
-            old = context.kv[i]
-            if old is not None:
-                if not isinstance(old, ContiguousKV):
-                    raise TypeError("prefill_text extends contiguous contexts only")
-                k, v = torch.cat([old.k, k]), torch.cat([old.v, v])
-            kv.append(ContiguousKV(k, v, seqlens=torch.full((1,), k.shape[0], dtype=torch.int32, device=dev)))
-        return BranchContext(kv=kv, rope_position=start + n, length=context.length + n)
-
-    # ---- generation forward (one CFG branch, one step) ---------------------------------------------------------
-    def gen_inputs(self, x_t: torch.Tensor, t: float, seq: GenSequence, rank: int, rope_position: int
-                   ) -> tuple[torch.Tensor, LayerInputs]:
-        """Embeddings of ``rank``'s rows: markers from embed_tokens, latents = vae2llm(x) + time_emb(t) + pos_emb."""
-        dev, dt = self.device, self.dtype
-        r0, r1, a, b = seq.local(rank)
-        parts = []
-        emb = self.language_model.model.embed_tokens
-        if r0 == 0:
-            parts.append(emb(self._marker_ids[0:1]))
-        if b > a:
-            tt = torch.full((1,), t, dtype=torch.float32, device=dev)
-            temb = self.time_embedder(tt, options=self.kernels)
-            pos = self.latent_pos_embed(self._latent_pos_ids(seq)[a:b]).to(dt)
-            lat = invariant_linear(x_t[a:b].to(dt), self.vae2llm.weight, self.vae2llm.bias, options=self.kernels)
-            parts.append(lat + temb + pos)
-        end_row = seq.n_latent + 1
-        if r0 <= end_row < r1:
-            parts.append(emb(self._marker_ids[1:2]))
-        n_pad = r1 - max(r0, end_row + 1)
-        if n_pad > 0:
-            parts.append(torch.zeros(n_pad, self.cfg.hidden_size, dtype=dt, device=dev))
-        x = torch.cat(parts, dim=0)
-        cos, sin = self._cos_sin(torch.full((r1 - r0,), rope_position, dtype=torch.long, device=dev))
-        return x, LayerInputs(routing=seq.routing(rank), cos=cos, sin=sin, gen_mode=True, kernels=self.kernels)
-
     def set_marker_ids(self, start_of_image: int, end_of_image: int) -> None:
         self._marker_ids = torch.tensor([start_of_image, end_of_image], dtype=torch.long, device=self.device)
-
-    def _latent_pos_ids(self, seq: GenSequence) -> torch.Tensor:
-        return self._latent_pos_ids_for(seq.grid)
 
     def _latent_pos_ids_for(self, grid: tuple[int, int]) -> torch.Tensor:
         cache = getattr(self, "_pos_cache", None)
@@ -303,23 +197,6 @@ class BagelModel(nn.Module):
             ids = (r * self.cfg.max_latent_size + torch.arange(w, device=self.device)[None, :]).reshape(-1)
             self._pos_cache = (grid, ids)
         return self._pos_cache[1]
-
-    @torch.no_grad()
-    def gen_velocity_rows(self, x_t: torch.Tensor, t: float, seq: GenSequence, rank: int, rope_position: int,
-                          attention: AttentionFn) -> torch.Tensor:
-        """llm2vae output for all of ``rank``'s rows (chunk, patch_dim) in fp32; latent rows are [1, n_latent+1)."""
-        x, li = self.gen_inputs(x_t, t, seq, rank, rope_position)
-        h = self._run_layers(x, li, attention)
-        return invariant_linear(h, self.llm2vae.weight, self.llm2vae.bias, options=self.kernels).float()
-
-    @torch.no_grad()
-    def gen_velocity(self, x_t: torch.Tensor, t: float, seq: GenSequence, branch: BranchContext) -> torch.Tensor:
-        """Single-device velocity of all latent tokens (n_latent, patch_dim) fp32 for one branch."""
-        if seq.split.degree != 1:
-            raise ValueError("gen_velocity is the single-device path; use parallel.denoise for degree > 1")
-        rows = self.gen_velocity_rows(x_t, t, seq, 0, branch.rope_position,
-                                      local_attention(branch.kv, seq.split.n, options=self.kernels))
-        return rows[1:seq.n_latent + 1]
 
     # ---- packed generation forward (every job of a step at once; bagel_model.engine.layout) ---------------------------
     @torch.no_grad()

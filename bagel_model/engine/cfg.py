@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-RENORM_TYPES = ("global", "channel", "text_channel")
+from ..core.sampling import RENORM_TYPES, SamplingParams
 
 
 def combine_cfg(v: torch.Tensor, v_text: torch.Tensor | None, v_img: torch.Tensor | None, *, text_scale: float,
@@ -34,3 +34,14 @@ def combine_cfg(v: torch.Tensor, v_text: torch.Tensor | None, v_img: torch.Tenso
     else:
         scale = torch.norm(v, dim=-1, keepdim=True) / (torch.norm(out, dim=-1, keepdim=True) + 1e-8)
     return out * scale.clamp(min=renorm_min, max=1.0)
+
+
+
+def cfg_update(x: torch.Tensor, velocities: dict[str, torch.Tensor], p: SamplingParams, dt: float) -> torch.Tensor:
+    """One Euler step of a request: its branches' velocities (``"full"``, and ``"text"``/``"img"`` where the step
+    runs them) combined by ``combine_cfg`` with the scales of the branches present, then ``x - v * dt`` in fp32."""
+    n = len(velocities)
+    v = combine_cfg(velocities["full"], velocities.get("text"), velocities.get("img"),
+                    text_scale=p.cfg_text_scale if n > 1 else 1.0, img_scale=p.cfg_img_scale if n > 2 else 1.0,
+                    renorm_min=p.cfg_renorm_min, renorm_type=p.cfg_renorm_type)
+    return x - v.float() * dt

@@ -18,14 +18,15 @@ from bagel_kernels.kv_layout import write_tokens
 
 from ..core.layers import LayerInputs, local_attention
 from ..core.model import BagelModel
-from .prefill import PrefilledContext, TextBlock, prefill
+from .kv_cache import Context
+from .prefill import TextBlock, prefill
 
 
 class GraphDecoder:
     """Feeds one token per step into ``context``'s (forked) paged cache; after a step ``token`` holds the greedy
     choice, which the next step feeds."""
 
-    def __init__(self, model: BagelModel, context: PrefilledContext, first_token: int):
+    def __init__(self, model: BagelModel, context: Context, first_token: int):
         cache = context.cache
         if cache.length == 0:
             raise ValueError("graph decoding continues a prefilled context; the cache is empty")
@@ -77,7 +78,7 @@ class GraphDecoder:
 
 
 @torch.no_grad()
-def greedy_decode(model: BagelModel, context: PrefilledContext, last_hidden: torch.Tensor, max_tokens: int,
+def greedy_decode(model: BagelModel, context: Context, last_hidden: torch.Tensor, max_tokens: int,
                   eos_id: int, on_token=None, use_graph: bool | None = None) -> list[int]:
     """Greedy decoding that appends to the paged cache; stops at ``eos_id`` or ``max_tokens``.
 

@@ -1,79 +1,18 @@
 """Flow-matching Euler denoising with three-branch CFG; timesteps are host floats (no device reads in the loop)."""
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from .cfg import RENORM_TYPES, combine_cfg
+from ..core.sampling import SamplingParams
+from .cfg import cfg_update
 from .step import GenJob
 from .finite_guard import FiniteGuard
 
 BRANCHES = ("full", "text", "img")  # full context / without text (cfg_text) / without image (cfg_img)
-
-
-@dataclass
-class SamplingParams:
-    """Every request parameter of a generation; all of them travel between pipeline stages."""
-
-    steps: int = 50
-    seed: int = 0
-    height: int = 1024
-    width: int = 1024
-    timestep_shift: float = 3.0
-    cfg_text_scale: float = 4.0
-    cfg_img_scale: float = 1.5
-    cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm_min: float = 0.0
-    cfg_renorm_type: str = "global"
-
-    def validate(self) -> "SamplingParams":
-        for name in ("timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_renorm_min"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if not (isinstance(self.cfg_interval, (tuple, list)) and len(self.cfg_interval) == 2
-                and all(isinstance(v, numbers.Real) and math.isfinite(v) for v in self.cfg_interval)):
-            raise ValueError(f"cfg_interval must be two finite numbers (lo, hi), got {self.cfg_interval!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or not 0 <= self.seed < 2**64:
-            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not isinstance(self.steps, int) or self.steps < 2:
-            raise ValueError(f"steps must be an integer >= 2 (the schedule has steps-1 Euler updates), got {self.steps!r}")
-        if self.cfg_renorm_type not in RENORM_TYPES:
-            raise ValueError(f"cfg_renorm_type must be one of {RENORM_TYPES}, got {self.cfg_renorm_type!r}")
-        lo, hi = self.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
-        if self.timestep_shift <= 0:
-            raise ValueError(f"timestep_shift must be positive, got {self.timestep_shift}")
-        return self
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["cfg_interval"] = list(self.cfg_interval)
-        return d
-
-    @staticmethod
-    def from_dict(d: dict) -> "SamplingParams":
-        """Strict: every field must be present and none unknown — a parameter dropped between pipeline stages must
-        be an error, never a silent default (seed 000: the diffusion stage ran 50 steps instead of the request's)."""
-        from dataclasses import fields
-
-        names = {f.name for f in fields(SamplingParams)}
-        missing, unknown = sorted(names - set(d)), sorted(set(d) - names)
-        if missing or unknown:
-            raise ValueError(f"sampling parameters incomplete: missing {missing}, unknown {unknown}")
-        d = dict(d)
-        d["cfg_interval"] = tuple(d["cfg_interval"])
-        return SamplingParams(**d).validate()
 
 
 def timestep_schedule(steps: int, shift: float) -> tuple[list[float], list[float]]:
@@ -92,42 +31,9 @@ def branches_at(t: float, p: SamplingParams) -> tuple[str, ...]:
     return ("full", "text", "img") if p.cfg_img_scale > 1.0 else ("full", "text")
 
 
-VelocityFn = Callable[[torch.Tensor, float, tuple[str, ...]], dict[str, torch.Tensor]]
-
-
 def initial_noise(n_tokens: int, dim: int, seed: int) -> torch.Tensor:
     """N(0, I) drawn directly in packed-token space on the CPU generator (device-independent), fp32."""
     return torch.randn(n_tokens, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-
-
-def denoise(x: torch.Tensor, p: SamplingParams, velocities: VelocityFn, progress: bool = True,
-            on_step: Callable[[int, float], None] | None = None,
-            schedule: tuple[list[float], list[float]] | None = None, guard: FiniteGuard | None = None
-            ) -> torch.Tensor:
-    """Euler integration x <- x - v * dt with CFG; x stays fp32. ``velocities`` returns one tensor per branch.
-
-    The schedule is read to host floats once, before the loop (pass it in to keep even that out of a guarded region).
-    A non-finite latent raises ``NonFiniteLatentError`` naming the first bad step, after the loop (one host read);
-    pass your own ``guard`` to take that read out of here (then call ``guard.check()`` yourself).
-    """
-    own_guard = guard is None
-    guard = guard or FiniteGuard()
-    ts, dts = schedule if schedule is not None else timestep_schedule(p.steps, p.timestep_shift)
-    for i in tqdm(range(len(ts)), desc="denoise", disable=not progress, leave=False):
-        t = ts[i]
-        active = branches_at(t, p)
-        vs = velocities(x, t, active)
-        text_scale = p.cfg_text_scale if len(active) > 1 else 1.0
-        img_scale = p.cfg_img_scale if len(active) > 2 else 1.0
-        v = combine_cfg(vs["full"], vs.get("text"), vs.get("img"), text_scale=text_scale, img_scale=img_scale,
-                        renorm_min=p.cfg_renorm_min, renorm_type=p.cfg_renorm_type)
-        x = x - v.float() * dts[i]
-        guard.step(x, i)  # device-side flag, no host read
-        if on_step is not None:
-            on_step(i, t)
-    if own_guard:
-        guard.check(len(ts))
-    return x
 
 
 @dataclass
@@ -163,7 +69,7 @@ class DenoiseRequest:
         return job
 
 
-def denoise_batch(requests: list[DenoiseRequest], engine, progress: bool = True,
+def denoise(requests: list[DenoiseRequest], engine, progress: bool = True,
                   on_step: Callable[[int, int, float, torch.Tensor], torch.Tensor | None] | None = None,
                   guards: list[FiniteGuard] | None = None) -> list[torch.Tensor]:
     """Euler integration of several requests at once: at every step each request still running contributes its
@@ -200,13 +106,7 @@ def denoise_batch(requests: list[DenoiseRequest], engine, progress: bool = True,
             plan.append((i, active, where))
         vels = engine(jobs, job_x, job_t)
         for i, active, where in plan:
-            p, dt = requests[i].params, scheds[i][1][k]
-            vs = {b: vels[where[b]] for b in active}
-            text_scale = p.cfg_text_scale if len(active) > 1 else 1.0
-            img_scale = p.cfg_img_scale if len(active) > 2 else 1.0
-            v = combine_cfg(vs["full"], vs.get("text"), vs.get("img"), text_scale=text_scale, img_scale=img_scale,
-                            renorm_min=p.cfg_renorm_min, renorm_type=p.cfg_renorm_type)
-            xs[i] = xs[i] - v.float() * dt
+            xs[i] = cfg_update(xs[i], {b: vels[where[b]] for b in active}, requests[i].params, scheds[i][1][k])
             guards[i].step(xs[i], k)
             if on_step is not None:
                 new = on_step(i, k, scheds[i][0][k], xs[i])

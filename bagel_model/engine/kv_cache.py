@@ -1,11 +1,15 @@
-"""A paged per-layer KV cache for one context (one CFG branch of one request), in any ``bagel_kernels`` layout.
+"""A context — one CFG branch of one request — from the prefill to the denoise step: a paged per-layer KV cache in
+any ``bagel_kernels`` layout, and the RoPE position generation continues from.
 
 The prefill writes K/V (after k_norm + RoPE) into pages; the attention reads the pages in place through
-``PagedKV`` (strided views from ``bagel_kernels.kv_layout``), so stage 1 never needs the writer's layout.
+``PagedKV`` (strided views from ``bagel_kernels.kv_layout``), so stage 1 never needs the writer's layout. The same
+``Context`` object is what the prefill returns, what the transfer payload is read from and written back into, and
+what a denoise job attends (docs/DESIGN.md §5).
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -54,3 +58,36 @@ class PagedCache:
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous (length, H_kv, D) copies of one layer's K and V (the transfer payload)."""
         return read_tokens(self.views[layer], self.block_table[0], self.length)
+
+
+@dataclass(eq=False)
+class Context:
+    """One branch's frozen context: its paged K/V and the RoPE position of the image block that follows it. Jobs
+    of the denoise step are keyed by the identity of their context object (branches that share one are one job)."""
+
+    cache: PagedCache
+    rope_position: int
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    @property
+    def kv(self) -> list[PagedKV | None]:
+        """Per-layer segments for the attention (None for every layer while empty)."""
+        return self.cache.segments()
+
+    def fork(self) -> "Context":
+        """A context whose appends (decoding) do not show in this one (``PagedCache.fork``)."""
+        return Context(self.cache.fork(), self.rope_position)
+
+
+def new_cache(model, capacity: int, layout: str = "flash_attn") -> PagedCache:
+    """An empty paged cache for ``model``'s layers, KV heads, head_dim, dtype and device."""
+    cfg = model.cfg
+    return PagedCache(cfg.num_layers, capacity, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device, layout)
+
+
+def empty_context(model) -> Context:
+    """A context without tokens (text-to-image's no-text branch): the image block starts at position 0."""
+    return Context(new_cache(model, 1), 0)

@@ -14,7 +14,7 @@ import torch
 
 from bagel_kernels import ExpertSegments, invariant_linear, prefill_visible_end
 
-from .kv_cache import PagedCache
+from .kv_cache import Context, new_cache
 from ..core.layers import LayerInputs, local_attention
 from ..core.model import BagelModel
 from ..core.transforms import to_pixels, vae_resize_rule, vit_resize_rule
@@ -130,28 +130,15 @@ def positions_and_spans(layout: list[tuple[int, bool]], start: int, device) -> t
     return start + torch.cumsum(inc, 0) - 1, span, next_pos
 
 
-@dataclass
-class PrefilledContext:
-    """One CFG branch after stage 0: its paged cache and the position generation continues from."""
-
-    cache: PagedCache
-    rope_position: int
-
-
-def new_cache(model: BagelModel, capacity: int, layout: str) -> PagedCache:
-    cfg = model.cfg
-    return PagedCache(cfg.num_layers, capacity, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device, layout)
-
-
 @torch.no_grad()
 def prefill(model: BagelModel, blocks: list[Block], layout: str = "flash_attn", extra_capacity: int = 0,
-            context: PrefilledContext | None = None, small_batch: bool = False) -> tuple[PrefilledContext, torch.Tensor]:
+            context: Context | None = None, small_batch: bool = False) -> tuple[Context, torch.Tensor]:
     """Prefill ``blocks`` into a (new or given) paged cache; returns the context and the last row's hidden state.
     ``small_batch``: the decode step's few rows take the small-batch GEMM."""
     x, routing, blk = _embed(model, blocks)
     n = x.shape[0]
     if context is None:
-        context = PrefilledContext(new_cache(model, n + extra_capacity, layout), 0)
+        context = Context(new_cache(model, n + extra_capacity, layout), 0)
     cache = context.cache
     pos, span, next_pos = positions_and_spans(blk, context.rope_position, model.device)
     cos, sin = model._cos_sin(pos)
@@ -162,4 +149,4 @@ def prefill(model: BagelModel, blocks: list[Block], layout: str = "flash_attn", 
     h = model._run_layers(x, li, local_attention(cache.segments(), n, prefill_visible_end(span), options=model.kernels),
                           cache.write)
     cache.commit(n)
-    return PrefilledContext(cache, next_pos), h[-1:]
+    return Context(cache, next_pos), h[-1:]

@@ -15,7 +15,8 @@ import torch
 
 from bagel_kernels import token_alignment
 
-from ..core.model import BagelModel, BranchContext
+from ..core.model import BagelModel
+from .kv_cache import Context
 from .layout import PackedAttention, PackedContext, PackedLayout, device_values, packed_context
 
 
@@ -25,7 +26,7 @@ class GenJob:
     the engine copies a layout's contexts into its own buffers when the context objects change."""
 
     grid: tuple[int, int]
-    context: BranchContext
+    context: Context
 
 
 class StepEngine(Protocol):

@@ -34,8 +34,8 @@ import torch
 import torch.multiprocessing
 from safetensors.torch import load, save
 
-from ..engine.denoise import SamplingParams
-from ..engine.prefill import PrefilledContext, new_cache
+from ..core.sampling import SamplingParams
+from ..engine.kv_cache import Context, new_cache
 
 MAGIC, VERSION = "bagel-kv", 2  # 2: the checksum covers the header too
 
@@ -66,20 +66,20 @@ class KVPayload:
     extra: dict = field(default_factory=dict)  # custom metadata, carried as is (JSON)
 
 
-def extract(ctx: PrefilledContext) -> ContextKV:
+def extract(ctx: Context) -> ContextKV:
     """Read a prefilled paged cache out as contiguous per-layer K/V (layout-independent)."""
     ks, vs = zip(*(ctx.cache.read(i) for i in range(ctx.cache.num_layers))) if ctx.cache.length else ((), ())
     return ContextKV(ctx.rope_position, [k.contiguous() for k in ks], [v.contiguous() for v in vs])
 
 
-def install(model, ckv: ContextKV, layout: str) -> PrefilledContext:
+def install(model, ckv: ContextKV, layout: str) -> Context:
     """Write a received context into a new paged cache of ``layout`` on the model's device."""
     cache = new_cache(model, max(ckv.length, 1), layout)
     if ckv.length:
         for i, (k, v) in enumerate(zip(ckv.k, ckv.v)):
             cache.write(i, k.to(model.device), v.to(model.device))
         cache.commit(ckv.length)
-    return PrefilledContext(cache, ckv.rope_position)
+    return Context(cache, ckv.rope_position)
 
 
 def _canonical(header: dict) -> bytes:

@@ -2,7 +2,7 @@
 denoise against the transferred KV, VAE decode). Single-stage runs both in one process without a connector; split
 runs hand the KV over through a connector the moment it exists ("KV ready") — stage 0's decode goes on in parallel.
 
-Modes: text2img, img2img (image editing), text2text, img2text. Context layout per mode (DESIGN.md §1, §7):
+Modes: text2img, img2img (image editing), text2text, img2text. Context layout per mode (docs/DESIGN.md §1, §6):
 - text2img: full = [text]; cfg_text = empty; cfg_img = full.
 - img2img: full = [VAE block, ViT block, text]; cfg_text = [VAE block, ViT block]; cfg_img = [text].
 - text2text: [text] then decode; img2text: [ViT block, text] then decode.
@@ -16,15 +16,17 @@ from typing import Callable
 
 import torch
 
-from ..engine.decode import greedy_decode
-from ..engine.denoise import DenoiseRequest, SamplingParams, denoise_batch
-from ..engine.step import PackedStep
-from ..engine.output import GenerationResult, decode_latent, tensor_md5
-from .kv_transfer import KVPayload, abort, extract, install, recv_payload, send_payload
-from ..core.model import BagelModel, BranchContext
-from ..engine.prefill import PrefilledContext, TextBlock, new_cache, prefill, vae_block, vit_block
+from ..core.model import BagelModel
+from ..core.sampling import SamplingParams
 from ..core.tokenizer import BagelTokenizer
 from ..core.transforms import vae_resize_rule
+from ..engine.decode import greedy_decode
+from ..engine.denoise import DenoiseRequest, denoise
+from ..engine.kv_cache import Context, empty_context
+from ..engine.output import GenerationResult, decode_latent, tensor_md5
+from ..engine.prefill import TextBlock, prefill, vae_block, vit_block
+from ..engine.step import PackedStep
+from .kv_transfer import KVPayload, abort, extract, install, recv_payload, send_payload
 
 MODES = ("text2img", "img2img", "text2text", "img2text")
 IMAGE_OUT, IMAGE_IN = ("text2img", "img2img"), ("img2img", "img2text")
@@ -75,9 +77,42 @@ class EventLog:
 
 
 @dataclass
+class DiffusionInput:
+    """What stage 1 needs of an image request: its parameters, its output size and each CFG branch's context.
+    Branches that share one ``Context`` object ("img" = "full" in text-to-image) are one job of the packed step."""
+
+    params: SamplingParams
+    image_shape: tuple[int, int]
+    contexts: dict[str, Context]  # CFG branch ("full", "text", "img") -> context
+    request_id: str = "request-0"
+
+    def start(self, model: BagelModel) -> DenoiseRequest:
+        """The request at its first denoise step: latent grid and seeded noise on the model's device."""
+        return DenoiseRequest.start(model.cfg, self.params, self.contexts, model.device, size=self.image_shape)
+
+
+def to_payload(inp: DiffusionInput, mode: str) -> KVPayload:
+    """The transfer payload of a stage-0 result: each distinct context once, named by the first branch using it."""
+    names: dict[int, str] = {}
+    for b, c in inp.contexts.items():
+        names.setdefault(id(c), b)
+    unique = {n: inp.contexts[b] for b, n in ((b, names[id(c)]) for b, c in inp.contexts.items()) if n == b}
+    return KVPayload(inp.request_id, mode, inp.params, inp.image_shape, {n: extract(c) for n, c in unique.items()},
+                     {b: names[id(c)] for b, c in inp.contexts.items()})
+
+
+def from_payload(model: BagelModel, payload: KVPayload, layout: str = "flash_attn") -> DiffusionInput:
+    """A received payload installed into ``layout`` caches on the model's device; branches naming one stored
+    context share one ``Context``."""
+    installed = {n: install(model, c, layout) for n, c in payload.contexts.items()}
+    return DiffusionInput(payload.params, tuple(payload.image_shape),
+                          {b: installed[n] for b, n in payload.branches.items()}, payload.request_id)
+
+
+@dataclass
 class Stage0Result:
-    payload: KVPayload | None
-    contexts: dict[str, PrefilledContext] = field(default_factory=dict)
+    diffusion: DiffusionInput | None = None  # image modes: what stage 1 denoises against
+    payload: KVPayload | None = None  # the transfer payload, made only when it was sent
     text_ids: list[int] = field(default_factory=list)
     text: str = ""
 
@@ -95,45 +130,45 @@ def input_image(model: BagelModel, req: Request) -> torch.Tensor:
     return vae_resize_rule(model.cfg)(req.image)
 
 
-def _image_contexts(model: BagelModel, tok: BagelTokenizer, req: Request, extra: int
-                    ) -> tuple[dict[str, PrefilledContext], dict[str, str], tuple[int, int]]:
+def prepare_image(model: BagelModel, tok: BagelTokenizer, req: Request, extra_capacity: int = 0) -> DiffusionInput:
+    """Prefill an image request's CFG contexts (paged; ``extra_capacity`` tokens of room in the full one for
+    decoding): text2img full = [prompt], no-text = empty, no-image = full; img2img full = [VAE, ViT, prompt],
+    no-text = [VAE, ViT], no-image = [prompt] (docs/DESIGN.md §1)."""
     text = prompt_block(model, tok, req)
     if req.mode == "text2img":
-        full, _ = prefill(model, [text], extra_capacity=extra)
-        empty = PrefilledContext(new_cache(model, 1, "flash_attn"), 0)
-        return {"full": full, "text": empty}, {"full": "full", "text": "text", "img": "full"}, \
-            (req.params.height, req.params.width)
+        full, _ = prefill(model, [text], extra_capacity=extra_capacity)
+        return DiffusionInput(req.params, (req.params.height, req.params.width),
+                              {"full": full, "text": empty_context(model), "img": full}, req.request_id)
     image = input_image(model, req)
     vae, vit = vae_block(model, image, req.params.seed), vit_block(model, image)
-    full, _ = prefill(model, [vae, vit, text], extra_capacity=extra)
+    full, _ = prefill(model, [vae, vit, text], extra_capacity=extra_capacity)
     no_text, _ = prefill(model, [vae, vit])
     no_img, _ = prefill(model, [text])
-    h, w = image.shape[:2]
-    return {"full": full, "text": no_text, "img": no_img}, {"full": "full", "text": "text", "img": "img"}, (h, w)
+    return DiffusionInput(req.params, tuple(image.shape[:2]), {"full": full, "text": no_text, "img": no_img},
+                          req.request_id)
 
 
 @torch.no_grad()
 def run_stage0(model: BagelModel, tok: BagelTokenizer, req: Request, send=None, events: EventLog | None = None,
                on_token=None) -> Stage0Result:
-    """Prefill the request's contexts; for image outputs build the KV payload and ``send`` it at once (KV ready),
-    then decode up to ``max_tokens`` greedily. ``send`` takes the ``KVPayload`` (e.g. ``partial(send_payload,
-    connector)``) or is None (single stage)."""
+    """Prefill the request's contexts; for image outputs, when ``send`` is given (a split run), build the KV payload
+    and send it at once (KV ready); then decode up to ``max_tokens`` greedily. ``send`` takes the ``KVPayload``
+    (e.g. ``partial(send_payload, connector)``); without it (one process) no payload is made: stage 1 reads the
+    contexts in ``Stage0Result.diffusion`` as they are."""
     req.validate()
     events = events or EventLog()
     events.record("stage0_start")
     eos = -1 if req.ignore_eos else tok.special["eos_token_id"]
-    result = Stage0Result(payload=None)
+    result = Stage0Result()
     if req.mode in IMAGE_OUT:
-        contexts, branches, shape = _image_contexts(model, tok, req, req.max_tokens)
-        payload = KVPayload(req.request_id, req.mode, req.params, shape,
-                            {n: extract(c) for n, c in contexts.items()}, branches)
+        result.diffusion = prepare_image(model, tok, req, req.max_tokens)
         events.record("kv_ready")
         if send is not None:
-            send(payload)
+            result.payload = to_payload(result.diffusion, req.mode)
+            send(result.payload)
             events.record("kv_forwarded")
-        result.payload, result.contexts = payload, contexts
         # decode appends to a fork: the contexts handed to stage 1 keep exactly the prefill KV
-        decode_ctx = PrefilledContext(contexts["full"].cache.fork(), contexts["full"].rope_position)
+        decode_ctx = result.diffusion.contexts["full"].fork()
     else:
         blocks = ([vit_block(model, input_image(model, req))] if req.mode == "img2text" else []) \
             + [prompt_block(model, tok, req)]
@@ -150,7 +185,7 @@ def run_stage0(model: BagelModel, tok: BagelTokenizer, req: Request, send=None, 
     return result
 
 
-def _start_answer(model: BagelModel, ctx: PrefilledContext, bos: int) -> tuple[PrefilledContext, torch.Tensor]:
+def _start_answer(model: BagelModel, ctx: Context, bos: int) -> tuple[Context, torch.Tensor]:
     """The context and hidden state that predict the first answer token. The prompt ends with <|im_end|>; as
     upstream's ``prepare_start_tokens``/``generate_text`` do, the answer turn starts from <|im_start|> fed at the
     next position (appended to ``ctx``); decoding continues from its row and from the position after it."""
@@ -158,35 +193,23 @@ def _start_answer(model: BagelModel, ctx: PrefilledContext, bos: int) -> tuple[P
 
 
 @torch.no_grad()
-def run_stage1(model: BagelModel, payload: KVPayload, contexts: dict[str, PrefilledContext] | None = None,
-               layout: str = "flash_attn", events: EventLog | None = None, progress: bool = False,
-               engine=None) -> GenerationResult:
-    """Denoise against the payload's contexts (installed into a ``layout`` cache unless given) and decode."""
-    return run_stage1_batch(model, [payload], [contexts], layout, events, progress, engine)[0]
+def run_stage1(model: BagelModel, payload: KVPayload, layout: str = "flash_attn", events: EventLog | None = None,
+               progress: bool = False, engine=None) -> GenerationResult:
+    """Denoise against a received payload's contexts (installed into ``layout`` caches) and decode."""
+    return run_stage1_batch(model, [from_payload(model, payload, layout)], events, progress, engine)[0]
 
 
 @torch.no_grad()
-def run_stage1_batch(model: BagelModel, payloads: list[KVPayload],
-                     contexts: list[dict[str, PrefilledContext] | None] | None = None, layout: str = "flash_attn",
-                     events: EventLog | None = None, progress: bool = False, engine=None,
+def run_stage1_batch(model: BagelModel, inputs: list[DiffusionInput], events: EventLog | None = None,
+                     progress: bool = False, engine=None,
                      on_step: Callable[[int, int, float, torch.Tensor], torch.Tensor | None] | None = None
                      ) -> list[GenerationResult]:
     """Denoise several requests together — every step's CFG jobs of all of them in one packed forward
-    (``denoise_step.PackedStep`` unless ``engine`` is given) — and decode each. Each result is bit-identical to
-    the request's run alone. ``on_step(payload_index, step, t, x)`` is ``denoise_batch``'s per-request step hook."""
+    (``engine.step.PackedStep`` unless ``engine`` is given) — and decode each. Each result is bit-identical to
+    the request's run alone. ``on_step(input_index, step, t, x)`` is ``denoise``'s per-request step hook."""
     events = events or EventLog()
     events.record("stage1_start")
-    contexts = contexts or [None] * len(payloads)
-    reqs = []
-    for payload, ctxs in zip(payloads, contexts):
-        p = payload.params
-        if ctxs is None:
-            ctxs = {n: install(model, c, layout) for n, c in payload.contexts.items()}
-        # one BranchContext per stored context: branches naming the same one (text-to-image's cfg_img = full) share
-        # it, which makes them one job of the packed step
-        named = {n: _branch(ctxs[n]) for n in set(payload.branches.values())}
-        reqs.append(DenoiseRequest.start(model.cfg, p, {b: named[n] for b, n in payload.branches.items()},
-                                         model.device, size=payload.image_shape))
+    reqs = [inp.start(model) for inp in inputs]
     engine = engine if engine is not None else PackedStep(model)
     first = [True]
 
@@ -196,17 +219,13 @@ def run_stage1_batch(model: BagelModel, payloads: list[KVPayload],
             first[0] = False
         return on_step(i, k, t, x) if on_step is not None else None
 
-    xs = denoise_batch(reqs, engine, progress=progress, on_step=step_hook)
+    xs = denoise(reqs, engine, progress=progress, on_step=step_hook)
     out = []
-    for payload, r, x in zip(payloads, reqs, xs):
+    for inp, r, x in zip(inputs, reqs, xs):
         image = decode_latent(model, x, r.grid)
-        out.append(GenerationResult(x, image, tensor_md5(x), tensor_md5(image), payload.params))
+        out.append(GenerationResult(x, image, tensor_md5(x), tensor_md5(image), inp.params))
     events.record("stage1_done")
     return out
-
-
-def _branch(ctx: PrefilledContext) -> BranchContext:
-    return BranchContext(kv=ctx.cache.segments(), rope_position=ctx.rope_position, length=ctx.cache.length)
 
 
 def run_split_threads(model0: BagelModel, model1: BagelModel, tok: BagelTokenizer, req: Request, connector,
