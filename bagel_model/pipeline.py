@@ -162,7 +162,7 @@ def make_requests(cfg: BagelConfig, prompts: list[str] | None, mode: str = "text
         given = dict(sampling, seed=seed)
         if mode == "img2img":
             given["height"], given["width"] = vae_resize_rule(cfg).output_size(*im.shape[:2])
-        params = resolve_sampling(cfg, mode, **given)
+        params = resolve_sampling(cfg, mode, _ARG_NAMES, **given)
         if mode in IMAGE_OUT:
             cfg.check_image_size(params.height, params.width)
         reqs.append(Request(mode, prompt, params, im, tokens, request_id=f"request-{i}",

@@ -12,7 +12,7 @@ import time
 import torch
 
 from bagel_kernels import KernelOptions
-from bagel_model.engine.denoise import SamplingParams
+from bagel_model.core.sampling import SamplingParams
 from bagel_model.pipeline import BagelPipeline
 from bagel_model.serving.split import ModelSpec
 from bagel_model.serving.stages import Request

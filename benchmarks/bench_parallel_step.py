@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from bagel_kernels import token_alignment
 from bagel_model.core.config import BagelConfig
-from bagel_model.engine.denoise import DenoiseRequest, SamplingParams, denoise_batch
+from bagel_model.core.sampling import SamplingParams
+from bagel_model.engine.denoise import DenoiseRequest, denoise_batch
 from bagel_model.engine.step import GenJob, PackedStep
 from bagel_model.engine.output import tensor_md5, text_to_image_contexts
 from bagel_model.core.model import BagelModel

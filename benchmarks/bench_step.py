@@ -158,7 +158,7 @@ def profile_step(model, args, rows: list) -> None:
 
 
 def bench_e2e(model, tok, args, rows: list) -> None:
-    from bagel_model.engine.denoise import SamplingParams
+    from bagel_model.core.sampling import SamplingParams
     from bagel_model.pipeline import BagelPipeline
     from bagel_model.serving.stages import EventLog, Request, run_stage0, run_stage1
 
@@ -194,7 +194,7 @@ def bench_e2e(model, tok, args, rows: list) -> None:
 
 
 def bench_batch(model, tok, args, rows: list) -> None:
-    from bagel_model.engine.denoise import SamplingParams
+    from bagel_model.core.sampling import SamplingParams
     from bagel_model.pipeline import BagelPipeline
     from bagel_model.serving.stages import Request
 
@@ -224,7 +224,7 @@ def bench_reuse(model, tok, args, rows: list) -> None:
     """A request through a pipeline whose step engine has run a request of the same shapes before (another prompt of
     the same length: its layouts replay their CUDA graphs from the first step) against the same request through a
     fresh engine (first step of each layout eager, the second one recorded); both latents must be equal."""
-    from bagel_model.engine.denoise import SamplingParams
+    from bagel_model.core.sampling import SamplingParams
     from bagel_model.engine.step import PackedStep
     from bagel_model.pipeline import BagelPipeline
     from bagel_model.serving.stages import Request
@@ -256,7 +256,8 @@ def bench_reuse(model, tok, args, rows: list) -> None:
 
 def check_graph(model, tok, rows: list) -> None:
     """Graph replay == eager, bit for bit, and no host synchronization inside the replayed loop."""
-    from bagel_model.engine.denoise import DenoiseRequest, SamplingParams, denoise_batch, timestep_schedule
+    from bagel_model.core.sampling import SamplingParams
+    from bagel_model.engine.denoise import DenoiseRequest, denoise_batch, timestep_schedule
     from bagel_model.engine.step import PackedStep
     from bagel_model.engine.finite_guard import FiniteGuard
     from bagel_model.pipeline import tensor_md5, text_to_image_contexts

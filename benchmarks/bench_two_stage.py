@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from bagel_model.engine.denoise import SamplingParams
+from bagel_model.core.sampling import SamplingParams
 from bagel_model.pipeline import BagelPipeline
 from bagel_model.serving.split import ModelSpec, run_split_processes
 from bagel_model.serving.stages import EventLog, Request, run_stage0, run_stage1

@@ -20,10 +20,11 @@ import torch
 
 from bagel_model.engine.cfg import combine_cfg
 from bagel_model.core.checkpoint import from_pretrained
-from bagel_model.engine.denoise import DenoiseRequest, SamplingParams, denoise_batch
+from bagel_model.core.sampling import SamplingParams
+from bagel_model.engine.denoise import DenoiseRequest, denoise
+from bagel_model.engine.output import decode_latent
 from bagel_model.engine.step import PackedStep
-from bagel_model.engine.output import decode_latent, single_device_velocities
-from bagel_model.core.model import BranchContext, make_gen_sequence
+from bagel_model.oracle import branch_velocity
 from bagel_model.pipeline import BagelPipeline
 from bagel_model.engine.prefill import TextBlock, prefill, vae_block, vit_block
 from bagel_model.serving.stages import Request, run_stage0
@@ -50,22 +51,19 @@ def params_of(case: dict) -> SamplingParams:
 def image_case(model, case: dict, contexts: dict) -> dict:
     dev = model.device
     p = params_of(case)
-    seq = make_gen_sequence(model.cfg, p.height, p.width)
-    br = {b: BranchContext(kv=c.cache.segments(), rope_position=c.rope_position, length=c.cache.length)
-          for b, c in contexts.items()}
-    fn = single_device_velocities(model, seq, br)
+    grid = model.cfg.check_image_size(p.height, p.width)
     v_err = comb_err = 0.0
     for step in case["steps"]:
-        vs = fn(step["x_t"].to(dev), step["t"], ("full", "text", "img"))
+        vs = {b: branch_velocity(model, step["x_t"].to(dev), step["t"], grid, contexts[b], 16)
+              for b in ("full", "text", "img")}
         for ours, theirs in (("full", "v_gen"), ("text", "v_cfg_text"), ("img", "v_cfg_img")):
             v_err = max(v_err, rel(vs[ours], step[theirs]))
         v = combine_cfg(vs["full"], vs["text"], vs["img"], text_scale=step["cfg_text_scale_used"],
                         img_scale=step["cfg_img_scale_used"], renorm_min=p.cfg_renorm_min,
                         renorm_type=p.cfg_renorm_type)
         comb_err = max(comb_err, rel(v, step["v_t"]))
-    (x,) = denoise_batch([DenoiseRequest(case["init_noise"].to(dev), p, seq.grid, br)], PackedStep(model),
-                         progress=False)
-    image = decode_latent(model, x, seq).cpu()
+    (x,) = denoise([DenoiseRequest(case["init_noise"].to(dev), p, grid, contexts)], PackedStep(model), progress=False)
+    image = decode_latent(model, x, grid).cpu()
     kv = 0.0
     for name, c in contexts.items():
         up = case["contexts"][{"full": "gen", "text": "cfg_text", "img": "cfg_img"}[name]]
@@ -95,7 +93,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         case = ref["cases"]["t2i_cfg3"]
         r0 = run_stage0(model, tok, Request("text2img", "", params_of(case), prompt_ids=ids))
-        report["text2img"] = image_case(model, case, {**r0.contexts, "img": r0.contexts["full"]})
+        report["text2img"] = image_case(model, case, r0.diffusion.contexts)
         case = ref["cases"]["edit_cfg3_64x64"]
         image = case["input_image_uint8"]
         vae = vae_block(model, image, seed=0, noise=case["vae_encode"]["eps"].to(args.device))

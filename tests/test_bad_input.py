@@ -127,7 +127,7 @@ def test_transparency_is_composited_over_white_as_upstream(tmp_path):
 
 # ---- library rows ------------------------------------------------------------------------------------------
 def _params(**kw):
-    from bagel_model.engine.denoise import SamplingParams
+    from bagel_model.core.sampling import SamplingParams
 
     return SamplingParams(**{"steps": 2, "height": 32, "width": 32, **kw})
 
@@ -146,28 +146,24 @@ def test_non_finite_and_out_of_range_parameters_are_rejected(kw, msg):
 
 @pytest.mark.parametrize("where", ["latent", "weights"])
 def test_a_non_finite_latent_fails_naming_the_first_bad_step(tiny_model, tokenizer, where):
-    from bagel_model.engine.denoise import denoise, initial_noise
+    from bagel_model.engine.denoise import denoise
     from bagel_model.engine.finite_guard import NonFiniteLatentError
-    from bagel_model.core.model import make_gen_sequence
-    from bagel_model.pipeline import single_device_velocities, text_to_image_contexts
+    from bagel_model.engine.step import PackedStep
+    from helpers import t2i_request
 
-    p = _params(steps=3)  # two Euler steps: 0 and 1
-    seq = make_gen_sequence(tiny_model.cfg, 32, 32)
-    ctx = text_to_image_contexts(tiny_model, tokenizer, "a red cube")
-    fn = single_device_velocities(tiny_model, seq, ctx)
-    x0 = initial_noise(seq.n_latent, tiny_model.cfg.patch_latent_dim, 0)
+    r = t2i_request(tiny_model, tokenizer, "a red cube", _params(steps=3))  # two Euler steps: 0 and 1
+    engine = PackedStep(tiny_model)
     if where == "latent":
-        x0[3, 5] = math.nan
-        bad = fn
+        r.x[3, 5] = math.nan
+        bad = engine
     else:  # a velocity that turns non-finite at step 1 (as NaN weights or an Inf scale would make it)
         calls = []
 
-        def bad(x, t, branches):
-            calls.append(t)
-            out = fn(x, t, branches)
-            return {b: v * (math.inf if len(calls) > 1 else 1.0) for b, v in out.items()}
+        def bad(jobs, xs, ts):
+            calls.append(ts)
+            return [v * (math.inf if len(calls) > 1 else 1.0) for v in engine(jobs, xs, ts)]
     with pytest.raises(NonFiniteLatentError, match=f"at denoise step {0 if where == 'latent' else 1} of 2"):
-        denoise(x0, p, bad, progress=False)
+        denoise([r], bad, progress=False)
 
 
 def _ckpt(tmp, tiny_model, tokenizer):

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bagel_model.core.checkpoint import CheckpointError, from_pretrained, save_pretrained
-from bagel_model.engine.denoise import SamplingParams
+from bagel_model.core.sampling import SamplingParams
+from bagel_model.serving.stages import Request
 from bagel_model.pipeline import BagelPipeline
 
 
@@ -41,8 +42,8 @@ def test_released_layout(ckpt):
 def test_round_trip_gives_bit_identical_image(ckpt, tiny_model, tokenizer):
     model, tok = from_pretrained(str(ckpt))
     p = SamplingParams(steps=3, height=32, width=32)
-    a = BagelPipeline(tiny_model, tokenizer).text_to_image("a red cube", p, progress=False)
-    b = BagelPipeline(model, tok).text_to_image("a red cube", p, progress=False)
+    a = BagelPipeline(tiny_model, tokenizer).generate(Request("text2img", "a red cube", p))[1]
+    b = BagelPipeline(model, tok).generate(Request("text2img", "a red cube", p))[1]
     assert a.latent_md5 == b.latent_md5 and a.image_md5 == b.image_md5
 
 

@@ -2,12 +2,19 @@
 import pytest
 import torch
 
+from bagel_model.core.sampling import SamplingParams
 from bagel_model.engine.cfg import combine_cfg
-from bagel_model.engine.denoise import SamplingParams, branches_at, denoise, timestep_schedule
-from bagel_model.core.model import make_gen_sequence
-from bagel_model.pipeline import BagelPipeline, single_device_velocities, text_to_image_contexts
+from bagel_model.engine.denoise import branches_at, denoise, timestep_schedule
 from bagel_model.engine.finite_guard import FiniteGuard
+from bagel_model.oracle import PerBranchStep, branch_velocity
+from bagel_model.pipeline import BagelPipeline
 from bagel_model.runtime.sync_guard import HostSyncError, forbid_host_sync
+from bagel_model.serving.stages import Request
+from helpers import t2i_contexts, t2i_request
+
+
+def t2i(pipe, prompt, params):
+    return pipe.generate(Request("text2img", prompt, params))[1]
 
 
 def small_params(**kw):
@@ -18,8 +25,8 @@ def small_params(**kw):
 
 def test_two_runs_are_bit_identical(tiny_model, tokenizer):
     pipe = BagelPipeline(tiny_model, tokenizer)
-    a = pipe.text_to_image("a red cube", small_params(), progress=False)
-    b = pipe.text_to_image("a red cube", small_params(), progress=False)
+    a = t2i(pipe, "a red cube", small_params())
+    b = t2i(pipe, "a red cube", small_params())
     assert a.latent.shape == (3 * 4, 64) and a.image.shape == (48, 64, 3) and a.image.dtype == torch.uint8
     assert a.latent_md5 == b.latent_md5 and a.image_md5 == b.image_md5
     assert torch.isfinite(a.latent).all()
@@ -27,9 +34,9 @@ def test_two_runs_are_bit_identical(tiny_model, tokenizer):
 
 def test_seed_and_prompt_change_the_result(tiny_model, tokenizer):
     pipe = BagelPipeline(tiny_model, tokenizer)
-    base = pipe.text_to_image("a red cube", small_params(), progress=False).latent_md5
-    assert pipe.text_to_image("a red cube", small_params(seed=1), progress=False).latent_md5 != base
-    assert pipe.text_to_image("a blue ball", small_params(), progress=False).latent_md5 != base
+    base = t2i(pipe, "a red cube", small_params()).latent_md5
+    assert t2i(pipe, "a red cube", small_params(seed=1)).latent_md5 != base
+    assert t2i(pipe, "a blue ball", small_params()).latent_md5 != base
 
 
 def test_schedule_is_shifted_and_host_float():
@@ -42,7 +49,7 @@ def test_schedule_is_shifted_and_host_float():
 
 
 def test_cfg_interval_counts_like_bagel():
-    """50 timesteps with interval (0.4, 1.0] and shift 3: 41 of 49 steps use CFG (DESIGN.md)."""
+    """50 timesteps with interval (0.4, 1.0] and shift 3: 41 of 49 steps use CFG (docs/DESIGN.md §1)."""
     p = SamplingParams(steps=50)
     ts, _ = timestep_schedule(50, 3.0)
     assert sum(len(branches_at(t, p)) == 3 for t in ts) == 41
@@ -67,26 +74,25 @@ def test_cfg_combine_formulas():
         combine_cfg(v, vt, vi, text_scale=st, img_scale=si, renorm_min=0.0, renorm_type="bogus")
 
 
-def test_t2i_no_image_branch_equals_full(tiny_model, tokenizer):
-    ctx = text_to_image_contexts(tiny_model, tokenizer, "a red cube")
-    seq = make_gen_sequence(tiny_model.cfg, 32, 32)
-    x = torch.randn(seq.n_latent, 64)
-    vs = single_device_velocities(tiny_model, seq, ctx)(x, 0.8, ("full", "text", "img"))
-    assert torch.equal(vs["full"], vs["img"]) and not torch.equal(vs["full"], vs["text"])
+def test_t2i_no_image_branch_is_the_full_branch(tiny_model, tokenizer):
+    """Text-to-image has no input image: its no-image context IS the full one (one job of the step), and the no-text
+    branch differs."""
+    ctx = t2i_contexts(tiny_model, tokenizer, "a red cube")
+    assert ctx["img"] is ctx["full"] and ctx["text"].length == 0
+    x = torch.randn(4, 64)
+    full, text = (branch_velocity(tiny_model, x, 0.8, (2, 2), ctx[b], 16) for b in ("full", "text"))
+    assert not torch.equal(full, text)
 
 
 def test_denoise_loop_and_layers_make_no_host_reads(tiny_model, tokenizer):
-    ctx = text_to_image_contexts(tiny_model, tokenizer, "a red cube")
     p = small_params()
-    seq = make_gen_sequence(tiny_model.cfg, p.height, p.width)
-    fn = single_device_velocities(tiny_model, seq, ctx)
-    x0 = torch.randn(seq.n_latent, 64)
-    schedule = timestep_schedule(p.steps, p.timestep_shift)
+    r = t2i_request(tiny_model, tokenizer, "a red cube", p)
+    r.schedule = timestep_schedule(p.steps, p.timestep_shift)  # host floats, made before the region
     guard = FiniteGuard()
     with forbid_host_sync(cuda=False):
-        x = denoise(x0, p, fn, progress=True, schedule=schedule, guard=guard)
+        (x,) = denoise([r], PerBranchStep(tiny_model), progress=True, guards=[guard])
     guard.check()  # the non-finite check reads its device flag once, after the loop
-    assert x.shape == x0.shape
+    assert x.shape == r.x.shape
 
 
 def test_guard_catches_a_host_read():
@@ -99,11 +105,11 @@ def test_guard_catches_a_host_read():
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_empty_prompt_is_rejected(tiny_model, tokenizer, prompt):
     with pytest.raises(ValueError, match="prompt is empty"):
-        BagelPipeline(tiny_model, tokenizer).text_to_image(prompt, small_params(), progress=False)
+        t2i(BagelPipeline(tiny_model, tokenizer), prompt, small_params())
 
 
 @pytest.mark.parametrize("bad,msg", [(dict(steps=1), "steps"), (dict(cfg_renorm_type="x"), "renorm"),
                                      (dict(cfg_interval=(0.8, 0.2)), "cfg_interval"), (dict(height=40), "multiple of 16")])
 def test_bad_sampling_params(tiny_model, tokenizer, bad, msg):
     with pytest.raises(ValueError, match=msg):
-        BagelPipeline(tiny_model, tokenizer).text_to_image("a cube", small_params(**bad), progress=False)
+        t2i(BagelPipeline(tiny_model, tokenizer), "a cube", small_params(**bad))

@@ -69,5 +69,7 @@ def test_the_model_carries_its_options_into_every_forward(monkeypatch):
         return orig(*a, options=options, **k)
 
     monkeypatch.setattr(layers, "routed_linear", spy)
-    m.prefill_text([256, 10, 257])
+    from bagel_model.engine.prefill import TextBlock, prefill
+
+    prefill(m, [TextBlock([256, 10, 257])])
     assert seen and all(o is opts for o in seen)

@@ -3,34 +3,23 @@ import pytest
 import torch
 
 from bagel_kernels import KernelOptions
-from bagel_model.engine.denoise import DenoiseRequest, SamplingParams, denoise, denoise_batch, initial_noise
-from bagel_model.engine.step import GenJob, PackedStep
+from bagel_model.core.sampling import SamplingParams
+from bagel_model.engine.denoise import denoise
 from bagel_model.engine.finite_guard import FiniteGuard
-from bagel_model.core.model import make_gen_sequence
 from bagel_model.engine.layout import PackedLayout
-from bagel_model.pipeline import BagelPipeline, single_device_velocities, tensor_md5, text_to_image_contexts
-from bagel_model.serving.stages import Request
+from bagel_model.engine.output import tensor_md5
+from bagel_model.engine.step import GenJob, PackedStep
+from bagel_model.oracle import PerBranchStep
+from bagel_model.pipeline import BagelPipeline
 from bagel_model.runtime.sync_guard import forbid_host_sync
+from bagel_model.serving.stages import Request
+from helpers import per_branch, t2i_contexts, t2i_request as request
 
 
 def params(**kw):
     p = dict(steps=4, seed=0, height=48, width=80, cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.4, 1.0))
     p.update(kw)
     return SamplingParams(**p)
-
-
-def per_branch(model, tok, prompt, p):
-    """Today's reference loop: one forward per CFG branch, the sequence laid out [marker, latents, marker, pad]."""
-    seq = make_gen_sequence(model.cfg, p.height, p.width, 1, 16)
-    ctx = text_to_image_contexts(model, tok, prompt)
-    x0 = initial_noise(seq.n_latent, model.cfg.patch_latent_dim, p.seed)
-    return denoise(x0, p, single_device_velocities(model, seq, ctx), progress=False)
-
-
-def request(model, tok, prompt, p):
-    grid = model.cfg.check_image_size(p.height, p.width)
-    x0 = initial_noise(grid[0] * grid[1], model.cfg.patch_latent_dim, p.seed)
-    return DenoiseRequest(x0, p, grid, text_to_image_contexts(model, tok, prompt))
 
 
 def test_layout_puts_all_latents_first_and_groups_the_markers():
@@ -54,7 +43,7 @@ def test_layout_puts_all_latents_first_and_groups_the_markers():
 def test_text_to_image_packed_equals_per_branch(tiny_model, tokenizer, size):
     p = params(height=size[0], width=size[1])
     want = per_branch(tiny_model, tokenizer, "a red cube", p)
-    (got,) = denoise_batch([request(tiny_model, tokenizer, "a red cube", p)], PackedStep(tiny_model), progress=False)
+    (got,) = denoise([request(tiny_model, tokenizer, "a red cube", p)], PackedStep(tiny_model), progress=False)
     assert tensor_md5(got) == tensor_md5(want)
 
 
@@ -62,26 +51,23 @@ def test_text_to_image_cfg_step_runs_two_jobs_in_one_forward(tiny_model, tokeniz
     """cfg_img's context IS the full context (same x_t, same t): its velocity is computed once and reused."""
     p = params(steps=3, cfg_interval=(0.0, 1.0))  # every step is a CFG step
     eng = PackedStep(tiny_model)
-    denoise_batch([request(tiny_model, tokenizer, "a red cube", p)], eng, progress=False)
+    denoise([request(tiny_model, tokenizer, "a red cube", p)], eng, progress=False)
     assert eng.forwards == 2 and eng.jobs_run == 4  # 2 steps, 2 jobs (full, no-text) each, 1 forward each
 
 
 def test_image_editing_packs_three_distinct_branches(tiny_model, tokenizer):
     """img2img through the stages: three distinct contexts (paged) -> three jobs, same md5 as the per-branch loop."""
-    from bagel_model.serving.stages import _branch, run_stage0
+    from bagel_model.serving.stages import run_stage0
 
     img = (torch.arange(48 * 64 * 3) % 251).to(torch.uint8).reshape(48, 64, 3)
     req = Request(mode="img2img", prompt="make it blue", image=img,
                   params=params(height=48, width=64, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
                                 cfg_renorm_type="text_channel"))
-    r0 = run_stage0(tiny_model, tokenizer, req)
-    ctx = {b: _branch(r0.contexts[c]) for b, c in r0.payload.branches.items()}
-    h, w = r0.payload.image_shape  # the input image after upstream's resize rule
-    seq = make_gen_sequence(tiny_model.cfg, h, w, 1, 16)
-    x0 = initial_noise(seq.n_latent, 64, req.params.seed)
-    want = denoise(x0, req.params, single_device_velocities(tiny_model, seq, ctx), progress=False)
+    inp = run_stage0(tiny_model, tokenizer, req).diffusion  # the input image after upstream's resize rule
+    assert len({id(c) for c in inp.contexts.values()}) == 3
+    want = denoise([inp.start(tiny_model)], PerBranchStep(tiny_model), progress=False)[0]
     eng = PackedStep(tiny_model)
-    (got,) = denoise_batch([DenoiseRequest(x0, req.params, seq.grid, ctx)], eng, progress=False)
+    (got,) = denoise([inp.start(tiny_model)], eng, progress=False)
     assert tensor_md5(got) == tensor_md5(want)
     assert eng.jobs_run == 3 * eng.forwards
     _, res = BagelPipeline(tiny_model, tokenizer).generate(req)
@@ -96,7 +82,7 @@ def test_a_batch_of_mixed_requests_equals_each_request_alone(tiny_model, tokeniz
             ("no guidance", params(steps=5, seed=9, cfg_text_scale=1.0))]
     alone = [tensor_md5(per_branch(tiny_model, tokenizer, pr, p)) for pr, p in reqs]
     eng = PackedStep(tiny_model)
-    got = denoise_batch([request(tiny_model, tokenizer, pr, p) for pr, p in reqs], eng, progress=False)
+    got = denoise([request(tiny_model, tokenizer, pr, p) for pr, p in reqs], eng, progress=False)
     assert [tensor_md5(x) for x in got] == alone
     assert eng.forwards == 5  # one packed forward per step, for as long as the longest request runs
 
@@ -124,12 +110,12 @@ def test_packed_step_does_not_read_the_device(tiny_model, tokenizer):
     eng = PackedStep(tiny_model)
     guard = FiniteGuard()
     with forbid_host_sync(cuda=False):
-        denoise_batch([r], eng, progress=False, guards=[guard])
+        denoise([r], eng, progress=False, guards=[guard])
     guard.check()  # the one host read, after the loop
 
 
 def test_jobs_and_latents_must_agree(tiny_model, tokenizer):
-    ctx = text_to_image_contexts(tiny_model, tokenizer, "x")
+    ctx = t2i_contexts(tiny_model, tokenizer, "x")
     with pytest.raises(ValueError, match="latent of 4 tokens for a 3x5 grid"):
         PackedStep(tiny_model)([GenJob((3, 5), ctx["full"])], [torch.zeros(4, 64)], [1.0])
 
@@ -139,7 +125,7 @@ def test_packed_step_on_the_triton_kernels_equals_per_branch(tiny_model, tokeniz
     monkeypatch.setattr(tiny_model, "kernels", KernelOptions(backend="triton"))
     p = params(steps=2, height=16, width=32, cfg_interval=(0.0, 1.0))
     want = per_branch(tiny_model, tokenizer, "a red cube", p)
-    (got,) = denoise_batch([request(tiny_model, tokenizer, "a red cube", p)], PackedStep(tiny_model), progress=False)
+    (got,) = denoise([request(tiny_model, tokenizer, "a red cube", p)], PackedStep(tiny_model), progress=False)
     assert tensor_md5(got) == tensor_md5(want)
 
 
@@ -155,21 +141,19 @@ def test_graph_replay_equals_eager_on_the_gpu(tokenizer):
     reqs = lambda: [request(m, tokenizer, "a red cube", p), request(m, tokenizer, "blue", params(seed=3))]  # noqa: E731
     for r in (rs := reqs()):
         r.x = r.x.cuda()
-    eager = denoise_batch(rs, PackedStep(m, use_graph=False), progress=False)
+    eager = denoise(rs, PackedStep(m, use_graph=False), progress=False)
     for r in (rs := reqs()):
         r.x = r.x.cuda()
         r.schedule = timestep_schedule(r.params.steps, r.params.timestep_shift)  # host floats, before the region
     eng = PackedStep(m, use_graph=True)
     guards = [FiniteGuard() for _ in rs]
     with forbid_host_sync(cuda=True):
-        graphed = denoise_batch(rs, eng, progress=False, guards=guards)
+        graphed = denoise(rs, eng, progress=False, guards=guards)
     for g in guards:
         g.check()
     assert [tensor_md5(x) for x in graphed] == [tensor_md5(x) for x in eager]
-    seq = make_gen_sequence(m.cfg, p.height, p.width, 1, 128)
-    r = request(m, tokenizer, "a red cube", p)
-    want = denoise(r.x.cuda(), p, single_device_velocities(m, seq, r.contexts), progress=False)
-    assert tensor_md5(want) == tensor_md5(eager[0])  # the GPU kernels give the per-branch loop's bits too
+    want = denoise([request(m, tokenizer, "a red cube", p)], PerBranchStep(m, 128), progress=False)[0]
+    assert tensor_md5(want) == tensor_md5(eager[0])  # the GPU kernels give the per-branch oracle's bits too
     assert any(e.graph is not None for e in eng._entries.values())
 
 
@@ -180,15 +164,15 @@ def test_a_later_request_of_the_same_shapes_reuses_the_layout_bit_for_bit(tiny_m
     a, b = "a red cube", "a tan cube"
     assert len(tokenizer.encode_prompt(a)) == len(tokenizer.encode_prompt(b))
     p = params()
-    fresh = {s: tensor_md5(denoise_batch([request(tiny_model, tokenizer, s, p)], PackedStep(tiny_model),
+    fresh = {s: tensor_md5(denoise([request(tiny_model, tokenizer, s, p)], PackedStep(tiny_model),
                                          progress=False)[0]) for s in (a, b)}
     assert fresh[a] != fresh[b]
     eng = PackedStep(tiny_model)
-    got = [tensor_md5(denoise_batch([request(tiny_model, tokenizer, s, p)], eng, progress=False)[0]) for s in (a, b, a)]
+    got = [tensor_md5(denoise([request(tiny_model, tokenizer, s, p)], eng, progress=False)[0]) for s in (a, b, a)]
     assert got == [fresh[a], fresh[b], fresh[a]]
     assert eng.refills >= 2  # b took a's layouts over, then a took them back
     layouts = len(eng._entries)
-    denoise_batch([request(tiny_model, tokenizer, b, p)], eng, progress=False)
+    denoise([request(tiny_model, tokenizer, b, p)], eng, progress=False)
     assert len(eng._entries) == layouts  # no new layout for the same shapes
 
 
@@ -197,7 +181,7 @@ def test_a_long_lived_engine_keeps_only_its_latest_layouts(tiny_model, tokenizer
     for size in [(48, 80), (16, 16), (48, 80)]:
         p = params(height=size[0], width=size[1])
         want = per_branch(tiny_model, tokenizer, "a red cube", p)
-        (got,) = denoise_batch([request(tiny_model, tokenizer, "a red cube", p)], eng, progress=False)
+        (got,) = denoise([request(tiny_model, tokenizer, "a red cube", p)], eng, progress=False)
         assert tensor_md5(got) == tensor_md5(want) and len(eng._entries) == 1
     with pytest.raises(ValueError, match="max_layouts"):
         PackedStep(tiny_model, max_layouts=0)

@@ -36,8 +36,17 @@ def test_every_exact_config_matches_single_device(world, size, tmp_path):
     expected = {pc.name() for pc in configs_for(world, 6)}
     assert expected <= set(rows), f"missing configs: {expected - set(rows)}"
     assert exact and all(r["md5"] == base for r in exact), [(r["config"], r["md5"]) for r in exact]
-    # the packed step reproduces the per-branch loop, and batched requests each give their solo md5
+    # the packed step reproduces the per-branch oracle, and batched requests each give their solo md5
     assert rows["single-per-branch"]["md5"] == base
+    # the sweep's text-to-image is the pipeline's: the same request (prompt, size, steps, seed, every default) gives
+    # the md5 pipe(...) gives
+    if world == 2:
+        from bagel_model.pipeline import BagelPipeline
+
+        pipe = BagelPipeline.from_preset("tiny")
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe("a red cube", height=int(size[0]), width=int(size[1]), num_inference_steps=4, seed=0)
+        assert out.latent_md5s[0] == base
     batches = [r for r in res["rows"] if r["config"].startswith("batch")]
     assert batches and all(r["match"] and len(set(r["md5s"])) == 3 for r in batches), batches
     for r in res["rows"]:
@@ -102,9 +111,11 @@ def _single_job_steps(rank, world, store_path, config, q):
 
     from bagel_kernels import token_alignment
     from bagel_model.core.config import BagelConfig
-    from bagel_model.engine.denoise import DenoiseRequest, SamplingParams, denoise_batch
+    from bagel_model.core.sampling import SamplingParams
+    from bagel_model.engine.denoise import DenoiseRequest, denoise
     from bagel_model.engine.step import PackedStep
-    from bagel_model.engine.output import tensor_md5, text_to_image_contexts
+    from bagel_model.engine.output import tensor_md5
+    from helpers import t2i_contexts
     from bagel_model.core.model import BagelModel
     from bagel_model.core.tokenizer import BagelTokenizer
     from parallel.denoise import ParallelStep
@@ -115,18 +126,18 @@ def _single_job_steps(rank, world, store_path, config, q):
     cfg = BagelConfig.preset("tiny")
     model, tok = BagelModel.random(cfg, seed=0), BagelTokenizer.from_directory(None)
     model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
-    ctx = text_to_image_contexts(model, tok, "a red cube")
+    ctx = t2i_contexts(model, tok, "a red cube")
     # 6 steps, CFG only above t = 0.6: the last steps have one job each
     params = SamplingParams(steps=6, seed=3, height=48, width=80, cfg_interval=(0.6, 1.0))
     align = token_alignment(torch.device("cpu"), model.kernels)
     mesh = Mesh.build(config, cfg.num_heads)
     with torch.no_grad():
-        want = tensor_md5(denoise_batch([DenoiseRequest.start(cfg, params, ctx, "cpu")], PackedStep(model, align),
-                                        progress=False)[0])
+        want = tensor_md5(denoise([DenoiseRequest.start(cfg, params, ctx, "cpu")], PackedStep(model, align),
+                                  progress=False)[0])
         got, solo = None, 0
         if mesh.active:
             eng = ParallelStep(model, mesh, align)
-            got = tensor_md5(denoise_batch([DenoiseRequest.start(cfg, params, ctx, "cpu")], eng, progress=False)[0])
+            got = tensor_md5(denoise([DenoiseRequest.start(cfg, params, ctx, "cpu")], eng, progress=False)[0])
             solo = eng._solo.forwards if eng._solo is not None else 0
     q.put((rank, mesh.active, got == want, solo, mesh.solo.config.name() if mesh.solo else None))
     dist.destroy_process_group()

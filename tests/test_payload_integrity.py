@@ -9,13 +9,13 @@ import torch
 from bagel_model.serving.kv_transfer import (KVPayload, PayloadError, TensorQueueConnector, _pack, deserialize, extract,
                                      recv_payload, send_payload, serialize, validate_payload)
 from bagel_model.serving.stages import Request, run_stage0
-from bagel_model.engine.denoise import SamplingParams
+from bagel_model.core.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
 def payload(tiny_model, tokenizer):
     req = Request("text2img", "a red cube", SamplingParams(steps=3, height=32, width=32), request_id="req-A")
-    return run_stage0(tiny_model, tokenizer, req).payload
+    return run_stage0(tiny_model, tokenizer, req, send=lambda p: None).payload
 
 
 def _resave(data: bytes, edit_meta=None, edit_tensors=None) -> bytes:

@@ -1,10 +1,13 @@
 """BagelPipeline as a diffusers user calls it: from_pretrained / save_pretrained / to, and pipe(prompt, ...)."""
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from bagel_model.engine.denoise import SamplingParams, timestep_schedule
+from bagel_model.core.sampling import SamplingParams, resolve_sampling
+from bagel_model.engine.denoise import timestep_schedule
 from bagel_model.pipeline import BagelPipeline, BagelPipelineOutput
 from bagel_model.serving.stages import Request
 
@@ -29,19 +32,11 @@ def test_text_to_image_pil_out_is_the_request_api_result(pipe):
     out = pipe("a red cube", seed=3, **FAST)
     assert isinstance(out, BagelPipelineOutput)
     assert isinstance(out.images[0], Image.Image) and out.images[0].size == (32, 32) and out.text == [""]
-    params = SamplingParams(steps=3, seed=3, height=32, width=32, **_t2i_defaults(pipe))
+    params = resolve_sampling(pipe.model.cfg, "text2img", steps=3, seed=3, height=32, width=32)
     _, r1 = pipe.generate(Request("text2img", "a red cube", params))
     assert out.latent_md5s == [r1.latent_md5] and out.image_md5s == [r1.image_md5]
     assert torch.equal(out.latents[0], r1.latent)
     assert np.array_equal(np.asarray(out.images[0]), r1.image.numpy())
-
-
-def _t2i_defaults(pipe):
-    from dataclasses import asdict
-
-    d = asdict(pipe.model.cfg.generation)
-    d.pop("num_timesteps")
-    return d
 
 
 def test_pil_in_pil_out_edits_at_the_resized_input_size(pipe, photo):
@@ -95,7 +90,7 @@ def test_callback_on_step_end_gets_diffusers_arguments_once_per_step_per_request
         return callback_kwargs
 
     out = pipe(["a red cube", "a blue ball"], seed=[0, 1], callback_on_step_end=callback, **FAST)
-    ts, _ = timestep_schedule(3, pipe.model.cfg.generation.timestep_shift)
+    ts, _ = timestep_schedule(3, resolve_sampling(pipe.model.cfg).timestep_shift)
     for i in (0, 1):
         mine = [(s, t) for p, s, t, kw in calls if kw == {"request_index": i} and p is pipe]
         assert mine == list(enumerate(ts))  # steps 0..N-2 with BAGEL's shifted t of each update
@@ -195,8 +190,42 @@ def test_preset_save_load_round_trip_is_bit_identical(pipe, tmp_path):
     assert other("a red cube", **FAST).latent_md5s != a.latent_md5s  # another model, same noise
     with pytest.raises(ValueError, match="weights_seed is for presets"):
         BagelPipeline.from_pretrained(tmp_path, weights_seed=1)
-    with pytest.raises(ValueError, match="neither a checkpoint directory nor a preset"):
+    with pytest.raises(ValueError, match="neither a checkpoint directory, a hub id"):
         BagelPipeline.from_pretrained("tiny-typo")
+
+
+def _hub_cache(root, repo_id: str, checkpoint_dir, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """A cache laid out as huggingface_hub lays it out: models--{owner}--{name}/refs/main holds the commit,
+    snapshots/{commit}/ the files."""
+    import shutil
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(checkpoint_dir, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+def test_a_hub_id_resolves_through_the_hugging_face_cache_offline(pipe, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    pipe.save_pretrained(tmp_path / "ckpt")
+    snapshot = _hub_cache(tmp_path / "hub", "ByteDance-Seed/BAGEL-7B-MoT", tmp_path / "ckpt")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    hub = BagelPipeline.from_pretrained("ByteDance-Seed/BAGEL-7B-MoT", cache_dir=tmp_path / "hub")
+    hub.set_progress_bar_config(disable=True)
+    assert hub("a red cube", **FAST).latent_md5s == pipe("a red cube", **FAST).latent_md5s
+    assert os.path.isdir(snapshot)
+
+
+def test_a_hub_id_missing_offline_names_the_id_and_hf_hub_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="'ByteDance-Seed/BAGEL-7B-MoT' is not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        BagelPipeline.from_pretrained("ByteDance-Seed/BAGEL-7B-MoT", cache_dir=tmp_path / "empty")
+    with pytest.raises(ValueError, match="not in the Hugging Face cache"):
+        BagelPipeline.from_pretrained("someone/other-model", cache_dir=tmp_path / "empty", local_files_only=True)
 
 
 def test_to_casts_as_loading_in_that_dtype(tmp_path):

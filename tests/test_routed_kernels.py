@@ -293,18 +293,16 @@ def test_expert_pack_shares_storage_and_follows_moves():
 
 def test_layer_forward_triton_matches_reference(tiny_model, monkeypatch):
     """The whole MoT layer stack through the Triton kernels (interpreter) vs the reference kernels."""
-    from bagel_model.core.model import make_gen_sequence
-    from bagel_model.core.layers import local_attention
+    from bagel_model.engine.prefill import TextBlock, prefill
+    from bagel_model.oracle import branch_velocity
 
     m = tiny_model
-    seq = make_gen_sequence(m.cfg, 32, 32)
-    x_t = torch.randn(seq.n_latent, m.cfg.patch_latent_dim, generator=torch.Generator().manual_seed(0))
-    ctx = m.prefill_text([256, 10, 20, 30, 257])
+    x_t = torch.randn(4, m.cfg.patch_latent_dim, generator=torch.Generator().manual_seed(0))
+    ctx, _ = prefill(m, [TextBlock([256, 10, 20, 30, 257])])
     outs = {}
     for backend in BACKENDS:
         monkeypatch.setattr(m, "kernels", KernelOptions(backend=backend))
-        outs[backend] = m.gen_velocity_rows(x_t, 0.5, seq, 0, ctx.rope_position,
-                                            local_attention(ctx.kv, seq.split.n, options=m.kernels))
+        outs[backend] = branch_velocity(m, x_t, 0.5, (2, 2), ctx, 16)
     assert rel_err(outs["triton"], outs["reference"]) < 1e-5
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bagel_model.engine.denoise import SamplingParams
+from bagel_model.core.sampling import SamplingParams
 from bagel_model.serving.split import ModelSpec, run_split_processes
 from bagel_model.serving.stages import Request
 
@@ -24,7 +24,7 @@ def _req(max_tokens=4):
 def _script(body: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent("""
         import json, sys
-        from bagel_model.engine.denoise import SamplingParams
+        from bagel_model.core.sampling import SamplingParams
         from bagel_model.serving.split import ModelSpec, run_split_processes
         from bagel_model.serving.stages import Request
         req = Request("text2img", "a red cube", SamplingParams(steps=2, height=32, width=32), None, {n},

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from bagel_model.core.config import BagelConfig
-from bagel_model.engine.denoise import SamplingParams
+from bagel_model.core.sampling import SamplingParams
 from bagel_model.pipeline import BagelPipeline
 from bagel_model.engine.prefill import vit_block
 from bagel_model.serving.stages import Request

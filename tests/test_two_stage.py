@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bagel_kernels import LAYOUTS
-from bagel_model.engine.denoise import SamplingParams
+from bagel_model.core.sampling import SamplingParams
 from bagel_model.serving.kv_transfer import (InProcessConnector, PayloadError, deserialize, extract, install, serialize)
 from bagel_model.engine.decode import greedy_decode
 from bagel_model.engine.prefill import TextBlock, positions_and_spans, prefill
@@ -135,7 +135,9 @@ def test_every_request_parameter_reaches_stage1(pipe, tiny_model, tokenizer):
     default = SamplingParams()
     for f in dataclasses.fields(SamplingParams):
         assert getattr(p, f.name) != getattr(default, f.name), f"test must set {f.name} away from its default"
-    r0 = run_stage0(tiny_model, tokenizer, Request("text2img", "x", p))
+    sent = []
+    r0 = run_stage0(tiny_model, tokenizer, Request("text2img", "x", p), send=sent.append)
+    assert sent == [r0.payload]
     received = deserialize(serialize(r0.payload))
     assert received.params == p and received.image_shape == (32, 16)
     result = run_stage1(tiny_model, received)
@@ -249,9 +251,24 @@ def test_graph_decoding_gives_the_eager_tokens(tiny_cfg):
     assert len(runs[0]) == 30 and runs[0] == runs[1]
 
 
+def test_one_process_makes_no_transfer_payload(tiny_model, tokenizer, monkeypatch):
+    """Without a connector nothing is sent, so nothing is copied into a payload: stage 1 reads stage 0's contexts."""
+    import bagel_model.serving.stages as stages
+
+    def refuse(*a, **k):
+        raise AssertionError("a payload was built although nothing is sent")
+
+    monkeypatch.setattr(stages, "extract", refuse)
+    r0 = stages.run_stage0(tiny_model, tokenizer, Request("text2img", "x", SamplingParams(steps=2, height=16,
+                                                                                            width=16)))
+    assert r0.payload is None and r0.diffusion.contexts["img"] is r0.diffusion.contexts["full"]
+    (res,) = stages.run_stage1_batch(tiny_model, [r0.diffusion])
+    assert res.image.shape == (16, 16, 3)
+
+
 def test_graph_decoder_needs_a_prefilled_context(tiny_model):
     from bagel_model.engine.decode import GraphDecoder
-    from bagel_model.engine.prefill import PrefilledContext, new_cache
+    from bagel_model.engine.kv_cache import Context, new_cache
 
     with pytest.raises(ValueError, match="cache is empty"):
-        GraphDecoder(tiny_model, PrefilledContext(new_cache(tiny_model, 8, "flash_attn"), 0), 1)
+        GraphDecoder(tiny_model, Context(new_cache(tiny_model, 8, "flash_attn"), 0), 1)

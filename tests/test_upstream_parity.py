@@ -17,10 +17,14 @@ from safetensors import safe_open
 
 from bagel_model.engine.cfg import combine_cfg
 from bagel_model.core.checkpoint import from_pretrained, save_pretrained
-from bagel_model.engine.denoise import SamplingParams, denoise, timestep_schedule
-from bagel_model.core.model import BranchContext, make_gen_sequence
-from bagel_model.pipeline import BagelPipeline, decode_latent, single_device_velocities
-from bagel_model.engine.prefill import PrefilledContext, TextBlock, prefill, vae_block, vit_block
+from bagel_model.core.sampling import SamplingParams
+from bagel_model.engine.denoise import DenoiseRequest, denoise, timestep_schedule
+from bagel_model.engine.kv_cache import Context
+from bagel_model.engine.output import decode_latent
+from bagel_model.engine.prefill import TextBlock, prefill, vae_block, vit_block
+from bagel_model.engine.step import PackedStep
+from bagel_model.oracle import branch_velocity
+from bagel_model.pipeline import BagelPipeline
 from bagel_model.serving.stages import Request, run_stage0
 from bagel_model.core.transforms import to_pixels
 from scripts.upstream_parity_report import params_of, rel  # one reading of the fixture's parameters
@@ -44,11 +48,7 @@ def loaded(ref):
     return model, tok
 
 
-def branch(ctx: PrefilledContext) -> BranchContext:
-    return BranchContext(kv=ctx.cache.segments(), rope_position=ctx.rope_position, length=ctx.cache.length)
-
-
-def assert_kv_matches(ctx: PrefilledContext, upstream: dict, what: str) -> None:
+def assert_kv_matches(ctx: Context, upstream: dict, what: str) -> None:
     assert ctx.cache.length == upstream["seq_len"], what
     for layer, (k_ref, v_ref) in enumerate(zip(upstream["key"], upstream["value"])):
         k, v = ctx.cache.read(layer)
@@ -90,32 +90,30 @@ def test_t2i_prefill_kv(ref, loaded):
     model, tok = loaded
     case = ref["cases"]["t2i_cfg3"]
     r0 = run_stage0(model, tok, Request("text2img", "", params_of(case), prompt_ids=ref["meta"]["prompt_ids"]))
-    assert_kv_matches(r0.contexts["full"], case["contexts"]["gen"], "t2i full context")
-    assert r0.contexts["text"].cache.length == case["contexts"]["cfg_text"]["seq_len"] == 0
+    assert_kv_matches(r0.diffusion.contexts["full"], case["contexts"]["gen"], "t2i full context")
+    assert r0.diffusion.contexts["text"].length == case["contexts"]["cfg_text"]["seq_len"] == 0
 
 
-def _image_case(ref, loaded, name: str, contexts: dict[str, PrefilledContext]) -> None:
-    """Per-branch and CFG-combined velocities at every step from upstream's x_t, then the whole denoise from
-    upstream's initial noise, the final latent and the decoded image."""
+def _image_case(ref, loaded, name: str, contexts: dict[str, Context]) -> None:
+    """Per-branch (the oracle) and CFG-combined velocities at every step from upstream's x_t, then the whole denoise
+    (the packed step) from upstream's initial noise, the final latent and the decoded image."""
     model, _ = loaded
     case = ref["cases"][name]
     p = params_of(case)
     ts, dts = timestep_schedule(p.steps, p.timestep_shift)
     assert torch.allclose(torch.tensor(ts), case["timesteps"]) and torch.allclose(torch.tensor(dts), case["dts"])
-    seq = make_gen_sequence(model.cfg, p.height, p.width)
-    branches = {"full": branch(contexts["full"]), "text": branch(contexts["text"]), "img": branch(contexts["img"])}
-    fn = single_device_velocities(model, seq, branches)
+    grid = model.cfg.check_image_size(p.height, p.width)
     for i, step in enumerate(case["steps"]):
-        vs = fn(step["x_t"], step["t"], ("full", "text", "img"))
+        vs = {b: branch_velocity(model, step["x_t"], step["t"], grid, contexts[b], 16) for b in ("full", "text", "img")}
         for ours, theirs in (("full", "v_gen"), ("text", "v_cfg_text"), ("img", "v_cfg_img")):
             assert rel(vs[ours], step[theirs]) < RTOL, f"{name} step {i} {ours}: {rel(vs[ours], step[theirs]):.2e}"
         v = combine_cfg(vs["full"], vs["text"], vs["img"], text_scale=step["cfg_text_scale_used"],
                         img_scale=step["cfg_img_scale_used"], renorm_min=p.cfg_renorm_min,
                         renorm_type=p.cfg_renorm_type)
         assert rel(v, step["v_t"]) < RTOL, f"{name} step {i} combined: {rel(v, step['v_t']):.2e}"
-    x = denoise(case["init_noise"], p, fn, progress=False)
+    (x,) = denoise([DenoiseRequest(case["init_noise"], p, grid, contexts)], PackedStep(model), progress=False)
     assert rel(x, case["final_latent"]) < RTOL, f"{name} final latent: {rel(x, case['final_latent']):.2e}"
-    image = decode_latent(model, x, seq)
+    image = decode_latent(model, x, grid)
     assert (image.int() - case["image_uint8"].int()).abs().max() <= 1
 
 
@@ -123,12 +121,12 @@ def test_t2i_velocities_final_latent_and_image(ref, loaded):
     model, tok = loaded
     case = ref["cases"]["t2i_cfg3"]
     r0 = run_stage0(model, tok, Request("text2img", "", params_of(case), prompt_ids=ref["meta"]["prompt_ids"]))
-    _image_case(ref, loaded, "t2i_cfg3", {**r0.contexts, "img": r0.contexts["full"]})
+    _image_case(ref, loaded, "t2i_cfg3", r0.diffusion.contexts)
 
 
 # ---- image editing -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def edit_contexts(ref, loaded) -> dict[str, PrefilledContext]:
+def edit_contexts(ref, loaded) -> dict[str, Context]:
     """The editing contexts from upstream's input image and its VAE posterior noise: full = [VAE, ViT, text],
     no-text = [VAE, ViT], no-image = [text]."""
     model, tok = loaded

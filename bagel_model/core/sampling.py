@@ -121,12 +121,15 @@ def _real(name: str, v) -> float:
     return float(v)
 
 
-def resolve_sampling(cfg, mode: str = "text2img", **overrides) -> SamplingParams:
+def resolve_sampling(cfg, mode: str = "text2img", arg_names: dict[str, str] | None = None,
+                     **overrides) -> SamplingParams:
     """A request's ``SamplingParams``: the field defaults, then the model's (``cfg.generation``), then the mode's
     (``MODE_DEFAULTS``), then ``overrides`` (a value of None means "not given"). text2img's height and width default
     to ``default_image_size(cfg)``; img2img's come from its input image (the caller passes them). Types are checked
     (an int where an int belongs, numbers elsewhere: a bool or a string is an error, not a coercion) and the result
-    is validated."""
+    is validated. ``arg_names``: the caller's names of fields, for its error messages (the pipeline's
+    ``num_inference_steps`` is ``steps``)."""
+    names = arg_names or {}
     given = {k: v for k, v in overrides.items() if v is not None}
     unknown = sorted(set(given) - field_names())
     if unknown:
@@ -134,13 +137,14 @@ def resolve_sampling(cfg, mode: str = "text2img", **overrides) -> SamplingParams
     side = default_image_size(cfg)
     values = {"height": side, "width": side, **cfg.generation, **MODE_DEFAULTS.get(mode, {})}
     for k, v in given.items():
+        name = names.get(k, k)
         if k in _INTEGER_FIELDS:
-            v = _integer(k, v)
+            v = _integer(name, v)
         elif k in _REAL_FIELDS:
-            v = _real(k, v)
+            v = _real(name, v)
         elif k == "cfg_interval":
             if not isinstance(v, (tuple, list)) or len(v) != 2:
-                raise ValueError(f"cfg_interval must be two numbers (lo, hi), got {v!r}")
-            v = (_real("cfg_interval", v[0]), _real("cfg_interval", v[1]))
+                raise ValueError(f"{name} must be two numbers (lo, hi), got {v!r}")
+            v = (_real(name, v[0]), _real(name, v[1]))
         values[k] = v
     return replace(SamplingParams(), **values).validate()
