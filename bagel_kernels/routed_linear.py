@@ -6,9 +6,9 @@ a plain projection (QKV fused along N), P = 2 for SwiGLU (gate, up), whose outpu
 ``residual`` adds the (rounded) projection to it, as the layer's ``x + o_proj(a)``.
 
 Backends (``KernelOptions``; this function is the one place that chooses): CUDA -> in "exact" mode the
-batch-invariant routed GEMM: on Hopper with 16-bit inputs the warp-specialized Gluon kernel (``routed_linear_gluon``;
-row tiles start at each routing segment's first row), else the Triton kernel (``routed_linear_triton``) — the two
-give the same bits (GPU test), and ``backend="triton"`` forces the Triton one; in "fast" mode one cuBLAS GEMM per expert (``routed_linear_cublas``) where cuBLAS wins
+batch-invariant routed GEMM: on Hopper with 16-bit inputs the warp-specialized Gluon kernel (``routed_gemm_gluon``;
+row tiles start at each routing segment's first row), else the Triton kernel (``routed_gemm_triton``) — the two
+give the same bits (GPU test), and ``backend="triton"`` forces the Triton one; in "fast" mode one cuBLAS GEMM per expert (``routed_gemm_cublas``) where cuBLAS wins
 (``fast_mode_uses_cublas``), the Gluon kernel elsewhere. CPU -> the plain-torch reference below (row-padded GEMMs
 per segment), or the Triton interpreter when asked for ``backend="triton"``.
 """
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from ._dispatch import resolve_backend, use_gluon
 from .linear import ExpertSegments, device_expert_ids, invariant_linear_reference
 from .options import KernelOptions, resolve_options
-from .routed_linear_cublas import routed_linear_cublas
-from .routed_linear_gluon import routed_gemm_gluon
-from .routed_linear_triton import SMALL_BATCH_ROWS, routed_gemm_small_batch_triton, routed_gemm_triton
+from .routed_gemm_cublas import routed_gemm_cublas
+from .routed_gemm_gluon import routed_gemm_gluon
+from .routed_gemm_triton import SMALL_BATCH_ROWS, routed_gemm_small_batch_triton, routed_gemm_triton
 
 Activation = Literal["swiglu"] | None
 
@@ -102,7 +102,7 @@ def routed_linear(x: torch.Tensor, routing: ExpertSegments | None, weight: torch
     gluon = use_gluon(x.device, x.dtype, opts)
     if opts.mode == "fast" and x.device.type == "cuda" and fast_mode_uses_cublas(
             activation, residual is not None, weight.shape[2], weight.shape[3], gluon):
-        return routed_linear_cublas(x, routing, weight, bias, activation == "swiglu", residual)
+        return routed_gemm_cublas(x, routing, weight, bias, activation == "swiglu", residual)
     expert_ids = device_expert_ids(routing, expert_ids, weight.shape[0], x.device)
     if residual is not None:
         residual = residual.contiguous()

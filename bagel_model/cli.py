@@ -154,7 +154,7 @@ def check_args(args) -> None:
     try:
         check_device(args.device)
     except ValueError as e:
-        raise ValueError(f"--device: {e}") from None
+        raise ValueError(f"--{e}") from None  # "device X: why" -> "--device X: why"
 
 
 def check_positions(cfg, n_prompt: int, mode: str, max_tokens: int) -> None:

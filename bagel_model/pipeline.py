@@ -211,10 +211,13 @@ class BagelPipeline:
         if weights_seed is not None:
             raise ValueError(f"weights_seed is for presets' random weights; {name!r} is a checkpoint")
         if not os.path.isdir(name):
-            if not looks_like_hub_id(name):
+            if looks_like_hub_id(name):
+                name = resolve_hub_id(name, revision, cache_dir, local_files_only)
+            elif os.sep in name or name.startswith("."):
+                raise FileNotFoundError(f"checkpoint directory not found: {name!r}")
+            else:
                 raise ValueError(f"{name!r} is neither a checkpoint directory, a hub id (owner/name) nor a preset "
                                  f"({', '.join(PRESETS)})")
-            name = resolve_hub_id(name, revision, cache_dir, local_files_only)
         device = check_device(device)
         model, tok = checkpoint.from_pretrained(name, device=device, dtype=resolve_dtype(dtype, device),
                                                 byte_tokenizer=byte_tokenizer, check_memory=check_memory,

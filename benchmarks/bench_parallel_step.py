@@ -25,9 +25,10 @@ import torch.distributed as dist
 from bagel_kernels import token_alignment
 from bagel_model.core.config import BagelConfig
 from bagel_model.core.sampling import SamplingParams
-from bagel_model.engine.denoise import DenoiseRequest, denoise_batch
+from bagel_model.engine.denoise import DenoiseRequest, denoise
 from bagel_model.engine.step import GenJob, PackedStep
-from bagel_model.engine.output import tensor_md5, text_to_image_contexts
+from bagel_model.engine.output import tensor_md5
+from bagel_model.serving.stages import Request, prepare_image
 from bagel_model.core.model import BagelModel
 from bagel_model.core.tokenizer import BagelTokenizer
 from parallel.context_kv import broadcast_contexts
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = model.cfg
     align = token_alignment(device, model.kernels)
     prompt = "a red cube on a wooden table"
-    contexts = text_to_image_contexts(model, tok, prompt)
-    prompt_len = len(tok.encode_prompt(prompt))
+    contexts = prepare_image(model, tok, Request("text2img", prompt, SamplingParams())).contexts
+    shapes = {b: (contexts[b].length, contexts[b].rope_position) for b in ("full", "text")}
     wanted = set(args.only.split(",")) if args.only else None
     rows, base = [], {}
     profiling = args.profile and device.type == "cuda"
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         p = SamplingParams(steps=args.e2e_steps, seed=0, height=side, width=side)
         req = DenoiseRequest.start(cfg, p, ctx, device)
         out = {}
-        secs = sync_time(lambda: out.setdefault("x", denoise_batch([req], engine, progress=False)[0]))
+        secs = sync_time(lambda: out.setdefault("x", denoise([req], engine, progress=False)[0]))
         return secs, tensor_md5(out["x"])
 
     with torch.no_grad():
@@ -143,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 if wanted and pc.name() not in wanted:
                     continue
                 mesh = Mesh.build(pc, cfg.num_heads)
-                ctx = broadcast_contexts(contexts if rank == 0 else None, ["full", "text"], cfg.num_layers,
-                                         {"full": prompt_len, "text": 0, "img": prompt_len},
-                                         (cfg.num_kv_heads, cfg.head_dim), dtype, device)
+                ctx = broadcast_contexts(contexts if rank == 0 else None, shapes, model)
                 ctx["img"] = ctx["full"]
                 r = dict(size=side, config=pc.name(), degrees=f"u{pc.ulysses} r{pc.ring} c{pc.cfg}",
                          mode=pc.ring_mode if pc.ring > 1 else "exact")

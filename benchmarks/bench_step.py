@@ -160,7 +160,7 @@ def profile_step(model, args, rows: list) -> None:
 def bench_e2e(model, tok, args, rows: list) -> None:
     from bagel_model.core.sampling import SamplingParams
     from bagel_model.pipeline import BagelPipeline
-    from bagel_model.serving.stages import EventLog, Request, run_stage0, run_stage1
+    from bagel_model.serving.stages import EventLog, Request, run_stage0, run_stage1_batch
 
     pipe = BagelPipeline(model, tok)
     img = (torch.arange(1024 * 1024 * 3) % 251).to(torch.uint8).reshape(1024, 1024, 3)
@@ -180,7 +180,7 @@ def bench_e2e(model, tok, args, rows: list) -> None:
             t0 = time.perf_counter()
             r = req(steps)
             r0 = run_stage0(model, tok, r, events=ev)
-            r1 = run_stage1(model, r0.payload, r0.contexts, events=ev)
+            (r1,) = run_stage1_batch(model, [r0.diffusion], events=ev)
             torch.cuda.synchronize()
             secs = time.perf_counter() - t0
             evs = dict(ev.events)
@@ -257,32 +257,26 @@ def bench_reuse(model, tok, args, rows: list) -> None:
 def check_graph(model, tok, rows: list) -> None:
     """Graph replay == eager, bit for bit, and no host synchronization inside the replayed loop."""
     from bagel_model.core.sampling import SamplingParams
-    from bagel_model.engine.denoise import DenoiseRequest, denoise_batch, timestep_schedule
-    from bagel_model.engine.step import PackedStep
+    from bagel_model.engine.denoise import denoise, timestep_schedule
     from bagel_model.engine.finite_guard import FiniteGuard
-    from bagel_model.pipeline import tensor_md5, text_to_image_contexts
+    from bagel_model.engine.output import tensor_md5
+    from bagel_model.engine.step import PackedStep
+    from bagel_model.oracle import PerBranchStep
     from bagel_model.runtime.sync_guard import forbid_host_sync
+    from bagel_model.serving.stages import Request, prepare_image
 
     def reqs():
         out = []
         for i, (pr, side) in enumerate((("a red cube", 512), ("a blue ball", 256))):
             p = SamplingParams(steps=6, seed=i, height=side, width=side)
-            out.append(DenoiseRequest.start(model.cfg, p, text_to_image_contexts(model, tok, pr), model.device,
-                                            schedule=timestep_schedule(p.steps, p.timestep_shift)))
+            r = prepare_image(model, tok, Request("text2img", pr, p)).start(model)
+            r.schedule = timestep_schedule(p.steps, p.timestep_shift)
+            out.append(r)
         return out
 
-    eager = [tensor_md5(x) for x in denoise_batch(reqs(), PackedStep(model, use_graph=False), progress=False)]
-    # the per-branch loop (one forward per CFG branch, the unpacked layout) must give the same bits
-    from bagel_kernels import token_alignment
-    from bagel_model.engine.denoise import denoise
-    from bagel_model.core.model import make_gen_sequence
-    from bagel_model.pipeline import single_device_velocities
-
-    per_branch = []
-    for r in reqs():
-        seq = make_gen_sequence(model.cfg, r.params.height, r.params.width, 1, token_alignment(model.device))
-        per_branch.append(tensor_md5(denoise(r.x, r.params, single_device_velocities(model, seq, r.contexts),
-                                             progress=False)))
+    eager = [tensor_md5(x) for x in denoise(reqs(), PackedStep(model, use_graph=False), progress=False)]
+    # the per-branch oracle (one forward per CFG branch, the unpacked layout) must give the same bits
+    per_branch = [tensor_md5(denoise([r], PerBranchStep(model), progress=False)[0]) for r in reqs()]
     rows.append(dict(subject="check", what="packed step == per-branch loop (2 requests, 6 steps)",
                      equal=per_branch == eager, md5s=per_branch))
     print(rows[-1], flush=True)
@@ -290,7 +284,7 @@ def check_graph(model, tok, rows: list) -> None:
     rs = reqs()
     guards = [FiniteGuard() for _ in rs]
     with forbid_host_sync(cuda=True):
-        xs = denoise_batch(rs, eng, progress=False, guards=guards)
+        xs = denoise(rs, eng, progress=False, guards=guards)
     for g in guards:
         g.check()
     graphed = [tensor_md5(x) for x in xs]

@@ -19,7 +19,7 @@ import torch
 from bagel_model.core.sampling import SamplingParams
 from bagel_model.pipeline import BagelPipeline
 from bagel_model.serving.split import ModelSpec, run_split_processes
-from bagel_model.serving.stages import EventLog, Request, run_stage0, run_stage1
+from bagel_model.serving.stages import EventLog, Request, run_stage0, run_stage1_batch
 
 from .common import add_output_args, emit, row
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             _sync(a.device)
             ev = EventLog()  # pipe.generate's two calls, with their events recorded
             r0 = run_stage0(model, tok, single_req, events=ev)
-            r = run_stage1(model, r0.payload, r0.contexts, "flash_attn", events=ev)
+            (r,) = run_stage1_batch(model, [r0.diffusion], events=ev)
             _sync(a.device)
             e = dict(ev.events)
             rows.append({"mode": mode, "steps": steps, "single_s": e["stage1_done"] - e["stage0_start"],

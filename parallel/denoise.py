@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from bagel_model.engine.step import GenJob, PackedEngine, check_jobs, split_rows
+from bagel_model.engine.step import GenJob, PackedStepBase, check_jobs, split_rows
 from bagel_model.core.model import BagelModel
 from bagel_model.engine.layout import PackedContext, PackedLayout
 
@@ -28,7 +28,7 @@ def assign_jobs(n_jobs: int, cfg_degree: int) -> list[list[int]]:
     return [[i for i in range(n_jobs) if i % cfg_degree == r] for r in range(cfg_degree)]
 
 
-class ParallelStep(PackedEngine):
+class ParallelStep(PackedStepBase):
     """Packed step over ``mesh`` (every rank of the world calls it with the same jobs, in the same order).
     ``use_graph`` (default: on CUDA) records each job layout's forward — collectives included (NCCL) — in a CUDA
     graph on its second run and replays it, as the single-device engine does."""

@@ -1,7 +1,7 @@
 """Question: why does the routed GEMM stay at 0.87–0.89 of dense cuBLAS on the img2img prefill? Finding (H100, 2026-11-24): its fixed tiles fill only 0.87–0.94 of the rounds a 132-program persistent grid takes there (0.99 at the generation step), and the measurements meet that fill.
 
 ``python -m probes.gemm_rounds [--sms 132]`` prints, per token set and projection, the tile plan of
-``routed_linear_gluon`` (row tiles start at each routing segment; 128 x 256 tiles, 128 x 128 x 2 for SwiGLU), the
+``routed_gemm_gluon`` (row tiles start at each routing segment; 128 x 256 tiles, 128 x 128 x 2 for SwiGLU), the
 rounds a persistent grid of one program per SM takes, and the **fill**: useful rows x columns over what those rounds
 could compute. A tile costs the same however few of its rows are real, so at equal speed per tile ours / dense
 cuBLAS cannot exceed the fill (cuBLAS picks its tile from M; a batch-invariant kernel may not). With the ragged
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from bagel_kernels.routed_linear_gluon import BLOCK_M, _block_n, _row_tiles, _segment_bounds, split_tail_wanted
+from bagel_kernels.routed_gemm_gluon import BLOCK_M, _block_n, _row_tiles, _segment_bounds, split_tail_wanted
 from benchmarks.shapes import PROJECTIONS, token_sets
 
 

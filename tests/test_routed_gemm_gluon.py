@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-import bagel_kernels.routed_linear_gluon as rg
+import bagel_kernels.routed_gemm_gluon as rg
 from hopper_build import compile_for_hopper, ptx_facts, report_from_child
 
 gluon = pytest.importorskip("triton.experimental.gluon")
@@ -177,7 +177,7 @@ def test_gluon_kernel_builds_for_hopper():
 @pytest.mark.parametrize("swiglu,bias,residual", [(False, True, False), (True, False, False), (False, False, True)])
 @pytest.mark.parametrize("m", [1, 17, 300, 1000])
 def test_gluon_rows_are_the_triton_kernels_bits(swiglu, bias, residual, m):
-    from bagel_kernels.routed_linear_triton import routed_gemm_triton
+    from bagel_kernels.routed_gemm_triton import routed_gemm_triton
 
     g = torch.Generator(device="cuda").manual_seed(m)
     n, k, p = 512, 384, (2 if swiglu else 1)
@@ -206,7 +206,7 @@ def test_rows_do_not_depend_on_how_many_programs_share_the_gpu(swiglu, residual,
     """A GPU partition (MPS thread percentage, a smaller SKU) gives the persistent GEMMs fewer programs: the bits must
     not move."""
     import bagel_kernels._launch as launch
-    import bagel_kernels.routed_linear_triton as rt
+    import bagel_kernels.routed_gemm_triton as rt
 
     g = torch.Generator(device="cuda").manual_seed(7)
     m, n, k, p = 2000, 1024, 512, (2 if swiglu else 1)

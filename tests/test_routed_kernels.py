@@ -5,7 +5,7 @@ import torch
 
 import bagel_kernels as bk
 from bagel_kernels import KernelOptions
-from bagel_kernels.routed_linear_triton import gemm_config
+from bagel_kernels.routed_gemm_triton import gemm_config
 
 BACKENDS = ["reference", "triton"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
@@ -73,7 +73,7 @@ def i2i_routing(m: int) -> bk.ExpertSegments:
                                                   (False, True, True), (True, False, True), (False, False, False)])
 def test_fast_mode_cublas_path_matches_float64(dtype, m, kind, swiglu, bias, residual):
     """Fast mode's one-GEMM-per-expert path (gather the runs of an expert, scatter back) is the routed projection."""
-    from bagel_kernels.routed_linear_cublas import routed_linear_cublas
+    from bagel_kernels.routed_gemm_cublas import routed_gemm_cublas
 
     g = torch.Generator().manual_seed(m * 11 + len(kind))
     k, n, e = 96, 160, (1 if kind == "none" else 2)
@@ -82,7 +82,7 @@ def test_fast_mode_cublas_path_matches_float64(dtype, m, kind, swiglu, bias, res
     b = rnd(e, 2 if swiglu else 1, n, dtype=dtype, gen=g) if bias else None
     res = rnd(m, n, dtype=dtype, gen=g) if residual else None
     r = None if kind == "none" else (i2i_routing(m) if kind == "i2i" else routing_for(kind, m))
-    got = routed_linear_cublas(x, r, w, b, swiglu, res)
+    got = routed_gemm_cublas(x, r, w, b, swiglu, res)
     assert got.shape == (m, n) and got.dtype == dtype
     truth = float64_routed(x, r or bk.ExpertSegments.uniform(m, False), w, b, swiglu, res)
     assert rel_err(got, truth) < TOL[dtype]
@@ -90,7 +90,7 @@ def test_fast_mode_cublas_path_matches_float64(dtype, m, kind, swiglu, bias, res
 
 def test_fast_mode_reads_each_expert_weight_once():
     """The und rows of a text/image/text prefill are one GEMM, not one per text run."""
-    from bagel_kernels.routed_linear_cublas import expert_runs
+    from bagel_kernels.routed_gemm_cublas import expert_runs
 
     assert expert_runs(i2i_routing(100), 100) == {0: [(0, 20), (75, 100)], 1: [(20, 75)]}
     assert expert_runs(None, 7) == {0: [(0, 7)]}

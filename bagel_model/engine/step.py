@@ -116,7 +116,7 @@ def check_jobs(jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> N
             raise ValueError(f"latent of {x.shape[0]} tokens for a {j.grid[0]}x{j.grid[1]} grid")
 
 
-class PackedEngine:
+class PackedStepBase:
     """What both step engines share: a job layout's entry (layout, packed contexts, attention, caches), made on its
     first step and kept while it recurs, and the graph runner. ``degree``: the sequence-parallel split of a
     forward; subclasses give the attention that suits it."""
@@ -174,7 +174,7 @@ class PackedEngine:
         self._entries.clear()
 
 
-class PackedStep(PackedEngine):
+class PackedStep(PackedStepBase):
     """Single-device engine. ``use_graph`` (default: on CUDA) replays each recurring job layout from a CUDA graph;
     ``max_layouts``: how many job layouts (with their graphs) a long-lived engine keeps, the least recently used
     dropped first."""

@@ -1,4 +1,4 @@
-"""Hopper warp-specialized routed GEMM in Gluon: the same arithmetic as ``routed_linear_triton``, scheduled like FA3/CUTLASS.
+"""Hopper warp-specialized routed GEMM in Gluon: the same arithmetic as ``routed_gemm_triton``, scheduled like FA3/CUTLASS.
 
 Why a second implementation: Triton 3.6 cannot warp-specialize this kernel on Hopper, so its single warp group
 alternates TMA waits, wgmma and the epilogue (0.79-0.96x cuBLAS measured). Here one producer warp streams x and W
@@ -272,7 +272,7 @@ if _HAVE_GLUON:
     @gluon.jit
     def _swiglu(gate, up, out_ty: gl.constexpr):
         """Same roundings as eager: gate and up land in the activation dtype, silu(gate) is rounded, then the product.
-        Written again from ``routed_linear_triton._swiglu`` because a Gluon kernel cannot call a Triton function; the
+        Written again from ``routed_gemm_triton._swiglu`` because a Gluon kernel cannot call a Triton function; the
         GPU tests check the two kernels' bits are equal."""
         g = gate.to(out_ty).to(gl.float32)
         s = (g / (1.0 + gl.exp(-g))).to(out_ty).to(gl.float32)
@@ -458,7 +458,7 @@ if _HAVE_GLUON:
         ], [1], [40])
 
 
-# Fixed per (N, K, dtype, activation), never from M (see routed_linear_triton.gemm_config for why).
+# Fixed per (N, K, dtype, activation), never from M (see routed_gemm_triton.gemm_config for why).
 BLOCK_M, BLOCK_K, GROUP_M = 128, 64, 8
 NUM_WARPS = 8  # two consumer warpgroups; the producer warp comes on top
 MAXNREG = 168  # 65536 registers / (3 warpgroups x 128 threads); the producer gives its share to the consumers

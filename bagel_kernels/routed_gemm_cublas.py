@@ -51,7 +51,7 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s
         torch.mm(x, w.T, out=out)
 
 
-def routed_linear_cublas(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor,
+def routed_gemm_cublas(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor,
                          bias: torch.Tensor | None = None, swiglu: bool = False,
                          residual: torch.Tensor | None = None) -> torch.Tensor:
     """``routed_linear``'s contract (x (M, K); weight (E, P, N, K); bias (E, P, N) or None) with one GEMM per expert.
