@@ -42,7 +42,10 @@ class ParallelConfig:
 
     def validate(self, world_size: int, num_heads: int | None = None) -> "ParallelConfig":
         for k in ("ulysses", "ring", "cfg"):
-            if getattr(self, k) < 1:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int):  # 2.0 would fail later as a raw TypeError in range()
+                raise ValueError(f"{k} degree must be an integer, got {v!r} ({type(v).__name__})")
+            if v < 1:
                 raise ValueError(f"{k} degree must be >= 1, got {getattr(self, k)}")
         if self.ring_mode not in ("exact", "fast"):
             raise ValueError(f"ring_mode must be 'exact' or 'fast', got {self.ring_mode!r}")
