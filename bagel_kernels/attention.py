@@ -222,7 +222,7 @@ def joint_attention(
     tq, hq, d = q.shape
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     if not 0 < scale < math.inf:  # NaN fails too; an infinite scale makes every row NaN (inf - inf)
-        raise ValueError(f"softmax scale must be a positive finite number, got {scale}")
+        raise ValueError(f"softmax scale must be positive and finite, got {scale}")
     if max_seqlen_q is None:
         max_seqlen_q = tq
     if visible_end is not None and visible_end.shape != (tq,):

@@ -287,7 +287,7 @@ def _kernel_call(case):
 KERNEL_ROWS = [
     ("page past the pool", "block_table holds page id(s) [9] outside the pool of 4 pages"),
     ("negative page", "block_table holds page id(s) [-1] outside the pool of 4 pages"),
-    ("scale inf", "softmax scale must be a positive finite number, got inf"),
+    ("scale inf", "softmax scale must be positive and finite, got inf"),
     ("max_seqlen_q short", "max_seqlen_q 4 is smaller than the single sequence's 8 query rows"),
     ("kv numpy", "K/V must be torch tensors, got numpy.ndarray"),
     ("v head_dim", "V head_dim 8 does not match q's head_dim 16"),
