@@ -1,7 +1,7 @@
 """bagel_kernels: batch-invariant kernels for BAGEL, each beside its plain-torch reference."""
 from ._dispatch import resolve_backend
 from .options import KernelOptions, default_options
-from .attention import joint_attention, token_alignment, prefill_visible_end
+from .attention import check_block_tables, joint_attention, token_alignment, prefill_visible_end
 from .attention_types import AttentionOutput, AttentionState, ContiguousKV, PagedKV
 from .kv_layout import LAYOUTS, PagedKVView, allocate_kv_cache, normalize_kv_cache
 from .linear import ROW_TILE, ExpertSegments, invariant_linear_reference
@@ -12,7 +12,7 @@ from .norms import rms_norm_reference, routed_rms_norm
 from .rope import apply_rope_reference, rope_cos_sin
 
 __all__ = [
-    "KernelOptions", "default_options", "resolve_backend", "joint_attention", "token_alignment", "prefill_visible_end", "AttentionOutput",
+    "KernelOptions", "default_options", "resolve_backend", "joint_attention", "check_block_tables", "token_alignment", "prefill_visible_end", "AttentionOutput",
     "AttentionState", "ContiguousKV", "PagedKV", "LAYOUTS", "PagedKVView", "allocate_kv_cache",
     "normalize_kv_cache", "ROW_TILE", "ExpertSegments", "invariant_linear", "invariant_linear_reference",
     "routed_linear", "routed_linear_reference", "routed_rms_norm", "qk_norm_rope",

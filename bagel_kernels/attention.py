@@ -24,7 +24,7 @@ from .attention_types import AttentionOutput, AttentionState, ContiguousKV, Page
 from .linear import ROW_TILE
 from .options import KernelOptions, resolve_options
 
-__all__ = ["joint_attention", "token_alignment", "prefill_visible_end"]
+__all__ = ["joint_attention", "token_alignment", "prefill_visible_end", "check_block_tables"]
 
 
 def token_alignment(device: torch.device | str, options: KernelOptions | None = None) -> int:
@@ -102,14 +102,46 @@ def _check_indices(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, max_s
                 if len(lens) != len(room) or any(not 0 <= n <= r for n, r in zip(lens, room)):
                     raise ValueError(f"segment {i}: seqlens {lens[:8]} exceed the rows the KV holds {room[:8]} "
                                      "(or are negative)")
-        elif lens is not None:
-            if len(lens) != s.block_table.shape[0] or any(not 0 <= n <= s.span for n in lens):
+        else:
+            if lens is not None and (len(lens) != s.block_table.shape[0] or any(not 0 <= n <= s.span for n in lens)):
                 raise ValueError(f"segment {i}: paged seqlens {lens[:8]} exceed the {s.span} slots its block table "
                                  f"maps per sequence ({s.block_table.shape[0]} sequences), or are negative")
+            if s.block_table.device.type == "cpu":  # a device table is a documented precondition (check_block_tables)
+                _check_block_table(i, s)
+
+
+def _check_block_table(i: int, s: PagedKV) -> None:
+    """Every page id of ``s.block_table`` names a page of the pool: an id past it makes the Triton kernel read
+    memory it does not own (no error, garbage rows). Reads the table's min and max (one sync for a device table)."""
+    bt = s.block_table
+    if bt.dim() != 2:
+        raise ValueError(f"segment {i}: block_table must be (sequences, pages), got shape {tuple(bt.shape)}")
+    if bt.dtype.is_floating_point or bt.dtype == torch.bool or bt.dtype.is_complex:
+        raise TypeError(f"segment {i}: block_table must hold integer page ids, got {bt.dtype}")
+    if bt.numel() == 0:
+        return
+    lo, hi = torch.stack([bt.min(), bt.max()]).tolist()
+    pool = s.k.shape[0]
+    if lo < 0 or hi >= pool:
+        bad = bt[(bt < 0) | (bt >= pool)]
+        raise ValueError(f"segment {i}: block_table holds page id(s) {bad[:8].tolist()} outside the pool of {pool} "
+                         f"pages [0, {pool})")
+
+
+def check_block_tables(segments: list[Segment]) -> None:
+    """Debug check of a launch's paged segments whose block tables live on the GPU: every page id within its
+    pool. ``joint_attention`` checks host (CPU) tables itself; a device table is a precondition it does not read
+    (that would be a device sync inside the no-sync denoise loop), so call this where a table is built or in a
+    debug run. Syncs the device once per paged segment."""
+    for i, s in enumerate(segments):
+        if isinstance(s, PagedKV):
+            _check_block_table(i, s)
 
 
 def _check(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, gqa_group, q_head_offset,
            max_seqlen_q: int | None = None) -> int:
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q must be a torch tensor, got {type(q).__module__}.{type(q).__name__}")
     if q.dim() != 3:
         raise ValueError(f"q must be (tokens, heads, head_dim), got shape {tuple(q.shape)}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -121,8 +153,12 @@ def _check(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, gqa_group, q_
     for i, s in enumerate(segments):
         if not isinstance(s, (ContiguousKV, PagedKV)):
             raise TypeError(f"segment {i} is {type(s).__name__}; expected ContiguousKV or PagedKV")
-        if s.k.shape[-1] != d or s.v.shape[-1] != d:
-            raise ValueError(f"segment {i}: head_dim {s.k.shape[-1]} does not match q's head_dim {d}")
+        if not isinstance(s.k, torch.Tensor) or not isinstance(s.v, torch.Tensor):
+            raise TypeError(f"segment {i}: K/V must be torch tensors, got {type(s.k).__module__}.{type(s.k).__name__} "
+                            f"/ {type(s.v).__module__}.{type(s.v).__name__}")
+        for name, t in (("K", s.k), ("V", s.v)):
+            if t.shape[-1] != d:
+                raise ValueError(f"segment {i}: {name} head_dim {t.shape[-1]} does not match q's head_dim {d}")
         if s.num_kv_heads != hkv or s.v.shape != s.k.shape:
             raise ValueError(f"segment {i}: K/V heads or shapes disagree ({tuple(s.k.shape)} vs {tuple(s.v.shape)}, "
                              f"expected {hkv} KV heads)")
@@ -140,6 +176,9 @@ def _check(q: torch.Tensor, segments: list[Segment], cu_seqlens_q, gqa_group, q_
         raise ValueError(f"q_head_offset must be a non-negative integer, got {q_head_offset!r}")
     if max_seqlen_q is not None and max_seqlen_q < 0:
         raise ValueError(f"max_seqlen_q must be >= 0, got {max_seqlen_q}")
+    if max_seqlen_q is not None and cu_seqlens_q is None and max_seqlen_q < q.shape[0]:
+        # one sequence of all q's rows: a smaller bound would leave its tail rows uncomputed (a wrong result)
+        raise ValueError(f"max_seqlen_q {max_seqlen_q} is smaller than the single sequence's {q.shape[0]} query rows")
     _check_indices(q, segments, cu_seqlens_q, max_seqlen_q)
     g = gqa_group if gqa_group is not None else None
     if g is None:
@@ -182,8 +221,8 @@ def joint_attention(
     group = _check(q, segments, cu_seqlens_q, gqa_group, q_head_offset, max_seqlen_q)
     tq, hq, d = q.shape
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    if not scale > 0:
-        raise ValueError(f"softmax scale must be positive, got {scale}")
+    if not 0 < scale < math.inf:  # NaN fails too; an infinite scale makes every row NaN (inf - inf)
+        raise ValueError(f"softmax scale must be positive and finite, got {scale}")
     if max_seqlen_q is None:
         max_seqlen_q = tq
     if visible_end is not None and visible_end.shape != (tq,):

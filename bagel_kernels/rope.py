@@ -8,6 +8,8 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tup
     """cos/sin tables of shape (tokens, head_dim) in fp32 for integer positions."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    if not 1 < theta < float("inf"):  # 0 or a negative base gives NaN/inf frequencies; 1 makes every frequency 1
+        raise ValueError(f"RoPE theta (rope_theta) must be a finite number > 1, got {theta}")
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device).float() / head_dim))
     freqs = position_ids.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)

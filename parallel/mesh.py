@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 # The guarded-collective helpers live one layer down (bagel_model's KV connectors use them too); re-exported here.
-from bagel_model.runtime.collectives import DEFAULT_TIMEOUT_S, CollectiveError, configure, guarded, new_group  # noqa: F401
+from bagel_model.runtime.collectives import (DEFAULT_TIMEOUT_S, CollectiveError, configure, guarded,  # noqa: F401
+                                             init_process_group, new_group)
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,10 @@ class ParallelConfig:
 
     def validate(self, world_size: int, num_heads: int | None = None) -> "ParallelConfig":
         for k in ("ulysses", "ring", "cfg"):
-            if getattr(self, k) < 1:
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int):  # 2.0 would fail later as a raw TypeError in range()
+                raise ValueError(f"{k} degree must be an integer, got {v!r} ({type(v).__name__})")
+            if v < 1:
                 raise ValueError(f"{k} degree must be >= 1, got {getattr(self, k)}")
         if self.ring_mode not in ("exact", "fast"):
             raise ValueError(f"ring_mode must be 'exact' or 'fast', got {self.ring_mode!r}")
@@ -73,6 +77,18 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if watchdog and world > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent hosts the store before any rank starts: heartbeats from before the rendezvous, so a rank
+        # that dies or stops during it is named (not a DistStoreError listing keys after the store timeout)
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+
+        def client():
+            return dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+        # "default_pg": the prefix env:// rendezvous gives the default group's keys in the shared agent store
+        init_process_group(backend, dist.PrefixStore("default_pg", client()), rank, world, timeout_s,
+                           watchdog_store=client())
+        return rank, world
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     if watchdog:
         configure(timeout_s)

@@ -170,6 +170,8 @@ def _ckpt(tmp, tiny_model, tokenizer):
     from bagel_model.core.checkpoint import save_pretrained
 
     save_pretrained(tiny_model, str(tmp), tokenizer)
+    for f in tmp.glob("*.sha256"):  # as released (no checksums): the structural checks below must name the damage
+        f.unlink()
     return tmp
 
 
@@ -252,3 +254,100 @@ def test_sweep_rejects_an_empty_selection_and_bad_layers(capsys):
         with pytest.raises(SystemExit):
             sweep(bad)
         assert msg in capsys.readouterr().err
+
+
+# ---- issue 29: the last silent results and misnamed errors of the kernel API ---------------------------------
+def _kernel_call(case):
+    """(q, segments, keyword arguments) of one bad kernel call."""
+    import bagel_kernels as bk
+
+    q = torch.randn(8, 4, 16)
+    k, v = torch.randn(6, 2, 16), torch.randn(6, 2, 16)
+    if case == "page past the pool":  # an all-zero pool of 4 pages, a table naming page 9
+        kp, vp = torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16)
+        return q, [bk.PagedKV(kp, vp, torch.tensor([[0, 9]], dtype=torch.int32), torch.tensor([32], dtype=torch.int32))], {}
+    if case == "negative page":
+        kp, vp = torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16)
+        return q, [bk.PagedKV(kp, vp, torch.tensor([[-1, 0]], dtype=torch.int32), torch.tensor([20], dtype=torch.int32))], {}
+    if case == "scale inf":
+        return q, [bk.ContiguousKV(k, v)], dict(scale=math.inf)
+    if case == "max_seqlen_q short":  # one sequence of 8 rows, bound 4: rows 4..7 would be left uncomputed
+        return q, [bk.ContiguousKV(k, v)], dict(max_seqlen_q=4)
+    if case == "kv numpy":
+        return q, [bk.ContiguousKV(k.numpy(), v.numpy())], {}
+    if case == "v head_dim":
+        return q, [bk.ContiguousKV(k, v[..., :8])], {}
+    raise AssertionError(case)
+
+
+KERNEL_ROWS = [
+    ("page past the pool", "block_table holds page id(s) [9] outside the pool of 4 pages"),
+    ("negative page", "block_table holds page id(s) [-1] outside the pool of 4 pages"),
+    ("scale inf", "softmax scale must be positive and finite, got inf"),
+    ("max_seqlen_q short", "max_seqlen_q 4 is smaller than the single sequence's 8 query rows"),
+    ("kv numpy", "K/V must be torch tensors, got numpy.ndarray"),
+    ("v head_dim", "V head_dim 8 does not match q's head_dim 16"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case,msg", KERNEL_ROWS, ids=[r[0] for r in KERNEL_ROWS])
+def test_kernel_arguments_that_gave_wrong_numbers_are_named(case, msg, backend):
+    """Each backend refuses before launching: the Triton kernel (interpreter) read pages it does not own and
+    returned non-zero rows from an all-zero pool; scale=inf gave NaN rows; a short max_seqlen_q wrong rows."""
+    import bagel_kernels as bk
+
+    q, segs, kw = _kernel_call(case)
+    with pytest.raises((ValueError, TypeError)) as e:
+        bk.joint_attention(q, segs, options=bk.KernelOptions(backend=backend), **kw)
+    assert msg in str(e.value), str(e.value)
+
+
+def test_device_block_tables_have_an_explicit_debug_check():
+    """A GPU block table is a precondition joint_attention does not read (no sync in the denoise loop);
+    ``check_block_tables`` is the explicit check. Shown on CPU tables here (the same code path)."""
+    import bagel_kernels as bk
+
+    _, segs, _ = _kernel_call("page past the pool")
+    with pytest.raises(ValueError, match=r"page id\(s\) \[9\] outside the pool of 4 pages"):
+        bk.check_block_tables(segs)
+    kp, vp = torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16)
+    bk.check_block_tables([bk.PagedKV(kp, vp, torch.tensor([[3, 0]], dtype=torch.int32), torch.tensor([20], dtype=torch.int32))])
+
+
+@pytest.mark.parametrize("theta", [0.0, -1.0, math.inf, math.nan])
+def test_rope_theta_that_gives_nan_tables_is_rejected(theta):
+    import bagel_kernels as bk
+
+    with pytest.raises(ValueError, match="rope_theta"):
+        bk.rope_cos_sin(torch.arange(4), 8, theta)
+
+
+def test_rope_theta_zero_in_a_config_is_rejected(tiny_cfg):
+    import copy
+
+    from bagel_model.core.config import ConfigError
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.llm.rope_theta = 0.0
+    if getattr(cfg.llm, "rope_parameters", None):
+        cfg.llm.rope_parameters["rope_theta"] = 0.0
+    with pytest.raises(ConfigError, match="rope_theta must be a finite number > 1, got 0.0"):
+        cfg.validate()
+
+
+def test_lse_merge_shape_mismatch_is_named():
+    import bagel_kernels as bk
+
+    with pytest.raises(ValueError, match=r"outputs must both be \(T, H, D\), got \(4, 2, 8\) and \(3, 2, 8\)"):
+        bk.merge_attention_partials(torch.zeros(4, 2, 8), torch.zeros(4, 2), torch.zeros(3, 2, 8), torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"lse must be \(T, H\) = \(4, 2\)"):
+        bk.merge_attention_partials(torch.zeros(4, 2, 8), torch.zeros(4, 2), torch.zeros(4, 2, 8), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("degree", [2.0, "2", True])
+def test_a_non_integer_parallel_degree_is_named(degree):
+    from parallel.mesh import ParallelConfig
+
+    with pytest.raises(ValueError, match=f"ulysses degree must be an integer, got {degree!r}"):
+        ParallelConfig(ulysses=degree).validate(4)

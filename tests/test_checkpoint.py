@@ -48,9 +48,13 @@ def test_round_trip_gives_bit_identical_image(ckpt, tiny_model, tokenizer):
 
 
 def _rewrite(path, fn):
+    """A checkpoint saved wrong by its producer: the file and its checksum agree, the structural checks object."""
+    from bagel_model.core.checksums import write_sha256
+
     sd = load_file(str(path))
     fn(sd)
     save_file(sd, str(path))
+    write_sha256(str(path))
 
 
 def test_missing_key_is_named(ckpt):
@@ -76,4 +80,41 @@ def test_missing_files(tmp_path, ckpt):
         from_pretrained(str(tmp_path / "nope"))
     os.remove(ckpt / "ae.safetensors")
     with pytest.raises(CheckpointError, match="VAE weights file is missing"):
+        from_pretrained(str(ckpt))
+
+
+def test_a_transposed_patch_embedding_is_refused(ckpt):
+    """The release's Linear (E, p*p*C) and the model's Conv2d (E, C, p, p) are accepted; the same element count
+    in any other shape (here the Linear transposed) would load scrambled."""
+    key = next(k for k in load_file(str(ckpt / "ema.safetensors")) if k.endswith("patch_embedding.weight"))
+    _rewrite(ckpt / "ema.safetensors", lambda sd: sd.__setitem__(key, sd[key].t().contiguous()))
+    with pytest.raises(CheckpointError, match=f"mis-shaped keys \\(1\\): {key}: checkpoint"):
+        from_pretrained(str(ckpt))
+
+
+def _flip_a_bit(path, offset_from_end=100):
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x01  # inside the last tensor's bytes: still a valid, finite safetensors file
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_is_caught_by_the_written_checksum(ckpt):
+    assert (ckpt / "ema.safetensors.sha256").is_file() and (ckpt / "ae.safetensors.sha256").is_file()
+    from_pretrained(str(ckpt))  # verified and loaded
+    _flip_a_bit(ckpt / "ema.safetensors")
+    with pytest.raises(CheckpointError, match=r"ema.safetensors: SHA-256 [0-9a-f]{16}\.\.\. != the recorded"):
+        from_pretrained(str(ckpt))
+
+
+def test_checksums_in_the_index_are_verified(ckpt):
+    from bagel_model.core.checksums import file_sha256
+
+    for f in ckpt.glob("*.sha256"):
+        f.unlink()
+    index = json.load(open(ckpt / "model.safetensors.index.json"))
+    index["metadata"]["sha256"] = {"ae.safetensors": file_sha256(str(ckpt / "ae.safetensors"))}
+    json.dump(index, open(ckpt / "model.safetensors.index.json", "w"))
+    from_pretrained(str(ckpt))
+    _flip_a_bit(ckpt / "ae.safetensors")
+    with pytest.raises(CheckpointError, match=r"ae.safetensors: SHA-256 .* != the recorded"):
         from_pretrained(str(ckpt))

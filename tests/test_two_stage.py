@@ -212,13 +212,13 @@ def test_stage0_failure_is_reported_not_hung(tiny_model, tokenizer):
         run_split_threads(tiny_model, tiny_model, tokenizer, req, InProcessConnector())
 
 
-def _dist_worker(rank, path, payload_bytes, out):
+def _dist_worker(rank, path, payload_bytes, out, key):
     import torch.distributed as dist
 
     from bagel_model.serving.kv_transfer import TorchDistributedConnector
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
-    conn = TorchDistributedConnector(peer=1 - rank)
+    conn = TorchDistributedConnector(peer=1 - rank, key=key)  # the run's key, from the parent over spawn's pipe
     if rank == 0:
         conn.send(payload_bytes)
     else:
@@ -234,7 +234,9 @@ def test_torch_distributed_connector(tiny_model, tmp_path):
     ckv = extract(ctx)
     data = serialize(_payload(ckv))
     out = str(tmp_path / "k0.pt")
-    mp.spawn(_dist_worker, args=(str(tmp_path / "store"), data, out), nprocs=2, join=True)
+    from bagel_model.serving.kv_transfer import new_run_key
+
+    mp.spawn(_dist_worker, args=(str(tmp_path / "store"), data, out, new_run_key()), nprocs=2, join=True)
     assert torch.equal(torch.load(out), ckv.k[0])
 
 

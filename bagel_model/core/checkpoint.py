@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bagel_kernels import KernelOptions
+from .checksums import verify_directory, write_sha256
 
 from .config import BagelConfig
 from .model import BagelModel
@@ -75,6 +76,8 @@ def save_pretrained(model: BagelModel, directory: str, tokenizer: BagelTokenizer
         json.dump({"metadata": {"total_size": total}, "weight_map": {k: EMA_FILE for k in sorted(ema)}}, f, indent=1)
     if tokenizer is not None:
         tokenizer.save(directory)
+    for name in (EMA_FILE, AE_FILE):  # <file>.sha256: from_pretrained verifies the bytes (sha256sum -c too)
+        write_sha256(os.path.join(directory, name))
 
 
 def _describe(keys, limit: int = 12) -> str:
@@ -105,7 +108,7 @@ def _load_file_strict(path: str, expected: dict[str, torch.Tensor], what: str) -
         for k in sorted(keys & set(expected)):
             shape = tuple(f.get_slice(k).get_shape())
             want = tuple(expected[k].shape)
-            if shape != want and not (_is_patch_embed(k) and _numel(shape) == _numel(want)):
+            if shape != want and not (_is_patch_embed(k) and shape == _release_shape(want)):
                 shaped.append(f"{k}: checkpoint {shape} vs model {want}")
         if shaped:
             problems.append(f"mis-shaped keys ({len(shaped)}): " + "; ".join(shaped[:12]))
@@ -130,6 +133,12 @@ def _load_file_strict(path: str, expected: dict[str, torch.Tensor], what: str) -
                 + ([f"non-finite (NaN/Inf) tensors ({len(nonfinite)}): " + _describe(nonfinite)] if nonfinite else [])))
 
 
+def _release_shape(shape) -> tuple:
+    """The release's (Linear) shape of a model Conv2d patch embedding (E, C, p, p): (E, p*p*C). Exact: a tensor of
+    the right element count in another shape (transposed) would load scrambled."""
+    return (shape[0], _numel(shape[1:])) if len(shape) == 4 else tuple(shape)
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:
@@ -147,6 +156,9 @@ def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: t
     an error). ``check_memory``: refuse, with the number, when the weights cannot fit on ``device``."""
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory not found: {directory!r}")
+    _, bad_sums = verify_directory(directory, INDEX_FILE)  # only where the directory carries checksums
+    if bad_sums:
+        raise CheckpointError(f"checkpoint {directory!r} fails its checksums: " + "; ".join(bad_sums))
     cfg = BagelConfig.from_pretrained(directory)
     tokenizer = BagelTokenizer.from_directory(directory, byte_fallback=byte_tokenizer)  # before the weights load
     if check_memory:

@@ -116,6 +116,8 @@ class BagelConfig:
                 f"num_key_value_heads {c.num_key_value_heads} does not divide num_attention_heads {c.num_attention_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim {self.head_dim} must be even for RoPE")
+        if not 1 < self.rope_theta < float("inf"):  # 0 gives NaN cos/sin tables (0 ** 0 / 0 ** x), i.e. NaN q/k
+            raise ConfigError(f"llm_config rope_theta must be a finite number > 1, got {self.rope_theta}")
         if self.hidden_size % 4:
             raise ConfigError(f"hidden_size {self.hidden_size} must be a multiple of 4 for the 2-D sin-cos position table")
         chans = [self.vae.ch * m for m in self.vae.ch_mult]

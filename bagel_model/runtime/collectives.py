@@ -132,9 +132,10 @@ _state: dict = {"timeout_s": DEFAULT_TIMEOUT_S, "watchdog": None}
 
 
 def configure(timeout_s: float = DEFAULT_TIMEOUT_S, store=None, interval_s: float = 0.5,
-              exit_on_silent_peer: bool = True) -> None:
+              exit_on_silent_peer: bool = True, rank: int | None = None, world: int | None = None) -> None:
     """Set the timeout every group gets and start this rank's watchdog on ``store`` (default: a client of the
-    rendezvous store at MASTER_ADDR:MASTER_PORT, torchrun's). Call after ``dist.init_process_group``."""
+    rendezvous store at MASTER_ADDR:MASTER_PORT, torchrun's). Call after ``dist.init_process_group``, or before
+    it with ``rank`` and ``world`` (``init_process_group`` below) so that the rendezvous itself is watched."""
     if not timeout_s > 0:  # also rejects NaN
         raise ValueError(f"collective timeout must be a positive number of seconds, got {timeout_s!r}")
     shutdown()
@@ -142,7 +143,8 @@ def configure(timeout_s: float = DEFAULT_TIMEOUT_S, store=None, interval_s: floa
     if store is None:
         store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ["MASTER_PORT"]),
                               is_master=False, timeout=datetime.timedelta(seconds=min(timeout_s, 10.0)))
-    _state["watchdog"] = Watchdog(store, dist.get_rank(), dist.get_world_size(), timeout_s, interval_s,
+    _state["watchdog"] = Watchdog(store, dist.get_rank() if rank is None else rank,
+                                  dist.get_world_size() if world is None else world, timeout_s, interval_s,
                                   exit_on_silent_peer)
 
 
@@ -159,8 +161,21 @@ def timeout() -> datetime.timedelta:
 
 
 def new_group(ranks: list[int]):
-    """``dist.new_group`` with the configured timeout (never PyTorch's 30-minute default)."""
-    return dist.new_group(ranks, timeout=timeout())
+    """``dist.new_group`` with the configured timeout (never PyTorch's 30-minute default), guarded: a rank that
+    died or stopped before creating it is named (creation waits on every rank of the world through the store, and
+    otherwise ends in a ``DistStoreError`` listing store keys)."""
+    return guarded(f"new_group {ranks}", dist.new_group, ranks, timeout=timeout())
+
+
+def init_process_group(backend: str, store, rank: int, world: int, timeout_s: float = DEFAULT_TIMEOUT_S,
+                       watchdog_store=None, interval_s: float = 0.5, exit_on_silent_peer: bool = True) -> None:
+    """``dist.init_process_group`` on ``store`` with this rank's watchdog started first (on ``watchdog_store``, a
+    second client of the same store: ``configure``): a rank that dies or stops during the rendezvous is named in
+    the ``CollectiveError``, as in any guarded collective, instead of a ``DistStoreError`` after the store timeout."""
+    configure(timeout_s, store=watchdog_store, interval_s=interval_s, exit_on_silent_peer=exit_on_silent_peer,
+              rank=rank, world=world)
+    guarded("process group rendezvous (init_process_group)", dist.init_process_group, backend, store=store, rank=rank,
+            world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def _missing_text() -> str:
@@ -190,7 +205,7 @@ def guarded(what: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001
-        rank = dist.get_rank() if dist.is_initialized() else -1
+        rank = dist.get_rank() if dist.is_initialized() else (wd.rank if wd is not None else -1)
         msg = (f"rank {rank}: collective {what!r} failed after {time.monotonic() - t0:.1f} s{_missing_text()}: "
                f"{type(e).__name__}: {e}")
         if wd is not None:

@@ -14,6 +14,15 @@ head_dim, dtype, the branches of its mode, image size) and the request it answer
 ``PayloadError`` naming it — never an image. This is protection against corruption and mix-ups in transit, not
 against a deliberate forger (CRC-32 is not a MAC).
 
+Authentication: every connector that crosses a process boundary takes the run's random ``key`` (``new_run_key``:
+made by the parent, handed to its stages inside the connector over spawn's private pipe — never on a command line,
+never in the payload) and sends an HMAC-SHA256 tag with each payload; the receiver refuses a payload whose tag does
+not match (a header rewritten with its CRC recomputed, another request's tensors spliced in). The tag covers the
+serialized bytes (header + tensors) on the byte connectors, where they are on the host anyway; on the tensor
+connector it covers the header (with every tensor's name, dtype, shape and position-weighted sum) and the bytes of
+CPU tensors — CUDA tensors' bytes are not hashed (that would copy the KV to the host and add a device sync), so
+there they are covered by the header's non-cryptographic sums only.
+
 Connectors: ``InProcessConnector`` (a queue, threads), ``SharedMemoryConnector`` (POSIX shared memory between
 processes, a multiprocessing queue for the notices), ``TorchDistributedConnector`` (point-to-point send/recv) carry
 the serialized bytes; ``TensorQueueConnector`` carries the tensors themselves between processes of one node (CUDA
@@ -22,8 +31,11 @@ IPC handles: the KV never leaves the GPU) with the header and per-tensor integer
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import multiprocessing
+import secrets
 import queue
 import time
 import zlib
@@ -42,6 +54,37 @@ MAGIC, VERSION = "bagel-kv", 2  # 2: the checksum covers the header too
 
 class PayloadError(ValueError):
     pass
+
+
+def new_run_key() -> bytes:
+    """A random HMAC key for one run's stages (256 bits, from the OS's CSPRNG)."""
+    return secrets.token_bytes(32)
+
+
+def _run_key(key: bytes | None) -> bytes:
+    if key is None:  # the connector is made by the parent: a fresh key here is still the parent's
+        return new_run_key()
+    if not isinstance(key, bytes) or len(key) < 16:
+        raise ValueError(f"a connector key must be at least 16 random bytes (new_run_key()), got "
+                         f"{type(key).__name__} of length {len(key) if hasattr(key, '__len__') else '?'}")
+    return key
+
+
+def _mac(key: bytes, *parts) -> bytes:
+    """HMAC-SHA256 over ``parts`` (bytes-like; zero-copy buffers of host tensors)."""
+    m = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts:
+        m.update(part)
+    return m.digest()
+
+
+def _check_mac(tag, expected: bytes, where: str) -> None:
+    if not isinstance(tag, bytes):
+        raise PayloadError(f"KV payload from the {where} carries no HMAC: not sent by this run's stage 0")
+    if not hmac.compare_digest(tag, expected):
+        raise PayloadError(f"KV payload from the {where} is not authentic: its HMAC-SHA256 does not match this run's "
+                           "key (its header or tensors were rewritten after stage 0 sent it, or another process sent "
+                           "it)")
 
 
 @dataclass
@@ -124,7 +167,9 @@ def serialize(p: KVPayload) -> bytes:
 
 
 def deserialize(data: bytes) -> KVPayload:
-    if not isinstance(data, (bytes, bytearray)) or len(data) < 8:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"KV payload must be bytes (serialize()'s output), got {type(data).__name__}")
+    if len(data) < 8:
         raise PayloadError(f"KV payload too short ({len(data) if hasattr(data, '__len__') else '?'} bytes)")
     try:
         hlen = int.from_bytes(data[:8], "little")
@@ -212,6 +257,10 @@ def validate_payload(p: KVPayload, model=None, request_id: str | None = None) ->
         raise PayloadError(f"KV payload mode {p.mode!r} is not an image mode (text2img, img2img)")
     if set(p.branches) != set(BRANCHES):
         raise PayloadError(f"KV payload branches {sorted(p.branches)} != the CFG branches {sorted(BRANCHES)}")
+    lost = {b: n for b, n in p.branches.items() if n not in p.contexts}
+    if lost:
+        raise PayloadError(f"KV payload branches {lost} name contexts it does not carry (it has {sorted(p.contexts)})")
+    _check_finite(p)
     for name, c in p.contexts.items():
         if not 0 <= c.rope_position <= max(c.length, 0) or (c.length == 0 and c.rope_position != 0):
             raise PayloadError(f"KV payload context {name!r}: RoPE position {c.rope_position} is impossible for "
@@ -226,15 +275,33 @@ def validate_payload(p: KVPayload, model=None, request_id: str | None = None) ->
     want_shape = (cfg.num_kv_heads, cfg.head_dim)
     want_dtype = next(model.parameters()).dtype
     for name, c in p.contexts.items():
-        if c.length and len(c.k) != cfg.num_layers:
-            raise PayloadError(f"KV payload context {name!r} has {len(c.k)} layers; the model has {cfg.num_layers}")
-        for i, t in enumerate(list(c.k[:1]) + list(c.v[:1])):
-            if tuple(t.shape[1:]) != want_shape:
-                raise PayloadError(f"KV payload context {name!r}: KV heads x head_dim {tuple(t.shape[1:])} != the "
-                                   f"model's {want_shape}")
+        if c.length and (len(c.k) != cfg.num_layers or len(c.v) != len(c.k)):
+            raise PayloadError(f"KV payload context {name!r} has {len(c.k)} layers; the model has {cfg.num_layers}"
+                               + (f" (and {len(c.v)} V layers)" if len(c.v) != len(c.k) else ""))
+        for i, t in enumerate(list(c.k) + list(c.v)):  # every layer's: shapes are host metadata
+            if tuple(t.shape[1:]) != want_shape or t.shape[0] != c.length:
+                which = f"layer {i % max(len(c.k), 1)} {'kv'[i // max(len(c.k), 1)].upper()}"
+                raise PayloadError(f"KV payload context {name!r} {which}: shape {tuple(t.shape)}, i.e. KV heads x "
+                                   f"head_dim {tuple(t.shape[1:])} != the model's {want_shape} (or not "
+                                   f"{c.length} tokens)")
             if t.dtype != want_dtype:
                 raise PayloadError(f"KV payload context {name!r}: dtype {t.dtype} != the model's {want_dtype}")
     return p
+
+
+def _check_finite(p: KVPayload) -> None:
+    """No NaN/Inf in the K/V: stage 1 would turn it into a non-finite latent and blame its own step. One reduction
+    and one host read per payload, at receipt — never in the denoise loop."""
+    named = [(f"{n} layer {i} {kind}", t) for n, c in p.contexts.items()
+             for kind, ts in (("K", c.k), ("V", c.v)) for i, t in enumerate(ts) if t.is_floating_point() and t.numel()]
+    if not named:
+        return
+    ok = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named]).tolist()
+    bad = [w for (w, _), good in zip(named, ok) if not good]
+    if bad:
+        raise PayloadError(f"KV payload of request {p.request_id!r} holds non-finite (NaN/Inf) K/V in {len(bad)} "
+                           f"tensor(s): {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''} — stage 0's prefill "
+                           "produced it or it was damaged in transit")
 
 
 def send_payload(connector, payload: KVPayload) -> None:
@@ -289,13 +356,15 @@ class SharedMemoryConnector:
     sender killed right after sending (stage 0 during its decode) has still delivered its KV. The segment outlives
     the sender; the receiver unlinks it, and ``cleanup`` unlinks any that were never received."""
 
-    def __init__(self, ctx=None):
+    def __init__(self, ctx=None, key: bytes | None = None):
         self._rx, self._tx = (ctx or multiprocessing.get_context("spawn")).Pipe(duplex=False)
+        self._key = _run_key(key)  # travels to the stages inside this object, over spawn's pipe
 
     def send(self, data: bytes) -> None:
+        tag = _mac(self._key, data)  # the bytes are on the host already: one pass, no copy
         shm = shared_memory.SharedMemory(create=True, size=max(1, len(data)))
         shm.buf[:len(data)] = data
-        self._tx.send((shm.name, len(data)))
+        self._tx.send((shm.name, len(data), tag))  # the tag goes through the private pipe, not the segment
         shm.close()  # the receiver unlinks it
 
     def abort(self) -> None:
@@ -313,13 +382,22 @@ class SharedMemoryConnector:
         msg = self._get(timeout)
         if msg is None:
             raise PayloadError("stage 0 aborted before sending its KV payload")
-        name, size = msg
-        shm = shared_memory.SharedMemory(name=name)
+        if not (isinstance(msg, tuple) and len(msg) == 3):
+            raise PayloadError(f"shared-memory connector notice is malformed ({type(msg).__name__})")
+        name, size, tag = msg
         try:
-            return bytes(shm.buf[:size])
+            shm = shared_memory.SharedMemory(name=name)
+        except FileNotFoundError:
+            raise PayloadError(f"the shared-memory segment {name!r} holding the KV payload ({size} bytes) is gone: "
+                               "it was unlinked before stage 1 read it (another process, a cleanup of /dev/shm, "
+                               "or a second receiver)") from None
+        try:
+            data = bytes(shm.buf[:size])
         finally:
             shm.close()
             shm.unlink()
+        _check_mac(tag, _mac(self._key, data), "shared-memory connector")
+        return data
 
     def cleanup(self) -> None:
         """Unlink every segment still announced in the pipe (its receiver died or was never asked)."""
@@ -341,15 +419,19 @@ class SharedMemoryConnector:
 class TorchDistributedConnector:
     """Point-to-point between ranks of an initialized process group (gloo: CPU tensors; NCCL: ``device``)."""
 
-    def __init__(self, peer: int, device: torch.device | str = "cpu"):
+    def __init__(self, peer: int, device: torch.device | str = "cpu", *, key: bytes):
+        # ``key``: the run's key, given by whoever started both ranks over a private channel (never the store,
+        # which any local process can reach)
         self.peer, self.device = peer, torch.device(device)
+        self._key = _run_key(key)
 
     def send(self, data: bytes) -> None:
         import torch.distributed as dist
 
         from ..runtime.collectives import guarded
 
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+        # the tag rides after the bytes, computed here where they are still on the host
+        buf = torch.frombuffer(bytearray(data) + _mac(self._key, data), dtype=torch.uint8).to(self.device)
         guarded("KV payload size send", dist.send, torch.tensor([buf.numel()], dtype=torch.int64, device=self.device), self.peer)
         guarded("KV payload send", dist.send, buf, self.peer)
 
@@ -362,7 +444,12 @@ class TorchDistributedConnector:
         guarded("KV payload size recv", dist.recv, n, self.peer)
         buf = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
         guarded("KV payload recv", dist.recv, buf, self.peer)
-        return buf.cpu().numpy().tobytes()
+        raw = buf.cpu().numpy().tobytes()
+        if len(raw) < 32:
+            raise PayloadError(f"KV payload from the torch.distributed connector is {len(raw)} bytes: no HMAC")
+        data = raw[:-32]
+        _check_mac(raw[-32:], _mac(self._key, data), "torch.distributed connector")
+        return data
 
 
 class TensorQueueConnector:
@@ -373,9 +460,10 @@ class TensorQueueConnector:
     tensors' dtypes and shapes, recomputed on arrival, and a CRC-32 of the header itself.
     """
 
-    def __init__(self, ctx=None):
+    def __init__(self, ctx=None, key: bytes | None = None):
         ctx = ctx or torch.multiprocessing.get_context("spawn")
         self._q, self._acks = ctx.Queue(), ctx.Queue()
+        self._key = _run_key(key)  # travels to the stages inside this object, over spawn's pipe
         self._held: dict[str, dict[str, torch.Tensor]] = {}
 
     def send_payload(self, p: KVPayload) -> None:
@@ -385,7 +473,7 @@ class TensorQueueConnector:
         header["tensors"] = _layout_of(tensors)
         header["checksum"] = f"{zlib.crc32(_canonical(header)):08x}"
         self._held[p.request_id] = tensors
-        self._q.put((header, tensors))
+        self._q.put((header, tensors, self._tag(header, tensors)))
 
     def recv_payload(self, timeout: float = 600.0, device: torch.device | str | None = None) -> KVPayload:
         try:
@@ -394,12 +482,14 @@ class TensorQueueConnector:
             raise TimeoutError(f"stage 1: no KV payload from stage 0 within {timeout:.0f} s (tensor connector)") from None
         if msg is None:
             raise PayloadError("stage 0 aborted before sending its KV payload")
-        if not (isinstance(msg, tuple) and len(msg) == 2 and isinstance(msg[1], dict)):
+        if not (isinstance(msg, tuple) and len(msg) in (2, 3) and isinstance(msg[1], dict)):
             raise PayloadError(f"KV payload message is malformed ({type(msg).__name__})")
-        meta, received = msg
+        meta, received = msg[:2]
         _check_header(meta)
         if not isinstance(meta.get("sums"), dict) or f"{zlib.crc32(_canonical(meta)):08x}" != meta["checksum"]:
             raise PayloadError("KV payload header checksum mismatch: its header was altered in transit")
+        expected_tag = self._tag(meta, received)  # before the copies: CPU tensors are hashed where they are
+        tag = msg[2] if len(msg) == 3 else None
         # own copies (the sender may free its own now), on the receiver's device if it named one
         tensors = {n: t.to(device or t.device, copy=True) for n, t in received.items()}
         sums = _tensor_sums(tensors)  # synchronizes: the (peer) copies are complete before the ack
@@ -408,7 +498,18 @@ class TensorQueueConnector:
         if _layout_of(tensors) != meta.get("tensors") or sums != meta["sums"]:
             raise PayloadError("KV payload checksum mismatch: tensors were altered in transit (or do not match the "
                                "header's names, dtypes and shapes)")
+        _check_mac(tag, expected_tag, "tensor connector")
         return _unpack(meta, tensors)
+
+    def _tag(self, header: dict, tensors: dict[str, torch.Tensor]) -> bytes:
+        """HMAC of the header (names, dtypes, shapes and sums of every tensor) and of the CPU tensors' bytes. CUDA
+        tensors' bytes are left to the header's sums: hashing them would copy the KV to the host (a device sync)."""
+        parts = [_canonical(header)]
+        for name in sorted(tensors):
+            t = tensors[name]
+            if t.device.type == "cpu" and t.numel():
+                parts.append(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        return _mac(self._key, *parts)
 
     def abort(self) -> None:
         self._q.put(None)

@@ -18,7 +18,7 @@ from bagel_kernels import KernelOptions, default_options
 
 from ..core.checkpoint import from_pretrained
 from ..core.config import BagelConfig
-from .kv_transfer import SharedMemoryConnector, TensorQueueConnector, abort, recv_payload, send_payload
+from .kv_transfer import SharedMemoryConnector, TensorQueueConnector, abort, new_run_key, recv_payload, send_payload
 from ..core.model import BagelModel
 from .stages import EventLog, Request, run_stage0, run_stage1
 from ..core.tokenizer import BagelTokenizer
@@ -188,7 +188,8 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
     if req.mode not in ("text2img", "img2img"):
         raise ValueError(f"--split serves image outputs (text2img, img2img); {req.mode} runs in stage 0 alone")
     ctx = mp.get_context("spawn")
-    conn = TensorQueueConnector(ctx) if connector == "tensor" else SharedMemoryConnector(ctx)
+    key = new_run_key()  # this run's HMAC key: reaches the stages inside the connector, over spawn's private pipe
+    conn = TensorQueueConnector(ctx, key=key) if connector == "tensor" else SharedMemoryConnector(ctx, key=key)
     out_q, ready = ctx.Queue(), ctx.Barrier(2)
     reqs = ([warmup.validate()] if warmup is not None else []) + [req]
     if warmup is not None and warmup.request_id == req.request_id:
