@@ -101,6 +101,20 @@ def test_seed_varies_the_noise_and_weights_seed_the_model(tmp_path, capsys):
     assert len({base, latent("--seed", "1"), latent("--weights-seed", "1")}) == 3
 
 
+def test_the_cli_and_the_pipeline_give_the_same_image_with_the_same_defaults(tmp_path, capsys):
+    """No sampling option given: the CLI resolves every default where the pipeline does (the model's largest image,
+    its step count, its CFG settings), so ``pipe(prompt, seed=...)`` gives the CLI's latent and pixels."""
+    from bagel_model.pipeline import BagelPipeline
+
+    assert main(["--prompt", "a red cube", "--seed", "2", "--out", str(tmp_path / "c.png"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    pipe = BagelPipeline.from_preset("tiny")
+    pipe.set_progress_bar_config(disable=True)
+    res = pipe("a red cube", seed=2)
+    assert f"latent md5 {res.latent_md5s[0]}" in out and f"pixels md5 {res.image_md5s[0]}" in out
+    assert res.images[0].size == (256, 256) and "(256x256, 10 steps, seed 2)" in out  # tiny's largest, its steps
+
+
 def test_a_prompts_file_is_one_batch_and_each_image_is_its_solo_run(tmp_path, capsys):
     """--prompts-file: request i (seed --seed + i) writes out-i.png, bit-identical to running that prompt alone."""
     (tmp_path / "p.txt").write_text("a red cube\n\n  a blue ball  \n")

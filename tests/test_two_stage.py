@@ -274,3 +274,16 @@ def test_graph_decoder_needs_a_prefilled_context(tiny_model):
 
     with pytest.raises(ValueError, match="cache is empty"):
         GraphDecoder(tiny_model, Context(new_cache(tiny_model, 8, "flash_attn"), 0), 1)
+
+
+def test_a_payload_naming_a_context_it_does_not_carry_is_a_payload_error(tiny_model, tokenizer):
+    """Stage 1 given an unvalidated payload whose branch map names a missing context: a PayloadError naming the
+    request, not a KeyError."""
+    from bagel_model.serving.kv_transfer import PayloadError
+    from bagel_model.serving.stages import run_stage1
+
+    r0 = run_stage0(tiny_model, tokenizer, Request("text2img", "x", SamplingParams(steps=2, height=16, width=16)),
+                    send=lambda p: None)
+    bad = dataclasses.replace(r0.payload, branches={"full": "full", "text": "gone", "img": "full"})
+    with pytest.raises(PayloadError, match="request 'request-0'.*\\['gone'\\]"):
+        run_stage1(tiny_model, bad)

@@ -26,7 +26,7 @@ from ..engine.kv_cache import Context, empty_context
 from ..engine.output import GenerationResult, decode_latent, tensor_md5
 from ..engine.prefill import TextBlock, prefill, vae_block, vit_block
 from ..engine.step import PackedStep
-from .kv_transfer import KVPayload, abort, extract, install, recv_payload, send_payload
+from .kv_transfer import KVPayload, PayloadError, abort, extract, install, recv_payload, send_payload
 
 MODES = ("text2img", "img2img", "text2text", "img2text")
 IMAGE_OUT, IMAGE_IN = ("text2img", "img2img"), ("img2img", "img2text")
@@ -104,6 +104,10 @@ def to_payload(inp: DiffusionInput, mode: str) -> KVPayload:
 def from_payload(model: BagelModel, payload: KVPayload, layout: str = "flash_attn") -> DiffusionInput:
     """A received payload installed into ``layout`` caches on the model's device; branches naming one stored
     context share one ``Context``."""
+    missing = sorted({n for n in payload.branches.values()} - set(payload.contexts))
+    if missing or "full" not in payload.branches:
+        raise PayloadError(f"payload of request {payload.request_id!r}: its branch map {payload.branches} names "
+                           f"contexts it does not carry ({missing}) or has no 'full' branch")
     installed = {n: install(model, c, layout) for n, c in payload.contexts.items()}
     return DiffusionInput(payload.params, tuple(payload.image_shape),
                           {b: installed[n] for b, n in payload.branches.items()}, payload.request_id)
