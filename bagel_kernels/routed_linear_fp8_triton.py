@@ -28,7 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._dispatch import triton_interpreting
 from ._launch import _num_programs
-from .routed_linear_triton import _add_bias, _row_experts, _swiglu
+from .routed_linear_triton import _add_bias, _row_experts
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores; Ampere and older do not
 
@@ -106,6 +106,29 @@ def _fp8_tile_dot(x_desc, w_desc, m0, n0, wrow, K, BLOCK_K: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _round(x, out_ty: tl.constexpr, INTERPRETER: tl.constexpr):
+    """fp32 -> out_ty (round to nearest even) -> fp32. The GPU's cvt rounds to nearest even; Triton 3.6's
+    interpreter truncates fp32 -> bf16 (and its "rtne" mode rounds ties away without carrying into the exponent),
+    so under the interpreter the rounding is done on the bits: add 0x7FFF plus the kept LSB, clear the low half.
+    NaN is kept as is (the add could carry a small NaN payload into inf)."""
+    if INTERPRETER and out_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, r)
+    else:
+        return x.to(out_ty).to(tl.float32)
+
+
+@triton.jit
+def _swiglu(gate, up, out_ty: tl.constexpr, INTERPRETER: tl.constexpr):
+    """The bf16 kernel's roundings (``routed_linear_triton._swiglu``): gate and up land in the output dtype,
+    silu(gate) is rounded, then the product (rounded by the caller)."""
+    g = _round(gate, out_ty, INTERPRETER)
+    s = _round(g / (1.0 + tl.exp(-g)), out_ty, INTERPRETER)
+    return s * _round(up, out_ty, INTERPRETER)
+
+
+@triton.jit
 def _scale(acc, xs, WS, wrow, N, cols):
     """acc * row scale * channel scale, in that order (the reference's)."""
     ws = tl.load(WS + wrow * N + cols, mask=cols < N, other=0.0)
@@ -147,12 +170,12 @@ def _routed_gemm_fp8(
             acc = _add_bias(_scale(acc, xs, WS, e * P, N, cols), BIAS, e * P, N, cols, HAS_BIAS)
             if SWIGLU:
                 up = _add_bias(_scale(acc2, xs, WS, e * P + 1, N, cols), BIAS, e * P + 1, N, cols, HAS_BIAS)
-                acc = _swiglu(acc, up, out_ty)
+                acc = _swiglu(acc, up, out_ty, INTERPRETER)
             result = tl.where((ids == e)[:, None], acc, result)
         if HAS_RES:  # residual + rounded projection, as eager's ``x + linear(h)``
             res = res_desc.load([m0, n0]).to(tl.float32)
-            result = res + result.to(out_ty).to(tl.float32)
-        out_desc.store([m0, n0], result.to(out_ty))
+            result = res + _round(result, out_ty, INTERPRETER)
+        out_desc.store([m0, n0], _round(result, out_ty, INTERPRETER).to(out_ty))
         tile = tl.atomic_add(COUNTER, 1)
 
 
