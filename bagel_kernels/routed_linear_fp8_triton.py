@@ -106,12 +106,12 @@ def _fp8_tile_dot(x_desc, w_desc, m0, n0, wrow, K, BLOCK_K: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _round(x, out_ty: tl.constexpr, INTERPRETER: tl.constexpr):
+def _round(x, out_ty: tl.constexpr, BF16_BITS: tl.constexpr):
     """fp32 -> out_ty (round to nearest even) -> fp32. The GPU's cvt rounds to nearest even; Triton 3.6's
     interpreter truncates fp32 -> bf16 (and its "rtne" mode rounds ties away without carrying into the exponent),
-    so under the interpreter the rounding is done on the bits: add 0x7FFF plus the kept LSB, clear the low half.
-    NaN is kept as is (the add could carry a small NaN payload into inf)."""
-    if INTERPRETER and out_ty == tl.bfloat16:
+    so under the interpreter with a bf16 output (BF16_BITS, set by the host) the rounding is done on the bits: add
+    0x7FFF plus the kept LSB, clear the low half. NaN is kept as is (the add could carry a NaN payload into inf)."""
+    if BF16_BITS:
         bits = x.to(tl.uint32, bitcast=True)
         r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
         return tl.where(x != x, x, r)
@@ -120,12 +120,12 @@ def _round(x, out_ty: tl.constexpr, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
-def _swiglu(gate, up, out_ty: tl.constexpr, INTERPRETER: tl.constexpr):
+def _swiglu(gate, up, out_ty: tl.constexpr, BF16_BITS: tl.constexpr):
     """The bf16 kernel's roundings (``routed_linear_triton._swiglu``): gate and up land in the output dtype,
     silu(gate) is rounded, then the product (rounded by the caller)."""
-    g = _round(gate, out_ty, INTERPRETER)
-    s = _round(g / (1.0 + tl.exp(-g)), out_ty, INTERPRETER)
-    return s * _round(up, out_ty, INTERPRETER)
+    g = _round(gate, out_ty, BF16_BITS)
+    s = _round(g / (1.0 + tl.exp(-g)), out_ty, BF16_BITS)
+    return s * _round(up, out_ty, BF16_BITS)
 
 
 @triton.jit
@@ -141,7 +141,7 @@ def _routed_gemm_fp8(
     M, N, K,
     HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISE: tl.constexpr, INTERPRETER: tl.constexpr,
+    PRECISE: tl.constexpr, INTERPRETER: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -170,12 +170,12 @@ def _routed_gemm_fp8(
             acc = _add_bias(_scale(acc, xs, WS, e * P, N, cols), BIAS, e * P, N, cols, HAS_BIAS)
             if SWIGLU:
                 up = _add_bias(_scale(acc2, xs, WS, e * P + 1, N, cols), BIAS, e * P + 1, N, cols, HAS_BIAS)
-                acc = _swiglu(acc, up, out_ty, INTERPRETER)
+                acc = _swiglu(acc, up, out_ty, BF16_BITS)
             result = tl.where((ids == e)[:, None], acc, result)
         if HAS_RES:  # residual + rounded projection, as eager's ``x + linear(h)``
             res = res_desc.load([m0, n0]).to(tl.float32)
-            result = res + _round(result, out_ty, INTERPRETER)
-        out_desc.store([m0, n0], _round(result, out_ty, INTERPRETER).to(out_ty))
+            result = res + _round(result, out_ty, BF16_BITS)
+        out_desc.store([m0, n0], _round(result, out_ty, BF16_BITS).to(out_ty))
         tile = tl.atomic_add(COUNTER, 1)
 
 
@@ -218,6 +218,7 @@ def routed_gemm_fp8_triton(
         HAS_IDS=expert_ids is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SWIGLU=swiglu,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         PRECISE=cfg.precise_acc, INTERPRETER=triton_interpreting(),
+        BF16_BITS=triton_interpreting() and out_dtype == torch.bfloat16,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -6,15 +6,20 @@ GPU tests: ``TRITON_INTERPRET=0 python -m pytest tests/test_fp8_gemm.py`` on a G
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+if __name__ == "__main__":  # the build-report child: import this checkout's package, as pytest's pythonpath does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bagel_kernels as bk
-from bagel_kernels import KernelOptions
-from bagel_kernels import fp8_quant as fq
-from bagel_kernels.routed_linear_fp8 import routed_gemm_fp8
-from bagel_kernels.routed_linear_fp8_triton import fp8_gemm_config, require_fp8_tensor_cores
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import bagel_kernels as bk  # noqa: E402
+from bagel_kernels import KernelOptions  # noqa: E402
+from bagel_kernels import fp8_quant as fq  # noqa: E402
+from bagel_kernels.routed_linear_fp8 import routed_gemm_fp8  # noqa: E402
+from bagel_kernels.routed_linear_fp8_triton import fp8_gemm_config, require_fp8_tensor_cores  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = torch.cuda.is_available() and not INTERPRETING
@@ -299,3 +304,68 @@ def test_gpu_nan_row_stays_nan():
     wq, ws = fq.quantize_channels(torch.randn(2, 1, n, k, device="cuda") * 0.1)
     out = routed_gemm_fp8(xq, xs, mixed_routing(m), wq, ws)
     assert torch.isnan(out[77]).all() and not torch.isnan(out[torch.arange(m, device="cuda") != 77]).any()
+
+
+# ---------------------------------------------------------------- sm_90a build on any machine (no GPU needed)
+
+# The shipped configs at BAGEL's projections: (N, K, swiglu, bias, residual)
+BUILD_VARIANTS = [(4608, 3584, False, True, False), (3584, 3584, False, False, True), (18944, 3584, True, False, False),
+                  (3584, 18944, False, False, True)]
+
+
+def _build_for_hopper(n: int, k: int, swiglu: bool, bias: bool, residual: bool) -> dict:
+    """Compile the FP8 kernel as the launcher would for these weights (Triton builds the cubin on the CPU)."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from bagel_kernels.routed_linear_fp8_triton import _routed_gemm_fp8
+
+    cfg, m, p = fp8_gemm_config(n, k, swiglu), 256, 2 if swiglu else 1
+    xq = torch.empty(m, k, dtype=torch.float8_e4m3fn)
+    wq = torch.empty(2 * p, n, k, dtype=torch.float8_e4m3fn)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    args = dict(x_desc=TensorDescriptor.from_tensor(xq, [cfg.BLOCK_M, cfg.BLOCK_K]),
+                w_desc=TensorDescriptor.from_tensor(wq, [1, cfg.BLOCK_N, cfg.BLOCK_K]),
+                out_desc=TensorDescriptor.from_tensor(out, [cfg.BLOCK_M, cfg.BLOCK_N]),
+                res_desc=TensorDescriptor.from_tensor(out, [cfg.BLOCK_M, cfg.BLOCK_N]),
+                XS=torch.empty(m), WS=torch.empty(2 * p, n), BIAS=torch.empty(2 * p, n, dtype=torch.bfloat16),
+                IDS=torch.empty(m, dtype=torch.int32), COUNTER=torch.empty(1, dtype=torch.int32), M=m, N=n, K=k)
+    consts = dict(HAS_IDS=True, HAS_BIAS=bias, HAS_RES=residual, SWIGLU=swiglu, BLOCK_M=cfg.BLOCK_M,
+                  BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, PRECISE=cfg.precise_acc,
+                  INTERPRETER=False, BF16_BITS=False)
+    signature, constexprs = {}, {}
+    for i, name in enumerate(_routed_gemm_fp8.arg_names):
+        if name in consts:
+            signature[name], constexprs[(i,)] = "constexpr", consts[name]
+        else:
+            signature[name] = mangle_type(args[name])
+    c = triton.compile(ASTSource(_routed_gemm_fp8, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    ptx = c.asm["ptx"]
+    return {"variant": [n, k, swiglu, bias, residual], "shared": c.metadata.shared,
+            "fp8_wgmma": bool(re.search(r"wgmma\.mma_async\S*\.f32\.e4m3\.e4m3", ptx)),
+            "tma": "cp.async.bulk.tensor" in ptx, "fp32_adds": len(re.findall(r"\badd\.f32", ptx))}
+
+
+def test_fp8_kernel_builds_for_hopper():
+    """Every shipped variant compiles to sm_90a FP8 wgmma with TMA operands, fits shared memory, and (precise_acc)
+    promotes the MMA accumulator with fp32 adds. In a fresh process without the interpreter (see hopper_build)."""
+    from hopper_build import report_from_child
+
+    report = report_from_child(__file__)
+    assert len(report) == len(BUILD_VARIANTS)
+    for r in report:
+        assert r["fp8_wgmma"] and r["tma"], r
+        assert r["shared"] <= 227 * 1024, r
+        assert r["fp32_adds"] > 0, r
+
+
+if __name__ == "__main__":  # the build report for test_fp8_kernel_builds_for_hopper
+    import json
+
+    print(json.dumps([_build_for_hopper(*v) for v in BUILD_VARIANTS]))
