@@ -163,8 +163,11 @@ def float64_truth(xq, xs, routing, wq, ws, b, swiglu, res):
     wd = fq.dequantize_channels(wq.cpu(), ws.cpu()).double()
     out = []
     for p in range(wq.shape[1]):
-        y = torch.einsum("mk,mnk->mn", xd, wd[ids, p])
-        out.append(y if b is None else y + b.cpu().double()[ids, p])
+        y = xd.new_zeros(xd.shape[0], wq.shape[2])
+        for e in range(wq.shape[0]):  # one float64 GEMM per expert over its rows
+            rows = ids == e
+            y[rows] = xd[rows] @ wd[e, p].T + (0 if b is None else b.cpu().double()[e, p])
+        out.append(y)
     y = torch.nn.functional.silu(out[0]) * out[1] if swiglu else out[0]
     return y if res is None else y + res.cpu().double()
 
