@@ -1,0 +1,156 @@
+"""The FP8 routed GEMM (issue #30) on BAGEL-7B's projections at the generation step's M = 2 x 4098 + 4 = 8200 rows
+(latents on the generation expert first, 4 marker rows on the understanding expert last), each with the model's
+epilogue (qkv + bias, o_proj and down + residual, gate_up SwiGLU), against:
+
+- ``torch._scaled_mm`` with the same scaling (e4m3 x e4m3, fp32 per-row x per-channel scales, bf16 out): ONE dense
+  cuBLAS GEMM over all rows with the generation weight (the peer: what routing and the fused epilogue would cost if
+  they cost nothing), with precise accumulation (``use_fast_accum=False``, the default) and fast accumulation; its
+  bias in cuBLAS's epilogue, no residual / SwiGLU (those would add eager kernels);
+- the bf16 routed GEMM of this project in exact mode (``routed_linear``: Gluon on Hopper);
+- bf16 dense cuBLAS (``F.linear`` / ``addmm`` with the residual).
+
+TFLOP/s = 2·M·N·K (× 2 parts for SwiGLU) / median time (CUDA-graph replay, ``common.bench_ms``; quantization of the
+activations is not timed). ``--sweep`` also times a few other fixed tile configs of the FP8 kernel (any fixed config
+keeps rows batch-invariant; the shipped one is ``fp8_gemm_config``). Also prints, per shape, the FP8 output's
+relative difference to the bf16 GEMM and to ``_scaled_mm`` (precise), and how torch's CUDA cast to e4m3 treats
+out-of-range values.
+
+    python -m benchmarks.bench_fp8_gemm [--sweep] [--no-csv]
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+import bagel_kernels as bk
+from bagel_kernels.fp8_quant import quantize_channels, quantize_rows
+from bagel_kernels.routed_linear_fp8 import routed_gemm_fp8
+from bagel_kernels.routed_linear_fp8_triton import Fp8GemmConfig, fp8_gemm_config, routed_gemm_fp8_triton
+
+from .common import add_output_args, bench_ms, emit, require_cuda, row
+from .shapes import EPILOGUE, PROJECTIONS
+
+M_GEN, M_MARKERS = 2 * 4098, 4
+
+
+def bagel_step_routing() -> bk.ExpertSegments:
+    return bk.ExpertSegments(((0, M_GEN, True), (M_GEN, M_GEN + M_MARKERS, False)))
+
+
+def sweep_configs(base: Fp8GemmConfig, swiglu: bool) -> dict[str, Fp8GemmConfig]:
+    """A few fixed alternatives to the shipped config (each a candidate for ``fp8_gemm_config``)."""
+    out = {"fast-acc": replace(base, precise_acc=False), "4 stages": replace(base, num_stages=4)}
+    if swiglu:
+        out["BN64 4w 4st"] = replace(base, BLOCK_N=64, num_warps=4, num_stages=4)
+    else:
+        out["BN128 4st"] = replace(base, BLOCK_N=128, num_stages=4)
+        out["BM256 BN128"] = replace(base, BLOCK_M=256, BLOCK_N=128)
+    return out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def cast_probe() -> str:
+    """How this torch's CUDA cast to e4m3 treats out-of-range and non-finite values (the quantizers clamp first)."""
+    v = torch.tensor([449.0, 480.0, 1000.0, float("inf"), float("nan"), 1.0625, 1.1875], device="cuda")
+    return f"cuda cast {v.tolist()} -> {v.to(torch.float8_e4m3fn).float().tolist()}"
+
+
+def run(args: argparse.Namespace) -> Iterator[dict]:
+    dev, dt = "cuda", torch.bfloat16
+    print(cast_probe(), flush=True)
+    torch.manual_seed(0)
+    routing = bagel_step_routing()
+    m = routing.num_tokens
+    ids = routing.expert_ids(dev)
+    exact = bk.KernelOptions()
+    for pname, n, k, swiglu in PROJECTIONS:
+        p = 2 if swiglu else 1
+        act = "swiglu" if swiglu else None
+        w = torch.randn(2, p, n, k, device=dev, dtype=dt) * 0.02
+        x = torch.randn(m, k, device=dev, dtype=dt)
+        bias = torch.randn(2, p, n, device=dev, dtype=dt) * 0.02 if EPILOGUE[pname] == "bias" else None
+        res = torch.randn(m, n, device=dev, dtype=dt) if EPILOGUE[pname] == "residual" else None
+        xq, xs = quantize_rows(x)
+        wq, ws = quantize_channels(w)
+        tf = lambda ms: 2 * m * n * k * p / (ms * 1e-3) / 1e12  # noqa: E731
+        shape = f"{pname}{' +' + EPILOGUE[pname] if EPILOGUE[pname] else ''} M={m} N={n * p} K={k}"
+
+        def ours() -> torch.Tensor:
+            return routed_gemm_fp8(xq, xs, routing, wq, ws, bias, activation=act, residual=res, expert_ids=ids)
+
+        dense_wq = wq[1].reshape(p * n, k)
+        sa, sb = xs[:, None], ws[1].reshape(1, p * n)
+        dense_b = None if bias is None else bias[1].reshape(p * n)
+
+        def scaled_mm(fast: bool) -> Callable[[], torch.Tensor]:
+            return lambda: torch._scaled_mm(xq, dense_wq.t(), scale_a=sa, scale_b=sb, bias=dense_b, out_dtype=dt,
+                                            use_fast_accum=fast)
+
+        def bf16_routed() -> torch.Tensor:
+            return bk.routed_linear(x, routing, w, bias, activation=act, residual=res, expert_ids=ids, options=exact)
+
+        dense_w = w[1].reshape(p * n, k)
+        if res is not None:
+            def bf16_dense() -> torch.Tensor:
+                return torch.addmm(res, x, dense_w.t())
+        else:
+            def bf16_dense() -> torch.Tensor:
+                return F.linear(x, dense_w, dense_b)
+
+        # accuracy at this shape (gen rows, GEMM part only where the epilogues differ)
+        y8 = ours()
+        if not swiglu and res is None:
+            print(f"{shape}: |fp8 - bf16 GEMM| / |bf16| = {rel(y8[:M_GEN], bf16_dense()[:M_GEN]):.4g}, "
+                  f"|fp8 - scaled_mm| / |scaled_mm| = {rel(y8[:M_GEN], scaled_mm(False)()[:M_GEN]):.4g}", flush=True)
+        else:
+            print(f"{shape}: |fp8 - bf16 routed| / |bf16 routed| = {rel(y8, bf16_routed()):.4g}", flush=True)
+
+        t_ours = tf(bench_ms(ours))
+        t_smm = tf(bench_ms(scaled_mm(False)))
+        t_smm_fast = tf(bench_ms(scaled_mm(True)))
+        t_bf16 = tf(bench_ms(bf16_routed))
+        t_dense = tf(bench_ms(bf16_dense))
+        yield row("fp8 routed GEMM (triton)", shape, "TFLOP/s", t_ours, "torch._scaled_mm rowwise", t_smm)
+        yield row("fp8 routed GEMM (triton)", shape, "TFLOP/s", t_ours, "torch._scaled_mm rowwise fast-accum",
+                  t_smm_fast)
+        yield row("fp8 routed GEMM (triton)", shape, "TFLOP/s", t_ours, "bf16 routed GEMM exact", t_bf16)
+        yield row("fp8 routed GEMM (triton)", shape, "TFLOP/s", t_ours, "bf16 dense cuBLAS", t_dense)
+        yield row("peer torch._scaled_mm rowwise", shape, "TFLOP/s", t_smm)
+        yield row("peer torch._scaled_mm rowwise fast-accum", shape, "TFLOP/s", t_smm_fast)
+        yield row("bf16 routed GEMM exact", shape, "TFLOP/s", t_bf16, "bf16 dense cuBLAS", t_dense)
+        yield row("peer bf16 dense cuBLAS", shape, "TFLOP/s", t_dense)
+        if args.sweep:
+            for name, cfg in sweep_configs(fp8_gemm_config(n, k, swiglu), swiglu).items():
+                def alt(cfg: Fp8GemmConfig = cfg) -> torch.Tensor:
+                    return routed_gemm_fp8_triton(xq, xs, wq, ws, bias, ids, swiglu, res, dt, config=cfg)
+                try:
+                    alt()
+                    t_alt = tf(bench_ms(alt))
+                except Exception as e:  # noqa: BLE001 - a config that does not build (shared memory) is reported
+                    print(f"{shape}: config {name} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                    continue
+                yield row(f"fp8 routed GEMM (triton) {name}", shape, "TFLOP/s", t_alt, "torch._scaled_mm rowwise",
+                          t_smm)
+        del w, x, xq, wq, y8
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="bench_fp8_gemm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", action="store_true", help="also time a few other fixed tile configs")
+    args = add_output_args(p).parse_args(argv)
+    require_cuda("bench_fp8_gemm")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    emit(run(args), args)
+
+
+if __name__ == "__main__":
+    main()
