@@ -7,7 +7,7 @@ per-row / per-output-channel scales from ``fp8_quant.quantize_rows`` / ``quantiz
 
 Backends (``KernelOptions.backend``): CPU tensors -> the plain-torch reference (``routed_linear_fp8_reference``), or
 the Triton kernel under the interpreter with ``backend="triton"``; CUDA tensors -> the Triton FP8 kernel
-(``routed_linear_fp8_triton``; "gluon" and "auto" too: there is no Gluon FP8 kernel yet), or the reference with
+(``routed_gemm_fp8_triton``; "gluon" and "auto" too: there is no Gluon FP8 kernel yet), or the reference with
 ``backend="reference"``. ``mode="fast"`` changes nothing here: the Triton kernel is the only FP8 GPU path, and it
 is batch-invariant. A GPU without FP8 tensor cores (compute capability < 8.9) raises, naming the GPU.
 """
@@ -19,7 +19,7 @@ from ._dispatch import resolve_backend
 from .linear import ExpertSegments, device_expert_ids
 from .options import KernelOptions, resolve_options
 from .routed_linear_fp8_reference import Activation, check_fp8_routed, routed_gemm_fp8_reference
-from .routed_linear_fp8_triton import routed_gemm_fp8_triton
+from .routed_gemm_fp8_triton import routed_gemm_fp8_triton
 
 
 def routed_gemm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegments | None, wq: torch.Tensor,

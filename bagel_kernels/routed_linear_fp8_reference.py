@@ -8,7 +8,7 @@ Order of operations = the Triton kernel's: the fp8 x fp8 products are exact in f
 fp32; then the row scale, then the channel scale, then the bias (fp32), then the epilogue with the bf16 routed GEMM's
 roundings (SwiGLU: gate and up rounded to the output dtype, silu rounded, product; residual: the projection rounded
 to the output dtype, added in fp32, rounded). Only the order of the fp32 sum differs from the GPU (and Hopper's FP8
-tensor cores keep fewer accumulator bits, see ``routed_linear_fp8_triton``), so the two agree to rounding, not bits.
+tensor cores keep fewer accumulator bits, see ``routed_gemm_fp8_triton``), so the two agree to rounding, not bits.
 
 Row independence: each (segment, part) is one row-padded fp32 GEMM (``invariant_linear_reference``: CPU BLAS picks
 other kernels for tiny M), and every scale is per row or per column — a row's bits never depend on the other rows.

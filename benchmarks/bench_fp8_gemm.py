@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import bagel_kernels as bk
 from bagel_kernels.fp8_quant import quantize_channels, quantize_rows
 from bagel_kernels.routed_linear_fp8 import routed_gemm_fp8
-from bagel_kernels.routed_linear_fp8_triton import Fp8GemmConfig, fp8_gemm_config, routed_gemm_fp8_triton
+from bagel_kernels.routed_gemm_fp8_triton import Fp8GemmConfig, fp8_gemm_config, routed_gemm_fp8_triton
 
 from .common import add_output_args, bench_ms, emit, require_cuda, row
 from .shapes import EPILOGUE, PROJECTIONS

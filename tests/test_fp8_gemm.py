@@ -19,7 +19,7 @@ import bagel_kernels as bk  # noqa: E402
 from bagel_kernels import KernelOptions  # noqa: E402
 from bagel_kernels import fp8_quant as fq  # noqa: E402
 from bagel_kernels.routed_linear_fp8 import routed_gemm_fp8  # noqa: E402
-from bagel_kernels.routed_linear_fp8_triton import fp8_gemm_config, require_fp8_tensor_cores  # noqa: E402
+from bagel_kernels.routed_gemm_fp8_triton import fp8_gemm_config, require_fp8_tensor_cores  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 ON_GPU = torch.cuda.is_available() and not INTERPRETING
@@ -326,7 +326,7 @@ def _build_for_hopper(n: int, k: int, swiglu: bool, bias: bool, residual: bool) 
     from triton.runtime.jit import mangle_type
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from bagel_kernels.routed_linear_fp8_triton import _routed_gemm_fp8
+    from bagel_kernels.routed_gemm_fp8_triton import _routed_gemm_fp8
 
     cfg, m, p = fp8_gemm_config(n, k, swiglu), 256, 2 if swiglu else 1
     xq = torch.empty(m, k, dtype=torch.float8_e4m3fn)
