@@ -1,7 +1,7 @@
 """Triton batch-invariant FP8 routed GEMM: ``out[r] = act((xq[r] @ wq[e(r)].T) * xs[r] * ws[e(r)] + b[e(r)])
 (+ residual[r])`` on e4m3 codes with fp32 per-row (activation) and per-output-channel (weight) scales.
 
-Same schedule and routing as the bf16 kernel (``routed_linear_triton``): a persistent grid draws (BLOCK_M x BLOCK_N)
+Same schedule and routing as the bf16 kernel (``routed_gemm_triton``): a persistent grid draws (BLOCK_M x BLOCK_N)
 output tiles from an atomic queue; each row's expert is read on the device from ``expert_ids``; a tile that
 straddles the und/gen boundary runs the K loop once per expert present and keeps each row's own result. The
 operands feed Hopper's FP8 tensor cores (``tl.dot`` on float8e4nv, fp32 accumulation); both scales are applied once,
@@ -28,7 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._dispatch import triton_interpreting
 from ._launch import _num_programs
-from .routed_linear_triton import _add_bias, _row_experts
+from .routed_gemm_triton import _add_bias, _row_experts
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores; Ampere and older do not
 
@@ -121,7 +121,7 @@ def _round(x, out_ty: tl.constexpr, BF16_BITS: tl.constexpr):
 
 @triton.jit
 def _swiglu(gate, up, out_ty: tl.constexpr, BF16_BITS: tl.constexpr):
-    """The bf16 kernel's roundings (``routed_linear_triton._swiglu``): gate and up land in the output dtype,
+    """The bf16 kernel's roundings (``routed_gemm_triton._swiglu``): gate and up land in the output dtype,
     silu(gate) is rounded, then the product (rounded by the caller)."""
     g = _round(gate, out_ty, BF16_BITS)
     s = _round(g / (1.0 + tl.exp(-g)), out_ty, BF16_BITS)
