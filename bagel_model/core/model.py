@@ -159,7 +159,7 @@ class BagelModel(nn.Module):
                 b.data.copy_(torch.arange(b.shape[-1], device=b.device).expand_as(b))
 
     def to_dtype(self, dtype: torch.dtype) -> "BagelModel":
-        """Cast everything but the VAE, which always runs in fp32 (DESIGN.md §7)."""
+        """Cast everything but the VAE, which always runs in fp32 (docs/DESIGN.md §7)."""
         for name, child in self.named_children():
             if name != "vae":
                 child.to(dtype)
