@@ -74,8 +74,8 @@ def row(subject: str, shape: str, metric: str, value: float, peer: str = "", pee
     """One measurement; with ``peer_value`` (the peer's value of the same metric) the row carries ``ratio``, the
     speedup of ours over the peer (``speedup``: > 1 = ours faster)."""
     ratio = "" if peer_value in (None, 0) or value == 0 else round(speedup(metric, value, peer_value), 4)
-    return {"subject": subject, "shape": shape, "metric": metric, "value": round(value, 4), "peer": peer,
-            "ratio": ratio}
+    return {"subject": subject, "shape": shape, "metric": metric, "value": float(f"{value:.4g}") if abs(value) < 1
+            else round(value, 4), "peer": peer, "ratio": ratio}  # small values (errors) keep 4 significant digits
 
 
 def write_rows(rows: Iterable[dict], path: str | os.PathLike | None = None, env: dict[str, str] | None = None
