@@ -20,7 +20,7 @@ def run_sweep(world: int, tmp_path, *extra: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port",
-           str(29600 + world), "-m", "parallel.sweep", "--steps", "4", "--json", str(out), *extra]
+           str(29600 + world), "-m", "parallel.sweep", "--steps", "4", "--json", str(out), *extra]  # later --steps wins
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
@@ -66,6 +66,24 @@ def test_every_exact_config_matches_single_device(world, size, tmp_path):
         documented = mod.rows(mod.block(open(os.path.join(ROOT, "README.md")).read()))
         assert {c: d for c, (d, _, _) in documented.items()} == {r["config"]: r["degrees"] for r in res["rows"]}, \
             "README's sweep output is out of date: run python scripts/readme_output.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,cache", [
+    (2, ["--cache", "fixed", "--cache-warmup", "1"]),
+    (3, ["--cache", "taylorseer", "--cache-warmup", "1", "--cache-interval", "2"]),
+    (4, ["--cache", "dbcache", "--cache-warmup", "1", "--cache-threshold", "0.5", "--cache-taylor-order", "2"]),
+], ids=["fixed-w2", "taylorseer-w3", "dbcache-w4"])
+def test_with_step_caching_every_exact_config_matches_single_device(world, cache, tmp_path):
+    """A cached request is its own exactness class: every exact configuration, and every batch mixing policies
+    (the sweep gives its second request no cache and its third the other policy), gives one device's bits."""
+    res = run_sweep(world, tmp_path, "--steps", "8", *cache)
+    rows = {r["config"]: r for r in res["rows"]}
+    base = rows["single"]["md5"]
+    exact = [r for r in res["rows"] if r["mode"] == "exact" and r["config"] != "single"]
+    assert {pc.name() for pc in configs_for(world, 6)} <= set(rows)
+    assert exact and all(r["md5"] == base and r["match"] for r in exact), [(r["config"], r["md5"]) for r in exact]
+    assert any(r["config"].startswith("batch") for r in exact)
 
 
 def test_head_split_any_degree():
