@@ -2,6 +2,7 @@
 policies, and (tests/test_parallel.py) under every parallel configuration; off by default and then changing no bit."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +137,19 @@ def test_a_batch_of_mixed_policies_gives_each_request_its_solo_bits_on_the_gpu(t
              ("cones", dict(steps=9, height=64, width=128, seed=5, cache=CacheConfig(policy="dbcache", warmup=1)))]
     alone = [run(m, tokenizer, [s])[0][0] for s in specs]
     assert run(m, tokenizer, specs)[0] == alone
+
+
+def test_the_calibration_tool_sweeps_knobs_and_reports_image_metrics(capsys):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "calibrate_cache.py")
+    spec = importlib.util.spec_from_file_location("calibrate_cache", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--policy", "fixed", "--sweep", "interval=2,3", "--size", "32", "--steps", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "uncached" in out and "fixed (interval=2)" in out and "PSNR dB" in out
+    assert mod.image_metrics(*(np.zeros((8, 8, 3), np.uint8),) * 2) == (float("inf"), 1.0)
+    with pytest.raises(ValueError, match="KNOB=v1,v2"):
+        mod.sweep_configs("fixed", ["bogus=1"], None)
