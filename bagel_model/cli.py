@@ -223,7 +223,8 @@ def load_pipeline(args):
 
 def request_args(args) -> dict:
     """The sampling parameters the command line gives (None: not given, the resolver's default)."""
-    return dict(steps=args.steps, height=args.size, width=args.size, cache=cache_from_args(args),
+    cache = cache_from_args(args)
+    return dict(steps=args.steps, height=args.size, width=args.size, cache=cache if cache.enabled else None,
                 cfg_text_scale=args.cfg_text_scale,
                 cfg_img_scale=args.cfg_img_scale, cfg_renorm_min=args.cfg_renorm_min,
                 cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
