@@ -1,7 +1,7 @@
 """Host-side launch helpers shared by the Triton and Gluon kernels (no kernel code here).
 
 The attention kernels' fixed blocks live here because both attention kernels must use the same ones: the Gluon
-kernel reproduces the Triton kernel's bits only with the Triton kernel's BLOCK_N (DESIGN.md §3).
+kernel reproduces the Triton kernel's bits only with the Triton kernel's BLOCK_N (docs/DESIGN.md §3).
 """
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ __all__ = ["joint_attention", "token_alignment", "prefill_visible_end", "check_b
 
 def token_alignment(device: torch.device | str, options: KernelOptions | None = None) -> int:
     """Row alignment for token splits: a multiple of the backend's fixed query and KV blocks, so every real token
-    keeps its block position (and its row position inside a query tile) in every parallel layout (DESIGN.md §3)."""
+    keeps its block position (and its row position inside a query tile) in every parallel layout
+    (docs/DESIGN.md §3)."""
     if resolve_backend(torch.device(device), options) == "triton":
         return max(TRITON_BLOCK_M, TRITON_BLOCK_N)
     return max(REF_BLOCK_N, ROW_TILE)

@@ -1,18 +1,18 @@
 """Hopper warp-specialized joint attention in Gluon: the Triton kernel's arithmetic, scheduled like FA3.
 
-Why a second implementation: in the Triton kernel (``attention_triton``) one CTA of 8 warps runs each KV block as
-one lock-stepped sequence — wait for the copy, QK^T wgmma, softmax, P·V wgmma — so the tensor cores idle during the
-softmax (~50 % of the H100's bf16 peak, 0.86-0.91x cuDNN). Here one producer warp streams Q, K and V by TMA into a
-ring of shared-memory stages (separate K and V barriers, so QK^T starts before V has landed) and two consumer
-warpgroups each own 64 of the tile's 128 query rows. The consumers are independent partitions with no CTA-wide
-barrier between them, so one warpgroup's softmax runs while the other's wgmma keeps the tensor cores busy; inside a
-warpgroup QK^T of block i is issued before P·V of block i-1, so its own softmax also runs under a wgmma (FA3's
-intra-warpgroup overlap). A segment's partial last block
-runs on the first 16 rows of the stage when it has at most 16 real keys (the 2-key remainder of 4098 or 1026
-current tokens) and on half the stage when it has at most 64: less wgmma and softmax work, same bits (see
-``_partial_block``). A sequence's last query tile with at most 8 rows (4098 and 1026 queries end on 2) is packed
-across the GQA group: one CTA holds those rows of all 7 heads that share a KV head, instead of 7 CTAs that each run
-the whole key stream for 2 rows (``_packed_rows``; H100: 512² ctx 64 1.00 -> 1.06x cuDNN).
+Why a second implementation: in the Triton kernel (``attention_triton``) one CTA of 8 warps runs each KV block as one
+lock-stepped sequence — wait for the copy, QK^T wgmma, softmax, P·V wgmma — so the tensor cores idle during the
+softmax, which leaves it short of cuDNN (numbers: benchmarks/RESULTS.md). Here one producer warp streams Q, K and V by
+TMA into a ring of shared-memory stages (separate K and V barriers, so QK^T starts before V has landed) and two
+consumer warpgroups each own 64 of the tile's 128 query rows. The consumers are independent partitions with no
+CTA-wide barrier between them, so one warpgroup's softmax runs while the other's wgmma keeps the tensor cores busy;
+inside a warpgroup QK^T of block i is issued before P·V of block i-1, so its own softmax also runs under a wgmma
+(FA3's intra-warpgroup overlap). A segment's partial last block runs on the first 16 rows of the stage when it has at
+most 16 real keys (the 2-key remainder of 4098 or 1026 current tokens) and on half the stage when it has at most 64:
+less wgmma and softmax work, same bits (see ``_partial_block``). A sequence's last query tile with at most 8 rows
+(4098 and 1026 queries end on 2) is packed across the GQA group: one CTA holds those rows of all 7 heads that share a
+KV head, instead of 7 CTAs that each run the whole key stream for 2 rows (``_packed_rows``; it matters most where the
+key stream is short, e.g. 512²).
 
 Exactness: a query row's arithmetic is the Triton kernel's, step for step — the same fixed BLOCK_N = 128 key blocks
 from each segment's own start, segment 0 (context) then segment 1 (current tokens), m64n128k16 wgmma in K order with
@@ -61,9 +61,9 @@ PRODUCER_REGS = 56  # the producer warp's share; the consumer warpgroups get the
 # How the key blocks are pipelined; every schedule gives the same bits, only the issue order differs.
 # "segment": each segment its own software pipeline, its short last block run after it drains. "chained": one
 # pipeline through both segments, short blocks (16/64/128 keys wide) included as links, so it never drains before
-# the end. "auto" (the default) chains where the context has at least one full block (H100: +1-2 % at 1024² with
-# contexts of 1024 and 8192 keys) and keeps "segment" for short or absent contexts (chained is 7 % slower at 512²
-# with a 64-key context). ``KernelOptions.attention_schedule`` overrides it.
+# the end. "auto" (the default) chains where the context has at least one full block (there the drain it avoids
+# costs more than the chain's bookkeeping) and keeps "segment" for short or absent contexts (there the context is
+# all partial block and chaining only adds links). ``KernelOptions.attention_schedule`` overrides it.
 SCHEDULES = {"segment": 0, "chained": 1}
 
 

@@ -3,7 +3,7 @@
 It walks each KV segment in fixed blocks of ``REF_BLOCK_N`` keys from the segment's own start and keeps the fp32
 online-softmax state (acc, m, l) between blocks, segments and launches. Every matmul has a fixed shape per block
 and query rows are padded to a multiple of ``ROW_TILE``, so a query row's result does not depend on which other
-rows, heads, sequences or ranks share the call (DESIGN.md, exactness contract). Masked or padding keys give exact
+rows, heads, sequences or ranks share the call (docs/DESIGN.md §3). Masked or padding keys give exact
 zeros: the running max is unchanged, the rescale factor is exactly 1, and p = 0 against zero-filled V.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Batch-invariant linear layers and Mixture-of-Transformers routing (plain-torch reference path).
 
-Why padding: CPU BLAS (MKL) switches to a different kernel for very small M (we measured M <= 3 in fp32), which
+Why padding: CPU BLAS (MKL) switches to a different kernel for very small M (in fp32: M <= 3), which
 changes the bits of a row depending on how many rows share the launch. Padding the rows of every GEMM to a multiple
 of ``ROW_TILE`` keeps each row on one code path, so a row's result never depends on M — the exactness contract.
 """

@@ -1,9 +1,9 @@
 """Hopper warp-specialized routed GEMM in Gluon: the same arithmetic as ``routed_gemm_triton``, scheduled like FA3/CUTLASS.
 
 Why a second implementation: Triton 3.6 cannot warp-specialize this kernel on Hopper, so its single warp group
-alternates TMA waits, wgmma and the epilogue (0.79-0.96x cuBLAS measured). Here one producer warp streams x and W
-tiles through a ring of shared-memory stages with mbarriers while two consumer warpgroups keep one wgmma group in
-flight and run the epilogue; the producer is already filling the next tile's stages during that epilogue.
+alternates TMA waits, wgmma and the epilogue and trails cuBLAS (benchmarks/RESULTS.md). Here one producer warp streams
+x and W tiles through a ring of shared-memory stages with mbarriers while two consumer warpgroups keep one wgmma group
+in flight and run the epilogue; the producer is already filling the next tile's stages during that epilogue.
 
 Exactness: a row's result is the same K loop (BLOCK_K = 64 steps of m64nNk16 wgmma, fp32 accumulation, in K order)
 over a tile shape fixed per (N, K, dtype, activation) — never chosen from M — followed by the same epilogue
@@ -12,7 +12,7 @@ each segment's first row, so a tile holds one expert; without them (or with more
 straddles the und/gen boundary runs the K loop once per expert present and writes each pass's rows with a
 row-masked store. Neither the tile plan nor which program computes a tile changes a row's arithmetic. Where whole
 rounds of tiles dominate, the ragged last round is split across programs along K (``stream_k_items``): not a
-split-K reduction (which DESIGN.md's contract forbids) but one K loop continued by a second program from the
+split-K reduction (which docs/DESIGN.md §3 forbids) but one K loop continued by a second program from the
 first one's fp32 accumulators, so the arithmetic stays the same. The GPU tests check rows are bitwise those of the
 Triton kernel, with the split on and off.
 
@@ -470,8 +470,8 @@ def _block_n(swiglu: bool) -> int:
 
 def _stages(swiglu: bool) -> int:
     """Operand stages: 3 x 48 KiB + the 64 KiB epilogue tile fill the 227 KiB of shared memory; SwiGLU's epilogue
-    tile is half that (128 x 128), which leaves room for a fourth stage (H100, session 7: -1 % to +3.7 % on
-    gate_up, close to noise; Hopper's mainloop is not stage-bound at 3)."""
+    tile is half that (128 x 128), which leaves room for a fourth stage. The fourth stage is a free use of that
+    room, not a speed-up that matters: Hopper's mainloop is not stage-bound at 3."""
     return 4 if swiglu else 3
 
 
@@ -508,9 +508,9 @@ SPLIT_MIN_ROUNDS = 8
 def split_tail_wanted(tiles: int, programs: int, force: bool | None = None) -> bool:
     """Whether a launch splits its ragged last round (``stream_k_items``). The programs of a split region run at
     different K offsets, so unlike whole tiles in lockstep they do not share operand K-slices in L2; that costs
-    more than the ragged round saves unless whole rounds dominate (H100, session 8: with 10-108 rounds the
-    generation-step projections gain 0-6 %; with 3-4 rounds the prefill's qkv, o_proj and down lose 6-16 %; ncu,
-    session 9: the split raises the prefill's DRAM reads by 27 % on o_proj and 79 % on down).
+    more than the ragged round saves unless whole rounds dominate: with many rounds (the generation step's
+    projections) the split wins a little; with a few (the prefill's qkv, o_proj and down) it loses, because the
+    split programs re-read operands from DRAM that lockstep tiles would have shared in L2.
     ``force`` (the GPU tests' handle) splits (True) or keeps (False) any ragged last round. The bits are the same
     either way, so choosing from M is allowed."""
     if tiles <= programs or tiles % programs == 0:

@@ -41,7 +41,7 @@ def gemm_config(n: int, k: int, dtype: torch.dtype, swiglu: bool) -> GemmConfig:
     """The one launch configuration for a weight of shape (N, K) — a pure function of (N, K, dtype, activation).
 
     Why not autotune: an autotuner picks per problem size, so a row's bits would depend on M (or on the rank's share
-    of the tokens). These were chosen on the H100 for BAGEL's projections and stay put."""
+    of the tokens). These were chosen for BAGEL's projections on Hopper and stay put."""
     if dtype == torch.float32:
         return GemmConfig(64, min(64, _pow2_at_least(n, 16)), 32, 8, 4, 2)
     # The interpreter's position-independent dot materializes BLOCK_M x BLOCK_K x BLOCK_N products and Triton caps
@@ -110,8 +110,9 @@ def _routed_gemm(
     P: tl.constexpr = 2 if SWIGLU else 1
     num_tiles = num_m * num_n
     # Dynamic tile queue: a tile that straddles the und/gen boundary costs two K loops, and with a static
-    # round-robin the programs that drew such tiles set the end time (measured: 0.62x dense at M = 4198 mixed vs
-    # 0.88x uniform). Which program computes a tile never changes the tile's arithmetic, so bits do not depend on it.
+    # round-robin the programs that drew such tiles set the end time for everyone; a queue lets the others take
+    # more tiles meanwhile. Which program computes a tile never changes the tile's arithmetic, so bits do not
+    # depend on it.
     tile = tl.atomic_add(COUNTER, 1)
     while tile < num_tiles:
         # Grouped order: consecutive programs share weight tiles in L2.

@@ -72,11 +72,12 @@ def routed_linear_reference(x: torch.Tensor, routing: ExpertSegments | None, wei
 
 
 def fast_mode_uses_cublas(activation: Activation, has_residual: bool, n: int, k: int, gluon: bool) -> bool:
-    """Fast mode calls cuBLAS where it wins (H100, RESULTS.md session 9), and keeps the fused Gluon kernel where
-    cuBLAS's epilogue costs more than routing: SwiGLU (GEMM + eager activation: 0.77-0.79 of the bare GEMM, ours
-    0.88-0.97) and a residual on a short K loop (o_proj, K = N: the M x N residual read is a large share of the work,
-    cuBLAS with beta = 1 reaches 0.79-0.86 of its plain GEMM, ours 0.87-0.98). A long K loop (down, K = 5.3 N) hides
-    the residual: cuBLAS 0.91-0.97, ours 0.88-0.97. Without Gluon (not Hopper) cuBLAS always wins."""
+    """Fast mode calls cuBLAS where it wins, and keeps the fused Gluon kernel where cuBLAS's epilogue costs more
+    than routing does: SwiGLU (cuBLAS needs a second, eager pass for the activation, which the fused kernel does in
+    its epilogue) and a residual on a short K loop (o_proj, K = N: reading the M x N residual is a large share of the
+    work, and cuBLAS with beta = 1 loses more to it than the fused epilogue). A long K loop (down, K = 5.3 N) hides
+    the residual read, so cuBLAS wins there. Without Gluon (not Hopper) cuBLAS always wins. The measurements behind
+    this choice: benchmarks/RESULTS.md (routed MoT GEMM)."""
     if not gluon:
         return True
     return activation != "swiglu" and not (has_residual and k <= n)

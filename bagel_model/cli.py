@@ -42,6 +42,48 @@ def _defaults_help(key: str, what: str) -> str:
     return f"{what} (default: the model's; presets: {'; '.join(parts)})"
 
 
+_CACHE_KNOBS = (("front", int, "first layers always computed (Fn)"),
+                ("back", int, "last layers always computed (Bn)"),
+                ("warmup", int, "first steps of a request always computed"),
+                ("tail", int, "fixed: last steps always computed"),
+                ("interval", int, "fixed: compute every N-th step after the warm-up"),
+                ("threshold", float, "dbcache: reuse while the front residual's relative L1 change is below this"),
+                ("max-run", int, "dbcache: at most this many reused steps in a row"),
+                ("taylor-order", int, "TaylorSeer order of the reused residual's extrapolation (0: plain reuse)"))
+
+
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    """``--cache`` and its ``--cache-*`` knobs (bagel-generate and bagel-sweep)."""
+    from .core.sampling import CacheConfig
+
+    presets = {n: CacheConfig.named(n) for n in ("none", "fixed", "dbcache", "taylorseer")}
+    p.add_argument("--cache", default="none", choices=list(presets),
+                   help="step caching of the denoiser: skip the middle layers of a job on steps where they barely "
+                        "change (fixed: a schedule known ahead; dbcache: decided from the first layers' change; "
+                        "taylorseer: fixed + first-order extrapolation). Changes output bits (its own exactness "
+                        "class); none: every bit as without")
+    d = presets["fixed"]
+    for name, typ, what in _CACHE_KNOBS:
+        field = name.replace("-", "_").replace("max_run", "max_cached_run")
+        p.add_argument(f"--cache-{name}", type=typ, default=None,
+                       help=f"{what} (default: the preset's; {field} {getattr(d, field)} for fixed, "
+                            f"{getattr(presets['dbcache'], field)} for dbcache)")
+
+
+def cache_from_args(args):
+    """The ``CacheConfig`` the command line asks for: the preset with the given knobs replaced."""
+    from dataclasses import replace
+
+    from .core.sampling import CacheConfig
+
+    knobs = {n.replace("-", "_").replace("max_run", "max_cached_run"): getattr(args, "cache_" + n.replace("-", "_"))
+             for n, _, _ in _CACHE_KNOBS}
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    if knobs and args.cache == "none":
+        raise ValueError(f"--cache-* options ({', '.join(sorted(knobs))}) need --cache fixed, dbcache or taylorseer")
+    return replace(CacheConfig.named(args.cache), **knobs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bagel_kernels import LAYOUTS
 
@@ -111,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_defaults_help("cfg_renorm_min", "lower clamp of the renormalization factor"))
     p.add_argument("--timestep-shift", type=float, default=None,
                    help=_defaults_help("timestep_shift", "shift s of the schedule t -> s*t/(1+(s-1)*t), > 0"))
+    add_cache_args(p)
     p.add_argument("--threads", type=int, default=1, help="CPU threads, >= 1 (fixed so reductions, and md5s, are "
                    "reproducible)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -184,7 +227,8 @@ def load_pipeline(args):
 
 def request_args(args) -> dict:
     """The sampling parameters the command line gives (None: not given, the resolver's default)."""
-    return dict(steps=args.steps, height=args.size, width=args.size, cfg_text_scale=args.cfg_text_scale,
+    return dict(steps=args.steps, height=args.size, width=args.size, cache=cache_from_args(args),
+                cfg_text_scale=args.cfg_text_scale,
                 cfg_img_scale=args.cfg_img_scale, cfg_renorm_min=args.cfg_renorm_min,
                 cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
                 cfg_renorm_type=args.cfg_renorm_type, timestep_shift=args.timestep_shift)
@@ -221,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt = [] if args.prompt_ids is not None else [args.prompt]
         if args.split:
             text, result_image, latent_md5, image_md5, params = _run_split(args, prompt, image)
+            stats = {"computed": 0, "reused": 0}
         else:
             pipe = load_pipeline(args)
             pipe.set_progress_bar_config(disable=args.no_progress)
@@ -231,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             r0, r1 = pipe.generate(req, progress=not args.no_progress)
             text, params = r0.text, req.params
             if r1 is not None:
-                result_image, latent_md5, image_md5 = r1.image, r1.latent_md5, r1.image_md5
+                result_image, latent_md5, image_md5, stats = r1.image, r1.latent_md5, r1.image_md5, r1.cache_stats
         if args.mode in IMAGE_OUT:
             write_image(result_image, args.out)
     except (ValueError, FileNotFoundError, TypeError, InsufficientMemoryError, CheckpointError, ImageFileError,
@@ -246,7 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"file   md5 {file_md5(args.out)}  ({args.out}, as md5sum prints it)")
         print(f"wrote {args.out} ({params.width}x{params.height}, {params.steps} steps, seed {params.seed}"
               f"{', split' if args.split else ''})")
+        if params.cache.enabled:
+            print(cache_line(stats))
     return 0
+
+
+def cache_line(stats: dict) -> str:
+    n = stats["computed"] + stats["reused"]
+    return (f"step cache: middle layers ran on {stats['computed']} of {n} job-steps, reused on {stats['reused']} "
+            f"({stats['reused'] / max(n, 1):.0%})")
 
 
 def _prompt_tokens(tok, req) -> int:
@@ -328,6 +381,8 @@ def _run_batch(args) -> int:
             write_image(r1.image, outs[i])
             print(f"    latent md5 {r1.latent_md5}  pixels md5 {r1.image_md5}  file md5 {file_md5(outs[i])}  "
                   f"-> {outs[i]}")
+            if req.params.cache.enabled:
+                print(f"    {cache_line(r1.cache_stats)}")
     return 0
 
 

@@ -2,7 +2,7 @@
 ``[<vision_start>, latents..., <vision_end>, padding]`` — kept only to check the packed step against.
 
 ``PerBranchStep`` is a step engine for ``engine.denoise.denoise`` that runs every job of a step on its own through
-``branch_velocity``; the packed step (``engine.step.PackedStep``) must give its bits exactly (docs/DESIGN.md §3). The
+``branch_velocity``; the packed step (``engine.step.PackedStep``) must give its bits exactly (docs/DESIGN.md §8). The
 tests and the sweep's ``single-per-branch`` row use it; no production module imports it
 (``tests/test_import_layers.py`` checks that).
 """

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -51,6 +51,7 @@ class BagelPipelineOutput:
     latents: list[torch.Tensor]
     latent_md5s: list[str]
     image_md5s: list[str]
+    cache_stats: list[dict] = field(default_factory=list)  # per image: middle-layer job-steps computed / reused
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
@@ -326,7 +327,7 @@ class BagelPipeline:
                  seed: int | list[int] | None = None, output_type: str = "pil",
                  callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: list[str] | None = None,
-                 max_new_tokens: int | None = None, return_dict: bool = True):
+                 max_new_tokens: int | None = None, cache=None, return_dict: bool = True):
         """Generate for one prompt or a list of them; returns ``BagelPipelineOutput`` (``return_dict=False``: the
         tuple ``(images, text)``).
 
@@ -357,6 +358,11 @@ class BagelPipeline:
           ``"latents"`` (same shape) replaces the latent from the next step on, as in diffusers (the result is then
           no longer the request's plain run).
         - ``max_new_tokens``: greedy decoding budget: default 32 for text modes, 0 for images.
+        - ``cache``: step caching of the denoiser — "fixed", "dbcache", "taylorseer" or a
+          ``core.sampling.CacheConfig``; default none (every bit as without). A cached request is its own
+          exactness class: alone, in a batch and in every parallel configuration it gives the same bits, which
+          differ from the uncached ones. ``cache_stats`` of the output counts the middle-layer steps computed and
+          reused.
 
         A list of prompts runs as one batch (``generate_batch``: one packed denoise); each result is bit-identical
         to that prompt's call alone."""
@@ -387,7 +393,7 @@ class BagelPipeline:
                              max_new_tokens=max_new_tokens, steps=num_inference_steps, height=height, width=width,
                              cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale, cfg_interval=cfg_interval,
                              cfg_renorm_type=cfg_renorm_type, cfg_renorm_min=cfg_renorm_min,
-                             timestep_shift=timestep_shift)
+                             timestep_shift=timestep_shift, cache=cache)
 
         on_step = None
         if callback_on_step_end is not None:
@@ -406,7 +412,7 @@ class BagelPipeline:
         outs = [r1 for _, r1 in results if r1 is not None]
         out = BagelPipelineOutput(images=[_output_image(r.image, output_type) for r in outs], text=text,
                                   latents=[r.latent for r in outs], latent_md5s=[r.latent_md5 for r in outs],
-                                  image_md5s=[r.image_md5 for r in outs])
+                                  image_md5s=[r.image_md5 for r in outs], cache_stats=[r.cache_stats for r in outs])
         return out if return_dict else (out.images, out.text)
 
     def generate(self, req, progress: bool = False, engine=None):

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
             peer = bench_ms(lambda: mask_scatter_layer(layer, x, mask, cos, sin, ck, cv), graph=False)
             t_exact = bench_ms(lambda: ours(exact), graph=False)
             t_fast = bench_ms(lambda: ours(fast), graph=False)
-        # time ratios: peer / ours is the speedup, so the row's ratio is ours / peer of the time (lower is better)
+        # the row's ratio is the speedup, peer ms / ours (benchmarks.common.row: > 1 = ours faster)
         yield row("MoT layer exact", cname, "ms", t_exact, "mask/scatter + cuDNN", peer)
         yield row("MoT layer fast", cname, "ms", t_fast, "mask/scatter + cuDNN", peer)
         yield row("peer mask/scatter + cuDNN", cname, "ms", peer)

@@ -3,10 +3,12 @@ same work (``peer_torch_step``), per-image seconds through ``BagelPipeline``, an
 
     python -m benchmarks.bench_step --preset bagel-7b-mot --parts check,step,e2e,batch --json $OUT/step.json
 
-Rows: per step (ms, TFLOP/s, GPU busy, peer ms, ratio = peer / ours) for text2img (2 jobs: full + no-text, cfg_img
+Rows: per step (ms, TFLOP/s, GPU busy, peer ms, ratio = peer ms / ours) for text2img (2 jobs: full + no-text, cfg_img
 deduplicated) and img2img (3 jobs) at 1024² and 512²; per image (s, peak GiB) for text2img 1024²/512² and img2img
 1024² at 50 timesteps; a batch of 4 text2img 512² requests vs the same requests one after another. ``check``: graph
-replay == eager bit for bit under ``torch.cuda.set_sync_debug_mode("error")``.
+replay == eager bit for bit under ``torch.cuda.set_sync_debug_mode("error")``. Every ``ratio`` (JSON and results
+table) is the speedup of ours over the peer, > 1 = ours faster (``benchmarks.common.speedup``): the step's is peer
+ms / ours, the batch's one-after-another s / batch s.
 """
 from __future__ import annotations
 
@@ -214,7 +216,7 @@ def bench_batch(model, tok, args, rows: list) -> None:
     torch.cuda.synchronize()
     t_batch = time.perf_counter() - t0
     row = dict(subject="batch", mode="text2img", size=side, requests=len(reqs), steps=args.steps,
-               sequential_s=round(t_solo, 3), batch_s=round(t_batch, 3), ratio=round(t_batch / t_solo, 3),
+               sequential_s=round(t_solo, 3), batch_s=round(t_batch, 3), ratio=round(t_solo / t_batch, 3),
                md5_equal=[r1.latent_md5 for _, r1 in out] == solo)
     print(row, flush=True)
     rows.append(row)

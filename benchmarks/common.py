@@ -2,7 +2,12 @@
 
 Every ``bench_*.py`` appends its measurements to ``benchmarks/results.csv`` through ``write_rows``: one row per
 (subject, shape, metric) with the device, torch, Triton, commit and date it ran on, and, where the row compares
-against a peer (cuDNN, cuBLAS, ...), the peer's name and ours / peer.
+against a peer (cuDNN, cuBLAS, ...), the peer's name and ``ratio``.
+
+``ratio`` has one meaning everywhere (this table, every benchmark's JSON, RESULTS.md): the SPEEDUP of ours over the
+peer, > 1 = ours faster. ``row`` derives it from the metric's direction (``higher_is_better``): for a time-like
+metric (ms, s, ms/token, s/image, ...) it is peer / ours, for a throughput-like one (TFLOP/s, GB/s, tokens/s) ours /
+peer.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import argparse
 import csv
 import datetime
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -42,10 +48,32 @@ def environment() -> dict[str, str]:
             "date": datetime.date.today().isoformat()}
 
 
+_TIME_UNITS = re.compile(r"^(ms|s|us|µs|sec|seconds?)(/.*)?$")
+
+
+def higher_is_better(metric: str) -> bool:
+    """The direction of ``metric``: True for throughput-like units (``.../s``: TFLOP/s, GB/s, tokens/s), False for
+    time-like ones (a word ``ms``, ``s``, ``us`` or ``seconds``, alone or per something: ms, s/image, ms/token,
+    "s to KV forwarded"). Any other metric (GPU busy, peak GiB) has no direction: a ``ValueError``, so a row
+    never carries a ratio whose meaning is a guess."""
+    words = metric.split()
+    if any(w.endswith("/s") for w in words):
+        return True
+    if any(_TIME_UNITS.match(w) for w in words):
+        return False
+    raise ValueError(f"metric {metric!r} is neither time-like nor throughput-like: no speedup ratio for it")
+
+
+def speedup(metric: str, value: float, peer_value: float) -> float:
+    """The speedup of ours (``value``) over the peer (``peer_value``) in ``metric``: > 1 = ours faster."""
+    return value / peer_value if higher_is_better(metric) else peer_value / value
+
+
 def row(subject: str, shape: str, metric: str, value: float, peer: str = "", peer_value: float | None = None
         ) -> dict:
-    """One measurement; with ``peer_value`` (the peer's value of the same metric) the row carries ours / peer."""
-    ratio = "" if peer_value in (None, 0) else round(value / peer_value, 4)
+    """One measurement; with ``peer_value`` (the peer's value of the same metric) the row carries ``ratio``, the
+    speedup of ours over the peer (``speedup``: > 1 = ours faster)."""
+    ratio = "" if peer_value in (None, 0) or value == 0 else round(speedup(metric, value, peer_value), 4)
     return {"subject": subject, "shape": shape, "metric": metric, "value": round(value, 4), "peer": peer,
             "ratio": ratio}
 

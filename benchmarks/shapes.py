@@ -1,5 +1,5 @@
-"""BAGEL-7B-MoT dimensions and token sets the GEMM and layer benchmarks share (DESIGN.md): hidden 3584, q 28×128,
-kv 4×128, MLP 18944; the generation step (3 CFG branches × 4098 generation tokens) and the img2img AR prefill with
+"""BAGEL-7B-MoT dimensions and token sets the GEMM and layer benchmarks share (docs/DESIGN.md §1, §2): hidden 3584,
+q 28×128, kv 4×128, MLP 18944; the generation step (3 CFG branches × 4098 generation tokens) and the img2img AR prefill with
 mixed routing (40 text + 4098 image + 60 text)."""
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from bagel_model.engine.cache import JobStep
 from bagel_model.engine.step import GenJob, PackedStepBase, check_jobs, split_rows
 from bagel_model.core.model import BagelModel
 from bagel_model.engine.layout import PackedContext, PackedLayout
@@ -42,9 +43,27 @@ class ParallelStep(PackedStepBase):
         m = self.model
         return sp_attention(self.mesh, layout, ctx, m.cfg.num_heads, m.cfg.num_kv_heads, options=m.kernels)
 
-    def _run_group(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
-        e = self._entry(jobs)
+    def _rank(self) -> int:
+        return self.mesh.sp_rank
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        sp = self.mesh.config.sp
+        if sp == 1:
+            return rows
+        parts = [torch.empty_like(rows) for _ in range(sp)]
+        guarded("sp all_gather hidden rows (step cache)", dist.all_gather, parts, rows.contiguous(),
+                group=self.mesh.sp_group)
+        return torch.cat(parts)
+
+    def _run_group(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float],
+                   plan: list[JobStep] | None = None) -> list[torch.Tensor]:
         mesh, sp = self.mesh, self.mesh.config.sp
+        if plan is not None and any(js.config.enabled for js in plan):
+            self.forwards += 1
+            self.jobs_run += len(jobs)
+            rows, layout = self._cached_rows(jobs, xs, ts, plan)
+            return split_rows(self._gather(rows), layout)
+        e = self._entry(jobs)
 
         def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             rows = self.model.packed_velocity_rows(x, t, e.layout, e.ropes, mesh.sp_rank, e.attention, e.cache)
@@ -58,7 +77,10 @@ class ParallelStep(PackedStepBase):
         self.jobs_run += len(jobs)
         return split_rows(self.graphs.run(e, forward, xs, ts, self.model.device), e.layout)
 
-    def __call__(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
+    def __call__(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float],
+                 plan: list[JobStep] | None = None) -> list[torch.Tensor]:
+        """``plan``: each job's step-cache entry (``bagel_model.engine.cache``), when a request caches. Every rank
+        keeps every job's cache state: a job's state moves with it between CFG ranks and onto ``Mesh.solo``."""
         check_jobs(jobs, xs, ts)
         mesh, cdeg = self.mesh, self.mesh.config.cfg
         if len(jobs) == 1 and mesh.solo is not None:
@@ -67,12 +89,15 @@ class ParallelStep(PackedStepBase):
                 self._solo.graphs = self.graphs  # one graph pool: the two engines' graphs never run at once
             self.forwards += 1
             self.jobs_run += 1
-            return self._solo(jobs, xs, ts)
-        plan = assign_jobs(len(jobs), cdeg)
+            return self._solo(jobs, xs, ts, plan)
+        cache_plan, plan = plan, assign_jobs(len(jobs), cdeg)
         mine = plan[mesh.cfg_idx]
-        got = self._run_group([jobs[i] for i in mine], [xs[i] for i in mine], [ts[i] for i in mine]) if mine else []
+        got = self._run_group([jobs[i] for i in mine], [xs[i] for i in mine], [ts[i] for i in mine],
+                              [cache_plan[i] for i in mine] if cache_plan is not None else None) if mine else []
         if plan[0] is plan[-1] and len(plan[0]) == len(jobs):  # every rank ran every job
             return got
+        if cache_plan is not None and any(js.config.enabled for js in cache_plan):
+            share_cache_states(cache_plan, plan, mesh, jobs, self.model)
         # one all_gather over the CFG group; each rank's jobs flattened, padded to the longest rank's rows
         rows_of = [sum(jobs[i].grid[0] * jobs[i].grid[1] for i in p) for p in plan]
         dim = xs[0].shape[1]
@@ -89,3 +114,65 @@ class ParallelStep(PackedStepBase):
                 out[i] = gathered[r][o:o + n]
                 o += n
         return out
+
+
+def share_cache_states(cache_plan: list[JobStep], plan: list[list[int]], mesh: Mesh, jobs: list[GenJob], model) -> None:
+    """After a step whose jobs were split over the CFG ranks: every rank learns every job's new step-cache state
+    from the CFG rank that ran it (two all_gathers over the CFG group: what each job did, then the tensors of the
+    jobs that ran their middle layers), so the state is where the job runs next."""
+    cdeg, me = mesh.config.cfg, mesh.cfg_idx
+    dev = model.device
+    # 1. what each job did this step: its counters after the step (host numbers, the same shape on every rank)
+    width = 4
+    mine = torch.zeros(len(jobs), width, dtype=torch.float64, device=dev)
+    for i in plan[me]:
+        s = cache_plan[i].state
+        mine[i] = torch.tensor([s.last, s.run, s.computed, s.reused], dtype=torch.float64)
+    parts = [torch.empty_like(mine) for _ in range(cdeg)]
+    guarded("cfg all_gather step-cache counters", dist.all_gather, parts, mine, group=mesh.cfg_group)
+    counters = [p.tolist() for p in parts]  # one host read per step
+    owner = {i: r for r, p in enumerate(plan) for i in p}
+    fresh = []  # jobs that ran their middle layers: their tensors travel
+    for i, js in enumerate(cache_plan):
+        last, run, computed, reused = (int(v) for v in counters[owner[i]][i])
+        if js.config.enabled and last == js.step:  # its middle layers ran this step (the owner's counters say)
+            fresh.append(i)
+        if owner[i] != me:
+            js.state.last, js.state.run, js.state.computed, js.state.reused = last, run, computed, reused
+    if not fresh:
+        return
+    # 2. the fresh jobs' tensors: Taylor terms, and dbcache's front residual, flattened in fp32 per owner
+    def tensors(i: int) -> list[torch.Tensor]:
+        s = cache_plan[i].state
+        return list(s.terms) + ([s.front] if cache_plan[i].config.policy == "dbcache" else [])
+
+    def shapes(i: int) -> list[tuple[int, int]]:
+        n = jobs[i].grid[0] * jobs[i].grid[1] + 2
+        order = cache_plan[i].config.taylor_order
+        prev = len(cache_plan[i].state.terms) if owner[i] != me else None
+        k = len(cache_plan[i].state.terms) if prev is None else min(order + 1, prev + 1 if prev else 1)
+        return [(n, model.cfg.hidden_size)] * (k + (cache_plan[i].config.policy == "dbcache"))
+
+    sizes = [sum(a * b for i in fresh if owner[i] == r for a, b in shapes(i)) for r in range(cdeg)]
+    buf = torch.zeros(max(sizes), dtype=torch.float32, device=dev)
+    o = 0
+    for i in fresh:
+        if owner[i] == me:
+            for t in tensors(i):
+                buf[o:o + t.numel()] = t.reshape(-1).float()
+                o += t.numel()
+    gathered = [torch.empty_like(buf) for _ in range(cdeg)]
+    guarded("cfg all_gather step-cache tensors", dist.all_gather, gathered, buf, group=mesh.cfg_group)
+    offset = [0] * cdeg
+    for i in fresh:
+        r = owner[i]
+        if r == me:
+            continue
+        got = []
+        for a, b in shapes(i):
+            got.append(gathered[r][offset[r]:offset[r] + a * b].view(a, b))
+            offset[r] += a * b
+        s = cache_plan[i].state
+        if cache_plan[i].config.policy == "dbcache":
+            s.front = got.pop().to(model.dtype)
+        s.terms = [t.clone() for t in got]

@@ -1,7 +1,10 @@
-"""Question: what does authenticating the KV payload (HMAC-SHA256, ``bagel_model.serving.kv_transfer``) cost on the host,
-for a BAGEL-7B-MoT text-to-image request at 1024² (28 layers, 4 KV heads, head_dim 128, bf16; the payload does not
-grow with the image size, only with the context tokens: a few dozen per branch)? Once per request, at send and at
-receipt — never per denoise step. Compared with the CRC-32 the byte connectors already compute and with serialize().
+"""Question: what does authenticating the KV payload cost on the host? Finding: about 10 ms per side (README).
+
+The payload: HMAC-SHA256 (``bagel_model.serving.kv_transfer``) of a BAGEL-7B-MoT text-to-image request at 1024² (28
+layers, 4 KV heads, head_dim 128, bf16; the payload does not grow with the image size, only with the context tokens:
+a few dozen per branch; 3 contexts x 48 tokens = 7.9 MiB, ~800 MiB/s on one CPU core). Once per request, at send and
+at receipt — never per denoise step. Compared with the CRC-32 the byte connectors already compute and with
+serialize().
 
     python -m probes.kv_hmac_cost [--tokens 48] [--contexts 3] [--repeats 20]
 """

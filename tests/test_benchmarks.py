@@ -50,6 +50,26 @@ def test_rows_append_to_one_table_with_the_environment(tmp_path):
     assert all(r["torch"] and r["triton"] and r["commit"] and r["date"] for r in rows)
 
 
+def test_ratio_is_the_speedup_of_ours_for_time_and_throughput_metrics():
+    """``ratio`` > 1 means ours is faster, whatever the metric's direction: a time-like row computed the old way
+    (ours / peer, 0.5 for twice as fast) fails here."""
+    from benchmarks.common import higher_is_better, row
+
+    for metric in ("ms", "s", "ms/token", "s/image", "s/request", "s/step", "s to KV forwarded"):
+        assert not higher_is_better(metric), metric
+        assert row("layer", "x", metric, 2.0, "peer", 4.0)["ratio"] == 2.0, metric  # ours takes half the time
+    for metric in ("TFLOP/s", "GB/s", "tokens/s"):
+        assert higher_is_better(metric), metric
+        assert row("gemm", "x", metric, 600.0, "peer", 300.0)["ratio"] == 2.0, metric
+    with pytest.raises(ValueError):
+        row("step", "x", "peak GiB", 1.0, "peer", 2.0)  # no direction: no ratio whose meaning is a guess
+    # the table's history: a time-like row that is faster than its peer carries a ratio > 1
+    with open(ROOT / "benchmarks" / "results.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["ratio"]]
+    layer = [r for r in rows if r["subject"] == "MoT layer exact"]
+    assert layer and all(float(r["ratio"]) > 1 for r in layer)  # the layer beats mask/scatter + cuDNN (RESULTS.md)
+
+
 def test_emit_keeps_the_rows_measured_before_a_run_dies(tmp_path):
     """A benchmark's rows reach the table one by one: a run killed by a time limit keeps what it measured."""
     import argparse

@@ -169,8 +169,8 @@ class BagelModel(nn.Module):
                 b.data.copy_(torch.arange(b.shape[-1], device=b.device).expand_as(b))
 
     def to_dtype(self, dtype: torch.dtype) -> "BagelModel":
-        """Cast everything but the VAE, which always runs in fp32 (DESIGN.md §7), and FP8 projection weights and
-        their fp32 scales, which stay as they are."""
+        """Cast everything but the VAE, which always runs in fp32 (docs/DESIGN.md §7), and FP8 projection weights
+        and their fp32 scales, which stay as they are."""
         keep = {id(t) for t in self._fp8_tensors()}
         for name, child in self.named_children():
             if name != "vae":
@@ -213,8 +213,16 @@ class BagelModel(nn.Module):
 
     # ---- shared pieces ------------------------------------------------------------------------------------------
     def _run_layers(self, x: torch.Tensor, li: LayerInputs, attention: AttentionFn, kv_sink=None) -> torch.Tensor:
-        for layer in self.language_model.model.layers:
+        return self.final_norm(self.run_layers(x, li, attention, 0, self.cfg.num_layers, kv_sink), li)
+
+    def run_layers(self, x: torch.Tensor, li: LayerInputs, attention: AttentionFn, start: int, stop: int,
+                   kv_sink=None) -> torch.Tensor:
+        """Decoder layers [start, stop) on the hidden rows ``x`` (the step cache runs a forward in such ranges)."""
+        for layer in self.language_model.model.layers[start:stop]:
             x = layer(x, li, attention, kv_sink)
+        return x
+
+    def final_norm(self, x: torch.Tensor, li: LayerInputs) -> torch.Tensor:
         body = self.language_model.model
         return routed_rms_norm(x, li.routing, body._final_norm.get()[:, 0], body.norm.eps,
                                expert_ids=li.expert_ids(x.device), options=li.kernels)
@@ -240,7 +248,7 @@ class BagelModel(nn.Module):
     def packed_inputs(self, x_lat: torch.Tensor, t_jobs: torch.Tensor, layout, rope_positions: tuple[int, ...],
                       rank: int, cache: dict | None = None) -> tuple[torch.Tensor, LayerInputs]:
         """Embeddings of ``rank``'s rows of a packed forward. ``x_lat`` (all jobs' latents, packed) fp32,
-        ``t_jobs`` (J,) fp32 device tensor of each job's timestep. The same per-row arithmetic as ``gen_inputs``:
+        ``t_jobs`` (J,) fp32 device tensor of each job's timestep. The same per-row arithmetic as the oracle's one-branch forward:
         latents = vae2llm(x) + time_emb(t of the row's job) + pos_emb; markers from embed_tokens; zero padding.
         ``cache`` (per layout) keeps the index tensors built on the first call."""
         dev, dt = self.device, self.dtype
@@ -265,19 +273,29 @@ class BagelModel(nn.Module):
         if n_pad > 0:
             parts.append(torch.zeros(n_pad, self.cfg.hidden_size, dtype=dt, device=dev))
         x = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        return x, self.packed_layer_inputs(layout, rope_positions, rank, cache)
+
+    def packed_layer_inputs(self, layout, rope_positions: tuple[int, ...], rank: int, cache: dict) -> LayerInputs:
+        """Routing and RoPE tables of ``rank``'s rows of a packed layout (each job's rows at its context's position),
+        made once per layout and kept in ``cache``."""
+        r0, r1 = layout.split.rows(rank)
         if "pos" not in cache:
-            positions = torch.zeros(r1 - r0, dtype=torch.long, device=dev)
+            positions = torch.zeros(r1 - r0, dtype=torch.long, device=self.device)
             for j, p in enumerate(rope_positions):
                 for s, e in layout.job_spans(j, r0, r1):
                     positions[s - r0:e - r0].fill_(p)
             cache["pos"] = self._cos_sin(positions)
         cos, sin = cache["pos"]
-        return x, LayerInputs(routing=layout.routing(rank), cos=cos, sin=sin, gen_mode=True, kernels=self.kernels)
+        return LayerInputs(routing=layout.routing(rank), cos=cos, sin=sin, gen_mode=True, kernels=self.kernels)
 
     @torch.no_grad()
     def packed_velocity_rows(self, x_lat: torch.Tensor, t_jobs: torch.Tensor, layout, rope_positions: tuple[int, ...],
                              rank: int, attention: AttentionFn, cache: dict | None = None) -> torch.Tensor:
         """llm2vae output (fp32) of ``rank``'s rows of a packed forward; latent rows come first in the layout."""
         x, li = self.packed_inputs(x_lat, t_jobs, layout, rope_positions, rank, cache)
-        h = self._run_layers(x, li, attention)
-        return invariant_linear(h, self.llm2vae.weight, self.llm2vae.bias, options=self.kernels).float()
+        return self.velocity_head(self.run_layers(x, li, attention, 0, self.cfg.num_layers), li)
+
+    def velocity_head(self, h: torch.Tensor, li: LayerInputs) -> torch.Tensor:
+        """Final norm and llm2vae of a generation forward's last hidden rows, in fp32."""
+        return invariant_linear(self.final_norm(h, li), self.llm2vae.weight, self.llm2vae.bias,
+                                options=self.kernels).float()

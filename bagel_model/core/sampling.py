@@ -11,9 +11,86 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 RENORM_TYPES = ("global", "channel", "text_channel")
+
+
+POLICIES = ("none", "fixed", "dbcache")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """A request's step-cache settings (``engine.cache`` does the caching; docs/DESIGN.md §10). ``front``/``back``:
+    layers always computed at the start / end of the stack; the rest is the cached middle."""
+
+    policy: str = "none"
+    # The defaults are vllm-omni's for cache-dit on BAGEL (F1B0, warm-up 4, threshold 0.24, at most 3 reused steps
+    # in a row); ``fixed`` computes every third step after the warm-up: 20 of a 50-timestep request's 49
+    # evaluations (41 %).
+    front: int = 1
+    back: int = 0
+    warmup: int = 4  # the request's first steps, always computed
+    tail: int = 1  # fixed: the request's last steps, always computed
+    interval: int = 3  # fixed: compute every interval-th step after the warm-up
+    threshold: float = 0.24  # dbcache: reuse while the relative L1 change of the front residual is below this
+    max_cached_run: int = 3  # dbcache: at most this many reused steps in a row
+    taylor_order: int = 0  # 0: reuse the residual as it was; 1 or 2: TaylorSeer extrapolation
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+    def validate(self, steps: int | None = None, num_layers: int | None = None) -> "CacheConfig":
+        """Every knob checked, with the request's step count and the model's layer count where given."""
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown cache policy {self.policy!r}; expected one of {POLICIES}")
+        for name in ("front", "back", "warmup", "tail", "max_cached_run", "taylor_order"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+                raise ValueError(f"cache {name} must be an integer >= 0, got {v!r}")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, numbers.Integral) or self.interval < 1:
+            raise ValueError(f"cache interval must be an integer >= 1, got {self.interval!r}")
+        if self.taylor_order > 2:
+            raise ValueError(f"cache taylor_order must be 0, 1 or 2, got {self.taylor_order}")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"cache threshold must be a finite number >= 0, got {t!r}")
+        if self.enabled and num_layers is not None and self.front + self.back >= num_layers:
+            raise ValueError(f"cache front {self.front} + back {self.back} leave no middle layer of the model's "
+                             f"{num_layers}: their sum must be < {num_layers}")
+        if self.enabled and self.front < 1:
+            raise ValueError("cache front must be >= 1: the middle layers' input must differ from the embeddings "
+                             "for dbcache's statistic, and fixed keeps the same split")
+        if self.enabled and steps is not None:
+            updates = steps - 1  # a request of N timesteps runs the model N-1 times
+            if self.warmup + (self.tail if self.policy == "fixed" else 0) > updates:
+                raise ValueError(f"cache warmup {self.warmup}" + (f" + tail {self.tail}" if self.policy == "fixed"
+                                                                   else "")
+                                 + f" exceed the request's {updates} model evaluations ({steps} timesteps)")
+        return self
+
+    @staticmethod
+    def named(name: str) -> "CacheConfig":
+        """The presets ``bagel-generate --cache`` offers: none, fixed, dbcache, taylorseer (fixed + order 1)."""
+        presets = {"none": CacheConfig(), "fixed": CacheConfig(policy="fixed"),
+                   "dbcache": CacheConfig(policy="dbcache"),
+                   "taylorseer": CacheConfig(policy="fixed", taylor_order=1)}
+        if name not in presets:
+            raise ValueError(f"unknown cache {name!r}; expected one of {tuple(presets)} or a CacheConfig")
+        return presets[name]
+
+    @staticmethod
+    def of(value: "CacheConfig | str | None") -> "CacheConfig":
+        if value is None:
+            return CacheConfig()
+        if isinstance(value, str):
+            return CacheConfig.named(value)
+        if not isinstance(value, CacheConfig):
+            raise TypeError(f"cache must be a CacheConfig or a preset name, got {value!r}")
+        return value
+
+
 
 
 @dataclass
@@ -30,6 +107,7 @@ class SamplingParams:
     cfg_interval: tuple[float, float] = (0.4, 1.0)
     cfg_renorm_min: float = 0.0
     cfg_renorm_type: str = "global"
+    cache: CacheConfig = field(default_factory=CacheConfig)  # step caching (off by default: every md5 as without)
 
     def validate(self) -> "SamplingParams":
         for name in ("timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_renorm_min"):
@@ -54,6 +132,9 @@ class SamplingParams:
             raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {self.cfg_interval}")
         if self.timestep_shift <= 0:
             raise ValueError(f"timestep_shift must be positive, got {self.timestep_shift}")
+        if not isinstance(self.cache, CacheConfig):
+            raise TypeError(f"cache must be a CacheConfig, got {self.cache!r}")
+        self.cache.validate(self.steps)
         return self
 
     def to_dict(self) -> dict:
@@ -71,6 +152,7 @@ class SamplingParams:
             raise ValueError(f"sampling parameters incomplete: missing {missing}, unknown {unknown}")
         d = dict(d)
         d["cfg_interval"] = tuple(d["cfg_interval"])
+        d["cache"] = CacheConfig(**d["cache"]) if isinstance(d["cache"], dict) else d["cache"]
         return SamplingParams(**d).validate()
 
 
@@ -142,6 +224,8 @@ def resolve_sampling(cfg, mode: str = "text2img", arg_names: dict[str, str] | No
             v = _integer(name, v)
         elif k in _REAL_FIELDS:
             v = _real(name, v)
+        elif k == "cache":
+            v = CacheConfig.of(v)
         elif k == "cfg_interval":
             if not isinstance(v, (tuple, list)) or len(v) != 2:
                 raise ValueError(f"{name} must be two numbers (lo, hi), got {v!r}")

@@ -1,8 +1,8 @@
 """Greedy text decoding (``greedy_decode``), with the token step captured in one CUDA graph (``GraphDecoder``).
 
 Eager decoding is host-bound: a token runs ~220 kernel launches (28 layers of norms, routed GEMMs, QK-norm+RoPE,
-attention, cache writes), and Python + Triton's launch path cost more than the GPU work (measured on the H100:
-36.6 ms per token of which 6.3 ms is GPU time). Every launch of a step depends only on device state — the fed token,
+attention, cache writes), and Python + Triton's launch path cost several times the GPU work, so the GPU idles most of
+a token (numbers: benchmarks/RESULTS.md, decode). Every launch of a step depends only on device state — the fed token,
 its RoPE position, the cache slot it is written to, the cache length the attention reads — so the step is recorded
 once and replayed; the host only reads the chosen token back (the one read text decoding needs).
 

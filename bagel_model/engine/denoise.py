@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.sampling import SamplingParams
+from .cache import JobCache, JobStep
 from .cfg import cfg_update
 from .step import GenJob
 from .finite_guard import FiniteGuard
@@ -50,6 +51,7 @@ class DenoiseRequest:
     contexts: dict
     schedule: tuple[list[float], list[float]] | None = None
     _jobs: dict = field(default_factory=dict, repr=False)
+    _caches: dict = field(default_factory=dict, repr=False)  # per job: its step-cache state (engine.cache)
 
     @staticmethod
     def start(cfg, params: SamplingParams, contexts: dict, device, size: tuple[int, int] | None = None,
@@ -68,13 +70,24 @@ class DenoiseRequest:
             job = self._jobs[id(ctx)] = GenJob(self.grid, ctx)
         return job
 
+    def job_step(self, job, step: int) -> JobStep:
+        """The job's step-cache plan entry at request step ``step`` (its state kept across steps)."""
+        state = self._caches.setdefault(id(job), JobCache())
+        return JobStep(step, self.params.steps - 1, self.params.cache, state)
+
+    def cache_stats(self) -> dict[str, int]:
+        """Middle-layer steps computed and reused over the request's jobs so far (each job counted)."""
+        states = self._caches.values()
+        return {"computed": sum(s.computed for s in states), "reused": sum(s.reused for s in states)}
+
 
 def denoise(requests: list[DenoiseRequest], engine, progress: bool = True,
-                  on_step: Callable[[int, int, float, torch.Tensor], torch.Tensor | None] | None = None,
-                  guards: list[FiniteGuard] | None = None) -> list[torch.Tensor]:
+            on_step: Callable[[int, int, float, torch.Tensor], torch.Tensor | None] | None = None,
+            guards: list[FiniteGuard] | None = None) -> list[torch.Tensor]:
     """Euler integration of several requests at once: at every step each request still running contributes its
-    distinct CFG jobs, and ``engine`` (``denoise_step.PackedStep`` or ``parallel.denoise.ParallelStep``) runs all
-    jobs of the step in one packed forward. Requests may differ in size, step count and CFG settings; each one's
+    distinct CFG jobs, and ``engine`` (``engine.step.PackedStep`` or ``parallel.denoise.ParallelStep``) runs all
+    jobs of the step in one packed forward; a request whose ``params.cache`` is on hands the engine each job's
+    step-cache plan too (``engine.cache``). Requests may differ in size, step count and CFG settings; each one's
     arithmetic is what ``denoise`` does for it alone (same combine, same update), so its bits are too.
     ``on_step(request_index, step, t, x)`` is called after each request's update with its new latent ``x``; a
     tensor it returns replaces that latent (same shape; fp32) — the caller's choice, which then changes the bits. Each request's latent is watched
@@ -87,7 +100,7 @@ def denoise(requests: list[DenoiseRequest], engine, progress: bool = True,
     xs = [r.x for r in requests]
     total = max(len(s[0]) for s in scheds)
     for k in tqdm(range(total), desc="denoise", disable=not progress, leave=False):
-        jobs, job_x, job_t, plan = [], [], [], []
+        jobs, job_x, job_t, cache_plan, plan = [], [], [], [], []
         for i, r in enumerate(requests):
             ts = scheds[i][0]
             if k >= len(ts):
@@ -102,9 +115,11 @@ def denoise(requests: list[DenoiseRequest], engine, progress: bool = True,
                     jobs.append(job)
                     job_x.append(xs[i])
                     job_t.append(ts[k])
+                    cache_plan.append(r.job_step(job, k))
                 where[b] = idx
             plan.append((i, active, where))
-        vels = engine(jobs, job_x, job_t)
+        cached = any(js.config.enabled for js in cache_plan)
+        vels = engine(jobs, job_x, job_t, cache_plan) if cached else engine(jobs, job_x, job_t)
         for i, active, where in plan:
             xs[i] = cfg_update(xs[i], {b: vels[where[b]] for b in active}, requests[i].params, scheds[i][1][k])
             guards[i].step(xs[i], k)

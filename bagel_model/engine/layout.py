@@ -7,15 +7,16 @@ job's two image markers, then the token split's padding at the global tail:
      generation expert ------------ | understanding expert (markers and padding) -
 
 so the routed GEMM sees two expert segments whatever the number of jobs (one branch laid out as
-[marker, latents, marker] costs every segment its own partial row tile; measured 7–12 % of the GEMM at 1024²).
+[marker, latents, marker] would cut the rows into three expert segments per job, each ending in its own partial
+row tile: wasted tile work that grows with the number of jobs).
 
-Why the bits do not change (DESIGN.md §3): every per-row op (norms, routed GEMMs, QK-norm + RoPE, embeddings) gives a
-row the same arithmetic wherever the row sits, and attention walks each job's keys in the job's own order — its
-context, then ``[<vision_start>, latents..., <vision_end>]`` blocked from that sequence's start — exactly what the
-one-branch forward walks. Attention therefore reads K/V through a per-job *canonical* gather (``JobRows``), while
-the queries stay in packed order (``QueryPlan``: each job's latents, then its markers, as varlen sequences that read
-that job's keys), so neither the queries nor the output rows are moved. A job whose rows are computed in a pack
-with other jobs gets the bits it gets alone.
+Why the bits do not change (docs/DESIGN.md §3, §8): every per-row op (norms, routed GEMMs, QK-norm + RoPE, embeddings)
+gives a row the same arithmetic wherever the row sits, and attention walks each job's keys in the job's own order —
+its context, then ``[<vision_start>, latents..., <vision_end>]`` blocked from that sequence's start — exactly what the
+one-branch forward walks. Attention therefore reads K/V through a per-job *canonical* gather (``JobRows``), while the
+queries stay in packed order (``QueryPlan``: each job's latents, then its markers, as varlen sequences that read that
+job's keys), so neither the queries nor the output rows are moved. A job whose rows are computed in a pack with other
+jobs gets the bits it gets alone.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -23,6 +23,8 @@ class GenerationResult:
     latent_md5: str
     image_md5: str
     params: SamplingParams | None = None  # the request's parameters as the diffusion stage received them
+    # step cache: middle-layer job-steps computed and reused (engine.cache; both 0 without caching)
+    cache_stats: dict = field(default_factory=lambda: {"computed": 0, "reused": 0})
 
     def save_png(self, path: str) -> None:
         Image.fromarray(self.image.cpu().numpy()).save(path, format="PNG")

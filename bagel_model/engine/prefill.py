@@ -4,7 +4,7 @@ A prompt is a list of blocks: text (understanding expert, causal), a VAE image b
 through the generation expert at t = 0, for editing) and a ViT image block (SigLIP + connector, understanding expert).
 An image block is ``[<|vision_start|>, tokens..., <|vision_end|>]``: bidirectional inside, one shared RoPE position.
 Positions, routing and the mask are built from the block layout: positions by a cumulative sum on the device (no
-per-token host loop, seed 001), routing as host segments, the mask as per-token span ids.
+per-token host loop), routing as host segments, the mask as per-token span ids.
 """
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ import torch
 from bagel_kernels import token_alignment
 
 from ..core.model import BagelModel
+from . import cache
+from .cache import JobStep
 from .kv_cache import Context
 from .layout import PackedAttention, PackedContext, PackedLayout, device_values, packed_context
 
@@ -116,6 +118,27 @@ def check_jobs(jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> N
             raise ValueError(f"latent of {x.shape[0]} tokens for a {j.grid[0]}x{j.grid[1]} grid")
 
 
+def _job_rows(layout: PackedLayout, cache: dict, device) -> list[torch.Tensor]:
+    """Per job, its rows of the whole padded layout in canonical order (latents, then its two markers)."""
+    if "job_rows" not in cache:
+        cache["job_rows"] = [torch.cat([torch.arange(o, o + n, device=device),
+                                        torch.arange(layout.marker_rows(j)[0], layout.marker_rows(j)[0] + 2,
+                                                     device=device)])
+                             for j, (o, n) in enumerate(zip(layout.latent_offset, layout.n_latent))]
+    return cache["job_rows"]
+
+
+def _subset_rows(whole: PackedLayout, sub: PackedLayout, active: list[int], cache: dict, device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the ``active`` jobs in the whole layout (``src``) and in their own packed layout (``dst``)."""
+    key = ("subset", tuple(active))
+    if key not in cache:
+        src = torch.cat([_job_rows(whole, cache, device)[j] for j in active])
+        dst = torch.cat(_job_rows(sub, {}, device))
+        cache[key] = (src, dst)
+    return cache[key]
+
+
 class PackedStepBase:
     """What both step engines share: a job layout's entry (layout, packed contexts, attention, caches), made on its
     first step and kept while it recurs, and the graph runner. ``degree``: the sequence-parallel split of a
@@ -173,6 +196,92 @@ class PackedStepBase:
         """Drop every cached layout (and its graph); call between unrelated batches to free memory."""
         self._entries.clear()
 
+    # ---- step caching (engine.cache): a forward in layer ranges, jobs leaving and rejoining -------------------
+    def _rank(self) -> int:
+        """This process's rank in the sequence-parallel split of a forward."""
+        return 0
+
+    def _gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of a split forward, in order (the whole padded layout); one device: the rows."""
+        return rows
+
+    def _cached_rows(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float],
+                     plan: list[JobStep]) -> tuple[torch.Tensor, PackedLayout]:
+        """This rank's velocity rows (and the step's layout) of a step in which jobs may reuse their middle layers. The layers run in ranges
+        between the jobs' front/back boundaries; each range runs the jobs active in it — all of them in the step's
+        layout, or the subset in a packed layout of its own (batch invariance: their rows get the bits they get in
+        any pack). Per-job quantities (statistic, residual) are made from the job's own rows of the whole layout,
+        so they are the same on every rank and in every configuration. Runs eagerly (no CUDA graph)."""
+        m, n_layers = self.model, self.model.cfg.num_layers
+        for js in plan:
+            js.config.validate(num_layers=n_layers)
+        e = self._entry(jobs)
+        lay, rank = e.layout, self._rank()
+        x0, li = m.packed_inputs(torch.cat(xs) if len(xs) > 1 else xs[0], device_values(ts, m.device, torch.float32),
+                                 lay, e.ropes, rank, e.cache)
+        idx = _job_rows(lay, e.cache, m.device)
+        h = self._gather(x0)
+        x0_full = h
+        # a job's middle is [front, n - back) when it runs them, else it sits out those layers
+        decided = {j: cache.forced(js) for j, js in enumerate(plan)}
+        lo = {j: js.config.front if js.config.enabled else n_layers for j, js in enumerate(plan)}
+        hi = {j: n_layers - js.config.back if js.config.enabled else n_layers for j, js in enumerate(plan)}
+        h_in: dict[int, torch.Tensor] = {}
+        bounds = sorted({0, n_layers} | set(lo.values()) | set(hi.values()))
+        for b0, b1 in zip(bounds, bounds[1:]):
+            starting = [j for j in lo if lo[j] == b0]
+            pending = [j for j in starting if decided[j] is None]
+            if pending:  # dbcache: one host read for every job deciding here
+                fronts = {j: h[idx[j]] - x0_full[idx[j]] for j in pending}
+                stats = torch.stack([cache.relative_l1(fronts[j], plan[j].state.front) for j in pending]).tolist()
+                for j, stat in zip(pending, stats):
+                    decided[j] = not stat < plan[j].config.threshold  # a NaN statistic computes
+            for j in starting:
+                if plan[j].config.policy == "dbcache" and decided[j]:
+                    plan[j].state.front = h[idx[j]] - x0_full[idx[j]]
+                if decided[j]:
+                    h_in[j] = h[idx[j]]
+            ending = [j for j in hi if hi[j] == b0 and lo[j] < b0]
+            h = self._rejoin(h, ending, plan, decided, h_in, idx)
+            active = [j for j in range(len(jobs)) if decided[j] or not lo[j] <= b0 < hi[j]]
+            h = self._run_range(e, li, h, [jobs[j] for j in active], active, b0, b1)
+        ending = [j for j in hi if hi[j] == n_layers and lo[j] < n_layers]
+        h = self._rejoin(h, ending, plan, decided, h_in, idx)
+        r0, r1 = lay.split.rows(rank)
+        return m.velocity_head(h[r0:r1], li), lay
+
+    def _rejoin(self, h, ending, plan, decided, h_in, idx):
+        """Jobs whose middle ends here: a computed one records its residual, a reused one adds it back."""
+        if any(not decided[j] for j in ending):
+            h = h.clone()  # ``h`` may still be another range's input
+        for j in ending:
+            if decided[j]:
+                cache.record(plan[j], h[idx[j]] - h_in.pop(j))
+            else:
+                h[idx[j]] = (h[idx[j]].float() + cache.predicted(plan[j])).to(h.dtype)
+                cache.reuse(plan[j])
+        return h
+
+    def _run_range(self, e: StepEntry, li, h: torch.Tensor, jobs: list[GenJob], active: list[int], b0: int,
+                   b1: int) -> torch.Tensor:
+        """Layers [b0, b1) for the ``active`` jobs of entry ``e`` on the whole-layout hidden rows ``h``."""
+        m, rank = self.model, self._rank()
+        if not active or b0 == b1:
+            return h
+        if len(active) == e.layout.num_jobs:
+            r0, r1 = e.layout.split.rows(rank)
+            return self._gather(m.run_layers(h[r0:r1], li, e.attention, b0, b1))
+        sub = self._entry(jobs)  # the active jobs packed on their own
+        src, dst = _subset_rows(e.layout, sub.layout, active, e.cache, m.device)
+        x = torch.zeros(sub.layout.split.padded, h.shape[1], dtype=h.dtype, device=h.device)
+        x[dst] = h[src]
+        s0, s1 = sub.layout.split.rows(rank)
+        li_sub = m.packed_layer_inputs(sub.layout, sub.ropes, rank, sub.cache)
+        y = self._gather(m.run_layers(x[s0:s1], li_sub, sub.attention, b0, b1))
+        h = h.clone()
+        h[src] = y[dst]
+        return h
+
 
 class PackedStep(PackedStepBase):
     """Single-device engine. ``use_graph`` (default: on CUDA) replays each recurring job layout from a CUDA graph;
@@ -187,11 +296,15 @@ class PackedStep(PackedStepBase):
     def _attention(self, layout: PackedLayout, ctx: PackedContext) -> PackedAttention:
         return PackedAttention(layout, ctx, (0, layout.split.padded), options=self.model.kernels)
 
-    def __call__(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float]) -> list[torch.Tensor]:
+    def __call__(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float],
+                 plan: list[JobStep] | None = None) -> list[torch.Tensor]:
+        """``plan``: each job's step-cache entry (``engine.cache``), when a request of the step caches."""
         check_jobs(jobs, xs, ts)
-        e = self._entry(jobs)
         self.forwards += 1
         self.jobs_run += len(jobs)
+        if plan is not None and any(js.config.enabled for js in plan):
+            return split_rows(*self._cached_rows(jobs, xs, ts, plan))
+        e = self._entry(jobs)
 
         def forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.model.packed_velocity_rows(x, t, e.layout, e.ropes, 0, e.attention, e.cache)

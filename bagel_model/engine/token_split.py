@@ -1,7 +1,7 @@
 """Token split for sequence parallelism: contiguous chunks, padding only at the global tail.
 
 Each of ``degree`` ranks holds ``chunk`` rows, ``chunk = ceil(n / degree)`` rounded up to a multiple of ``align``
-(the attention kernel's KV block), so every real token keeps its block position in every layout (DESIGN.md §3).
+(the attention kernel's KV block), so every real token keeps its block position in every layout (docs/DESIGN.md §3).
 The single-device run is the same split with degree 1.
 """
 from __future__ import annotations

@@ -133,8 +133,8 @@ def _canonical(header: dict) -> bytes:
 
 def _digest(header: dict, tensors: dict[str, torch.Tensor]) -> str:
     """CRC-32 over the header and every tensor's name, dtype, shape and bytes, in name order (order-sensitive
-    within each tensor). A transit-integrity check (corruption, mix-ups); CRC-32 runs ~3x faster than SHA-256 here,
-    and an img2img payload is gigabytes."""
+    within each tensor). A transit-integrity check (corruption, mix-ups); CRC-32 is much cheaper than a cryptographic
+    hash, and an img2img payload is gigabytes (authenticity is the HMAC's job, not this one's)."""
     crc = zlib.crc32(_canonical(header))
     for name in sorted(tensors):
         t = tensors[name].contiguous()

@@ -167,9 +167,10 @@ def run_split_processes(spec: ModelSpec, req: Request, layout1: str = "flashinfe
     ``stage_env``: extra environment per stage (``{"stage0": {...}, "stage1": {...}}``), applied in the child before
     CUDA starts — e.g. ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` to cap stage 0's share of the SMs when both stages share
     one GPU under MPS, or ``CUDA_MPS_CLIENT_PRIORITY=1`` to make stage 0 a below-normal-priority MPS client.
-    ``stage0_device``: stage 0's device when it is not ``spec.device`` (e.g. "cuda:1": the AR stage on a second
-    GPU, as the seeds serve it; the KV then crosses GPUs once, peer to peer). ``stage1_stream_priority``: run stage 1
-    on a CUDA stream of that priority (e.g. -1: ahead of stage 0's default-priority decode when both share a GPU).
+    ``stage0_device``: stage 0's device when it is not ``spec.device`` (e.g. "cuda:1": the AR stage on a second GPU,
+    as a serving deployment places it; the KV then crosses GPUs once, peer to peer). ``stage1_stream_priority``: run
+    stage 1 on a CUDA stream of that priority (e.g. -1: ahead of stage 0's default-priority decode when both share a
+    GPU).
 
     Failures: a stage that dies or fails is noticed within a fraction of a second. If stage 0 fails after stage 1
     holds its KV (during stage 0's decode), stage 1 still finishes and the image is returned, with

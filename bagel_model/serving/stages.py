@@ -227,7 +227,7 @@ def run_stage1_batch(model: BagelModel, inputs: list[DiffusionInput], events: Ev
     out = []
     for inp, r, x in zip(inputs, reqs, xs):
         image = decode_latent(model, x, r.grid)
-        out.append(GenerationResult(x, image, tensor_md5(x), tensor_md5(image), inp.params))
+        out.append(GenerationResult(x, image, tensor_md5(x), tensor_md5(image), inp.params, r.cache_stats()))
     events.record("stage1_done")
     return out
 
