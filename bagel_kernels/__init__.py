@@ -11,7 +11,7 @@ from .lse_merge import merge_attention_partials
 from .norms import rms_norm_reference, routed_rms_norm
 from .rope import apply_rope_reference, rope_cos_sin
 from .fp8_quant import quantize_channels, quantize_rows
-from .routed_linear_fp8 import routed_gemm_fp8
+from .routed_linear_fp8 import quantize_activation_rows, require_fp8_support, routed_gemm_fp8, routed_linear_fp8
 
 __all__ = [
     "KernelOptions", "default_options", "resolve_backend", "joint_attention", "check_block_tables", "token_alignment", "prefill_visible_end", "AttentionOutput",
@@ -19,5 +19,6 @@ __all__ = [
     "normalize_kv_cache", "ROW_TILE", "ExpertSegments", "invariant_linear", "invariant_linear_reference",
     "routed_linear", "routed_linear_reference", "routed_rms_norm", "qk_norm_rope",
     "merge_attention_partials", "rms_norm_reference", "apply_rope_reference", "rope_cos_sin",
-    "quantize_rows", "quantize_channels", "routed_gemm_fp8",
+    "quantize_rows", "quantize_channels", "routed_gemm_fp8", "routed_linear_fp8", "quantize_activation_rows",
+    "require_fp8_support",
 ]

@@ -15,10 +15,12 @@ from typing import Literal, Mapping
 Backend = Literal["auto", "reference", "triton", "gluon"]
 Mode = Literal["exact", "fast"]
 Schedule = Literal["auto", "segment", "chained"]
+Quantization = Literal["none", "fp8"]
 
 BACKENDS: tuple[str, ...] = ("auto", "reference", "triton", "gluon")
 MODES: tuple[str, ...] = ("exact", "fast")
 SCHEDULES: tuple[str, ...] = ("auto", "segment", "chained")
+QUANTIZATIONS: tuple[str, ...] = ("none", "fp8")
 
 # The documented environment override: variable -> field. Nothing else in the library reads the environment.
 ENV_OVERRIDE = {"BAGEL_KERNELS_BACKEND": "backend", "BAGEL_KERNELS_MODE": "mode"}
@@ -37,15 +39,22 @@ class KernelOptions:
     - ``attention_schedule``: the Gluon attention's issue order of key blocks ("auto" | "segment" | "chained");
       changes no bit.
     - ``decode_graph``: replay the greedy text-decoding step from a CUDA graph (CUDA only); changes no bit.
+    - ``quantization``: "none" (default) — the projections run in the activation dtype. "fp8" — every MoT
+      projection of both experts (QKV, o_proj, gate/up, down) keeps float8_e4m3fn weights with per-output-channel
+      fp32 scales (quantized once, when the model's packs are built) and quantizes its input per row before the
+      FP8 routed GEMM (``bagel_kernels.routed_linear_fp8``). Its own exactness class: batch-invariant and
+      parallel-exact among FP8 runs, but other output bits than "none". On CUDA it needs compute capability >= 8.9.
     """
 
     backend: Backend = "auto"
     mode: Mode = "exact"
     attention_schedule: Schedule = "auto"
     decode_graph: bool = True
+    quantization: Quantization = "none"
 
     def __post_init__(self) -> None:
-        for name, allowed in (("backend", BACKENDS), ("mode", MODES), ("attention_schedule", SCHEDULES)):
+        for name, allowed in (("backend", BACKENDS), ("mode", MODES), ("attention_schedule", SCHEDULES),
+                              ("quantization", QUANTIZATIONS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"unknown kernel {name.replace('_', ' ')} {value!r}; expected one of {allowed}")

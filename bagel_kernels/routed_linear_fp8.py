@@ -10,6 +10,12 @@ the Triton kernel under the interpreter with ``backend="triton"``; CUDA tensors 
 (``routed_gemm_fp8_triton``; "gluon" and "auto" too: there is no Gluon FP8 kernel yet), or the reference with
 ``backend="reference"``. ``mode="fast"`` changes nothing here: the Triton kernel is the only FP8 GPU path, and it
 is batch-invariant. A GPU without FP8 tensor cores (compute capability < 8.9) raises, naming the GPU.
+
+The model's FP8 projections (``KernelOptions(quantization="fp8")``) call ``routed_linear_fp8``: activations in the
+model's dtype are quantized per row by ``quantize_activation_rows`` — the one place the model's activations become
+e4m3, so that a fused producer (a quantizing RMSNorm or SwiGLU epilogue) can replace it — then ``routed_gemm_fp8``
+runs with the output in the activation dtype. ``require_fp8_support`` is the early check (model construction and
+placement) that the device and dtype can run it.
 """
 from __future__ import annotations
 
@@ -18,18 +24,64 @@ import torch
 from ._dispatch import resolve_backend
 from .linear import ExpertSegments, device_expert_ids
 from .options import KernelOptions, resolve_options
+from .fp8_quant import quantize_rows
 from .routed_linear_fp8_reference import Activation, check_fp8_routed, routed_gemm_fp8_reference
-from .routed_gemm_fp8_triton import routed_gemm_fp8_triton
+from .routed_gemm_fp8_triton import require_fp8_tensor_cores, routed_gemm_fp8_triton
 
 
 def routed_gemm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegments | None, wq: torch.Tensor,
                     w_scale: torch.Tensor, bias: torch.Tensor | None = None, *, activation: Activation = None,
                     residual: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
                     expert_ids: torch.Tensor | None = None, options: KernelOptions | None = None) -> torch.Tensor:
-    """Expert-routed FP8 projection; ``expert_ids`` (int32 per row, on the device) as in ``routed_linear``."""
-    check_fp8_routed(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype)
+    """Expert-routed FP8 projection; ``expert_ids`` (int32 per row, on the device) as in ``routed_linear``.
+    ``out_dtype`` fp32 is taken by the reference backend only (a float32 model on the CPU)."""
     opts = resolve_options(options)
-    if resolve_backend(xq.device, opts) == "reference":
+    reference = resolve_backend(xq.device, opts) == "reference"
+    check_fp8_routed(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype, allow_fp32=reference)
+    if reference:
         return routed_gemm_fp8_reference(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype)
     ids = device_expert_ids(routing, expert_ids, wq.shape[0], xq.device)
     return routed_gemm_fp8_triton(xq, x_scale, wq, w_scale, bias, ids, activation == "swiglu", residual, out_dtype)
+
+
+def quantize_activation_rows(x: torch.Tensor, options: KernelOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row e4m3 quantization of a projection's input (rows, K) -> (codes, fp32 scale (rows,)): the one place
+    the FP8 model quantizes activations.
+
+    Both backends run ``fp8_quant.quantize_rows`` (plain torch: on CUDA tensors the same elementwise ops and an
+    exact max-reduction per row, so the codes and scales are the CPU reference's bit for bit, whatever the row count
+    or the neighbours — the batch-invariance contract). A fused GPU producer replaces this function, and must
+    reproduce those bits (``fp8_quant``'s docstring states the arithmetic)."""
+    resolve_options(options)  # validated here, so a replacement can dispatch on it
+    return quantize_rows(x)
+
+
+def routed_linear_fp8(x: torch.Tensor, routing: ExpertSegments | None, wq: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None = None, *, activation: Activation = None,
+                      residual: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None,
+                      options: KernelOptions | None = None) -> torch.Tensor:
+    """``routed_linear`` with FP8 weights: ``x`` (rows, K) in the activation dtype is quantized per row
+    (``quantize_activation_rows``) and multiplied with the e4m3 weight ``wq`` (E, P, N, K) and its per-channel
+    scales ``w_scale`` (E, P, N); bias, SwiGLU and residual epilogues as ``routed_linear``'s; output in x's dtype.
+    There is no small-batch variant: text decoding runs this same GEMM (its rows are batch-invariant too)."""
+    xq, xs = quantize_activation_rows(x, options)
+    if bias is not None and bias.dim() == 3 and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return routed_gemm_fp8(xq, xs, routing, wq, w_scale, bias, activation=activation, residual=residual,
+                           out_dtype=x.dtype, expert_ids=expert_ids, options=options)
+
+
+def require_fp8_support(options: KernelOptions | None, device: torch.device | str,
+                        dtype: torch.dtype | None = None) -> None:
+    """Early check of ``quantization="fp8"`` on ``device``: nothing to check on the CPU (the reference runs) or
+    for ``quantization="none"``; on CUDA (unless ``backend="reference"``) the GPU needs FP8 tensor cores (compute
+    capability >= 8.9; the error names the GPU) and the activations must be bf16 or fp16 (the Triton kernel's
+    output dtypes). Called where a model is built or placed, before any weight is allocated or moved."""
+    opts = resolve_options(options)
+    device = torch.device(device)
+    if opts.quantization != "fp8" or device.type != "cuda" or opts.backend == "reference":
+        return
+    require_fp8_tensor_cores(device)
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"quantization='fp8' on {device} runs the Triton FP8 GEMM, whose activations are bf16 or "
+                         f"fp16; got dtype {dtype} (use bf16, or KernelOptions(backend='reference'))")

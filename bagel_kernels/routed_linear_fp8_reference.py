@@ -7,7 +7,9 @@ per-output-channel scales ``w_scale`` (E, P, N) (``fp8_quant.quantize_rows`` / `
 Order of operations = the Triton kernel's: the fp8 x fp8 products are exact in fp32 (4-bit significands), summed in
 fp32; then the row scale, then the channel scale, then the bias (fp32), then the epilogue with the bf16 routed GEMM's
 roundings (SwiGLU: gate and up rounded to the output dtype, silu rounded, product; residual: the projection rounded
-to the output dtype, added in fp32, rounded). Only the order of the fp32 sum differs from the GPU (and Hopper's FP8
+to the output dtype, added in fp32, rounded). ``out_dtype`` may also be fp32 here, and only here (a float32 model on
+the CPU): every rounding to the output dtype is then a no-op, so the math is the dequantized product in fp32 with
+an fp32 bias, SwiGLU and residual add. Only the order of the fp32 sum differs from the GPU (and Hopper's FP8
 tensor cores keep fewer accumulator bits, see ``routed_gemm_fp8_triton``), so the two agree to rounding, not bits.
 
 Row independence: each (segment, part) is one row-padded fp32 GEMM (``invariant_linear_reference``: CPU BLAS picks
@@ -28,8 +30,9 @@ Activation = Literal["swiglu"] | None
 
 def check_fp8_routed(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegments | None, wq: torch.Tensor,
                      w_scale: torch.Tensor, bias: torch.Tensor | None, activation: Activation,
-                     residual: torch.Tensor | None, out_dtype: torch.dtype) -> None:
-    """Shapes and dtypes of an FP8 routed GEMM call, with errors that name the argument."""
+                     residual: torch.Tensor | None, out_dtype: torch.dtype, allow_fp32: bool = False) -> None:
+    """Shapes and dtypes of an FP8 routed GEMM call, with errors that name the argument. ``allow_fp32``: the
+    reference also takes fp32 activations (a float32 model on the CPU); the Triton kernel does not."""
     if xq.dtype != FP8_DTYPE or wq.dtype != FP8_DTYPE:
         raise TypeError(f"routed_gemm_fp8: activations and weights must be {FP8_DTYPE} codes, got {xq.dtype} and "
                         f"{wq.dtype} (quantize with bagel_kernels.fp8_quant)")
@@ -47,8 +50,10 @@ def check_fp8_routed(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSeg
     if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (e, p, n):
         raise ValueError(f"routed_gemm_fp8: w_scale must be fp32 {(e, p, n)}, got {w_scale.dtype} "
                          f"{tuple(w_scale.shape)}")
-    if out_dtype not in (torch.bfloat16, torch.float16):  # the activation dtypes (an fp32 tile would not fit smem)
-        raise TypeError(f"routed_gemm_fp8: out_dtype must be bf16 or fp16, got {out_dtype}")
+    allowed = (torch.bfloat16, torch.float16) + ((torch.float32,) if allow_fp32 else ())
+    if out_dtype not in allowed:  # the activation dtypes (an fp32 tile would not fit the kernel's smem)
+        raise TypeError(f"routed_gemm_fp8: out_dtype must be bf16 or fp16{' or fp32' if allow_fp32 else ''} "
+                        f"(fp32 only with the plain-torch reference), got {out_dtype}")
     if bias is not None and tuple(bias.shape) != (e, p, n):
         raise ValueError(f"routed_gemm_fp8: bias must be {(e, p, n)}, got {tuple(bias.shape)}")
     if residual is not None and (tuple(residual.shape) != (m, n) or residual.dtype != out_dtype):
@@ -75,8 +80,9 @@ def routed_gemm_fp8_reference(xq: torch.Tensor, x_scale: torch.Tensor, routing: 
                               wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
                               activation: Activation = None, residual: torch.Tensor | None = None,
                               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The FP8 routed GEMM in plain torch, one row-padded fp32 GEMM per (contiguous segment, part)."""
-    check_fp8_routed(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype)
+    """The FP8 routed GEMM in plain torch, one row-padded fp32 GEMM per (contiguous segment, part); ``out_dtype``
+    bf16, fp16 or (the reference only) fp32."""
+    check_fp8_routed(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype, allow_fp32=True)
     segments = routing.segments if routing is not None else ((0, xq.shape[0], False),)
     n = wq.shape[2]
 

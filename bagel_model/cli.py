@@ -161,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel mode: exact = batch-invariant kernels everywhere (bit-reproducible across parallel "
                         "layouts); fast = cuBLAS for some projections on CUDA, which CHANGES OUTPUT BITS (the md5s "
                         "differ from exact; no effect on CPU)")
+    p.add_argument("--quantization", default="none", choices=["none", "fp8"],
+                   help="fp8: MoT projections with float8_e4m3fn weights (per-channel scales) and per-row quantized "
+                        "activations: its own exactness class, OTHER OUTPUT BITS than none (CUDA: compute "
+                        "capability >= 8.9)")
     return p
 
 
@@ -213,7 +217,7 @@ def load_pipeline(args):
     """The pipeline of ``--checkpoint`` (a directory) or of the ``--config`` preset with ``--weights-seed``."""
     from .pipeline import BagelPipeline
 
-    kernels = KernelOptions(mode=args.kernels)
+    kernels = KernelOptions(mode=args.kernels, quantization=args.quantization)
     if args.checkpoint:
         return BagelPipeline.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, kernels=kernels,
                                              byte_tokenizer=args.byte_tokenizer)
@@ -314,7 +318,7 @@ def _run_split(args, prompt: list[str], image):
     dtype = resolve_dtype(args.dtype, args.device)
     spec = ModelSpec(preset=args.config, seed=args.weights_seed, device=args.device, checkpoint=args.checkpoint,
                      dtype=str(dtype).replace("torch.", ""), threads=args.threads, byte_tokenizer=args.byte_tokenizer,
-                     kernels=KernelOptions(mode=args.kernels))
+                     kernels=KernelOptions(mode=args.kernels, quantization=args.quantization))
     cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
     if not args.checkpoint:
         check_fits(cfg, dtype, args.device, copies=2)  # one model per stage process

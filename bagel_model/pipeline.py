@@ -4,6 +4,7 @@ turns a call's arguments into requests (the CLI's split run uses it too); every 
 ``core.sampling.resolve_sampling``."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -11,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bagel_kernels import KernelOptions
+from bagel_kernels import KernelOptions, default_options, require_fp8_support
 
 from .core import checkpoint
 from .core.config import PRESETS, BagelConfig
@@ -81,8 +82,15 @@ def check_device(device: torch.device | str) -> torch.device:
     return d
 
 
-def _kernel_options(kernels: KernelOptions | str | None) -> KernelOptions | None:
-    """``KernelOptions`` from an instance, a mode name ("exact" | "fast") or None (the process default)."""
+def _kernel_options(kernels: KernelOptions | str | None, quantization: str | None = None) -> KernelOptions | None:
+    """``KernelOptions`` from an instance, a mode name ("exact" | "fast") or None (the process default), with
+    ``quantization`` ("none" | "fp8") set on it when given."""
+    if quantization is not None:
+        base = _kernel_options(kernels) or default_options()
+        if base.quantization not in ("none", quantization):
+            raise ValueError(f"quantization={quantization!r} contradicts kernels with quantization="
+                             f"{base.quantization!r}; give one of them")
+        return dataclasses.replace(base, quantization=quantization)  # validated by KernelOptions
     if kernels is None:
         return None
     if isinstance(kernels, str):
@@ -193,7 +201,7 @@ class BagelPipeline:
                         dtype: torch.dtype | str | None = None, kernels: KernelOptions | str | None = None,
                         weights_seed: int | None = None, byte_tokenizer: bool = False, check_memory: bool = True,
                         revision: str | None = None, cache_dir: str | os.PathLike | None = None,
-                        local_files_only: bool | None = None) -> "BagelPipeline":
+                        local_files_only: bool | None = None, quantization: str | None = None) -> "BagelPipeline":
         """A checkpoint in BAGEL-7B-MoT's released layout — a directory, or a hub id (``"ByteDance-Seed/BAGEL-7B-MoT"``)
         resolved through huggingface_hub's cache (``revision``, ``cache_dir``; ``local_files_only`` or
         ``HF_HUB_OFFLINE=1``: the cache alone) — loaded strictly; or a preset name (``"tiny"``, ``"bagel-7b-mot"``:
@@ -201,14 +209,16 @@ class BagelPipeline:
         bfloat16 on CUDA (the VAE always runs in float32). ``kernels``: ``bagel_kernels.KernelOptions`` or its mode
         name ("exact" | "fast"); None is the process default. ``byte_tokenizer``: a directory without
         ``tokenizer.json`` gets the built-in byte-level tokenizer (presets always use it). ``check_memory``: refuse,
-        with the numbers, weights that cannot fit on ``device``."""
+        with the numbers, weights that cannot fit on ``device``. ``quantization``: "fp8" runs the MoT projections with
+        FP8 weights (the same as ``kernels=KernelOptions(quantization="fp8")``; a checkpoint saved in FP8 loads in
+        FP8 whatever is given)."""
         from .core.hub import looks_like_hub_id, resolve_hub_id
 
         name = os.fspath(name_or_path)
         if not os.path.isdir(name) and name in PRESETS:
             if byte_tokenizer:
                 raise ValueError("byte_tokenizer is for checkpoint directories (presets always use it)")
-            return cls.from_preset(name, device, dtype, kernels, weights_seed, check_memory)
+            return cls.from_preset(name, device, dtype, kernels, weights_seed, check_memory, quantization=quantization)
         if weights_seed is not None:
             raise ValueError(f"weights_seed is for presets' random weights; {name!r} is a checkpoint")
         if not os.path.isdir(name):
@@ -222,15 +232,16 @@ class BagelPipeline:
         device = check_device(device)
         model, tok = checkpoint.from_pretrained(name, device=device, dtype=resolve_dtype(dtype, device),
                                                 byte_tokenizer=byte_tokenizer, check_memory=check_memory,
-                                                kernels=_kernel_options(kernels))
+                                                kernels=_kernel_options(kernels, quantization))
         return cls(model, tok)
 
     @classmethod
     def from_preset(cls, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
                     kernels: KernelOptions | str | None = None, weights_seed: int | None = None,
-                    check_memory: bool = True) -> "BagelPipeline":
+                    check_memory: bool = True, quantization: str | None = None) -> "BagelPipeline":
         """An embedded preset (``"tiny"``, ``"bagel-7b-mot"``) with random weights drawn from ``weights_seed``
-        (default 0; the same on every device) and the built-in byte-level tokenizer."""
+        (default 0; the same on every device) and the built-in byte-level tokenizer. ``quantization="fp8"``: the
+        weights are drawn in ``dtype``, then the MoT projections quantized to FP8 (``from_pretrained``)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(PRESETS)}")
         device = check_device(device)
@@ -241,7 +252,8 @@ class BagelPipeline:
         seed = 0 if weights_seed is None else _integer("weights_seed", weights_seed)
         if not 0 <= seed < 2**64:
             raise ValueError(f"weights_seed must be in [0, 2**64), got {seed}")
-        model = BagelModel.random(cfg, seed=seed, dtype=dtype, device=device, kernels=_kernel_options(kernels))
+        model = BagelModel.random(cfg, seed=seed, dtype=dtype, device=device,
+                                  kernels=_kernel_options(kernels, quantization))
         return cls(model, BagelTokenizer.from_directory(None))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -273,6 +285,7 @@ class BagelPipeline:
         dt = resolve_dtype(dtype, dev) if dtype is not None else m.dtype
         if dev.type == "cuda" and (dev != m.device or dt != m.dtype):
             check_fits(m.cfg, dt, dev)
+            require_fp8_support(m.kernels, dev, dt)  # FP8 weights keep their codes and scales across the move
         # narrow before moving (the device never holds the wide copy), widen after
         narrow = dt.itemsize <= m.dtype.itemsize
         if narrow and dt != m.dtype:

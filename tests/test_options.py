@@ -12,13 +12,16 @@ from bagel_kernels.options import ENV_OVERRIDE
 
 
 def test_defaults_are_exact_auto_with_the_graph_decoder():
-    assert KernelOptions() == KernelOptions(backend="auto", mode="exact", attention_schedule="auto", decode_graph=True)
+    assert KernelOptions() == KernelOptions(backend="auto", mode="exact", attention_schedule="auto", decode_graph=True,
+                                           quantization="none")
 
 
-@pytest.mark.parametrize("field,bad", [("backend", "cudnn"), ("mode", "fastest"), ("attention_schedule", "zigzag")])
+@pytest.mark.parametrize("field,bad", [("backend", "cudnn"), ("mode", "fastest"), ("attention_schedule", "zigzag"),
+                                               ("quantization", "int4")])
 def test_an_unknown_value_is_an_error_naming_the_choices(field, bad):
-    with pytest.raises(ValueError, match="expected one of"):
+    with pytest.raises(ValueError, match="expected one of") as e:
         KernelOptions(**{field: bad})
+    assert repr(bad) in str(e.value)
 
 
 def test_options_are_frozen():

@@ -3,6 +3,15 @@
 Directory: ``ema.safetensors`` (everything but the VAE), ``ae.safetensors`` (``encoder.*``, ``decoder.*``),
 ``config.json``, ``llm_config.json``, ``vit_config.json``, ``model.safetensors.index.json``, ``tokenizer.json``.
 Loading is strict: a missing, unexpected or mis-shaped key raises ``CheckpointError`` naming the keys.
+
+FP8 checkpoints (a model run with ``KernelOptions(quantization="fp8")``): ``config.json`` carries
+``"quantization": {"method": "fp8", ...}`` (``FP8_CONFIG``), and in ``ema.safetensors`` every MoT projection weight
+of both experts (``...self_attn.{q,k,v,o}_proj[_moe_gen].weight``, ``...mlp[_moe_gen].{gate,up,down}_proj.weight``)
+is stored as its float8_e4m3fn codes under its usual name, with its fp32 per-output-channel scale beside it as
+``<module>.weight_scale`` (shape (out_features,); ``weight ~= codes.float() * weight_scale[:, None]``). Everything
+else is stored as in a float checkpoint. Such a checkpoint loads as FP8 without quantizing again (bit for bit); a
+missing, mis-shaped or non-finite scale, or a projection stored in another dtype, is a ``CheckpointError`` naming
+the tensor.
 """
 from __future__ import annotations
 
@@ -13,7 +22,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bagel_kernels import KernelOptions
+import dataclasses
+
+from bagel_kernels import KernelOptions, default_options, require_fp8_support
+from bagel_kernels.fp8_quant import FP8_DTYPE
 from .checksums import verify_directory, write_sha256
 
 from .config import BagelConfig
@@ -21,6 +33,10 @@ from .model import BagelModel
 from .tokenizer import BagelTokenizer
 
 EMA_FILE, AE_FILE, INDEX_FILE = "ema.safetensors", "ae.safetensors", "model.safetensors.index.json"
+# config.json's entry for an FP8 checkpoint (module docstring)
+FP8_CONFIG = {"method": "fp8", "format": "float8_e4m3fn",
+              "weight_scale": "<module>.weight_scale: fp32 per output channel, weight = codes * scale[:, None]",
+              "activations": "quantized per row at run time"}
 
 
 class CheckpointError(ValueError):
@@ -66,6 +82,13 @@ def _from_release(key: str, src: torch.Tensor, shape: torch.Size) -> torch.Tenso
 def save_pretrained(model: BagelModel, directory: str, tokenizer: BagelTokenizer | None = None) -> None:
     os.makedirs(directory, exist_ok=True)
     model.cfg.save(directory)
+    if model.is_fp8:  # the flag from_pretrained reads to build the FP8 layout before loading
+        path = os.path.join(directory, "config.json")
+        with open(path) as f:
+            top = json.load(f)
+        top["quantization"] = FP8_CONFIG
+        with open(path, "w") as f:
+            json.dump(top, f, indent=2, sort_keys=True)
     ema, ae = _split_state(model)
     # clone: parameters are views of per-expert packs (bagel_model.core.expert_pack), and safetensors refuses shared storage
     save_file({k: _to_release(k, v.detach().cpu()).contiguous().clone() for k, v in ema.items()},
@@ -102,6 +125,9 @@ def _load_file_strict(path: str, expected: dict[str, torch.Tensor], what: str) -
         problems = []
         if missing:
             problems.append(f"missing keys ({len(missing)}): {_describe(missing)}")
+            if any(k.endswith(".weight_scale") for k in missing):
+                problems.append("an FP8 checkpoint stores each float8 projection weight with its fp32 "
+                                "per-output-channel scale <module>.weight_scale")
         if unexpected:
             problems.append(f"unexpected keys ({len(unexpected)}): {_describe(unexpected)}")
         shaped = []
@@ -123,7 +149,12 @@ def _load_file_strict(path: str, expected: dict[str, torch.Tensor], what: str) -
             if dst.is_floating_point() != src.is_floating_point():  # e.g. int64 data where a weight belongs
                 typed.append(f"{k}: checkpoint {src.dtype} vs model {dst.dtype}")
                 continue
-            if src.is_floating_point() and not bool(torch.isfinite(src).all()):
+            if (dst.dtype == FP8_DTYPE) != (src.dtype == FP8_DTYPE):  # codes without their scale's meaning
+                typed.append(f"{k}: checkpoint {src.dtype} vs model {dst.dtype} (FP8 checkpoints store the "
+                             f"projection weights, and only them, as {FP8_DTYPE} codes)")
+                continue
+            if src.is_floating_point() and not bool(torch.isfinite(src.float() if src.dtype == FP8_DTYPE
+                                                                   else src).all()):
                 nonfinite.append(f"{k} ({int((~torch.isfinite(src)).sum())} of {src.numel()} values)")
                 continue
             dst.copy_(_from_release(k, src, dst.shape).to(dst.dtype))
@@ -160,6 +191,10 @@ def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: t
     if bad_sums:
         raise CheckpointError(f"checkpoint {directory!r} fails its checksums: " + "; ".join(bad_sums))
     cfg = BagelConfig.from_pretrained(directory)
+    fp8 = _stored_fp8(directory)
+    if fp8:  # the codes cannot be turned back into the float weights: an FP8 checkpoint always runs FP8
+        kernels = dataclasses.replace(kernels if kernels is not None else default_options(), quantization="fp8")
+    require_fp8_support(kernels, device, dtype)  # before anything is loaded
     tokenizer = BagelTokenizer.from_directory(directory, byte_fallback=byte_tokenizer)  # before the weights load
     if check_memory:
         from .memory import check_fits
@@ -171,6 +206,8 @@ def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: t
         model = BagelModel(cfg, kernels)
     model = model.to_empty(device="cpu")
     model.to_dtype(dtype)
+    if fp8:
+        model.make_fp8_storage()
     ema, ae = _split_state(model)
     with torch.no_grad():
         _load_file_strict(os.path.join(directory, EMA_FILE), ema, "model (ema)")
@@ -178,3 +215,19 @@ def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: t
         model.reset_position_ids()
     model.eval().requires_grad_(False)
     return model.to(device).pack_experts(), tokenizer
+
+
+def _stored_fp8(directory: str) -> bool:
+    """Whether config.json marks the checkpoint FP8 (``FP8_CONFIG``); an unknown method is an error."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        q = json.load(f).get("quantization")
+    if q is None:
+        return False
+    method = q.get("method") if isinstance(q, dict) else q
+    if method in ("none", None):
+        return False
+    if method != "fp8":
+        raise CheckpointError(f"{path}: unknown quantization {q!r}; this loader reads 'fp8' checkpoints "
+                              f"(quantization.method) and float ones")
+    return True

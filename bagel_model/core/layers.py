@@ -5,6 +5,10 @@ layout, and a per-row expert id tensor built once per forward on the device): ro
 GEMM, QK-norm + RoPE, attention through an ``AttentionFn`` (so that parallel strategies can replace how K/V are
 exchanged without touching the layer), o_proj with the residual add fused, SwiGLU gate/up in one GEMM, and down
 with the residual. Parameters keep the released names; ``ExpertPack`` stacks them for the kernels in place.
+
+``KernelOptions(quantization="fp8")``: the four projections (QKV, o_proj, gate/up, down) of both experts run
+``routed_linear_fp8`` on the packs' FP8 codes and per-channel scales (``project``); norms, QK-norm/RoPE and the
+attention are unchanged.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import torch
 from torch import nn
 
 from bagel_kernels import (ContiguousKV, ExpertSegments, KernelOptions, PagedKV, default_options, joint_attention,
-                           qk_norm_rope, rms_norm_reference, routed_linear, routed_rms_norm)
+                           qk_norm_rope, rms_norm_reference, routed_linear, routed_linear_fp8, routed_rms_norm)
 
 from .expert_pack import ExpertPack
 
@@ -65,9 +69,23 @@ class AttentionFn(Protocol):
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
-def experts_pack(module: nn.Module, *names: str, attr: str = "weight") -> ExpertPack:
+def experts_pack(module: nn.Module, *names: str, attr: str = "weight", quantizable: bool = False) -> ExpertPack:
     """Pack ``attr`` of ``name`` (und) and ``name_moe_gen`` (gen) of ``module``, the names fused along N."""
-    return ExpertPack([[[(getattr(module, n + sfx), attr) for n in names]] for sfx in ("", "_moe_gen")])
+    return ExpertPack([[[(getattr(module, n + sfx), attr) for n in names]] for sfx in ("", "_moe_gen")],
+                      quantizable=quantizable)
+
+
+def project(x: torch.Tensor, li: LayerInputs, pack: ExpertPack, bias: torch.Tensor | None = None, *,
+            activation=None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """One routed projection of the layer: ``routed_linear`` on the packed weight, or with
+    ``quantization="fp8"`` ``routed_linear_fp8`` on its codes and scales (same epilogues; no small-batch variant)."""
+    ids = li.expert_ids(x.device)
+    if li.kernels.quantization == "fp8":
+        wq, ws = pack.get_fp8()
+        return routed_linear_fp8(x, li.routing, wq, ws, bias, activation=activation, residual=residual,
+                                 expert_ids=ids, options=li.kernels)
+    return routed_linear(x, li.routing, pack.get(), bias, activation=activation, residual=residual, expert_ids=ids,
+                         small_batch=li.small_batch, options=li.kernels)
 
 
 class MoTAttention(nn.Module):
@@ -84,25 +102,23 @@ class MoTAttention(nn.Module):
             setattr(self, "o_proj" + suffix, nn.Linear(nh * d, h, bias=False))
             setattr(self, "q_norm" + suffix, RMSNorm(d, self.eps))
             setattr(self, "k_norm" + suffix, RMSNorm(d, self.eps))
-        self._qkv_w = experts_pack(self, "q_proj", "k_proj", "v_proj")
+        self._qkv_w = experts_pack(self, "q_proj", "k_proj", "v_proj", quantizable=True)
         self._qkv_b = experts_pack(self, "q_proj", "k_proj", "v_proj", attr="bias")
-        self._o_w = experts_pack(self, "o_proj")
+        self._o_w = experts_pack(self, "o_proj", quantizable=True)
         self._q_norm = experts_pack(self, "q_norm")
         self._k_norm = experts_pack(self, "k_norm")
 
     def qkv(self, x: torch.Tensor, li: LayerInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Routed fused QKV, QK-norm and RoPE: q (rows, Hq, D), k/v (rows, Hkv, D) in the activation dtype."""
         ids = li.expert_ids(x.device)
-        fused = routed_linear(x, li.routing, self._qkv_w.get(), self._qkv_b.get(), expert_ids=ids,
-                              small_batch=li.small_batch, options=li.kernels)
+        fused = project(x, li, self._qkv_w, self._qkv_b.get())
         return qk_norm_rope(fused, li.routing, self._q_norm.get()[:, 0], self._k_norm.get()[:, 0], li.cos, li.sin,
                             self.num_heads, self.num_kv_heads, self.eps, li.gen_mode, expert_ids=ids,
                             options=li.kernels)
 
     def out(self, attn: torch.Tensor, li: LayerInputs, residual: torch.Tensor) -> torch.Tensor:
         """``residual + o_proj(attn)`` routed per expert."""
-        return routed_linear(attn.reshape(attn.shape[0], -1), li.routing, self._o_w.get(), residual=residual,
-                             expert_ids=li.expert_ids(attn.device), small_batch=li.small_batch, options=li.kernels)
+        return project(attn.reshape(attn.shape[0], -1), li, self._o_w, residual=residual)
 
 
 class MoTDecoderLayer(nn.Module):
@@ -120,8 +136,9 @@ class MoTDecoderLayer(nn.Module):
         self._in_norm = experts_pack(self, "input_layernorm")
         self._post_norm = experts_pack(self, "post_attention_layernorm")
         mlps = (self.mlp, self.mlp_moe_gen)
-        self._gate_up = ExpertPack([[[(m.gate_proj, "weight")], [(m.up_proj, "weight")]] for m in mlps])
-        self._down = ExpertPack([[[(m.down_proj, "weight")]] for m in mlps])
+        self._gate_up = ExpertPack([[[(m.gate_proj, "weight")], [(m.up_proj, "weight")]] for m in mlps],
+                                   quantizable=True)
+        self._down = ExpertPack([[[(m.down_proj, "weight")]] for m in mlps], quantizable=True)
 
     def forward(self, x: torch.Tensor, li: LayerInputs, attention: AttentionFn,
                 kv_sink: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -133,10 +150,8 @@ class MoTDecoderLayer(nn.Module):
             kv_sink(self.layer_idx, k, v)
         x = self.self_attn.out(attention(self.layer_idx, q, k, v), li, residual=x)
         h = routed_rms_norm(x, r, self._post_norm.get()[:, 0], self.eps, expert_ids=ids, options=opts)
-        g = routed_linear(h, r, self._gate_up.get(), activation="swiglu", expert_ids=ids, small_batch=li.small_batch,
-                          options=opts)
-        return routed_linear(g, r, self._down.get(), residual=x, expert_ids=ids, small_batch=li.small_batch,
-                             options=opts)
+        g = project(h, li, self._gate_up, activation="swiglu")
+        return project(g, li, self._down, residual=x)
 
 
 def local_attention(contexts: list[ContiguousKV | PagedKV | None], valid_len: int,

@@ -14,6 +14,8 @@ from torch import nn
 from transformers import SiglipVisionModel
 
 from bagel_kernels import KernelOptions, default_options, invariant_linear, rope_cos_sin, routed_rms_norm
+from bagel_kernels.fp8_quant import FP8_DTYPE
+from bagel_kernels.routed_linear_fp8 import require_fp8_support
 
 from .config import BagelConfig
 from .embeddings import PositionEmbedding, TimestepEmbedder, sincos_2d_table
@@ -116,7 +118,9 @@ class BagelModel(nn.Module):
     @staticmethod
     def random(cfg: BagelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", kernels: KernelOptions | None = None) -> "BagelModel":
-        """Random weights from a seeded generator: identical on every rank and every run."""
+        """Random weights from a seeded generator: identical on every rank and every run (``kernels`` with
+        ``quantization="fp8"``: drawn in ``dtype``, then quantized by ``pack_experts``)."""
+        require_fp8_support(kernels, device, dtype)  # before anything is allocated
         with torch.device("meta"):
             model = BagelModel(cfg, kernels)
         device = torch.device(device)
@@ -143,11 +147,17 @@ class BagelModel(nn.Module):
     def pack_experts(self) -> "BagelModel":
         """Build every per-expert pack now (they are otherwise built on first use), layer by layer, handing the
         replaced parameter storage back to the device after each layer: peak memory stays at the weights plus
-        one layer, instead of the caching allocator holding both copies (two 7B stages on one GPU)."""
+        one layer, instead of the caching allocator holding both copies (two 7B stages on one GPU).
+
+        With ``self.kernels.quantization == "fp8"`` (or weights that are FP8 codes already) the MoT projections'
+        packs are FP8: quantized here, once, per output channel, their float copies dropped (``ExpertPack``)."""
+        fp8 = self.kernels.quantization == "fp8"
+        if fp8:
+            require_fp8_support(self.kernels, self.device, self.dtype)
         for module in self.modules():
             packs = [v for v in vars(module).values() if isinstance(v, ExpertPack)]
             for pack in packs:
-                pack.get()
+                pack.get_fp8() if pack.quantizable and (fp8 or pack.is_fp8) else pack.get()
             if packs and self.device.type == "cuda":
                 torch.cuda.empty_cache()
         return self
@@ -159,11 +169,38 @@ class BagelModel(nn.Module):
                 b.data.copy_(torch.arange(b.shape[-1], device=b.device).expand_as(b))
 
     def to_dtype(self, dtype: torch.dtype) -> "BagelModel":
-        """Cast everything but the VAE, which always runs in fp32 (docs/DESIGN.md §7)."""
+        """Cast everything but the VAE, which always runs in fp32 (docs/DESIGN.md §7), and FP8 projection weights
+        and their fp32 scales, which stay as they are."""
+        keep = {id(t) for t in self._fp8_tensors()}
         for name, child in self.named_children():
             if name != "vae":
-                child.to(dtype)
+                child._apply(lambda t: t if id(t) in keep or not t.is_floating_point() else t.to(dtype))
         self.vae.float()
+        return self
+
+    def _fp8_packs(self) -> list[ExpertPack]:
+        return [v for m in self.modules() for v in vars(m).values() if isinstance(v, ExpertPack) and v.quantizable]
+
+    def _fp8_tensors(self) -> list[torch.Tensor]:
+        """The FP8 codes (parameters) and their scale buffers (``<name>_scale``)."""
+        out = []
+        for m in self.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if p.dtype == FP8_DTYPE:
+                    out.append(p)
+                    out.append(getattr(m, name + "_scale"))
+        return out
+
+    @property
+    def is_fp8(self) -> bool:
+        """Whether the MoT projections hold FP8 codes (``quantization="fp8"``, quantized or loaded)."""
+        return any(p.is_fp8 for p in self._fp8_packs())
+
+    def make_fp8_storage(self) -> "BagelModel":
+        """Replace every MoT projection weight by empty FP8 codes with empty fp32 ``weight_scale`` buffers, on the
+        model's device: the layout of an FP8 checkpoint, which the strict loader then fills."""
+        for pack in self._fp8_packs():
+            pack.make_fp8_storage(self.device)
         return self
 
     @property
