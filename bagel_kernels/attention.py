@@ -121,7 +121,7 @@ def _check_block_table(i: int, s: PagedKV) -> None:
         raise TypeError(f"segment {i}: block_table must hold integer page ids, got {bt.dtype}")
     if bt.numel() == 0:
         return
-    lo, hi = torch.stack([bt.min(), bt.max()]).tolist()
+    lo, hi = _host_list(torch.stack([bt.min(), bt.max()]))  # a host table: no device sync (see _host_values)
     pool = s.k.shape[0]
     if lo < 0 or hi >= pool:
         bad = bt[(bt < 0) | (bt >= pool)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bagel_kernels import LAYOUTS
-from bagel_model.core.sampling import SamplingParams
+from bagel_model.core.sampling import CacheConfig, SamplingParams
 from bagel_model.serving.kv_transfer import (InProcessConnector, PayloadError, deserialize, extract, install, serialize)
 from bagel_model.engine.decode import greedy_decode
 from bagel_model.engine.prefill import TextBlock, positions_and_spans, prefill
@@ -131,7 +131,8 @@ def test_kv_ready_forwarding_starts_stage1_before_decode_ends(tiny_model, tokeni
 def test_every_request_parameter_reaches_stage1(pipe, tiny_model, tokenizer):
     """Each field is set away from its default, so a field dropped on the way (and defaulted) fails the test."""
     p = SamplingParams(steps=3, seed=11, height=32, width=16, timestep_shift=2.5, cfg_text_scale=3.0,
-                       cfg_img_scale=1.25, cfg_interval=(0.1, 0.9), cfg_renorm_min=0.5, cfg_renorm_type="channel")
+                       cfg_img_scale=1.25, cfg_interval=(0.1, 0.9), cfg_renorm_min=0.5, cfg_renorm_type="channel",
+                       cache=CacheConfig(policy="fixed", warmup=1, interval=2))
     default = SamplingParams()
     for f in dataclasses.fields(SamplingParams):
         assert getattr(p, f.name) != getattr(default, f.name), f"test must set {f.name} away from its default"
