@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "stage writes flash_attn; default: flashinfer_nhd)")
     p.add_argument("--config", default="tiny", choices=list(PRESETS),
                    help="embedded preset (ignored with --checkpoint)")
-    p.add_argument("--checkpoint", default=None, help="BAGEL checkpoint directory in the released layout "
-                   "(default: none: the preset with seeded random weights)")
+    p.add_argument("--checkpoint", default=None, help="BAGEL checkpoint in the released layout: a directory, or a "
+                   "hub id such as ByteDance-Seed/BAGEL-7B-MoT resolved through the Hugging Face cache "
+                   "(HF_HUB_OFFLINE=1: the cache only) (default: none: the preset with seeded random weights)")
     p.add_argument("--byte-tokenizer", action="store_true",
                    help="with --checkpoint: accept a directory without tokenizer.json and use the built-in "
                         "byte-level tokenizer (right only for checkpoints trained with it, e.g. saved tiny ones)")
@@ -214,7 +215,8 @@ def check_positions(cfg, n_prompt: int, mode: str, max_tokens: int) -> None:
 
 
 def load_pipeline(args):
-    """The pipeline of ``--checkpoint`` (a directory) or of the ``--config`` preset with ``--weights-seed``."""
+    """The pipeline of ``--checkpoint`` (a directory or a hub id) or of the ``--config`` preset with
+    ``--weights-seed``."""
     from .pipeline import BagelPipeline
 
     kernels = KernelOptions(mode=args.kernels, quantization=args.quantization)
@@ -315,6 +317,11 @@ def _run_split(args, prompt: list[str], image):
     from .pipeline import make_requests, resolve_dtype
     from .serving.split import ModelSpec, run_split_processes
 
+    if args.checkpoint and not os.path.isdir(args.checkpoint):
+        from .core.hub import looks_like_hub_id, resolve_hub_id
+
+        if looks_like_hub_id(args.checkpoint):  # both stage processes load the resolved snapshot directory
+            args.checkpoint = resolve_hub_id(args.checkpoint)
     dtype = resolve_dtype(args.dtype, args.device)
     spec = ModelSpec(preset=args.config, seed=args.weights_seed, device=args.device, checkpoint=args.checkpoint,
                      dtype=str(dtype).replace("torch.", ""), threads=args.threads, byte_tokenizer=args.byte_tokenizer,
