@@ -153,3 +153,12 @@ def test_the_calibration_tool_sweeps_knobs_and_reports_image_metrics(capsys):
     assert mod.image_metrics(*(np.zeros((8, 8, 3), np.uint8),) * 2) == (float("inf"), 1.0)
     with pytest.raises(ValueError, match="KNOB=v1,v2"):
         mod.sweep_configs("fixed", ["bogus=1"], None)
+
+
+def test_the_fixture_modes_report_measures_each_inexact_mode_against_exact(capsys):
+    from scripts.fixture_modes_report import main
+
+    assert main(["--steps", "10"]) == 0
+    out = capsys.readouterr().out
+    for mode in ("fixed", "dbcache", "taylorseer", "fp8"):
+        assert f"{mode} text2img" in out and f"{mode} img2img" in out
