@@ -1,6 +1,6 @@
 """Question: what does authenticating the KV payload cost on the host? Finding: about 10 ms per side (README).
 
-The payload: HMAC-SHA256 (``bagel_model.serving.kv_transfer``) of a BAGEL-7B-MoT text-to-image request at 1024² (28
+The payload: HMAC-SHA256 (``bagel_model.serving.payload``) of a BAGEL-7B-MoT text-to-image request at 1024² (28
 layers, 4 KV heads, head_dim 128, bf16; the payload does not grow with the image size, only with the context tokens:
 a few dozen per branch; 3 contexts x 48 tokens = 7.9 MiB, ~800 MiB/s on one CPU core). Once per request, at send and
 at receipt — never per denoise step. Compared with the CRC-32 the byte connectors already compute and with
@@ -18,7 +18,7 @@ import zlib
 import torch
 
 from bagel_model.engine.denoise import SamplingParams
-from bagel_model.serving.kv_transfer import ContextKV, KVPayload, _mac, new_run_key, serialize
+from bagel_model.serving.payload import ContextKV, KVPayload, _mac, new_run_key, serialize
 
 LAYERS, KV_HEADS, HEAD_DIM = 28, 4, 128  # BAGEL-7B-MoT (Qwen2-7B LLM)
 

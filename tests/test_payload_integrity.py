@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from bagel_model.serving.kv_transfer import (KVPayload, PayloadError, TensorQueueConnector, _pack, deserialize, extract,
-                                     recv_payload, send_payload, serialize, validate_payload)
+from bagel_model.serving.payload import KVPayload, PayloadError, _pack, deserialize, extract, serialize, validate_payload
+
+from bagel_model.serving.connectors import TensorQueueConnector, recv_payload, send_payload
 from bagel_model.serving.stages import Request, run_stage0
 from bagel_model.core.sampling import SamplingParams
 
@@ -125,7 +126,7 @@ def test_tensor_connector_checks_header_and_row_order(payload, tiny_model):
 
     def sent(edit):
         header, tensors = _pack(payload, to_cpu=False)
-        from bagel_model.serving.kv_transfer import _canonical, _layout_of, _tensor_sums
+        from bagel_model.serving.payload import _canonical, _layout_of, _tensor_sums
         import zlib
 
         header["sums"], header["tensors"] = _tensor_sums(tensors), _layout_of(tensors)
@@ -151,7 +152,7 @@ def _forge(data: bytes, edit_meta=None, edit_tensors=None) -> bytes:
     ``deserialize`` cannot tell it from the real thing — only the run's HMAC key can."""
     from safetensors.torch import load, save
 
-    from bagel_model.serving.kv_transfer import _digest
+    from bagel_model.serving.payload import _digest
 
     hlen = int.from_bytes(data[:8], "little")
     meta = json.loads(json.loads(data[8:8 + hlen])["__metadata__"]["bagel"])
@@ -199,7 +200,7 @@ def _forged(payload, other_payload, what):
 def test_a_forged_payload_passes_the_crc_but_not_the_shared_memory_connector(payload, other_payload, tiny_model, what):
     from multiprocessing import shared_memory
 
-    from bagel_model.serving.kv_transfer import SharedMemoryConnector
+    from bagel_model.serving.connectors import SharedMemoryConnector
 
     bad = _forged(payload, other_payload, what)
     deserialize(bad)  # the CRC-32 sees nothing wrong: it is not a MAC
@@ -224,7 +225,9 @@ def test_a_forged_payload_is_refused_by_the_torch_distributed_connector(payload,
     """dist.send/recv replaced by an in-memory wire (the rank-to-rank transport is not what is tested here)."""
     import torch.distributed as dist
 
-    from bagel_model.serving.kv_transfer import TorchDistributedConnector, new_run_key
+    from bagel_model.serving.payload import new_run_key
+
+    from bagel_model.serving.connectors import TorchDistributedConnector
 
     wire = []
     monkeypatch.setattr(dist, "send", lambda t, peer: wire.append(t.clone()))
@@ -245,7 +248,7 @@ def test_a_forged_payload_is_refused_by_the_torch_distributed_connector(payload,
 
 
 def test_a_forged_message_is_refused_by_the_tensor_connector(payload, tiny_model):
-    from bagel_model.serving.kv_transfer import _canonical, _layout_of, _tensor_sums
+    from bagel_model.serving.payload import _canonical, _layout_of, _tensor_sums
     import zlib
 
     conn = TensorQueueConnector()
@@ -268,7 +271,8 @@ def test_a_forged_message_is_refused_by_the_tensor_connector(payload, tiny_model
 
 
 def test_the_run_key_is_never_in_the_payload(payload):
-    from bagel_model.serving.kv_transfer import SharedMemoryConnector, new_run_key
+    from bagel_model.serving.payload import new_run_key
+    from bagel_model.serving.connectors import SharedMemoryConnector
 
     key = new_run_key()
     conn = SharedMemoryConnector(key=key)
@@ -327,7 +331,7 @@ def test_a_str_payload_is_named():
 def test_a_vanished_shared_memory_segment_is_named(payload):
     from multiprocessing import shared_memory
 
-    from bagel_model.serving.kv_transfer import SharedMemoryConnector
+    from bagel_model.serving.connectors import SharedMemoryConnector
 
     conn = SharedMemoryConnector()
     notices, pipe = [], conn._tx

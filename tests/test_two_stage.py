@@ -9,7 +9,8 @@ import torch
 
 from bagel_kernels import LAYOUTS
 from bagel_model.core.sampling import CacheConfig, SamplingParams
-from bagel_model.serving.kv_transfer import (InProcessConnector, PayloadError, deserialize, extract, install, serialize)
+from bagel_model.serving.payload import PayloadError, deserialize, extract, install, serialize
+from bagel_model.serving.connectors import InProcessConnector
 from bagel_model.engine.decode import greedy_decode
 from bagel_model.engine.prefill import TextBlock, positions_and_spans, prefill
 from bagel_model.serving.stages import EventLog, Request, run_split_threads, run_stage0, run_stage1
@@ -101,7 +102,7 @@ def test_kv_layouts_round_trip_bitwise(tiny_model, src, dst):
 
 
 def _payload(ckv, p=None):
-    from bagel_model.serving.kv_transfer import KVPayload
+    from bagel_model.serving.payload import KVPayload
 
     return KVPayload("r1", "text2img", p or params(), (32, 48), {"full": ckv}, {"full": "full", "img": "full"},
                      {"note": "custom"})
@@ -167,7 +168,8 @@ def test_malformed_payloads_are_rejected(tiny_model):
 
 
 def test_tensor_connector_checks_what_arrives(tiny_model):
-    from bagel_model.serving.kv_transfer import TensorQueueConnector, _pack, recv_payload, send_payload
+    from bagel_model.serving.payload import _pack
+    from bagel_model.serving.connectors import TensorQueueConnector, recv_payload, send_payload
 
     ctx, _ = prefill(tiny_model, [TextBlock([1, 2, 3, 4, 5])])
     conn = TensorQueueConnector()
@@ -216,7 +218,7 @@ def test_stage0_failure_is_reported_not_hung(tiny_model, tokenizer):
 def _dist_worker(rank, path, payload_bytes, out, key):
     import torch.distributed as dist
 
-    from bagel_model.serving.kv_transfer import TorchDistributedConnector
+    from bagel_model.serving.connectors import TorchDistributedConnector
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     conn = TorchDistributedConnector(peer=1 - rank, key=key)  # the run's key, from the parent over spawn's pipe
@@ -235,7 +237,7 @@ def test_torch_distributed_connector(tiny_model, tmp_path):
     ckv = extract(ctx)
     data = serialize(_payload(ckv))
     out = str(tmp_path / "k0.pt")
-    from bagel_model.serving.kv_transfer import new_run_key
+    from bagel_model.serving.payload import new_run_key
 
     mp.spawn(_dist_worker, args=(str(tmp_path / "store"), data, out, new_run_key()), nprocs=2, join=True)
     assert torch.equal(torch.load(out), ckv.k[0])
@@ -280,7 +282,7 @@ def test_graph_decoder_needs_a_prefilled_context(tiny_model):
 def test_a_payload_naming_a_context_it_does_not_carry_is_a_payload_error(tiny_model, tokenizer):
     """Stage 1 given an unvalidated payload whose branch map names a missing context: a PayloadError naming the
     request, not a KeyError."""
-    from bagel_model.serving.kv_transfer import PayloadError
+    from bagel_model.serving.payload import PayloadError
     from bagel_model.serving.stages import run_stage1
 
     r0 = run_stage0(tiny_model, tokenizer, Request("text2img", "x", SamplingParams(steps=2, height=16, width=16)),

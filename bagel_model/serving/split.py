@@ -18,10 +18,11 @@ from bagel_kernels import KernelOptions, default_options
 
 from ..core.checkpoint import from_pretrained
 from ..core.config import BagelConfig
-from .kv_transfer import SharedMemoryConnector, TensorQueueConnector, abort, new_run_key, recv_payload, send_payload
 from ..core.model import BagelModel
-from .stages import EventLog, Request, run_stage0, run_stage1
 from ..core.tokenizer import BagelTokenizer
+from .connectors import SharedMemoryConnector, TensorQueueConnector, abort, recv_payload, send_payload
+from .payload import new_run_key
+from .stages import EventLog, Request, run_stage0, run_stage1
 
 
 @dataclass(frozen=True)

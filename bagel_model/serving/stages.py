@@ -26,7 +26,8 @@ from ..engine.kv_cache import Context, empty_context
 from ..engine.output import GenerationResult, decode_latent, tensor_md5
 from ..engine.prefill import TextBlock, prefill, vae_block, vit_block
 from ..engine.step import PackedStep
-from .kv_transfer import KVPayload, PayloadError, abort, extract, install, recv_payload, send_payload
+from .payload import KVPayload, PayloadError, extract, install
+from .connectors import abort, recv_payload, send_payload
 
 MODES = ("text2img", "img2img", "text2text", "img2text")
 IMAGE_OUT, IMAGE_IN = ("text2img", "img2img"), ("img2img", "img2text")
