@@ -26,7 +26,7 @@ in down_proj there.
 Measured 2026-12-07 (50 steps, 4 seeds, CPU): per-row meets the gate on the fixture (both requests) but not on
 ``tiny`` (within seed noise: 2/4 seeds) nor on ``outliers`` (per-tensor better on 4/4 seeds, ~0.57x the error). Per
 GEMM, per-row is the more accurate there too (every projection's output error vs its float input, hooked in the
-model: e.g. SwiGLU 2.0e-2 row vs 2.6e-2 tensor); an ablation (per-tensor on one projection kind only, 20 steps)
+model: e.g. gate/up 2.0e-2 row vs 2.6e-2 tensor, 3 steps); an ablation (per-tensor on one projection kind only, 20 steps)
 puts the whole end-to-end gain on the fused QKV projection. A hypothesis, not checked: one grid for all tokens
 rounds the token-constant outlier channels the same way in every key, a common-mode error softmax cancels, where
 per-row grids differ per token. Not a CFG effect (cfg_text_scale 1 shows the same ranking).
