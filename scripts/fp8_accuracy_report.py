@@ -26,8 +26,8 @@ in down_proj there.
 Measured 2026-12-07 (50 steps, 4 seeds, CPU): per-row meets the gate on the fixture (both requests) but not on
 ``tiny`` (within seed noise: 2/4 seeds) nor on ``outliers`` (per-tensor better on 4/4 seeds, ~0.57x the error). Per
 GEMM, per-row is the more accurate there too (every projection's output error vs its float input, hooked in the
-model: e.g. gate/up 2.0e-2 row vs 2.6e-2 tensor, 3 steps); an ablation (per-tensor on one projection kind only, 20 steps)
-puts the whole end-to-end gain on the fused QKV projection. A hypothesis, not checked: one grid for all tokens
+model: e.g. gate/up 2.0e-2 row vs 2.6e-2 tensor, 3 steps); an ablation (per-tensor on one projection kind only, 20
+steps) puts the whole end-to-end gain on the fused QKV projection. A hypothesis, not checked: one grid for all tokens
 rounds the token-constant outlier channels the same way in every key, a common-mode error softmax cancels, where
 per-row grids differ per token. Not a CFG effect (cfg_text_scale 1 shows the same ranking).
 """
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rows = report(args.steps, cases, args.seeds)
     verdict = gate(rows)
-    print(f"FP8 activation scaling vs exact, {args.steps} steps, {args.seeds} seed(s), CPU fp32 ({platform.processor() or platform.machine()},"
+    cpu = platform.processor() or platform.machine()
+    print(f"FP8 activation scaling vs exact, {args.steps} steps, {args.seeds} seed(s), CPU fp32 ({cpu},"
           f" torch {torch.__version__}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"{'case':<20}{'scaling':<10}{'final-latent rel err':>22}{'PSNR dB':>10}{'mean step rel err':>19}")
     for v in rows.values():
