@@ -1,14 +1,17 @@
 """FP8 (float8_e4m3fn) quantizers in plain torch: the reference every FP8 kernel's quantization must reproduce.
 
-Scales are fp32 and multiply back: ``x ~= q.float() * scale``. Four granularities:
+Scales are fp32 and multiply back: ``x ~= q.float() * scale``. Five granularities:
 
 - ``quantize_rows``: one scale per row of an activation (M, K) -> scale (M,). Per-row, so a row's codes and scale
   never depend on the other rows of the launch (the exactness contract; a per-tensor scale would break it).
 - ``quantize_row_groups``: one scale per 1 x ``group`` slice of a row (DeepSeek-V3 style) -> scale (M, ceil(K/g)).
 - ``quantize_channels``: one scale per output channel of a weight (..., N, K) -> scale (..., N).
 - ``quantize_blocks``: one scale per ``block`` x ``block`` tile of a weight (..., N, K) -> (..., ceil(N/b), ceil(K/b)).
+- ``quantize_tensor``: one scale for the whole tensor -> scale () (0-dim). For activations it is NOT row-local: a
+  row's codes depend on every other row's values (a comparison mode for accuracy studies; see
+  ``KernelOptions.fp8_activation_scaling``).
 
-Arithmetic (the same for all four; a fused quantization kernel must reproduce it to give the same codes):
+Arithmetic (the same for all five; a fused quantization kernel must reproduce it to give the same codes):
 ``amax`` = max |x| over the group in fp32; ``scale = amax / 448`` (fp32 division, correctly rounded), except that an
 all-zero group gets ``scale = 1.0`` — not a tiny floor: zero codes times 1 dequantize to exact zeros, and a floor
 such as 1e-12 would only put a meaningless number into the scale tensor. ``q = (x / scale)`` in fp32, clamped to
@@ -110,6 +113,17 @@ def quantize_blocks(w: torch.Tensor, block: int = GROUP) -> tuple[torch.Tensor, 
     return q.contiguous(), scale
 
 
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor quantization: x (any shape, >= 1 dim) -> (codes, scale () fp32 0-dim) with ``amax`` over every
+    element (same arithmetic, zero and NaN/inf rules as the others: one non-finite value makes every code's
+    dequantization NaN); an empty tensor gets scale 1."""
+    _check_float(x, "quantize_tensor", 1)
+    xf = x.float()
+    amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())  # no rows: the all-zero rule (scale 1)
+    scale = _scale_from_amax(amax)
+    return _cast(xf / scale), scale
+
+
 # ---- dequantization (what the scales mean) ----
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -129,3 +143,7 @@ def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, block: int = GROUP) 
     n, k = q.shape[-2:]
     s = scale.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
     return q.float() * s[..., :n, :k]
+
+
+def dequantize_tensor(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()

@@ -16,11 +16,13 @@ Backend = Literal["auto", "reference", "triton", "gluon"]
 Mode = Literal["exact", "fast"]
 Schedule = Literal["auto", "segment", "chained"]
 Quantization = Literal["none", "fp8"]
+Fp8ActivationScaling = Literal["row", "group128", "tensor"]
 
 BACKENDS: tuple[str, ...] = ("auto", "reference", "triton", "gluon")
 MODES: tuple[str, ...] = ("exact", "fast")
 SCHEDULES: tuple[str, ...] = ("auto", "segment", "chained")
 QUANTIZATIONS: tuple[str, ...] = ("none", "fp8")
+FP8_ACTIVATION_SCALINGS: tuple[str, ...] = ("row", "group128", "tensor")
 
 # The documented environment override: variable -> field. Nothing else in the library reads the environment.
 ENV_OVERRIDE = {"BAGEL_KERNELS_BACKEND": "backend", "BAGEL_KERNELS_MODE": "mode"}
@@ -44,6 +46,14 @@ class KernelOptions:
       fp32 scales (quantized once, when the model's packs are built) and quantizes its input per row before the
       FP8 routed GEMM (``bagel_kernels.routed_linear_fp8``). Its own exactness class: batch-invariant and
       parallel-exact among FP8 runs, but other output bits than "none". On CUDA it needs compute capability >= 8.9.
+    - ``fp8_activation_scaling``: how ``quantization="fp8"`` scales each projection's input (weights are per output
+      channel whatever this says). "row" (default) — one scale per row: batch-invariant; the only scaling the Triton
+      FP8 kernel has. "group128" — one scale per 1 x 128 slice of a row along K (DeepSeek-V3 style): row-local, so
+      batch-invariant too. "tensor" — one scale over all rows of the launch (what per-tensor FP8 deployments ship):
+      NOT batch-invariant (a row's codes depend on the other rows of the batch); a comparison mode for accuracy
+      studies (``scripts/fp8_accuracy_report.py``), not for serving. "group128" and "tensor" run the plain-torch
+      reference only (CPU tensors, or ``backend="reference"``); a CUDA call with another backend raises
+      NotImplementedError. Ignored when ``quantization="none"``.
     """
 
     backend: Backend = "auto"
@@ -51,10 +61,12 @@ class KernelOptions:
     attention_schedule: Schedule = "auto"
     decode_graph: bool = True
     quantization: Quantization = "none"
+    fp8_activation_scaling: Fp8ActivationScaling = "row"
 
     def __post_init__(self) -> None:
         for name, allowed in (("backend", BACKENDS), ("mode", MODES), ("attention_schedule", SCHEDULES),
-                              ("quantization", QUANTIZATIONS)):
+                              ("quantization", QUANTIZATIONS),
+                              ("fp8_activation_scaling", FP8_ACTIVATION_SCALINGS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"unknown kernel {name.replace('_', ' ')} {value!r}; expected one of {allowed}")

@@ -16,6 +16,13 @@ model's dtype are quantized per row by ``quantize_activation_rows`` — the one 
 e4m3, so that a fused producer (a quantizing RMSNorm or SwiGLU epilogue) can replace it — then ``routed_gemm_fp8``
 runs with the output in the activation dtype. ``require_fp8_support`` is the early check (model construction and
 placement) that the device and dtype can run it.
+
+``KernelOptions.fp8_activation_scaling`` other than "row" ("group128": 1 x 128 groups along K; "tensor": one scale
+over the launch's rows, not batch-invariant — a comparison mode) runs only the plain-torch reference: the activation
+is quantized (``fp8_quant.quantize_row_groups`` / ``quantize_tensor``), dequantized to fp32 and multiplied with the
+per-channel-dequantized weight (``routed_gemm_fp8_dequantized_reference``). The Triton kernel has per-row scales
+only, so on a backend other than the reference (CUDA, or the CPU interpreter) these raise NotImplementedError, at
+model construction (``require_fp8_support``) and at the call; there is no silent fallback.
 """
 from __future__ import annotations
 
@@ -24,8 +31,10 @@ import torch
 from ._dispatch import resolve_backend
 from .linear import ExpertSegments, device_expert_ids
 from .options import KernelOptions, resolve_options
-from .fp8_quant import quantize_rows
-from .routed_linear_fp8_reference import Activation, check_fp8_routed, routed_gemm_fp8_reference
+from .fp8_quant import (dequantize_row_groups, dequantize_tensor, quantize_row_groups, quantize_rows,
+                        quantize_tensor)
+from .routed_linear_fp8_reference import (Activation, check_fp8_routed, routed_gemm_fp8_dequantized_reference,
+                                          routed_gemm_fp8_reference)
 from .routed_gemm_fp8_triton import require_fp8_tensor_cores, routed_gemm_fp8_triton
 
 
@@ -56,6 +65,30 @@ def quantize_activation_rows(x: torch.Tensor, options: KernelOptions | None = No
     return quantize_rows(x)
 
 
+def _reference_only(scaling: str, device: torch.device) -> NotImplementedError:
+    return NotImplementedError(
+        f"KernelOptions(fp8_activation_scaling={scaling!r}) runs only the plain-torch reference (CPU tensors, or "
+        f"backend='reference'); the Triton FP8 kernel on {device} has per-row activation scales only "
+        f"(fp8_activation_scaling='row')")
+
+
+def dequantized_activation(x: torch.Tensor, scaling: str) -> torch.Tensor:
+    """``x`` (rows, K) quantized to e4m3 with ``scaling`` ("row" | "group128" | "tensor") and dequantized to fp32:
+    what the FP8 GEMM's activation operand means (the accuracy studies compare these scalings)."""
+    if scaling == "row":
+        q, s = quantize_rows(x)
+        return q.float() * s[:, None]
+    if scaling == "group128":
+        q, s = quantize_row_groups(x, 128)
+        return dequantize_row_groups(q, s, 128)
+    if scaling == "tensor":
+        if x.dim() != 2:
+            raise ValueError(f"dequantized_activation: expects (rows, K), got shape {tuple(x.shape)}")
+        q, s = quantize_tensor(x)
+        return dequantize_tensor(q, s)
+    raise ValueError(f"unknown fp8 activation scaling {scaling!r}; expected one of ('row', 'group128', 'tensor')")
+
+
 def routed_linear_fp8(x: torch.Tensor, routing: ExpertSegments | None, wq: torch.Tensor, w_scale: torch.Tensor,
                       bias: torch.Tensor | None = None, *, activation: Activation = None,
                       residual: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None,
@@ -63,7 +96,17 @@ def routed_linear_fp8(x: torch.Tensor, routing: ExpertSegments | None, wq: torch
     """``routed_linear`` with FP8 weights: ``x`` (rows, K) in the activation dtype is quantized per row
     (``quantize_activation_rows``) and multiplied with the e4m3 weight ``wq`` (E, P, N, K) and its per-channel
     scales ``w_scale`` (E, P, N); bias, SwiGLU and residual epilogues as ``routed_linear``'s; output in x's dtype.
-    There is no small-batch variant: text decoding runs this same GEMM (its rows are batch-invariant too)."""
+    There is no small-batch variant: text decoding runs this same GEMM (its rows are batch-invariant too).
+    ``options.fp8_activation_scaling`` "group128" / "tensor": the reference on dequantized activations (module
+    docstring); NotImplementedError on any other backend."""
+    opts = resolve_options(options)
+    if opts.fp8_activation_scaling != "row":
+        if resolve_backend(x.device, opts) != "reference":
+            raise _reference_only(opts.fp8_activation_scaling, x.device)
+        if bias is not None and bias.dim() == 3 and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        xd = dequantized_activation(x, opts.fp8_activation_scaling)
+        return routed_gemm_fp8_dequantized_reference(xd, routing, wq, w_scale, bias, activation, residual, x.dtype)
     xq, xs = quantize_activation_rows(x, options)
     if bias is not None and bias.dim() == 3 and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
@@ -81,6 +124,8 @@ def require_fp8_support(options: KernelOptions | None, device: torch.device | st
     device = torch.device(device)
     if opts.quantization != "fp8" or device.type != "cuda" or opts.backend == "reference":
         return
+    if opts.fp8_activation_scaling != "row":
+        raise _reference_only(opts.fp8_activation_scaling, device)
     require_fp8_tensor_cores(device)
     if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"quantization='fp8' on {device} runs the Triton FP8 GEMM, whose activations are bf16 or "

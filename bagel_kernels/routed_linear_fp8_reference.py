@@ -102,3 +102,45 @@ def routed_gemm_fp8_reference(xq: torch.Tensor, x_scale: torch.Tensor, routing: 
     if not parts:
         return torch.empty(0, n, dtype=out_dtype, device=xq.device)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def routed_gemm_fp8_dequantized_reference(x_deq: torch.Tensor, routing: ExpertSegments | None, wq: torch.Tensor,
+                                          w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                                          activation: Activation = None, residual: torch.Tensor | None = None,
+                                          out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The FP8 routed GEMM for activation scalings other than per row (``KernelOptions.fp8_activation_scaling``
+    "group128" / "tensor"), in plain torch: ``x_deq`` (M, K) fp32 is the dequantized activation (e4m3 codes times
+    their expanded scales, ``fp8_quant.dequantize_row_groups`` / ``dequantize_tensor``), multiplied in fp32 with the
+    per-channel-dequantized weight ``wq.float() * w_scale`` (one row-padded GEMM per (segment, part), as
+    ``routed_gemm_fp8_reference``); bias, SwiGLU and residual epilogues with that function's roundings. A scale that
+    varies along K cannot be applied after the sum, hence the dequantized operands (the fp32 sum of exact products
+    ``code * scale`` is what a grouped kernel's per-group rescaled accumulation computes, up to summation order)."""
+    if x_deq.dtype != torch.float32 or x_deq.dim() != 2:
+        raise TypeError(f"routed_gemm_fp8_dequantized_reference: x_deq must be fp32 (rows, K), got {x_deq.dtype} "
+                        f"{tuple(x_deq.shape)}")
+    # the shape/dtype checks of the codes path, on a placeholder with x_deq's shape and per-row scales
+    check_fp8_routed(torch.empty(x_deq.shape, dtype=FP8_DTYPE, device=x_deq.device),
+                     torch.empty(x_deq.shape[0], dtype=torch.float32, device=x_deq.device), routing, wq, w_scale,
+                     bias, activation, residual, out_dtype, allow_fp32=True)
+    segments = routing.segments if routing is not None else ((0, x_deq.shape[0], False),)
+    n = wq.shape[2]
+
+    def project(s: int, t: int, e: int) -> torch.Tensor:
+        part = []
+        for j in range(wq.shape[1]):
+            w = wq[e, j].float() * w_scale[e, j].float()[:, None]  # fp8_quant.dequantize_channels
+            y = invariant_linear_reference(x_deq[s:t], w)
+            part.append(y if bias is None else y + bias[e, j].float()[None, :])
+        if activation == "swiglu":
+            gate, up = part[0].to(out_dtype).float(), part[1].to(out_dtype).float()
+            y = F.silu(gate).to(out_dtype).float() * up
+        else:
+            y = part[0]
+        if residual is not None:
+            y = residual[s:t].float() + y.to(out_dtype).float()
+        return y.to(out_dtype)
+
+    parts = [project(s, t, int(g)) for s, t, g in segments if t > s]
+    if not parts:
+        return torch.empty(0, n, dtype=out_dtype, device=x_deq.device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
