@@ -28,7 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._dispatch import triton_interpreting
 from ._launch import _num_programs
-from .routed_gemm_triton import _add_bias, _row_experts
+from .routed_gemm_triton import _add_bias, _pow2_at_least, _row_experts
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores; Ampere and older do not
 
@@ -42,10 +42,6 @@ class Fp8GemmConfig:
     num_warps: int
     num_stages: int
     precise_acc: bool
-
-
-def _pow2_at_least(n: int, lo: int) -> int:
-    return max(lo, 1 << (max(1, n) - 1).bit_length())
 
 
 def fp8_gemm_config(n: int, k: int, swiglu: bool) -> Fp8GemmConfig:

@@ -89,18 +89,27 @@ def routed_gemm_fp8_reference(xq: torch.Tensor, x_scale: torch.Tensor, routing: 
     def project(s: int, t: int, e: int) -> torch.Tensor:
         part = [scaled_projection(xq[s:t], x_scale[s:t], wq[e, j], w_scale[e, j], None if bias is None else bias[e, j])
                 for j in range(wq.shape[1])]
-        if activation == "swiglu":  # the bf16 kernel's roundings: gate, up, silu(gate) each in the output dtype
-            gate, up = part[0].to(out_dtype).float(), part[1].to(out_dtype).float()
-            y = F.silu(gate).to(out_dtype).float() * up
-        else:
-            y = part[0]
-        if residual is not None:  # residual + rounded projection, as eager's ``x + linear(h)``
-            y = residual[s:t].float() + y.to(out_dtype).float()
-        return y.to(out_dtype)
+        return _epilogue(part, activation, None if residual is None else residual[s:t], out_dtype)
 
-    parts = [project(s, t, int(g)) for s, t, g in segments if t > s]
+    return _concat([project(s, t, int(g)) for s, t, g in segments if t > s], n, out_dtype, xq.device)
+
+
+def _epilogue(part: list[torch.Tensor], activation: Activation, residual: torch.Tensor | None,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """The bf16 kernel's epilogue roundings on a segment's fp32 projections (one per part)."""
+    if activation == "swiglu":  # gate, up, silu(gate) each rounded to the output dtype
+        gate, up = part[0].to(out_dtype).float(), part[1].to(out_dtype).float()
+        y = F.silu(gate).to(out_dtype).float() * up
+    else:
+        y = part[0]
+    if residual is not None:  # residual + rounded projection, as eager's ``x + linear(h)``
+        y = residual.float() + y.to(out_dtype).float()
+    return y.to(out_dtype)
+
+
+def _concat(parts: list[torch.Tensor], n: int, out_dtype: torch.dtype, device) -> torch.Tensor:
     if not parts:
-        return torch.empty(0, n, dtype=out_dtype, device=xq.device)
+        return torch.empty(0, n, dtype=out_dtype, device=device)
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -131,16 +140,6 @@ def routed_gemm_fp8_dequantized_reference(x_deq: torch.Tensor, routing: ExpertSe
             w = wq[e, j].float() * w_scale[e, j].float()[:, None]  # fp8_quant.dequantize_channels
             y = invariant_linear_reference(x_deq[s:t], w)
             part.append(y if bias is None else y + bias[e, j].float()[None, :])
-        if activation == "swiglu":
-            gate, up = part[0].to(out_dtype).float(), part[1].to(out_dtype).float()
-            y = F.silu(gate).to(out_dtype).float() * up
-        else:
-            y = part[0]
-        if residual is not None:
-            y = residual[s:t].float() + y.to(out_dtype).float()
-        return y.to(out_dtype)
+        return _epilogue(part, activation, None if residual is None else residual[s:t], out_dtype)
 
-    parts = [project(s, t, int(g)) for s, t, g in segments if t > s]
-    if not parts:
-        return torch.empty(0, n, dtype=out_dtype, device=x_deq.device)
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    return _concat([project(s, t, int(g)) for s, t, g in segments if t > s], n, out_dtype, x_deq.device)
