@@ -341,9 +341,9 @@ class BagelPipeline:
           pipelines run the model ``num_inference_steps`` times; here 50 means 49 evaluations, as upstream BAGEL.
           Default: the model config's (50 for BAGEL-7B-MoT, 10 for ``tiny``).
         - ``height``/``width``: text2img's image size, multiples of the latent stride (16); default the model's
-          largest (``default_image_size``: 1024 on BAGEL-7B-MoT, 256 on ``tiny``).
-        - ``cfg_*``, ``timestep_shift``: default the model config's text2img settings, or image editing's own
-          (``config.IMG2IMG_DEFAULTS``) for img2img.
+          largest (``core.sampling.default_image_size``: 1024 on BAGEL-7B-MoT, 256 on ``tiny``).
+        - ``cfg_*``, ``timestep_shift``: every default is ``core.sampling.resolve_sampling``'s — upstream's
+          text2img settings, the model config's own, and image editing's (``MODE_DEFAULTS``) for img2img.
         - ``seed`` (int, or one per prompt) or ``generator`` (``torch.Generator``, or one per prompt): BAGEL draws
           its noise (and img2img's VAE sample) on its own CPU generator seeded with the seed — for a generator,
           ``generator.initial_seed()``, whatever it has drawn since and whatever its device — so a seed means the

@@ -50,19 +50,20 @@ def step_flops(cfg, n_rows: list[int], ctx_lens: list[int]) -> float:
 
 
 def random_context(model, n: int, seed: int):
-    from bagel_kernels import ContiguousKV
-    from bagel_model.core.model import BranchContext
+    """A context of ``n`` random K/V tokens (a paged cache, as the prefill makes it) at RoPE position ``n``."""
+    from bagel_model.engine.kv_cache import Context, empty_context, new_cache
 
     if n == 0:
-        return BranchContext.empty(model.cfg.num_layers)
+        return empty_context(model)
     g = torch.Generator(device=model.device).manual_seed(seed)
     shape = (n, model.cfg.num_kv_heads, model.cfg.head_dim)
-    kv = []
-    for _ in range(model.cfg.num_layers):
+    cache = new_cache(model, n)
+    for layer in range(model.cfg.num_layers):
         k = torch.randn(shape, generator=g, device=model.device).to(model.dtype)
         v = torch.randn(shape, generator=g, device=model.device).to(model.dtype)
-        kv.append(ContiguousKV(k, v, seqlens=torch.full((1,), n, dtype=torch.int32, device=model.device)))
-    return BranchContext(kv=kv, rope_position=n, length=n)
+        cache.write(layer, k, v)
+    cache.commit(n)
+    return Context(cache, n)
 
 
 def timed(fn, iters: int) -> tuple[float, float]:
@@ -110,7 +111,8 @@ def bench_step(model, args, rows: list) -> None:
                        wall_ms=round(wall, 3), tflops=round(fl / ms / 1e9, 1), gpu_busy=round(busy, 3))
             del eng
             if not args.no_peer:
-                peer = TorchStep(model, [[(c.k, c.v) for c in ctx.kv] if ctx.length else None for ctx in ctxs],
+                peer = TorchStep(model, [[ctx.cache.read(i) for i in range(cfg.num_layers)] if ctx.length else None
+                                         for ctx in ctxs],
                                  [c.rope_position for c in ctxs])
                 h_lat = torch.randn(len(jobs), n, cfg.hidden_size, device=model.device, dtype=model.dtype)
                 h_mk = torch.randn(len(jobs), 2, cfg.hidden_size, device=model.device, dtype=model.dtype)

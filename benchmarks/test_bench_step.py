@@ -35,7 +35,8 @@ def test_text2img_cfg_step_1024(benchmark, model, impl):
         xs = [torch.randn(n, model.cfg.patch_latent_dim, device="cuda") for _ in jobs]
         fn = lambda: eng(jobs, xs, [0.7, 0.7])  # noqa: E731  (eager once, then captured, then replayed)
     else:
-        peer = TorchStep(model, [[(c.k, c.v) for c in ctxs[0].kv], None], [c.rope_position for c in ctxs])
+        peer = TorchStep(model, [[ctxs[0].cache.read(i) for i in range(model.cfg.num_layers)], None],
+                         [c.rope_position for c in ctxs])
         h_lat = torch.randn(2, n, model.cfg.hidden_size, device="cuda", dtype=model.dtype)
         h_mk = torch.randn(2, 2, model.cfg.hidden_size, device="cuda", dtype=model.dtype)
         for _ in range(2):
