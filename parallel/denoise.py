@@ -122,19 +122,18 @@ def share_cache_states(cache_plan: list[JobStep], plan: list[list[int]], mesh: M
     jobs that ran their middle layers), so the state is where the job runs next."""
     cdeg, me = mesh.config.cfg, mesh.cfg_idx
     dev = model.device
-    # 1. what each job did this step: its counters after the step (host numbers, the same shape on every rank)
-    width = 4
-    mine = torch.zeros(len(jobs), width, dtype=torch.float64, device=dev)
+    # 1. what each job did this step: its counters and Taylor-term count after the step (host numbers)
+    mine = torch.zeros(len(jobs), 5, dtype=torch.float64, device=dev)
     for i in plan[me]:
         s = cache_plan[i].state
-        mine[i] = torch.tensor([s.last, s.run, s.computed, s.reused], dtype=torch.float64)
+        mine[i] = torch.tensor([s.last, s.run, s.computed, s.reused, len(s.terms)], dtype=torch.float64)
     parts = [torch.empty_like(mine) for _ in range(cdeg)]
     guarded("cfg all_gather step-cache counters", dist.all_gather, parts, mine, group=mesh.cfg_group)
     counters = [p.tolist() for p in parts]  # one host read per step
     owner = {i: r for r, p in enumerate(plan) for i in p}
-    fresh = []  # jobs that ran their middle layers: their tensors travel
+    fresh, n_terms = [], {}  # jobs that ran their middle layers: their tensors travel
     for i, js in enumerate(cache_plan):
-        last, run, computed, reused = (int(v) for v in counters[owner[i]][i])
+        last, run, computed, reused, n_terms[i] = (int(v) for v in counters[owner[i]][i])
         if js.config.enabled and last == js.step:  # its middle layers ran this step (the owner's counters say)
             fresh.append(i)
         if owner[i] != me:
@@ -146,12 +145,9 @@ def share_cache_states(cache_plan: list[JobStep], plan: list[list[int]], mesh: M
         s = cache_plan[i].state
         return list(s.terms) + ([s.front] if cache_plan[i].config.policy == "dbcache" else [])
 
-    def shapes(i: int) -> list[tuple[int, int]]:
+    def shapes(i: int) -> list[tuple[int, int]]:  # the job's rows (latents + 2 markers) x hidden, per tensor
         n = jobs[i].grid[0] * jobs[i].grid[1] + 2
-        order = cache_plan[i].config.taylor_order
-        prev = len(cache_plan[i].state.terms) if owner[i] != me else None
-        k = len(cache_plan[i].state.terms) if prev is None else min(order + 1, prev + 1 if prev else 1)
-        return [(n, model.cfg.hidden_size)] * (k + (cache_plan[i].config.policy == "dbcache"))
+        return [(n, model.cfg.hidden_size)] * (n_terms[i] + (cache_plan[i].config.policy == "dbcache"))
 
     sizes = [sum(a * b for i in fresh if owner[i] == r for a, b in shapes(i)) for r in range(cdeg)]
     buf = torch.zeros(max(sizes), dtype=torch.float32, device=dev)

@@ -207,8 +207,8 @@ class PackedStepBase:
 
     def _cached_rows(self, jobs: list[GenJob], xs: list[torch.Tensor], ts: list[float],
                      plan: list[JobStep]) -> tuple[torch.Tensor, PackedLayout]:
-        """This rank's velocity rows (and the step's layout) of a step in which jobs may reuse their middle layers. The layers run in ranges
-        between the jobs' front/back boundaries; each range runs the jobs active in it — all of them in the step's
+        """This rank's velocity rows (and the step's layout) of a step in which jobs may reuse their middle layers.
+        The layers run in ranges between the jobs' front/back boundaries; each range runs the jobs active in it — all of them in the step's
         layout, or the subset in a packed layout of its own (batch invariance: their rows get the bits they get in
         any pack). Per-job quantities (statistic, residual) are made from the job's own rows of the whole layout,
         so they are the same on every rank and in every configuration. Runs eagerly (no CUDA graph)."""
@@ -230,16 +230,17 @@ class PackedStepBase:
         bounds = sorted({0, n_layers} | set(lo.values()) | set(hi.values()))
         for b0, b1 in zip(bounds, bounds[1:]):
             starting = [j for j in lo if lo[j] == b0]
+            # dbcache: the front layers' residual, compared with the last computed step's and kept when computing
+            fronts = {j: h[idx[j]] - x0_full[idx[j]] for j in starting if plan[j].config.policy == "dbcache"}
             pending = [j for j in starting if decided[j] is None]
-            if pending:  # dbcache: one host read for every job deciding here
-                fronts = {j: h[idx[j]] - x0_full[idx[j]] for j in pending}
+            if pending:  # one host read for every job deciding here
                 stats = torch.stack([cache.relative_l1(fronts[j], plan[j].state.front) for j in pending]).tolist()
                 for j, stat in zip(pending, stats):
                     decided[j] = not stat < plan[j].config.threshold  # a NaN statistic computes
             for j in starting:
-                if plan[j].config.policy == "dbcache" and decided[j]:
-                    plan[j].state.front = h[idx[j]] - x0_full[idx[j]]
                 if decided[j]:
+                    if j in fronts:
+                        plan[j].state.front = fronts[j]
                     h_in[j] = h[idx[j]]
             ending = [j for j in hi if hi[j] == b0 and lo[j] < b0]
             h = self._rejoin(h, ending, plan, decided, h_in, idx)
