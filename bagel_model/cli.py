@@ -42,32 +42,33 @@ def _defaults_help(key: str, what: str) -> str:
     return f"{what} (default: the model's; presets: {'; '.join(parts)})"
 
 
-_CACHE_KNOBS = (("front", int, "first layers always computed (Fn)"),
-                ("back", int, "last layers always computed (Bn)"),
-                ("warmup", int, "first steps of a request always computed"),
-                ("tail", int, "fixed: last steps always computed"),
-                ("interval", int, "fixed: compute every N-th step after the warm-up"),
-                ("threshold", float, "dbcache: reuse while the front residual's relative L1 change is below this"),
-                ("max-run", int, "dbcache: at most this many reused steps in a row"),
-                ("taylor-order", int, "TaylorSeer order of the reused residual's extrapolation (0: plain reuse)"))
+_CACHE_KNOBS = (  # (flag after --cache-, CacheConfig field, type, help)
+    ("front", "front", int, "first layers always computed (Fn)"),
+    ("back", "back", int, "last layers always computed (Bn)"),
+    ("warmup", "warmup", int, "first steps of a request always computed"),
+    ("tail", "tail", int, "fixed: last steps always computed"),
+    ("interval", "interval", int, "fixed: compute every N-th step after the warm-up"),
+    ("threshold", "threshold", float, "dbcache: reuse while the front residual's relative L1 change is below this"),
+    ("max-run", "max_cached_run", int, "dbcache: at most this many reused steps in a row"),
+    ("taylor-order", "taylor_order", int, "TaylorSeer order of the reused residual's extrapolation (0: plain reuse)"))
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:
-    """``--cache`` and its ``--cache-*`` knobs (bagel-generate and bagel-sweep)."""
-    from .core.sampling import CacheConfig
+    """``--cache`` and its ``--cache-*`` knobs (bagel-generate and bagel-sweep); each knob's dest is
+    ``cache_<field>``."""
+    from .core.sampling import CACHE_PRESETS, CacheConfig
 
-    presets = {n: CacheConfig.named(n) for n in ("none", "fixed", "dbcache", "taylorseer")}
-    p.add_argument("--cache", default="none", choices=list(presets),
+    p.add_argument("--cache", default="none", choices=list(CACHE_PRESETS),
                    help="step caching of the denoiser: skip the middle layers of a job on steps where they barely "
                         "change (fixed: a schedule known ahead; dbcache: decided from the first layers' change; "
                         "taylorseer: fixed + first-order extrapolation). Changes output bits (its own exactness "
                         "class); none: every bit as without")
-    d = presets["fixed"]
-    for name, typ, what in _CACHE_KNOBS:
-        field = name.replace("-", "_").replace("max_run", "max_cached_run")
-        p.add_argument(f"--cache-{name}", type=typ, default=None,
-                       help=f"{what} (default: the preset's; {field} {getattr(d, field)} for fixed, "
-                            f"{getattr(presets['dbcache'], field)} for dbcache)")
+    fixed, dbcache = CacheConfig.named("fixed"), CacheConfig.named("dbcache")
+    for flag, field, typ, what in _CACHE_KNOBS:
+        p.add_argument(f"--cache-{flag}", dest=f"cache_{field}", metavar=flag.upper().replace("-", "_"), type=typ,
+                       default=None,
+                       help=f"{what} (default: the preset's; {field} {getattr(fixed, field)} for fixed, "
+                            f"{getattr(dbcache, field)} for dbcache)")
 
 
 def cache_from_args(args):
@@ -76,8 +77,7 @@ def cache_from_args(args):
 
     from .core.sampling import CacheConfig
 
-    knobs = {n.replace("-", "_").replace("max_run", "max_cached_run"): getattr(args, "cache_" + n.replace("-", "_"))
-             for n, _, _ in _CACHE_KNOBS}
+    knobs = {field: getattr(args, f"cache_{field}") for _, field, _, _ in _CACHE_KNOBS}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     if knobs and args.cache == "none":
         raise ValueError(f"--cache-* options ({', '.join(sorted(knobs))}) need --cache fixed, dbcache or taylorseer")

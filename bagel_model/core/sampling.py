@@ -17,6 +17,7 @@ RENORM_TYPES = ("global", "channel", "text_channel")
 
 
 POLICIES = ("none", "fixed", "dbcache")
+CACHE_PRESETS = ("none", "fixed", "dbcache", "taylorseer")  # CacheConfig.named's names
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class CacheConfig:
                    "dbcache": CacheConfig(policy="dbcache"),
                    "taylorseer": CacheConfig(policy="fixed", taylor_order=1)}
         if name not in presets:
-            raise ValueError(f"unknown cache {name!r}; expected one of {tuple(presets)} or a CacheConfig")
+            raise ValueError(f"unknown cache {name!r}; expected one of {CACHE_PRESETS} or a CacheConfig")
         return presets[name]
 
     @staticmethod
@@ -89,8 +90,6 @@ class CacheConfig:
         if not isinstance(value, CacheConfig):
             raise TypeError(f"cache must be a CacheConfig or a preset name, got {value!r}")
         return value
-
-
 
 
 @dataclass
