@@ -240,17 +240,11 @@ def _layout_of(tensors: dict[str, torch.Tensor]) -> dict[str, list]:
 def validate_payload(p: KVPayload, model=None, request_id: str | None = None) -> KVPayload:
     """A received payload fits the model that will use it and answers the request it is expected to answer:
     a ``PayloadError`` naming the mismatch otherwise."""
-    from ..engine.denoise import BRANCHES
-
     if request_id is not None and p.request_id != request_id:
         raise PayloadError(f"KV payload answers request {p.request_id!r}, expected {request_id!r}")
     if p.mode not in ("text2img", "img2img"):
         raise PayloadError(f"KV payload mode {p.mode!r} is not an image mode (text2img, img2img)")
-    if set(p.branches) != set(BRANCHES):
-        raise PayloadError(f"KV payload branches {sorted(p.branches)} != the CFG branches {sorted(BRANCHES)}")
-    lost = {b: n for b, n in p.branches.items() if n not in p.contexts}
-    if lost:
-        raise PayloadError(f"KV payload branches {lost} name contexts it does not carry (it has {sorted(p.contexts)})")
+    check_branch_map(p)
     _check_finite(p)
     for name, c in p.contexts.items():
         if not 0 <= c.rope_position <= max(c.length, 0) or (c.length == 0 and c.rope_position != 0):
@@ -278,6 +272,18 @@ def validate_payload(p: KVPayload, model=None, request_id: str | None = None) ->
             if t.dtype != want_dtype:
                 raise PayloadError(f"KV payload context {name!r}: dtype {t.dtype} != the model's {want_dtype}")
     return p
+
+
+def check_branch_map(p: KVPayload) -> None:
+    """Every CFG branch is mapped, and to a context the payload carries (what stage 1 needs to install it)."""
+    from ..engine.denoise import BRANCHES
+
+    if set(p.branches) != set(BRANCHES):
+        raise PayloadError(f"KV payload branches {sorted(p.branches)} != the CFG branches {sorted(BRANCHES)}")
+    lost = {b: n for b, n in p.branches.items() if n not in p.contexts}
+    if lost:
+        raise PayloadError(f"KV payload of request {p.request_id!r} lacks contexts {sorted(set(lost.values()))}: "
+                           f"branches {lost} name contexts it does not carry (it has {sorted(p.contexts)})")
 
 
 def _check_finite(p: KVPayload) -> None:

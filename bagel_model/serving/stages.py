@@ -26,7 +26,7 @@ from ..engine.kv_cache import Context, empty_context
 from ..engine.output import GenerationResult, decode_latent, tensor_md5
 from ..engine.prefill import TextBlock, prefill, vae_block, vit_block
 from ..engine.step import PackedStep
-from .payload import KVPayload, PayloadError, extract, install
+from .payload import KVPayload, check_branch_map, extract, install
 from .connectors import abort, recv_payload, send_payload
 
 MODES = ("text2img", "img2img", "text2text", "img2text")
@@ -94,21 +94,18 @@ class DiffusionInput:
 
 def to_payload(inp: DiffusionInput, mode: str) -> KVPayload:
     """The transfer payload of a stage-0 result: each distinct context once, named by the first branch using it."""
-    names: dict[int, str] = {}
+    names: dict[int, str] = {}  # context object -> the first branch using it
     for b, c in inp.contexts.items():
         names.setdefault(id(c), b)
-    unique = {n: inp.contexts[b] for b, n in ((b, names[id(c)]) for b, c in inp.contexts.items()) if n == b}
-    return KVPayload(inp.request_id, mode, inp.params, inp.image_shape, {n: extract(c) for n, c in unique.items()},
+    return KVPayload(inp.request_id, mode, inp.params, inp.image_shape,
+                     {n: extract(inp.contexts[n]) for n in names.values()},
                      {b: names[id(c)] for b, c in inp.contexts.items()})
 
 
 def from_payload(model: BagelModel, payload: KVPayload, layout: str = "flash_attn") -> DiffusionInput:
     """A received payload installed into ``layout`` caches on the model's device; branches naming one stored
     context share one ``Context``."""
-    missing = sorted({n for n in payload.branches.values()} - set(payload.contexts))
-    if missing or "full" not in payload.branches:
-        raise PayloadError(f"payload of request {payload.request_id!r}: its branch map {payload.branches} names "
-                           f"contexts it does not carry ({missing}) or has no 'full' branch")
+    check_branch_map(payload)  # also where the payload was never validated (validate_payload checks it too)
     installed = {n: install(model, c, layout) for n, c in payload.contexts.items()}
     return DiffusionInput(payload.params, tuple(payload.image_shape),
                           {b: installed[n] for b, n in payload.branches.items()}, payload.request_id)
