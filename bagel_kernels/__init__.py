@@ -8,9 +8,9 @@ from .linear import ROW_TILE, ExpertSegments, invariant_linear_reference
 from .routed_linear import invariant_linear, routed_linear, routed_linear_reference
 from .qk_norm_rope import qk_norm_rope
 from .lse_merge import merge_attention_partials
-from .norms import rms_norm_reference, routed_rms_norm
+from .norms import rms_norm_reference, routed_rms_norm, routed_rms_norm_fp8
 from .rope import apply_rope_reference, rope_cos_sin
-from .fp8_quant import quantize_channels, quantize_rows
+from .fp8_quant import QuantizedRows, quantize_channels, quantize_rows
 from .routed_linear_fp8 import quantize_activation_rows, require_fp8_support, routed_gemm_fp8, routed_linear_fp8
 
 __all__ = [
@@ -20,5 +20,5 @@ __all__ = [
     "routed_linear", "routed_linear_reference", "routed_rms_norm", "qk_norm_rope",
     "merge_attention_partials", "rms_norm_reference", "apply_rope_reference", "rope_cos_sin",
     "quantize_rows", "quantize_channels", "routed_gemm_fp8", "routed_linear_fp8", "quantize_activation_rows",
-    "require_fp8_support",
+    "require_fp8_support", "routed_rms_norm_fp8", "QuantizedRows",
 ]

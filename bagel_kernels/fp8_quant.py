@@ -29,11 +29,29 @@ non-finite value dequantizes to all NaN, and a GEMM row that reads such a row or
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 GROUP = 128  # the 1x128 activation groups and 128x128 weight blocks of the grouped variants
+
+
+class QuantizedRows(NamedTuple):
+    """A projection's input already quantized per row by its producer (a quantizing RMSNorm): e4m3 ``codes``
+    (M, K), fp32 ``scale`` (M,), and ``dtype``, the activation dtype the projection's output is in."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
 
 
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 
 from ._dispatch import resolve_backend
 from .linear import ExpertSegments, device_expert_ids, routed_apply
-from .norms_triton import rms_norm_triton
+from .fp8_quant import QuantizedRows, quantize_rows
+from .norms_triton import rms_norm_fp8_triton, rms_norm_triton
 from .options import KernelOptions
 
 
@@ -34,15 +35,33 @@ def routed_rms_norm_reference(x: torch.Tensor, routing: ExpertSegments | None, w
                         lambda t: rms_norm_reference(t, weight[1], eps))
 
 
-def routed_rms_norm(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor, eps: float, *,
-                    expert_ids: torch.Tensor | None = None, options: KernelOptions | None = None) -> torch.Tensor:
-    """RMSNorm of rows ``x`` (M, H) with the weight of each row's expert: ``weight`` is (E, H)."""
+def _check(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor,
+           expert_ids: torch.Tensor | None) -> None:
     if weight.dim() != 2 or x.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"rms_norm: need x (rows, H) and weight (experts, H); got {tuple(x.shape)}, {tuple(weight.shape)}")
     if routing is not None and routing.num_tokens != x.shape[0]:
         raise ValueError(f"rms_norm: routing covers {routing.num_tokens} rows but the input has {x.shape[0]}")
     if routing is None and weight.shape[0] != 1 and expert_ids is None:
         raise ValueError(f"rms_norm: a weight with {weight.shape[0]} experts needs a routing")
+
+
+def routed_rms_norm(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor, eps: float, *,
+                    expert_ids: torch.Tensor | None = None, options: KernelOptions | None = None) -> torch.Tensor:
+    """RMSNorm of rows ``x`` (M, H) with the weight of each row's expert: ``weight`` is (E, H)."""
+    _check(x, routing, weight, expert_ids)
     if resolve_backend(x.device, options) == "reference":
         return routed_rms_norm_reference(x, routing, weight, eps)
     return rms_norm_triton(x, weight, eps, device_expert_ids(routing, expert_ids, weight.shape[0], x.device))
+
+
+def routed_rms_norm_fp8(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor, eps: float, *,
+                        expert_ids: torch.Tensor | None = None, options: KernelOptions | None = None) -> QuantizedRows:
+    """``routed_rms_norm`` whose output is the next FP8 projection's input: quantized per row
+    (``fp8_quant.quantize_rows`` of the normalized rows, the same bits), in one pass on the GPU — the producer
+    fusion that keeps a standalone quantization off the FP8 layer's hot path."""
+    if resolve_backend(x.device, options) == "reference":
+        return QuantizedRows(*quantize_rows(routed_rms_norm(x, routing, weight, eps, expert_ids=expert_ids,
+                                                            options=options)), x.dtype)
+    _check(x, routing, weight, expert_ids)
+    q, s = rms_norm_fp8_triton(x, weight, eps, device_expert_ids(routing, expert_ids, weight.shape[0], x.device))
+    return QuantizedRows(q, s, x.dtype)

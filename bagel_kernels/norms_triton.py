@@ -5,9 +5,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dispatch import triton_interpreting
+from .fp8_quant import FP8_DTYPE
+from .fp8_quant_triton import quantize_row_block
+
 
 @triton.jit
-def _rms_norm(X, W, IDS, OUT, s_x, s_o, H, eps, HAS_IDS: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rms_norm(X, W, IDS, OUT, Q, QS, s_x, s_o, H, eps, HAS_IDS: tl.constexpr, BLOCK_H: tl.constexpr,
+              QUANT: tl.constexpr = False, INTERPRETER: tl.constexpr = False):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     ok = cols < H
@@ -17,7 +22,13 @@ def _rms_norm(X, W, IDS, OUT, s_x, s_o, H, eps, HAS_IDS: tl.constexpr, BLOCK_H: 
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / H + eps)
     # Qwen2: normalized activations are rounded to the input dtype, then scaled by the weight.
     xn = (x * rstd).to(OUT.dtype.element_ty).to(tl.float32)
-    tl.store(OUT + row * s_o + cols, (xn * w).to(OUT.dtype.element_ty), mask=ok)
+    y = (xn * w).to(OUT.dtype.element_ty)
+    if QUANT:  # the next projection's FP8 input: the rounded row, quantized per row (never written in bf16)
+        q, scale = quantize_row_block(y.to(tl.float32), ok, INTERPRETER)
+        tl.store(Q + row * H + cols, q, mask=ok)
+        tl.store(QS + row, scale)
+    else:
+        tl.store(OUT + row * s_o + cols, y, mask=ok)
 
 
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, expert_ids: torch.Tensor | None) -> torch.Tensor:
@@ -29,7 +40,26 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, expert_id
         return out
     block = triton.next_power_of_2(h)
     # Warps fixed by the hidden size only (the reduction tree must not depend on M).
-    _rms_norm[(m,)](x, weight.contiguous(), expert_ids if expert_ids is not None else x, out, x.stride(0),
+    _rms_norm[(m,)](x, weight.contiguous(), expert_ids if expert_ids is not None else x, out, out, out, x.stride(0),
                     out.stride(0), h, eps, HAS_IDS=expert_ids is not None, BLOCK_H=block,
                     num_warps=8 if block >= 2048 else 4)
     return out
+
+
+def rms_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, expert_ids: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows(rms_norm_triton(x, ...))`` in one pass: (codes (M, H) e4m3fn, scale (M,) fp32), the same bits
+    (the same normalization code, then ``quantize_row_block``) without the bf16 rows ever reaching memory."""
+    m, h = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    q = torch.empty(m, h, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, s
+    block = triton.next_power_of_2(h)
+    # OUT is passed only for its dtype (the rounding of the normalized row); nothing is stored through it.
+    _rms_norm[(m,)](x, weight.contiguous(), expert_ids if expert_ids is not None else x, x, q, s, x.stride(0),
+                    0, h, eps, HAS_IDS=expert_ids is not None, BLOCK_H=block, QUANT=True, INTERPRETER=triton_interpreting(),
+                    num_warps=8 if block >= 2048 else 4)
+    return q, s

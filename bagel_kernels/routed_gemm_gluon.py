@@ -85,28 +85,36 @@ if _HAVE_GLUON:
     @aggregate
     class Epilogue:
         """Where a tile's result goes: out by TMA (out_desc) or row-masked stores (OUT, row stride ldo), plus the
-        per-expert bias (HAS_BIAS) and the residual (HAS_RES: res_desc / RES, row stride ldr)."""
+        per-expert bias (HAS_BIAS) and the residual (HAS_RES: res_desc / RES, row stride ldr). SCALED (the FP8
+        kernel): the accumulator is first multiplied by the fp32 row scale XS[row] and channel scale
+        WS[expert, part, column], in that order (``routed_gemm_fp8_gluon``)."""
         out_desc: tma.tensor_descriptor
         res_desc: tma.tensor_descriptor
         OUT: gl.tensor
         RES: gl.tensor
         BIAS: gl.tensor
+        XS: gl.tensor
+        WS: gl.tensor
         ldo: SCALAR
         ldr: SCALAR
         HAS_BIAS: gl.constexpr
         HAS_RES: gl.constexpr
+        SCALED: gl.constexpr
 
         @gluon.constexpr_function
-        def __init__(self, out_desc, res_desc, OUT, RES, BIAS, ldo, ldr, HAS_BIAS, HAS_RES):
+        def __init__(self, out_desc, res_desc, OUT, RES, BIAS, XS, WS, ldo, ldr, HAS_BIAS, HAS_RES, SCALED):
             self.out_desc = out_desc
             self.res_desc = res_desc
             self.OUT = OUT
             self.RES = RES
             self.BIAS = BIAS
+            self.XS = XS
+            self.WS = WS
             self.ldo = field(ldo)
             self.ldr = field(ldr)
             self.HAS_BIAS = gl.constexpr(HAS_BIAS)
             self.HAS_RES = gl.constexpr(HAS_RES)
+            self.SCALED = gl.constexpr(SCALED)
 
     @aggregate
     class SplitTail:
@@ -320,7 +328,7 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _mma_partition(x_desc, w_desc, epi, routing, N, K, split, ring, c_smem, res_bar, part_bar, P: gl.constexpr,
-                       GROUP_M: gl.constexpr, NW: gl.constexpr):
+                       GROUP_M: gl.constexpr, NW: gl.constexpr, PROMOTE: gl.constexpr):
         """The two MMA warpgroups: each work item's K loop of wgmma from the ring, then its epilogue."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
@@ -330,14 +338,17 @@ if _HAVE_GLUON:
         HAS_RES: gl.constexpr = epi.HAS_RES
         out_ty: gl.constexpr = epi.out_desc.dtype
         # Both warpgroups split the 128 rows (64 each); instruction N = the whole tile width.
+        # (wgmma's K per instruction: 16 for 16-bit operands, 32 for FP8)
+        INSTR_K: gl.constexpr = 256 // x_desc.dtype.primitive_bitwidth
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                                             instr_shape=[16, BLOCK_N, 16])
+                                                             instr_shape=[16, BLOCK_N, INSTR_K])
         col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
         flag_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
         num_m = _num_row_tiles(routing, BLOCK_M)
         k_iters = gl.cdiv(K, BLOCK_K)
         n_items, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full = _plan(
             num_m * gl.cdiv(N, BLOCK_N), k_iters, split.split_tail)
+        zero = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
         it = 0
         res_phase = 0
         for w in range(n_items):
@@ -370,24 +381,43 @@ if _HAVE_GLUON:
                     s = it % STAGES
                     mbarrier.wait(ring.ready.index(s), phase(it, STAGES))
                     a = ring.x_bufs.index(s)
-                    acc = warpgroup_mma(a, ring.w_bufs.index(s * P).permute((1, 0)), acc, is_async=True)
-                    if P == 2:
-                        up = warpgroup_mma(a, ring.w_bufs.index(s * P + 1).permute((1, 0)), up, is_async=True)
-                        # Keep this step's two groups in flight; the previous step's are then done.
-                        acc, up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, up))
+                    if PROMOTE:
+                        # FP8: the K step's products accumulate in the MMA's own (narrower than fp32) accumulator
+                        # from zero, then one true fp32 add onto the running sum (DeepSeek-V3's promotion; what
+                        # tl.dot's max_num_imprecise_acc = BLOCK_K does). Synchronous: the adds need the step, and
+                        # a second step in flight would need a third accumulator, which spills at 168 registers
+                        # (ptxas then serializes every wgmma). The two consumer warpgroups overlap each other's.
+                        t0 = warpgroup_mma(a, ring.w_bufs.index(s * P).permute((1, 0)), zero, use_acc=False,
+                                           is_async=True)
+                        if P == 2:
+                            t1 = warpgroup_mma(a, ring.w_bufs.index(s * P + 1).permute((1, 0)), zero,
+                                               use_acc=False, is_async=True)
+                            t0, t1 = warpgroup_mma_wait(num_outstanding=0, deps=(t0, t1))
+                            up += t1
+                        else:
+                            t0 = warpgroup_mma_wait(num_outstanding=0, deps=(t0, ))
+                        acc += t0
+                        mbarrier.arrive(ring.empty.index(s), count=1)
                     else:
-                        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-                    mbarrier.arrive(ring.empty.index((it + STAGES - 1) % STAGES), count=1, pred=kk > k0)
+                        acc = warpgroup_mma(a, ring.w_bufs.index(s * P).permute((1, 0)), acc, is_async=True)
+                        if P == 2:
+                            up = warpgroup_mma(a, ring.w_bufs.index(s * P + 1).permute((1, 0)), up, is_async=True)
+                            # Keep this step's two groups in flight; the previous step's are then done.
+                            acc, up = warpgroup_mma_wait(num_outstanding=2, deps=(acc, up))
+                        else:
+                            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                        mbarrier.arrive(ring.empty.index((it + STAGES - 1) % STAGES), count=1, pred=kk > k0)
                     if kk == res_step:
                         tma.store_wait(pendings=0)
                         mbarrier.expect(res_bar, epi.res_desc.block_type.nbytes)
                         tma.async_copy_global_to_shared(epi.res_desc, [m0, n0], res_bar, c_smem)
                     it += 1
-                if P == 2:
-                    acc, up = warpgroup_mma_wait(num_outstanding=0, deps=(acc, up))
-                else:
-                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-                mbarrier.arrive(ring.empty.index((it + STAGES - 1) % STAGES), count=1)
+                if not PROMOTE:
+                    if P == 2:
+                        acc, up = warpgroup_mma_wait(num_outstanding=0, deps=(acc, up))
+                    else:
+                        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                    mbarrier.arrive(ring.empty.index((it + STAGES - 1) % STAGES), count=1)
 
                 if kind == 1:
                     # Head of a split tile: publish the partial sums for the next program (which runs the tail).
@@ -399,6 +429,12 @@ if _HAVE_GLUON:
                     ones = gl.full([NW * 32], 1, gl.int32, layout=flag_layout)
                     gl.atomic_add(split.FLAGS + gl.program_id(0) + ones * 0, ones, sem="release", scope="gpu")
                 else:
+                    if epi.SCALED:  # acc * row scale * channel scale (the FP8 reference's order), then the bias
+                        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+                        xs = gl.load(epi.XS + rows, mask=rows < routing.M, other=0.0)[:, None]
+                        acc = acc * xs * gl.load(epi.WS + e * P * N + cols, mask=cmask, other=0.0)[None, :]
+                        if P == 2:
+                            up = up * xs * gl.load(epi.WS + (e * P + 1) * N + cols, mask=cmask, other=0.0)[None, :]
                     if HAS_BIAS:
                         acc += gl.load(epi.BIAS + e * P * N + cols, mask=cmask, other=0.0).to(gl.float32)[None, :]
                     if P == 2:
@@ -429,11 +465,11 @@ if _HAVE_GLUON:
     # descriptors and pointers (x_desc .. FLAGS), the problem (M, N, K, row strides), the routing (b1 .. e0), the
     # split switch, then the shape flags.
     @gluon.jit(do_not_specialize=["b1", "b2", "b3", "e0", "split_tail"])
-    def _routed_gemm_ws(x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, WS, FLAGS, M, N, K, ldo, ldr,
-                        b1, b2, b3, e0, split_tail, SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr,
+    def _routed_gemm_ws(x_desc, w_desc, out_desc, res_desc, OUT, RES, BIAS, IDS, WS, FLAGS, XS, WSC, M, N, K, ldo,
+                        ldr, b1, b2, b3, e0, split_tail, SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr,
                         HAS_BIAS: gl.constexpr,
                         HAS_RES: gl.constexpr, P: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                        num_warps: gl.constexpr):
+                        num_warps: gl.constexpr, SCALED: gl.constexpr = False, PROMOTE: gl.constexpr = False):
         dtype: gl.constexpr = x_desc.dtype
         x_bufs = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
         w_bufs = gl.allocate_shared_memory(dtype, [STAGES * P] + w_desc.block_type.shape, w_desc.layout)
@@ -449,11 +485,11 @@ if _HAVE_GLUON:
             mbarrier.init(empty.index(i), count=1)
         routing = Routing(M, b1, b2, b3, e0, IDS, SEGMENTED, HAS_IDS)
         ring = OperandRing(x_bufs, w_bufs, ready, empty)
-        epi = Epilogue(out_desc, res_desc, OUT, RES, BIAS, ldo, ldr, HAS_BIAS, HAS_RES)
+        epi = Epilogue(out_desc, res_desc, OUT, RES, BIAS, XS, WSC, ldo, ldr, HAS_BIAS, HAS_RES, SCALED)
         split = SplitTail(WS, FLAGS, split_tail)
         gl.warp_specialize([
             (_mma_partition, (x_desc, w_desc, epi, routing, N, K, split, ring, c_smem, res_bar, part_bar, P, GROUP_M,
-                              num_warps)),
+                              num_warps, PROMOTE)),
             (_load_partition, (x_desc, w_desc, routing, N, K, split, ring, part_bar, P, GROUP_M, num_warps * 32)),
         ], [1], [40])
 
@@ -566,6 +602,58 @@ def _segment_bounds(segments: tuple[tuple[int, int, int], ...] | None, m: int) -
     return bounds[0], bounds[1], bounds[2], merged[0][2]
 
 
+_GL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float8_e4m3fn: "float8e4nv"}
+
+
+def launch_routed_gemm_ws(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None,
+                          expert_ids: torch.Tensor | None, swiglu: bool, residual: torch.Tensor | None,
+                          segments: tuple[tuple[int, int, int], ...] | None, split_tail: bool | None,
+                          block_n: int, block_k: int, stages: int, x_scale: torch.Tensor | None = None,
+                          w_scale: torch.Tensor | None = None, promote: bool = False) -> torch.Tensor:
+    """Launch the warp-specialized kernel on (M, K) x and (E, P, N, K) weight into ``out`` with the given tile
+    (BLOCK_M x block_n x block_k) and ring depth: ``routed_gemm_gluon`` (16-bit operands) and
+    ``routed_gemm_fp8_gluon`` (e4m3 operands with fp32 row scales ``x_scale`` (M,) and channel scales ``w_scale``
+    (E, P, N); ``promote``: an fp32 promotion after every K step) share it."""
+    m, k = x.shape
+    e, p, n, _ = weight.shape
+    if m == 0:
+        return out
+    bounds = _segment_bounds(segments if segments is not None else (None if e > 1 else ((0, m, 0),)), m)
+    if bounds is None and expert_ids is None and e > 1:
+        raise ValueError("routed_gemm_gluon: a weight with several experts needs expert_ids or segments")
+    gdt = getattr(gl, _GL_DTYPES[x.dtype])
+    odt = getattr(gl, _GL_DTYPES[out.dtype])
+    x_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, block_k], gdt)
+    w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gdt)
+    o_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, block_n], odt)
+    x_desc = GluonTensorDescriptor.from_tensor(x, [BLOCK_M, block_k], x_layout)
+    w_desc = GluonTensorDescriptor.from_tensor(weight.view(e * p * n, k), [block_n, block_k], w_layout)
+    out_desc = GluonTensorDescriptor.from_tensor(out, [BLOCK_M, block_n], o_layout)
+    res_desc = (out_desc if residual is None
+                else GluonTensorDescriptor.from_tensor(residual, [BLOCK_M, block_n], o_layout))
+    has_ids = bounds is None and expert_ids is not None
+    tiles = _row_tiles(bounds, m) * triton.cdiv(n, block_n)
+    progs = _num_programs(x.device, tiles)
+    # Tiles of the ids-only plan may run their K loop once per expert: they are never split.
+    split = not has_ids and split_tail_wanted(tiles, progs, split_tail)
+    ws = (torch.empty(progs * BLOCK_M * p * block_n, dtype=torch.float32, device=x.device) if split
+          else _no_workspace(x.device))
+    flags = _split_flags(x.device, progs) if split else _dummy(x.device)  # never read unsplit
+    res = residual if residual is not None else out
+    b1, b2, b3, e0 = bounds if bounds is not None else (0, 0, 0, 0)
+    scaled = x_scale is not None
+    _routed_gemm_ws[(progs,)](
+        x_desc, w_desc, out_desc, res_desc, out, res, bias if bias is not None else out,
+        expert_ids if expert_ids is not None else out, ws, flags,
+        x_scale if scaled else ws, w_scale if scaled else ws,
+        m, n, k, out.stride(0), res.stride(0), b1, b2, b3, e0, int(split),
+        SEGMENTED=bounds is not None, HAS_IDS=has_ids,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, P=p,
+        GROUP_M=GROUP_M, STAGES=stages, num_warps=NUM_WARPS, SCALED=scaled, PROMOTE=promote, maxnreg=MAXNREG,
+    )
+    return out
+
+
 def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       expert_ids: torch.Tensor | None, swiglu: bool = False,
                       residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -578,40 +666,8 @@ def routed_gemm_gluon(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     segment's first row (at most ``MAX_SEGMENTS`` runs), so no tile runs its K loop twice for two experts; the
     bits are the same either way (a row's result does not depend on its tile). ``split_tail``: see
     ``split_tail_wanted`` (None: its rule)."""
-    m, k = x.shape
-    e, p, n, _ = weight.shape
+    m = x.shape[0]
     if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0:
-        return out
-    bounds = _segment_bounds(segments if segments is not None else (None if e > 1 else ((0, m, 0),)), m)
-    if bounds is None and expert_ids is None and e > 1:
-        raise ValueError("routed_gemm_gluon: a weight with several experts needs expert_ids or segments")
-    bn = _block_n(swiglu)
-    gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
-    x_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gdt)
-    w_layout = gl.NVMMASharedLayout.get_default_for([bn, BLOCK_K], gdt)
-    o_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, bn], gdt)
-    x_desc = GluonTensorDescriptor.from_tensor(x, [BLOCK_M, BLOCK_K], x_layout)
-    w_desc = GluonTensorDescriptor.from_tensor(weight.view(e * p * n, k), [bn, BLOCK_K], w_layout)
-    out_desc = GluonTensorDescriptor.from_tensor(out, [BLOCK_M, bn], o_layout)
-    res_desc = out_desc if residual is None else GluonTensorDescriptor.from_tensor(residual, [BLOCK_M, bn], o_layout)
-    has_ids = bounds is None and expert_ids is not None
-    tiles = _row_tiles(bounds, m) * triton.cdiv(n, bn)
-    progs = _num_programs(x.device, tiles)
-    # Tiles of the ids-only plan may run their K loop once per expert: they are never split.
-    split = not has_ids and split_tail_wanted(tiles, progs, split_tail)
-    ws = (torch.empty(progs * BLOCK_M * p * bn, dtype=torch.float32, device=x.device) if split
-          else _no_workspace(x.device))
-    flags = _split_flags(x.device, progs) if split else _dummy(x.device)  # never read unsplit
-    res = residual if residual is not None else out
-    b1, b2, b3, e0 = bounds if bounds is not None else (0, 0, 0, 0)
-    _routed_gemm_ws[(progs,)](
-        x_desc, w_desc, out_desc, res_desc, out, res, bias if bias is not None else x,
-        expert_ids if expert_ids is not None else x, ws, flags, m, n, k, out.stride(0), res.stride(0),
-        b1, b2, b3, e0, int(split),
-        SEGMENTED=bounds is not None, HAS_IDS=has_ids,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, P=p,
-        GROUP_M=GROUP_M, STAGES=_stages(swiglu), num_warps=NUM_WARPS, maxnreg=MAXNREG,
-    )
-    return out
+        out = torch.empty(m, weight.shape[2], dtype=x.dtype, device=x.device)
+    return launch_routed_gemm_ws(x, weight, out, bias, expert_ids, swiglu, residual, segments, split_tail,
+                                 _block_n(swiglu), BLOCK_K, _stages(swiglu))

@@ -6,10 +6,11 @@ per-row / per-output-channel scales from ``fp8_quant.quantize_rows`` / ``quantiz
 (E, P, N, K) (P = 2 for SwiGLU), output in ``out_dtype`` (the activation dtype, bf16 by default).
 
 Backends (``KernelOptions.backend``): CPU tensors -> the plain-torch reference (``routed_linear_fp8_reference``), or
-the Triton kernel under the interpreter with ``backend="triton"``; CUDA tensors -> the Triton FP8 kernel
-(``routed_gemm_fp8_triton``; "gluon" and "auto" too: there is no Gluon FP8 kernel yet), or the reference with
-``backend="reference"``. ``mode="fast"`` changes nothing here: the Triton kernel is the only FP8 GPU path, and it
-is batch-invariant. A GPU without FP8 tensor cores (compute capability < 8.9) raises, naming the GPU.
+the Triton kernel under the interpreter with ``backend="triton"``; CUDA tensors on Hopper -> the warp-specialized
+Gluon FP8 kernel (``routed_gemm_fp8_gluon``, backends "auto" and "gluon"), elsewhere (Ada, or ``backend="triton"``)
+the Triton FP8 kernel (``routed_gemm_fp8_triton``), or the reference with ``backend="reference"``. The two GPU
+kernels accumulate in different tile shapes, so their bits differ; each is batch-invariant, and one device and
+every parallel configuration run the same one. ``mode="fast"`` changes nothing here. A GPU without FP8 tensor cores (compute capability < 8.9) raises, naming the GPU.
 
 The model's FP8 projections (``KernelOptions(quantization="fp8")``) call ``routed_linear_fp8``: activations in the
 model's dtype are quantized per row by ``quantize_activation_rows`` — the one place the model's activations become
@@ -28,13 +29,15 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import resolve_backend
+from ._dispatch import resolve_backend, use_gluon
 from .linear import ExpertSegments, device_expert_ids
 from .options import KernelOptions, resolve_options
-from .fp8_quant import (dequantize_row_groups, dequantize_tensor, quantize_row_groups, quantize_rows,
-                        quantize_tensor)
+from .fp8_quant import (QuantizedRows, dequantize_row_groups, dequantize_tensor, quantize_row_groups,
+                        quantize_rows, quantize_tensor)
+from .fp8_quant_triton import quantize_rows_triton
 from .routed_linear_fp8_reference import (Activation, check_fp8_routed, routed_gemm_fp8_dequantized_reference,
                                           routed_gemm_fp8_reference)
+from .routed_gemm_fp8_gluon import routed_gemm_fp8_gluon
 from .routed_gemm_fp8_triton import require_fp8_tensor_cores, routed_gemm_fp8_triton
 
 
@@ -50,6 +53,9 @@ def routed_gemm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegm
     if reference:
         return routed_gemm_fp8_reference(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype)
     ids = device_expert_ids(routing, expert_ids, wq.shape[0], xq.device)
+    if use_gluon(xq.device, out_dtype, opts):  # Hopper: the warp-specialized kernel (its own FP8 bits)
+        return routed_gemm_fp8_gluon(xq, x_scale, wq, w_scale, bias, ids, activation == "swiglu", residual,
+                                     out_dtype, segments=None if routing is None else routing.segments)
     return routed_gemm_fp8_triton(xq, x_scale, wq, w_scale, bias, ids, activation == "swiglu", residual, out_dtype)
 
 
@@ -57,12 +63,13 @@ def quantize_activation_rows(x: torch.Tensor, options: KernelOptions | None = No
     """Per-row e4m3 quantization of a projection's input (rows, K) -> (codes, fp32 scale (rows,)): the one place
     the FP8 model quantizes activations.
 
-    Both backends run ``fp8_quant.quantize_rows`` (plain torch: on CUDA tensors the same elementwise ops and an
-    exact max-reduction per row, so the codes and scales are the CPU reference's bit for bit, whatever the row count
-    or the neighbours — the batch-invariance contract). A fused GPU producer replaces this function, and must
-    reproduce those bits (``fp8_quant``'s docstring states the arithmetic)."""
-    resolve_options(options)  # validated here, so a replacement can dispatch on it
-    return quantize_rows(x)
+    The reference runs ``fp8_quant.quantize_rows``; the Triton backend its one-pass twin
+    (``fp8_quant_triton.quantize_rows_triton``, the same bits: the arithmetic is exact or correctly rounded). Inputs
+    whose producer can quantize them (the RMSNorm before QKV and gate/up: ``routed_rms_norm_fp8``) arrive as
+    ``QuantizedRows`` and skip this."""
+    if resolve_backend(x.device, options) == "reference":
+        return quantize_rows(x)
+    return quantize_rows_triton(x)
 
 
 def _reference_only(scaling: str, device: torch.device) -> NotImplementedError:
@@ -89,17 +96,26 @@ def dequantized_activation(x: torch.Tensor, scaling: str) -> torch.Tensor:
     raise ValueError(f"unknown fp8 activation scaling {scaling!r}; expected one of ('row', 'group128', 'tensor')")
 
 
-def routed_linear_fp8(x: torch.Tensor, routing: ExpertSegments | None, wq: torch.Tensor, w_scale: torch.Tensor,
+def routed_linear_fp8(x: torch.Tensor | QuantizedRows, routing: ExpertSegments | None, wq: torch.Tensor, w_scale: torch.Tensor,
                       bias: torch.Tensor | None = None, *, activation: Activation = None,
                       residual: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None,
                       options: KernelOptions | None = None) -> torch.Tensor:
     """``routed_linear`` with FP8 weights: ``x`` (rows, K) in the activation dtype is quantized per row
     (``quantize_activation_rows``) and multiplied with the e4m3 weight ``wq`` (E, P, N, K) and its per-channel
     scales ``w_scale`` (E, P, N); bias, SwiGLU and residual epilogues as ``routed_linear``'s; output in x's dtype.
+    ``x`` may come quantized already (``QuantizedRows``, from a quantizing producer).
     There is no small-batch variant: text decoding runs this same GEMM (its rows are batch-invariant too).
     ``options.fp8_activation_scaling`` "group128" / "tensor": the reference on dequantized activations (module
     docstring); NotImplementedError on any other backend."""
     opts = resolve_options(options)
+    if isinstance(x, QuantizedRows):  # quantized by its producer (per row)
+        if opts.fp8_activation_scaling != "row":
+            raise ValueError(f"routed_linear_fp8: per-row quantized input with fp8_activation_scaling="
+                             f"{opts.fp8_activation_scaling!r}")
+        if bias is not None and bias.dim() == 3 and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return routed_gemm_fp8(x.codes, x.scale, routing, wq, w_scale, bias, activation=activation,
+                               residual=residual, out_dtype=x.dtype, expert_ids=expert_ids, options=options)
     if opts.fp8_activation_scaling != "row":
         if resolve_backend(x.device, opts) != "reference":
             raise _reference_only(opts.fp8_activation_scaling, x.device)

@@ -1,13 +1,16 @@
 """Stage 0's text decoding on the GPU: ms per greedy token, eager vs the CUDA-graph token step (and whether both
-give the same tokens), BAGEL-7B-MoT random bf16 after a 64-token prompt. ``--profile`` also prints where the eager
-loop's time goes (host cProfile, GPU kernel table).
+give the same tokens), BAGEL-7B-MoT random bf16 after a 64-token prompt. ``--quantization fp8`` also times the model
+with FP8 projection weights (its rows compare with bf16's from the same run: decoding reads every weight once per
+token, so half the bytes is the expected gain). ``--profile`` also prints where the eager loop's time goes (host
+cProfile, GPU kernel table).
 
-    python -m benchmarks.bench_decode [--preset bagel-7b-mot] [--tokens 32] [--profile] [--no-csv]
+    python -m benchmarks.bench_decode [--preset bagel-7b-mot] [--tokens 32] [--quantization fp8] [--profile]
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import pstats
 import time
@@ -15,6 +18,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bagel_kernels import default_options
 from bagel_model.engine.decode import greedy_decode
 from bagel_model.engine.prefill import TextBlock, prefill
 from bagel_model.serving.split import ModelSpec
@@ -27,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="bagel-7b-mot")
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--quantization", choices=["none", "fp8"], default="none",
+                    help="fp8: also time FP8 projection weights, against bf16 in the same run")
     ap.add_argument("--profile", action="store_true", help="host cProfile + GPU kernel table of the eager loop")
     return add_output_args(ap)
 
@@ -49,10 +55,10 @@ def _profile(model, fresh, tokens: int) -> None:
     print(f"GPU kernel time per token (eager) {gpu_us / 1e3:.2f} ms", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    a = build_parser().parse_args(argv)
-    require_cuda("bench_decode")
-    model, tok = ModelSpec(preset=a.preset, dtype="bfloat16", device="cuda").load()
+def _time(a, quantization: str) -> tuple[dict, dict]:
+    spec = ModelSpec(preset=a.preset, dtype="bfloat16", device="cuda",
+                     kernels=dataclasses.replace(default_options(), quantization=quantization))
+    model, _ = spec.load()
     ms, tokens = {}, {}
     with torch.no_grad():
         def fresh():
@@ -69,10 +75,24 @@ def main(argv: list[str] | None = None) -> None:
             ms[use_graph] = (time.perf_counter() - t0) / a.tokens * 1e3
         if a.profile:
             _profile(model, fresh, a.tokens)
+    return ms, tokens
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    require_cuda("bench_decode")
+    ms, tokens = _time(a, "none")
+    torch.cuda.empty_cache()  # the bf16 model is gone: its blocks back before the FP8 one is drawn
     same = "tokens == eager" if tokens[True] == tokens[False] else "tokens DIFFER from eager"
     shape = f"{a.preset} greedy decode after a 64-token prompt, {a.tokens} tokens"
-    emit([row(f"decode CUDA graph ({same})", shape, "ms/token", ms[True], "eager", ms[False]),
-          row("decode eager", shape, "ms/token", ms[False])], a)
+    rows = [row(f"decode CUDA graph ({same})", shape, "ms/token", ms[True], "eager", ms[False]),
+            row("decode eager", shape, "ms/token", ms[False])]
+    if a.quantization == "fp8":
+        ms8, tokens8 = _time(a, "fp8")
+        same8 = "tokens == eager" if tokens8[True] == tokens8[False] else "tokens DIFFER from eager"
+        rows += [row(f"decode fp8 CUDA graph ({same8})", shape, "ms/token", ms8[True], "bf16 CUDA graph", ms[True]),
+                 row("decode fp8 eager", shape, "ms/token", ms8[False], "bf16 eager", ms[False])]
+    emit(rows, a)
 
 
 if __name__ == "__main__":

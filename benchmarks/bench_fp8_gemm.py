@@ -1,6 +1,9 @@
-"""The FP8 routed GEMM (issue #30) on BAGEL-7B's projections at the generation step's M = 2 x 4098 + 4 = 8200 rows
-(latents on the generation expert first, 4 marker rows on the understanding expert last), each with the model's
-epilogue (qkv + bias, o_proj and down + residual, gate_up SwiGLU), against:
+"""The FP8 routed GEMM (issue #30) on BAGEL-7B's projections at the generation step's rows — 1024²: M = 2 x 4098 + 4
+= 8200, 512²: 2 x 1026 + 4 = 2056 (latents on the generation expert first, 4 marker rows on the understanding expert
+last) — each with the model's epilogue (qkv + bias, o_proj and down + residual, gate_up SwiGLU). Ours is what the
+model runs (``routed_gemm_fp8``: the warp-specialized Gluon kernel on Hopper, with fp32 promotion every 128 K), also
+timed as the Gluon kernel without promotion (fast accumulation, 128 x 256 tiles) and as the Triton FP8 kernel,
+against:
 
 - ``torch._scaled_mm`` with the same scaling (e4m3 x e4m3, fp32 per-row x per-channel scales, bf16 out): ONE dense
   cuBLAS GEMM over all rows with the generation weight (the peer: what routing and the fused epilogue would cost if
@@ -15,7 +18,7 @@ keeps rows batch-invariant; the shipped one is ``fp8_gemm_config``). Also prints
 relative difference to the bf16 GEMM and to ``_scaled_mm`` (precise), and how torch's CUDA cast to e4m3 treats
 out-of-range values.
 
-    python -m benchmarks.bench_fp8_gemm [--sweep] [--no-csv]
+    python -m benchmarks.bench_fp8_gemm [--sweep] [--m-gen 8196 2052] [--no-csv]
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 import bagel_kernels as bk
 from bagel_kernels.fp8_quant import quantize_channels, quantize_rows
 from bagel_kernels.routed_linear_fp8 import routed_gemm_fp8
+from bagel_kernels.routed_gemm_fp8_gluon import fp8_gluon_config, routed_gemm_fp8_gluon
 from bagel_kernels.routed_gemm_fp8_triton import Fp8GemmConfig, fp8_gemm_config, routed_gemm_fp8_triton
 
 from .common import add_output_args, bench_ms, emit, require_cuda, row
@@ -37,8 +41,8 @@ from .shapes import EPILOGUE, PROJECTIONS
 M_GEN, M_MARKERS = 2 * 4098, 4
 
 
-def bagel_step_routing() -> bk.ExpertSegments:
-    return bk.ExpertSegments(((0, M_GEN, True), (M_GEN, M_GEN + M_MARKERS, False)))
+def bagel_step_routing(m_gen: int = M_GEN) -> bk.ExpertSegments:
+    return bk.ExpertSegments(((0, m_gen, True), (m_gen, m_gen + M_MARKERS, False)))
 
 
 def sweep_configs(base: Fp8GemmConfig, swiglu: bool) -> dict[str, Fp8GemmConfig]:
@@ -63,13 +67,20 @@ def cast_probe() -> str:
 
 
 def run(args: argparse.Namespace) -> Iterator[dict]:
-    dev, dt = "cuda", torch.bfloat16
     print(cast_probe(), flush=True)
+    for m_gen in args.m_gen:
+        yield from run_rows(args, m_gen)
+
+
+def run_rows(args: argparse.Namespace, m_gen: int) -> Iterator[dict]:
+    dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
-    routing = bagel_step_routing()
+    routing = bagel_step_routing(m_gen)
     m = routing.num_tokens
     ids = routing.expert_ids(dev)
     exact = bk.KernelOptions()
+    ours_name = "fp8 routed GEMM (gluon)" if bk.resolve_backend(torch.device(dev)) == "triton" and \
+        torch.cuda.get_device_capability()[0] == 9 else "fp8 routed GEMM (triton)"
     for pname, n, k, swiglu in PROJECTIONS:
         p = 2 if swiglu else 1
         act = "swiglu" if swiglu else None
@@ -112,16 +123,29 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         else:
             print(f"{shape}: |fp8 - bf16 routed| / |bf16 routed| = {rel(y8, bf16_routed()):.4g}", flush=True)
 
+        def triton_fp8() -> torch.Tensor:
+            return routed_gemm_fp8_triton(xq, xs, wq, ws, bias, ids, swiglu, res, dt)
+
+        def gluon_fast() -> torch.Tensor:
+            return routed_gemm_fp8_gluon(xq, xs, wq, ws, bias, ids, swiglu, res, dt, segments=routing.segments,
+                                         config=fp8_gluon_config(n, k, swiglu, promote=False))
+
         t_ours = tf(bench_ms(ours))
         t_smm = tf(bench_ms(scaled_mm(False)))
         t_smm_fast = tf(bench_ms(scaled_mm(True)))
+        if ours_name.endswith("(gluon)"):
+            print(f"{shape}: |gluon fast-acc - gluon| / |gluon| = {rel(gluon_fast(), y8):.4g}, "
+                  f"|triton - gluon| / |gluon| = {rel(triton_fp8(), y8):.4g}", flush=True)
+            yield row("fp8 routed GEMM (gluon, fast-acc)", shape, "TFLOP/s", tf(bench_ms(gluon_fast)),
+                      "torch._scaled_mm rowwise fast-accum", t_smm_fast)
+            yield row("fp8 routed GEMM (triton)", shape, "TFLOP/s", tf(bench_ms(triton_fp8)),
+                      "torch._scaled_mm rowwise", t_smm)
         t_bf16 = tf(bench_ms(bf16_routed))
         t_dense = tf(bench_ms(bf16_dense))
-        yield row("fp8 routed GEMM (triton)", shape, "TFLOP/s", t_ours, "torch._scaled_mm rowwise", t_smm)
-        yield row("fp8 routed GEMM (triton)", shape, "TFLOP/s", t_ours, "torch._scaled_mm rowwise fast-accum",
-                  t_smm_fast)
-        yield row("fp8 routed GEMM (triton)", shape, "TFLOP/s", t_ours, "bf16 routed GEMM exact", t_bf16)
-        yield row("fp8 routed GEMM (triton)", shape, "TFLOP/s", t_ours, "bf16 dense cuBLAS", t_dense)
+        yield row(ours_name, shape, "TFLOP/s", t_ours, "torch._scaled_mm rowwise", t_smm)
+        yield row(ours_name, shape, "TFLOP/s", t_ours, "torch._scaled_mm rowwise fast-accum", t_smm_fast)
+        yield row(ours_name, shape, "TFLOP/s", t_ours, "bf16 routed GEMM exact", t_bf16)
+        yield row(ours_name, shape, "TFLOP/s", t_ours, "bf16 dense cuBLAS", t_dense)
         yield row("peer torch._scaled_mm rowwise", shape, "TFLOP/s", t_smm)
         yield row("peer torch._scaled_mm rowwise fast-accum", shape, "TFLOP/s", t_smm_fast)
         yield row("bf16 routed GEMM exact", shape, "TFLOP/s", t_bf16, "bf16 dense cuBLAS", t_dense)
@@ -146,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="bench_fp8_gemm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="also time a few other fixed tile configs")
+    p.add_argument("--m-gen", type=int, nargs="+", default=[M_GEN, 2 * 1026],
+                   help="generation-expert rows of the step (4 marker rows follow): 8196 = 1024² CFG, 2052 = 512²")
     args = add_output_args(p).parse_args(argv)
     require_cuda("bench_fp8_gemm")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)

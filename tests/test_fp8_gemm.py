@@ -309,6 +309,91 @@ def test_gpu_nan_row_stays_nan():
     assert torch.isnan(out[77]).all() and not torch.isnan(out[torch.arange(m, device="cuda") != 77]).any()
 
 
+@gpu_only
+@pytest.mark.parametrize("swiglu,bias,residual", EPILOGUES)
+def test_gpu_gluon_and_triton_kernels_agree_and_split_keeps_bits(swiglu, bias, residual):
+    """Hopper runs the Gluon kernel; the Triton kernel is the fallback. With promotion (the shipped config) both sum
+    each 128-wide K step in the MMA and add the steps in fp32 in K order, so their bits are equal although their
+    tiles differ (measured equal at all BAGEL shapes, H100, 2026-12-07); without promotion the Gluon kernel is within
+    1 % of them. The Gluon kernel's rows do not depend on the stream-K split or on how the routing is given."""
+    from bagel_kernels.routed_gemm_fp8_gluon import fp8_gluon_config, routed_gemm_fp8_gluon
+    from bagel_kernels.routed_gemm_fp8_triton import routed_gemm_fp8_triton
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon FP8 kernel runs on Hopper")
+    m, n, k = 3000, 640, 3584
+    xq, xs, wq, ws, b, res = make_case(m, n, k, swiglu, bias, residual, seed=5, device="cuda")
+    segs = ((0, 2996, 1), (2996, 3000, 0))
+    ids = bk.ExpertSegments(tuple((s0, s1, bool(e)) for s0, s1, e in segs)).expert_ids("cuda")
+    tri = routed_gemm_fp8_triton(xq, xs, wq, ws, b, ids, swiglu, res)
+    for promote in (True, False):
+        cfg = fp8_gluon_config(n, k, swiglu, promote)
+        outs = [routed_gemm_fp8_gluon(xq, xs, wq, ws, b, ids, swiglu, res, segments=segs, split_tail=split, config=cfg)
+                for split in (False, True)]
+        assert torch.equal(outs[0], outs[1])
+        if promote:
+            assert torch.equal(outs[0], tri)
+        else:  # measured 2.0-4.2e-3 at BAGEL's shapes
+            assert rel_err(outs[0], tri.double().cpu()) < 1e-2
+        ids_only = routed_gemm_fp8_gluon(xq, xs, wq, ws, b, ids, swiglu, res, config=cfg)  # no segments: row ids
+        assert torch.equal(ids_only, outs[0])
+
+
+@gpu_only
+def test_gpu_quantizers_match_torch_quantize_rows():
+    """The one-pass quantizer and the quantizing RMSNorm give ``quantize_rows``'s codes and scales on the GPU."""
+    from bagel_kernels.fp8_quant_triton import quantize_rows_triton
+    from bagel_kernels.norms_triton import rms_norm_fp8_triton, rms_norm_triton
+
+    _check_quantizers(quantize_rows_triton, rms_norm_fp8_triton, rms_norm_triton, "cuda")
+
+
+# ---------------------------------------------------------------- the Triton quantizers (interpreter and GPU)
+
+def _same_codes(q: torch.Tensor, s: torch.Tensor, rq: torch.Tensor, rs: torch.Tensor) -> None:
+    """Equal scales and codes, NaN where the reference has NaN (a NaN code's sign bit is not part of the contract)."""
+    nan = torch.isnan(rq.float())
+    assert torch.equal(torch.isnan(q.float()), nan)
+    assert torch.equal(q.view(torch.uint8)[~nan], rq.view(torch.uint8)[~nan])
+    assert torch.equal(torch.isnan(s), torch.isnan(rs)) and torch.equal(s.nan_to_num(), rs.nan_to_num())
+
+
+def _check_quantizers(quantize, rms_fp8, rms, device: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    mags = torch.tensor([1e-6, 1.0, 3e4, 1.0, 1.0, 1.0, 1.0, 0.5])
+    x = (torch.randn(8, 3000, generator=g) * mags[:, None]).bfloat16()
+    x[3] = 0
+    x[4, 5] = float("nan")
+    x[5, 7] = float("inf")
+    x[6, :8] = torch.tensor([448.0, -448.0, 1.0625, 1.1875, 2.0 ** -10, -2.0 ** -10, 0.0, -0.0])
+    x = x.to(device)
+    _same_codes(*quantize(x), *fq.quantize_rows(x))
+    w = (1 + 0.1 * torch.randn(2, 3000, generator=g)).bfloat16().to(device)
+    ids = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0], dtype=torch.int32, device=device)
+    y = torch.randn(8, 3000, generator=g).bfloat16().to(device) * 3
+    _same_codes(*rms_fp8(y, w, 1e-6, ids), *fq.quantize_rows(rms(y, w, 1e-6, ids)))
+
+
+@interpreter_only
+def test_interpreter_quantizers_match_quantize_rows():
+    """Under the interpreter (whose own fp32 -> e4m3 cast does not round to nearest) the kernels round on the grid
+    by hand and write NaN codes as bits: the same codes as the reference."""
+    from bagel_kernels.fp8_quant_triton import quantize_rows_triton
+    from bagel_kernels.norms_triton import rms_norm_fp8_triton, rms_norm_triton
+
+    _check_quantizers(quantize_rows_triton, rms_norm_fp8_triton, rms_norm_triton, "cpu")
+
+
+def test_quantizing_rms_norm_reference_is_quantize_rows_of_the_norm():
+    r = bk.ExpertSegments(((0, 5, False), (5, 9, True)))
+    x = torch.randn(9, 64).bfloat16()
+    w = torch.randn(2, 64).bfloat16()
+    got = bk.routed_rms_norm_fp8(x, r, w, 1e-6)
+    want = fq.quantize_rows(bk.routed_rms_norm(x, r, w, 1e-6))
+    assert got.dtype == torch.bfloat16 and torch.equal(got.scale, want[1])
+    assert torch.equal(got.codes.view(torch.uint8), want[0].view(torch.uint8))
+
+
 # ---------------------------------------------------------------- sm_90a build on any machine (no GPU needed)
 
 # The shipped configs at BAGEL's projections: (N, K, swiglu, bias, residual)
@@ -356,19 +441,56 @@ def _build_for_hopper(n: int, k: int, swiglu: bool, bias: bool, residual: bool) 
 
 
 def test_fp8_kernel_builds_for_hopper():
-    """Every shipped variant compiles to sm_90a FP8 wgmma with TMA operands, fits shared memory, and (precise_acc)
-    promotes the MMA accumulator with fp32 adds. In a fresh process without the interpreter (see hopper_build)."""
+    """Every shipped variant of both FP8 kernels (Triton, warp-specialized Gluon) compiles to sm_90a FP8 wgmma with
+    TMA operands, fits shared memory, and promotes the MMA accumulator with fp32 adds. In a fresh process without the interpreter (see hopper_build)."""
     from hopper_build import report_from_child
 
     report = report_from_child(__file__)
-    assert len(report) == len(BUILD_VARIANTS)
+    assert len(report) == 2 * len(BUILD_VARIANTS)  # the Triton kernel's, then the Gluon kernel's
     for r in report:
         assert r["fp8_wgmma"] and r["tma"], r
+        assert r.get("setmaxnreg", True), r  # the Gluon kernel is warp-specialized
         assert r["shared"] <= 227 * 1024, r
         assert r["fp32_adds"] > 0, r
+
+
+def _build_gluon_for_hopper(n: int, k: int, swiglu: bool, bias: bool, residual: bool) -> dict:
+    """Compile the Gluon FP8 kernel (promoted, the shipped config) as the launcher would for these weights."""
+    import re
+
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    import bagel_kernels.routed_gemm_gluon as rg
+    from bagel_kernels.routed_gemm_fp8_gluon import BLOCK_K, fp8_gluon_config
+    from hopper_build import compile_for_hopper
+
+    cfg, m, p = fp8_gluon_config(n, k, swiglu), 300, 2 if swiglu else 1
+    xq = torch.empty(m, k, dtype=torch.float8_e4m3fn)
+    wq = torch.empty(2 * p * n, k, dtype=torch.float8_e4m3fn)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+
+    def desc(t, block, dt):
+        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dt))
+
+    od = desc(out, [rg.BLOCK_M, cfg.block_n], gl.bfloat16)
+    args = dict(x_desc=desc(xq, [rg.BLOCK_M, BLOCK_K], gl.float8e4nv), w_desc=desc(wq, [cfg.block_n, BLOCK_K],
+                gl.float8e4nv), out_desc=od, res_desc=od, OUT=out, RES=out, BIAS=out,
+                IDS=torch.empty(m, dtype=torch.int32), WS=torch.empty(1), FLAGS=torch.empty(1, dtype=torch.int32),
+                XS=torch.empty(m), WSC=torch.empty(2 * p * n), M=m, N=n, K=k, ldo=n, ldr=n, b1=296, b2=300, b3=300,
+                e0=1, split_tail=1)
+    consts = dict(SEGMENTED=True, HAS_IDS=False, HAS_BIAS=bias, HAS_RES=residual, P=p, GROUP_M=rg.GROUP_M,
+                  STAGES=cfg.stages, num_warps=rg.NUM_WARPS, SCALED=True, PROMOTE=cfg.promote)
+    c = compile_for_hopper(rg._routed_gemm_ws, args, consts, rg.NUM_WARPS, rg.MAXNREG)
+    ptx = c.asm["ptx"]
+    return {"variant": ["gluon", n, k, swiglu, bias, residual], "shared": c.metadata.shared,
+            "fp8_wgmma": bool(re.search(r"wgmma\.mma_async\S*\.f32\.e4m3\.e4m3", ptx)),
+            "tma": "cp.async.bulk.tensor" in ptx, "fp32_adds": len(re.findall(r"\badd\.f32", ptx)),
+            "setmaxnreg": "setmaxnreg" in ptx}
 
 
 if __name__ == "__main__":  # the build report for test_fp8_kernel_builds_for_hopper
     import json
 
-    print(json.dumps([_build_for_hopper(*v) for v in BUILD_VARIANTS]))
+    print(json.dumps([_build_for_hopper(*v) for v in BUILD_VARIANTS]
+                     + [_build_gluon_for_hopper(*v) for v in BUILD_VARIANTS]))

@@ -141,6 +141,7 @@ def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: 
     args = dict(x_desc=desc(x, [rg.BLOCK_M, rg.BLOCK_K]), w_desc=desc(w, [bn, rg.BLOCK_K]),
                 out_desc=desc(out, [rg.BLOCK_M, bn]), res_desc=desc(out, [rg.BLOCK_M, bn]), OUT=out, RES=out, BIAS=x,
                 IDS=torch.empty(m, dtype=torch.int32), WS=torch.empty(1), FLAGS=torch.empty(1, dtype=torch.int32),
+                XS=torch.empty(1), WSC=torch.empty(1),
                 M=m, N=n, K=k, ldo=n, ldr=n, b1=40, b2=250, b3=300, e0=0, split_tail=1)
     consts = dict(SEGMENTED=segmented, HAS_IDS=has_ids, HAS_BIAS=has_bias, HAS_RES=has_res, P=p,
                   GROUP_M=rg.GROUP_M, STAGES=rg._stages(swiglu), num_warps=rg.NUM_WARPS)

@@ -214,7 +214,7 @@ def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: t
         _load_file_strict(os.path.join(directory, AE_FILE), ae, "VAE")
         model.reset_position_ids()
     model.eval().requires_grad_(False)
-    return model.to(device).pack_experts(), tokenizer
+    return model.place(device), tokenizer
 
 
 def _stored_fp8(directory: str) -> bool:

@@ -18,8 +18,9 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from bagel_kernels import (ContiguousKV, ExpertSegments, KernelOptions, PagedKV, default_options, joint_attention,
-                           qk_norm_rope, rms_norm_reference, routed_linear, routed_linear_fp8, routed_rms_norm)
+from bagel_kernels import (ContiguousKV, ExpertSegments, KernelOptions, PagedKV, QuantizedRows, default_options,
+                           joint_attention, qk_norm_rope, rms_norm_reference, routed_linear, routed_linear_fp8,
+                           routed_rms_norm, routed_rms_norm_fp8)
 
 from .expert_pack import ExpertPack
 
@@ -75,7 +76,16 @@ def experts_pack(module: nn.Module, *names: str, attr: str = "weight", quantizab
                       quantizable=quantizable)
 
 
-def project(x: torch.Tensor, li: LayerInputs, pack: ExpertPack, bias: torch.Tensor | None = None, *,
+def _norm(x: torch.Tensor, li: LayerInputs, weight: torch.Tensor, eps: float) -> torch.Tensor | QuantizedRows:
+    """The RMSNorm before a projection. FP8 with per-row activation scales: it writes the projection's FP8 input
+    (``routed_rms_norm_fp8``: the same codes as quantizing its bf16 output, without that output)."""
+    ids, opts = li.expert_ids(x.device), li.kernels
+    if opts.quantization == "fp8" and opts.fp8_activation_scaling == "row":
+        return routed_rms_norm_fp8(x, li.routing, weight, eps, expert_ids=ids, options=opts)
+    return routed_rms_norm(x, li.routing, weight, eps, expert_ids=ids, options=opts)
+
+
+def project(x: torch.Tensor | QuantizedRows, li: LayerInputs, pack: ExpertPack, bias: torch.Tensor | None = None, *,
             activation=None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """One routed projection of the layer: ``routed_linear`` on the packed weight, or with
     ``quantization="fp8"`` ``routed_linear_fp8`` on its codes and scales (same epilogues; no small-batch variant)."""
@@ -142,14 +152,12 @@ class MoTDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, li: LayerInputs, attention: AttentionFn,
                 kv_sink: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-        r, ids = li.routing, li.expert_ids(x.device)
-        opts = li.kernels
-        h = routed_rms_norm(x, r, self._in_norm.get()[:, 0], self.eps, expert_ids=ids, options=opts)
+        h = _norm(x, li, self._in_norm.get()[:, 0], self.eps)
         q, k, v = self.self_attn.qkv(h, li)
         if kv_sink is not None:  # prefill: the context cache keeps K after k_norm + RoPE
             kv_sink(self.layer_idx, k, v)
         x = self.self_attn.out(attention(self.layer_idx, q, k, v), li, residual=x)
-        h = routed_rms_norm(x, r, self._post_norm.get()[:, 0], self.eps, expert_ids=ids, options=opts)
+        h = _norm(x, li, self._post_norm.get()[:, 0], self.eps)
         g = project(h, li, self._gate_up, activation="swiglu")
         return project(g, li, self._down, residual=x)
 

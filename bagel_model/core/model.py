@@ -125,24 +125,75 @@ class BagelModel(nn.Module):
             model = BagelModel(cfg, kernels)
         device = torch.device(device)
         # Cast on the meta device, then allocate: a 7B model never exists in fp32 on the GPU.
-        model = model.to_dtype(dtype).to_empty(device=device)
-        # Initialize where the weights live (a 7B model would take minutes on one CPU thread), with a counter-based
-        # generator: each value is a hash of (seed, parameter name, element index), so the weights are the same on
-        # every device and every GPU partition (torch's CUDA generator is not: its streams follow the launch grid,
-        # which follows the SM count — an MPS-capped process drew other weights). Drawn in fp32 chunk by chunk and
-        # copied in, without ever holding an fp32 copy of a 7B model (two split-stage processes share one GPU).
-        for name, p in model.named_parameters():
-            if name.endswith("pos_embed"):
-                grid = cfg.max_latent_size if name.startswith("latent") else cfg.vit_max_num_patch_per_side
-                p.data.copy_(sincos_2d_table(cfg.hidden_size, grid).to(device))
-            elif "norm" in name.split(".")[-2]:  # RMSNorm, LayerNorm, GroupNorm: identity at start
-                p.data.fill_(1.0) if name.endswith("weight") else p.data.zero_()
-            else:
-                std = 0.02 if p.dim() == 1 or not name.startswith("vae.") else (1.0 / max(1, p[0].numel())) ** 0.5
-                counter_normal_(p.data, std, seed, name)
-        model.reset_position_ids()
+        model = model.to_dtype(dtype)
         model.eval().requires_grad_(False)
-        return model.pack_experts()
+        fp8 = model.kernels.quantization == "fp8"
+        prefix = {m: name for name, m in model.named_modules()}
+        # Allocated, drawn and packed one unit (a decoder layer, or another top-level module) at a time: with FP8
+        # each layer is quantized before the next is drawn, so peak memory is the FP8 model plus one float layer.
+        for unit in model.placement_units():
+            unit.to_empty(device=device)
+            # Initialize where the weights live (a 7B model would take minutes on one CPU thread), with a
+            # counter-based generator: each value is a hash of (seed, parameter name, element index), so the weights
+            # are the same on every device and every GPU partition (torch's CUDA generator is not: its streams follow
+            # the launch grid, which follows the SM count — an MPS-capped process drew other weights). Drawn in fp32
+            # chunk by chunk and copied in, without ever holding an fp32 copy of a 7B model.
+            for local, p in unit.named_parameters():
+                name = f"{prefix[unit]}.{local}"
+                if name.endswith("pos_embed"):
+                    grid = cfg.max_latent_size if name.startswith("latent") else cfg.vit_max_num_patch_per_side
+                    p.data.copy_(sincos_2d_table(cfg.hidden_size, grid).to(device))
+                elif "norm" in name.split(".")[-2]:  # RMSNorm, LayerNorm, GroupNorm: identity at start
+                    p.data.fill_(1.0) if name.endswith("weight") else p.data.zero_()
+                else:
+                    std = 0.02 if p.dim() == 1 or not name.startswith("vae.") else (1.0 / max(1, p[0].numel())) ** 0.5
+                    counter_normal_(p.data, std, seed, name)
+            model._pack_unit(unit, fp8)
+        for c in model._containers():
+            model._pack_unit(c, fp8, recurse=False)
+        model.reset_position_ids()
+        return model
+
+    def placement_units(self) -> list[nn.Module]:
+        """The model as disjoint modules that together hold every parameter and buffer: each decoder layer, then
+        every other child of the containers above them. Placing (``place``) or drawing (``random``) one unit at a
+        time bounds peak memory by one unit."""
+        body = self.language_model.model
+        containers = (*self._containers(), body.layers)
+        for c in containers:
+            if next(c.parameters(recurse=False), None) is not None or next(c.buffers(recurse=False), None) is not None:
+                raise RuntimeError(f"placement_units: {type(c).__name__} holds tensors of its own")
+        units: list[nn.Module] = list(body.layers)
+        for c in containers[:3]:
+            units += [m for m in c.children() if all(m is not k for k in containers)]
+        return units
+
+    def _containers(self) -> list[nn.Module]:
+        body = self.language_model.model
+        return [self, self.language_model, body]
+
+    def _pack_unit(self, unit: nn.Module, fp8: bool, recurse: bool = True) -> None:
+        """Build ``unit``'s expert packs (FP8 ones quantized), then hand the replaced storage back to the device.
+        ``recurse=False``: only the packs of ``unit`` itself (a container's, such as the final norm's)."""
+        packs = [v for m in (unit.modules() if recurse else (unit,)) for v in vars(m).values()
+                 if isinstance(v, ExpertPack)]
+        for pack in packs:
+            pack.get_fp8() if pack.quantizable and (fp8 or pack.is_fp8) else pack.get()
+        if packs and next(unit.parameters()).device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def place(self, device: torch.device | str) -> "BagelModel":
+        """Move to ``device`` unit by unit, packing (with FP8: quantizing) each unit right after it lands: a model
+        loaded in bf16 on the host reaches the GPU as FP8 without the whole bf16 copy ever being there."""
+        fp8 = self.kernels.quantization == "fp8"
+        if fp8:
+            require_fp8_support(self.kernels, device, self.dtype)
+        for unit in self.placement_units():
+            unit.to(device)
+            self._pack_unit(unit, fp8)
+        for c in self._containers():
+            self._pack_unit(c, fp8, recurse=False)
+        return self
 
     def pack_experts(self) -> "BagelModel":
         """Build every per-expert pack now (they are otherwise built on first use), layer by layer, handing the
@@ -154,12 +205,10 @@ class BagelModel(nn.Module):
         fp8 = self.kernels.quantization == "fp8"
         if fp8:
             require_fp8_support(self.kernels, self.device, self.dtype)
-        for module in self.modules():
-            packs = [v for v in vars(module).values() if isinstance(v, ExpertPack)]
-            for pack in packs:
-                pack.get_fp8() if pack.quantizable and (fp8 or pack.is_fp8) else pack.get()
-            if packs and self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        for unit in self.placement_units():
+            self._pack_unit(unit, fp8)
+        for c in self._containers():
+            self._pack_unit(c, fp8, recurse=False)
         return self
 
     def reset_position_ids(self) -> None:
