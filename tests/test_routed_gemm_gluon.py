@@ -144,7 +144,7 @@ def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: 
                 XS=torch.empty(1), WSC=torch.empty(1),
                 M=m, N=n, K=k, ldo=n, ldr=n, b1=40, b2=250, b3=300, e0=0, split_tail=1)
     consts = dict(SEGMENTED=segmented, HAS_IDS=has_ids, HAS_BIAS=has_bias, HAS_RES=has_res, P=p,
-                  GROUP_M=rg.GROUP_M, STAGES=rg._stages(swiglu), num_warps=rg.NUM_WARPS)
+                  GROUP_M=rg.GROUP_M, STAGES=rg._stages(swiglu), num_warps=rg.NUM_WARPS, SCALED=False, PROMOTE=False)
     return compile_for_hopper(rg._routed_gemm_ws, args, consts, rg.NUM_WARPS, rg.MAXNREG)
 
 
