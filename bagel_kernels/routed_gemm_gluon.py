@@ -609,11 +609,13 @@ def launch_routed_gemm_ws(x: torch.Tensor, weight: torch.Tensor, out: torch.Tens
                           expert_ids: torch.Tensor | None, swiglu: bool, residual: torch.Tensor | None,
                           segments: tuple[tuple[int, int, int], ...] | None, split_tail: bool | None,
                           block_n: int, block_k: int, stages: int, x_scale: torch.Tensor | None = None,
-                          w_scale: torch.Tensor | None = None, promote: bool = False) -> torch.Tensor:
+                          w_scale: torch.Tensor | None = None, promote: bool = False,
+                          group_m: int = GROUP_M) -> torch.Tensor:
     """Launch the warp-specialized kernel on (M, K) x and (E, P, N, K) weight into ``out`` with the given tile
     (BLOCK_M x block_n x block_k) and ring depth: ``routed_gemm_gluon`` (16-bit operands) and
     ``routed_gemm_fp8_gluon`` (e4m3 operands with fp32 row scales ``x_scale`` (M,) and channel scales ``w_scale``
-    (E, P, N); ``promote``: an fp32 promotion after every K step) share it."""
+    (E, P, N); ``promote``: an fp32 promotion after every K step) share it. ``group_m``: row tiles per L2 group of
+    the tile order (which tile a program computes never changes a row's bits)."""
     m, k = x.shape
     e, p, n, _ = weight.shape
     if m == 0:
@@ -649,7 +651,7 @@ def launch_routed_gemm_ws(x: torch.Tensor, weight: torch.Tensor, out: torch.Tens
         m, n, k, out.stride(0), res.stride(0), b1, b2, b3, e0, int(split),
         SEGMENTED=bounds is not None, HAS_IDS=has_ids,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, P=p,
-        GROUP_M=GROUP_M, STAGES=stages, num_warps=NUM_WARPS, SCALED=scaled, PROMOTE=promote, maxnreg=MAXNREG,
+        GROUP_M=group_m, STAGES=stages, num_warps=NUM_WARPS, SCALED=scaled, PROMOTE=promote, maxnreg=MAXNREG,
     )
     return out
 

@@ -4,7 +4,13 @@ same total size and (without graph replay) the eager mask/scatter path and its `
 epilogue the model runs (qkv + bias, o_proj and down + residual, gate_up SwiGLU).
 TFLOP/s = 2·M·N·K (× 2 parts for SwiGLU gate/up) / median time.
 
-    python -m benchmarks.bench_routed_gemm [--backend auto|triton] [--no-graph] [--no-csv]
+``--sweep`` (issue #32) instead times the exact Gluon kernel's schedule variants against dense cuBLAS with the same
+epilogue at every shape the model runs — the 1024² and 512² CFG steps (2 jobs + 4 marker rows), img2img's 3 jobs,
+the img2img prefill, and a sequence-parallel rank's share (M/2, M/4) of the 1024² step. Every variant keeps the
+K loop (BLOCK_K = 64, fp32, in K order), so all of them give the same bits; only speed differs: the L2 tile order
+(GROUP_M), the N tile (256 or 128; Gluon's tiles are powers of two), the ring depth and the stream-K split of the last round.
+
+    python -m benchmarks.bench_routed_gemm [--backend auto|triton] [--no-graph] [--sweep] [--no-csv]
 """
 from __future__ import annotations
 
@@ -27,7 +33,71 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact mode's kernel: auto (Gluon on Hopper) or the Triton kernel only")
     p.add_argument("--no-graph", action="store_true",
                    help="time with do_bench (launch overhead; adds the mask/scatter peers, which synchronize)")
+    p.add_argument("--sweep", action="store_true",
+                   help="time the exact Gluon kernel's schedule variants against dense cuBLAS instead (issue #32)")
     return add_output_args(p)
+
+
+def sweep_token_sets() -> dict[str, bk.ExpertSegments]:
+    """The row sets of issue #32's targets: generation steps (latents on the generation expert, 4 marker rows on
+    the understanding expert), img2img, its prefill, and an SP rank's share of the 1024² step."""
+    def step(m_gen: int) -> bk.ExpertSegments:
+        return bk.ExpertSegments(((0, m_gen, True), (m_gen, m_gen + 4, False)))
+    sets = {"t2i 1024² step 2×4098+4": step(2 * 4098), "t2i 512² step 2×1026+4": step(2 * 1026),
+            "i2i step 3×4098": bk.ExpertSegments.uniform(3 * 4098, True),
+            "SP/2 share of 1024² step": step(4098), "SP/4 share of 1024² step": step(2049)}
+    sets["i2i prefill mixed"] = token_sets()["i2i prefill mixed"]
+    return sets
+
+
+def sweep_variants(swiglu: bool) -> dict[str, dict]:
+    """Schedules of the exact kernel: (block_n, stages, group_m, split_tail); the first is the shipped one."""
+    from bagel_kernels.routed_gemm_gluon import GROUP_M, _block_n, _stages
+
+    bn, st = _block_n(swiglu), _stages(swiglu)
+    v = {"shipped": dict(block_n=bn, stages=st, group_m=GROUP_M, split_tail=None),
+         "GROUP_M 4": dict(block_n=bn, stages=st, group_m=4, split_tail=None),
+         "GROUP_M 16": dict(block_n=bn, stages=st, group_m=16, split_tail=None),
+         "GROUP_M 32": dict(block_n=bn, stages=st, group_m=32, split_tail=None),
+         "no split tail": dict(block_n=bn, stages=st, group_m=GROUP_M, split_tail=False),
+         "split tail always": dict(block_n=bn, stages=st, group_m=GROUP_M, split_tail=True)}
+    if not swiglu:
+        v["BN 128, 5 stages"] = dict(block_n=128, stages=5, group_m=GROUP_M, split_tail=None)
+    else:
+        v["BN 64x2, 6 stages"] = dict(block_n=64, stages=6, group_m=GROUP_M, split_tail=None)
+    return v
+
+
+def run_sweep(args: argparse.Namespace) -> Iterator[dict]:
+    from bagel_kernels.routed_gemm_gluon import BLOCK_K, launch_routed_gemm_ws
+
+    dev, dt = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    for tname, routing in sweep_token_sets().items():
+        m = routing.num_tokens
+        ids = routing.expert_ids(dev)
+        for pname, n, k, swiglu in PROJECTIONS:
+            p = 2 if swiglu else 1
+            w = torch.randn(2, p, n, k, device=dev, dtype=dt) * 0.02
+            x = torch.randn(m, k, device=dev, dtype=dt)
+            bias = torch.randn(2, p, n, device=dev, dtype=dt) * 0.02 if EPILOGUE[pname] == "bias" else None
+            res = torch.randn(m, n, device=dev, dtype=dt) if EPILOGUE[pname] == "residual" else None
+            tf = lambda ms: 2 * m * n * k * p / (ms * 1e-3) / 1e12  # noqa: E731
+            shape = f"{tname} {pname}{' +' + EPILOGUE[pname] if EPILOGUE[pname] else ''} M={m} N={n * p} K={k}"
+            dense = tf(bench_ms(projection_peers(x, ids.bool(), w, swiglu, True, bias, res)["dense cuBLAS"], True))
+            out = torch.empty(m, n, device=dev, dtype=dt)
+            want = None
+            for vname, v in sweep_variants(swiglu).items():
+                def f(v: dict = v) -> torch.Tensor:
+                    return launch_routed_gemm_ws(x, w, out, bias, ids, swiglu, res, routing.segments,
+                                                 v["split_tail"], v["block_n"], BLOCK_K, v["stages"],
+                                                 group_m=v["group_m"])
+                got = f().clone()
+                want = got if want is None else want
+                same = "same bits" if torch.equal(got, want) else "BITS DIFFER"
+                yield row(f"routed GEMM exact (gluon) {vname} ({same})", shape, "TFLOP/s", tf(bench_ms(f, True)),
+                          "dense cuBLAS", dense)
+            yield row("peer dense cuBLAS", shape, "TFLOP/s", dense)
 
 
 def run(args: argparse.Namespace) -> Iterator[dict]:
@@ -64,7 +134,7 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     require_cuda("bench_routed_gemm")
-    emit(run(args), args)
+    emit(run_sweep(args) if args.sweep else run(args), args)
 
 
 if __name__ == "__main__":
