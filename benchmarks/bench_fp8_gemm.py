@@ -13,8 +13,8 @@ against:
 - bf16 dense cuBLAS (``F.linear`` / ``addmm`` with the residual).
 
 TFLOP/s = 2·M·N·K (× 2 parts for SwiGLU) / median time (CUDA-graph replay, ``common.bench_ms``; quantization of the
-activations is not timed). ``--sweep`` also times a few other fixed tile configs of the FP8 kernel (any fixed config
-keeps rows batch-invariant; the shipped one is ``fp8_gemm_config``). Also prints, per shape, the FP8 output's
+activations is not timed). ``--sweep`` also times a few other fixed configs of the Gluon FP8 kernel (any fixed config
+keeps rows batch-invariant; the shipped one is ``fp8_gluon_config``). Also prints, per shape, the FP8 output's
 relative difference to the bf16 GEMM and to ``_scaled_mm`` (precise), and how torch's CUDA cast to e4m3 treats
 out-of-range values.
 
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 import bagel_kernels as bk
 from bagel_kernels.fp8_quant import quantize_channels, quantize_rows
 from bagel_kernels.routed_linear_fp8 import routed_gemm_fp8
-from bagel_kernels.routed_gemm_fp8_gluon import fp8_gluon_config, routed_gemm_fp8_gluon
-from bagel_kernels.routed_gemm_fp8_triton import Fp8GemmConfig, fp8_gemm_config, routed_gemm_fp8_triton
+from bagel_kernels.routed_gemm_fp8_gluon import Fp8GluonConfig, fp8_gluon_config, routed_gemm_fp8_gluon
+from bagel_kernels.routed_gemm_fp8_triton import routed_gemm_fp8_triton
 
 from .common import add_output_args, bench_ms, emit, require_cuda, row
 from .shapes import EPILOGUE, PROJECTIONS
@@ -45,15 +45,13 @@ def bagel_step_routing(m_gen: int = M_GEN) -> bk.ExpertSegments:
     return bk.ExpertSegments(((0, m_gen, True), (m_gen, m_gen + M_MARKERS, False)))
 
 
-def sweep_configs(base: Fp8GemmConfig, swiglu: bool) -> dict[str, Fp8GemmConfig]:
-    """A few fixed alternatives to the shipped config (each a candidate for ``fp8_gemm_config``)."""
-    out = {"fast-acc": replace(base, precise_acc=False), "4 stages": replace(base, num_stages=4)}
-    if swiglu:
-        out["BN64 4w 4st"] = replace(base, BLOCK_N=64, num_warps=4, num_stages=4)
-    else:
-        out["BN128 4st"] = replace(base, BLOCK_N=128, num_stages=4)
-        out["BM256 BN128"] = replace(base, BLOCK_M=256, BLOCK_N=128)
-    return out
+def sweep_configs(n: int, k: int, swiglu: bool) -> dict[str, Fp8GluonConfig]:
+    """Fixed alternatives to the shipped Gluon config (each a candidate for ``fp8_gluon_config``): the shipped
+    (promoted) tile without promotion separates the promotion's cost from the tile's."""
+    base = fp8_gluon_config(n, k, swiglu)
+    return {"fast-acc, shipped tile": replace(base, promote=False),
+            "promoted, 4 stages": replace(base, stages=4),
+            "promoted, 3 stages": replace(base, stages=3)}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -151,17 +149,12 @@ def run_rows(args: argparse.Namespace, m_gen: int) -> Iterator[dict]:
         yield row("bf16 routed GEMM exact", shape, "TFLOP/s", t_bf16, "bf16 dense cuBLAS", t_dense)
         yield row("peer bf16 dense cuBLAS", shape, "TFLOP/s", t_dense)
         if args.sweep:
-            for name, cfg in sweep_configs(fp8_gemm_config(n, k, swiglu), swiglu).items():
-                def alt(cfg: Fp8GemmConfig = cfg) -> torch.Tensor:
-                    return routed_gemm_fp8_triton(xq, xs, wq, ws, bias, ids, swiglu, res, dt, config=cfg)
-                try:
-                    alt()
-                    t_alt = tf(bench_ms(alt))
-                except Exception as e:  # noqa: BLE001 - a config that does not build (shared memory) is reported
-                    print(f"{shape}: config {name} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
-                    continue
-                yield row(f"fp8 routed GEMM (triton) {name}", shape, "TFLOP/s", t_alt, "torch._scaled_mm rowwise",
-                          t_smm)
+            for name, cfg in sweep_configs(n, k, swiglu).items():
+                def alt(cfg: Fp8GluonConfig = cfg) -> torch.Tensor:
+                    return routed_gemm_fp8_gluon(xq, xs, wq, ws, bias, ids, swiglu, res, dt,
+                                                 segments=routing.segments, config=cfg)
+                yield row(f"fp8 routed GEMM (gluon) {name}", shape, "TFLOP/s", tf(bench_ms(alt)),
+                          "torch._scaled_mm rowwise", t_smm)
         del w, x, xq, wq, y8
         torch.cuda.empty_cache()
 
