@@ -17,12 +17,14 @@ Mode = Literal["exact", "fast"]
 Schedule = Literal["auto", "segment", "chained"]
 Quantization = Literal["none", "fp8"]
 Fp8ActivationScaling = Literal["row", "group128", "tensor"]
+Fp8Accumulation = Literal["promoted", "fast"]
 
 BACKENDS: tuple[str, ...] = ("auto", "reference", "triton", "gluon")
 MODES: tuple[str, ...] = ("exact", "fast")
 SCHEDULES: tuple[str, ...] = ("auto", "segment", "chained")
 QUANTIZATIONS: tuple[str, ...] = ("none", "fp8")
 FP8_ACTIVATION_SCALINGS: tuple[str, ...] = ("row", "group128", "tensor")
+FP8_ACCUMULATIONS: tuple[str, ...] = ("promoted", "fast")
 
 # The documented environment override: variable -> field. Nothing else in the library reads the environment.
 ENV_OVERRIDE = {"BAGEL_KERNELS_BACKEND": "backend", "BAGEL_KERNELS_MODE": "mode"}
@@ -54,6 +56,13 @@ class KernelOptions:
       studies (``scripts/fp8_accuracy_report.py``), not for serving. "group128" and "tensor" run the plain-torch
       reference only (CPU tensors, or ``backend="reference"``); a CUDA call with another backend raises
       NotImplementedError. Ignored when ``quantization="none"``.
+    - ``fp8_accumulation``: how the GPU's FP8 GEMM sums along K. "promoted" (default) — each 128-wide K step in the
+      tensor core's accumulator, then an fp32 add per step (DeepSeek-V3's promotion; Hopper's FP8 MMA keeps fewer
+      than fp32's bits while it accumulates). "fast" — the whole K loop in the MMA's accumulator (what
+      ``torch._scaled_mm(use_fast_accum=True)`` and most FP8 deployments do): 1.3-1.4x the promoted GEMM on an H100
+      at 0.2-0.4 % more relative error (benchmarks/RESULTS.md). Each is its own exactness class on the GPU (still
+      batch- and parallel-invariant: the accumulation is fixed per weight shape); the CPU reference sums in fp32
+      either way. Ignored when ``quantization="none"``.
     """
 
     backend: Backend = "auto"
@@ -62,11 +71,13 @@ class KernelOptions:
     decode_graph: bool = True
     quantization: Quantization = "none"
     fp8_activation_scaling: Fp8ActivationScaling = "row"
+    fp8_accumulation: Fp8Accumulation = "promoted"
 
     def __post_init__(self) -> None:
         for name, allowed in (("backend", BACKENDS), ("mode", MODES), ("attention_schedule", SCHEDULES),
                               ("quantization", QUANTIZATIONS),
-                              ("fp8_activation_scaling", FP8_ACTIVATION_SCALINGS)):
+                              ("fp8_activation_scaling", FP8_ACTIVATION_SCALINGS),
+                              ("fp8_accumulation", FP8_ACCUMULATIONS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"unknown kernel {name.replace('_', ' ')} {value!r}; expected one of {allowed}")

@@ -8,9 +8,13 @@ per-row / per-output-channel scales from ``fp8_quant.quantize_rows`` / ``quantiz
 Backends (``KernelOptions.backend``): CPU tensors -> the plain-torch reference (``routed_linear_fp8_reference``), or
 the Triton kernel under the interpreter with ``backend="triton"``; CUDA tensors on Hopper -> the warp-specialized
 Gluon FP8 kernel (``routed_gemm_fp8_gluon``, backends "auto" and "gluon"), elsewhere (Ada, or ``backend="triton"``)
-the Triton FP8 kernel (``routed_gemm_fp8_triton``), or the reference with ``backend="reference"``. The two GPU
-kernels accumulate in different tile shapes, so their bits differ; each is batch-invariant, and one device and
-every parallel configuration run the same one. ``mode="fast"`` changes nothing here. A GPU without FP8 tensor cores (compute capability < 8.9) raises, naming the GPU.
+the Triton FP8 kernel (``routed_gemm_fp8_triton``), or the reference with ``backend="reference"``. With the
+default promoted accumulation the two GPU kernels give the same bits (each 128-wide K step summed in the MMA, the
+steps added in fp32 in K order; their tiles differ, which changes no row); ``KernelOptions.fp8_accumulation="fast"``
+(the whole K loop in the MMA's accumulator) is faster and its own class of bits, per kernel. Either way a row's
+bits do not depend on the batch, and one device and every parallel configuration run the same kernel.
+``mode="fast"`` changes nothing here. A GPU without FP8 tensor cores (compute capability < 8.9) raises, naming the
+GPU.
 
 The model's FP8 projections (``KernelOptions(quantization="fp8")``) call ``routed_linear_fp8``: activations in the
 model's dtype are quantized per row by ``quantize_activation_rows`` — the one place the model's activations become
@@ -27,6 +31,8 @@ model construction (``require_fp8_support``) and at the call; there is no silent
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ._dispatch import resolve_backend, use_gluon
@@ -37,8 +43,8 @@ from .fp8_quant import (QuantizedRows, dequantize_row_groups, dequantize_tensor,
 from .fp8_quant_triton import quantize_rows_triton
 from .routed_linear_fp8_reference import (Activation, check_fp8_routed, routed_gemm_fp8_dequantized_reference,
                                           routed_gemm_fp8_reference)
-from .routed_gemm_fp8_gluon import routed_gemm_fp8_gluon
-from .routed_gemm_fp8_triton import require_fp8_tensor_cores, routed_gemm_fp8_triton
+from .routed_gemm_fp8_gluon import fp8_gluon_config, routed_gemm_fp8_gluon
+from .routed_gemm_fp8_triton import fp8_gemm_config, require_fp8_tensor_cores, routed_gemm_fp8_triton
 
 
 def routed_gemm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegments | None, wq: torch.Tensor,
@@ -53,10 +59,14 @@ def routed_gemm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegm
     if reference:
         return routed_gemm_fp8_reference(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype)
     ids = device_expert_ids(routing, expert_ids, wq.shape[0], xq.device)
-    if use_gluon(xq.device, out_dtype, opts):  # Hopper: the warp-specialized kernel (its own FP8 bits)
-        return routed_gemm_fp8_gluon(xq, x_scale, wq, w_scale, bias, ids, activation == "swiglu", residual,
-                                     out_dtype, segments=None if routing is None else routing.segments)
-    return routed_gemm_fp8_triton(xq, x_scale, wq, w_scale, bias, ids, activation == "swiglu", residual, out_dtype)
+    swiglu, promoted = activation == "swiglu", opts.fp8_accumulation == "promoted"
+    n, k = wq.shape[2], wq.shape[3]
+    if use_gluon(xq.device, out_dtype, opts):  # Hopper: the warp-specialized kernel
+        return routed_gemm_fp8_gluon(xq, x_scale, wq, w_scale, bias, ids, swiglu, residual, out_dtype,
+                                     segments=None if routing is None else routing.segments,
+                                     config=fp8_gluon_config(n, k, swiglu, promote=promoted))
+    return routed_gemm_fp8_triton(xq, x_scale, wq, w_scale, bias, ids, swiglu, residual, out_dtype,
+                                  config=replace(fp8_gemm_config(n, k, swiglu), precise_acc=promoted))
 
 
 def quantize_activation_rows(x: torch.Tensor, options: KernelOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: MoT projections with float8_e4m3fn weights (per-channel scales) and per-row quantized "
                         "activations: its own exactness class, OTHER OUTPUT BITS than none (CUDA: compute "
                         "capability >= 8.9)")
+    p.add_argument("--fp8-accumulation", default="promoted", choices=["promoted", "fast"],
+                   help="with --quantization fp8 on a GPU: promoted = an fp32 add after every 128-wide K step "
+                        "(DeepSeek-V3's scheme); fast = the whole K loop in the tensor core's accumulator, faster, "
+                        "OTHER OUTPUT BITS (no effect on CPU)")
     return p
 
 
@@ -219,7 +223,8 @@ def load_pipeline(args):
     ``--weights-seed``."""
     from .pipeline import BagelPipeline
 
-    kernels = KernelOptions(mode=args.kernels, quantization=args.quantization)
+    kernels = KernelOptions(mode=args.kernels, quantization=args.quantization,
+                            fp8_accumulation=args.fp8_accumulation)
     if args.checkpoint:
         return BagelPipeline.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, kernels=kernels,
                                              byte_tokenizer=args.byte_tokenizer)
@@ -325,7 +330,8 @@ def _run_split(args, prompt: list[str], image):
     dtype = resolve_dtype(args.dtype, args.device)
     spec = ModelSpec(preset=args.config, seed=args.weights_seed, device=args.device, checkpoint=args.checkpoint,
                      dtype=str(dtype).replace("torch.", ""), threads=args.threads, byte_tokenizer=args.byte_tokenizer,
-                     kernels=KernelOptions(mode=args.kernels, quantization=args.quantization))
+                     kernels=KernelOptions(mode=args.kernels, quantization=args.quantization,
+                                           fp8_accumulation=args.fp8_accumulation))
     cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
     if not args.checkpoint:
         check_fits(cfg, dtype, args.device, copies=2)  # one model per stage process

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=("none", "fp8"), default="none",
                    help="fp8: FP8 MoT projections (their own exactness class: parallel == single bit for bit among "
                         "FP8 runs, other bits than none); an FP8 checkpoint always runs fp8")
+    p.add_argument("--fp8-accumulation", choices=("promoted", "fast"), default="promoted",
+                   help="with --quantization fp8 on GPUs: the FP8 GEMM's K summation (fast: its own bits; no effect "
+                        "on CPU)")
     return p
 
 
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg.llm.num_hidden_layers = args.layers
         model = BagelModel.random(cfg, seed=args.weights_seed, dtype=dtype, device=device)
         tok = BagelTokenizer.from_directory(None)
-    model.kernels = KernelOptions(mode=args.kernels, quantization="fp8" if model.is_fp8 else args.quantization)
+    model.kernels = KernelOptions(mode=args.kernels, quantization="fp8" if model.is_fp8 else args.quantization,
+                                  fp8_accumulation=args.fp8_accumulation)
     model.pack_experts()  # --quantization fp8: quantize the projections now, on every rank alike
     model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
     cfg = model.cfg

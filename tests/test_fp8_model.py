@@ -198,6 +198,10 @@ def test_unknown_quantization_names_are_errors(tmp_path, base):
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--prompt", "x", "--quantization", "int8"])
+    with pytest.raises(ValueError, match=r"unknown kernel fp8 accumulation 'slow'; expected one of \('promoted', "):
+        KernelOptions(fp8_accumulation="slow")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--prompt", "x", "--fp8-accumulation", "slow"])
 
 
 def test_an_fp8_model_run_without_fp8_kernels_is_a_clear_error(fp8):
@@ -250,8 +254,10 @@ gpu_fp8 = pytest.mark.skipif(not ON_GPU or (ON_GPU and torch.cuda.get_device_cap
 
 
 @gpu_fp8
-def test_gpu_fp8_pipeline_is_batch_invariant_and_close_to_bf16():
-    p = BagelPipeline.from_preset("tiny", device="cuda", quantization="fp8")
+@pytest.mark.parametrize("accumulation", ["promoted", "fast"])
+def test_gpu_fp8_pipeline_is_batch_invariant_and_close_to_bf16(accumulation):
+    p = BagelPipeline.from_preset("tiny", device="cuda",
+                                  kernels=KernelOptions(quantization="fp8", fp8_accumulation=accumulation))
     p.set_progress_bar_config(disable=True)
     ref = BagelPipeline.from_preset("tiny", device="cuda")
     ref.set_progress_bar_config(disable=True)
