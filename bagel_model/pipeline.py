@@ -247,13 +247,13 @@ class BagelPipeline:
         device = check_device(device)
         dtype = resolve_dtype(dtype, device)
         cfg = BagelConfig.preset(name)
-        if check_memory:
-            check_fits(cfg, dtype, device)  # refuse with the number before allocating
+        opts = _kernel_options(kernels, quantization)
+        if check_memory:  # refuse with the number before allocating
+            check_fits(cfg, dtype, device, quantization=(opts or default_options()).quantization)
         seed = 0 if weights_seed is None else _integer("weights_seed", weights_seed)
         if not 0 <= seed < 2**64:
             raise ValueError(f"weights_seed must be in [0, 2**64), got {seed}")
-        model = BagelModel.random(cfg, seed=seed, dtype=dtype, device=device,
-                                  kernels=_kernel_options(kernels, quantization))
+        model = BagelModel.random(cfg, seed=seed, dtype=dtype, device=device, kernels=opts)
         return cls(model, BagelTokenizer.from_directory(None))
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

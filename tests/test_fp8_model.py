@@ -301,3 +301,21 @@ def test_fp8_sweep_every_exact_config_matches_single(tmp_path, base):
     kw = dict(height=h, width=w, num_inference_steps=3, seed=0)
     assert _pipe(quantization="fp8")("a red cube", **kw).latent_md5s[0] == single
     assert base("a red cube", **kw).latent_md5s[0] != single
+
+
+def test_memory_check_counts_fp8_projection_weights():
+    """A 24 GB card fits BAGEL-7B-MoT with FP8 projections, not in bf16: the estimate counts one byte per projection
+    weight, an fp32 scale per output channel, and one float layer in flight while the model is placed (measured on
+    an H100, 2026-12-07: 27.56 GiB after a bf16 build, 15.47 GiB after an FP8 build whose peak was 16.59 GiB)."""
+    from bagel_model.core.config import BagelConfig
+    from bagel_model.core.memory import InsufficientMemoryError, check_fits, weight_bytes
+
+    cfg = BagelConfig.preset("bagel-7b-mot")
+    bf16, fp8 = weight_bytes(cfg, torch.bfloat16), weight_bytes(cfg, torch.bfloat16, "fp8")
+    assert 27 * 2**30 < bf16 < 28 * 2**30 and 15.5 * 2**30 < fp8 < 16.6 * 2**30
+    card = 22 * 2**30  # free on a 24 GB card
+    assert check_fits(cfg, torch.bfloat16, "cpu", available=card, quantization="fp8") == fp8
+    with pytest.raises(InsufficientMemoryError, match="in bfloat16 needs ~27.4 GiB"):
+        check_fits(cfg, torch.bfloat16, "cpu", available=card)
+    with pytest.raises(InsufficientMemoryError, match="with FP8 projections needs ~16.1 GiB"):
+        check_fits(cfg, torch.bfloat16, "cpu", available=8 * 2**30, quantization="fp8")

@@ -200,8 +200,8 @@ def from_pretrained(directory: str, device: torch.device | str = "cpu", dtype: t
         from .memory import check_fits
 
         check_fits(cfg, dtype, "cpu")  # loaded on the host first
-        if torch.device(device).type == "cuda":
-            check_fits(cfg, dtype, device)
+        if torch.device(device).type == "cuda":  # placed layer by layer: FP8 arrives quantized
+            check_fits(cfg, dtype, device, quantization=(kernels or default_options()).quantization)
     with torch.device("meta"):
         model = BagelModel(cfg, kernels)
     model = model.to_empty(device="cpu")
