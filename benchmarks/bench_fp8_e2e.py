@@ -1,0 +1,85 @@
+"""FP8 end to end (issue #30): text to image through ``pipe(...)`` with FP8 projections against bf16 exact in the
+same process — seconds per image after a warm-up request, GPU memory (after the model is built, the build's peak, the
+generation's peak), and the FP8 image's distance from bf16's (final-latent relative error, decoded PSNR/SSIM) on the
+preset's random weights. Modes: ``none`` (bf16 exact, the peer), ``fp8`` (promoted accumulation, the default) and
+``fp8-fast`` (``KernelOptions(fp8_accumulation="fast")``).
+
+    python -m benchmarks.bench_fp8_e2e [--preset bagel-7b-mot] [--size 1024] [--steps 50] [--modes none fp8 fp8-fast]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from bagel_kernels import KernelOptions
+from bagel_model.pipeline import BagelPipeline
+from scripts.calibrate_cache import image_metrics, relative_error
+
+from .common import add_output_args, emit, require_cuda, row
+
+MODES = {"none": KernelOptions(),
+         "fp8": KernelOptions(quantization="fp8"),
+         "fp8-fast": KernelOptions(quantization="fp8", fp8_accumulation="fast")}
+GIB = 2 ** 30
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench_fp8_e2e", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bagel-7b-mot")
+    ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                    help="none is the peer every other mode is compared with (run it first)")
+    return add_output_args(ap)
+
+
+def run_mode(a: argparse.Namespace, kernels: KernelOptions) -> dict:
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    pipe = BagelPipeline.from_preset(a.preset, device="cuda", kernels=kernels)
+    built, build_peak = torch.cuda.memory_allocated() / GIB, torch.cuda.max_memory_allocated() / GIB
+    torch.cuda.reset_peak_memory_stats()
+    pipe.set_progress_bar_config(disable=True)
+    pipe("warm up", height=a.size, width=a.size, num_inference_steps=3)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = pipe("a photo of a red cube on a wooden table", height=a.size, width=a.size, num_inference_steps=a.steps,
+               output_type="np")
+    torch.cuda.synchronize()
+    secs = time.perf_counter() - t0
+    return {"out": out, "secs": secs, "built": built, "build_peak": build_peak,
+            "peak": torch.cuda.max_memory_allocated() / GIB}
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    require_cuda("bench_fp8_e2e")
+    shape = f"{a.preset} text2img {a.size}² {a.steps} steps, random weights"
+    res: dict[str, dict] = {}
+    rows = []
+    for mode in a.modes:
+        r = res[mode] = run_mode(a, MODES[mode])
+        print(f"{mode}: {r['secs']:.3f} s/image, {r['built']:.2f} GiB after build (peak {r['build_peak']:.2f}), "
+              f"generation peak {r['peak']:.2f} GiB, latent md5 {r['out'].latent_md5s[0]}", flush=True)
+        name = "bf16 exact" if mode == "none" else mode
+        peer = res.get("none")
+        rows.append(row(f"{name} end to end", shape, "s/image", r["secs"], "bf16 exact" if peer else "",
+                        peer["secs"] if peer and mode != "none" else None))
+        rows.append(row(f"{name} peak memory (generation)", shape, "GiB", r["peak"]))
+        rows.append(row(f"{name} memory after build (build peak {r['build_peak']:.2f})", shape, "GiB", r["built"]))
+        if peer and mode != "none":
+            img = lambda o: np.round(o.images[0] * 255).astype(np.uint8)  # noqa: E731
+            err = relative_error(r["out"].latents[0], peer["out"].latents[0])
+            psnr, ssim = image_metrics(img(peer["out"]), img(r["out"]))
+            print(f"{mode} vs bf16: latent rel err {err:.4g}, PSNR {psnr:.2f} dB, SSIM {ssim:.4f}", flush=True)
+            rows.append(row(f"{name} final-latent error vs bf16", shape, "rel err", err))
+            rows.append(row(f"{name} decoded PSNR vs bf16", shape, "dB", psnr))
+    emit(rows, a)
+
+
+if __name__ == "__main__":
+    main()
