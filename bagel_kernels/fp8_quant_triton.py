@@ -68,13 +68,19 @@ def _warps(block: int) -> int:
     return 16 if block >= 16384 else 8 if block >= 2048 else 4
 
 
-def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) in a float dtype -> (codes (M, K) e4m3fn, scale (M,) fp32): ``fp8_quant.quantize_rows``'s bits."""
+def row_quantizer_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A row producer's input with unit column stride, and its outputs: codes (M, K) e4m3fn, scales (M,) fp32."""
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    return (x, torch.empty(m, k, dtype=FP8_DTYPE, device=x.device),
+            torch.empty(m, dtype=torch.float32, device=x.device))
+
+
+def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) in a float dtype -> (codes (M, K) e4m3fn, scale (M,) fp32): ``fp8_quant.quantize_rows``'s bits."""
+    x, q, s = row_quantizer_buffers(x)
+    m, k = x.shape
     if m == 0:
         return q, s
     block = triton.next_power_of_2(k)

@@ -6,8 +6,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import triton_interpreting
-from .fp8_quant import FP8_DTYPE
-from .fp8_quant_triton import quantize_row_block
+from .fp8_quant_triton import quantize_row_block, row_quantizer_buffers
 
 
 @triton.jit
@@ -50,11 +49,8 @@ def rms_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, exper
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_rows(rms_norm_triton(x, ...))`` in one pass: (codes (M, H) e4m3fn, scale (M,) fp32), the same bits
     (the same normalization code, then ``quantize_row_block``) without the bf16 rows ever reaching memory."""
+    x, q, s = row_quantizer_buffers(x)
     m, h = x.shape
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    q = torch.empty(m, h, dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty(m, dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s
     block = triton.next_power_of_2(h)

@@ -38,6 +38,31 @@ def build_parser() -> argparse.ArgumentParser:
     return add_output_args(p)
 
 
+def projection_case(m: int, pname: str, n: int, k: int, swiglu: bool, dev: str = "cuda",
+                    dt: torch.dtype = torch.bfloat16):
+    """Random operands of one projection with the model's epilogue: (parts, weight, x, bias, residual, TFLOP/s of a
+    time in ms)."""
+    p = 2 if swiglu else 1
+    w = torch.randn(2, p, n, k, device=dev, dtype=dt) * 0.02
+    x = torch.randn(m, k, device=dev, dtype=dt)
+    bias = torch.randn(2, p, n, device=dev, dtype=dt) * 0.02 if EPILOGUE[pname] == "bias" else None
+    res = torch.randn(m, n, device=dev, dtype=dt) if EPILOGUE[pname] == "residual" else None
+    return p, w, x, bias, res, lambda ms: 2 * m * n * k * p / (ms * 1e-3) / 1e12
+
+
+def cases(sets: dict[str, bk.ExpertSegments]) -> Iterator[tuple]:
+    """Every (row set, projection) case: (routing, its device expert ids, (name, N, K, swiglu), ``projection_case``,
+    the row's shape label)."""
+    torch.manual_seed(0)
+    for tname, routing in sets.items():
+        m = routing.num_tokens
+        ids = routing.expert_ids("cuda")
+        for pname, n, k, swiglu in PROJECTIONS:
+            case = projection_case(m, pname, n, k, swiglu)
+            shape = f"{tname} {pname}{' +' + EPILOGUE[pname] if EPILOGUE[pname] else ''} M={m} N={n * case[0]} K={k}"
+            yield routing, ids, (pname, n, k, swiglu), case, shape
+
+
 def sweep_token_sets() -> dict[str, bk.ExpertSegments]:
     """The row sets of issue #32's targets: generation steps (latents on the generation expert, 4 marker rows on
     the understanding expert), img2img, its prefill, and an SP rank's share of the 1024² step."""
@@ -71,64 +96,41 @@ def sweep_variants(swiglu: bool) -> dict[str, dict]:
 def run_sweep(args: argparse.Namespace) -> Iterator[dict]:
     from bagel_kernels.routed_gemm_gluon import BLOCK_K, launch_routed_gemm_ws
 
-    dev, dt = "cuda", torch.bfloat16
-    torch.manual_seed(0)
-    for tname, routing in sweep_token_sets().items():
+    for routing, ids, (pname, n, k, swiglu), (p, w, x, bias, res, tf), shape in cases(sweep_token_sets()):
         m = routing.num_tokens
-        ids = routing.expert_ids(dev)
-        for pname, n, k, swiglu in PROJECTIONS:
-            p = 2 if swiglu else 1
-            w = torch.randn(2, p, n, k, device=dev, dtype=dt) * 0.02
-            x = torch.randn(m, k, device=dev, dtype=dt)
-            bias = torch.randn(2, p, n, device=dev, dtype=dt) * 0.02 if EPILOGUE[pname] == "bias" else None
-            res = torch.randn(m, n, device=dev, dtype=dt) if EPILOGUE[pname] == "residual" else None
-            tf = lambda ms: 2 * m * n * k * p / (ms * 1e-3) / 1e12  # noqa: E731
-            shape = f"{tname} {pname}{' +' + EPILOGUE[pname] if EPILOGUE[pname] else ''} M={m} N={n * p} K={k}"
-            dense = tf(bench_ms(projection_peers(x, ids.bool(), w, swiglu, True, bias, res)["dense cuBLAS"], True))
-            out = torch.empty(m, n, device=dev, dtype=dt)
-            want = None
-            for vname, v in sweep_variants(swiglu).items():
-                def f(v: dict = v) -> torch.Tensor:
-                    return launch_routed_gemm_ws(x, w, out, bias, ids, swiglu, res, routing.segments,
-                                                 v["split_tail"], v["block_n"], BLOCK_K, v["stages"],
-                                                 group_m=v["group_m"])
-                got = f().clone()
-                want = got if want is None else want
-                same = "same bits" if torch.equal(got, want) else "BITS DIFFER"
-                yield row(f"routed GEMM exact (gluon) {vname} ({same})", shape, "TFLOP/s", tf(bench_ms(f, True)),
-                          "dense cuBLAS", dense)
-            yield row("peer dense cuBLAS", shape, "TFLOP/s", dense)
+        dense = tf(bench_ms(projection_peers(x, ids.bool(), w, swiglu, True, bias, res)["dense cuBLAS"], True))
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        want = None
+        for vname, v in sweep_variants(swiglu).items():
+            def f(v: dict = v) -> torch.Tensor:
+                return launch_routed_gemm_ws(x, w, out, bias, ids, swiglu, res, routing.segments,
+                                             v["split_tail"], v["block_n"], BLOCK_K, v["stages"],
+                                             group_m=v["group_m"])
+            got = f().clone()
+            want = got if want is None else want
+            same = "same bits" if torch.equal(got, want) else "BITS DIFFER"
+            yield row(f"routed GEMM exact (gluon) {vname} ({same})", shape, "TFLOP/s", tf(bench_ms(f, True)),
+                      "dense cuBLAS", dense)
+        yield row("peer dense cuBLAS", shape, "TFLOP/s", dense)
 
 
 def run(args: argparse.Namespace) -> Iterator[dict]:
     graph = not args.no_graph
     exact = bk.KernelOptions(backend=args.backend)
     fast = bk.KernelOptions(backend=args.backend, mode="fast")
-    dev, dt = "cuda", torch.bfloat16
-    torch.manual_seed(0)
-    for tname, routing in token_sets().items():
-        m = routing.num_tokens
-        ids = routing.expert_ids(dev)
-        for pname, n, k, swiglu in PROJECTIONS:
-            p = 2 if swiglu else 1
-            w = torch.randn(2, p, n, k, device=dev, dtype=dt) * 0.02
-            x = torch.randn(m, k, device=dev, dtype=dt)
-            act = "swiglu" if swiglu else None
-            bias = torch.randn(2, p, n, device=dev, dtype=dt) * 0.02 if EPILOGUE[pname] == "bias" else None
-            res = torch.randn(m, n, device=dev, dtype=dt) if EPILOGUE[pname] == "residual" else None
-            tf = lambda ms: 2 * m * n * k * p / (ms * 1e-3) / 1e12  # noqa: E731
-            shape = f"{tname} {pname}{' +' + EPILOGUE[pname] if EPILOGUE[pname] else ''} M={m} N={n * p} K={k}"
-            peers = {name: tf(bench_ms(f, graph))
-                     for name, f in projection_peers(x, ids.bool(), w, swiglu, graph, bias, res).items()}
-            dense = peers["dense cuBLAS"]
-            ours = tf(bench_ms(lambda: bk.routed_linear(x, routing, w, bias, activation=act, residual=res,
-                                                            expert_ids=ids, options=exact),
-                               graph))
-            ours_fast = tf(bench_ms(lambda: bk.routed_linear(x, routing, w, bias, activation=act, residual=res,
-                                                                 options=fast), graph))
-            yield row(f"routed GEMM exact ({args.backend})", shape, "TFLOP/s", ours, "dense cuBLAS", dense)
-            yield row("routed GEMM fast", shape, "TFLOP/s", ours_fast, "dense cuBLAS", dense)
-            yield from [row(f"peer {name}", shape, "TFLOP/s", val) for name, val in peers.items()]
+    for routing, ids, (pname, n, k, swiglu), (p, w, x, bias, res, tf), shape in cases(token_sets()):
+        act = "swiglu" if swiglu else None
+        peers = {name: tf(bench_ms(f, graph))
+                 for name, f in projection_peers(x, ids.bool(), w, swiglu, graph, bias, res).items()}
+        dense = peers["dense cuBLAS"]
+        ours = tf(bench_ms(lambda: bk.routed_linear(x, routing, w, bias, activation=act, residual=res,
+                                                        expert_ids=ids, options=exact),
+                           graph))
+        ours_fast = tf(bench_ms(lambda: bk.routed_linear(x, routing, w, bias, activation=act, residual=res,
+                                                             options=fast), graph))
+        yield row(f"routed GEMM exact ({args.backend})", shape, "TFLOP/s", ours, "dense cuBLAS", dense)
+        yield row("routed GEMM fast", shape, "TFLOP/s", ours_fast, "dense cuBLAS", dense)
+        yield from [row(f"peer {name}", shape, "TFLOP/s", val) for name, val in peers.items()]
 
 
 def main(argv: list[str] | None = None) -> None:
