@@ -55,9 +55,14 @@ class QuantizedRows(NamedTuple):
 
 
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """fp32 scale = amax / 448, and 1.0 where the group is all zeros (amax == 0; NaN amax stays NaN)."""
+    """fp32 scale = amax / 448, and 1.0 where the group is all zeros (amax == 0; NaN amax stays NaN).
+
+    The divisor is a tensor on amax's device, not the Python float: on CUDA, torch divides by a CPU scalar as a
+    multiplication by its reciprocal (1/448 is inexact, so about half the scales would be one ulp off the correctly
+    rounded quotient the CPU and the Triton quantizers compute, and weights quantized on a GPU would differ from
+    the same weights quantized on the CPU)."""
     amax = amax.float()
-    return torch.where(amax == 0, torch.ones_like(amax), amax / FP8_MAX)
+    return torch.where(amax == 0, torch.ones_like(amax), amax / torch.full_like(amax, FP8_MAX))
 
 
 def _cast(x_over_scale: torch.Tensor) -> torch.Tensor:

@@ -341,11 +341,25 @@ def test_gpu_gluon_and_triton_kernels_agree_and_split_keeps_bits(swiglu, bias, r
 
 @gpu_only
 def test_gpu_quantizers_match_torch_quantize_rows():
-    """The one-pass quantizer and the quantizing RMSNorm give ``quantize_rows``'s codes and scales on the GPU."""
+    """The one-pass quantizer and the quantizing RMSNorm give ``quantize_rows``'s codes and scales on the GPU, and
+    those are the CPU reference's (the scale's division is correctly rounded on both devices)."""
     from bagel_kernels.fp8_quant_triton import quantize_rows_triton
     from bagel_kernels.norms_triton import rms_norm_fp8_triton, rms_norm_triton
 
     _check_quantizers(quantize_rows_triton, rms_norm_fp8_triton, rms_norm_triton, "cuda")
+    x = torch.randn(4096, 512, generator=torch.Generator().manual_seed(1)) * 7
+    cpu, gpu = fq.quantize_rows(x), fq.quantize_rows(x.cuda())
+    assert torch.equal(gpu[1].cpu(), cpu[1]) and torch.equal(gpu[0].cpu().view(torch.uint8), cpu[0].view(torch.uint8))
+
+
+def test_scales_are_the_correctly_rounded_quotient():
+    """scale = amax / 448 rounded once (checked against float64): not amax * (1/448), which torch computes on CUDA
+    for a Python-float divisor and which is one ulp off for about half the values."""
+    amax = torch.rand(100000, generator=torch.Generator().manual_seed(2)) * 1000 + 1e-3
+    devices = ["cpu"] + (["cuda"] if ON_GPU else [])
+    for dev in devices:
+        got = fq._scale_from_amax(amax.to(dev)).cpu()
+        assert torch.equal(got, (amax.double() / 448).float()), dev
 
 
 # ---------------------------------------------------------------- the Triton quantizers (interpreter and GPU)
