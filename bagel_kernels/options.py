@@ -59,7 +59,7 @@ class KernelOptions:
     - ``fp8_accumulation``: how the GPU's FP8 GEMM sums along K. "promoted" (default) — each 128-wide K step in the
       tensor core's accumulator, then an fp32 add per step (DeepSeek-V3's promotion; Hopper's FP8 MMA keeps fewer
       than fp32's bits while it accumulates). "fast" — the whole K loop in the MMA's accumulator (what
-      ``torch._scaled_mm(use_fast_accum=True)`` and most FP8 deployments do): 1.3-1.4x the promoted GEMM on an H100
+      ``torch._scaled_mm(use_fast_accum=True)`` and most FP8 deployments do): 1.18-1.45x the promoted GEMM on an H100
       at 0.2-0.4 % more relative error (benchmarks/RESULTS.md). Each is its own exactness class on the GPU (still
       batch- and parallel-invariant: the accumulation is fixed per weight shape); the CPU reference sums in fp32
       either way. Ignored when ``quantization="none"``.
