@@ -155,8 +155,6 @@ def run_rows(args: argparse.Namespace, m_gen: int) -> Iterator[dict]:
                                                  segments=routing.segments, config=cfg)
                 yield row(f"fp8 routed GEMM (gluon) {name}", shape, "TFLOP/s", tf(bench_ms(alt)),
                           "torch._scaled_mm rowwise", t_smm)
-        del w, x, xq, wq, y8
-        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> None:
