@@ -17,7 +17,10 @@ first one's fp32 accumulators, so the arithmetic stays the same. The GPU tests c
 Triton kernel, with the split on and off.
 
 Used for 16-bit inputs on compute capability 9.x (see ``_dispatch.gluon_available``); fp32 and the CPU
-interpreter stay on the Triton kernel.
+interpreter stay on the Triton kernel. The FP8 routed GEMM (``routed_gemm_fp8_gluon``) launches this same kernel on
+e4m3 operands through ``launch_routed_gemm_ws``: ``SCALED`` applies its row and channel scales in the epilogue and
+``PROMOTE`` adds each K step's MMA sum to an fp32 accumulator; with both off (the bf16 launches) the compiled
+instructions are the bf16 kernel's as before.
 """
 import functools
 
