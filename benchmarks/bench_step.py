@@ -1,14 +1,15 @@
 """Denoise step and end to end: the packed, graph-replayed step vs a torch.compile'd plain PyTorch step doing the
 same work (``peer_torch_step``), per-image seconds through ``BagelPipeline``, and a batch of requests.
 
-    python -m benchmarks.bench_step --preset bagel-7b-mot --parts check,step,e2e,batch --json $OUT/step.json
+    python -m benchmarks.bench_step --preset bagel-7b-mot --parts check,step,e2e,batch [--quantization fp8] --json $OUT/step.json
 
 Rows: per step (ms, TFLOP/s, GPU busy, peer ms, ratio = peer ms / ours) for text2img (2 jobs: full + no-text, cfg_img
 deduplicated) and img2img (3 jobs) at 1024² and 512²; per image (s, peak GiB) for text2img 1024²/512² and img2img
 1024² at 50 timesteps; a batch of 4 text2img 512² requests vs the same requests one after another. ``check``: graph
 replay == eager bit for bit under ``torch.cuda.set_sync_debug_mode("error")``. Every ``ratio`` (JSON and results
 table) is the speedup of ours over the peer, > 1 = ours faster (``benchmarks.common.speedup``): the step's is peer
-ms / ours, the batch's one-after-another s / batch s.
+ms / ours, the batch's one-after-another s / batch s. ``--quantization fp8`` adds the FP8 model's packed step (same
+weights, quantized; same contexts) with the bf16 exact step of the run as its peer.
 """
 from __future__ import annotations
 
@@ -35,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vit-tokens", type=int, default=4902, help="ViT block length of an img2img context (1024²)")
     p.add_argument("--parts", default="check,step,e2e,batch", help="comma list of: check, step, profile, e2e, batch, reuse")
     p.add_argument("--no-peer", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--quantization", choices=["none", "fp8"], default="none",
+                   help="fp8: also time the step of an FP8 model (same weights, quantized) on the same contexts, "
+                        "against the bf16 step of this run")
     p.add_argument("--json", default=None, help="also write every measurement, with its details, as JSON here")
     return add_output_args(p)
 
@@ -86,7 +90,7 @@ def gpu_busy(fn, iters: int = 3) -> float:
     return got["busy"] / got["wall"]
 
 
-def bench_step(model, args, rows: list) -> None:
+def bench_step(model, args, rows: list, fp8_model=None) -> None:
     from bagel_model.engine.step import GenJob, PackedStep
 
     cfg = model.cfg
@@ -110,6 +114,12 @@ def bench_step(model, args, rows: list) -> None:
             row = dict(subject="denoise_step", mode=mode, size=side, jobs=len(jobs), ctx=lens, ms=round(ms, 3),
                        wall_ms=round(wall, 3), tflops=round(fl / ms / 1e9, 1), gpu_busy=round(busy, 3))
             del eng
+            if fp8_model is not None:  # the FP8 model's step on the same contexts (its KV cache is bf16 too)
+                eng8 = PackedStep(fp8_model)
+                eng8(jobs, xs, ts)
+                ms8, _ = timed(lambda: eng8(jobs, xs, ts), args.iters)
+                row.update(fp8_ms=round(ms8, 3), fp8_gpu_busy=round(gpu_busy(lambda: eng8(jobs, xs, ts)), 3))
+                del eng8
             if not args.no_peer:
                 peer = TorchStep(model, [[ctx.cache.read(i) for i in range(cfg.num_layers)] if ctx.length else None
                                          for ctx in ctxs],
@@ -315,6 +325,13 @@ def main(argv=None) -> int:
     model = BagelModel.random(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
     tok = BagelTokenizer.from_directory(None)
     model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
+    fp8_model = None
+    if args.quantization == "fp8":
+        from bagel_kernels import KernelOptions
+
+        fp8_model = BagelModel.random(cfg, seed=0, dtype=torch.bfloat16, device="cuda",
+                                      kernels=KernelOptions(quantization="fp8"))
+        fp8_model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
     print(f"model ready in {time.time() - t0:.1f} s", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -325,7 +342,7 @@ def main(argv=None) -> int:
         if "check" in parts:
             check_graph(model, tok, rows)
         if "step" in parts:
-            bench_step(model, args, rows)
+            bench_step(model, args, rows, fp8_model)
         if "profile" in parts:
             profile_step(model, args, rows)
         if "e2e" in parts:
@@ -352,6 +369,10 @@ def table_rows(rows: list[dict], args) -> list[dict]:
                            if "peer_ms" in r else "", r.get("peer_ms")))
             out.append(row("denoise step (packed, graph replay)", shape, "TFLOP/s", r["tflops"]))
             out.append(row("denoise step (packed, graph replay)", shape, "GPU busy", r["gpu_busy"]))
+            if "fp8_ms" in r:
+                out.append(row("denoise step fp8 (packed, graph replay)", shape, "ms", r["fp8_ms"],
+                               "bf16 exact packed step", r["ms"]))
+                out.append(row("denoise step fp8 (packed, graph replay)", shape, "GPU busy", r["fp8_gpu_busy"]))
         elif r["subject"] == "end_to_end" and r["phase"] == "warm":
             shape = f"{args.preset} {r['size']}² {r['mode']}, {r['steps']} timesteps"
             out.append(row("end to end (BagelPipeline stages)", shape, "s/image", r["seconds"]))
