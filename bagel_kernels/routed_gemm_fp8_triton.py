@@ -28,7 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._dispatch import triton_interpreting
 from ._launch import _num_programs
-from .routed_gemm_triton import _add_bias, _pow2_at_least, _row_experts
+from .routed_gemm_triton import _add_bias, _pow2_at_least, _row_experts, grouped_tile_origin
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores; Ampere and older do not
 
@@ -141,20 +141,13 @@ def _routed_gemm_fp8(
 ):
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
     out_ty = out_desc.dtype
     P: tl.constexpr = 2 if SWIGLU else 1
     num_tiles = num_m * num_n
     # Dynamic tile queue (as the bf16 kernel): which program computes a tile never changes its arithmetic.
     tile = tl.atomic_add(COUNTER, 1)
     while tile < num_tiles:
-        group = tile // per_group  # grouped order: consecutive programs share weight tiles in L2
-        first_m = group * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % per_group) % size_m
-        pid_n = (tile % per_group) // size_m
-        m0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
+        m0, n0 = grouped_tile_origin(tile, num_m, num_n, GROUP_M, BLOCK_M, BLOCK_N)
         rows = m0 + tl.arange(0, BLOCK_M)
         cols = n0 + tl.arange(0, BLOCK_N)
         ids, lo, hi = _row_experts(IDS, rows, M, HAS_IDS, BLOCK_M)
