@@ -1,4 +1,4 @@
-"""Compile a Gluon kernel for sm_90a on any machine (Triton builds the cubin on the CPU) and summarize the PTX.
+"""Compile a Gluon (or Triton) kernel for sm_90a on any machine (Triton builds the cubin on the CPU) and summarize the PTX.
 
 Used by the Gluon kernels' build tests. The compile runs in a fresh process without the Triton interpreter: under
 the suite's TRITON_INTERPRET=1 Triton's own helpers (tl.cdiv ...) are interpreter objects and a real build fails."""
@@ -10,11 +10,14 @@ import subprocess
 import sys
 
 
-def compile_for_hopper(fn, args: dict, consts: dict, num_warps: int, maxnreg: int):
-    """``fn`` (a gluon.jit kernel) built for sm_90a from example ``args`` (tensors, descriptors, ints) and
-    ``consts`` (its constexpr arguments)."""
+def compile_for_hopper(fn, args: dict, consts: dict, num_warps: int, maxnreg: int | None = None,
+                       num_stages: int | None = None, gluon: bool = True):
+    """``fn`` (a gluon.jit kernel, or a triton.jit one with ``gluon=False``) built for sm_90a from example ``args``
+    (tensors, descriptors, ints) and ``consts`` (its constexpr arguments); ``maxnreg`` / ``num_stages`` are passed
+    to the compiler when given."""
     import triton
     from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
@@ -24,8 +27,10 @@ def compile_for_hopper(fn, args: dict, consts: dict, num_warps: int, maxnreg: in
             signature[name], constexprs[(i,)] = "constexpr", consts[name]
         else:
             signature[name] = mangle_type(args[name])
-    return triton.compile(GluonASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, maxnreg=maxnreg))
+    options = dict(num_warps=num_warps)
+    options.update({k: v for k, v in (("maxnreg", maxnreg), ("num_stages", num_stages)) if v is not None})
+    source = (GluonASTSource if gluon else ASTSource)(fn, signature, constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def ptx_facts(compiled) -> dict:

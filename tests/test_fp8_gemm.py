@@ -419,13 +419,10 @@ def _build_for_hopper(n: int, k: int, swiglu: bool, bias: bool, residual: bool) 
     """Compile the FP8 kernel as the launcher would for these weights (Triton builds the cubin on the CPU)."""
     import re
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import mangle_type
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     from bagel_kernels.routed_gemm_fp8_triton import _routed_gemm_fp8
+    from hopper_build import compile_for_hopper
 
     cfg, m, p = fp8_gemm_config(n, k, swiglu), 256, 2 if swiglu else 1
     xq = torch.empty(m, k, dtype=torch.float8_e4m3fn)
@@ -440,14 +437,7 @@ def _build_for_hopper(n: int, k: int, swiglu: bool, bias: bool, residual: bool) 
     consts = dict(HAS_IDS=True, HAS_BIAS=bias, HAS_RES=residual, SWIGLU=swiglu, BLOCK_M=cfg.BLOCK_M,
                   BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, PRECISE=cfg.precise_acc,
                   INTERPRETER=False, BF16_BITS=False)
-    signature, constexprs = {}, {}
-    for i, name in enumerate(_routed_gemm_fp8.arg_names):
-        if name in consts:
-            signature[name], constexprs[(i,)] = "constexpr", consts[name]
-        else:
-            signature[name] = mangle_type(args[name])
-    c = triton.compile(ASTSource(_routed_gemm_fp8, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    c = compile_for_hopper(_routed_gemm_fp8, args, consts, cfg.num_warps, num_stages=cfg.num_stages, gluon=False)
     ptx = c.asm["ptx"]
     return {"variant": [n, k, swiglu, bias, residual], "shared": c.metadata.shared,
             "fp8_wgmma": bool(re.search(r"wgmma\.mma_async\S*\.f32\.e4m3\.e4m3", ptx)),
