@@ -124,10 +124,9 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
                  for name, f in projection_peers(x, ids.bool(), w, swiglu, graph, bias, res).items()}
         dense = peers["dense cuBLAS"]
         ours = tf(bench_ms(lambda: bk.routed_linear(x, routing, w, bias, activation=act, residual=res,
-                                                        expert_ids=ids, options=exact),
-                           graph))
+                                                    expert_ids=ids, options=exact), graph))
         ours_fast = tf(bench_ms(lambda: bk.routed_linear(x, routing, w, bias, activation=act, residual=res,
-                                                             options=fast), graph))
+                                                         options=fast), graph))
         yield row(f"routed GEMM exact ({args.backend})", shape, "TFLOP/s", ours, "dense cuBLAS", dense)
         yield row("routed GEMM fast", shape, "TFLOP/s", ours_fast, "dense cuBLAS", dense)
         yield from [row(f"peer {name}", shape, "TFLOP/s", val) for name, val in peers.items()]
