@@ -106,8 +106,8 @@ def dequantized_activation(x: torch.Tensor, scaling: str) -> torch.Tensor:
     raise ValueError(f"unknown fp8 activation scaling {scaling!r}; expected one of ('row', 'group128', 'tensor')")
 
 
-def routed_linear_fp8(x: torch.Tensor | QuantizedRows, routing: ExpertSegments | None, wq: torch.Tensor, w_scale: torch.Tensor,
-                      bias: torch.Tensor | None = None, *, activation: Activation = None,
+def routed_linear_fp8(x: torch.Tensor | QuantizedRows, routing: ExpertSegments | None, wq: torch.Tensor,
+                      w_scale: torch.Tensor, bias: torch.Tensor | None = None, *, activation: Activation = None,
                       residual: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None,
                       options: KernelOptions | None = None) -> torch.Tensor:
     """``routed_linear`` with FP8 weights: ``x`` (rows, K) in the activation dtype is quantized per row
@@ -118,24 +118,20 @@ def routed_linear_fp8(x: torch.Tensor | QuantizedRows, routing: ExpertSegments |
     ``options.fp8_activation_scaling`` "group128" / "tensor": the reference on dequantized activations (module
     docstring); NotImplementedError on any other backend."""
     opts = resolve_options(options)
+    if bias is not None and bias.dim() == 3 and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     if isinstance(x, QuantizedRows):  # quantized by its producer (per row)
         if opts.fp8_activation_scaling != "row":
             raise ValueError(f"routed_linear_fp8: per-row quantized input with fp8_activation_scaling="
                              f"{opts.fp8_activation_scaling!r}")
-        if bias is not None and bias.dim() == 3 and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        return routed_gemm_fp8(x.codes, x.scale, routing, wq, w_scale, bias, activation=activation,
-                               residual=residual, out_dtype=x.dtype, expert_ids=expert_ids, options=options)
-    if opts.fp8_activation_scaling != "row":
+        xq, xs = x.codes, x.scale
+    elif opts.fp8_activation_scaling != "row":
         if resolve_backend(x.device, opts) != "reference":
             raise _reference_only(opts.fp8_activation_scaling, x.device)
-        if bias is not None and bias.dim() == 3 and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
         xd = dequantized_activation(x, opts.fp8_activation_scaling)
         return routed_gemm_fp8_dequantized_reference(xd, routing, wq, w_scale, bias, activation, residual, x.dtype)
-    xq, xs = quantize_activation_rows(x, options)
-    if bias is not None and bias.dim() == 3 and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
+    else:
+        xq, xs = quantize_activation_rows(x, options)
     return routed_gemm_fp8(xq, xs, routing, wq, w_scale, bias, activation=activation, residual=residual,
                            out_dtype=x.dtype, expert_ids=expert_ids, options=options)
 
