@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Callable
 
 import torch
 from torch import nn
@@ -119,7 +120,7 @@ class BagelModel(nn.Module):
     def random(cfg: BagelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", kernels: KernelOptions | None = None) -> "BagelModel":
         """Random weights from a seeded generator: identical on every rank and every run (``kernels`` with
-        ``quantization="fp8"``: drawn in ``dtype``, then quantized by ``pack_experts``)."""
+        ``quantization="fp8"``: drawn in ``dtype`` and quantized layer by layer as drawn)."""
         require_fp8_support(kernels, device, dtype)  # before anything is allocated
         with torch.device("meta"):
             model = BagelModel(cfg, kernels)
@@ -127,11 +128,9 @@ class BagelModel(nn.Module):
         # Cast on the meta device, then allocate: a 7B model never exists in fp32 on the GPU.
         model = model.to_dtype(dtype)
         model.eval().requires_grad_(False)
-        fp8 = model.kernels.quantization == "fp8"
         prefix = {m: name for name, m in model.named_modules()}
-        # Allocated, drawn and packed one unit (a decoder layer, or another top-level module) at a time: with FP8
-        # each layer is quantized before the next is drawn, so peak memory is the FP8 model plus one float layer.
-        for unit in model.placement_units():
+
+        def draw(unit: nn.Module) -> None:
             unit.to_empty(device=device)
             # Initialize where the weights live (a 7B model would take minutes on one CPU thread), with a
             # counter-based generator: each value is a hash of (seed, parameter name, element index), so the weights
@@ -148,9 +147,10 @@ class BagelModel(nn.Module):
                 else:
                     std = 0.02 if p.dim() == 1 or not name.startswith("vae.") else (1.0 / max(1, p[0].numel())) ** 0.5
                     counter_normal_(p.data, std, seed, name)
-            model._pack_unit(unit, fp8)
-        for c in model._containers():
-            model._pack_unit(c, fp8, recurse=False)
+
+        # Allocated, drawn and packed one unit (a decoder layer, or another top-level module) at a time: with FP8
+        # each layer is quantized before the next is drawn, so peak memory is the FP8 model plus one float layer.
+        model._pack_units(draw)
         model.reset_position_ids()
         return model
 
@@ -172,6 +172,18 @@ class BagelModel(nn.Module):
         body = self.language_model.model
         return [self, self.language_model, body]
 
+    def _pack_units(self, prepare: Callable[[nn.Module], None] | None = None) -> "BagelModel":
+        """For each placement unit in turn: ``prepare`` it (allocate and draw, or move), then pack it; then the
+        containers' own packs (the final norm's)."""
+        fp8 = self.kernels.quantization == "fp8"
+        for unit in self.placement_units():
+            if prepare is not None:
+                prepare(unit)
+            self._pack_unit(unit, fp8)
+        for c in self._containers():
+            self._pack_unit(c, fp8, recurse=False)
+        return self
+
     def _pack_unit(self, unit: nn.Module, fp8: bool, recurse: bool = True) -> None:
         """Build ``unit``'s expert packs (FP8 ones quantized), then hand the replaced storage back to the device.
         ``recurse=False``: only the packs of ``unit`` itself (a container's, such as the final norm's)."""
@@ -185,15 +197,9 @@ class BagelModel(nn.Module):
     def place(self, device: torch.device | str) -> "BagelModel":
         """Move to ``device`` unit by unit, packing (with FP8: quantizing) each unit right after it lands: a model
         loaded in bf16 on the host reaches the GPU as FP8 without the whole bf16 copy ever being there."""
-        fp8 = self.kernels.quantization == "fp8"
-        if fp8:
+        if self.kernels.quantization == "fp8":
             require_fp8_support(self.kernels, device, self.dtype)
-        for unit in self.placement_units():
-            unit.to(device)
-            self._pack_unit(unit, fp8)
-        for c in self._containers():
-            self._pack_unit(c, fp8, recurse=False)
-        return self
+        return self._pack_units(lambda unit: unit.to(device))
 
     def pack_experts(self) -> "BagelModel":
         """Build every per-expert pack now (they are otherwise built on first use), layer by layer, handing the
@@ -202,14 +208,9 @@ class BagelModel(nn.Module):
 
         With ``self.kernels.quantization == "fp8"`` (or weights that are FP8 codes already) the MoT projections'
         packs are FP8: quantized here, once, per output channel, their float copies dropped (``ExpertPack``)."""
-        fp8 = self.kernels.quantization == "fp8"
-        if fp8:
+        if self.kernels.quantization == "fp8":
             require_fp8_support(self.kernels, self.device, self.dtype)
-        for unit in self.placement_units():
-            self._pack_unit(unit, fp8)
-        for c in self._containers():
-            self._pack_unit(c, fp8, recurse=False)
-        return self
+        return self._pack_units()
 
     def reset_position_ids(self) -> None:
         """Refill SigLIP's ``position_ids`` arange buffer (not stored in checkpoints, uninitialized after to_empty)."""
