@@ -10,6 +10,9 @@ Scales are fp32 and multiply back: ``x ~= q.float() * scale``. Five granularitie
 - ``quantize_tensor``: one scale for the whole tensor -> scale () (0-dim). For activations it is NOT row-local: a
   row's codes depend on every other row's values (a comparison mode for accuracy studies; see
   ``KernelOptions.fp8_activation_scaling``).
+- ``quantize_rows_static``: activations (M, K) with a scale fixed in advance per row (not from the row's values):
+  the RMSNorm-bound scale ``norm_bound_scale`` of the QKV input (``KernelOptions.fp8_activation_scaling=
+  "qkv_bound"``). Row-local like per-row scaling, and every token shares one grid like per-tensor scaling.
 
 Arithmetic (the same for all five; a fused quantization kernel must reproduce it to give the same codes):
 ``amax`` = max |x| over the group in fp32; ``scale = amax / 448`` (fp32 division, correctly rounded), except that an
@@ -109,6 +112,36 @@ def _pad_to(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = pad
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def norm_bound_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Static FP8 scale of an RMSNorm's output, per expert: weight (E, K) -> fp32 (E,) = sqrt(K) * max|w_e| / 448.
+
+    The bound: for any row, ``sum_j x_j^2 = K * mean(x^2) <= K * (mean(x^2) + eps)``, so ``|x_i| / rms(x) <=
+    sqrt(K)`` and every normalized output ``|w_i x_i / rms(x)| <= sqrt(K) max|w|``: no row's codes can pass 448
+    (beyond the bf16 roundings of the normalized value, which the clamp absorbs) whatever the input, so the scale
+    can be a constant of the weights. Each factor in fp32, correctly rounded (sqrt, product, quotient), so the
+    fused Triton norm computes the same bits from the same weight row. An all-zero weight gets 1.0 (zero rule); a
+    NaN weight gives NaN."""
+    _check_float(weight, "norm_bound_scale", 2)
+    if weight.dim() != 2:
+        raise ValueError(f"norm_bound_scale: expects weights (experts, K), got shape {tuple(weight.shape)}")
+    w = weight.float()
+    root_k = torch.sqrt(torch.full((), float(w.shape[1]), dtype=torch.float32, device=w.device))
+    return _scale_from_amax(root_k * w.abs().amax(dim=1))
+
+
+def quantize_rows_static(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) with a given fp32 scale per row (M,) -> (codes (M, K), scale (M,)): ``q = x / scale`` clamped and
+    cast as everywhere here. A row holding a NaN or an inf gets scale NaN in the output (its codes alone would have
+    clamped an inf to 448: a number), so whatever reads the row dequantizes NaN, as with the computed scales."""
+    _check_float(x, "quantize_rows_static", 2)
+    if x.dim() != 2 or scale.shape != (x.shape[0],):
+        raise ValueError(f"quantize_rows_static: expects x (rows, K) and scale (rows,), got {tuple(x.shape)} and "
+                         f"{tuple(scale.shape)}")
+    xf, scale = x.float(), scale.float()
+    bad = ~torch.isfinite(xf).all(dim=1)
+    return _cast(xf / scale[:, None]), torch.where(bad, torch.full_like(scale, float("nan")), scale)
 
 
 def quantize_row_groups(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:

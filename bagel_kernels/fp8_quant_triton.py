@@ -36,20 +36,36 @@ def _round_to_e4m3_grid(q):
 
 
 @triton.jit
+def scale_from_amax(amax):
+    """``fp8_quant._scale_from_amax``: amax / 448 correctly rounded, 1.0 for zero (NaN stays NaN)."""
+    return tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 448.0))
+
+
+@triton.jit
+def block_amax(v, ok):
+    """max |v| over the unmasked entries of a 1-D block, NaN if any is NaN (Triton's max would skip it)."""
+    amax = tl.max(tl.where(ok, tl.abs(v), 0.0), 0)
+    nan = tl.sum(tl.where(ok & (v != v), 1, 0), 0) > 0
+    return tl.where(nan, float("nan"), amax)
+
+
+@triton.jit
 def quantize_row_block(y, ok, INTERPRETER: tl.constexpr = False):
     """(codes e4m3, fp32 scale) of the fp32 row ``y`` (a 1-D block; ``ok`` masks its columns)."""
-    a = tl.where(ok, tl.abs(y), 0.0)
-    amax = tl.max(a, 0)
-    nan = tl.sum(tl.where(ok & (y != y), 1, 0), 0) > 0
-    amax = tl.where(nan, float("nan"), amax)
-    scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, 448.0))
+    scale = scale_from_amax(block_amax(y, ok))
+    return encode_row_block(y, scale, INTERPRETER), scale
+
+
+@triton.jit
+def encode_row_block(y, scale, INTERPRETER: tl.constexpr = False):
+    """e4m3 codes of the fp32 row ``y`` under the fp32 ``scale``: y / scale correctly rounded, clamped, cast."""
     q = tl.math.div_rn(y, scale + tl.zeros_like(y))
     q = tl.where(q > 448.0, 448.0, tl.where(q < -448.0, -448.0, q))  # NaN passes both compares unchanged
     if INTERPRETER:  # (its cast also turns NaN into 384: NaN codes are written as bits, 0x7F as torch's)
         codes = _round_to_e4m3_grid(q).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         codes = tl.where(q != q, 0x7F, codes).to(tl.uint8)
-        return codes.to(tl.float8e4nv, bitcast=True), scale
-    return q.to(tl.float8e4nv), scale
+        return codes.to(tl.float8e4nv, bitcast=True)
+    return q.to(tl.float8e4nv)
 
 
 @triton.jit

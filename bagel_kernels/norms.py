@@ -9,7 +9,7 @@ import torch
 
 from ._dispatch import resolve_backend
 from .linear import ExpertSegments, device_expert_ids, routed_apply
-from .fp8_quant import QuantizedRows, quantize_rows
+from .fp8_quant import QuantizedRows, norm_bound_scale, quantize_rows, quantize_rows_static
 from .norms_triton import rms_norm_fp8_triton, rms_norm_triton
 from .options import KernelOptions
 
@@ -55,13 +55,20 @@ def routed_rms_norm(x: torch.Tensor, routing: ExpertSegments | None, weight: tor
 
 
 def routed_rms_norm_fp8(x: torch.Tensor, routing: ExpertSegments | None, weight: torch.Tensor, eps: float, *,
-                        expert_ids: torch.Tensor | None = None, options: KernelOptions | None = None) -> QuantizedRows:
+                        static_bound: bool = False, expert_ids: torch.Tensor | None = None,
+                        options: KernelOptions | None = None) -> QuantizedRows:
     """``routed_rms_norm`` whose output is the next FP8 projection's input: quantized per row
     (``fp8_quant.quantize_rows`` of the normalized rows, the same bits), in one pass on the GPU — the producer
-    fusion that keeps a standalone quantization off the FP8 layer's hot path."""
+    fusion that keeps a standalone quantization off the FP8 layer's hot path. ``static_bound``: each row with its
+    expert's static ``fp8_quant.norm_bound_scale`` instead of its own amax (``quantize_rows_static``)."""
     if resolve_backend(x.device, options) == "reference":
-        return QuantizedRows(*quantize_rows(routed_rms_norm(x, routing, weight, eps, expert_ids=expert_ids,
-                                                            options=options)), x.dtype)
+        h = routed_rms_norm(x, routing, weight, eps, expert_ids=expert_ids, options=options)
+        if not static_bound:
+            return QuantizedRows(*quantize_rows(h), x.dtype)
+        bound = norm_bound_scale(weight)
+        scale = bound[0].expand(h.shape[0]) if routing is None else bound[routing.expert_ids(h.device).long()]
+        return QuantizedRows(*quantize_rows_static(h, scale), x.dtype)
     _check(x, routing, weight, expert_ids)
-    q, s = rms_norm_fp8_triton(x, weight, eps, device_expert_ids(routing, expert_ids, weight.shape[0], x.device))
+    q, s = rms_norm_fp8_triton(x, weight, eps, device_expert_ids(routing, expert_ids, weight.shape[0], x.device),
+                               static=static_bound)
     return QuantizedRows(q, s, x.dtype)

@@ -16,14 +16,14 @@ Backend = Literal["auto", "reference", "triton", "gluon"]
 Mode = Literal["exact", "fast"]
 Schedule = Literal["auto", "segment", "chained"]
 Quantization = Literal["none", "fp8"]
-Fp8ActivationScaling = Literal["row", "group128", "tensor"]
+Fp8ActivationScaling = Literal["row", "qkv_bound", "group128", "tensor"]
 Fp8Accumulation = Literal["promoted", "fast"]
 
 BACKENDS: tuple[str, ...] = ("auto", "reference", "triton", "gluon")
 MODES: tuple[str, ...] = ("exact", "fast")
 SCHEDULES: tuple[str, ...] = ("auto", "segment", "chained")
 QUANTIZATIONS: tuple[str, ...] = ("none", "fp8")
-FP8_ACTIVATION_SCALINGS: tuple[str, ...] = ("row", "group128", "tensor")
+FP8_ACTIVATION_SCALINGS: tuple[str, ...] = ("row", "qkv_bound", "group128", "tensor")
 FP8_ACCUMULATIONS: tuple[str, ...] = ("promoted", "fast")
 
 # The documented environment override: variable -> field. Nothing else in the library reads the environment.
@@ -49,13 +49,17 @@ class KernelOptions:
       FP8 routed GEMM (``bagel_kernels.routed_linear_fp8``). Its own exactness class: batch-invariant and
       parallel-exact among FP8 runs, but other output bits than "none". On CUDA it needs compute capability >= 8.9.
     - ``fp8_activation_scaling``: how ``quantization="fp8"`` scales each projection's input (weights are per output
-      channel whatever this says). "row" (default) — one scale per row: batch-invariant; the only scaling the Triton
-      FP8 kernel has. "group128" — one scale per 1 x 128 slice of a row along K (DeepSeek-V3 style): row-local, so
+      channel whatever this says). "row" — one scale per row: batch-invariant. "qkv_bound" (default) — the QKV
+      projection's input (its RMSNorm's output) with a static scale per expert, ``fp8_quant.norm_bound_scale``
+      (sqrt(K) max|norm weight| / 448, a bound no normalized row can pass), every other input per row: a constant,
+      so batch-invariant too, and every token rounds on one grid, as with per-tensor scaling (benchmarks/RESULTS.md
+      compares them). "group128" — one scale per 1 x 128 slice of a row along K (DeepSeek-V3 style): row-local, so
       batch-invariant too. "tensor" — one scale over all rows of the launch (what per-tensor FP8 deployments ship):
       NOT batch-invariant (a row's codes depend on the other rows of the batch); a comparison mode for accuracy
-      studies (``scripts/fp8_accuracy_report.py``), not for serving. "group128" and "tensor" run the plain-torch
-      reference only (CPU tensors, or ``backend="reference"``); a CUDA call with another backend raises
-      NotImplementedError. Ignored when ``quantization="none"``.
+      studies (``scripts/fp8_accuracy_report.py``, ``benchmarks/bench_fp8_e2e``), not for serving. "row",
+      "qkv_bound" and "tensor" run every backend; "group128" the plain-torch reference only (CPU tensors, or
+      ``backend="reference"``): a call with another backend raises NotImplementedError. Ignored when
+      ``quantization="none"``.
     - ``fp8_accumulation``: how the GPU's FP8 GEMM sums along K. "promoted" (default) — each 128-wide K step in the
       tensor core's accumulator, then an fp32 add per step (DeepSeek-V3's promotion; Hopper's FP8 MMA keeps fewer
       than fp32's bits while it accumulates). "fast" — the whole K loop in the MMA's accumulator (what
@@ -70,7 +74,7 @@ class KernelOptions:
     attention_schedule: Schedule = "auto"
     decode_graph: bool = True
     quantization: Quantization = "none"
-    fp8_activation_scaling: Fp8ActivationScaling = "row"
+    fp8_activation_scaling: Fp8ActivationScaling = "qkv_bound"
     fp8_accumulation: Fp8Accumulation = "promoted"
 
     def __post_init__(self) -> None:

@@ -22,12 +22,14 @@ e4m3, so that a fused producer (a quantizing RMSNorm or SwiGLU epilogue) can rep
 runs with the output in the activation dtype. ``require_fp8_support`` is the early check (model construction and
 placement) that the device and dtype can run it.
 
-``KernelOptions.fp8_activation_scaling`` other than "row" ("group128": 1 x 128 groups along K; "tensor": one scale
-over the launch's rows, not batch-invariant — a comparison mode) runs only the plain-torch reference: the activation
-is quantized (``fp8_quant.quantize_row_groups`` / ``quantize_tensor``), dequantized to fp32 and multiplied with the
-per-channel-dequantized weight (``routed_gemm_fp8_dequantized_reference``). The Triton kernel has per-row scales
-only, so on a backend other than the reference (CUDA, or the CPU interpreter) these raise NotImplementedError, at
-model construction (``require_fp8_support``) and at the call; there is no silent fallback.
+``KernelOptions.fp8_activation_scaling``: "qkv_bound" changes only what the RMSNorm before QKV writes (its static
+scale arrives per row in ``QuantizedRows``); other inputs are per row as with "row". "tensor" (one scale over the
+launch's rows, not batch-invariant — a comparison mode) fills the kernels' per-row scale vector with the launch's
+one scale (``fp8_quant.quantize_tensor``), so it runs on every backend. "group128" (1 x 128 groups along K) runs
+only the plain-torch reference: the activation is quantized (``fp8_quant.quantize_row_groups``), dequantized to fp32
+and multiplied with the per-channel-dequantized weight (``routed_gemm_fp8_dequantized_reference``); the kernels have
+one activation scale per row, so on a backend other than the reference (CUDA, or the CPU interpreter) it raises
+NotImplementedError, at model construction (``require_fp8_support``) and at the call; there is no silent fallback.
 """
 from __future__ import annotations
 
@@ -70,14 +72,21 @@ def routed_gemm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegm
 
 
 def quantize_activation_rows(x: torch.Tensor, options: KernelOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row e4m3 quantization of a projection's input (rows, K) -> (codes, fp32 scale (rows,)): the one place
-    the FP8 model quantizes activations.
+    """e4m3 quantization of a projection's input (rows, K) -> (codes, fp32 scale (rows,)): the one place the FP8
+    model quantizes activations.
 
-    The reference runs ``fp8_quant.quantize_rows``; the Triton backend its one-pass twin
+    Per row: the reference runs ``fp8_quant.quantize_rows``; the Triton backend its one-pass twin
     (``fp8_quant_triton.quantize_rows_triton``, the same bits: the arithmetic is exact or correctly rounded). Inputs
     whose producer can quantize them (the RMSNorm before QKV and gate/up: ``routed_rms_norm_fp8``) arrive as
-    ``QuantizedRows`` and skip this."""
-    if resolve_backend(x.device, options) == "reference":
+    ``QuantizedRows`` and skip this. ``fp8_activation_scaling="tensor"`` (a comparison mode, not batch-invariant):
+    ``fp8_quant.quantize_tensor``, its one scale repeated per row."""
+    opts = resolve_options(options)
+    if opts.fp8_activation_scaling == "tensor":
+        if x.dim() != 2:
+            raise ValueError(f"quantize_activation_rows: expects (rows, K), got shape {tuple(x.shape)}")
+        q, s = quantize_tensor(x)
+        return q, s.expand(x.shape[0]).contiguous()
+    if resolve_backend(x.device, opts) == "reference":
         return quantize_rows(x)
     return quantize_rows_triton(x)
 
@@ -85,8 +94,8 @@ def quantize_activation_rows(x: torch.Tensor, options: KernelOptions | None = No
 def _reference_only(scaling: str, device: torch.device) -> NotImplementedError:
     return NotImplementedError(
         f"KernelOptions(fp8_activation_scaling={scaling!r}) runs only the plain-torch reference (CPU tensors, or "
-        f"backend='reference'); the Triton FP8 kernel on {device} has per-row activation scales only "
-        f"(fp8_activation_scaling='row')")
+        f"backend='reference'); the FP8 kernels on {device} take one activation scale per row "
+        f"(fp8_activation_scaling 'row', 'qkv_bound' or 'tensor')")
 
 
 def dequantized_activation(x: torch.Tensor, scaling: str) -> torch.Tensor:
@@ -115,17 +124,17 @@ def routed_linear_fp8(x: torch.Tensor | QuantizedRows, routing: ExpertSegments |
     scales ``w_scale`` (E, P, N); bias, SwiGLU and residual epilogues as ``routed_linear``'s; output in x's dtype.
     ``x`` may come quantized already (``QuantizedRows``, from a quantizing producer).
     There is no small-batch variant: text decoding runs this same GEMM (its rows are batch-invariant too).
-    ``options.fp8_activation_scaling`` "group128" / "tensor": the reference on dequantized activations (module
-    docstring); NotImplementedError on any other backend."""
+    ``options.fp8_activation_scaling`` "tensor": the launch's one scale per row; "group128": the reference on
+    dequantized activations (module docstring), NotImplementedError on any other backend."""
     opts = resolve_options(options)
     if bias is not None and bias.dim() == 3 and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if isinstance(x, QuantizedRows):  # quantized by its producer (per row)
-        if opts.fp8_activation_scaling != "row":
+    if isinstance(x, QuantizedRows):  # quantized by its producer (per row, or with its static bound)
+        if opts.fp8_activation_scaling not in ("row", "qkv_bound"):
             raise ValueError(f"routed_linear_fp8: per-row quantized input with fp8_activation_scaling="
                              f"{opts.fp8_activation_scaling!r}")
         xq, xs = x.codes, x.scale
-    elif opts.fp8_activation_scaling != "row":
+    elif opts.fp8_activation_scaling == "group128":
         if resolve_backend(x.device, opts) != "reference":
             raise _reference_only(opts.fp8_activation_scaling, x.device)
         xd = dequantized_activation(x, opts.fp8_activation_scaling)
@@ -146,7 +155,7 @@ def require_fp8_support(options: KernelOptions | None, device: torch.device | st
     device = torch.device(device)
     if opts.quantization != "fp8" or device.type != "cuda" or opts.backend == "reference":
         return
-    if opts.fp8_activation_scaling != "row":
+    if opts.fp8_activation_scaling == "group128":
         raise _reference_only(opts.fp8_activation_scaling, device)
     require_fp8_tensor_cores(device)
     if dtype is not None and dtype not in (torch.bfloat16, torch.float16):

@@ -163,9 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "layouts); fast = cuBLAS for some projections on CUDA, which CHANGES OUTPUT BITS (the md5s "
                         "differ from exact; no effect on CPU)")
     p.add_argument("--quantization", default="none", choices=["none", "fp8"],
-                   help="fp8: MoT projections with float8_e4m3fn weights (per-channel scales) and per-row quantized "
-                        "activations: its own exactness class, OTHER OUTPUT BITS than none (CUDA: compute "
-                        "capability >= 8.9)")
+                   help="fp8: MoT projections with float8_e4m3fn weights (per-channel scales) and e4m3 "
+                        "activations (see --fp8-activation-scaling): its own exactness class, OTHER OUTPUT BITS "
+                        "than none (CUDA: compute capability >= 8.9)")
+    p.add_argument("--fp8-activation-scaling", default="qkv_bound", choices=["qkv_bound", "row", "tensor", "group128"],
+                   help="with --quantization fp8: how activations are scaled. qkv_bound = the QKV input with its "
+                        "RMSNorm's static bound, the rest per row (batch-invariant; the most accurate in "
+                        "benchmarks/RESULTS.md); row = every input per row (batch-invariant); tensor = one scale "
+                        "per launch (what per-tensor FP8 ships; NOT batch-invariant: a batched request's bits "
+                        "depend on its neighbours); group128 = 1x128 groups (CPU reference only). Each gives "
+                        "OTHER OUTPUT BITS")
     p.add_argument("--fp8-accumulation", default="promoted", choices=["promoted", "fast"],
                    help="with --quantization fp8 on a GPU: promoted = an fp32 add after every 128-wide K step "
                         "(DeepSeek-V3's scheme); fast = the whole K loop in the tensor core's accumulator, faster, "
@@ -224,7 +231,8 @@ def load_pipeline(args):
     from .pipeline import BagelPipeline
 
     kernels = KernelOptions(mode=args.kernels, quantization=args.quantization,
-                            fp8_accumulation=args.fp8_accumulation)
+                            fp8_accumulation=args.fp8_accumulation,
+                            fp8_activation_scaling=args.fp8_activation_scaling)
     if args.checkpoint:
         return BagelPipeline.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, kernels=kernels,
                                              byte_tokenizer=args.byte_tokenizer)
@@ -331,7 +339,8 @@ def _run_split(args, prompt: list[str], image):
     spec = ModelSpec(preset=args.config, seed=args.weights_seed, device=args.device, checkpoint=args.checkpoint,
                      dtype=str(dtype).replace("torch.", ""), threads=args.threads, byte_tokenizer=args.byte_tokenizer,
                      kernels=KernelOptions(mode=args.kernels, quantization=args.quantization,
-                                           fp8_accumulation=args.fp8_accumulation))
+                                           fp8_accumulation=args.fp8_accumulation,
+                                           fp8_activation_scaling=args.fp8_activation_scaling))
     cfg = BagelConfig.from_pretrained(args.checkpoint) if args.checkpoint else BagelConfig.preset(args.config)
     if not args.checkpoint:
         check_fits(cfg, dtype, args.device, copies=2)  # one model per stage process

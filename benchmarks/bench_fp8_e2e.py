@@ -1,10 +1,16 @@
 """FP8 end to end (issue #30): text to image through ``pipe(...)`` with FP8 projections against bf16 exact in the
 same process — seconds per image after a warm-up request, GPU memory (after the model is built, the build's peak, the
 generation's peak), and the FP8 image's distance from bf16's (final-latent relative error, decoded PSNR/SSIM) on the
-preset's random weights. Modes: ``none`` (bf16 exact, the peer), ``fp8`` (promoted accumulation, the default) and
-``fp8-fast`` (``KernelOptions(fp8_accumulation="fast")``).
+preset's random weights. Modes: ``none`` (bf16 exact, the peer), ``fp8`` (the defaults: promoted accumulation,
+"qkv_bound" activation scaling), ``fp8-fast`` (``KernelOptions(fp8_accumulation="fast")``), and for issue #30's
+accuracy gate ``fp8-row`` (every activation per row) and ``fp8-tensor`` (one scale per launch: what per-tensor FP8
+deployments ship; not batch-invariant). ``--outliers``: the gate's case (b), residual-stream outlier channels — the
+output rows ``OUTLIER_CHANNELS`` of every layer's o_proj and down_proj (both experts) times ``OUTLIER_SCALE``, as in
+``scripts/fp8_accuracy_report.py``: on the bf16 weights, and on the FP8 models' per-channel weight scales (the
+quantized weight times 50, which is what quantizing the scaled weight gives up to one ulp of its scale).
 
-    python -m benchmarks.bench_fp8_e2e [--preset bagel-7b-mot] [--size 1024] [--steps 50] [--modes none fp8 fp8-fast]
+    python -m benchmarks.bench_fp8_e2e [--preset bagel-7b-mot] [--size 1024] [--steps 50] [--modes none fp8 ...]
+        [--outliers]
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import numpy as np
 import torch
 
 from bagel_kernels import KernelOptions
+from bagel_kernels.fp8_quant import FP8_DTYPE
 from bagel_model.pipeline import BagelPipeline
 from scripts.calibrate_cache import image_metrics, relative_error
 
@@ -22,7 +29,11 @@ from .common import add_output_args, emit, require_cuda, row
 
 MODES = {"none": KernelOptions(),
          "fp8": KernelOptions(quantization="fp8"),
-         "fp8-fast": KernelOptions(quantization="fp8", fp8_accumulation="fast")}
+         "fp8-fast": KernelOptions(quantization="fp8", fp8_accumulation="fast"),
+         "fp8-row": KernelOptions(quantization="fp8", fp8_activation_scaling="row"),
+         "fp8-tensor": KernelOptions(quantization="fp8", fp8_activation_scaling="tensor")}
+OUTLIER_CHANNELS = (3, 17, 42)
+OUTLIER_SCALE = 50.0
 GIB = 2 ** 30
 
 
@@ -32,15 +43,33 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", default="bagel-7b-mot")
     ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=["none", "fp8", "fp8-fast"],
                     help="none is the peer every other mode is compared with (run it first)")
+    ap.add_argument("--outliers", action="store_true",
+                    help=f"scale residual channels {OUTLIER_CHANNELS} x{OUTLIER_SCALE:g} (the accuracy gate's case b)")
     return add_output_args(ap)
+
+
+@torch.no_grad()
+def add_outlier_channels(model) -> None:
+    """Residual-stream outliers: the hidden channels ``OUTLIER_CHANNELS`` written by every o_proj and down_proj
+    (both experts) scaled by ``OUTLIER_SCALE``, in place (the packs view these rows), before the first forward."""
+    rows = list(OUTLIER_CHANNELS)
+    for layer in model.language_model.model.layers:
+        for path in ("self_attn.o_proj", "self_attn.o_proj_moe_gen", "mlp.down_proj", "mlp_moe_gen.down_proj"):
+            mod = layer.get_submodule(path)
+            if mod.weight.dtype == FP8_DTYPE:
+                mod.weight_scale[rows] *= OUTLIER_SCALE
+            else:
+                mod.weight.data[rows] *= OUTLIER_SCALE
 
 
 def run_mode(a: argparse.Namespace, kernels: KernelOptions) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     pipe = BagelPipeline.from_preset(a.preset, device="cuda", kernels=kernels)
+    if a.outliers:
+        add_outlier_channels(pipe.model)
     built, build_peak = torch.cuda.memory_allocated() / GIB, torch.cuda.max_memory_allocated() / GIB
     torch.cuda.reset_peak_memory_stats()
     pipe.set_progress_bar_config(disable=True)
@@ -58,7 +87,7 @@ def run_mode(a: argparse.Namespace, kernels: KernelOptions) -> dict:
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     require_cuda("bench_fp8_e2e")
-    shape = f"{a.preset} text2img {a.size}² {a.steps} steps, random weights"
+    shape = f"{a.preset} text2img {a.size}² {a.steps} steps, random weights" + (" + outliers" if a.outliers else "")
     res: dict[str, dict] = {}
     rows = []
     for mode in a.modes:

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-accumulation", choices=("promoted", "fast"), default="promoted",
                    help="with --quantization fp8 on GPUs: the FP8 GEMM's K summation (fast: its own bits; no effect "
                         "on CPU)")
+    p.add_argument("--fp8-activation-scaling", choices=("qkv_bound", "row", "group128"), default="qkv_bound",
+                   help="with --quantization fp8: the activations' scales (the batch-invariant ones; group128 runs "
+                        "the CPU reference only); each its own bits")
     return p
 
 
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         model = BagelModel.random(cfg, seed=args.weights_seed, dtype=dtype, device=device)
         tok = BagelTokenizer.from_directory(None)
     model.kernels = KernelOptions(mode=args.kernels, quantization="fp8" if model.is_fp8 else args.quantization,
-                                  fp8_accumulation=args.fp8_accumulation)
+                                  fp8_accumulation=args.fp8_accumulation,
+                                  fp8_activation_scaling=args.fp8_activation_scaling)
     model.pack_experts()  # --quantization fp8: quantize the projections now, on every rank alike
     model.set_marker_ids(tok.special["start_of_image"], tok.special["end_of_image"])
     cfg = model.cfg

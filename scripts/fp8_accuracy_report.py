@@ -55,7 +55,7 @@ from bagel_model.pipeline import BagelPipeline  # noqa: E402
 from bagel_model.serving.stages import Request  # noqa: E402
 from scripts.calibrate_cache import image_metrics, relative_error  # noqa: E402
 
-SCALINGS = ("row", "group128", "tensor")
+SCALINGS = ("row", "qkv_bound", "group128", "tensor")
 CASES = ("fixture", "tiny", "outliers")
 OUTLIER_CHANNELS = (3, 17, 42)
 OUTLIER_SCALE = 50.0
@@ -140,17 +140,18 @@ def report(steps: int, cases: tuple[str, ...] = CASES, seeds: int = 1) -> dict:
 
 
 def gate(rows: dict) -> dict:
-    """Per (case, request): the best scaling by latent error, and whether per-row is no worse than per-tensor."""
+    """Per (case, request): the best scaling by latent error, and whether the shipped scaling (the default of
+    ``KernelOptions.fp8_activation_scaling``) is no worse than per-tensor."""
+    shipped = KernelOptions().fp8_activation_scaling
     out = {}
     for key in {(v["case"], v["request"]) for v in rows.values()}:
-        errs = {s: rows[f"{key[0]} {key[1]} {s}"]["final_latent_rel_err"] for s in SCALINGS
-                if f"{key[0]} {key[1]} {s}" in rows}
-        per = [(rows[f"{key[0]} {key[1]} row"]["per_seed"][i]["final_latent_rel_err"],
-                rows[f"{key[0]} {key[1]} tensor"]["per_seed"][i]["final_latent_rel_err"])
-               for i in range(len(rows[f"{key[0]} {key[1]} row"]["per_seed"]))]
-        out[f"{key[0]} {key[1]}"] = dict(best=min(errs, key=errs.get),
-                                         row_no_worse_than_tensor=errs["row"] <= errs["tensor"],
-                                         row_wins_vs_tensor=f"{sum(a <= b for a, b in per)}/{len(per)} seeds")
+        name = f"{key[0]} {key[1]}"
+        errs = {s: rows[f"{name} {s}"]["final_latent_rel_err"] for s in SCALINGS if f"{name} {s}" in rows}
+        per = [(a["final_latent_rel_err"], b["final_latent_rel_err"])
+               for a, b in zip(rows[f"{name} {shipped}"]["per_seed"], rows[f"{name} tensor"]["per_seed"])]
+        out[name] = dict(best=min(errs, key=errs.get), shipped=shipped,
+                         shipped_no_worse_than_tensor=errs[shipped] <= errs["tensor"],
+                         shipped_wins_vs_tensor=f"{sum(a <= b for a, b in per)}/{len(per)} seeds")
     return dict(sorted(out.items()))
 
 
@@ -177,8 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{v['case'] + ' ' + v['request']:<20}{v['scaling']:<10}{v['final_latent_rel_err']:>22.3e}"
               f"{v['psnr_db']:>10.2f}{v['mean_step_rel_err']:>19.3e}")
     for k, v in verdict.items():
-        print(f"{k}: best {v['best']}; per-row no worse than per-tensor: {v['row_no_worse_than_tensor']} "
-              f"(per seed: row <= tensor on {v['row_wins_vs_tensor']})")
+        print(f"{k}: best {v['best']}; shipped ({v['shipped']}) no worse than per-tensor: "
+              f"{v['shipped_no_worse_than_tensor']} (per seed: <= tensor on {v['shipped_wins_vs_tensor']})")
     print(f"({time.time() - t0:.0f} s)")
     if args.json:
         with open(args.json, "w") as f:

@@ -128,3 +128,22 @@ def test_a_prompts_file_is_one_batch_and_each_image_is_its_solo_run(tmp_path, ca
     (tmp_path / "empty.txt").write_text("\n\n")
     assert main(common + ["--prompts-file", str(tmp_path / "empty.txt")]) == 2
     assert "holds no prompt" in capsys.readouterr().err
+
+
+def test_fp8_activation_scaling_reaches_the_model(tmp_path, capsys):
+    """--fp8-activation-scaling selects KernelOptions.fp8_activation_scaling: its default is the library's, and
+    each scaling is its own bits."""
+    from bagel_kernels import KernelOptions
+
+    def latent(*extra):
+        assert main(["--steps", "2", "--size", "32", "--out", str(tmp_path / "x.png"), "--no-progress",
+                     "--quantization", "fp8", *extra]) == 0
+        return [l for l in capsys.readouterr().out.splitlines() if l.startswith("latent md5")][0]
+
+    assert build_parser().parse_args(["--prompt", "x"]).fp8_activation_scaling == \
+        KernelOptions().fp8_activation_scaling
+    base = latent()
+    assert latent("--fp8-activation-scaling", KernelOptions().fp8_activation_scaling) == base
+    assert len({base, latent("--fp8-activation-scaling", "row"), latent("--fp8-activation-scaling", "tensor")}) == 3
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--prompt", "x", "--fp8-activation-scaling", "block"])

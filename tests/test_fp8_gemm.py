@@ -386,6 +386,15 @@ def _check_quantizers(quantize, rms_fp8, rms, device: str) -> None:
     ids = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0], dtype=torch.int32, device=device)
     y = torch.randn(8, 3000, generator=g).bfloat16().to(device) * 3
     _same_codes(*rms_fp8(y, w, 1e-6, ids), *fq.quantize_rows(rms(y, w, 1e-6, ids)))
+    # the static bound ("qkv_bound"): the expert's norm_bound_scale, NaN scale for a row with a NaN or an inf, and
+    # a one-spike row (the bound's extreme: |x_i| / rms = sqrt(K)) within 448
+    y[2, 9], y[5, 3], y[6], y[7] = float("nan"), float("inf"), 0.0, 0.0
+    y[6, 11] = 5.0
+    q, s = rms_fp8(y, w, 1e-6, ids, static=True)
+    want = fq.quantize_rows_static(rms(y, w, 1e-6, ids), fq.norm_bound_scale(w)[ids.long()])
+    _same_codes(q, s, *want)
+    assert torch.isnan(s[[2, 5]]).all() and torch.isfinite(s[[0, 1, 3, 4, 6, 7]]).all()
+    assert float(q[6].float().abs().max()) <= 448 and float(q[6].float().abs().max()) > 256
 
 
 @interpreter_only
@@ -396,6 +405,58 @@ def test_interpreter_quantizers_match_quantize_rows():
     from bagel_kernels.norms_triton import rms_norm_fp8_triton, rms_norm_triton
 
     _check_quantizers(quantize_rows_triton, rms_norm_fp8_triton, rms_norm_triton, "cpu")
+
+
+def test_norm_bound_scale_is_sqrt_k_times_max_weight_over_448():
+    w = torch.randn(2, 3000, generator=torch.Generator().manual_seed(4)).bfloat16()
+    w[1, 17] = -9.0
+    got = fq.norm_bound_scale(w)
+    root = torch.sqrt(torch.tensor(3000.0))
+    want = torch.stack([root * w[0].float().abs().max(), root * torch.tensor(9.0)]) / torch.tensor(448.0)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert float(fq.norm_bound_scale(torch.zeros(1, 8))[0]) == 1.0
+    assert torch.isnan(fq.norm_bound_scale(torch.tensor([[1.0, float("nan")]])))[0]
+    with pytest.raises(ValueError, match="dimensions"):
+        fq.norm_bound_scale(torch.ones(8))
+    with pytest.raises(ValueError, match="experts, K"):
+        fq.norm_bound_scale(torch.ones(2, 3, 8))
+
+
+def test_no_normalized_row_passes_the_static_bound():
+    """The RMSNorm output bound holds for any input: Gaussian, constant, heavy-tailed and one-spike rows all
+    quantize inside +-448 under the static scale, and a typical row keeps its precision (e4m3 is floating point:
+    a coarser scale moves values down the exponent range, it loses bits only among the subnormals)."""
+    g = torch.Generator().manual_seed(5)
+    k = 3584
+    w = (1 + 0.3 * torch.randn(2, k, generator=g)).bfloat16()
+    x = torch.randn(6, k, generator=g)
+    x[1] = 1.0
+    x[2] = torch.randn(k, generator=g) ** 5
+    x[3] = 0.0
+    x[3, 100] = -1e4
+    x[4] = 0.0
+    x[4, w[0].float().abs().argmax()] = 3.0  # the spike where the weight is largest: |h| at the bound itself
+    x[5] *= 1e-2  # small, as far as eps (1e-6) allows: the output stays O(1)
+    r = bk.ExpertSegments(((0, 6, False),))
+    h = bk.routed_rms_norm(x.bfloat16(), r, w, 1e-6).float()
+    bound = fq.norm_bound_scale(w)[0]
+    assert float((h.abs() / bound).max()) <= 448 * (1 + 2 ** -7)  # the bf16 roundings of the normalized value
+    assert float((h[4].abs() / bound).max()) > 440
+    q, s = fq.quantize_rows_static(h, bound.expand(6))
+    deq = q.float() * s[:, None]
+    for row in (0, 2, 5):
+        assert float((deq[row] - h[row]).norm() / h[row].norm()) < 0.04, row
+
+
+def test_quantizing_rms_norm_static_reference():
+    r = bk.ExpertSegments(((0, 5, False), (5, 9, True)))
+    x = torch.randn(9, 64).bfloat16()
+    w = torch.randn(2, 64).bfloat16()
+    got = bk.routed_rms_norm_fp8(x, r, w, 1e-6, static_bound=True)
+    bound = fq.norm_bound_scale(w)
+    assert torch.equal(got.scale, torch.cat([bound[0].expand(5), bound[1].expand(4)]))
+    want = fq.quantize_rows_static(bk.routed_rms_norm(x, r, w, 1e-6), got.scale)
+    assert torch.equal(got.codes.view(torch.uint8), want[0].view(torch.uint8))
 
 
 def test_quantizing_rms_norm_reference_is_quantize_rows_of_the_norm():

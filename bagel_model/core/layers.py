@@ -76,12 +76,15 @@ def experts_pack(module: nn.Module, *names: str, attr: str = "weight", quantizab
                       quantizable=quantizable)
 
 
-def _norm(x: torch.Tensor, li: LayerInputs, weight: torch.Tensor, eps: float) -> torch.Tensor | QuantizedRows:
+def _norm(x: torch.Tensor, li: LayerInputs, weight: torch.Tensor, eps: float, *,
+          before_qkv: bool = False) -> torch.Tensor | QuantizedRows:
     """The RMSNorm before a projection. FP8 with per-row activation scales: it writes the projection's FP8 input
-    (``routed_rms_norm_fp8``: the same codes as quantizing its bf16 output, without that output)."""
+    (``routed_rms_norm_fp8``: the same codes as quantizing its bf16 output, without that output); with
+    ``fp8_activation_scaling="qkv_bound"`` the norm before QKV (``before_qkv``) quantizes with its static bound."""
     ids, opts = li.expert_ids(x.device), li.kernels
-    if opts.quantization == "fp8" and opts.fp8_activation_scaling == "row":
-        return routed_rms_norm_fp8(x, li.routing, weight, eps, expert_ids=ids, options=opts)
+    if opts.quantization == "fp8" and opts.fp8_activation_scaling in ("row", "qkv_bound"):
+        static = before_qkv and opts.fp8_activation_scaling == "qkv_bound"
+        return routed_rms_norm_fp8(x, li.routing, weight, eps, static_bound=static, expert_ids=ids, options=opts)
     return routed_rms_norm(x, li.routing, weight, eps, expert_ids=ids, options=opts)
 
 
@@ -152,7 +155,7 @@ class MoTDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, li: LayerInputs, attention: AttentionFn,
                 kv_sink: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-        h = _norm(x, li, self._in_norm.get()[:, 0], self.eps)
+        h = _norm(x, li, self._in_norm.get()[:, 0], self.eps, before_qkv=True)
         q, k, v = self.self_attn.qkv(h, li)
         if kv_sink is not None:  # prefill: the context cache keeps K after k_norm + RoPE
             kv_sink(self.layer_idx, k, v)
