@@ -33,14 +33,18 @@ SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
 
 @dataclass(frozen=True)
 class Fp8GluonConfig:
+    """``block_k``: the K step (the ring's stage width). With promotion it is also the promotion interval, so it is
+    part of the bits; without it only the order of the k32 wgmma instructions is (always K order), so the K step is
+    free to change without moving a bit (``bench_fp8_gemm --sweep`` checks that)."""
     block_n: int
     stages: int
     promote: bool
+    block_k: int = BLOCK_K
 
 
-def _stages_that_fit(block_n: int, parts: int) -> int:
+def _stages_that_fit(block_n: int, parts: int, block_k: int = BLOCK_K) -> int:
     """As many ring stages as fit beside the bf16 output tile (at most 6: more buys nothing at these shapes)."""
-    stage = BLOCK_M * BLOCK_K + parts * block_n * BLOCK_K
+    stage = BLOCK_M * block_k + parts * block_n * block_k
     out_tile = BLOCK_M * block_n * 2
     return min(6, (SMEM_BYTES - out_tile - 1024) // stage)
 
@@ -75,5 +79,5 @@ def routed_gemm_fp8_gluon(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Ten
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     return launch_routed_gemm_ws(xq.contiguous(), wq.contiguous(), out, bias, expert_ids, swiglu,
                                  None if residual is None else residual.contiguous(), segments, split_tail,
-                                 cfg.block_n, BLOCK_K, cfg.stages, x_scale.contiguous().float(),
+                                 cfg.block_n, cfg.block_k, cfg.stages, x_scale.contiguous().float(),
                                  w_scale.contiguous().float(), cfg.promote)

@@ -8,11 +8,11 @@ per-row / per-output-channel scales from ``fp8_quant.quantize_rows`` / ``quantiz
 Backends (``KernelOptions.backend``): CPU tensors -> the plain-torch reference (``routed_linear_fp8_reference``), or
 the Triton kernel under the interpreter with ``backend="triton"``; CUDA tensors on Hopper -> the warp-specialized
 Gluon FP8 kernel (``routed_gemm_fp8_gluon``, backends "auto" and "gluon"), elsewhere (Ada, or ``backend="triton"``)
-the Triton FP8 kernel (``routed_gemm_fp8_triton``), or the reference with ``backend="reference"``. With the
-default promoted accumulation the two GPU kernels give the same bits (each 128-wide K step summed in the MMA, the
-steps added in fp32 in K order; their tiles differ, which changes no row); ``KernelOptions.fp8_accumulation="fast"``
-(the whole K loop in the MMA's accumulator) is faster and its own class of bits, per kernel. Either way a row's
-bits do not depend on the batch, and one device and every parallel configuration run the same kernel.
+the Triton FP8 kernel (``routed_gemm_fp8_triton``), or the reference with ``backend="reference"``. With
+``KernelOptions.fp8_accumulation="promoted"`` the two GPU kernels give the same bits (each 128-wide K step summed in
+the MMA, the steps added in fp32 in K order; their tiles differ, which changes no row); the default "fast" (the
+whole K loop in the MMA's accumulator) is faster and its own class of bits, per kernel. Either way a row's bits do
+not depend on the batch, and one device and every parallel configuration run the same kernel.
 ``mode="fast"`` changes nothing here. A GPU without FP8 tensor cores (compute capability < 8.9) raises, naming the
 GPU.
 

@@ -173,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "per launch (what per-tensor FP8 ships; NOT batch-invariant: a batched request's bits "
                         "depend on its neighbours); group128 = 1x128 groups (CPU reference only). Each gives "
                         "OTHER OUTPUT BITS")
-    p.add_argument("--fp8-accumulation", default="promoted", choices=["promoted", "fast"],
-                   help="with --quantization fp8 on a GPU: promoted = an fp32 add after every 128-wide K step "
-                        "(DeepSeek-V3's scheme); fast = the whole K loop in the tensor core's accumulator, faster, "
-                        "OTHER OUTPUT BITS (no effect on CPU)")
+    p.add_argument("--fp8-accumulation", default="fast", choices=["fast", "promoted"],
+                   help="with --quantization fp8 on a GPU: fast = the whole K loop in the tensor core's accumulator "
+                        "(as FP8 serving stacks do); promoted = an fp32 add after every 128-wide K step "
+                        "(DeepSeek-V3's scheme), slower, OTHER OUTPUT BITS (no effect on CPU)")
     return p
 
 

@@ -1,8 +1,8 @@
 """FP8 end to end (issue #30): text to image through ``pipe(...)`` with FP8 projections against bf16 exact in the
 same process — seconds per image after a warm-up request, GPU memory (after the model is built, the build's peak, the
 generation's peak), and the FP8 image's distance from bf16's (final-latent relative error, decoded PSNR/SSIM) on the
-preset's random weights. Modes: ``none`` (bf16 exact, the peer), ``fp8`` (the defaults: promoted accumulation,
-"qkv_bound" activation scaling), ``fp8-fast`` (``KernelOptions(fp8_accumulation="fast")``), and for issue #30's
+preset's random weights. Modes: ``none`` (bf16 exact, the peer), ``fp8`` (the defaults: fast accumulation,
+"qkv_bound" activation scaling), ``fp8-promoted`` (``KernelOptions(fp8_accumulation="promoted")``), and for issue #30's
 accuracy gate ``fp8-row`` (every activation per row) and ``fp8-tensor`` (one scale per launch: what per-tensor FP8
 deployments ship; not batch-invariant). ``--outliers``: the gate's case (b), residual-stream outlier channels — the
 output rows ``OUTLIER_CHANNELS`` of every layer's o_proj and down_proj (both experts) times ``OUTLIER_SCALE``, as in
@@ -29,7 +29,7 @@ from .common import add_output_args, emit, require_cuda, row
 
 MODES = {"none": KernelOptions(),
          "fp8": KernelOptions(quantization="fp8"),
-         "fp8-fast": KernelOptions(quantization="fp8", fp8_accumulation="fast"),
+         "fp8-promoted": KernelOptions(quantization="fp8", fp8_accumulation="promoted"),
          "fp8-row": KernelOptions(quantization="fp8", fp8_activation_scaling="row"),
          "fp8-tensor": KernelOptions(quantization="fp8", fp8_activation_scaling="tensor")}
 OUTLIER_CHANNELS = (3, 17, 42)
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", default="bagel-7b-mot")
     ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=["none", "fp8", "fp8-fast"],
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=["none", "fp8", "fp8-promoted"],
                     help="none is the peer every other mode is compared with (run it first)")
     ap.add_argument("--outliers", action="store_true",
                     help=f"scale residual channels {OUTLIER_CHANNELS} x{OUTLIER_SCALE:g} (the accuracy gate's case b)")

@@ -1,9 +1,9 @@
 """The FP8 routed GEMM (issue #30) on BAGEL-7B's projections at the generation step's rows — 1024²: M = 2 x 4098 + 4
 = 8200, 512²: 2 x 1026 + 4 = 2056 (latents on the generation expert first, 4 marker rows on the understanding expert
 last) — each with the model's epilogue (qkv + bias, o_proj and down + residual, gate_up SwiGLU). Ours is what the
-model runs (``routed_gemm_fp8``: the warp-specialized Gluon kernel on Hopper, with fp32 promotion every 128 K), also
-timed as the Gluon kernel without promotion (fast accumulation, 128 x 256 tiles) and as the Triton FP8 kernel,
-against:
+model runs (``routed_gemm_fp8`` with the default options: the warp-specialized Gluon kernel on Hopper, fast
+accumulation, 128 x 256 tiles), also timed with fp32 promotion every 128 K (``fp8_accumulation="promoted"``,
+128 x 128 tiles) and as the Triton FP8 kernel (promoted), each against the peer with the same accumulation:
 
 - ``torch._scaled_mm`` with the same scaling (e4m3 x e4m3, fp32 per-row x per-channel scales, bf16 out): ONE dense
   cuBLAS GEMM over all rows with the generation weight (the peer: what routing and the fused epilogue would cost if
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 import bagel_kernels as bk
 from bagel_kernels.fp8_quant import quantize_channels, quantize_rows
 from bagel_kernels.routed_linear_fp8 import routed_gemm_fp8
-from bagel_kernels.routed_gemm_fp8_gluon import Fp8GluonConfig, fp8_gluon_config, routed_gemm_fp8_gluon
+from bagel_kernels.routed_gemm_fp8_gluon import (Fp8GluonConfig, _stages_that_fit, fp8_gluon_config,
+                                                  routed_gemm_fp8_gluon)
 from bagel_kernels.routed_gemm_fp8_triton import routed_gemm_fp8_triton
 
 from .common import add_output_args, bench_ms, emit, require_cuda, row
@@ -46,12 +47,15 @@ def bagel_step_routing(m_gen: int = M_GEN) -> bk.ExpertSegments:
 
 
 def sweep_configs(n: int, k: int, swiglu: bool) -> dict[str, Fp8GluonConfig]:
-    """Fixed alternatives to the shipped Gluon config (each a candidate for ``fp8_gluon_config``): the shipped
-    (promoted) tile without promotion separates the promotion's cost from the tile's."""
-    base = fp8_gluon_config(n, k, swiglu)
-    return {"fast-acc, shipped tile": replace(base, promote=False),
-            "promoted, 4 stages": replace(base, stages=4),
-            "promoted, 3 stages": replace(base, stages=3)}
+    """Fixed alternatives to the shipped (fast-accumulation) Gluon config, each a candidate for ``fp8_gluon_config``:
+    a 64-wide K step (the same wgmma sequence, so the same bits, with twice the ring stages in the same shared
+    memory) and the promoted config's tile without promotion (the tile's cost apart from the promotion's)."""
+    base = fp8_gluon_config(n, k, swiglu, promote=False)
+    bk64 = replace(base, block_k=64, stages=_stages_that_fit(base.block_n, 2 if swiglu else 1, 64))
+    promoted_tile = fp8_gluon_config(n, k, swiglu, promote=True)
+    return {f"fast-acc, BK 64, {bk64.stages} stages": bk64,
+            f"fast-acc, BN {promoted_tile.block_n}{'x2' if swiglu else ''}, {promoted_tile.stages} stages":
+                replace(promoted_tile, promote=False)}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -124,23 +128,24 @@ def run_rows(args: argparse.Namespace, m_gen: int) -> Iterator[dict]:
         def triton_fp8() -> torch.Tensor:
             return routed_gemm_fp8_triton(xq, xs, wq, ws, bias, ids, swiglu, res, dt)
 
-        def gluon_fast() -> torch.Tensor:
-            return routed_gemm_fp8_gluon(xq, xs, wq, ws, bias, ids, swiglu, res, dt, segments=routing.segments,
-                                         config=fp8_gluon_config(n, k, swiglu, promote=False))
+        def promoted() -> torch.Tensor:
+            return routed_gemm_fp8(xq, xs, routing, wq, ws, bias, activation=act, residual=res, expert_ids=ids,
+                                   options=bk.KernelOptions(fp8_accumulation="promoted"))
 
         t_ours = tf(bench_ms(ours))
         t_smm = tf(bench_ms(scaled_mm(False)))
         t_smm_fast = tf(bench_ms(scaled_mm(True)))
+        y_promoted = promoted()
+        print(f"{shape}: |fast-acc - promoted| / |promoted| = {rel(y8, y_promoted):.4g}", flush=True)
+        promoted_name = ours_name.replace(")", ", promoted)")
+        yield row(promoted_name, shape, "TFLOP/s", tf(bench_ms(promoted)), "torch._scaled_mm rowwise", t_smm)
         if ours_name.endswith("(gluon)"):
-            print(f"{shape}: |gluon fast-acc - gluon| / |gluon| = {rel(gluon_fast(), y8):.4g}, "
-                  f"|triton - gluon| / |gluon| = {rel(triton_fp8(), y8):.4g}", flush=True)
-            yield row("fp8 routed GEMM (gluon, fast-acc)", shape, "TFLOP/s", tf(bench_ms(gluon_fast)),
-                      "torch._scaled_mm rowwise fast-accum", t_smm_fast)
-            yield row("fp8 routed GEMM (triton)", shape, "TFLOP/s", tf(bench_ms(triton_fp8)),
+            print(f"{shape}: |triton promoted - gluon promoted| / |gluon promoted| = "
+                  f"{rel(triton_fp8(), y_promoted):.4g}", flush=True)
+            yield row("fp8 routed GEMM (triton, promoted)", shape, "TFLOP/s", tf(bench_ms(triton_fp8)),
                       "torch._scaled_mm rowwise", t_smm)
         t_bf16 = tf(bench_ms(bf16_routed))
         t_dense = tf(bench_ms(bf16_dense))
-        yield row(ours_name, shape, "TFLOP/s", t_ours, "torch._scaled_mm rowwise", t_smm)
         yield row(ours_name, shape, "TFLOP/s", t_ours, "torch._scaled_mm rowwise fast-accum", t_smm_fast)
         yield row(ours_name, shape, "TFLOP/s", t_ours, "bf16 routed GEMM exact", t_bf16)
         yield row(ours_name, shape, "TFLOP/s", t_ours, "bf16 dense cuBLAS", t_dense)
@@ -153,8 +158,9 @@ def run_rows(args: argparse.Namespace, m_gen: int) -> Iterator[dict]:
                 def alt(cfg: Fp8GluonConfig = cfg) -> torch.Tensor:
                     return routed_gemm_fp8_gluon(xq, xs, wq, ws, bias, ids, swiglu, res, dt,
                                                  segments=routing.segments, config=cfg)
-                yield row(f"fp8 routed GEMM (gluon) {name}", shape, "TFLOP/s", tf(bench_ms(alt)),
-                          "torch._scaled_mm rowwise", t_smm)
+                same = "same bits" if torch.equal(alt(), y8) else "OTHER BITS"
+                yield row(f"fp8 routed GEMM (gluon) {name} ({same})", shape, "TFLOP/s", tf(bench_ms(alt)),
+                          "torch._scaled_mm rowwise fast-accum", t_smm_fast)
 
 
 def main(argv: list[str] | None = None) -> None:

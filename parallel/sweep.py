@@ -125,9 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=("none", "fp8"), default="none",
                    help="fp8: FP8 MoT projections (their own exactness class: parallel == single bit for bit among "
                         "FP8 runs, other bits than none); an FP8 checkpoint always runs fp8")
-    p.add_argument("--fp8-accumulation", choices=("promoted", "fast"), default="promoted",
-                   help="with --quantization fp8 on GPUs: the FP8 GEMM's K summation (fast: its own bits; no effect "
-                        "on CPU)")
+    p.add_argument("--fp8-accumulation", choices=("fast", "promoted"), default="fast",
+                   help="with --quantization fp8 on GPUs: the FP8 GEMM's K summation (promoted: its own bits; no "
+                        "effect on CPU)")
     p.add_argument("--fp8-activation-scaling", choices=("qkv_bound", "row", "group128"), default="qkv_bound",
                    help="with --quantization fp8: the activations' scales (the batch-invariant ones; group128 runs "
                         "the CPU reference only); each its own bits")

@@ -506,31 +506,38 @@ def _build_for_hopper(n: int, k: int, swiglu: bool, bias: bool, residual: bool) 
 
 
 def test_fp8_kernel_builds_for_hopper():
-    """Every shipped variant of both FP8 kernels (Triton, warp-specialized Gluon) compiles to sm_90a FP8 wgmma with
-    TMA operands, fits shared memory, and promotes the MMA accumulator with fp32 adds. In a fresh process without the interpreter (see hopper_build)."""
+    """Every shipped variant of both FP8 kernels (Triton, promoted; warp-specialized Gluon, fast and promoted)
+    compiles to sm_90a FP8 wgmma with TMA operands and fits shared memory; the promoted ones promote the MMA
+    accumulator with fp32 adds (one per accumulator element and K step: many more than the epilogue's). In a fresh
+    process without the interpreter (see hopper_build)."""
     from hopper_build import report_from_child
 
     report = report_from_child(__file__)
-    assert len(report) == 2 * len(BUILD_VARIANTS)  # the Triton kernel's, then the Gluon kernel's
+    assert len(report) == 3 * len(BUILD_VARIANTS)  # the Triton kernel's, then the Gluon kernel's fast and promoted
     for r in report:
         assert r["fp8_wgmma"] and r["tma"], r
         assert r.get("setmaxnreg", True), r  # the Gluon kernel is warp-specialized
         assert r["shared"] <= 227 * 1024, r
-        assert r["fp32_adds"] > 0, r
+    fast, promoted = report[len(BUILD_VARIANTS):2 * len(BUILD_VARIANTS)], report[2 * len(BUILD_VARIANTS):]
+    for r in report[:len(BUILD_VARIANTS)] + promoted:
+        assert r["fp32_adds"] >= 32, r
+    for f, p in zip(fast, promoted):
+        assert f["fp32_adds"] < p["fp32_adds"], (f, p)
 
 
-def _build_gluon_for_hopper(n: int, k: int, swiglu: bool, bias: bool, residual: bool) -> dict:
-    """Compile the Gluon FP8 kernel (promoted, the shipped config) as the launcher would for these weights."""
+def _build_gluon_for_hopper(n: int, k: int, swiglu: bool, bias: bool, residual: bool, promote: bool) -> dict:
+    """Compile the Gluon FP8 kernel (``fp8_gluon_config`` with or without promotion) as the launcher would."""
     import re
 
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     import bagel_kernels.routed_gemm_gluon as rg
-    from bagel_kernels.routed_gemm_fp8_gluon import BLOCK_K, fp8_gluon_config
+    from bagel_kernels.routed_gemm_fp8_gluon import fp8_gluon_config
     from hopper_build import compile_for_hopper
 
-    cfg, m, p = fp8_gluon_config(n, k, swiglu), 300, 2 if swiglu else 1
+    cfg, m, p = fp8_gluon_config(n, k, swiglu, promote), 300, 2 if swiglu else 1
+    BLOCK_K = cfg.block_k
     xq = torch.empty(m, k, dtype=torch.float8_e4m3fn)
     wq = torch.empty(2 * p * n, k, dtype=torch.float8_e4m3fn)
     out = torch.empty(m, n, dtype=torch.bfloat16)
@@ -548,7 +555,7 @@ def _build_gluon_for_hopper(n: int, k: int, swiglu: bool, bias: bool, residual: 
                   STAGES=cfg.stages, num_warps=rg.NUM_WARPS, SCALED=True, PROMOTE=cfg.promote)
     c = compile_for_hopper(rg._routed_gemm_ws, args, consts, rg.NUM_WARPS, rg.MAXNREG)
     ptx = c.asm["ptx"]
-    return {"variant": ["gluon", n, k, swiglu, bias, residual], "shared": c.metadata.shared,
+    return {"variant": ["gluon", n, k, swiglu, bias, residual, promote], "shared": c.metadata.shared,
             "fp8_wgmma": bool(re.search(r"wgmma\.mma_async\S*\.f32\.e4m3\.e4m3", ptx)),
             "tma": "cp.async.bulk.tensor" in ptx, "fp32_adds": len(re.findall(r"\badd\.f32", ptx)),
             "setmaxnreg": "setmaxnreg" in ptx}
@@ -558,4 +565,4 @@ if __name__ == "__main__":  # the build report for test_fp8_kernel_builds_for_ho
     import json
 
     print(json.dumps([_build_for_hopper(*v) for v in BUILD_VARIANTS]
-                     + [_build_gluon_for_hopper(*v) for v in BUILD_VARIANTS]))
+                     + [_build_gluon_for_hopper(*v, promote) for promote in (False, True) for v in BUILD_VARIANTS]))
