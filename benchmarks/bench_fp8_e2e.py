@@ -10,7 +10,7 @@ output rows ``OUTLIER_CHANNELS`` of every layer's o_proj and down_proj (both exp
 quantized weight times 50, which is what quantizing the scaled weight gives up to one ulp of its scale).
 
     python -m benchmarks.bench_fp8_e2e [--preset bagel-7b-mot] [--size 1024] [--steps 50] [--modes none fp8 ...]
-        [--outliers]
+        [--img2img] [--outliers]
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--modes", nargs="+", choices=list(MODES), default=["none", "fp8", "fp8-promoted"],
                     help="none is the peer every other mode is compared with (run it first)")
+    ap.add_argument("--img2img", action="store_true", help="an image edit at --size instead of text to image")
     ap.add_argument("--outliers", action="store_true",
                     help=f"scale residual channels {OUTLIER_CHANNELS} x{OUTLIER_SCALE:g} (the accuracy gate's case b)")
     return add_output_args(ap)
@@ -73,11 +74,15 @@ def run_mode(a: argparse.Namespace, kernels: KernelOptions) -> dict:
     built, build_peak = torch.cuda.memory_allocated() / GIB, torch.cuda.max_memory_allocated() / GIB
     torch.cuda.reset_peak_memory_stats()
     pipe.set_progress_bar_config(disable=True)
-    pipe("warm up", height=a.size, width=a.size, num_inference_steps=3)
+    if a.img2img:  # an edit of a fixed synthetic a.size² picture (the warm-up compiles the same layout)
+        img = (np.arange(a.size * a.size * 3) % 251).astype(np.uint8).reshape(a.size, a.size, 3)
+        call, prompt = dict(image=img), "make the cube blue"
+    else:
+        call, prompt = dict(height=a.size, width=a.size), "a photo of a red cube on a wooden table"
+    pipe("warm up", num_inference_steps=3, **call)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    out = pipe("a photo of a red cube on a wooden table", height=a.size, width=a.size, num_inference_steps=a.steps,
-               output_type="np")
+    out = pipe(prompt, num_inference_steps=a.steps, output_type="np", **call)
     torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     return {"out": out, "secs": secs, "built": built, "build_peak": build_peak,
@@ -87,7 +92,8 @@ def run_mode(a: argparse.Namespace, kernels: KernelOptions) -> dict:
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     require_cuda("bench_fp8_e2e")
-    shape = f"{a.preset} text2img {a.size}² {a.steps} steps, random weights" + (" + outliers" if a.outliers else "")
+    shape = (f"{a.preset} {'img2img' if a.img2img else 'text2img'} {a.size}² {a.steps} steps, random weights"
+             + (" + outliers" if a.outliers else ""))
     res: dict[str, dict] = {}
     rows = []
     for mode in a.modes:

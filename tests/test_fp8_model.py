@@ -319,3 +319,27 @@ def test_memory_check_counts_fp8_projection_weights():
         check_fits(cfg, torch.bfloat16, "cpu", available=card)
     with pytest.raises(InsufficientMemoryError, match="with FP8 projections needs ~16.1 GiB"):
         check_fits(cfg, torch.bfloat16, "cpu", available=8 * 2**30, quantization="fp8")
+
+
+def test_the_outlier_case_scales_the_same_channels_in_float_and_fp8_models():
+    """bench_fp8_e2e --outliers (the accuracy gate's case b): the float model's o_proj/down rows and the FP8 model's
+    per-channel scales of the same rows are multiplied by 50, in place (the packs see it), nothing else."""
+    from benchmarks.bench_fp8_e2e import OUTLIER_CHANNELS, OUTLIER_SCALE, add_outlier_channels
+
+    rows = list(OUTLIER_CHANNELS)
+    for q in ("none", "fp8"):
+        pipe = BagelPipeline.from_preset("tiny", quantization=q)
+        pipe.set_progress_bar_config(disable=True)
+        before = pipe("a red cube", seed=0, **FAST).latent_md5s[0]
+        mods = [layer.get_submodule(p) for layer in pipe.model.language_model.model.layers
+                for p in ("self_attn.o_proj", "self_attn.o_proj_moe_gen", "mlp.down_proj", "mlp_moe_gen.down_proj")]
+        deq = lambda m: m.weight.float() * (m.weight_scale[:, None] if q == "fp8" else 1)  # noqa: E731
+        old = [deq(m).clone() for m in mods]
+        add_outlier_channels(pipe.model)
+        for m, w in zip(mods, old):
+            ratio = deq(m) / w
+            torch.testing.assert_close(ratio[rows], torch.full_like(ratio[rows], OUTLIER_SCALE), rtol=1e-6, atol=0)
+            others = torch.ones(ratio.shape[0], dtype=torch.bool)
+            others[rows] = False
+            assert torch.equal(deq(m)[others], w[others])
+        assert pipe("a red cube", seed=0, **FAST).latent_md5s[0] != before
