@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp8: MoT projections with float8_e4m3fn weights (per-channel scales) and e4m3 "
                         "activations (see --fp8-activation-scaling): its own exactness class, OTHER OUTPUT BITS "
                         "than none (CUDA: compute capability >= 8.9)")
-    p.add_argument("--fp8-activation-scaling", default="qkv_bound", choices=["qkv_bound", "row", "tensor", "group128"],
+    p.add_argument("--fp8-activation-scaling", default="qkv_bound",
+                   choices=["qkv_bound", "row", "tensor", "group128"],
                    help="with --quantization fp8: how activations are scaled. qkv_bound = the QKV input with its "
                         "RMSNorm's static bound, the rest per row (batch-invariant; the most accurate in "
                         "benchmarks/RESULTS.md); row = every input per row (batch-invariant); tensor = one scale "
