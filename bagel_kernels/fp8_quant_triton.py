@@ -6,7 +6,8 @@ registers (this file's standalone kernel, and the RMSNorm that writes FP8 for th
 GPU's default fp32 division is approximate), 1.0 for an all-zero row, ``q = y / scale`` correctly rounded, clamped
 to +-448, cast round-to-nearest-even. A NaN anywhere in the row makes the scale and every code NaN, and an inf
 makes the scale inf (``fp8_quant``'s rules): Triton's max reduction would skip NaN, so it is checked for apart.
-One program per row: the codes and scale of a row never depend on another row.
+One program per row: the codes and scale of a row never depend on another row (nor on the piece width the
+standalone kernel walks the row in).
 """
 from __future__ import annotations
 
@@ -69,19 +70,41 @@ def encode_row_block(y, scale, INTERPRETER: tl.constexpr = False):
 
 
 @triton.jit
-def _quantize_rows(X, Q, S, s_x, K, BLOCK_K: tl.constexpr, INTERPRETER: tl.constexpr):
+def _quantize_rows(X, Q, S, s_x, K, CHUNK: tl.constexpr, INTERPRETER: tl.constexpr):
+    """One row in CHUNK-wide pieces, twice: the amax pass, then the encode pass (the row is still in L2). A row
+    held whole in registers (a power-of-two block: 32768 lanes for BAGEL's 18944-wide down input, 42 % of them
+    masked) leaves one program per SM waiting on its loads; chunks keep several rows in flight. The amax is an
+    elementwise running max reduced once (exact in any order) and the NaN count is kept apart, as in
+    ``block_amax``: the same scale and codes for any CHUNK."""
     row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_K)
-    ok = cols < K
-    y = tl.load(X + row * s_x + cols, mask=ok, other=0.0).to(tl.float32)
-    q, scale = quantize_row_block(y, ok, INTERPRETER)
-    tl.store(Q + row * K + cols, q, mask=ok)
+    cols = tl.arange(0, CHUNK)
+    base = X + row.to(tl.int64) * s_x
+    run_max = tl.zeros([CHUNK], dtype=tl.float32)
+    nans = tl.zeros([CHUNK], dtype=tl.int32)
+    for k0 in range(0, K, CHUNK):
+        ok = k0 + cols < K
+        y = tl.load(base + k0 + cols, mask=ok, other=0.0).to(tl.float32)
+        run_max = tl.maximum(run_max, tl.where(y != y, 0.0, tl.abs(y)))
+        nans += tl.where(y != y, 1, 0)
+    amax = tl.where(tl.sum(nans, 0) > 0, float("nan"), tl.max(run_max, 0))
+    scale = scale_from_amax(amax)
+    out = Q + row.to(tl.int64) * K
+    for k0 in range(0, K, CHUNK):
+        ok = k0 + cols < K
+        y = tl.load(base + k0 + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out + k0 + cols, encode_row_block(y, scale, INTERPRETER), mask=ok)
     tl.store(S + row, scale)
 
 
-def _warps(block: int) -> int:
-    """Warps per row program from the row's width only (never from M)."""
-    return 16 if block >= 16384 else 8 if block >= 2048 else 4
+def quantizer_chunk(k: int) -> int:
+    """The standalone quantizer's piece width, from the row width only (never from M): the whole row up to 4096
+    columns, else 2048-wide pieces."""
+    return min(triton.next_power_of_2(k), 4096) if k <= 4096 else 2048
+
+
+def _warps(chunk: int) -> int:
+    """Warps per row program from the piece width only (never from M): 8 elements per thread at most."""
+    return max(1, min(16, chunk // 256))
 
 
 def row_quantizer_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,13 +116,17 @@ def row_quantizer_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
             torch.empty(m, dtype=torch.float32, device=x.device))
 
 
-def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) in a float dtype -> (codes (M, K) e4m3fn, scale (M,) fp32): ``fp8_quant.quantize_rows``'s bits."""
+def quantize_rows_triton(x: torch.Tensor, chunk: int | None = None,
+                         num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) in a float dtype -> (codes (M, K) e4m3fn, scale (M,) fp32): ``fp8_quant.quantize_rows``'s bits
+    for any ``chunk`` (a power of two; default ``quantizer_chunk(K)``) and ``num_warps`` (benchmarks sweep them)."""
     x, q, s = row_quantizer_buffers(x)
     m, k = x.shape
     if m == 0:
         return q, s
-    block = triton.next_power_of_2(k)
-    _quantize_rows[(m,)](x, q, s, x.stride(0), k, BLOCK_K=block, INTERPRETER=triton_interpreting(),
-                         num_warps=_warps(block))
+    chunk = quantizer_chunk(k) if chunk is None else chunk
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"quantize_rows_triton: chunk must be a power of two >= 16, got {chunk}")
+    _quantize_rows[(m,)](x, q, s, x.stride(0), k, CHUNK=chunk, INTERPRETER=triton_interpreting(),
+                         num_warps=_warps(chunk) if num_warps is None else num_warps)
     return q, s

@@ -16,7 +16,8 @@ TFLOP/s = 2·M·N·K (× 2 parts for SwiGLU) / median time (CUDA-graph replay, `
 activations is not timed). ``--sweep`` also times a few other fixed configs of the Gluon FP8 kernel (any fixed config
 keeps rows batch-invariant; the shipped one is ``fp8_gluon_config``). Also prints, per shape, the FP8 output's
 relative difference to the bf16 GEMM and to ``_scaled_mm`` (precise), and how torch's CUDA cast to e4m3 treats
-out-of-range values.
+out-of-range values. First, per row count, the standalone per-row quantizer (o_proj's and down's inputs) in GB/s
+against a plain e4m3 cast (``quantizer_rows``).
 
     python -m benchmarks.bench_fp8_gemm [--sweep] [--m-gen 8196 2052] [--no-csv]
 """
@@ -28,9 +29,11 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+import triton
 
 import bagel_kernels as bk
 from bagel_kernels.fp8_quant import quantize_channels, quantize_rows
+from bagel_kernels.fp8_quant_triton import quantize_rows_triton, quantizer_chunk
 from bagel_kernels.routed_linear_fp8 import routed_gemm_fp8
 from bagel_kernels.routed_gemm_fp8_gluon import (Fp8GluonConfig, _stages_that_fit, fp8_gluon_config,
                                                   routed_gemm_fp8_gluon)
@@ -71,7 +74,31 @@ def cast_probe() -> str:
 def run(args: argparse.Namespace) -> Iterator[dict]:
     print(cast_probe(), flush=True)
     for m_gen in args.m_gen:
+        yield from quantizer_rows(m_gen)
         yield from run_rows(args, m_gen)
+
+
+def quantizer_rows(m_gen: int) -> Iterator[dict]:
+    """The standalone per-row quantizer on the two inputs no producer quantizes (o_proj's: the attention output,
+    K 3584; down's: the SwiGLU output, K 18944) at the step's rows, in GB/s (2 bytes read, 1 written per element,
+    4 per row's scale), with its piece width swept (any width gives the same bits, checked); the peer is torch's
+    plain bf16 -> e4m3 cast of the same tensor (no amax, no scale: the bandwidth floor of the job)."""
+    m = m_gen + M_MARKERS
+    for pname, k in (("o_proj input", 3584), ("down input", 18944)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        gbs = lambda ms: (3 * m * k + 4 * m) / (ms * 1e-3) / 1e9  # noqa: E731
+        shape = f"{pname} M={m} K={k}"
+        peer = gbs(bench_ms(lambda: x.to(torch.float8_e4m3fn)))
+        want = quantize_rows_triton(x)
+        yield row("per-row quantizer (triton), shipped", shape, "GB/s", gbs(bench_ms(lambda: quantize_rows_triton(x))),
+                  "torch e4m3 cast", peer)
+        for chunk in sorted({1024, 4096, 8192, triton.next_power_of_2(k)} - {quantizer_chunk(k)}):
+            got = quantize_rows_triton(x, chunk=chunk)
+            same = "same bits" if torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and \
+                torch.equal(got[1], want[1]) else "OTHER BITS"
+            yield row(f"per-row quantizer (triton), pieces of {chunk} ({same})", shape, "GB/s",
+                      gbs(bench_ms(lambda c=chunk: quantize_rows_triton(x, chunk=c))), "torch e4m3 cast", peer)
+        yield row("peer torch e4m3 cast", shape, "GB/s", peer)
 
 
 def run_rows(args: argparse.Namespace, m_gen: int) -> Iterator[dict]:

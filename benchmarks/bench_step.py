@@ -143,8 +143,9 @@ def bench_step(model, args, rows: list, fp8_model=None) -> None:
             torch.cuda.empty_cache()
 
 
-def profile_step(model, args, rows: list) -> None:
-    """Where a text2img 1024² CFG step's GPU time goes: kernels by total time (profiler, 3 replays)."""
+def profile_step(model, args, rows: list, quantization: str = "none") -> None:
+    """Where a text2img 1024² CFG step's GPU time goes: kernels by total time (profiler, 3 replays); with
+    ``--quantization fp8`` the FP8 model's step (where its quantizers and GEMMs spend it)."""
     from torch.profiler import ProfilerActivity, profile
 
     from bagel_model.engine.step import GenJob, PackedStep
@@ -165,9 +166,10 @@ def profile_step(model, args, rows: list) -> None:
         torch.cuda.synchronize()
     table = sorted(((e.key, e.device_time_total / 3e3, e.count // 3) for e in prof.key_averages()
                     if e.device_time_total), key=lambda r: -r[1])[:20]
+    print(f"profile of the {quantization} step:", flush=True)
     for k, ms, c in table:
         print(f"{ms:9.2f} ms  x{c:<5d} {k[:110]}", flush=True)
-    rows.append(dict(subject="profile", mode="text2img", size=side, kernels=[[k[:110], round(ms, 3), c]
+    rows.append(dict(subject="profile", mode="text2img", size=side, quantization=quantization, kernels=[[k[:110], round(ms, 3), c]
                                                                              for k, ms, c in table]))
 
 
@@ -344,7 +346,8 @@ def main(argv=None) -> int:
         if "step" in parts:
             bench_step(model, args, rows, fp8_model)
         if "profile" in parts:
-            profile_step(model, args, rows)
+            profile_step(model if fp8_model is None else fp8_model, args, rows,
+                         "none" if fp8_model is None else "fp8")
         if "e2e" in parts:
             bench_e2e(model, tok, args, rows)
         if "batch" in parts:

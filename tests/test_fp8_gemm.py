@@ -407,6 +407,35 @@ def test_interpreter_quantizers_match_quantize_rows():
     _check_quantizers(quantize_rows_triton, rms_norm_fp8_triton, rms_norm_triton, "cpu")
 
 
+def _check_quantizer_pieces(device: str) -> None:
+    from bagel_kernels.fp8_quant_triton import quantize_rows_triton
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(5, 3000, generator=g) * 5).bfloat16()
+    x[1, 2900] = float("nan")  # in the last piece of 256 and of 1024
+    x[2, 1500] = float("inf")
+    x[3] = 0
+    x[4, 2999] = 1e4  # the amax in the ragged last piece
+    x = x.to(device)
+    want = fq.quantize_rows(x)
+    for chunk in (256, 1024, 4096):
+        _same_codes(*quantize_rows_triton(x, chunk=chunk), *want)
+    with pytest.raises(ValueError, match="power of two"):
+        quantize_rows_triton(x, chunk=1000)
+
+
+@interpreter_only
+def test_interpreter_quantizer_pieces_give_the_reference_codes():
+    """The standalone quantizer walks a row in pieces (an amax pass, then an encode pass): every piece width gives
+    the reference's codes and scales, with the NaN, the inf or the amax in a later piece."""
+    _check_quantizer_pieces("cpu")
+
+
+@gpu_only
+def test_gpu_quantizer_pieces_give_the_reference_codes():
+    _check_quantizer_pieces("cuda")
+
+
 def test_norm_bound_scale_is_sqrt_k_times_max_weight_over_448():
     w = torch.randn(2, 3000, generator=torch.Generator().manual_seed(4)).bfloat16()
     w[1, 17] = -9.0
