@@ -178,3 +178,26 @@ def test_accuracy_report_script_runs(tmp_path):
     assert all(v["final_latent_rel_err"] > 0 for v in rep["rows"].values())
     assert set(rep["gate"]) == {"fixture text2img", "fixture img2img", "tiny text2img", "outliers text2img"}
     assert "shipped (qkv_bound) no worse than per-tensor" in r.stdout
+
+
+def test_weight_granularity_study_rounds_every_projection_of_both_experts():
+    """The weights-only study (per-channel vs 128x128-block scales) edits every MoT projection weight of both
+    experts, the model's packs follow, and the round trip's error is e4m3's (a few %), not zero."""
+    sys.path.insert(0, ROOT)
+    from scripts.fp8_weight_granularity import PROJECTIONS, quantize_weights_in_place, round_trip
+
+    w = torch.randn(256, 384, generator=torch.Generator().manual_seed(0))
+    for gran in ("channel", "block128"):
+        err = float((round_trip(w, gran) - w).norm() / w.norm())
+        assert 0.01 < err < 0.05, (gran, err)
+    with pytest.raises(ValueError, match="granularity"):
+        round_trip(w, "tensor")
+    pipe = BagelPipeline.from_preset("tiny")
+    before = pipe("a red cube", seed=0, **FAST).latent_md5s[0]
+    layer = pipe.model.language_model.model.layers[0]
+    old = {p: layer.get_submodule(p).weight.detach().clone() for p in ("self_attn.v_proj_moe_gen", "mlp.down_proj")}
+    err = quantize_weights_in_place(pipe, "block128")
+    assert 0.01 < err < 0.05 and len(PROJECTIONS) == 7
+    for p, w0 in old.items():
+        assert torch.equal(layer.get_submodule(p).weight, round_trip(w0.float(), "block128").to(w0.dtype))
+    assert pipe("a red cube", seed=0, **FAST).latent_md5s[0] != before
