@@ -1,4 +1,4 @@
-"""Triton per-row e4m3 quantization: ``fp8_quant.quantize_rows``'s bits in one pass over the rows.
+"""Triton per-row e4m3 quantization: ``fp8_quant.quantize_rows``'s bits, one program per row.
 
 ``quantize_row_block`` is the arithmetic, written once for every producer that quantizes a row it holds in
 registers (this file's standalone kernel, and the RMSNorm that writes FP8 for the next projection,

@@ -75,7 +75,7 @@ def quantize_activation_rows(x: torch.Tensor, options: KernelOptions | None = No
     """e4m3 quantization of a projection's input (rows, K) -> (codes, fp32 scale (rows,)): the one place the FP8
     model quantizes activations.
 
-    Per row: the reference runs ``fp8_quant.quantize_rows``; the Triton backend its one-pass twin
+    Per row: the reference runs ``fp8_quant.quantize_rows``; the Triton backend its Triton twin
     (``fp8_quant_triton.quantize_rows_triton``, the same bits: the arithmetic is exact or correctly rounded). Inputs
     whose producer can quantize them (the RMSNorm before QKV and gate/up: ``routed_rms_norm_fp8``) arrive as
     ``QuantizedRows`` and skip this. ``fp8_activation_scaling="tensor"`` (a comparison mode, not batch-invariant):

@@ -341,7 +341,7 @@ def test_gpu_gluon_and_triton_kernels_agree_and_split_keeps_bits(swiglu, bias, r
 
 @gpu_only
 def test_gpu_quantizers_match_torch_quantize_rows():
-    """The one-pass quantizer and the quantizing RMSNorm give ``quantize_rows``'s codes and scales on the GPU, and
+    """The standalone quantizer and the quantizing RMSNorm give ``quantize_rows``'s codes and scales on the GPU, and
     those are the CPU reference's (the scale's division is correctly rounded on both devices)."""
     from bagel_kernels.fp8_quant_triton import quantize_rows_triton
     from bagel_kernels.norms_triton import rms_norm_fp8_triton, rms_norm_triton
