@@ -155,11 +155,13 @@ def gate(rows: dict) -> dict:
     return dict(sorted(out.items()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_study_args(argv: list[str] | None, description: str,
+                     seeds: int = 1) -> tuple[argparse.Namespace, tuple[str, ...]]:
+    """The FP8 studies' command line (this script's and ``fp8_weight_granularity``'s): steps, cases, seeds, json."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=50, help="timesteps per request")
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
-    ap.add_argument("--seeds", type=int, default=1, help="noise seeds per request (metrics are their means)")
+    ap.add_argument("--seeds", type=int, default=seeds, help="noise seeds per request (metrics are their means)")
     ap.add_argument("--json", default=None, help="also write the report here")
     args = ap.parse_args(argv)
     cases = tuple(c for c in args.cases.split(",") if c)
@@ -167,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         if c not in CASES:
             ap.error(f"unknown case {c!r}; expected some of {CASES}")
     torch.set_num_threads(1)
+    return args, cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cases = parse_study_args(argv, __doc__)
     t0 = time.time()
     rows = report(args.steps, cases, args.seeds)
     verdict = gate(rows)

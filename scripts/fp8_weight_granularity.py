@@ -17,7 +17,6 @@ step (``fp8_accumulation="promoted"``: measured 1.18–1.45x slower than fast ac
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -33,7 +32,7 @@ from bagel_kernels import fp8_quant as fq  # noqa: E402
 from bagel_model.core.tokenizer import BagelTokenizer  # noqa: E402
 from bagel_model.pipeline import BagelPipeline  # noqa: E402
 from scripts.calibrate_cache import image_metrics, relative_error  # noqa: E402
-from scripts.fp8_accuracy_report import CASES, PROMPT, _outlier_model, _run  # noqa: E402
+from scripts.fp8_accuracy_report import CASES, PROMPT, _outlier_model, _run, parse_study_args  # noqa: E402
 
 GRANULARITIES = ("channel", "block128")
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -111,17 +110,7 @@ def report(steps: int, cases: tuple[str, ...], seeds: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=50, help="timesteps per request")
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
-    ap.add_argument("--seeds", type=int, default=2, help="noise seeds per request (metrics are their means)")
-    ap.add_argument("--json", default=None, help="also write the report here")
-    args = ap.parse_args(argv)
-    cases = tuple(c for c in args.cases.split(",") if c)
-    for c in cases:
-        if c not in CASES:
-            ap.error(f"unknown case {c!r}; expected some of {CASES}")
-    torch.set_num_threads(1)
+    args, cases = parse_study_args(argv, __doc__, seeds=2)
     t0 = time.time()
     rows = report(args.steps, cases, args.seeds)
     print(f"FP8 weight scales (weights only, activations exact) vs exact, {args.steps} steps, {args.seeds} seed(s), "
