@@ -19,7 +19,7 @@ relative difference to the bf16 GEMM and to ``_scaled_mm`` (precise), and how to
 out-of-range values. First, per row count, the standalone per-row quantizer (o_proj's and down's inputs) in GB/s
 against a plain e4m3 cast (``quantizer_rows``).
 
-    python -m benchmarks.bench_fp8_gemm [--sweep] [--m-gen 8196 2052] [--no-csv]
+    python -m benchmarks.bench_fp8_gemm [--sweep] [--m-gen 8196 2052] [--all-shapes] [--no-csv]
 """
 from __future__ import annotations
 
@@ -71,11 +71,23 @@ def cast_probe() -> str:
     return f"cuda cast {v.tolist()} -> {v.to(torch.float8_e4m3fn).float().tolist()}"
 
 
+def token_sets(args: argparse.Namespace) -> dict[str, bk.ExpertSegments]:
+    """The row sets timed: the generation step at each ``--m-gen``; with ``--all-shapes`` also issue #30's others
+    (img2img's 3 jobs, its prefill with mixed routing) and an SP rank's share (``bench_routed_gemm``'s sets)."""
+    sets = {f"step {m}+{M_MARKERS}": bagel_step_routing(m) for m in args.m_gen}
+    if args.all_shapes:
+        from .bench_routed_gemm import sweep_token_sets
+
+        sets.update({k: v for k, v in sweep_token_sets().items() if not k.startswith("t2i ")})
+    return sets
+
+
 def run(args: argparse.Namespace) -> Iterator[dict]:
     print(cast_probe(), flush=True)
     for m_gen in args.m_gen:
         yield from quantizer_rows(m_gen)
-        yield from run_rows(args, m_gen)
+    for label, routing in token_sets(args).items():
+        yield from run_rows(args, label, routing)
 
 
 def quantizer_rows(m_gen: int) -> Iterator[dict]:
@@ -101,12 +113,12 @@ def quantizer_rows(m_gen: int) -> Iterator[dict]:
         yield row("peer torch e4m3 cast", shape, "GB/s", peer)
 
 
-def run_rows(args: argparse.Namespace, m_gen: int) -> Iterator[dict]:
+def run_rows(args: argparse.Namespace, label: str, routing: bk.ExpertSegments) -> Iterator[dict]:
     dev, dt = "cuda", torch.bfloat16
     torch.manual_seed(0)
-    routing = bagel_step_routing(m_gen)
     m = routing.num_tokens
     ids = routing.expert_ids(dev)
+    gen = ids == 1  # the rows the dense peers (the generation expert's weight) compute as the model does
     exact = bk.KernelOptions()
     ours_name = "fp8 routed GEMM (gluon)" if bk.resolve_backend(torch.device(dev)) == "triton" and \
         torch.cuda.get_device_capability()[0] == 9 else "fp8 routed GEMM (triton)"
@@ -120,7 +132,7 @@ def run_rows(args: argparse.Namespace, m_gen: int) -> Iterator[dict]:
         xq, xs = quantize_rows(x)
         wq, ws = quantize_channels(w)
         tf = lambda ms: 2 * m * n * k * p / (ms * 1e-3) / 1e12  # noqa: E731
-        shape = f"{pname}{' +' + EPILOGUE[pname] if EPILOGUE[pname] else ''} M={m} N={n * p} K={k}"
+        shape = f"{label} {pname}{' +' + EPILOGUE[pname] if EPILOGUE[pname] else ''} M={m} N={n * p} K={k}"
 
         def ours() -> torch.Tensor:
             return routed_gemm_fp8(xq, xs, routing, wq, ws, bias, activation=act, residual=res, expert_ids=ids)
@@ -147,8 +159,8 @@ def run_rows(args: argparse.Namespace, m_gen: int) -> Iterator[dict]:
         # accuracy at this shape (gen rows, GEMM part only where the epilogues differ)
         y8 = ours()
         if not swiglu and res is None:
-            print(f"{shape}: |fp8 - bf16 GEMM| / |bf16| = {rel(y8[:M_GEN], bf16_dense()[:M_GEN]):.4g}, "
-                  f"|fp8 - scaled_mm| / |scaled_mm| = {rel(y8[:M_GEN], scaled_mm(False)()[:M_GEN]):.4g}", flush=True)
+            print(f"{shape}: |fp8 - bf16 GEMM| / |bf16| = {rel(y8[gen], bf16_dense()[gen]):.4g}, "
+                  f"|fp8 - scaled_mm| / |scaled_mm| = {rel(y8[gen], scaled_mm(False)()[gen]):.4g}", flush=True)
         else:
             print(f"{shape}: |fp8 - bf16 routed| / |bf16 routed| = {rel(y8, bf16_routed()):.4g}", flush=True)
 
@@ -180,7 +192,7 @@ def run_rows(args: argparse.Namespace, m_gen: int) -> Iterator[dict]:
         yield row("peer torch._scaled_mm rowwise fast-accum", shape, "TFLOP/s", t_smm_fast)
         yield row("bf16 routed GEMM exact", shape, "TFLOP/s", t_bf16, "bf16 dense cuBLAS", t_dense)
         yield row("peer bf16 dense cuBLAS", shape, "TFLOP/s", t_dense)
-        if args.sweep:
+        if args.sweep and label.startswith("step "):
             for name, cfg in sweep_configs(n, k, swiglu).items():
                 def alt(cfg: Fp8GluonConfig = cfg) -> torch.Tensor:
                     return routed_gemm_fp8_gluon(xq, xs, wq, ws, bias, ids, swiglu, res, dt,
@@ -196,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep", action="store_true", help="also time a few other fixed tile configs")
     p.add_argument("--m-gen", type=int, nargs="+", default=[M_GEN, 2 * 1026],
                    help="generation-expert rows of the step (4 marker rows follow): 8196 = 1024² CFG, 2052 = 512²")
+    p.add_argument("--all-shapes", action="store_true",
+                   help="also img2img's step (3 x 4098 rows), its prefill (mixed routing) and SP shares (M/2, M/4)")
     args = add_output_args(p).parse_args(argv)
     require_cuda("bench_fp8_gemm")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
