@@ -46,21 +46,29 @@ from .fp8_quant_triton import quantize_rows_triton
 from .routed_linear_fp8_reference import (Activation, check_fp8_routed, routed_gemm_fp8_dequantized_reference,
                                           routed_gemm_fp8_reference)
 from .routed_gemm_fp8_gluon import fp8_gluon_config, routed_gemm_fp8_gluon
+from .routed_gemm_fp8_small_batch import routed_gemm_fp8_small_batch
 from .routed_gemm_fp8_triton import fp8_gemm_config, require_fp8_tensor_cores, routed_gemm_fp8_triton
+from .routed_gemm_triton import SMALL_BATCH_ROWS
 
 
 def routed_gemm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegments | None, wq: torch.Tensor,
                     w_scale: torch.Tensor, bias: torch.Tensor | None = None, *, activation: Activation = None,
                     residual: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-                    expert_ids: torch.Tensor | None = None, options: KernelOptions | None = None) -> torch.Tensor:
+                    expert_ids: torch.Tensor | None = None, options: KernelOptions | None = None,
+                    small_batch: bool = False) -> torch.Tensor:
     """Expert-routed FP8 projection; ``expert_ids`` (int32 per row, on the device) as in ``routed_linear``.
-    ``out_dtype`` fp32 is taken by the reference backend only (a float32 model on the CPU)."""
+    ``out_dtype`` fp32 is taken by the reference backend only (a float32 model on the CPU). ``small_batch=True``
+    (AR decode: at most ``SMALL_BATCH_ROWS`` rows) runs ``routed_gemm_fp8_small_batch`` on a GPU backend, split over
+    N so that every SM streams the weights (its bits are its own, fixed per weight shape like the large kernels')."""
     opts = resolve_options(options)
     reference = resolve_backend(xq.device, opts) == "reference"
     check_fp8_routed(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype, allow_fp32=reference)
     if reference:
         return routed_gemm_fp8_reference(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype)
     ids = device_expert_ids(routing, expert_ids, wq.shape[0], xq.device)
+    if small_batch and xq.shape[0] <= SMALL_BATCH_ROWS:
+        return routed_gemm_fp8_small_batch(xq, x_scale, wq, w_scale, bias, ids, activation == "swiglu", residual,
+                                           out_dtype)
     swiglu, promoted = activation == "swiglu", opts.fp8_accumulation == "promoted"
     n, k = wq.shape[2], wq.shape[3]
     if use_gluon(xq.device, out_dtype, opts):  # Hopper: the warp-specialized kernel
@@ -118,12 +126,12 @@ def dequantized_activation(x: torch.Tensor, scaling: str) -> torch.Tensor:
 def routed_linear_fp8(x: torch.Tensor | QuantizedRows, routing: ExpertSegments | None, wq: torch.Tensor,
                       w_scale: torch.Tensor, bias: torch.Tensor | None = None, *, activation: Activation = None,
                       residual: torch.Tensor | None = None, expert_ids: torch.Tensor | None = None,
-                      options: KernelOptions | None = None) -> torch.Tensor:
+                      options: KernelOptions | None = None, small_batch: bool = False) -> torch.Tensor:
     """``routed_linear`` with FP8 weights: ``x`` (rows, K) in the activation dtype is quantized per row
     (``quantize_activation_rows``) and multiplied with the e4m3 weight ``wq`` (E, P, N, K) and its per-channel
     scales ``w_scale`` (E, P, N); bias, SwiGLU and residual epilogues as ``routed_linear``'s; output in x's dtype.
     ``x`` may come quantized already (``QuantizedRows``, from a quantizing producer).
-    There is no small-batch variant: text decoding runs this same GEMM (its rows are batch-invariant too).
+    ``small_batch=True`` (AR decode, at most ``SMALL_BATCH_ROWS`` rows): the small-batch kernel (``routed_gemm_fp8``).
     ``options.fp8_activation_scaling`` "tensor": the launch's one scale per row; "group128": the reference on
     dequantized activations (module docstring), NotImplementedError on any other backend."""
     opts = resolve_options(options)
@@ -142,7 +150,7 @@ def routed_linear_fp8(x: torch.Tensor | QuantizedRows, routing: ExpertSegments |
     else:
         xq, xs = quantize_activation_rows(x, options)
     return routed_gemm_fp8(xq, xs, routing, wq, w_scale, bias, activation=activation, residual=residual,
-                           out_dtype=x.dtype, expert_ids=expert_ids, options=options)
+                           out_dtype=x.dtype, expert_ids=expert_ids, options=options, small_batch=small_batch)
 
 
 def require_fp8_support(options: KernelOptions | None, device: torch.device | str,

@@ -590,8 +590,85 @@ def _build_gluon_for_hopper(n: int, k: int, swiglu: bool, bias: bool, residual: 
             "setmaxnreg": "setmaxnreg" in ptx}
 
 
-if __name__ == "__main__":  # the build report for test_fp8_kernel_builds_for_hopper
-    import json
+# ---------------------------------------------------------------- the small-batch kernel (AR decode)
 
-    print(json.dumps([_build_for_hopper(*v) for v in BUILD_VARIANTS]
-                     + [_build_gluon_for_hopper(*v, promote) for promote in (False, True) for v in BUILD_VARIANTS]))
+def _check_small_batch(device: str, opts: KernelOptions) -> None:
+    """Decode's kernel: the float64 truth to the bf16 epilogue's rounding, every epilogue, one expert or mixed
+    rows; a row's bits the same in a launch of 1, 5 or 16 rows; more than 16 rows refused."""
+    from bagel_kernels.routed_gemm_fp8_small_batch import routed_gemm_fp8_small_batch
+
+    m, n, k = 16, 80, 192  # N and K not multiples of the tiles: the masks
+    for swiglu, bias, residual in EPILOGUES:
+        act = "swiglu" if swiglu else None
+        xq, xs, wq, ws, b, res = make_case(m, n, k, swiglu, bias, residual, seed=3, device=device)
+        for r in (mixed_routing(m), bk.ExpertSegments.uniform(m, False)):
+            full = routed_gemm_fp8(xq, xs, r, wq, ws, b, activation=act, residual=res, options=opts,
+                                   small_batch=True)
+            assert rel_err(full, float64_truth(xq, xs, r, wq, ws, b, swiglu, res)) < 1e-2
+            for a, z in ((0, 1), (3, 8), (15, 16)):
+                part = routed_gemm_fp8(xq[a:z], xs[a:z], r.slice(a, z), wq, ws, b, activation=act,
+                                       residual=None if res is None else res[a:z], options=opts, small_batch=True)
+                assert torch.equal(part, full[a:z]), (swiglu, bias, residual, a, z)
+    xq, xs, wq, ws, _, _ = make_case(17, n, k, False, False, False, device=device)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, None)
+
+
+@interpreter_only
+def test_interpreter_small_batch_kernel_matches_truth_and_is_batch_invariant():
+    _check_small_batch("cpu", KernelOptions(backend="triton"))
+
+
+@gpu_only
+def test_gpu_small_batch_kernel_matches_truth_and_is_batch_invariant():
+    _check_small_batch("cuda", KernelOptions())
+
+
+def test_small_batch_flag_leaves_the_reference_and_large_launches_alone():
+    """On the reference backend (the CPU path) and for more than 16 rows, ``small_batch`` changes no bit."""
+    xq, xs, wq, ws, b, res = make_case(40, 64, 128, False, True, True, seed=4)
+    r = mixed_routing(40)
+    want = routed_gemm_fp8(xq, xs, r, wq, ws, b, residual=res)
+    assert torch.equal(routed_gemm_fp8(xq, xs, r, wq, ws, b, residual=res, small_batch=True), want)
+    assert torch.equal(routed_gemm_fp8(xq[:3], xs[:3], r.slice(0, 3), wq, ws, b, residual=res[:3],
+                                       small_batch=True), want[:3])
+
+
+def test_small_batch_kernel_builds_for_hopper():
+    """The decode kernel compiles for sm_90a at BAGEL's four projections (Triton builds the cubin on the CPU)."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, __file__, "small-batch-build"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=str(Path(__file__).parent))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("built") == len(BUILD_VARIANTS), r.stdout
+
+
+def _small_batch_build_report() -> None:
+    from bagel_kernels.routed_gemm_fp8_small_batch import _routed_gemm_fp8_small_batch, fp8_small_batch_tiles
+    from hopper_build import compile_for_hopper
+
+    for n, k, swiglu, bias, residual in BUILD_VARIANTS:
+        p, m = 2 if swiglu else 1, 16
+        bn, bkk = fp8_small_batch_tiles(n, k)
+        xq, out = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(m, n, dtype=torch.bfloat16)
+        args = dict(XQ=xq, XS=torch.empty(m), WQ=torch.empty(2, p, n, k, dtype=torch.float8_e4m3fn),
+                    WS=torch.empty(2, p, n), OUT=out, RES=out, BIAS=torch.empty(2, p, n, dtype=torch.bfloat16),
+                    IDS=torch.empty(m, dtype=torch.int32), M=m, N=n, K=k, s_om=n, s_rm=n)
+        consts = dict(HAS_IDS=True, HAS_BIAS=bias, HAS_RES=residual, SWIGLU=swiglu, BLOCK_M=16, BLOCK_N=bn,
+                      BLOCK_K=bkk, INTERPRETER=False, BF16_BITS=False)
+        c = compile_for_hopper(_routed_gemm_fp8_small_batch, args, consts, 4, num_stages=4, gluon=False)
+        ptx = c.asm["ptx"]
+        assert ".target sm_90a" in ptx and ("mma.sync" in ptx or "wgmma" in ptx), (n, k)
+        print(f"built N={n} K={k} swiglu={swiglu}: shared {c.metadata.shared} B, "
+              f"{'wgmma' if 'wgmma' in ptx else 'mma.sync'}", flush=True)
+
+
+if __name__ == "__main__":  # the build reports of test_fp8_kernel_builds_for_hopper and the small-batch build test
+    if sys.argv[1:] == ["small-batch-build"]:
+        _small_batch_build_report()
+    else:
+        import json
+
+        print(json.dumps([_build_for_hopper(*v) for v in BUILD_VARIANTS]
+                         + [_build_gluon_for_hopper(*v, promote) for promote in (False, True) for v in BUILD_VARIANTS]))

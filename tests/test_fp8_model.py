@@ -343,3 +343,19 @@ def test_the_outlier_case_scales_the_same_channels_in_float_and_fp8_models():
             others[rows] = False
             assert torch.equal(deq(m)[others], w[others])
         assert pipe("a red cube", seed=0, **FAST).latent_md5s[0] != before
+
+
+@gpu_fp8
+def test_gpu_fp8_text_decoding_takes_the_small_batch_kernel(monkeypatch):
+    """Decode's one-token steps run the FP8 small-batch kernel (every SM streams the weights), and a batch of two
+    prompts decodes each prompt's text as it decodes alone."""
+    import bagel_kernels.routed_linear_fp8 as rl8
+
+    calls = []
+    real = rl8.routed_gemm_fp8_small_batch
+    monkeypatch.setattr(rl8, "routed_gemm_fp8_small_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    p = BagelPipeline.from_preset("tiny", device="cuda", quantization="fp8")
+    p.set_progress_bar_config(disable=True)
+    prompts = ["describe a cube", "name three colours"]
+    both = p(prompts, mode="text2text", max_new_tokens=6).text
+    assert calls and both == [p(q, mode="text2text", max_new_tokens=6).text[0] for q in prompts]

@@ -91,12 +91,13 @@ def _norm(x: torch.Tensor, li: LayerInputs, weight: torch.Tensor, eps: float, *,
 def project(x: torch.Tensor | QuantizedRows, li: LayerInputs, pack: ExpertPack, bias: torch.Tensor | None = None, *,
             activation=None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """One routed projection of the layer: ``routed_linear`` on the packed weight, or with
-    ``quantization="fp8"`` ``routed_linear_fp8`` on its codes and scales (same epilogues; no small-batch variant)."""
+    ``quantization="fp8"`` ``routed_linear_fp8`` on its codes and scales (same epilogues; decode's few rows take
+    either's small-batch kernel)."""
     ids = li.expert_ids(x.device)
     if li.kernels.quantization == "fp8":
         wq, ws = pack.get_fp8()
         return routed_linear_fp8(x, li.routing, wq, ws, bias, activation=activation, residual=residual,
-                                 expert_ids=ids, options=li.kernels)
+                                 expert_ids=ids, options=li.kernels, small_batch=li.small_batch)
     return routed_linear(x, li.routing, pack.get(), bias, activation=activation, residual=residual, expert_ids=ids,
                          small_batch=li.small_batch, options=li.kernels)
 
