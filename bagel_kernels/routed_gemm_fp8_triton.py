@@ -28,7 +28,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._dispatch import triton_interpreting
 from ._launch import _num_programs
-from .routed_gemm_triton import _add_bias, _pow2_at_least, _row_experts, grouped_tile_origin
+from .routed_gemm_triton import (_add_bias, _pow2_at_least, _round, _row_experts, _scale,
+                                 _swiglu_bits as _swiglu, grouped_tile_origin)
 
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores; Ampere and older do not
 
@@ -99,36 +100,6 @@ def _fp8_tile_dot(x_desc, w_desc, m0, n0, wrow, K, BLOCK_K: tl.constexpr, BLOCK_
                 else:
                     acc2 = tl.dot(a, b2.T, acc2)
     return acc, acc2
-
-
-@triton.jit
-def _round(x, out_ty: tl.constexpr, BF16_BITS: tl.constexpr):
-    """fp32 -> out_ty (round to nearest even) -> fp32. The GPU's cvt rounds to nearest even; Triton 3.6's
-    interpreter truncates fp32 -> bf16 (and its "rtne" mode rounds ties away without carrying into the exponent),
-    so under the interpreter with a bf16 output (BF16_BITS, set by the host) the rounding is done on the bits: add
-    0x7FFF plus the kept LSB, clear the low half. NaN is kept as is (the add could carry a NaN payload into inf)."""
-    if BF16_BITS:
-        bits = x.to(tl.uint32, bitcast=True)
-        r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return tl.where(x != x, x, r)
-    else:
-        return x.to(out_ty).to(tl.float32)
-
-
-@triton.jit
-def _swiglu(gate, up, out_ty: tl.constexpr, BF16_BITS: tl.constexpr):
-    """The bf16 kernel's roundings (``routed_gemm_triton._swiglu``): gate and up land in the output dtype,
-    silu(gate) is rounded, then the product (rounded by the caller)."""
-    g = _round(gate, out_ty, BF16_BITS)
-    s = _round(g / (1.0 + tl.exp(-g)), out_ty, BF16_BITS)
-    return s * _round(up, out_ty, BF16_BITS)
-
-
-@triton.jit
-def _scale(acc, xs, WS, wrow, N, cols):
-    """acc * row scale * channel scale, in that order (the reference's)."""
-    ws = tl.load(WS + wrow * N + cols, mask=cols < N, other=0.0)
-    return acc * xs[:, None] * ws[None, :]
 
 
 @triton.jit

@@ -184,6 +184,38 @@ def routed_gemm_triton(
     return out
 
 
+# ---- the FP8 epilogue pieces (``routed_gemm_fp8_triton``; the small-batch kernel below too) ----
+
+@triton.jit
+def _round(x, out_ty: tl.constexpr, BF16_BITS: tl.constexpr):
+    """fp32 -> out_ty (round to nearest even) -> fp32. The GPU's cvt rounds to nearest even; Triton 3.6's
+    interpreter truncates fp32 -> bf16 (and its "rtne" mode rounds ties away without carrying into the exponent),
+    so under the interpreter with a bf16 output (BF16_BITS, set by the host) the rounding is done on the bits: add
+    0x7FFF plus the kept LSB, clear the low half. NaN is kept as is (the add could carry a NaN payload into inf)."""
+    if BF16_BITS:
+        bits = x.to(tl.uint32, bitcast=True)
+        r = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, r)
+    else:
+        return x.to(out_ty).to(tl.float32)
+
+
+@triton.jit
+def _swiglu_bits(gate, up, out_ty: tl.constexpr, BF16_BITS: tl.constexpr):
+    """``_swiglu``'s roundings (gate and up land in the output dtype, silu(gate) is rounded, then the product,
+    rounded by the caller), each through ``_round`` so that the interpreter rounds bf16 as the GPU does."""
+    g = _round(gate, out_ty, BF16_BITS)
+    s = _round(g / (1.0 + tl.exp(-g)), out_ty, BF16_BITS)
+    return s * _round(up, out_ty, BF16_BITS)
+
+
+@triton.jit
+def _scale(acc, xs, WS, wrow, N, cols):
+    """acc * row scale * channel scale, in that order (the reference's)."""
+    ws = tl.load(WS + wrow * N + cols, mask=cols < N, other=0.0)
+    return acc * xs[:, None] * ws[None, :]
+
+
 # ---- few rows (AR decode): split over N only, every row in one 16-row tile ----
 SMALL_BATCH_ROWS = 16
 
@@ -198,7 +230,10 @@ def small_batch_config(n: int, k: int, dtype: torch.dtype) -> GemmConfig:
 
 @triton.jit
 def _small_tile_dot(X, W, s_xm, rows, cols, wrow, M, N, K, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr):
+                    BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr,
+                    WIDEN: tl.constexpr = False):
+    """WIDEN (e4m3 operands): both tiles are widened to fp16 before the MMA — exact (e4m3's significands and
+    exponents fit fp16), so the products are exact and the sums fp32."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
@@ -209,6 +244,8 @@ def _small_tile_dot(X, W, s_xm, rows, cols, wrow, M, N, K, BLOCK_K: tl.constexpr
                     mask=(cols < N)[:, None] & (kk < K)[None, :], other=0.0)
         if INTERPRETER:  # position-independent broadcast-sum, as in _tile_dot
             acc += tl.sum(a.to(tl.float32)[:, :, None] * tl.trans(b.to(tl.float32))[None, :, :], 1)
+        elif WIDEN:
+            acc = tl.dot(a.to(tl.float16), b.to(tl.float16).T, acc)
         else:
             acc = tl.dot(a, b.T, acc, input_precision=DOT_PREC)
     return acc
@@ -216,30 +253,50 @@ def _small_tile_dot(X, W, s_xm, rows, cols, wrow, M, N, K, BLOCK_K: tl.constexpr
 
 @triton.jit
 def _routed_gemm_small_batch(
-    X, W, OUT, RES, BIAS, IDS, M, N, K, s_xm, s_om, s_rm,
+    X, W, XS, WS, OUT, RES, BIAS, IDS, M, N, K, s_xm, s_om, s_rm,
     HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr, SCALED: tl.constexpr = False, BF16_BITS: tl.constexpr = False,
 ):
+    """SCALED: e4m3 operands with per-row (XS) and per-channel (WS) scales and the FP8 kernels' epilogue
+    (``routed_gemm_fp8_small_batch``); off, the bf16 decode GEMM (its instructions are the same as before SCALED
+    existed: every SCALED branch is a constexpr one)."""
     P: tl.constexpr = 2 if SWIGLU else 1
     out_ty = OUT.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ids, lo, hi = _row_experts(IDS, rows, M, HAS_IDS, BLOCK_M)
+    if SCALED:
+        xs = tl.load(XS + rows, mask=rows < M, other=0.0)
     result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for e in range(lo, hi + 1):
-        acc = _small_tile_dot(X, W, s_xm, rows, cols, e * P, M, N, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC, INTERPRETER)
+        acc = _small_tile_dot(X, W, s_xm, rows, cols, e * P, M, N, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC, INTERPRETER,
+                              SCALED)
+        if SCALED:
+            acc = _scale(acc, xs, WS, e * P, N, cols)
         acc = _add_bias(acc, BIAS, e * P, N, cols, HAS_BIAS)
         if SWIGLU:
             up = _small_tile_dot(X, W, s_xm, rows, cols, e * P + 1, M, N, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC,
-                                 INTERPRETER)
-            acc = _swiglu(acc, _add_bias(up, BIAS, e * P + 1, N, cols, HAS_BIAS), out_ty)
+                                 INTERPRETER, SCALED)
+            if SCALED:
+                up = _scale(up, xs, WS, e * P + 1, N, cols)
+            up = _add_bias(up, BIAS, e * P + 1, N, cols, HAS_BIAS)
+            if SCALED:
+                acc = _swiglu_bits(acc, up, out_ty, BF16_BITS)
+            else:
+                acc = _swiglu(acc, up, out_ty)
         result = tl.where((ids == e)[:, None], acc, result)
     ok = (rows < M)[:, None] & (cols < N)[None, :]
     if HAS_RES:
         res = tl.load(RES + rows[:, None] * s_rm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        result = res + result.to(out_ty).to(tl.float32)
-    tl.store(OUT + rows[:, None] * s_om + cols[None, :], result.to(out_ty), mask=ok)
+        if SCALED:
+            result = res + _round(result, out_ty, BF16_BITS)
+        else:
+            result = res + result.to(out_ty).to(tl.float32)
+    if SCALED:
+        tl.store(OUT + rows[:, None] * s_om + cols[None, :], _round(result, out_ty, BF16_BITS).to(out_ty), mask=ok)
+    else:
+        tl.store(OUT + rows[:, None] * s_om + cols[None, :], result.to(out_ty), mask=ok)
 
 
 def routed_gemm_small_batch_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -258,7 +315,7 @@ def routed_gemm_small_batch_triton(x: torch.Tensor, weight: torch.Tensor, bias: 
     x = x.contiguous()
     res = residual if residual is not None else out
     _routed_gemm_small_batch[(triton.cdiv(n, cfg.BLOCK_N),)](
-        x, weight, out, res, bias if bias is not None else x, expert_ids if expert_ids is not None else x,
+        x, weight, x, x, out, res, bias if bias is not None else x, expert_ids if expert_ids is not None else x,
         m, n, k, x.stride(0), out.stride(0), res.stride(0),
         HAS_IDS=expert_ids is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SWIGLU=swiglu,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,

@@ -645,24 +645,24 @@ def test_small_batch_kernel_builds_for_hopper():
 
 
 def _small_batch_build_report() -> None:
-    from bagel_kernels.routed_gemm_fp8_small_batch import _routed_gemm_fp8_small_batch, fp8_small_batch_tiles
+    from bagel_kernels.routed_gemm_fp8_small_batch import fp8_small_batch_tiles
+    from bagel_kernels.routed_gemm_triton import _routed_gemm_small_batch
     from hopper_build import compile_for_hopper
 
     for n, k, swiglu, bias, residual in BUILD_VARIANTS:
         p, m = 2 if swiglu else 1, 16
         bn, bkk = fp8_small_batch_tiles(n, k)
         xq, out = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(m, n, dtype=torch.bfloat16)
-        args = dict(XQ=xq, XS=torch.empty(m), WQ=torch.empty(2, p, n, k, dtype=torch.float8_e4m3fn),
+        args = dict(X=xq, W=torch.empty(2, p, n, k, dtype=torch.float8_e4m3fn), XS=torch.empty(m),
                     WS=torch.empty(2, p, n), OUT=out, RES=out, BIAS=torch.empty(2, p, n, dtype=torch.bfloat16),
-                    IDS=torch.empty(m, dtype=torch.int32), M=m, N=n, K=k, s_om=n, s_rm=n)
+                    IDS=torch.empty(m, dtype=torch.int32), M=m, N=n, K=k, s_xm=k, s_om=n, s_rm=n)
         consts = dict(HAS_IDS=True, HAS_BIAS=bias, HAS_RES=residual, SWIGLU=swiglu, BLOCK_M=16, BLOCK_N=bn,
-                      BLOCK_K=bkk, INTERPRETER=False, BF16_BITS=False)
-        c = compile_for_hopper(_routed_gemm_fp8_small_batch, args, consts, 4, num_stages=4, gluon=False)
+                      BLOCK_K=bkk, DOT_PREC="tf32", INTERPRETER=False, SCALED=True, BF16_BITS=False)
+        c = compile_for_hopper(_routed_gemm_small_batch, args, consts, 4, num_stages=4, gluon=False)
         ptx = c.asm["ptx"]
         assert ".target sm_90a" in ptx and ("mma.sync" in ptx or "wgmma" in ptx), (n, k)
         print(f"built N={n} K={k} swiglu={swiglu}: shared {c.metadata.shared} B, "
               f"{'wgmma' if 'wgmma' in ptx else 'mma.sync'}", flush=True)
-
 
 if __name__ == "__main__":  # the build reports of test_fp8_kernel_builds_for_hopper and the small-batch build test
     if sys.argv[1:] == ["small-batch-build"]:
