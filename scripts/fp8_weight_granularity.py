@@ -35,8 +35,6 @@ from scripts.calibrate_cache import image_metrics, relative_error  # noqa: E402
 from scripts.fp8_accuracy_report import CASES, PROMPT, _outlier_model, _run, parse_study_args  # noqa: E402
 
 GRANULARITIES = ("channel", "block128")
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def round_trip(w: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -51,19 +49,17 @@ def round_trip(w: torch.Tensor, granularity: str) -> torch.Tensor:
 
 
 def quantize_weights_in_place(pipe: BagelPipeline, granularity: str) -> float:
-    """Every MoT projection weight (both experts) replaced by its round trip; returns |w - deq| / |w| over all."""
+    """Every MoT projection weight (both experts: the parameters of the model's quantizable expert packs, the set
+    ``quantization="fp8"`` quantizes) replaced by its round trip; returns |w - deq| / |w| over all."""
     err2 = ref2 = 0.0
     with torch.no_grad():
-        for layer in pipe.model.language_model.model.layers:
-            for path in PROJECTIONS:
-                for suffix in ("", "_moe_gen"):
-                    head, name = path.split(".")
-                    w = layer.get_submodule(f"{head}{suffix if head == 'mlp' else ''}."
-                                            f"{name}{suffix if head == 'self_attn' else ''}").weight
-                    deq = round_trip(w.data.float(), granularity)
-                    err2 += float((deq - w.data.float()).square().sum())
-                    ref2 += float(w.data.float().square().sum())
-                    w.data.copy_(deq.to(w.dtype))
+        for pack in pipe.model._fp8_packs():
+            for w in pack._params():
+                wf = w.data.float()
+                deq = round_trip(wf, granularity)
+                err2 += float((deq - wf).square().sum())
+                ref2 += float(wf.square().sum())
+                w.data.copy_(deq.to(w.dtype))
     pipe.model.pack_experts()  # the packs are rebuilt from the edited weights
     return (err2 / ref2) ** 0.5
 

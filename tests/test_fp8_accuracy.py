@@ -184,7 +184,7 @@ def test_weight_granularity_study_rounds_every_projection_of_both_experts():
     """The weights-only study (per-channel vs 128x128-block scales) edits every MoT projection weight of both
     experts, the model's packs follow, and the round trip's error is e4m3's (a few %), not zero."""
     sys.path.insert(0, ROOT)
-    from scripts.fp8_weight_granularity import PROJECTIONS, quantize_weights_in_place, round_trip
+    from scripts.fp8_weight_granularity import quantize_weights_in_place, round_trip
 
     w = torch.randn(256, 384, generator=torch.Generator().manual_seed(0))
     for gran in ("channel", "block128"):
@@ -197,7 +197,9 @@ def test_weight_granularity_study_rounds_every_projection_of_both_experts():
     layer = pipe.model.language_model.model.layers[0]
     old = {p: layer.get_submodule(p).weight.detach().clone() for p in ("self_attn.v_proj_moe_gen", "mlp.down_proj")}
     err = quantize_weights_in_place(pipe, "block128")
-    assert 0.01 < err < 0.05 and len(PROJECTIONS) == 7
+    edited = [w for pack in pipe.model._fp8_packs() for w in pack._params()]
+    # q, k, v, o, gate, up, down of both experts in every layer
+    assert 0.01 < err < 0.05 and len(edited) == 7 * 2 * len(pipe.model.language_model.model.layers)
     for p, w0 in old.items():
         assert torch.equal(layer.get_submodule(p).weight, round_trip(w0.float(), "block128").to(w0.dtype))
     assert pipe("a red cube", seed=0, **FAST).latent_md5s[0] != before
