@@ -84,8 +84,9 @@ def _quantize_rows(X, Q, S, s_x, K, CHUNK: tl.constexpr, INTERPRETER: tl.constex
     for k0 in range(0, K, CHUNK):
         ok = k0 + cols < K
         y = tl.load(base + k0 + cols, mask=ok, other=0.0).to(tl.float32)
-        run_max = tl.maximum(run_max, tl.where(y != y, 0.0, tl.abs(y)))
-        nans += tl.where(y != y, 1, 0)
+        nan = y != y
+        run_max = tl.maximum(run_max, tl.where(nan, 0.0, tl.abs(y)))
+        nans += tl.where(nan, 1, 0)
     amax = tl.where(tl.sum(nans, 0) > 0, float("nan"), tl.max(run_max, 0))
     scale = scale_from_amax(amax)
     out = Q + row.to(tl.int64) * K

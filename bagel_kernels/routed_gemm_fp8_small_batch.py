@@ -1,19 +1,18 @@
 """FP8 routed GEMM for a few rows (AR text decoding): ``routed_gemm_fp8``'s contract, split over N only.
 
-The kernel is the bf16 one's (``routed_gemm_triton._routed_gemm_small_batch``) with ``SCALED`` on: one
-schedule, two operand types. Why: the large FP8 kernels tile 128 rows by 128-256 columns, so one decode token (M = 1) leaves 14-18 programs to
+Why: the large FP8 kernels tile 128 rows by 128-256 columns, so one decode token (M = 1) leaves 14-18 programs to
 stream a whole projection's weights (``down``: 14 programs reading 4.8 MB each) and most SMs idle. Decoding is
-bound by the bytes of the weights, which FP8 halves only if every SM streams them. This is the bf16
-``routed_gemm_small_batch``'s schedule on e4m3 weights: one program per 32 output columns holds all (at most
-``SMALL_BATCH_ROWS``) rows and walks K.
+bound by the bytes of the weights, which FP8 halves only if every SM streams them. So this launches the bf16
+decode kernel (``routed_gemm_triton._routed_gemm_small_batch``) with ``SCALED`` on: one program per 32 output
+columns holds all (at most ``SMALL_BATCH_ROWS``) rows and walks K.
 
 Arithmetic: the e4m3 codes of both operands are widened to fp16 (exact: e4m3's 4-bit significands and exponents fit
 fp16) and multiplied with fp32 accumulation — products exact, sums in fp32 (no FP8-MMA accumulator truncation, so
-closer to the reference than either large kernel); then the large kernels' epilogue: row scale, channel scale,
-bias, SwiGLU and residual with the bf16 roundings (``routed_gemm_fp8_triton``'s helpers). Exactness: the tile shape
-and K step are fixed per (N, K) and a row's sum never involves another row, so a row's bits do not depend on M (<=
-16) or its neighbours — but they are this kernel's own, not the large kernel's (as for bf16). Text decoding always
-takes it (``small_batch=True``), so a decoded token's bits are the same alone, batched and on every rank.
+closer to the reference than either large kernel); then the large FP8 kernels' epilogue: row scale, channel scale,
+bias, SwiGLU and residual with the bf16 roundings (``_scale``, ``_swiglu_bits``, ``_round``). Exactness: the tile
+shape and K step are fixed per (N, K) and a row's sum never involves another row, so a row's bits do not depend on
+M (<= 16) or its neighbours — but they are this kernel's own, not the large kernel's (as for bf16). Text decoding
+always takes it (``small_batch=True``), so a decoded token's bits are the same alone, batched and on every rank.
 """
 from __future__ import annotations
 

@@ -169,8 +169,8 @@ def profile_step(model, args, rows: list, quantization: str = "none") -> None:
     print(f"profile of the {quantization} step:", flush=True)
     for k, ms, c in table:
         print(f"{ms:9.2f} ms  x{c:<5d} {k[:110]}", flush=True)
-    rows.append(dict(subject="profile", mode="text2img", size=side, quantization=quantization, kernels=[[k[:110], round(ms, 3), c]
-                                                                             for k, ms, c in table]))
+    rows.append(dict(subject="profile", mode="text2img", size=side, quantization=quantization,
+                     kernels=[[k[:110], round(ms, 3), c] for k, ms, c in table]))
 
 
 def bench_e2e(model, tok, args, rows: list) -> None:
