@@ -2,11 +2,17 @@
 CFG contexts, the denoise loop, the VAE decode), seconds per request after a warm-up request, and the seconds per
 denoise step it implies. Runs on CPU with the tiny preset. (The packed denoise step alone: ``bench_step``.)
 
+``--quantization none fp8`` times each projection mode in turn in the same run (one model loaded at a time), the
+first named being the peer of the others: FP8 (issue #30) against bf16 exact. FP8's accuracy against bf16 and its
+activation-scaling variants: ``bench_fp8_e2e``.
+
     python -m benchmarks.bench_generate --preset bagel-7b-mot --device cuda --size 1024 --steps 50 [--kernels fast]
+        [--quantization none fp8]
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import torch
@@ -29,13 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3, help="timed requests (median)")
     ap.add_argument("--kernels", choices=["exact", "fast"], default="exact", help="kernel mode (fast changes bits)")
+    ap.add_argument("--quantization", nargs="+", choices=["none", "fp8"], default=["none"],
+                    help="projection modes to time in turn; the first is the peer of the others (fp8: issue #30)")
     return add_output_args(ap)
 
 
-def main(argv: list[str] | None = None) -> None:
-    a = build_parser().parse_args(argv)
+def time_requests(a: argparse.Namespace, quantization: str) -> tuple[float, set[str]]:
+    """Median seconds per request of one projection mode after a warm-up request, and the image md5s it gave."""
     dtype = "bfloat16" if a.device.startswith("cuda") else "float32"
-    spec = ModelSpec(preset=a.preset, dtype=dtype, device=a.device, kernels=KernelOptions(mode=a.kernels))
+    spec = ModelSpec(preset=a.preset, dtype=dtype, device=a.device,
+                     kernels=KernelOptions(mode=a.kernels, quantization=quantization))
     model, tok = spec.load()
     pipe = BagelPipeline(model, tok)
 
@@ -56,11 +65,28 @@ def main(argv: list[str] | None = None) -> None:
         sync()
         times.append(time.perf_counter() - t0)
         md5s.add(result.image_md5)
-    s = sorted(times)[len(times) // 2]
-    same = "same image every run" if len(md5s) == 1 else "IMAGE CHANGED between runs"
-    shape = f"{a.preset} {a.size}² text2img, {a.steps} steps, {a.kernels} kernels on {a.device}"
-    emit([row(f"generate end to end ({same})", shape, "s/request", s),
-          row("generate end to end", shape, "s/step (request / steps)", s / a.steps)], a)
+    del pipe, model  # one model on the device at a time
+    gc.collect()
+    if a.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return sorted(times)[len(times) // 2], md5s
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    if len(set(a.quantization)) != len(a.quantization):
+        raise SystemExit(f"bench_generate: --quantization names a mode twice: {a.quantization}")
+    rows, peer = [], None
+    for q in a.quantization:
+        s, md5s = time_requests(a, q)
+        same = "same image every run" if len(md5s) == 1 else "IMAGE CHANGED between runs"
+        name = "generate end to end" + ("" if q == "none" else f", {q}")
+        shape = f"{a.preset} {a.size}² text2img, {a.steps} steps, {a.kernels} kernels on {a.device}"
+        peer_name = "" if peer is None else "generate end to end" + ("" if peer[0] == "none" else f", {peer[0]}")
+        rows += [row(f"{name} ({same})", shape, "s/request", s, peer_name, None if peer is None else peer[1]),
+                 row(name, shape, "s/step (request / steps)", s / a.steps)]
+        peer = peer or (q, s)
+    emit(rows, a)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,13 @@ the img2img prefill, and a sequence-parallel rank's share (M/2, M/4) of the 1024
 K loop (BLOCK_K = 64, fp32, in K order), so all of them give the same bits; only speed differs: the L2 tile order
 (GROUP_M), the N tile (256 or 128; Gluon's tiles are powers of two), the ring depth and the stream-K split of the last round.
 
-    python -m benchmarks.bench_routed_gemm [--backend auto|triton] [--no-graph] [--sweep] [--no-csv]
+``--quantization fp8`` (issue #30) instead times the FP8 routed GEMM the model runs with ``quantization="fp8"`` on
+the same row sets, with its peers in the same run (``torch._scaled_mm`` with the same scaling, precise and fast
+accumulation; this project's bf16 routed GEMM in exact mode; bf16 dense cuBLAS): ``bench_fp8_gemm``'s rows, which
+also sweeps the FP8 kernel's configs and times its quantizers.
+
+    python -m benchmarks.bench_routed_gemm [--backend auto|triton] [--no-graph] [--sweep] [--quantization fp8]
+        [--no-csv]
 """
 from __future__ import annotations
 
@@ -35,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time with do_bench (launch overhead; adds the mask/scatter peers, which synchronize)")
     p.add_argument("--sweep", action="store_true",
                    help="time the exact Gluon kernel's schedule variants against dense cuBLAS instead (issue #32)")
+    p.add_argument("--quantization", default="none", choices=["none", "fp8"],
+                   help="fp8: time the FP8 routed GEMM (KernelOptions(quantization='fp8')) against torch._scaled_mm "
+                        "and the bf16 GEMMs instead (issue #30)")
     return add_output_args(p)
 
 
@@ -132,10 +141,21 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
         yield from [row(f"peer {name}", shape, "TFLOP/s", val) for name, val in peers.items()]
 
 
+def run_fp8(args: argparse.Namespace) -> Iterator[dict]:
+    """The FP8 routed GEMM at this benchmark's row sets (the generation step's 3 jobs, the img2img prefill)."""
+    from .bench_fp8_gemm import run_rows
+
+    for label, routing in token_sets().items():
+        yield from run_rows(argparse.Namespace(sweep=False), label, routing)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     require_cuda("bench_routed_gemm")
-    emit(run_sweep(args) if args.sweep else run(args), args)
+    if args.sweep and args.quantization != "none":
+        raise SystemExit("bench_routed_gemm: --sweep times the exact bf16 kernel; for FP8 configs run "
+                         "python -m benchmarks.bench_fp8_gemm --sweep")
+    emit(run_fp8(args) if args.quantization == "fp8" else run_sweep(args) if args.sweep else run(args), args)
 
 
 if __name__ == "__main__":

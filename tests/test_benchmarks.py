@@ -108,3 +108,33 @@ def test_the_results_table_has_the_schema():
         rows = list(csv.DictReader(f))
     assert rows and tuple(rows[0]) == FIELDS
     assert all(r["device"] and r["subject"] and r["metric"] and float(r["value"]) >= 0 for r in rows)
+
+
+def test_bench_generate_times_fp8_against_bf16_in_the_same_run(tmp_path):
+    """``--quantization none fp8``: each mode's seconds per request, the first mode the peer of the second (issue #30:
+    fp8 rows with their peer in the same run), on CPU with the tiny preset."""
+    from benchmarks import bench_generate
+
+    out = tmp_path / "rows.csv"
+    bench_generate.main(["--steps", "2", "--repeats", "1", "--quantization", "none", "fp8", "--csv", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    per_request = {r["subject"]: r for r in rows if r["metric"] == "s/request"}
+    assert set(per_request) == {"generate end to end (same image every run)",
+                                "generate end to end, fp8 (same image every run)"}
+    fp8 = per_request["generate end to end, fp8 (same image every run)"]
+    assert fp8["peer"] == "generate end to end" and float(fp8["ratio"]) > 0
+
+
+def test_bench_generate_refuses_a_mode_named_twice():
+    from benchmarks import bench_generate
+
+    with pytest.raises(SystemExit, match="twice"):
+        bench_generate.main(["--quantization", "fp8", "fp8", "--no-csv"])
+
+
+def test_bench_routed_gemm_fp8_sweep_is_refused_with_where_to_go(monkeypatch):
+    from benchmarks import bench_routed_gemm
+
+    monkeypatch.setattr(bench_routed_gemm, "require_cuda", lambda what: None)
+    with pytest.raises(SystemExit, match="bench_fp8_gemm --sweep"):
+        bench_routed_gemm.main(["--sweep", "--quantization", "fp8", "--no-csv"])
