@@ -97,6 +97,37 @@ def _quantize_rows(X, Q, S, s_x, K, CHUNK: tl.constexpr, INTERPRETER: tl.constex
     tl.store(S + row, scale)
 
 
+@triton.jit
+def _quantize_rows_resident(X, Q, S, s_x, K, MAIN: tl.constexpr, TAIL: tl.constexpr, INTERPRETER: tl.constexpr):
+    """One row held in registers as two blocks, read from memory once: the largest power of two <= K (MAIN) and
+    the rest (TAIL, a power of two >= K - MAIN; 0 when K is a power of two). Down's 18944-wide input is 16384 +
+    2560 in 20480 lanes, where one power-of-two block would take 32768. The same arithmetic as the piece-wise
+    kernel (elementwise max, NaN counted apart): the same scale and codes."""
+    row = tl.program_id(0)
+    base = X + row.to(tl.int64) * s_x
+    out = Q + row.to(tl.int64) * K
+    cols = tl.arange(0, MAIN)
+    y = tl.load(base + cols).to(tl.float32)
+    amax = block_amax(y, cols < MAIN)
+    if TAIL > 0:
+        tcols = MAIN + tl.arange(0, TAIL)
+        tok = tcols < K
+        yt = tl.load(base + tcols, mask=tok, other=0.0).to(tl.float32)
+        amax_t = block_amax(yt, tok)
+        amax = tl.where((amax != amax) | (amax_t != amax_t), float("nan"), tl.maximum(amax, amax_t))
+    scale = scale_from_amax(amax)
+    tl.store(out + cols, encode_row_block(y, scale, INTERPRETER))
+    if TAIL > 0:
+        tl.store(out + tcols, encode_row_block(yt, scale, INTERPRETER), mask=tok)
+    tl.store(S + row, scale)
+
+
+def resident_blocks(k: int) -> tuple[int, int]:
+    """(MAIN, TAIL) of ``_quantize_rows_resident`` for a row of ``k`` columns."""
+    main = 1 << (k.bit_length() - 1)
+    return main, (0 if k == main else triton.next_power_of_2(k - main))
+
+
 def quantizer_chunk(k: int) -> int:
     """The standalone quantizer's piece width, from the row width only (never from M): the whole row up to 4096
     columns, else 2048-wide pieces."""
@@ -117,13 +148,20 @@ def row_quantizer_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
             torch.empty(m, dtype=torch.float32, device=x.device))
 
 
-def quantize_rows_triton(x: torch.Tensor, chunk: int | None = None,
-                         num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_triton(x: torch.Tensor, chunk: int | None = None, num_warps: int | None = None,
+                         resident: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) in a float dtype -> (codes (M, K) e4m3fn, scale (M,) fp32): ``fp8_quant.quantize_rows``'s bits
-    for any ``chunk`` (a power of two; default ``quantizer_chunk(K)``) and ``num_warps`` (benchmarks sweep them)."""
+    for any ``chunk`` (a power of two; default ``quantizer_chunk(K)``) and ``num_warps`` (benchmarks sweep them).
+    ``resident=True``: the row held in registers and read once (``_quantize_rows_resident``; ``chunk`` unused)."""
     x, q, s = row_quantizer_buffers(x)
     m, k = x.shape
     if m == 0:
+        return q, s
+    if resident:
+        main, tail = resident_blocks(k)
+        _quantize_rows_resident[(m,)](x, q, s, x.stride(0), k, MAIN=main, TAIL=tail,
+                                      INTERPRETER=triton_interpreting(),
+                                      num_warps=_warps((main + tail) // 2) if num_warps is None else num_warps)
         return q, s
     chunk = quantizer_chunk(k) if chunk is None else chunk
     if chunk < 16 or chunk & (chunk - 1):

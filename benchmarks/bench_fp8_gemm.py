@@ -17,7 +17,8 @@ activations is not timed). ``--sweep`` also times a few other fixed configs of t
 keeps rows batch-invariant; the shipped one is ``fp8_gluon_config``). Also prints, per shape, the FP8 output's
 relative difference to the bf16 GEMM and to ``_scaled_mm`` (precise), and how torch's CUDA cast to e4m3 treats
 out-of-range values. First, per row count, the standalone per-row quantizer (o_proj's and down's inputs) in GB/s
-against a plain e4m3 cast (``quantizer_rows``).
+against a plain e4m3 cast (``quantizer_rows``), with its piece width swept and the variant that reads a row once
+(held in registers).
 
     python -m benchmarks.bench_fp8_gemm [--sweep] [--m-gen 8196 2052] [--all-shapes] [--no-csv]
 """
@@ -110,6 +111,14 @@ def quantizer_rows(m_gen: int) -> Iterator[dict]:
                 torch.equal(got[1], want[1]) else "OTHER BITS"
             yield row(f"per-row quantizer (triton), pieces of {chunk} ({same})", shape, "GB/s",
                       gbs(bench_ms(lambda c=chunk: quantize_rows_triton(x, chunk=c))), "torch e4m3 cast", peer)
+        for warps in (None, 32):
+            got = quantize_rows_triton(x, resident=True, num_warps=warps)
+            same = "same bits" if torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and \
+                torch.equal(got[1], want[1]) else "OTHER BITS"
+            yield row(f"per-row quantizer (triton), row resident in registers{'' if warps is None else f', {warps} warps'}"
+                      f" ({same})", shape, "GB/s",
+                      gbs(bench_ms(lambda w=warps: quantize_rows_triton(x, resident=True, num_warps=w))),
+                      "torch e4m3 cast", peer)
         yield row("peer torch e4m3 cast", shape, "GB/s", peer)
 
 

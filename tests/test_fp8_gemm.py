@@ -420,6 +420,8 @@ def _check_quantizer_pieces(device: str) -> None:
     want = fq.quantize_rows(x)
     for chunk in (256, 1024, 4096):
         _same_codes(*quantize_rows_triton(x, chunk=chunk), *want)
+    _same_codes(*quantize_rows_triton(x, resident=True), *want)  # 2048 + 1024 lanes: the NaN, the amax in the tail
+    _same_codes(*quantize_rows_triton(x[:, :2048], resident=True), *fq.quantize_rows(x[:, :2048]))  # no tail
     with pytest.raises(ValueError, match="power of two"):
         quantize_rows_triton(x, chunk=1000)
 
@@ -427,7 +429,8 @@ def _check_quantizer_pieces(device: str) -> None:
 @interpreter_only
 def test_interpreter_quantizer_pieces_give_the_reference_codes():
     """The standalone quantizer walks a row in pieces (an amax pass, then an encode pass): every piece width gives
-    the reference's codes and scales, with the NaN, the inf or the amax in a later piece."""
+    the reference's codes and scales, with the NaN, the inf or the amax in a later piece; so does the variant that
+    holds the row in registers as a power-of-two block and a tail (``resident=True``)."""
     _check_quantizer_pieces("cpu")
 
 
