@@ -26,17 +26,23 @@ from .routed_gemm_triton import SMALL_BATCH_ROWS, _pow2_at_least, _routed_gemm_s
 
 def fp8_small_batch_tiles(n: int, k: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K), fixed per weight shape: 32 columns per program (144-1184 programs at BAGEL's
-    projections), 256-wide K steps. The interpreter materializes BLOCK_M x BLOCK_N x BLOCK_K products: 64-wide K
-    there (a row's sum order is this kernel's on the GPU either way; the interpreter is checked to rounding)."""
-    return min(32, _pow2_at_least(n, 16)), min(64 if triton_interpreting() else 256, _pow2_at_least(k, 32))
+    projections), 512-wide K steps: the bf16 kernel's bytes per step (32 x 256 x 2). With the bf16 kernel's 256
+    (half the bytes per step, as many steps) FP8 decoding ran 7.34 ms/token against bf16's 8.22 on one H100
+    (2026-12-07): a decode GEMM is bound by the bytes each SM has in flight, not by the bytes in total. The
+    interpreter materializes BLOCK_M x BLOCK_N x BLOCK_K products: 64-wide K there (a row's sum order is this
+    kernel's on the GPU either way; the interpreter is checked to rounding)."""
+    return min(32, _pow2_at_least(n, 16)), min(64 if triton_interpreting() else 512, _pow2_at_least(k, 32))
 
 
 def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                                 bias: torch.Tensor | None, expert_ids: torch.Tensor | None, swiglu: bool = False,
                                 residual: torch.Tensor | None = None,
-                                out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                                out_dtype: torch.dtype = torch.bfloat16, *, block_k: int | None = None,
+                                num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
     """``routed_gemm_fp8_triton``'s arguments for at most ``SMALL_BATCH_ROWS`` rows: xq (M, K) e4m3; x_scale (M,)
-    fp32; wq (E, P, N, K) e4m3; w_scale (E, P, N) fp32; bias (E, P, N) or None; expert_ids (M,) int32 or None."""
+    fp32; wq (E, P, N, K) e4m3; w_scale (E, P, N) fp32; bias (E, P, N) or None; expert_ids (M,) int32 or None.
+    ``block_k`` / ``num_warps`` / ``num_stages`` override the fixed configuration (benchmarks compare them; any fixed one keeps a
+    row's bits independent of the batch)."""
     require_fp8_tensor_cores(xq.device)
     m, k = xq.shape
     e, p, n, _ = wq.shape
@@ -45,7 +51,8 @@ def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor, wq: tor
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0:
         return out
-    block_n, block_k = fp8_small_batch_tiles(n, k)
+    block_n, default_k = fp8_small_batch_tiles(n, k)
+    block_k = default_k if block_k is None else block_k
     res = residual.contiguous() if residual is not None else out
     xq = xq.contiguous()
     _routed_gemm_small_batch[(triton.cdiv(n, block_n),)](
@@ -54,6 +61,7 @@ def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor, wq: tor
         m, n, k, xq.stride(0), out.stride(0), res.stride(0),
         HAS_IDS=expert_ids is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SWIGLU=swiglu,
         BLOCK_M=SMALL_BATCH_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PREC="tf32", INTERPRETER=triton_interpreting(),
-        SCALED=True, BF16_BITS=triton_interpreting() and out_dtype == torch.bfloat16, num_warps=4, num_stages=4,
+        SCALED=True, BF16_BITS=triton_interpreting() and out_dtype == torch.bfloat16, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

@@ -20,7 +20,8 @@ out-of-range values. First, per row count, the standalone per-row quantizer (o_p
 against a plain e4m3 cast (``quantizer_rows``), with its piece width swept and the variant that reads a row once
 (held in registers).
 
-    python -m benchmarks.bench_fp8_gemm [--sweep] [--m-gen 8196 2052] [--all-shapes] [--no-csv]
+    python -m benchmarks.bench_fp8_gemm [--parts quantizer,decode,gemm] [--sweep] [--m-gen 8196 2052] [--all-shapes]
+        [--no-csv]
 """
 from __future__ import annotations
 
@@ -85,10 +86,52 @@ def token_sets(args: argparse.Namespace) -> dict[str, bk.ExpertSegments]:
 
 def run(args: argparse.Namespace) -> Iterator[dict]:
     print(cast_probe(), flush=True)
-    for m_gen in args.m_gen:
-        yield from quantizer_rows(m_gen)
-    for label, routing in token_sets(args).items():
-        yield from run_rows(args, label, routing)
+    parts = args.parts.split(",")
+    if "quantizer" in parts:
+        for m_gen in args.m_gen:
+            yield from quantizer_rows(m_gen)
+    if "decode" in parts:
+        yield from decode_rows()
+    if "gemm" in parts:
+        for label, routing in token_sets(args).items():
+            yield from run_rows(args, label, routing)
+
+
+def decode_rows() -> Iterator[dict]:
+    """Text decoding's GEMMs (one token, the understanding expert): the FP8 small-batch kernel against the bf16
+    one in µs per call and GB/s of weight bytes (a decode GEMM streams its weight once), with a few other fixed
+    (K step, warps) configurations (``same bits`` checks the default's output)."""
+    from bagel_kernels.routed_gemm_fp8_small_batch import fp8_small_batch_tiles, routed_gemm_fp8_small_batch
+    from bagel_kernels.routed_gemm_triton import routed_gemm_small_batch_triton
+
+    torch.manual_seed(0)
+    for pname, n, k, swiglu in PROJECTIONS:
+        p = 2 if swiglu else 1
+        w = torch.randn(2, p, n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ids = torch.zeros(1, dtype=torch.int32, device="cuda")
+        res = torch.randn(1, n, device="cuda", dtype=torch.bfloat16) if EPILOGUE[pname] == "residual" else None
+        wq, ws = quantize_channels(w)
+        xq, xs = quantize_rows(x)
+        shape = f"decode {pname} M=1 N={n * p} K={k}"
+        us = lambda ms: ms * 1e3  # noqa: E731
+        t_bf16 = us(bench_ms(lambda: routed_gemm_small_batch_triton(x, w, None, ids, swiglu, res)))
+        want = routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res)
+        t_fp8 = us(bench_ms(lambda: routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res)))
+        _, bk0 = fp8_small_batch_tiles(n, k)
+        gbs = lambda t, b: p * n * k * b / (t * 1e-6) / 1e9  # noqa: E731
+        yield row(f"fp8 small-batch GEMM (BK {bk0}, 4 warps)", shape, "us", t_fp8, "bf16 small-batch GEMM", t_bf16)
+        yield row(f"fp8 small-batch GEMM (BK {bk0}, 4 warps)", shape, "weight GB/s", gbs(t_fp8, 1))
+        yield row("bf16 small-batch GEMM", shape, "weight GB/s", gbs(t_bf16, 2))
+        for block_k, warps in ((256, 4), (512, 8), (1024, 8), (256, 8)):
+            if (block_k, warps) == (bk0, 4):
+                continue
+            def alt(block_k: int = block_k, warps: int = warps) -> torch.Tensor:
+                return routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res, block_k=block_k,
+                                                   num_warps=warps)
+            same = "same bits" if torch.equal(alt(), want) else "OTHER BITS"
+            yield row(f"fp8 small-batch GEMM (BK {block_k}, {warps} warps; {same})", shape, "us",
+                      us(bench_ms(alt)), "bf16 small-batch GEMM", t_bf16)
 
 
 def quantizer_rows(m_gen: int) -> Iterator[dict]:
@@ -105,7 +148,7 @@ def quantizer_rows(m_gen: int) -> Iterator[dict]:
         want = quantize_rows_triton(x)
         yield row("per-row quantizer (triton), shipped", shape, "GB/s", gbs(bench_ms(lambda: quantize_rows_triton(x))),
                   "torch e4m3 cast", peer)
-        for chunk in sorted({1024, 4096, 8192, triton.next_power_of_2(k)} - {quantizer_chunk(k)}):
+        for chunk in sorted({1024, 2048, 4096, 8192, triton.next_power_of_2(k)} - {quantizer_chunk(k)}):
             got = quantize_rows_triton(x, chunk=chunk)
             same = "same bits" if torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and \
                 torch.equal(got[1], want[1]) else "OTHER BITS"
@@ -217,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep", action="store_true", help="also time a few other fixed tile configs")
     p.add_argument("--m-gen", type=int, nargs="+", default=[M_GEN, 2 * 1026],
                    help="generation-expert rows of the step (4 marker rows follow): 8196 = 1024² CFG, 2052 = 512²")
+    p.add_argument("--parts", default="quantizer,gemm",
+                   help="comma-separated: quantizer (the row quantizer's GB/s), decode (the small-batch GEMMs of text "
+                        "decoding, FP8 vs bf16), gemm (the routed GEMMs)")
     p.add_argument("--all-shapes", action="store_true",
                    help="also img2img's step (3 x 4098 rows), its prefill (mixed routing) and SP shares (M/2, M/4)")
     args = add_output_args(p).parse_args(argv)

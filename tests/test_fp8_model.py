@@ -349,8 +349,9 @@ def test_the_outlier_case_scales_the_same_channels_in_float_and_fp8_models():
 def test_gpu_fp8_text_decoding_takes_the_small_batch_kernel(monkeypatch):
     """Decode's one-token steps run the FP8 small-batch kernel (every SM streams the weights), and a batch of two
     prompts decodes each prompt's text as it decodes alone."""
-    import bagel_kernels.routed_linear_fp8 as rl8
+    import importlib
 
+    rl8 = importlib.import_module("bagel_kernels.routed_linear_fp8")  # the package's routed_linear_fp8 is the function
     calls = []
     real = rl8.routed_gemm_fp8_small_batch
     monkeypatch.setattr(rl8, "routed_gemm_fp8_small_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
