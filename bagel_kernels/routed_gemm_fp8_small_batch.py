@@ -37,11 +37,12 @@ def fp8_small_batch_tiles(n: int, k: int) -> tuple[int, int]:
 def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                                 bias: torch.Tensor | None, expert_ids: torch.Tensor | None, swiglu: bool = False,
                                 residual: torch.Tensor | None = None,
-                                out_dtype: torch.dtype = torch.bfloat16, *, block_k: int | None = None,
-                                num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+                                out_dtype: torch.dtype = torch.bfloat16, *, block_n: int | None = None,
+                                block_k: int | None = None, num_warps: int = 4,
+                                num_stages: int = 4) -> torch.Tensor:
     """``routed_gemm_fp8_triton``'s arguments for at most ``SMALL_BATCH_ROWS`` rows: xq (M, K) e4m3; x_scale (M,)
     fp32; wq (E, P, N, K) e4m3; w_scale (E, P, N) fp32; bias (E, P, N) or None; expert_ids (M,) int32 or None.
-    ``block_k`` / ``num_warps`` / ``num_stages`` override the fixed configuration (benchmarks compare them; any fixed one keeps a
+    ``block_n`` / ``block_k`` / ``num_warps`` / ``num_stages`` override the fixed configuration (benchmarks compare them; any fixed one keeps a
     row's bits independent of the batch)."""
     require_fp8_tensor_cores(xq.device)
     m, k = xq.shape
@@ -51,7 +52,8 @@ def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor, wq: tor
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0:
         return out
-    block_n, default_k = fp8_small_batch_tiles(n, k)
+    default_n, default_k = fp8_small_batch_tiles(n, k)
+    block_n = default_n if block_n is None else block_n
     block_k = default_k if block_k is None else block_k
     res = residual.contiguous() if residual is not None else out
     xq = xq.contiguous()

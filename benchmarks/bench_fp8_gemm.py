@@ -120,17 +120,18 @@ def decode_rows() -> Iterator[dict]:
         t_fp8 = us(bench_ms(lambda: routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res)))
         _, bk0 = fp8_small_batch_tiles(n, k)
         gbs = lambda t, b: p * n * k * b / (t * 1e-6) / 1e9  # noqa: E731
-        yield row(f"fp8 small-batch GEMM (BK {bk0}, 4 warps)", shape, "us", t_fp8, "bf16 small-batch GEMM", t_bf16)
-        yield row(f"fp8 small-batch GEMM (BK {bk0}, 4 warps)", shape, "weight GB/s", gbs(t_fp8, 1))
+        yield row(f"fp8 small-batch GEMM (BN 32, BK {bk0}, 4 warps)", shape, "us", t_fp8, "bf16 small-batch GEMM",
+                  t_bf16)
+        yield row(f"fp8 small-batch GEMM (BN 32, BK {bk0}, 4 warps)", shape, "weight GB/s", gbs(t_fp8, 1))
         yield row("bf16 small-batch GEMM", shape, "weight GB/s", gbs(t_bf16, 2))
-        for block_k, warps in ((256, 4), (512, 8), (1024, 8), (256, 8)):
-            if (block_k, warps) == (bk0, 4):
+        for block_n, block_k, warps in ((32, 256, 4), (32, 512, 8), (32, 1024, 8), (16, 512, 4), (16, 256, 4)):
+            if (block_n, block_k, warps) == (32, bk0, 4):
                 continue
-            def alt(block_k: int = block_k, warps: int = warps) -> torch.Tensor:
-                return routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res, block_k=block_k,
-                                                   num_warps=warps)
+            def alt(block_n: int = block_n, block_k: int = block_k, warps: int = warps) -> torch.Tensor:
+                return routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res, block_n=block_n,
+                                                   block_k=block_k, num_warps=warps)
             same = "same bits" if torch.equal(alt(), want) else "OTHER BITS"
-            yield row(f"fp8 small-batch GEMM (BK {block_k}, {warps} warps; {same})", shape, "us",
+            yield row(f"fp8 small-batch GEMM (BN {block_n}, BK {block_k}, {warps} warps; {same})", shape, "us",
                       us(bench_ms(alt)), "bf16 small-batch GEMM", t_bf16)
 
 
