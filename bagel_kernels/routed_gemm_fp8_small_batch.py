@@ -25,13 +25,13 @@ from .routed_gemm_triton import SMALL_BATCH_ROWS, _pow2_at_least, _routed_gemm_s
 
 
 def fp8_small_batch_tiles(n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K), fixed per weight shape: 32 columns per program (144-1184 programs at BAGEL's
-    projections), 512-wide K steps: the bf16 kernel's bytes per step (32 x 256 x 2). With the bf16 kernel's 256
-    (half the bytes per step, as many steps) FP8 decoding ran 7.34 ms/token against bf16's 8.22 on one H100
-    (2026-12-07): a decode GEMM is bound by the bytes each SM has in flight, not by the bytes in total. The
-    interpreter materializes BLOCK_M x BLOCK_N x BLOCK_K products: 64-wide K there (a row's sum order is this
-    kernel's on the GPU either way; the interpreter is checked to rounding)."""
-    return min(32, _pow2_at_least(n, 16)), min(64 if triton_interpreting() else 512, _pow2_at_least(k, 32))
+    """(BLOCK_N, BLOCK_K), fixed per weight shape: 32 columns per program (112-1184 programs at BAGEL's
+    projections), 256-wide K steps. Measured at one token on one H100 (2026-12-07, ``bench_fp8_gemm --parts
+    decode``): 512-wide steps sum to the same time over a layer's four GEMMs (94.4 against 94.7 µs; down faster,
+    gate/up slower), 8 warps and 16-wide N tiles are slower, and every variant gives the same bits. The interpreter
+    materializes BLOCK_M x BLOCK_N x BLOCK_K products: 64-wide K there (a row's sum order is this kernel's on the
+    GPU either way; the interpreter is checked to rounding)."""
+    return min(32, _pow2_at_least(n, 16)), min(64 if triton_interpreting() else 256, _pow2_at_least(k, 32))
 
 
 def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
