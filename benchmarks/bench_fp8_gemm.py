@@ -100,7 +100,9 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
 def decode_rows() -> Iterator[dict]:
     """Text decoding's GEMMs (one token, the understanding expert): the FP8 small-batch kernel against the bf16
     one in µs per call and GB/s of weight bytes (a decode GEMM streams its weight once), with a few other fixed
-    (K step, warps) configurations (``same bits`` checks the default's output)."""
+    (K step, warps) configurations (``same bits`` checks the default's output); and decode's FP8 path as it runs
+    (the standalone row quantizer, then the GEMM) against the kernel quantizing its row itself (``x_scale=None``:
+    the same bits, one launch instead of two)."""
     from bagel_kernels.routed_gemm_fp8_small_batch import fp8_small_batch_tiles, routed_gemm_fp8_small_batch
     from bagel_kernels.routed_gemm_triton import routed_gemm_small_batch_triton
 
@@ -118,6 +120,15 @@ def decode_rows() -> Iterator[dict]:
         t_bf16 = us(bench_ms(lambda: routed_gemm_small_batch_triton(x, w, None, ids, swiglu, res)))
         want = routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res)
         t_fp8 = us(bench_ms(lambda: routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res)))
+        t_quant = us(bench_ms(lambda: routed_gemm_fp8_small_batch(*quantize_rows_triton(x), wq, ws, None, ids, swiglu,
+                                                                   res)))
+        fused = routed_gemm_fp8_small_batch(x, None, wq, ws, None, ids, swiglu, res)
+        same = "same bits" if torch.equal(fused, want) else "OTHER BITS"
+        yield row(f"fp8 small-batch GEMM quantizing its rows itself ({same})", shape, "us",
+                  us(bench_ms(lambda: routed_gemm_fp8_small_batch(x, None, wq, ws, None, ids, swiglu, res))),
+                  "row quantizer + fp8 small-batch GEMM", t_quant)
+        yield row("row quantizer + fp8 small-batch GEMM (decode's path)", shape, "us", t_quant,
+                  "bf16 small-batch GEMM", t_bf16)
         _, bk0 = fp8_small_batch_tiles(n, k)
         gbs = lambda t, b: p * n * k * b / (t * 1e-6) / 1e9  # noqa: E731
         yield row(f"fp8 small-batch GEMM (BN 32, BK {bk0}, 4 warps)", shape, "us", t_fp8, "bf16 small-batch GEMM",
