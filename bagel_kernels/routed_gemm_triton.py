@@ -21,7 +21,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._dispatch import triton_interpreting
 from ._launch import _num_programs
-from .fp8_quant_triton import encode_row_block, scale_from_amax
+from .fp8_quant_triton import encode_row_block, row_scale
 
 
 @dataclass(frozen=True)
@@ -238,20 +238,9 @@ def _small_row_scales(X, s_xm, rows, M, K, BLOCK_M: tl.constexpr, CHUNK: tl.cons
     elementwise running max reduced once, NaN counted apart, then amax / 448 correctly rounded): the scales
     ``quantize_rows`` gives, so codes encoded with them are its codes. One row at a time in CHUNK-wide loads (a
     decode step has one row or a few: a (BLOCK_M, K step) tile would load 16 rows to use one)."""
-    cols = tl.arange(0, CHUNK)
     xs = tl.full((BLOCK_M,), 1.0, tl.float32)
     for r in range(0, M):
-        base = X + r * s_xm  # r < M <= 16 rows: no 32-bit overflow
-        run_max = tl.zeros((CHUNK,), dtype=tl.float32)
-        nans = tl.zeros((CHUNK,), dtype=tl.int32)
-        for k0 in range(0, K, CHUNK):
-            ok = k0 + cols < K
-            y = tl.load(base + k0 + cols, mask=ok, other=0.0).to(tl.float32)
-            nan = y != y
-            run_max = tl.maximum(run_max, tl.where(nan, 0.0, tl.abs(y)))
-            nans += tl.where(nan, 1, 0)
-        amax = tl.where(tl.sum(nans, 0) > 0, float("nan"), tl.max(run_max, 0))
-        xs = tl.where(rows == r, scale_from_amax(amax), xs)
+        xs = tl.where(rows == r, row_scale(X + r * s_xm, K, CHUNK), xs)  # r < M <= 16: no 32-bit overflow
     return xs
 
 
