@@ -34,8 +34,8 @@ def fp8_small_batch_tiles(n: int, k: int) -> tuple[int, int]:
     return min(32, _pow2_at_least(n, 16)), min(64 if triton_interpreting() else 256, _pow2_at_least(k, 32))
 
 
-def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor, w_scale: torch.Tensor,
-                                bias: torch.Tensor | None, expert_ids: torch.Tensor | None, swiglu: bool = False,
+def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
+                                w_scale: torch.Tensor, bias: torch.Tensor | None, expert_ids: torch.Tensor | None, swiglu: bool = False,
                                 residual: torch.Tensor | None = None,
                                 out_dtype: torch.dtype = torch.bfloat16, *, block_n: int | None = None,
                                 block_k: int | None = None, num_warps: int = 4,
@@ -73,20 +73,5 @@ def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor | None, 
         BLOCK_M=SMALL_BATCH_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PREC="tf32", INTERPRETER=triton_interpreting(),
         SCALED=True, BF16_BITS=triton_interpreting() and out_dtype == torch.bfloat16, QUANT_X=quant_x,
         num_warps=num_warps, num_stages=num_stages,
-    )
-    return out
-    default_n, default_k = fp8_small_batch_tiles(n, k)
-    block_n = default_n if block_n is None else block_n
-    block_k = default_k if block_k is None else block_k
-    res = residual.contiguous() if residual is not None else out
-    xq = xq.contiguous()
-    _routed_gemm_small_batch[(triton.cdiv(n, block_n),)](
-        xq, wq.contiguous(), x_scale.contiguous(), w_scale.contiguous(), out, res,
-        bias.contiguous() if bias is not None else x_scale, expert_ids if expert_ids is not None else x_scale,
-        m, n, k, xq.stride(0), out.stride(0), res.stride(0),
-        HAS_IDS=expert_ids is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SWIGLU=swiglu,
-        BLOCK_M=SMALL_BATCH_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PREC="tf32", INTERPRETER=triton_interpreting(),
-        SCALED=True, BF16_BITS=triton_interpreting() and out_dtype == torch.bfloat16, num_warps=num_warps,
-        num_stages=num_stages,
     )
     return out
