@@ -305,19 +305,13 @@ def _routed_gemm_small_batch(
                                  INTERPRETER, SCALED, xs, QUANT_X)
             if SCALED:
                 up = _scale(up, xs, WS, e * P + 1, N, cols)
-            up = _add_bias(up, BIAS, e * P + 1, N, cols, HAS_BIAS)
-            if SCALED:
-                acc = _swiglu_bits(acc, up, out_ty, BF16_BITS)
-            else:
-                acc = _swiglu(acc, up, out_ty)
+            # (BF16_BITS is off outside the interpreter's FP8 launches: _swiglu's and _round's plain casts then)
+            acc = _swiglu_bits(acc, _add_bias(up, BIAS, e * P + 1, N, cols, HAS_BIAS), out_ty, BF16_BITS)
         result = tl.where((ids == e)[:, None], acc, result)
     ok = (rows < M)[:, None] & (cols < N)[None, :]
     if HAS_RES:
         res = tl.load(RES + rows[:, None] * s_rm + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        if SCALED:
-            result = res + _round(result, out_ty, BF16_BITS)
-        else:
-            result = res + result.to(out_ty).to(tl.float32)
+        result = res + _round(result, out_ty, BF16_BITS)
     if SCALED:
         tl.store(OUT + rows[:, None] * s_om + cols[None, :], _round(result, out_ty, BF16_BITS).to(out_ty), mask=ok)
     else:

@@ -146,6 +146,12 @@ def decode_rows() -> Iterator[dict]:
                       us(bench_ms(alt)), "bf16 small-batch GEMM", t_bf16)
 
 
+def same_codes(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> str:
+    """Whether two (e4m3 codes, fp32 scales) quantizations are bit for bit equal, as a row label."""
+    equal = torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+    return "same bits" if equal else "OTHER BITS"
+
+
 def quantizer_rows(m_gen: int) -> Iterator[dict]:
     """The standalone per-row quantizer on the two inputs no producer quantizes (o_proj's: the attention output,
     K 3584; down's: the SwiGLU output, K 18944) at the step's rows, in GB/s (2 bytes read, 1 written per element,
@@ -161,15 +167,11 @@ def quantizer_rows(m_gen: int) -> Iterator[dict]:
         yield row("per-row quantizer (triton), shipped", shape, "GB/s", gbs(bench_ms(lambda: quantize_rows_triton(x))),
                   "torch e4m3 cast", peer)
         for chunk in sorted({1024, 2048, 4096, 8192, triton.next_power_of_2(k)} - {quantizer_chunk(k)}):
-            got = quantize_rows_triton(x, chunk=chunk)
-            same = "same bits" if torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and \
-                torch.equal(got[1], want[1]) else "OTHER BITS"
+            same = same_codes(quantize_rows_triton(x, chunk=chunk), want)
             yield row(f"per-row quantizer (triton), pieces of {chunk} ({same})", shape, "GB/s",
                       gbs(bench_ms(lambda c=chunk: quantize_rows_triton(x, chunk=c))), "torch e4m3 cast", peer)
         for warps in (None, 32):
-            got = quantize_rows_triton(x, resident=True, num_warps=warps)
-            same = "same bits" if torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and \
-                torch.equal(got[1], want[1]) else "OTHER BITS"
+            same = same_codes(quantize_rows_triton(x, resident=True, num_warps=warps), want)
             yield row(f"per-row quantizer (triton), row resident in registers{'' if warps is None else f', {warps} warps'}"
                       f" ({same})", shape, "GB/s",
                       gbs(bench_ms(lambda w=warps: quantize_rows_triton(x, resident=True, num_warps=w))),

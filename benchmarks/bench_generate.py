@@ -76,16 +76,15 @@ def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     if len(set(a.quantization)) != len(a.quantization):
         raise SystemExit(f"bench_generate: --quantization names a mode twice: {a.quantization}")
-    rows, peer = [], None
+    shape = f"{a.preset} {a.size}² text2img, {a.steps} steps, {a.kernels} kernels on {a.device}"
+    rows, peer = [], ("", None)  # (name, s/request) of the first mode
     for q in a.quantization:
         s, md5s = time_requests(a, q)
         same = "same image every run" if len(md5s) == 1 else "IMAGE CHANGED between runs"
         name = "generate end to end" + ("" if q == "none" else f", {q}")
-        shape = f"{a.preset} {a.size}² text2img, {a.steps} steps, {a.kernels} kernels on {a.device}"
-        peer_name = "" if peer is None else "generate end to end" + ("" if peer[0] == "none" else f", {peer[0]}")
-        rows += [row(f"{name} ({same})", shape, "s/request", s, peer_name, None if peer is None else peer[1]),
+        rows += [row(f"{name} ({same})", shape, "s/request", s, *peer),
                  row(name, shape, "s/step (request / steps)", s / a.steps)]
-        peer = peer or (q, s)
+        peer = peer if peer[1] is not None else (name, s)
     emit(rows, a)
 
 
