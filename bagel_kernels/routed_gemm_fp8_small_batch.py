@@ -34,18 +34,13 @@ def fp8_small_batch_tiles(n: int, k: int) -> tuple[int, int]:
     return min(32, _pow2_at_least(n, 16)), min(64 if triton_interpreting() else 256, _pow2_at_least(k, 32))
 
 
-def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
-                                w_scale: torch.Tensor, bias: torch.Tensor | None, expert_ids: torch.Tensor | None, swiglu: bool = False,
-                                residual: torch.Tensor | None = None,
-                                out_dtype: torch.dtype = torch.bfloat16, *, block_n: int | None = None,
-                                block_k: int | None = None, num_warps: int = 4,
+def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+                                bias: torch.Tensor | None, expert_ids: torch.Tensor | None, swiglu: bool = False,
+                                residual: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *,
+                                block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
                                 num_stages: int = 4) -> torch.Tensor:
     """``routed_gemm_fp8_triton``'s arguments for at most ``SMALL_BATCH_ROWS`` rows: xq (M, K) e4m3; x_scale (M,)
     fp32; wq (E, P, N, K) e4m3; w_scale (E, P, N) fp32; bias (E, P, N) or None; expert_ids (M,) int32 or None.
-    ``x_scale=None``: ``xq`` holds the rows in the activation dtype (bf16/fp16) and the kernel quantizes them per
-    row itself — each program finds the row amax and encodes its K steps with ``quantize_rows``'s arithmetic, so
-    the codes, scales and output bits are those of ``quantize_rows`` followed by this GEMM, without the quantizer's
-    launch (a decode token's quantizer is one program walking the row: latency, not bandwidth).
     ``block_n`` / ``block_k`` / ``num_warps`` / ``num_stages`` override the fixed configuration (benchmarks compare
     them; any fixed one keeps a row's bits independent of the batch)."""
     require_fp8_tensor_cores(xq.device)
@@ -53,9 +48,6 @@ def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor | None, 
     e, p, n, _ = wq.shape
     if m > SMALL_BATCH_ROWS:
         raise ValueError(f"FP8 small-batch GEMM takes at most {SMALL_BATCH_ROWS} rows, got {m}")
-    quant_x = x_scale is None
-    if quant_x and xq.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"FP8 small-batch GEMM without x_scale quantizes bf16/fp16 rows itself, got {xq.dtype}")
     out = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     if m == 0:
         return out
@@ -64,14 +56,13 @@ def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor | None, 
     block_k = default_k if block_k is None else block_k
     res = residual.contiguous() if residual is not None else out
     xq = xq.contiguous()
-    x_scale = w_scale if quant_x else x_scale.contiguous()  # (unread with QUANT_X)
     _routed_gemm_small_batch[(triton.cdiv(n, block_n),)](
-        xq, wq.contiguous(), x_scale, w_scale.contiguous(), out, res,
+        xq, wq.contiguous(), x_scale.contiguous(), w_scale.contiguous(), out, res,
         bias.contiguous() if bias is not None else x_scale, expert_ids if expert_ids is not None else x_scale,
         m, n, k, xq.stride(0), out.stride(0), res.stride(0),
         HAS_IDS=expert_ids is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SWIGLU=swiglu,
         BLOCK_M=SMALL_BATCH_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PREC="tf32", INTERPRETER=triton_interpreting(),
-        SCALED=True, BF16_BITS=triton_interpreting() and out_dtype == torch.bfloat16, QUANT_X=quant_x,
-        num_warps=num_warps, num_stages=num_stages,
+        SCALED=True, BF16_BITS=triton_interpreting() and out_dtype == torch.bfloat16, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

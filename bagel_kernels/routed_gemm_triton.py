@@ -21,7 +21,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._dispatch import triton_interpreting
 from ._launch import _num_programs
-from .fp8_quant_triton import encode_row_block, row_scale
 
 
 @dataclass(frozen=True)
@@ -229,37 +228,18 @@ def small_batch_config(n: int, k: int, dtype: torch.dtype) -> GemmConfig:
     return GemmConfig(SMALL_BATCH_ROWS, min(32, _pow2_at_least(n, 16)), min(256, _pow2_at_least(k, 16)), 1, 4, 4)
 
 
-ROW_SCALE_CHUNK = tl.constexpr(1024)  # the in-kernel row quantizer's amax pass: 1024 columns of one row per load
-
-
-@triton.jit
-def _small_row_scales(X, s_xm, rows, M, K, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
-    """Per-row FP8 scales of the activation rows X[:M, :K] (``fp8_quant_triton``'s arithmetic: amax as an
-    elementwise running max reduced once, NaN counted apart, then amax / 448 correctly rounded): the scales
-    ``quantize_rows`` gives, so codes encoded with them are its codes. One row at a time in CHUNK-wide loads (a
-    decode step has one row or a few: a (BLOCK_M, K step) tile would load 16 rows to use one)."""
-    xs = tl.full((BLOCK_M,), 1.0, tl.float32)
-    for r in range(0, M):
-        xs = tl.where(rows == r, row_scale(X + r * s_xm, K, CHUNK), xs)  # r < M <= 16: no 32-bit overflow
-    return xs
-
-
 @triton.jit
 def _small_tile_dot(X, W, s_xm, rows, cols, wrow, M, N, K, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr,
-                    WIDEN: tl.constexpr = False, xs=None, QUANT_X: tl.constexpr = False):
+                    WIDEN: tl.constexpr = False):
     """WIDEN (e4m3 operands): both tiles are widened to fp16 before the MMA — exact (e4m3's significands and
-    exponents fit fp16), so the products are exact and the sums fp32. QUANT_X: X holds the activation rows in
-    their own dtype, encoded to e4m3 here with the row scales ``xs`` (``_small_row_scales``), the codes
-    ``quantize_rows`` would have written."""
+    exponents fit fp16), so the products are exact and the sums fp32."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         a = tl.load(X + rows[:, None].to(tl.int64) * s_xm + kk[None, :], mask=(rows < M)[:, None] & (kk < K)[None, :],
                     other=0.0)
-        if QUANT_X:
-            a = encode_row_block(a.to(tl.float32), xs[:, None], INTERPRETER)
         b = tl.load(W + (wrow * N + cols[:, None]).to(tl.int64) * K + kk[None, :],
                     mask=(cols < N)[:, None] & (kk < K)[None, :], other=0.0)
         if INTERPRETER:  # position-independent broadcast-sum, as in _tile_dot
@@ -277,32 +257,27 @@ def _routed_gemm_small_batch(
     HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr, SCALED: tl.constexpr = False, BF16_BITS: tl.constexpr = False,
-    QUANT_X: tl.constexpr = False,
 ):
     """SCALED: e4m3 operands with per-row (XS) and per-channel (WS) scales and the FP8 kernels' epilogue
     (``routed_gemm_fp8_small_batch``); off, the bf16 decode GEMM (its instructions are the same as before SCALED
-    existed: every SCALED branch is a constexpr one). QUANT_X (with SCALED): X holds the rows in the activation
-    dtype and the kernel quantizes them per row itself (no XS), with ``quantize_rows``'s codes and scales."""
+    existed: every SCALED branch is a constexpr one)."""
     P: tl.constexpr = 2 if SWIGLU else 1
     out_ty = OUT.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ids, lo, hi = _row_experts(IDS, rows, M, HAS_IDS, BLOCK_M)
-    xs = None
-    if QUANT_X:
-        xs = _small_row_scales(X, s_xm, rows, M, K, BLOCK_M, ROW_SCALE_CHUNK)
-    elif SCALED:
+    if SCALED:
         xs = tl.load(XS + rows, mask=rows < M, other=0.0)
     result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for e in range(lo, hi + 1):
         acc = _small_tile_dot(X, W, s_xm, rows, cols, e * P, M, N, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC, INTERPRETER,
-                              SCALED, xs, QUANT_X)
+                              SCALED)
         if SCALED:
             acc = _scale(acc, xs, WS, e * P, N, cols)
         acc = _add_bias(acc, BIAS, e * P, N, cols, HAS_BIAS)
         if SWIGLU:
             up = _small_tile_dot(X, W, s_xm, rows, cols, e * P + 1, M, N, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC,
-                                 INTERPRETER, SCALED, xs, QUANT_X)
+                                 INTERPRETER, SCALED)
             if SCALED:
                 up = _scale(up, xs, WS, e * P + 1, N, cols)
             # (BF16_BITS is off outside the interpreter's FP8 launches: _swiglu's and _round's plain casts then)

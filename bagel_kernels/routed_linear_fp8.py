@@ -51,7 +51,7 @@ from .routed_gemm_fp8_triton import fp8_gemm_config, require_fp8_tensor_cores, r
 from .routed_gemm_triton import SMALL_BATCH_ROWS
 
 
-def routed_gemm_fp8(xq: torch.Tensor, x_scale: torch.Tensor | None, routing: ExpertSegments | None, wq: torch.Tensor,
+def routed_gemm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegments | None, wq: torch.Tensor,
                     w_scale: torch.Tensor, bias: torch.Tensor | None = None, *, activation: Activation = None,
                     residual: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
                     expert_ids: torch.Tensor | None = None, options: KernelOptions | None = None,
@@ -59,16 +59,10 @@ def routed_gemm_fp8(xq: torch.Tensor, x_scale: torch.Tensor | None, routing: Exp
     """Expert-routed FP8 projection; ``expert_ids`` (int32 per row, on the device) as in ``routed_linear``.
     ``out_dtype`` fp32 is taken by the reference backend only (a float32 model on the CPU). ``small_batch=True``
     (AR decode: at most ``SMALL_BATCH_ROWS`` rows) runs ``routed_gemm_fp8_small_batch`` on a GPU backend, split over
-    N so that every SM streams the weights (its bits are its own, fixed per weight shape like the large kernels').
-    ``x_scale=None`` (only with ``small_batch`` on a GPU/Triton backend): ``xq`` is bf16/fp16 rows, which that kernel
-    quantizes per row itself — ``quantize_rows``'s codes, without the quantizer's launch."""
+    N so that every SM streams the weights (its bits are its own, fixed per weight shape like the large kernels')."""
     opts = resolve_options(options)
     reference = resolve_backend(xq.device, opts) == "reference"
     check_fp8_routed(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype, allow_fp32=reference)
-    if x_scale is None and (reference or not small_batch or xq.shape[0] > SMALL_BATCH_ROWS):
-        raise ValueError(f"routed_gemm_fp8: x_scale=None (rows the kernel quantizes) needs small_batch=True, at most "
-                         f"{SMALL_BATCH_ROWS} rows and a GPU or Triton backend; got {xq.shape[0]} rows, "
-                         f"small_batch={small_batch}, backend {resolve_backend(xq.device, opts)!r}")
     if reference:
         return routed_gemm_fp8_reference(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype)
     ids = device_expert_ids(routing, expert_ids, wq.shape[0], xq.device)

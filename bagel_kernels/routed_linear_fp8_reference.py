@@ -28,17 +28,12 @@ from .linear import ExpertSegments, invariant_linear_reference
 Activation = Literal["swiglu"] | None
 
 
-def check_fp8_routed(xq: torch.Tensor, x_scale: torch.Tensor | None, routing: ExpertSegments | None, wq: torch.Tensor,
+def check_fp8_routed(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegments | None, wq: torch.Tensor,
                      w_scale: torch.Tensor, bias: torch.Tensor | None, activation: Activation,
                      residual: torch.Tensor | None, out_dtype: torch.dtype, allow_fp32: bool = False) -> None:
     """Shapes and dtypes of an FP8 routed GEMM call, with errors that name the argument. ``allow_fp32``: the
-    reference also takes fp32 activations (a float32 model on the CPU); the Triton kernel does not.
-    ``x_scale=None``: ``xq`` is bf16/fp16 rows that the small-batch kernel quantizes itself."""
-    if x_scale is None:  # rows in the activation dtype, quantized per row by the kernel (the small-batch one)
-        if xq.dtype not in (torch.bfloat16, torch.float16) or wq.dtype != FP8_DTYPE:
-            raise TypeError(f"routed_gemm_fp8: without x_scale the rows must be bf16/fp16 (the kernel quantizes "
-                            f"them) and the weights {FP8_DTYPE}, got {xq.dtype} and {wq.dtype}")
-    elif xq.dtype != FP8_DTYPE or wq.dtype != FP8_DTYPE:
+    reference also takes fp32 activations (a float32 model on the CPU); the Triton kernel does not."""
+    if xq.dtype != FP8_DTYPE or wq.dtype != FP8_DTYPE:
         raise TypeError(f"routed_gemm_fp8: activations and weights must be {FP8_DTYPE} codes, got {xq.dtype} and "
                         f"{wq.dtype} (quantize with bagel_kernels.fp8_quant)")
     if wq.dim() != 4:
@@ -50,7 +45,7 @@ def check_fp8_routed(xq: torch.Tensor, x_scale: torch.Tensor | None, routing: Ex
     if xq.dim() != 2 or xq.shape[1] != k:
         raise ValueError(f"routed_gemm_fp8: input must be (rows, {k}), got shape {tuple(xq.shape)}")
     m = xq.shape[0]
-    if x_scale is not None and (x_scale.dtype != torch.float32 or tuple(x_scale.shape) != (m,)):
+    if x_scale.dtype != torch.float32 or tuple(x_scale.shape) != (m,):
         raise ValueError(f"routed_gemm_fp8: x_scale must be fp32 ({m},), got {x_scale.dtype} {tuple(x_scale.shape)}")
     if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (e, p, n):
         raise ValueError(f"routed_gemm_fp8: w_scale must be fp32 {(e, p, n)}, got {w_scale.dtype} "

@@ -14,14 +14,16 @@ accumulation, 128 x 256 tiles), also timed with fp32 promotion every 128 K (``fp
 
 TFLOP/s = 2·M·N·K (× 2 parts for SwiGLU) / median time (CUDA-graph replay, ``common.bench_ms``; quantization of the
 activations is not timed). ``--sweep`` also times a few other fixed configs of the Gluon FP8 kernel (any fixed config
-keeps rows batch-invariant; the shipped one is ``fp8_gluon_config``). Also prints, per shape, the FP8 output's
+keeps rows batch-invariant; the shipped one is ``fp8_gluon_config``) and, at every row set, the ragged last round
+split across programs or kept whole (the same bits). ``--quick`` times ours against ``_scaled_mm`` fast-accum and the
+bf16 exact routed GEMM only (issue #30's two ratios). Also prints, per shape, the FP8 output's
 relative difference to the bf16 GEMM and to ``_scaled_mm`` (precise), and how torch's CUDA cast to e4m3 treats
 out-of-range values. First, per row count, the standalone per-row quantizer (o_proj's and down's inputs) in GB/s
 against a plain e4m3 cast (``quantizer_rows``), with its piece width swept and the variant that reads a row once
 (held in registers).
 
-    python -m benchmarks.bench_fp8_gemm [--parts quantizer,decode,gemm] [--sweep] [--m-gen 8196 2052] [--all-shapes]
-        [--no-csv]
+    python -m benchmarks.bench_fp8_gemm [--parts quantizer,decode,gemm] [--sweep] [--quick] [--m-gen 8196 2052]
+        [--all-shapes] [--no-csv]
 """
 from __future__ import annotations
 
@@ -100,9 +102,8 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
 def decode_rows() -> Iterator[dict]:
     """Text decoding's GEMMs (one token, the understanding expert): the FP8 small-batch kernel against the bf16
     one in µs per call and GB/s of weight bytes (a decode GEMM streams its weight once), with a few other fixed
-    (K step, warps) configurations (``same bits`` checks the default's output); and decode's FP8 path as it runs
-    (the standalone row quantizer, then the GEMM) against the kernel quantizing its row itself (``x_scale=None``:
-    the same bits, one launch instead of two)."""
+    (N tile, K step, warps, ring stages) configurations (``same bits`` checks the default's output); and decode's
+    FP8 path as it runs (the standalone row quantizer, then the GEMM) against the bf16 GEMM."""
     from bagel_kernels.routed_gemm_fp8_small_batch import fp8_small_batch_tiles, routed_gemm_fp8_small_batch
     from bagel_kernels.routed_gemm_triton import routed_gemm_small_batch_triton
 
@@ -122,11 +123,6 @@ def decode_rows() -> Iterator[dict]:
         t_fp8 = us(bench_ms(lambda: routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res)))
         t_quant = us(bench_ms(lambda: routed_gemm_fp8_small_batch(*quantize_rows_triton(x), wq, ws, None, ids, swiglu,
                                                                    res)))
-        fused = routed_gemm_fp8_small_batch(x, None, wq, ws, None, ids, swiglu, res)
-        same = "same bits" if torch.equal(fused, want) else "OTHER BITS"
-        yield row(f"fp8 small-batch GEMM quantizing its rows itself ({same})", shape, "us",
-                  us(bench_ms(lambda: routed_gemm_fp8_small_batch(x, None, wq, ws, None, ids, swiglu, res))),
-                  "row quantizer + fp8 small-batch GEMM", t_quant)
         yield row("row quantizer + fp8 small-batch GEMM (decode's path)", shape, "us", t_quant,
                   "bf16 small-batch GEMM", t_bf16)
         _, bk0 = fp8_small_batch_tiles(n, k)
@@ -135,15 +131,15 @@ def decode_rows() -> Iterator[dict]:
                   t_bf16)
         yield row(f"fp8 small-batch GEMM (BN 32, BK {bk0}, 4 warps)", shape, "weight GB/s", gbs(t_fp8, 1))
         yield row("bf16 small-batch GEMM", shape, "weight GB/s", gbs(t_bf16, 2))
-        for block_n, block_k, warps in ((32, 256, 4), (32, 512, 8), (32, 1024, 8), (16, 512, 4), (16, 256, 4)):
-            if (block_n, block_k, warps) == (32, bk0, 4):
-                continue
-            def alt(block_n: int = block_n, block_k: int = block_k, warps: int = warps) -> torch.Tensor:
+        for block_n, block_k, warps, stages in ((32, 512, 8, 4), (16, 256, 4, 4), (32, 256, 4, 6), (32, 128, 4, 8),
+                                                (32, 128, 4, 4)):
+            def alt(block_n: int = block_n, block_k: int = block_k, warps: int = warps,
+                    stages: int = stages) -> torch.Tensor:
                 return routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res, block_n=block_n,
-                                                   block_k=block_k, num_warps=warps)
+                                                   block_k=block_k, num_warps=warps, num_stages=stages)
             same = "same bits" if torch.equal(alt(), want) else "OTHER BITS"
-            yield row(f"fp8 small-batch GEMM (BN {block_n}, BK {block_k}, {warps} warps; {same})", shape, "us",
-                      us(bench_ms(alt)), "bf16 small-batch GEMM", t_bf16)
+            yield row(f"fp8 small-batch GEMM (BN {block_n}, BK {block_k}, {warps} warps, {stages} stages; {same})",
+                      shape, "us", us(bench_ms(alt)), "bf16 small-batch GEMM", t_bf16)
 
 
 def same_codes(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> str:
@@ -238,8 +234,16 @@ def run_rows(args: argparse.Namespace, label: str, routing: bk.ExpertSegments) -
                                    options=bk.KernelOptions(fp8_accumulation="promoted"))
 
         t_ours = tf(bench_ms(ours))
-        t_smm = tf(bench_ms(scaled_mm(False)))
         t_smm_fast = tf(bench_ms(scaled_mm(True)))
+        if args.quick:  # issue #30's two ratios only: the same-accumulation cuBLAS peer and the bf16 exact GEMM
+            t_bf16 = tf(bench_ms(bf16_routed))
+            yield row(ours_name, shape, "TFLOP/s", t_ours, "torch._scaled_mm rowwise fast-accum", t_smm_fast)
+            yield row(ours_name, shape, "TFLOP/s", t_ours, "bf16 routed GEMM exact", t_bf16)
+            yield from sweep_rows(args, label, shape, tf, t_smm_fast, y8, lambda cfg, split: routed_gemm_fp8_gluon(
+                xq, xs, wq, ws, bias, ids, swiglu, res, dt, segments=routing.segments, config=cfg, split_tail=split),
+                n, k, swiglu)
+            continue
+        t_smm = tf(bench_ms(scaled_mm(False)))
         y_promoted = promoted()
         print(f"{shape}: |fast-acc - promoted| / |promoted| = {rel(y8, y_promoted):.4g}", flush=True)
         promoted_name = ours_name.replace(")", ", promoted)")
@@ -258,14 +262,25 @@ def run_rows(args: argparse.Namespace, label: str, routing: bk.ExpertSegments) -
         yield row("peer torch._scaled_mm rowwise fast-accum", shape, "TFLOP/s", t_smm_fast)
         yield row("bf16 routed GEMM exact", shape, "TFLOP/s", t_bf16, "bf16 dense cuBLAS", t_dense)
         yield row("peer bf16 dense cuBLAS", shape, "TFLOP/s", t_dense)
-        if args.sweep and label.startswith("step "):
-            for name, cfg in sweep_configs(n, k, swiglu).items():
-                def alt(cfg: Fp8GluonConfig = cfg) -> torch.Tensor:
-                    return routed_gemm_fp8_gluon(xq, xs, wq, ws, bias, ids, swiglu, res, dt,
-                                                 segments=routing.segments, config=cfg)
-                same = "same bits" if torch.equal(alt(), y8) else "OTHER BITS"
-                yield row(f"fp8 routed GEMM (gluon) {name} ({same})", shape, "TFLOP/s", tf(bench_ms(alt)),
-                          "torch._scaled_mm rowwise fast-accum", t_smm_fast)
+        yield from sweep_rows(args, label, shape, tf, t_smm_fast, y8, lambda cfg, split: routed_gemm_fp8_gluon(
+            xq, xs, wq, ws, bias, ids, swiglu, res, dt, segments=routing.segments, config=cfg, split_tail=split),
+            n, k, swiglu)
+
+
+def sweep_rows(args: argparse.Namespace, label: str, shape: str, tf: Callable[[float], float], t_peer: float,
+               y8: torch.Tensor, launch: Callable[[Fp8GluonConfig | None, bool | None], torch.Tensor], n: int, k: int,
+               swiglu: bool) -> Iterator[dict]:
+    """``--sweep``: the fixed alternative configs (``sweep_configs``) at the generation step's rows, and at every
+    row set the ragged last round split or kept whole (``split_tail``; same bits either way, so a launch may
+    choose it from M), each checked against the shipped output's bits."""
+    if not args.sweep:
+        return
+    alts = {name: (cfg, None) for name, cfg in sweep_configs(n, k, swiglu).items()} if label.startswith("step ") else {}
+    alts.update({"ragged last round split": (None, True), "ragged last round whole": (None, False)})
+    for name, (cfg, split) in alts.items():
+        same = "same bits" if torch.equal(launch(cfg, split), y8) else "OTHER BITS"
+        yield row(f"fp8 routed GEMM (gluon) {name} ({same})", shape, "TFLOP/s",
+                  tf(bench_ms(lambda: launch(cfg, split))), "torch._scaled_mm rowwise fast-accum", t_peer)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parts", default="quantizer,gemm",
                    help="comma-separated: quantizer (the row quantizer's GB/s), decode (the small-batch GEMMs of text "
                         "decoding, FP8 vs bf16), gemm (the routed GEMMs)")
+    p.add_argument("--quick", action="store_true",
+                   help="time ours against torch._scaled_mm fast-accum and the bf16 exact routed GEMM only")
     p.add_argument("--all-shapes", action="store_true",
                    help="also img2img's step (3 x 4098 rows), its prefill (mixed routing) and SP shares (M/2, M/4)")
     args = add_output_args(p).parse_args(argv)
