@@ -87,18 +87,33 @@ def allocate_kv_cache(
     raise ValueError(f"unknown KV-cache layout {layout!r}; known: {LAYOUTS}")
 
 
+def token_slots(block_table_row: torch.Tensor, start: int | torch.Tensor, n: int, block_size: int,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(page, slot in the page) of tokens ``start .. start+n`` of one sequence. Every layer of a cache shares the
+    block table and block size, so a forward computes them once and writes each layer with ``write_token_slots``
+    (per layer they were six small kernels of each decode token). ``start`` may be a one-element
+    device tensor (a CUDA-graph decode step writes where the device says)."""
+    device = block_table_row.device if device is None else device
+    pos = torch.arange(n, device=device) + start
+    return block_table_row.to(device).long()[pos // block_size], pos % block_size
+
+
+def write_token_slots(view: PagedKVView, pages: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> None:
+    """Write ``k``/``v`` (n, H_kv, D) at ``token_slots``'s (pages, slots), in place through the view."""
+    view.k[pages, slots] = k.to(view.k.dtype)
+    view.v[pages, slots] = v.to(view.v.dtype)
+
+
 def write_tokens(view: PagedKVView, block_table_row: torch.Tensor, start: int | torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor) -> None:
-    """Write tokens ``start .. start+len(k)`` of one sequence into its pages (through the views, in place).
-    ``start`` may be a one-element device tensor (a CUDA-graph decode step writes where the device says)."""
+    """Write tokens ``start .. start+len(k)`` of one sequence into its pages (through the views, in place):
+    ``token_slots`` + ``write_token_slots`` for one layer."""
     n = k.shape[0]
     if n == 0:
         return
-    pos = torch.arange(n, device=k.device) + start
-    pages = block_table_row.to(k.device).long()[pos // view.block_size]
-    slots = pos % view.block_size
-    view.k[pages, slots] = k.to(view.k.dtype)
-    view.v[pages, slots] = v.to(view.v.dtype)
+    pages, slots = token_slots(block_table_row, start, n, view.block_size, k.device)
+    write_token_slots(view, pages, slots, k, v)
 
 
 def read_tokens(view: PagedKVView, block_table_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:

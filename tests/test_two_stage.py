@@ -271,6 +271,29 @@ def test_one_process_makes_no_transfer_payload(tiny_model, tokenizer, monkeypatc
     assert res.image.shape == (16, 16, 3)
 
 
+def test_graph_decoders_device_step_gives_the_eager_tokens_and_cache(tiny_model):
+    """What the CUDA graph records — ``GraphDecoder._step``, the token's page and slot computed once for all
+    layers — run eagerly (on the CPU): the eager loop's tokens, and the same K/V in the cache, bit for bit."""
+    from bagel_model.engine.decode import GraphDecoder
+
+    prompt, steps = [TextBlock(list(range(10, 47)))], 12  # 37 + 12 tokens cross a 16-token page boundary
+    ctx, h = prefill(tiny_model, prompt, extra_capacity=40)
+    want = greedy_decode(tiny_model, ctx, h, steps + 1, eos_id=-1, use_graph=False)
+    ctx2, _ = prefill(tiny_model, prompt, extra_capacity=40)
+    dec = GraphDecoder(tiny_model, ctx2, want[0])
+    got = [want[0]]
+    with torch.no_grad():
+        for _ in range(steps):
+            dec._step()
+            ctx2.cache.length += 1
+            got.append(int(dec.token))
+    assert got == want
+    assert ctx2.cache.length == ctx.cache.length == 37 + steps  # each step wrote the token it fed
+    for layer in range(ctx.cache.num_layers):
+        for a, b in zip(ctx.cache.read(layer), ctx2.cache.read(layer)):
+            assert torch.equal(a, b)
+
+
 def test_graph_decoder_needs_a_prefilled_context(tiny_model):
     from bagel_model.engine.decode import GraphDecoder
     from bagel_model.engine.kv_cache import Context, new_cache

@@ -1,10 +1,13 @@
 """Greedy text decoding (``greedy_decode``), with the token step captured in one CUDA graph (``GraphDecoder``).
 
-Eager decoding is host-bound: a token runs ~220 kernel launches (28 layers of norms, routed GEMMs, QK-norm+RoPE,
-attention, cache writes), and Python + Triton's launch path cost several times the GPU work, so the GPU idles most of
-a token (numbers: benchmarks/RESULTS.md, decode). Every launch of a step depends only on device state — the fed token,
-its RoPE position, the cache slot it is written to, the cache length the attention reads — so the step is recorded
-once and replayed; the host only reads the chosen token back (the one read text decoding needs).
+Eager decoding is host-bound: a token ran ≈ 430 kernels (28 layers of norms, routed GEMMs, QK-norm+RoPE,
+attention, cache writes; profiled on one H200, 2026-12-07), and Python + Triton's launch path cost several times the
+GPU work, so the GPU idles most of a token (numbers: benchmarks/RESULTS.md, decode). ≈ 170 of those kernels were the
+cache write's index arithmetic, 6 per layer for the one page and slot every layer shares: the step now computes them
+once (``token_slots``) and each layer only writes K and V (``write_token_slots``; not yet timed on a GPU). Every
+launch of a step depends only on device state — the fed token, its RoPE position, the cache slot it is written to,
+the cache length the attention reads — so the step is recorded once and replayed; the host only reads the chosen
+token back (the one read text decoding needs).
 
 The graph runs the very kernels the eager step runs on the same numbers, so the tokens are the eager ones bit for
 bit (``greedy_decode(..., use_graph=False)`` is the check). CUDA only; the CPU keeps the eager loop.
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from bagel_kernels import ExpertSegments, invariant_linear
-from bagel_kernels.kv_layout import write_tokens
+from bagel_kernels.kv_layout import token_slots, write_token_slots
 
 from ..core.layers import LayerInputs, local_attention
 from ..core.model import BagelModel
@@ -40,9 +43,6 @@ class GraphDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._warm = False
 
-    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        write_tokens(self.cache.views[layer], self.cache.block_table[0], self.slot, k, v)
-
     def _step(self) -> None:
         """One token, device work only: embed, 28 layers (cache write at ``slot``), LM head, argmax, advance."""
         m = self.model
@@ -50,7 +50,13 @@ class GraphDecoder:
         cos, sin = m._cos_sin(self.position)
         li = LayerInputs(routing=ExpertSegments.uniform(1, False), cos=cos, sin=sin, gen_mode=False, small_batch=True,
                          kernels=m.kernels)
-        h = m._run_layers(x, li, local_attention(self.cache.segments(), 1, self.visible, options=m.kernels), self._write)
+        # the token's page and slot, once for all layers (in the graph: from the device-side ``slot``)
+        pages, slots = token_slots(self.cache.block_table[0], self.slot, 1, self.cache.views[0].block_size)
+
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            write_token_slots(self.cache.views[layer], pages, slots, k, v)
+
+        h = m._run_layers(x, li, local_attention(self.cache.segments(), 1, self.visible, options=m.kernels), write)
         logits = invariant_linear(h, m.language_model.lm_head.weight, small_batch=True, options=m.kernels)
         self.token.copy_(logits[-1].float().argmax().view(1))
         self.position.add_(1)

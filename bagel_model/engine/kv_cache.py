@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from bagel_kernels import PagedKV, allocate_kv_cache, normalize_kv_cache
-from bagel_kernels.kv_layout import read_tokens, write_tokens
+from bagel_kernels.kv_layout import read_tokens, token_slots, write_token_slots
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -31,6 +31,7 @@ class PagedCache:
         self.block_table = torch.arange(num_blocks - 1, -1, -1, dtype=torch.int32, device=device)[None]
         self.length = 0  # host-side: the layout is known on the host, never read back from the device
         self.seqlens = torch.zeros(1, dtype=torch.int32, device=device)
+        self._slots: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # (length, n, pages, slots) of a forward
 
     def fork(self) -> "PagedCache":
         """A cache that shares these pages but has its own length: appending to the fork (decode) writes only past
@@ -40,10 +41,17 @@ class PagedCache:
         return other
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write the next ``len(k)`` tokens of ``layer`` (call ``commit`` once all layers are written)."""
-        if self.length + k.shape[0] > self.capacity:
-            raise ValueError(f"KV cache full: {self.length} + {k.shape[0]} tokens exceed capacity {self.capacity}")
-        write_tokens(self.views[layer], self.block_table[0], self.length, k, v)
+        """Write the next ``len(k)`` tokens of ``layer`` (call ``commit`` once all layers are written). The tokens'
+        pages and slots are the same for every layer: computed at the first layer's write of a forward, reused."""
+        n = k.shape[0]
+        if self.length + n > self.capacity:
+            raise ValueError(f"KV cache full: {self.length} + {n} tokens exceed capacity {self.capacity}")
+        if n == 0:
+            return
+        if self._slots is None or self._slots[:2] != (self.length, n):
+            self._slots = (self.length, n, *token_slots(self.block_table[0], self.length, n,
+                                                        self.views[layer].block_size, k.device))
+        write_token_slots(self.views[layer], self._slots[2], self._slots[3], k, v)
 
     def commit(self, n: int) -> None:
         self.length += n
