@@ -2,7 +2,7 @@
 give the same tokens), BAGEL-7B-MoT random bf16 after a 64-token prompt. ``--quantization fp8`` also times the model
 with FP8 projection weights (its rows compare with bf16's from the same run: decoding reads every weight once per
 token, so half the bytes is the expected gain). ``--profile`` also prints where the eager loop's time goes (host
-cProfile, GPU kernel table).
+cProfile, GPU kernel table, kernels and GPU ms per token).
 
     python -m benchmarks.bench_decode [--preset bagel-7b-mot] [--tokens 32] [--quantization fp8] [--profile]
 """
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--quantization", choices=["none", "fp8"], default="none",
                     help="fp8: also time FP8 projection weights, against bf16 in the same run")
-    ap.add_argument("--profile", action="store_true", help="host cProfile + GPU kernel table of the eager loop")
+    ap.add_argument("--profile", action="store_true",
+                    help="host cProfile + GPU kernel table of the eager loop, kernels and GPU ms per token")
     return add_output_args(ap)
 
 
@@ -51,8 +52,10 @@ def _profile(model, fresh, tokens: int) -> None:
         greedy_decode(model, ctx, h, tokens, eos_id=-1, use_graph=False)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15)[:5000])
-    gpu_us = sum(e.device_time_total for e in prof.key_averages()) / tokens
-    print(f"GPU kernel time per token (eager) {gpu_us / 1e3:.2f} ms", flush=True)
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+    gpu_us = sum(e.device_time_total for e in kernels) / tokens
+    launches = sum(e.count for e in kernels) / tokens
+    print(f"GPU kernel time per token (eager) {gpu_us / 1e3:.2f} ms in {launches:.0f} kernels", flush=True)
 
 
 def _time(a, quantization: str) -> tuple[dict, dict]:
