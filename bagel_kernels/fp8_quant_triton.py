@@ -70,23 +70,6 @@ def encode_row_block(y, scale, INTERPRETER: tl.constexpr = False):
 
 
 @triton.jit
-def row_scale(base, K, CHUNK: tl.constexpr):
-    """The fp32 scale of the row ``base[:K]`` walked in CHUNK-wide loads: the amax as an elementwise running max
-    reduced once (exact in any order), NaN counted apart as in ``block_amax`` — the same scale for any CHUNK."""
-    cols = tl.arange(0, CHUNK)
-    run_max = tl.zeros([CHUNK], dtype=tl.float32)
-    nans = tl.zeros([CHUNK], dtype=tl.int32)
-    for k0 in range(0, K, CHUNK):
-        ok = k0 + cols < K
-        y = tl.load(base + k0 + cols, mask=ok, other=0.0).to(tl.float32)
-        nan = y != y
-        run_max = tl.maximum(run_max, tl.where(nan, 0.0, tl.abs(y)))
-        nans += tl.where(nan, 1, 0)
-    amax = tl.where(tl.sum(nans, 0) > 0, float("nan"), tl.max(run_max, 0))
-    return scale_from_amax(amax)
-
-
-@triton.jit
 def _quantize_rows(X, Q, S, s_x, K, CHUNK: tl.constexpr, INTERPRETER: tl.constexpr):
     """One row in CHUNK-wide pieces, twice: the amax pass, then the encode pass (the row is still in L2). A row
     held whole in registers (a power-of-two block: 32768 lanes for BAGEL's 18944-wide down input, 42 % of them
@@ -96,7 +79,16 @@ def _quantize_rows(X, Q, S, s_x, K, CHUNK: tl.constexpr, INTERPRETER: tl.constex
     row = tl.program_id(0)
     cols = tl.arange(0, CHUNK)
     base = X + row.to(tl.int64) * s_x
-    scale = row_scale(base, K, CHUNK)
+    run_max = tl.zeros([CHUNK], dtype=tl.float32)
+    nans = tl.zeros([CHUNK], dtype=tl.int32)
+    for k0 in range(0, K, CHUNK):
+        ok = k0 + cols < K
+        y = tl.load(base + k0 + cols, mask=ok, other=0.0).to(tl.float32)
+        nan = y != y
+        run_max = tl.maximum(run_max, tl.where(nan, 0.0, tl.abs(y)))
+        nans += tl.where(nan, 1, 0)
+    amax = tl.where(tl.sum(nans, 0) > 0, float("nan"), tl.max(run_max, 0))
+    scale = scale_from_amax(amax)
     out = Q + row.to(tl.int64) * K
     for k0 in range(0, K, CHUNK):
         ok = k0 + cols < K

@@ -233,38 +233,34 @@ def run_rows(args: argparse.Namespace, label: str, routing: bk.ExpertSegments) -
             return routed_gemm_fp8(xq, xs, routing, wq, ws, bias, activation=act, residual=res, expert_ids=ids,
                                    options=bk.KernelOptions(fp8_accumulation="promoted"))
 
+        def gluon_with(cfg: Fp8GluonConfig | None, split: bool | None) -> torch.Tensor:
+            """The Gluon kernel with another fixed config and/or ragged-last-round choice (``--sweep``)."""
+            return routed_gemm_fp8_gluon(xq, xs, wq, ws, bias, ids, swiglu, res, dt, segments=routing.segments,
+                                         config=cfg, split_tail=split)
+
         t_ours = tf(bench_ms(ours))
         t_smm_fast = tf(bench_ms(scaled_mm(True)))
-        if args.quick:  # issue #30's two ratios only: the same-accumulation cuBLAS peer and the bf16 exact GEMM
-            t_bf16 = tf(bench_ms(bf16_routed))
-            yield row(ours_name, shape, "TFLOP/s", t_ours, "torch._scaled_mm rowwise fast-accum", t_smm_fast)
-            yield row(ours_name, shape, "TFLOP/s", t_ours, "bf16 routed GEMM exact", t_bf16)
-            yield from sweep_rows(args, label, shape, tf, t_smm_fast, y8, lambda cfg, split: routed_gemm_fp8_gluon(
-                xq, xs, wq, ws, bias, ids, swiglu, res, dt, segments=routing.segments, config=cfg, split_tail=split),
-                n, k, swiglu)
-            continue
-        t_smm = tf(bench_ms(scaled_mm(False)))
-        y_promoted = promoted()
-        print(f"{shape}: |fast-acc - promoted| / |promoted| = {rel(y8, y_promoted):.4g}", flush=True)
-        promoted_name = ours_name.replace(")", ", promoted)")
-        yield row(promoted_name, shape, "TFLOP/s", tf(bench_ms(promoted)), "torch._scaled_mm rowwise", t_smm)
-        if ours_name.endswith("(gluon)"):
-            print(f"{shape}: |triton promoted - gluon promoted| / |gluon promoted| = "
-                  f"{rel(triton_fp8(), y_promoted):.4g}", flush=True)
-            yield row("fp8 routed GEMM (triton, promoted)", shape, "TFLOP/s", tf(bench_ms(triton_fp8)),
-                      "torch._scaled_mm rowwise", t_smm)
         t_bf16 = tf(bench_ms(bf16_routed))
-        t_dense = tf(bench_ms(bf16_dense))
         yield row(ours_name, shape, "TFLOP/s", t_ours, "torch._scaled_mm rowwise fast-accum", t_smm_fast)
         yield row(ours_name, shape, "TFLOP/s", t_ours, "bf16 routed GEMM exact", t_bf16)
-        yield row(ours_name, shape, "TFLOP/s", t_ours, "bf16 dense cuBLAS", t_dense)
-        yield row("peer torch._scaled_mm rowwise", shape, "TFLOP/s", t_smm)
-        yield row("peer torch._scaled_mm rowwise fast-accum", shape, "TFLOP/s", t_smm_fast)
-        yield row("bf16 routed GEMM exact", shape, "TFLOP/s", t_bf16, "bf16 dense cuBLAS", t_dense)
-        yield row("peer bf16 dense cuBLAS", shape, "TFLOP/s", t_dense)
-        yield from sweep_rows(args, label, shape, tf, t_smm_fast, y8, lambda cfg, split: routed_gemm_fp8_gluon(
-            xq, xs, wq, ws, bias, ids, swiglu, res, dt, segments=routing.segments, config=cfg, split_tail=split),
-            n, k, swiglu)
+        if not args.quick:  # --quick: issue #30's two ratios above only
+            t_smm = tf(bench_ms(scaled_mm(False)))
+            y_promoted = promoted()
+            print(f"{shape}: |fast-acc - promoted| / |promoted| = {rel(y8, y_promoted):.4g}", flush=True)
+            promoted_name = ours_name.replace(")", ", promoted)")
+            yield row(promoted_name, shape, "TFLOP/s", tf(bench_ms(promoted)), "torch._scaled_mm rowwise", t_smm)
+            if ours_name.endswith("(gluon)"):
+                print(f"{shape}: |triton promoted - gluon promoted| / |gluon promoted| = "
+                      f"{rel(triton_fp8(), y_promoted):.4g}", flush=True)
+                yield row("fp8 routed GEMM (triton, promoted)", shape, "TFLOP/s", tf(bench_ms(triton_fp8)),
+                          "torch._scaled_mm rowwise", t_smm)
+            t_dense = tf(bench_ms(bf16_dense))
+            yield row(ours_name, shape, "TFLOP/s", t_ours, "bf16 dense cuBLAS", t_dense)
+            yield row("peer torch._scaled_mm rowwise", shape, "TFLOP/s", t_smm)
+            yield row("peer torch._scaled_mm rowwise fast-accum", shape, "TFLOP/s", t_smm_fast)
+            yield row("bf16 routed GEMM exact", shape, "TFLOP/s", t_bf16, "bf16 dense cuBLAS", t_dense)
+            yield row("peer bf16 dense cuBLAS", shape, "TFLOP/s", t_dense)
+        yield from sweep_rows(args, label, shape, tf, t_smm_fast, y8, gluon_with, n, k, swiglu)
 
 
 def sweep_rows(args: argparse.Namespace, label: str, shape: str, tf: Callable[[float], float], t_peer: float,
