@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .routed_gemm_fp8_triton import require_fp8_tensor_cores
-from .routed_gemm_gluon import BLOCK_M, launch_routed_gemm_ws
+from .routed_gemm_gluon import BLOCK_M, GROUP_M, launch_routed_gemm_ws
 
 BLOCK_K = 128  # one K step = 4 wgmma k32 instructions; the promotion interval
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
@@ -35,11 +35,13 @@ SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block
 class Fp8GluonConfig:
     """``block_k``: the K step (the ring's stage width). With promotion it is also the promotion interval, so it is
     part of the bits; without it only the order of the k32 wgmma instructions is (always K order), so the K step is
-    free to change without moving a bit (``bench_fp8_gemm --sweep`` checks that)."""
+    free to change without moving a bit (``bench_fp8_gemm --sweep`` checks that). ``group_m``: row tiles per L2
+    group of the tile order (which program computes a tile never changes a row's bits)."""
     block_n: int
     stages: int
     promote: bool
     block_k: int = BLOCK_K
+    group_m: int = GROUP_M
 
 
 def _stages_that_fit(block_n: int, parts: int, block_k: int = BLOCK_K) -> int:
@@ -80,4 +82,4 @@ def routed_gemm_fp8_gluon(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Ten
     return launch_routed_gemm_ws(xq.contiguous(), wq.contiguous(), out, bias, expert_ids, swiglu,
                                  None if residual is None else residual.contiguous(), segments, split_tail,
                                  cfg.block_n, cfg.block_k, cfg.stages, x_scale.contiguous().float(),
-                                 w_scale.contiguous().float(), cfg.promote)
+                                 w_scale.contiguous().float(), cfg.promote, group_m=cfg.group_m)

@@ -273,12 +273,14 @@ def sweep_rows(args: argparse.Namespace, label: str, shape: str, tf: Callable[[f
                y8: torch.Tensor, launch: Callable[[Fp8GluonConfig | None, bool | None], torch.Tensor], n: int, k: int,
                swiglu: bool) -> Iterator[dict]:
     """``--sweep``: the fixed alternative configs (``sweep_configs``) at the generation step's rows, and at every
-    row set the ragged last round split or kept whole (``split_tail``; same bits either way, so a launch may
-    choose it from M), each checked against the shipped output's bits."""
+    row set the ragged last round split or kept whole (``split_tail``) and the tile order's GROUP_M (same bits
+    either way, so a launch may choose them from M), each checked against the shipped output's bits."""
     if not args.sweep:
         return
     alts = {name: (cfg, None) for name, cfg in sweep_configs(n, k, swiglu).items()} if label.startswith("step ") else {}
     alts.update({"ragged last round split": (None, True), "ragged last round whole": (None, False)})
+    shipped = fp8_gluon_config(n, k, swiglu, promote=False)
+    alts.update({f"GROUP_M {g}": (replace(shipped, group_m=g), None) for g in (4, 16, 32)})
     for name, (cfg, split) in alts.items():
         same = "same bits" if torch.equal(launch(cfg, split), y8) else "OTHER BITS"
         yield row(f"fp8 routed GEMM (gluon) {name} ({same})", shape, "TFLOP/s",
