@@ -1,5 +1,6 @@
 """Stage 0's text decoding on the GPU: ms per greedy token, eager vs the CUDA-graph token step (and whether both
-give the same tokens), BAGEL-7B-MoT random bf16 after a 64-token prompt. ``--quantization fp8`` also times the model
+give the same tokens; the graph loop reads each token one step behind the GPU, and its one-step-at-a-time loop
+is timed beside it), BAGEL-7B-MoT random bf16 after a 64-token prompt. ``--quantization fp8`` also times the model
 with FP8 projection weights (its rows compare with bf16's from the same run: decoding reads every weight once per
 token, so half the bytes is the expected gain). ``--profile`` also prints where the eager loop's time goes (host
 cProfile, GPU kernel table, kernels and GPU ms per token).
@@ -58,6 +59,21 @@ def _profile(model, fresh, tokens: int) -> None:
     print(f"GPU kernel time per token (eager) {gpu_us / 1e3:.2f} ms in {launches:.0f} kernels", flush=True)
 
 
+def one_step_graph_loop(model, ctx, h, max_tokens: int, eos_id: int, use_graph: bool = True) -> list[int]:
+    """The graph loop before ``decode_ahead``: launch a step, wait for its token, then launch the next (the GPU
+    idles while the host reads the token and queues the replay). The peer of the look-ahead's row."""
+    from bagel_kernels import invariant_linear
+    from bagel_model.engine.decode import GraphDecoder
+
+    tok = int(invariant_linear(h, model.language_model.lm_head.weight, small_batch=True,
+                               options=model.kernels)[-1].float().argmax())
+    out, dec = [tok], GraphDecoder(model, ctx, tok)
+    while len(out) < max_tokens and tok != eos_id and dec.has_room():
+        tok = dec.step()
+        out.append(tok)
+    return out
+
+
 def _time(a, quantization: str) -> tuple[dict, dict]:
     spec = ModelSpec(preset=a.preset, dtype="bfloat16", device="cuda",
                      kernels=dataclasses.replace(default_options(), quantization=quantization))
@@ -67,13 +83,14 @@ def _time(a, quantization: str) -> tuple[dict, dict]:
         def fresh():
             return prefill(model, [TextBlock(list(range(100, 164)))], extra_capacity=2 * a.tokens + 8)
 
-        for use_graph in (False, True):
+        for use_graph in (False, True, "one step at a time"):
             ctx, h = fresh()
-            greedy_decode(model, ctx, h, 4, eos_id=-1, use_graph=use_graph)  # warm-up (compiles)
+            decode = one_step_graph_loop if use_graph == "one step at a time" else greedy_decode
+            decode(model, ctx, h, 4, eos_id=-1, use_graph=bool(use_graph))  # warm-up (compiles)
             ctx, h = fresh()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            tokens[use_graph] = greedy_decode(model, ctx, h, a.tokens, eos_id=-1, use_graph=use_graph)
+            tokens[use_graph] = decode(model, ctx, h, a.tokens, eos_id=-1, use_graph=bool(use_graph))
             torch.cuda.synchronize()
             ms[use_graph] = (time.perf_counter() - t0) / a.tokens * 1e3
         if a.profile:
@@ -88,12 +105,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.cuda.empty_cache()  # the bf16 model is gone: its blocks back before the FP8 one is drawn
     same = "tokens == eager" if tokens[True] == tokens[False] else "tokens DIFFER from eager"
     shape = f"{a.preset} greedy decode after a 64-token prompt, {a.tokens} tokens"
+    step1 = "one step at a time"
+    same1 = "tokens == eager" if tokens[step1] == tokens[False] else "tokens DIFFER from eager"
     rows = [row(f"decode CUDA graph ({same})", shape, "ms/token", ms[True], "eager", ms[False]),
+            row(f"decode CUDA graph, one step ahead ({same})", shape, "ms/token", ms[True],
+                f"CUDA graph {step1}", ms[step1]),
+            row(f"decode CUDA graph {step1} ({same1})", shape, "ms/token", ms[step1]),
             row("decode eager", shape, "ms/token", ms[False])]
     if a.quantization == "fp8":
         ms8, tokens8 = _time(a, "fp8")
         same8 = "tokens == eager" if tokens8[True] == tokens8[False] else "tokens DIFFER from eager"
         rows += [row(f"decode fp8 CUDA graph ({same8})", shape, "ms/token", ms8[True], "bf16 CUDA graph", ms[True]),
+                 row(f"decode fp8 CUDA graph {step1}", shape, "ms/token", ms8[step1], f"bf16 CUDA graph {step1}",
+                     ms[step1]),
                  row("decode fp8 eager", shape, "ms/token", ms8[False], "bf16 eager", ms[False])]
     emit(rows, a)
 

@@ -254,6 +254,14 @@ def test_graph_decoding_gives_the_eager_tokens(tiny_cfg):
         ctx, h = prefill(model, [TextBlock(list(range(10, 47)))], extra_capacity=40)
         runs.append(greedy_decode(model, ctx, h, 30, eos_id=-1, use_graph=use_graph))
     assert len(runs[0]) == 30 and runs[0] == runs[1]
+    # stopped by EOS: the graph loop's look-ahead step is taken back (same length and seqlens as the eager loop)
+    eos = runs[0][12]
+    ends = []
+    for use_graph in (False, True):
+        ctx, h = prefill(model, [TextBlock(list(range(10, 47)))], extra_capacity=40)
+        ends.append((greedy_decode(model, ctx, h, 30, eos_id=eos, use_graph=use_graph), ctx.cache.length,
+                     ctx.cache.seqlens.cpu()))
+    assert ends[0][0] == ends[1][0] and ends[0][1] == ends[1][1] and torch.equal(ends[0][2], ends[1][2])
 
 
 def test_one_process_makes_no_transfer_payload(tiny_model, tokenizer, monkeypatch):
@@ -289,6 +297,39 @@ def test_graph_decoders_device_step_gives_the_eager_tokens_and_cache(tiny_model)
             got.append(int(dec.token))
     assert got == want
     assert ctx2.cache.length == ctx.cache.length == 37 + steps  # each step wrote the token it fed
+    for layer in range(ctx.cache.num_layers):
+        for a, b in zip(ctx.cache.read(layer), ctx2.cache.read(layer)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stop", ["eos", "max_tokens", "full cache"])
+def test_decoding_one_step_ahead_gives_the_one_step_loops_tokens_and_cache(tiny_model, stop):
+    """The look-ahead loop (``decode_ahead``: the step for token i+2 launched before token i+1 is read, taken back
+    when token i+1 ends the decoding) on the eager device step: the one-step loop's tokens, cache length, device
+    seqlens and K/V bit for bit, whichever way it stops — and the cache goes on as if the extra step never ran."""
+    from bagel_model.engine.decode import GraphDecoder, decode_ahead
+
+    prompt = [TextBlock(list(range(10, 47)))]
+    free = {"eos": 40, "max_tokens": 40, "full cache": 9}[stop]
+    ctx, h = prefill(tiny_model, prompt, extra_capacity=free)
+    free = ctx.cache.capacity - ctx.cache.length
+    probe = greedy_decode(tiny_model, prefill(tiny_model, prompt, extra_capacity=40)[0], h, 20, eos_id=-1,
+                          use_graph=False)
+    eos = probe[7] if stop == "eos" else -1  # stops on the first time that token comes
+    budget = 6 if stop == "max_tokens" else 30
+    want = greedy_decode(tiny_model, ctx, h, budget, eos_id=eos, use_graph=False)
+    ctx2, _ = prefill(tiny_model, prompt, extra_capacity=free)
+    assert ctx2.cache.capacity == ctx.cache.capacity
+    seen: list[tuple[int, int]] = []
+    dec = GraphDecoder(tiny_model, ctx2, want[0], record=False)
+    with torch.no_grad():
+        got = decode_ahead(dec, want[0], budget, eos, on_token=lambda i, t: seen.append((i, t)))
+    assert got == want and seen == list(enumerate(want))
+    if stop == "full cache":
+        assert ctx2.cache.length == ctx2.cache.capacity and len(got) < budget
+    assert dec.in_flight == 0 and ctx2.cache.length == ctx.cache.length
+    assert torch.equal(ctx2.cache.seqlens, ctx.cache.seqlens)
+    assert int(dec.slot) == ctx2.cache.length and int(dec.position) == dec.rope_position
     for layer in range(ctx.cache.num_layers):
         for a, b in zip(ctx.cache.read(layer), ctx2.cache.read(layer)):
             assert torch.equal(a, b)

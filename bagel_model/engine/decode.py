@@ -4,13 +4,16 @@ Eager decoding is host-bound: a token ran ≈ 430 kernels (28 layers of norms, r
 attention, cache writes; profiled on one H200, 2026-12-07), and Python + Triton's launch path cost several times the
 GPU work, so the GPU idles most of a token (numbers: benchmarks/RESULTS.md, decode). ≈ 170 of those kernels were the
 cache write's index arithmetic, 6 per layer for the one page and slot every layer shares: the step now computes them
-once (``token_slots``) and each layer only writes K and V (``write_token_slots``; not yet timed on a GPU). Every
-launch of a step depends only on device state — the fed token, its RoPE position, the cache slot it is written to,
-the cache length the attention reads — so the step is recorded once and replayed; the host only reads the chosen
-token back (the one read text decoding needs).
+once (``token_slots``) and each layer only writes K and V (``write_token_slots``: 323 kernels a bf16 token on one
+H100, 2026-12-07). Every launch of a step depends only on device state — the fed token, its RoPE position, the
+cache slot it is written to, the cache length the attention reads — so the step is recorded once and replayed; the
+host only reads the chosen token back (the one read text decoding needs). That read is taken one step behind the
+GPU (``decode_ahead``): the replay of a one-step graph left the GPU idle while the host waited for the token, read
+it and queued the next replay (graph replay 8.48 ms a bf16 token against 5.89 ms of kernels on that H100).
 
 The graph runs the very kernels the eager step runs on the same numbers, so the tokens are the eager ones bit for
-bit (``greedy_decode(..., use_graph=False)`` is the check). CUDA only; the CPU keeps the eager loop.
+bit (``greedy_decode(..., use_graph=False)`` is the check). CUDA only; the CPU keeps the eager loop (and runs the
+look-ahead's bookkeeping eagerly in the tests).
 """
 from __future__ import annotations
 
@@ -27,9 +30,16 @@ from .prefill import TextBlock, prefill
 
 class GraphDecoder:
     """Feeds one token per step into ``context``'s (forked) paged cache; after a step ``token`` holds the greedy
-    choice, which the next step feeds."""
+    choice, which the next step feeds.
 
-    def __init__(self, model: BagelModel, context: Context, first_token: int):
+    A step is launched (``launch``), its token copied back (``fetch``) and read (``result``) apart, so the next step
+    can be on the GPU while the host reads this one's token (``greedy_decode``'s look-ahead): a launched step moves
+    the device-side state (position, slot, the cache's seqlens) at once, the host mirrors (``cache.length``,
+    ``rope_position``) when its token is read; ``take_back`` undoes a launched step whose token is not wanted.
+    ``record`` (default: on CUDA) replays the step from a CUDA graph after an eager first step; without it every
+    step runs eagerly (the CPU tests run the look-ahead that way)."""
+
+    def __init__(self, model: BagelModel, context: Context, first_token: int, record: bool | None = None):
         cache = context.cache
         if cache.length == 0:
             raise ValueError("graph decoding continues a prefilled context; the cache is empty")
@@ -40,8 +50,14 @@ class GraphDecoder:
         self.slot = torch.full((1,), cache.length, dtype=torch.long, device=dev)
         self.visible = torch.ones(1, dtype=torch.int32, device=dev)  # one text token sees its own key (and context)
         self.rope_position = context.rope_position
+        self.record = dev.type == "cuda" if record is None else record
         self.graph: torch.cuda.CUDAGraph | None = None
         self._warm = False
+        self.in_flight = 0  # launched steps whose tokens the host has not read
+        cuda = dev.type == "cuda"
+        self._host = torch.empty(1, dtype=torch.long, pin_memory=True) if cuda else None
+        self._copied = torch.cuda.Event() if cuda else None
+        self._fetched: int | None = None
 
     def _step(self) -> None:
         """One token, device work only: embed, 28 layers (cache write at ``slot``), LM head, argmax, advance."""
@@ -63,12 +79,17 @@ class GraphDecoder:
         self.slot.add_(1)
         self.cache.seqlens.add_(1)  # the attention of the next step sees this token in the cache
 
+    def has_room(self) -> bool:
+        """Whether the cache has a slot for one more launched step."""
+        return self.cache.length + self.in_flight < self.cache.capacity
+
     @torch.no_grad()
-    def step(self) -> int:
-        """Advance one token; returns the next greedy token (reading it back is the step's one synchronization)."""
-        if self.cache.length >= self.cache.capacity:
-            raise ValueError(f"KV cache full: {self.cache.length} tokens fill its capacity {self.cache.capacity}")
-        if not self._warm:
+    def launch(self) -> None:
+        """Queue one step: it feeds the device-side token into the cache and leaves the next greedy token there."""
+        if not self.has_room():
+            raise ValueError(f"KV cache full: {self.cache.length} tokens (+{self.in_flight} launched) fill its "
+                             f"capacity {self.cache.capacity}")
+        if not self._warm or not self.record:
             self._step()  # the first step runs eagerly: compiles every kernel and warms the allocator
             self._warm = True
         else:
@@ -78,9 +99,73 @@ class GraphDecoder:
                 with torch.cuda.graph(self.graph):
                     self._step()
             self.graph.replay()
+        self.in_flight += 1
+
+    def fetch(self) -> None:
+        """Start copying the newest launched step's token to the host (queued before any later launch, which
+        overwrites the device-side token)."""
+        if self._host is None:
+            self._fetched = int(self.token)
+        else:
+            self._host.copy_(self.token, non_blocking=True)
+            self._copied.record()
+
+    def result(self) -> int:
+        """The fetched token (waiting for its copy), its step accepted: the host mirrors advance."""
+        if self._host is not None:
+            self._copied.synchronize()
+            self._fetched = int(self._host[0])
+        self.in_flight -= 1
         self.cache.length += 1  # host mirror of the device-side length (seqlens advanced in the step)
         self.rope_position += 1
-        return int(self.token)
+        return self._fetched
+
+    def take_back(self) -> None:
+        """Undo the newest launched, unread step's device-side advance (its cache slot then lies past the
+        length: unseen, and overwritten by whatever is written there next). The decoder's token is then that
+        step's unwanted choice, so decoding ends here."""
+        self.position.sub_(1)
+        self.slot.sub_(1)
+        self.cache.seqlens.sub_(1)
+        self.in_flight -= 1
+
+    @torch.no_grad()
+    def step(self) -> int:
+        """Advance one token; returns the next greedy token (reading it back is the step's one synchronization)."""
+        self.launch()
+        self.fetch()
+        return self.result()
+
+
+def decode_ahead(decoder: GraphDecoder, first: int, max_tokens: int, eos_id: int, on_token=None) -> list[int]:
+    """``greedy_decode``'s loop with one step of look-ahead: the step that feeds token i+1 is launched before the
+    host reads token i+1, so the GPU runs it while the host waits for, reads and hands out token i+1 and queues the
+    next launch — instead of idling through that host time every token. If token i+1 ends the decoding (EOS, the
+    token budget, a full cache), the look-ahead step is taken back (``GraphDecoder.take_back``): the cache and the
+    tokens are the one-step loop's, bit for bit (the same steps, in the same order, on the same device state)."""
+    out = [first]
+    if on_token is not None:
+        on_token(0, first)
+    cache = decoder.cache
+    if first == eos_id or max_tokens <= 1 or cache.length >= cache.capacity:
+        return out
+    decoder.launch()
+    decoder.fetch()
+    while True:
+        ahead = len(out) + 1 < max_tokens and decoder.has_room()  # token i+2 may be wanted: start its step now
+        if ahead:
+            decoder.launch()
+        tok = decoder.result()
+        out.append(tok)
+        if on_token is not None:
+            on_token(len(out) - 1, tok)
+        if tok == eos_id or len(out) == max_tokens or cache.length >= cache.capacity:
+            if ahead:
+                decoder.take_back()
+            return out
+        if not ahead:
+            decoder.launch()
+        decoder.fetch()
 
 
 @torch.no_grad()
@@ -89,15 +174,16 @@ def greedy_decode(model: BagelModel, context: Context, last_hidden: torch.Tensor
     """Greedy decoding that appends to the paged cache; stops at ``eos_id`` or ``max_tokens``.
 
     Reading the argmax back to pick the next token is the one host read per step that text decoding needs. On CUDA
-    the token step is replayed from a CUDA graph (``GraphDecoder``; same kernels, same tokens) unless
-    ``use_graph=False`` or ``model.kernels.decode_graph`` is off."""
+    the token step is replayed from a CUDA graph (``GraphDecoder``; same kernels, same tokens), one step ahead of
+    the host's reads (``decode_ahead``), unless ``use_graph=False`` or ``model.kernels.decode_graph`` is off."""
     if use_graph is None:
         use_graph = model.device.type == "cuda" and model.kernels.decode_graph
-    out: list[int] = []
     logits = invariant_linear(last_hidden, model.language_model.lm_head.weight, small_batch=True,
                               options=model.kernels)
     tok = int(logits[-1].float().argmax())
-    decoder = None
+    if use_graph:
+        return decode_ahead(GraphDecoder(model, context, tok), tok, max_tokens, eos_id, on_token)
+    out: list[int] = []
     for i in range(max_tokens):
         out.append(tok)
         if on_token is not None:
@@ -106,13 +192,8 @@ def greedy_decode(model: BagelModel, context: Context, last_hidden: torch.Tensor
             break
         if context.cache.length >= context.cache.capacity:
             break
-        if use_graph:
-            if decoder is None:
-                decoder = GraphDecoder(model, context, tok)
-            tok = decoder.step()
-        else:
-            context, h = prefill(model, [TextBlock([tok])], context=context, small_batch=True)
-            logits = invariant_linear(h, model.language_model.lm_head.weight, small_batch=True,
-                                      options=model.kernels)
-            tok = int(logits[-1].float().argmax())
+        context, h = prefill(model, [TextBlock([tok])], context=context, small_batch=True)
+        logits = invariant_linear(h, model.language_model.lm_head.weight, small_batch=True,
+                                  options=model.kernels)
+        tok = int(logits[-1].float().argmax())
     return out
