@@ -5,8 +5,9 @@ registers (this file's standalone kernel, and the RMSNorm that writes FP8 for th
 ``norms_triton``): ``amax`` = max |y| (exact in any order), ``scale = amax / 448`` correctly rounded (``div_rn``: the
 GPU's default fp32 division is approximate), 1.0 for an all-zero row, ``q = y / scale`` correctly rounded, clamped
 to +-448, cast round-to-nearest-even (encoded by default as ``y * (1 / scale)`` with a bracket check that falls
-back to the division where it could differ: ``encode_row_block``'s RECIPROCAL, the same codes). A NaN anywhere in the row makes the scale and every code NaN, and an inf
-makes the scale inf (``fp8_quant``'s rules): Triton's max reduction would skip NaN, so it is checked for apart.
+back to the division where it could differ: ``encode_row_block``'s RECIPROCAL, the same codes). A NaN anywhere in
+the row makes the scale and every code NaN, and an inf makes the scale inf (``fp8_quant``'s rules): Triton's max
+reduction would skip NaN, so it is checked for apart.
 One program per row: the codes and scale of a row never depend on another row (nor on the piece width the
 standalone kernel walks the row in).
 """
