@@ -4,8 +4,9 @@
 registers (this file's standalone kernel, and the RMSNorm that writes FP8 for the next projection,
 ``norms_triton``): ``amax`` = max |y| (exact in any order), ``scale = amax / 448`` correctly rounded (``div_rn``: the
 GPU's default fp32 division is approximate), 1.0 for an all-zero row, ``q = y / scale`` correctly rounded, clamped
-to +-448, cast round-to-nearest-even (encoded by default as ``y * (1 / scale)`` with a bracket check that falls
-back to the division where it could differ: ``encode_row_block``'s RECIPROCAL, the same codes). A NaN anywhere in
+to +-448, cast round-to-nearest-even (or, with ``reciprocal=True``, encoded as ``y * (1 / scale)`` with a bracket
+check that falls back to the division where it could differ: ``encode_row_block``'s RECIPROCAL, the same codes;
+not yet timed on a GPU, so not the default). A NaN anywhere in
 the row makes the scale and every code NaN, and an inf makes the scale inf (``fp8_quant``'s rules): Triton's max
 reduction would skip NaN, so it is checked for apart.
 One program per row: the codes and scale of a row never depend on another row (nor on the piece width the
@@ -178,12 +179,12 @@ def row_quantizer_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def quantize_rows_triton(x: torch.Tensor, chunk: int | None = None, num_warps: int | None = None,
-                         resident: bool = False, reciprocal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                         resident: bool = False, reciprocal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) in a float dtype -> (codes (M, K) e4m3fn, scale (M,) fp32): ``fp8_quant.quantize_rows``'s bits
     for any ``chunk`` (a power of two; default ``quantizer_chunk(K)``) and ``num_warps`` (benchmarks sweep them).
     ``resident=True``: the row held in registers and read once (``_quantize_rows_resident``; ``chunk`` unused).
-    ``reciprocal`` (default): the piece-wise kernel encodes by a multiplication with a bracket check instead of a
-    division per element (``encode_row_block``'s RECIPROCAL; the same codes; False: the division)."""
+    ``reciprocal=True``: the piece-wise kernel encodes by a multiplication with a bracket check instead of a
+    division per element (``encode_row_block``'s RECIPROCAL; the same codes)."""
     x, q, s = row_quantizer_buffers(x)
     m, k = x.shape
     if m == 0:

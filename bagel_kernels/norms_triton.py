@@ -13,7 +13,7 @@ from .fp8_quant_triton import (block_amax, encode_row_block, quantize_row_block,
 @triton.jit
 def _rms_norm(X, W, IDS, OUT, Q, QS, s_x, s_o, H, eps, HAS_IDS: tl.constexpr, BLOCK_H: tl.constexpr,
               QUANT: tl.constexpr = False, STATIC: tl.constexpr = False, INTERPRETER: tl.constexpr = False,
-              RECIPROCAL: tl.constexpr = True):
+              RECIPROCAL: tl.constexpr = False):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     ok = cols < H
@@ -55,11 +55,12 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, expert_id
 
 
 def rms_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, expert_ids: torch.Tensor | None,
-                        static: bool = False, reciprocal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                        static: bool = False, reciprocal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_rows(rms_norm_triton(x, ...))`` in one pass: (codes (M, H) e4m3fn, scale (M,) fp32), the same bits
     (the same normalization code, then ``quantize_row_block``) without the bf16 rows ever reaching memory.
     ``static``: ``quantize_rows_static`` with each row's expert's ``norm_bound_scale`` instead (computed from the
-    weight row the kernel loads anyway, so no launch and no cache)."""
+    weight row the kernel loads anyway, so no launch and no cache). ``reciprocal=True``: ``encode_row_block``'s
+    encode by multiplication instead of division (the same codes)."""
     x, q, s = row_quantizer_buffers(x)
     m, h = x.shape
     if m == 0:

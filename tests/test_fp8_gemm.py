@@ -381,19 +381,19 @@ def _check_quantizers(quantize, rms_fp8, rms, device: str) -> None:
     x[5, 7] = float("inf")
     x[6, :8] = torch.tensor([448.0, -448.0, 1.0625, 1.1875, 2.0 ** -10, -2.0 ** -10, 0.0, -0.0])
     x = x.to(device)
-    for reciprocal in (True, False):  # the encode by multiplication (default) and by division: the same codes
+    for reciprocal in (False, True):  # the encode by division (default) and by multiplication: the same codes
         _same_codes(*quantize(x, reciprocal=reciprocal), *fq.quantize_rows(x))
     w = (1 + 0.1 * torch.randn(2, 3000, generator=g)).bfloat16().to(device)
     ids = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0], dtype=torch.int32, device=device)
     y = torch.randn(8, 3000, generator=g).bfloat16().to(device) * 3
-    for reciprocal in (True, False):
+    for reciprocal in (False, True):
         _same_codes(*rms_fp8(y, w, 1e-6, ids, reciprocal=reciprocal), *fq.quantize_rows(rms(y, w, 1e-6, ids)))
     # the static bound ("qkv_bound"): the expert's norm_bound_scale, NaN scale for a row with a NaN or an inf, and
     # a one-spike row (the bound's extreme: |x_i| / rms = sqrt(K)) within 448
     y[2, 9], y[5, 3], y[6], y[7] = float("nan"), float("inf"), 0.0, 0.0
     y[6, 11] = 5.0
     want = fq.quantize_rows_static(rms(y, w, 1e-6, ids), fq.norm_bound_scale(w)[ids.long()])
-    _same_codes(*rms_fp8(y, w, 1e-6, ids, static=True, reciprocal=False), *want)
+    _same_codes(*rms_fp8(y, w, 1e-6, ids, static=True, reciprocal=True), *want)
     q, s = rms_fp8(y, w, 1e-6, ids, static=True)
     _same_codes(q, s, *want)
     assert torch.isnan(s[[2, 5]]).all() and torch.isfinite(s[[0, 1, 3, 4, 6, 7]]).all()
@@ -424,7 +424,7 @@ def _check_quantizer_pieces(device: str) -> None:
     for chunk in (256, 1024, 4096):
         _same_codes(*quantize_rows_triton(x, chunk=chunk), *want)
     for chunk in (256, 1024):
-        _same_codes(*quantize_rows_triton(x, chunk=chunk, reciprocal=False), *want)
+        _same_codes(*quantize_rows_triton(x, chunk=chunk, reciprocal=True), *want)
     _same_codes(*quantize_rows_triton(x, resident=True), *want)  # 2048 + 1024 lanes: the NaN, the amax in the tail
     _same_codes(*quantize_rows_triton(x[:, :2048], resident=True), *fq.quantize_rows(x[:, :2048]))  # no tail
     with pytest.raises(ValueError, match="power of two"):
@@ -443,7 +443,7 @@ def _check_reciprocal_encode(device: str) -> None:
     x = x.bfloat16().to(device)
     want = fq.quantize_rows(x)
     for chunk in (256, 2048):
-        _same_codes(*quantize_rows_triton(x, chunk=chunk), *want)
+        _same_codes(*quantize_rows_triton(x, chunk=chunk, reciprocal=True), *want)
     # fp32 rows whose quotients are e4m3 ties (1.0625 -> 1.0, 1.1875 -> 1.25, ...) under scales 3 and 5 (amax 3 x
     # 448 and 5 x 448): the bracket's ends round apart on every tie, so the division decides (half the ties round
     # up to even: taking either end for them would be wrong)
@@ -461,7 +461,7 @@ def _check_reciprocal_encode(device: str) -> None:
     q = t[:, :n] * (torch.ones(2, 1, device=device) / want[1][:, None])
     ends = [fq._cast(q * f).view(torch.uint8) for f in (1 - 2 ** -21, 1 + 2 ** -21)]
     assert (ends[0] != ends[1]).all()
-    _same_codes(*quantize_rows_triton(t), *want)
+    _same_codes(*quantize_rows_triton(t, reciprocal=True), *want)
 
 
 @interpreter_only
@@ -718,9 +718,56 @@ def _small_batch_build_report() -> None:
         print(f"built N={n} K={k} swiglu={swiglu}: shared {c.metadata.shared} B, "
               f"{'wgmma' if 'wgmma' in ptx else 'mma.sync'}", flush=True)
 
-if __name__ == "__main__":  # the build reports of test_fp8_kernel_builds_for_hopper and the small-batch build test
+def test_quantizers_build_for_hopper_with_either_encode():
+    """The standalone quantizer (both row widths) and the quantizing RMSNorm (per row and static) compile for sm_90a
+    with the division and with the reciprocal encode (Triton builds the cubin on the CPU): the reciprocal one still
+    holds the division for its fallback, and its bracket casts with the hardware's e4m3 conversion."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, __file__, "quantizer-build"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=str(Path(__file__).parent))
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("built")]
+    assert len(lines) == 8, r.stdout
+    for ln in lines:
+        assert "div.rn" in ln and "e4m3 cvt" in ln, ln
+
+
+def _quantizer_build_report() -> None:
+    from bagel_kernels.fp8_quant_triton import _quantize_rows, quantizer_chunk
+    from bagel_kernels.norms_triton import _rms_norm
+    from hopper_build import compile_for_hopper
+
+    for reciprocal in (False, True):
+        for k in (3584, 18944):
+            chunk = quantizer_chunk(k)
+            args = dict(X=torch.empty(8, k, dtype=torch.bfloat16), Q=torch.empty(8, k, dtype=torch.float8_e4m3fn),
+                        S=torch.empty(8), s_x=k, K=k)
+            c = compile_for_hopper(_quantize_rows, args, dict(CHUNK=chunk, INTERPRETER=False, RECIPROCAL=reciprocal),
+                                   8 if chunk >= 2048 else 4, gluon=False)
+            _print_quantizer_build(f"quantizer K={k} reciprocal={reciprocal}", c.asm["ptx"])
+        for static in (False, True):
+            x = torch.empty(8, 3584, dtype=torch.bfloat16)
+            args = dict(X=x, W=torch.empty(2, 3584, dtype=torch.bfloat16), IDS=torch.empty(8, dtype=torch.int32),
+                        OUT=x, Q=torch.empty(8, 3584, dtype=torch.float8_e4m3fn), QS=torch.empty(8), s_x=3584, s_o=0,
+                        H=3584, eps=1e-6)
+            consts = dict(HAS_IDS=True, BLOCK_H=4096, QUANT=True, STATIC=static, INTERPRETER=False,
+                          RECIPROCAL=reciprocal)
+            c = compile_for_hopper(_rms_norm, args, consts, 8, gluon=False)
+            _print_quantizer_build(f"rms_norm_fp8 static={static} reciprocal={reciprocal}", c.asm["ptx"])
+
+
+def _print_quantizer_build(what: str, ptx: str) -> None:
+    assert ".target sm_90a" in ptx, what
+    facts = [f for f, ok in (("div.rn", "div.rn.f32" in ptx), ("e4m3 cvt", "e4m3x2.f32" in ptx)) if ok]
+    print(f"built {what}: {' '.join(facts)}", flush=True)
+
+
+if __name__ == "__main__":  # the build reports of test_fp8_kernel_builds_for_hopper and the other build tests
     if sys.argv[1:] == ["small-batch-build"]:
         _small_batch_build_report()
+    elif sys.argv[1:] == ["quantizer-build"]:
+        _quantizer_build_report()
     else:
         import json
 

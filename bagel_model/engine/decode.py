@@ -56,7 +56,10 @@ class GraphDecoder:
         self.in_flight = 0  # launched steps whose tokens the host has not read
         cuda = dev.type == "cuda"
         self._host = torch.empty(1, dtype=torch.long, pin_memory=True) if cuda else None
-        self._copied = torch.cuda.Event() if cuda else None
+        self._copied: torch.cuda.Event | None = None
+        if cuda:
+            with torch.cuda.device(dev):
+                self._copied = torch.cuda.Event()
         self._fetched: int | None = None
 
     def _step(self) -> None:
@@ -107,8 +110,8 @@ class GraphDecoder:
         if self._host is None:
             self._fetched = int(self.token)
         else:
-            self._host.copy_(self.token, non_blocking=True)
-            self._copied.record()
+            self._host.copy_(self.token, non_blocking=True)  # on the token's device's current stream
+            self._copied.record(torch.cuda.current_stream(self.token.device))
 
     def result(self) -> int:
         """The fetched token (waiting for its copy), its step accepted: the host mirrors advance."""
