@@ -330,6 +330,7 @@ def test_decoding_one_step_ahead_gives_the_one_step_loops_tokens_and_cache(tiny_
     assert dec.in_flight == 0 and ctx2.cache.length == ctx.cache.length
     assert torch.equal(ctx2.cache.seqlens, ctx.cache.seqlens)
     assert int(dec.slot) == ctx2.cache.length and int(dec.position) == dec.rope_position
+    assert decode_ahead(dec, 5, 0, eos) == greedy_decode(tiny_model, ctx, h, 0, eos, use_graph=False) == []
     for layer in range(ctx.cache.num_layers):
         for a, b in zip(ctx.cache.read(layer), ctx2.cache.read(layer)):
             assert torch.equal(a, b)

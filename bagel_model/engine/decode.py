@@ -146,6 +146,8 @@ def decode_ahead(decoder: GraphDecoder, first: int, max_tokens: int, eos_id: int
     next launch — instead of idling through that host time every token. If token i+1 ends the decoding (EOS, the
     token budget, a full cache), the look-ahead step is taken back (``GraphDecoder.take_back``): the cache and the
     tokens are the one-step loop's, bit for bit (the same steps, in the same order, on the same device state)."""
+    if max_tokens <= 0:
+        return []
     out = [first]
     if on_token is not None:
         on_token(0, first)
