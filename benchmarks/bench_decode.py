@@ -59,19 +59,9 @@ def _profile(model, fresh, tokens: int) -> None:
     print(f"GPU kernel time per token (eager) {gpu_us / 1e3:.2f} ms in {launches:.0f} kernels", flush=True)
 
 
-def one_step_graph_loop(model, ctx, h, max_tokens: int, eos_id: int, use_graph: bool = True) -> list[int]:
-    """The graph loop before ``decode_ahead``: launch a step, wait for its token, then launch the next (the GPU
-    idles while the host reads the token and queues the replay). The peer of the look-ahead's row."""
-    from bagel_kernels import invariant_linear
-    from bagel_model.engine.decode import GraphDecoder
-
-    tok = int(invariant_linear(h, model.language_model.lm_head.weight, small_batch=True,
-                               options=model.kernels)[-1].float().argmax())
-    out, dec = [tok], GraphDecoder(model, ctx, tok)
-    while len(out) < max_tokens and tok != eos_id and dec.has_room():
-        tok = dec.step()
-        out.append(tok)
-    return out
+# the loops timed: eager, the CUDA graph one step ahead (the default), the CUDA graph one step at a time (its peer)
+LOOPS = {"eager": dict(use_graph=False), "graph": dict(use_graph=True),
+         "one step at a time": dict(use_graph=True, look_ahead=False)}
 
 
 def _time(a, quantization: str) -> tuple[dict, dict]:
@@ -83,16 +73,15 @@ def _time(a, quantization: str) -> tuple[dict, dict]:
         def fresh():
             return prefill(model, [TextBlock(list(range(100, 164)))], extra_capacity=2 * a.tokens + 8)
 
-        for use_graph in (False, True, "one step at a time"):
+        for loop, kw in LOOPS.items():
             ctx, h = fresh()
-            decode = one_step_graph_loop if use_graph == "one step at a time" else greedy_decode
-            decode(model, ctx, h, 4, eos_id=-1, use_graph=bool(use_graph))  # warm-up (compiles)
+            greedy_decode(model, ctx, h, 4, eos_id=-1, **kw)  # warm-up (compiles)
             ctx, h = fresh()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            tokens[use_graph] = decode(model, ctx, h, a.tokens, eos_id=-1, use_graph=bool(use_graph))
+            tokens[loop] = greedy_decode(model, ctx, h, a.tokens, eos_id=-1, **kw)
             torch.cuda.synchronize()
-            ms[use_graph] = (time.perf_counter() - t0) / a.tokens * 1e3
+            ms[loop] = (time.perf_counter() - t0) / a.tokens * 1e3
         if a.profile:
             _profile(model, fresh, a.tokens)
     return ms, tokens
@@ -103,22 +92,23 @@ def main(argv: list[str] | None = None) -> None:
     require_cuda("bench_decode")
     ms, tokens = _time(a, "none")
     torch.cuda.empty_cache()  # the bf16 model is gone: its blocks back before the FP8 one is drawn
-    same = "tokens == eager" if tokens[True] == tokens[False] else "tokens DIFFER from eager"
+    same = "tokens == eager" if tokens["graph"] == tokens["eager"] else "tokens DIFFER from eager"
     shape = f"{a.preset} greedy decode after a 64-token prompt, {a.tokens} tokens"
     step1 = "one step at a time"
-    same1 = "tokens == eager" if tokens[step1] == tokens[False] else "tokens DIFFER from eager"
-    rows = [row(f"decode CUDA graph ({same})", shape, "ms/token", ms[True], "eager", ms[False]),
-            row(f"decode CUDA graph, one step ahead ({same})", shape, "ms/token", ms[True],
+    same1 = "tokens == eager" if tokens[step1] == tokens["eager"] else "tokens DIFFER from eager"
+    rows = [row(f"decode CUDA graph ({same})", shape, "ms/token", ms["graph"], "eager", ms["eager"]),
+            row(f"decode CUDA graph, one step ahead ({same})", shape, "ms/token", ms["graph"],
                 f"CUDA graph {step1}", ms[step1]),
             row(f"decode CUDA graph {step1} ({same1})", shape, "ms/token", ms[step1]),
-            row("decode eager", shape, "ms/token", ms[False])]
+            row("decode eager", shape, "ms/token", ms["eager"])]
     if a.quantization == "fp8":
         ms8, tokens8 = _time(a, "fp8")
-        same8 = "tokens == eager" if tokens8[True] == tokens8[False] else "tokens DIFFER from eager"
-        rows += [row(f"decode fp8 CUDA graph ({same8})", shape, "ms/token", ms8[True], "bf16 CUDA graph", ms[True]),
+        same8 = "tokens == eager" if tokens8["graph"] == tokens8["eager"] else "tokens DIFFER from eager"
+        rows += [row(f"decode fp8 CUDA graph ({same8})", shape, "ms/token", ms8["graph"], "bf16 CUDA graph",
+                     ms["graph"]),
                  row(f"decode fp8 CUDA graph {step1}", shape, "ms/token", ms8[step1], f"bf16 CUDA graph {step1}",
                      ms[step1]),
-                 row("decode fp8 eager", shape, "ms/token", ms8[False], "bf16 eager", ms[False])]
+                 row("decode fp8 eager", shape, "ms/token", ms8["eager"], "bf16 eager", ms["eager"])]
     emit(rows, a)
 
 

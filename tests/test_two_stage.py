@@ -302,11 +302,13 @@ def test_graph_decoders_device_step_gives_the_eager_tokens_and_cache(tiny_model)
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("look_ahead", [True, False])
 @pytest.mark.parametrize("stop", ["eos", "max_tokens", "full cache"])
-def test_decoding_one_step_ahead_gives_the_one_step_loops_tokens_and_cache(tiny_model, stop):
+def test_decoding_one_step_ahead_gives_the_one_step_loops_tokens_and_cache(tiny_model, stop, look_ahead):
     """The look-ahead loop (``decode_ahead``: the step for token i+2 launched before token i+1 is read, taken back
     when token i+1 ends the decoding) on the eager device step: the one-step loop's tokens, cache length, device
-    seqlens and K/V bit for bit, whichever way it stops — and the cache goes on as if the extra step never ran."""
+    seqlens and K/V bit for bit, whichever way it stops — and the cache goes on as if the extra step never ran.
+    ``look_ahead=False`` (each step after the previous token is read, bench_decode's peer) gives the same."""
     from bagel_model.engine.decode import GraphDecoder, decode_ahead
 
     prompt = [TextBlock(list(range(10, 47)))]
@@ -323,7 +325,7 @@ def test_decoding_one_step_ahead_gives_the_one_step_loops_tokens_and_cache(tiny_
     seen: list[tuple[int, int]] = []
     dec = GraphDecoder(tiny_model, ctx2, want[0], record=False)
     with torch.no_grad():
-        got = decode_ahead(dec, want[0], budget, eos, on_token=lambda i, t: seen.append((i, t)))
+        got = decode_ahead(dec, want[0], budget, eos, on_token=lambda i, t: seen.append((i, t)), look_ahead=look_ahead)
     assert got == want and seen == list(enumerate(want))
     if stop == "full cache":
         assert ctx2.cache.length == ctx2.cache.capacity and len(got) < budget

@@ -50,11 +50,11 @@ class GraphDecoder:
         self.slot = torch.full((1,), cache.length, dtype=torch.long, device=dev)
         self.visible = torch.ones(1, dtype=torch.int32, device=dev)  # one text token sees its own key (and context)
         self.rope_position = context.rope_position
-        self.record = dev.type == "cuda" if record is None else record
+        cuda = dev.type == "cuda"
+        self.record = cuda if record is None else record
         self.graph: torch.cuda.CUDAGraph | None = None
         self._warm = False
         self.in_flight = 0  # launched steps whose tokens the host has not read
-        cuda = dev.type == "cuda"
         self._host = torch.empty(1, dtype=torch.long, pin_memory=True) if cuda else None
         self._copied: torch.cuda.Event | None = None
         if cuda:
@@ -140,12 +140,14 @@ class GraphDecoder:
         return self.result()
 
 
-def decode_ahead(decoder: GraphDecoder, first: int, max_tokens: int, eos_id: int, on_token=None) -> list[int]:
+def decode_ahead(decoder: GraphDecoder, first: int, max_tokens: int, eos_id: int, on_token=None,
+                 look_ahead: bool = True) -> list[int]:
     """``greedy_decode``'s loop with one step of look-ahead: the step that feeds token i+1 is launched before the
     host reads token i+1, so the GPU runs it while the host waits for, reads and hands out token i+1 and queues the
     next launch — instead of idling through that host time every token. If token i+1 ends the decoding (EOS, the
     token budget, a full cache), the look-ahead step is taken back (``GraphDecoder.take_back``): the cache and the
-    tokens are the one-step loop's, bit for bit (the same steps, in the same order, on the same device state)."""
+    tokens are the one-step loop's, bit for bit (the same steps, in the same order, on the same device state).
+    ``look_ahead=False`` is that one-step loop: each step launched once the previous token is read."""
     if max_tokens <= 0:
         return []
     out = [first]
@@ -157,7 +159,7 @@ def decode_ahead(decoder: GraphDecoder, first: int, max_tokens: int, eos_id: int
     decoder.launch()
     decoder.fetch()
     while True:
-        ahead = len(out) + 1 < max_tokens and decoder.has_room()  # token i+2 may be wanted: start its step now
+        ahead = look_ahead and len(out) + 1 < max_tokens and decoder.has_room()  # token i+2 may be wanted
         if ahead:
             decoder.launch()
         tok = decoder.result()
@@ -175,19 +177,20 @@ def decode_ahead(decoder: GraphDecoder, first: int, max_tokens: int, eos_id: int
 
 @torch.no_grad()
 def greedy_decode(model: BagelModel, context: Context, last_hidden: torch.Tensor, max_tokens: int,
-                  eos_id: int, on_token=None, use_graph: bool | None = None) -> list[int]:
+                  eos_id: int, on_token=None, use_graph: bool | None = None, look_ahead: bool = True) -> list[int]:
     """Greedy decoding that appends to the paged cache; stops at ``eos_id`` or ``max_tokens``.
 
     Reading the argmax back to pick the next token is the one host read per step that text decoding needs. On CUDA
     the token step is replayed from a CUDA graph (``GraphDecoder``; same kernels, same tokens), one step ahead of
-    the host's reads (``decode_ahead``), unless ``use_graph=False`` or ``model.kernels.decode_graph`` is off."""
+    the host's reads (``decode_ahead``; ``look_ahead=False``: each step after the previous token is read), unless
+    ``use_graph=False`` or ``model.kernels.decode_graph`` is off."""
     if use_graph is None:
         use_graph = model.device.type == "cuda" and model.kernels.decode_graph
     logits = invariant_linear(last_hidden, model.language_model.lm_head.weight, small_batch=True,
                               options=model.kernels)
     tok = int(logits[-1].float().argmax())
     if use_graph:
-        return decode_ahead(GraphDecoder(model, context, tok), tok, max_tokens, eos_id, on_token)
+        return decode_ahead(GraphDecoder(model, context, tok), tok, max_tokens, eos_id, on_token, look_ahead)
     out: list[int] = []
     for i in range(max_tokens):
         out.append(tok)
