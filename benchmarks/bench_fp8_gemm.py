@@ -137,8 +137,9 @@ def decode_rows() -> Iterator[dict]:
         yield row("weight-only fp8 small-batch GEMM (decode's path)", shape, "weight GB/s", gbs(t_wo, 1))
         yield row("bf16 small-batch GEMM", shape, "weight GB/s", gbs(t_bf16, 2))
         for block_n, block_k, warps, stages, split in (
-                (32, 512, 8, 4, 1), (16, 256, 4, 4, 1), (64, 256, 4, 4, 1), (32, 256, 4, 4, 2), (32, 256, 4, 4, 4),
-                (32, 256, 4, 4, 8), (16, 256, 4, 4, 2), (64, 256, 4, 4, 4)):
+                (32, 512, 8, 4, 1), (16, 256, 4, 4, 1), (32, 256, 4, 6, 1), (32, 128, 4, 8, 1), (64, 256, 4, 4, 1),
+                (32, 256, 4, 4, 2), (32, 256, 4, 4, 4), (32, 256, 4, 4, 8), (16, 256, 4, 4, 2), (32, 128, 4, 4, 4),
+                (64, 256, 4, 4, 4), (64, 256, 8, 4, 8)):
             def alt(block_n: int = block_n, block_k: int = block_k, warps: int = warps, stages: int = stages,
                     split: int = split) -> torch.Tensor:
                 return routed_gemm_fp8_small_batch(x, None, wq, ws, None, ids, swiglu, res, block_n=block_n,
