@@ -236,26 +236,13 @@ def small_batch_config(n: int, k: int, dtype: torch.dtype) -> GemmConfig:
 def _small_tile_dot(X, W, s_xm, rows, cols, wrow, M, N, K, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr,
                     WIDEN: tl.constexpr = False, X_CODES: tl.constexpr = True):
-    """The tile's whole K range (``_small_tile_dot_range`` from 0 to K)."""
-    return _small_tile_dot_range(X, W, s_xm, rows, cols, wrow, M, N, K, 0, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC,
-                                 INTERPRETER, WIDEN, X_CODES)
-
-
-@triton.jit
-def _small_tile_dot_range(X, W, s_xm, rows, cols, wrow, M, N, K, k_lo, k_hi, BLOCK_K: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                          INTERPRETER: tl.constexpr, WIDEN: tl.constexpr = False, X_CODES: tl.constexpr = True):
-    """sum over k in [k_lo, k_hi) of X[rows, k] * W[wrow, cols, k], BLOCK_K at a time in K order (fp32); k_lo is a
-    multiple of BLOCK_K and k_hi one too or K.
-    WIDEN (e4m3 weights): with X_CODES (e4m3 activations too) both tiles are widened to fp16 before the MMA;
+    """WIDEN (e4m3 weights): with X_CODES (e4m3 activations too) both tiles are widened to fp16 before the MMA;
     without (weight-only: bf16/fp16 activations) the weight tile is widened to the activation's dtype. Either is
     exact (e4m3's significands and exponents fit fp16 and bf16), so the products are exact and the sums fp32."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
-        # (masked by K, not k_hi: chunks are whole K steps, so only the last one passes K; and K's divisibility,
-        # which the launch specializes on, keeps the loads vectorized)
         a = tl.load(X + rows[:, None].to(tl.int64) * s_xm + kk[None, :], mask=(rows < M)[:, None] & (kk < K)[None, :],
                     other=0.0)
         b = tl.load(W + (wrow * N + cols[:, None]).to(tl.int64) * K + kk[None, :],

@@ -674,43 +674,6 @@ def _check_small_batch(device: str, opts: KernelOptions) -> None:
         routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, None)
 
 
-def _check_split_k(device: str) -> None:
-    """The small-batch kernel split over K too (``split_k``: each chunk's fp32 partial stored, the column tile's last
-    program adding them in chunk order): the float64 truth, every epilogue, both activation forms; a row's bits the
-    same in a launch of 1, 5 or 16 rows and launch after launch (its tile counters are left at zero)."""
-    from bagel_kernels.routed_gemm_fp8_small_batch import routed_gemm_fp8_small_batch
-
-    m, n, k = 16, 80, 448  # 7 K steps of 64: chunks of 4 + 3 and 3 + 3 + 1
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(8)).bfloat16().to(device)
-    for swiglu, bias, residual in EPILOGUES:
-        xq, xs, wq, ws, b, res = make_case(m, n, k, swiglu, bias, residual, seed=9, device=device)
-        r = mixed_routing(m)
-        ids = r.expert_ids(device)
-        for a_in, a_scale in ((xq, xs), (x, None)):
-            def run(a: int, z: int, split: int) -> torch.Tensor:
-                return routed_gemm_fp8_small_batch(a_in[a:z], None if a_scale is None else a_scale[a:z], wq, ws, b,
-                                                   ids[a:z], swiglu, None if res is None else res[a:z], block_k=64,
-                                                   split_k=split)
-            for split in (2, 3):
-                full = run(0, m, split)
-                assert rel_err(full, float64_truth(a_in, a_scale, r, wq, ws, b, swiglu, res)) < 1e-2
-                assert torch.equal(run(0, m, split), full)
-                for a, z in ((0, 1), (3, 8)):
-                    assert torch.equal(run(a, z, split), full[a:z]), (swiglu, bias, residual, split, a, z)
-    with pytest.raises(ValueError, match="split_k must be >= 1"):
-        routed_gemm_fp8_small_batch(x, None, wq, ws, None, None, split_k=0)
-
-
-@interpreter_only
-def test_interpreter_split_k_small_batch_kernel_matches_truth_and_is_batch_invariant():
-    _check_split_k("cpu")
-
-
-@gpu_only
-def test_gpu_split_k_small_batch_kernel_matches_truth_and_is_batch_invariant():
-    _check_split_k("cuda")
-
-
 @interpreter_only
 def test_interpreter_small_batch_kernel_matches_truth_and_is_batch_invariant():
     _check_small_batch("cpu", KernelOptions(backend="triton"))
@@ -758,19 +721,17 @@ def test_weight_only_is_decodes_path_and_names_its_limits():
 
 def test_small_batch_kernel_builds_for_hopper():
     """The decode kernel compiles for sm_90a at BAGEL's four projections, on e4m3 activations and weight-only
-    (also split over K) (Triton builds the cubin on the CPU)."""
+    (Triton builds the cubin on the CPU)."""
     import subprocess
 
     r = subprocess.run([sys.executable, __file__, "small-batch-build"], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=str(Path(__file__).parent))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("built") == 3 * len(BUILD_VARIANTS), r.stdout  # e4m3, weight-only, weight-only split-K
+    assert r.stdout.count("built") == 2 * len(BUILD_VARIANTS), r.stdout  # e4m3 activations, and weight-only
 
 
 def _small_batch_build_report() -> None:
-    import re
-
-    from bagel_kernels.routed_gemm_fp8_small_batch import _fp8_small_batch_split_k, fp8_small_batch_tiles
+    from bagel_kernels.routed_gemm_fp8_small_batch import fp8_small_batch_tiles
     from bagel_kernels.routed_gemm_triton import _routed_gemm_small_batch
     from hopper_build import compile_for_hopper
 
@@ -789,15 +750,6 @@ def _small_batch_build_report() -> None:
         assert ".target sm_90a" in ptx and ("mma.sync" in ptx or "wgmma" in ptx), (n, k)
         print(f"built N={n} K={k} swiglu={swiglu} {'e4m3' if codes else 'weight-only'}: shared "
               f"{c.metadata.shared} B, {'wgmma' if 'wgmma' in ptx else 'mma.sync'}", flush=True)
-        if not codes:  # the split-K kernel: its counter is a GPU-scope atomic, its partials read past L1
-            args.update(PART=torch.empty(4, p, m, n), LOCK=torch.empty(64, dtype=torch.int32))
-            consts.update(SPLIT_K=4)
-            for name in ("DOT_PREC", "SCALED"):
-                consts.pop(name)
-            c = compile_for_hopper(_fp8_small_batch_split_k, args, consts, 4, num_stages=4, gluon=False)
-            ptx = c.asm["ptx"]
-            assert re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx) and "ld.global.cg" in ptx, (n, k)
-            print(f"split-K built N={n} K={k} swiglu={swiglu}", flush=True)
 
 def test_quantizers_build_for_hopper_with_either_encode():
     """The standalone quantizer (both row widths) and the quantizing RMSNorm (per row and static) compile for sm_90a
