@@ -11,8 +11,7 @@ from .lse_merge import merge_attention_partials
 from .norms import rms_norm_reference, routed_rms_norm, routed_rms_norm_fp8
 from .rope import apply_rope_reference, rope_cos_sin
 from .fp8_quant import QuantizedRows, quantize_channels, quantize_rows
-from .routed_linear_fp8 import (fp8_decode_rows, quantize_activation_rows, require_fp8_support, routed_gemm_fp8,
-                                routed_linear_fp8)
+from .routed_linear_fp8 import quantize_activation_rows, require_fp8_support, routed_gemm_fp8, routed_linear_fp8
 
 __all__ = [
     "KernelOptions", "default_options", "resolve_backend", "joint_attention", "check_block_tables", "token_alignment", "prefill_visible_end", "AttentionOutput",
@@ -21,5 +20,5 @@ __all__ = [
     "routed_linear", "routed_linear_reference", "routed_rms_norm", "qk_norm_rope",
     "merge_attention_partials", "rms_norm_reference", "apply_rope_reference", "rope_cos_sin",
     "quantize_rows", "quantize_channels", "routed_gemm_fp8", "routed_linear_fp8", "quantize_activation_rows",
-    "require_fp8_support", "routed_rms_norm_fp8", "QuantizedRows", "fp8_decode_rows",
+    "require_fp8_support", "routed_rms_norm_fp8", "QuantizedRows",
 ]

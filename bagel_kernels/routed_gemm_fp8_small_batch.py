@@ -9,12 +9,7 @@ columns holds all (at most ``SMALL_BATCH_ROWS``) rows and walks K.
 Arithmetic: the e4m3 codes of both operands are widened to fp16 (exact: e4m3's 4-bit significands and exponents fit
 fp16) and multiplied with fp32 accumulation — products exact, sums in fp32 (no FP8-MMA accumulator truncation, so
 closer to the reference than either large kernel); then the large FP8 kernels' epilogue: row scale, channel scale,
-bias, SwiGLU and residual with the bf16 roundings (``_scale``, ``_swiglu_bits``, ``_round``).
-
-Weight-only (``x_scale=None``, what text decoding runs): the activation stays bf16 — the weight tile is widened to
-bf16 (exact too) and the sum takes the channel scale alone. Decoding streams weights; quantizing its one row per
-token bought nothing but a standalone quantizer launch before o_proj and down and the quantizing RMSNorm's extra
-pass (≈ 0.6 ms of a token's 4.5 ms of kernels on one H100), and cost the activation's e4m3 rounding. Exactness: the tile
+bias, SwiGLU and residual with the bf16 roundings (``_scale``, ``_swiglu_bits``, ``_round``). Exactness: the tile
 shape and K step are fixed per (N, K) and a row's sum never involves another row, so a row's bits do not depend on
 M (<= 16) or its neighbours — but they are this kernel's own, not the large kernel's (as for bf16). Text decoding
 always takes it (``small_batch=True``), so a decoded token's bits are the same alone, batched and on every rank.
@@ -39,16 +34,13 @@ def fp8_small_batch_tiles(n: int, k: int) -> tuple[int, int]:
     return min(32, _pow2_at_least(n, 16)), min(64 if triton_interpreting() else 256, _pow2_at_least(k, 32))
 
 
-def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor,
-                                w_scale: torch.Tensor,
+def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                                 bias: torch.Tensor | None, expert_ids: torch.Tensor | None, swiglu: bool = False,
                                 residual: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16, *,
                                 block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
                                 num_stages: int = 4) -> torch.Tensor:
     """``routed_gemm_fp8_triton``'s arguments for at most ``SMALL_BATCH_ROWS`` rows: xq (M, K) e4m3; x_scale (M,)
     fp32; wq (E, P, N, K) e4m3; w_scale (E, P, N) fp32; bias (E, P, N) or None; expert_ids (M,) int32 or None.
-    ``x_scale=None``: weight-only — ``xq`` is the activation in ``out_dtype`` (not quantized), the weight tile is
-    widened to that dtype (exact) and the sum takes the channel scale alone (what text decoding runs).
     ``block_n`` / ``block_k`` / ``num_warps`` / ``num_stages`` override the fixed configuration (benchmarks compare
     them; any fixed one keeps a row's bits independent of the batch)."""
     require_fp8_tensor_cores(xq.device)
@@ -63,15 +55,14 @@ def routed_gemm_fp8_small_batch(xq: torch.Tensor, x_scale: torch.Tensor | None, 
     block_n = default_n if block_n is None else block_n
     block_k = default_k if block_k is None else block_k
     res = residual.contiguous() if residual is not None else out
-    xq, ws = xq.contiguous(), w_scale.contiguous()
-    xs = x_scale.contiguous() if x_scale is not None else ws  # (weight-only: XS is not read)
+    xq = xq.contiguous()
     _routed_gemm_small_batch[(triton.cdiv(n, block_n),)](
-        xq, wq.contiguous(), xs, ws, out, res,
-        bias.contiguous() if bias is not None else ws, expert_ids if expert_ids is not None else ws,
+        xq, wq.contiguous(), x_scale.contiguous(), w_scale.contiguous(), out, res,
+        bias.contiguous() if bias is not None else x_scale, expert_ids if expert_ids is not None else x_scale,
         m, n, k, xq.stride(0), out.stride(0), res.stride(0),
         HAS_IDS=expert_ids is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SWIGLU=swiglu,
         BLOCK_M=SMALL_BATCH_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PREC="tf32", INTERPRETER=triton_interpreting(),
-        SCALED=True, BF16_BITS=triton_interpreting() and out_dtype == torch.bfloat16, X_CODES=x_scale is not None,
-        num_warps=num_warps, num_stages=num_stages,
+        SCALED=True, BF16_BITS=triton_interpreting() and out_dtype == torch.bfloat16, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out

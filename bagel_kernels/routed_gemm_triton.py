@@ -210,14 +210,10 @@ def _swiglu_bits(gate, up, out_ty: tl.constexpr, BF16_BITS: tl.constexpr):
 
 
 @triton.jit
-def _scale(acc, xs, WS, wrow, N, cols, X_CODES: tl.constexpr = True):
-    """acc * row scale * channel scale, in that order (the reference's); without X_CODES (weight-only FP8: the
-    activation was not quantized, so it has no row scale) acc * channel scale."""
+def _scale(acc, xs, WS, wrow, N, cols):
+    """acc * row scale * channel scale, in that order (the reference's)."""
     ws = tl.load(WS + wrow * N + cols, mask=cols < N, other=0.0)
-    if X_CODES:
-        return acc * xs[:, None] * ws[None, :]
-    else:
-        return acc * ws[None, :]
+    return acc * xs[:, None] * ws[None, :]
 
 
 # ---- few rows (AR decode): split over N only, every row in one 16-row tile ----
@@ -235,10 +231,9 @@ def small_batch_config(n: int, k: int, dtype: torch.dtype) -> GemmConfig:
 @triton.jit
 def _small_tile_dot(X, W, s_xm, rows, cols, wrow, M, N, K, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr,
-                    WIDEN: tl.constexpr = False, X_CODES: tl.constexpr = True):
-    """WIDEN (e4m3 weights): with X_CODES (e4m3 activations too) both tiles are widened to fp16 before the MMA;
-    without (weight-only: bf16/fp16 activations) the weight tile is widened to the activation's dtype. Either is
-    exact (e4m3's significands and exponents fit fp16 and bf16), so the products are exact and the sums fp32."""
+                    WIDEN: tl.constexpr = False):
+    """WIDEN (e4m3 operands): both tiles are widened to fp16 before the MMA — exact (e4m3's significands and
+    exponents fit fp16), so the products are exact and the sums fp32."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
@@ -249,8 +244,6 @@ def _small_tile_dot(X, W, s_xm, rows, cols, wrow, M, N, K, BLOCK_K: tl.constexpr
                     mask=(cols < N)[:, None] & (kk < K)[None, :], other=0.0)
         if INTERPRETER:  # position-independent broadcast-sum, as in _tile_dot
             acc += tl.sum(a.to(tl.float32)[:, :, None] * tl.trans(b.to(tl.float32))[None, :, :], 1)
-        elif WIDEN and not X_CODES:
-            acc = tl.dot(a, b.to(a.dtype).T, acc)
         elif WIDEN:
             acc = tl.dot(a.to(tl.float16), b.to(tl.float16).T, acc)
         else:
@@ -264,32 +257,29 @@ def _routed_gemm_small_batch(
     HAS_IDS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERPRETER: tl.constexpr, SCALED: tl.constexpr = False, BF16_BITS: tl.constexpr = False,
-    X_CODES: tl.constexpr = True,
 ):
-    """SCALED: e4m3 weights with per-channel scales (WS) and the FP8 kernels' epilogue
-    (``routed_gemm_fp8_small_batch``) — with X_CODES e4m3 activations with per-row scales (XS), without them the
-    activations as they are (weight-only FP8, XS unused); SCALED off, the bf16 decode GEMM (its instructions are the
-    same as before SCALED existed: every SCALED branch is a constexpr one)."""
+    """SCALED: e4m3 operands with per-row (XS) and per-channel (WS) scales and the FP8 kernels' epilogue
+    (``routed_gemm_fp8_small_batch``); off, the bf16 decode GEMM (its instructions are the same as before SCALED
+    existed: every SCALED branch is a constexpr one)."""
     P: tl.constexpr = 2 if SWIGLU else 1
     out_ty = OUT.dtype.element_ty
     rows = tl.arange(0, BLOCK_M)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ids, lo, hi = _row_experts(IDS, rows, M, HAS_IDS, BLOCK_M)
-    xs = rows  # (unused placeholder unless SCALED and X_CODES)
-    if SCALED and X_CODES:
+    if SCALED:
         xs = tl.load(XS + rows, mask=rows < M, other=0.0)
     result = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for e in range(lo, hi + 1):
         acc = _small_tile_dot(X, W, s_xm, rows, cols, e * P, M, N, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC, INTERPRETER,
-                              SCALED, X_CODES)
+                              SCALED)
         if SCALED:
-            acc = _scale(acc, xs, WS, e * P, N, cols, X_CODES)
+            acc = _scale(acc, xs, WS, e * P, N, cols)
         acc = _add_bias(acc, BIAS, e * P, N, cols, HAS_BIAS)
         if SWIGLU:
             up = _small_tile_dot(X, W, s_xm, rows, cols, e * P + 1, M, N, K, BLOCK_K, BLOCK_M, BLOCK_N, DOT_PREC,
-                                 INTERPRETER, SCALED, X_CODES)
+                                 INTERPRETER, SCALED)
             if SCALED:
-                up = _scale(up, xs, WS, e * P + 1, N, cols, X_CODES)
+                up = _scale(up, xs, WS, e * P + 1, N, cols)
             # (BF16_BITS is off outside the interpreter's FP8 launches: _swiglu's and _round's plain casts then)
             acc = _swiglu_bits(acc, _add_bias(up, BIAS, e * P + 1, N, cols, HAS_BIAS), out_ty, BF16_BITS)
         result = tl.where((ids == e)[:, None], acc, result)

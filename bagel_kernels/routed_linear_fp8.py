@@ -19,9 +19,7 @@ GPU.
 The model's FP8 projections (``KernelOptions(quantization="fp8")``) call ``routed_linear_fp8``: activations in the
 model's dtype are quantized per row by ``quantize_activation_rows`` — the one place the model's activations become
 e4m3, so that a fused producer (a quantizing RMSNorm or SwiGLU epilogue) can replace it — then ``routed_gemm_fp8``
-runs with the output in the activation dtype. Text decoding's few rows (``small_batch``, ``fp8_decode_rows``) are
-the exception: weight-only FP8, the bf16 row multiplied with the e4m3 weight (decoding streams weights; quantizing
-one row per token only adds launches). ``require_fp8_support`` is the early check (model construction and
+runs with the output in the activation dtype. ``require_fp8_support`` is the early check (model construction and
 placement) that the device and dtype can run it.
 
 ``KernelOptions.fp8_activation_scaling``: "qkv_bound" changes only what the RMSNorm before QKV writes (its static
@@ -61,9 +59,7 @@ def routed_gemm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegm
     """Expert-routed FP8 projection; ``expert_ids`` (int32 per row, on the device) as in ``routed_linear``.
     ``out_dtype`` fp32 is taken by the reference backend only (a float32 model on the CPU). ``small_batch=True``
     (AR decode: at most ``SMALL_BATCH_ROWS`` rows) runs ``routed_gemm_fp8_small_batch`` on a GPU backend, split over
-    N so that every SM streams the weights (its bits are its own, fixed per weight shape like the large kernels').
-    ``x_scale=None``: weight-only FP8, ``xq`` the activation itself in ``out_dtype`` (the small-batch kernel or the
-    reference only)."""
+    N so that every SM streams the weights (its bits are its own, fixed per weight shape like the large kernels')."""
     opts = resolve_options(options)
     reference = resolve_backend(xq.device, opts) == "reference"
     check_fp8_routed(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype, allow_fp32=reference)
@@ -73,10 +69,6 @@ def routed_gemm_fp8(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegm
     if small_batch and xq.shape[0] <= SMALL_BATCH_ROWS:
         return routed_gemm_fp8_small_batch(xq, x_scale, wq, w_scale, bias, ids, activation == "swiglu", residual,
                                            out_dtype)
-    if x_scale is None:
-        raise ValueError(f"routed_gemm_fp8: weight-only FP8 (x_scale=None) runs the small-batch kernel (small_batch="
-                         f"True, at most {SMALL_BATCH_ROWS} rows) or the reference; got {xq.shape[0]} rows, "
-                         f"small_batch={small_batch}")
     swiglu, promoted = activation == "swiglu", opts.fp8_accumulation == "promoted"
     n, k = wq.shape[2], wq.shape[3]
     if use_gluon(xq.device, out_dtype, opts):  # Hopper: the warp-specialized kernel
@@ -139,18 +131,12 @@ def routed_linear_fp8(x: torch.Tensor | QuantizedRows, routing: ExpertSegments |
     (``quantize_activation_rows``) and multiplied with the e4m3 weight ``wq`` (E, P, N, K) and its per-channel
     scales ``w_scale`` (E, P, N); bias, SwiGLU and residual epilogues as ``routed_linear``'s; output in x's dtype.
     ``x`` may come quantized already (``QuantizedRows``, from a quantizing producer).
-    ``small_batch=True`` (AR decode, at most ``SMALL_BATCH_ROWS`` rows): weight-only FP8 — ``x`` is not quantized,
-    and the small-batch kernel (``routed_gemm_fp8`` with ``x_scale=None``) multiplies it with the e4m3 weight, on
-    every activation scaling (``fp8_decode_rows`` says when a layer's rows are these).
+    ``small_batch=True`` (AR decode, at most ``SMALL_BATCH_ROWS`` rows): the small-batch kernel (``routed_gemm_fp8``).
     ``options.fp8_activation_scaling`` "tensor": the launch's one scale per row; "group128": the reference on
     dequantized activations (module docstring), NotImplementedError on any other backend."""
     opts = resolve_options(options)
     if bias is not None and bias.dim() == 3 and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if not isinstance(x, QuantizedRows) and fp8_decode_rows(small_batch, x.shape[0]):
-        # text decoding: weight-only (fp8_decode_rows: its norms do not quantize either)
-        return routed_gemm_fp8(x, None, routing, wq, w_scale, bias, activation=activation, residual=residual,
-                               out_dtype=x.dtype, expert_ids=expert_ids, options=options, small_batch=True)
     if isinstance(x, QuantizedRows):  # quantized by its producer (per row, or with its static bound)
         if opts.fp8_activation_scaling not in ("row", "qkv_bound"):
             raise ValueError(f"routed_linear_fp8: per-row quantized input with fp8_activation_scaling="
@@ -165,12 +151,6 @@ def routed_linear_fp8(x: torch.Tensor | QuantizedRows, routing: ExpertSegments |
         xq, xs = quantize_activation_rows(x, options)
     return routed_gemm_fp8(xq, xs, routing, wq, w_scale, bias, activation=activation, residual=residual,
                            out_dtype=x.dtype, expert_ids=expert_ids, options=options, small_batch=small_batch)
-
-
-def fp8_decode_rows(small_batch: bool, rows: int) -> bool:
-    """Whether an FP8 projection of ``rows`` rows runs weight-only (``routed_linear_fp8``'s small-batch path): its
-    producers then skip quantizing (the model's RMSNorm writes bf16 for it)."""
-    return small_batch and rows <= SMALL_BATCH_ROWS
 
 
 def require_fp8_support(options: KernelOptions | None, device: torch.device | str,

@@ -12,10 +12,6 @@ the CPU): every rounding to the output dtype is then a no-op, so the math is the
 an fp32 bias, SwiGLU and residual add. Only the order of the fp32 sum differs from the GPU (and Hopper's FP8
 tensor cores keep fewer accumulator bits, see ``routed_gemm_fp8_triton``), so the two agree to rounding, not bits.
 
-Weight-only (``x_scale=None``, text decoding's few rows): ``xq`` is the bf16/fp16 (or, here, fp32) activation
-itself; its products with the e4m3 codes are exact in fp32 too (8 + 4 significand bits), and the sum takes the
-channel scale alone.
-
 Row independence: each (segment, part) is one row-padded fp32 GEMM (``invariant_linear_reference``: CPU BLAS picks
 other kernels for tiny M), and every scale is per row or per column — a row's bits never depend on the other rows.
 """
@@ -32,22 +28,14 @@ from .linear import ExpertSegments, invariant_linear_reference
 Activation = Literal["swiglu"] | None
 
 
-def check_fp8_routed(xq: torch.Tensor, x_scale: torch.Tensor | None, routing: ExpertSegments | None,
-                     wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, activation: Activation,
+def check_fp8_routed(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegments | None, wq: torch.Tensor,
+                     w_scale: torch.Tensor, bias: torch.Tensor | None, activation: Activation,
                      residual: torch.Tensor | None, out_dtype: torch.dtype, allow_fp32: bool = False) -> None:
     """Shapes and dtypes of an FP8 routed GEMM call, with errors that name the argument. ``allow_fp32``: the
-    reference also takes fp32 activations (a float32 model on the CPU); the Triton kernel does not.
-    ``x_scale=None``: weight-only FP8 — ``xq`` is the activation itself, in ``out_dtype``."""
-    if wq.dtype != FP8_DTYPE:
-        raise TypeError(f"routed_gemm_fp8: weights must be {FP8_DTYPE} codes, got {wq.dtype} (quantize with "
-                        f"bagel_kernels.fp8_quant)")
-    if x_scale is None:
-        if xq.dtype != out_dtype:
-            raise TypeError(f"routed_gemm_fp8: weight-only FP8 (x_scale=None) takes the activation in the output "
-                            f"dtype {out_dtype}, got {xq.dtype}")
-    elif xq.dtype != FP8_DTYPE:
-        raise TypeError(f"routed_gemm_fp8: activations must be {FP8_DTYPE} codes with their x_scale, got {xq.dtype} "
-                        f"(quantize with bagel_kernels.fp8_quant, or pass x_scale=None for weight-only FP8)")
+    reference also takes fp32 activations (a float32 model on the CPU); the Triton kernel does not."""
+    if xq.dtype != FP8_DTYPE or wq.dtype != FP8_DTYPE:
+        raise TypeError(f"routed_gemm_fp8: activations and weights must be {FP8_DTYPE} codes, got {xq.dtype} and "
+                        f"{wq.dtype} (quantize with bagel_kernels.fp8_quant)")
     if wq.dim() != 4:
         raise ValueError(f"routed_gemm_fp8: weight must be (experts, parts, N, K), got shape {tuple(wq.shape)}")
     e, p, n, k = wq.shape
@@ -57,7 +45,7 @@ def check_fp8_routed(xq: torch.Tensor, x_scale: torch.Tensor | None, routing: Ex
     if xq.dim() != 2 or xq.shape[1] != k:
         raise ValueError(f"routed_gemm_fp8: input must be (rows, {k}), got shape {tuple(xq.shape)}")
     m = xq.shape[0]
-    if x_scale is not None and (x_scale.dtype != torch.float32 or tuple(x_scale.shape) != (m,)):
+    if x_scale.dtype != torch.float32 or tuple(x_scale.shape) != (m,):
         raise ValueError(f"routed_gemm_fp8: x_scale must be fp32 ({m},), got {x_scale.dtype} {tuple(x_scale.shape)}")
     if w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (e, p, n):
         raise ValueError(f"routed_gemm_fp8: w_scale must be fp32 {(e, p, n)}, got {w_scale.dtype} "
@@ -80,29 +68,26 @@ def check_fp8_routed(xq: torch.Tensor, x_scale: torch.Tensor | None, routing: Ex
         raise ValueError(f"routed_gemm_fp8: a weight with {e} experts needs a routing")
 
 
-def scaled_projection(xq: torch.Tensor, x_scale: torch.Tensor | None, wq: torch.Tensor, w_scale: torch.Tensor,
+def scaled_projection(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 ``(xq @ wq.T) * x_scale[:, None] * w_scale[None, :] + bias`` for one expert part, row-invariant
-    (``x_scale=None``: weight-only, ``(x @ wq.T) * w_scale[None, :] + bias``)."""
+    """fp32 ``(xq @ wq.T) * x_scale[:, None] * w_scale[None, :] + bias`` for one expert part, row-invariant."""
     acc = invariant_linear_reference(xq.float(), wq.float())
-    y = acc * w_scale[None, :] if x_scale is None else acc * x_scale[:, None] * w_scale[None, :]
+    y = acc * x_scale[:, None] * w_scale[None, :]
     return y if bias is None else y + bias.float()[None, :]
 
 
-def routed_gemm_fp8_reference(xq: torch.Tensor, x_scale: torch.Tensor | None, routing: ExpertSegments | None,
+def routed_gemm_fp8_reference(xq: torch.Tensor, x_scale: torch.Tensor, routing: ExpertSegments | None,
                               wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
                               activation: Activation = None, residual: torch.Tensor | None = None,
                               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The FP8 routed GEMM in plain torch, one row-padded fp32 GEMM per (contiguous segment, part); ``out_dtype``
-    bf16, fp16 or (the reference only) fp32. ``x_scale=None`` (weight-only FP8): ``xq`` is the activation in
-    ``out_dtype``, its products with the e4m3 codes exact in fp32 as well, and the sum takes the channel scale only."""
+    bf16, fp16 or (the reference only) fp32."""
     check_fp8_routed(xq, x_scale, routing, wq, w_scale, bias, activation, residual, out_dtype, allow_fp32=True)
     segments = routing.segments if routing is not None else ((0, xq.shape[0], False),)
     n = wq.shape[2]
 
     def project(s: int, t: int, e: int) -> torch.Tensor:
-        part = [scaled_projection(xq[s:t], None if x_scale is None else x_scale[s:t], wq[e, j], w_scale[e, j],
-                              None if bias is None else bias[e, j])
+        part = [scaled_projection(xq[s:t], x_scale[s:t], wq[e, j], w_scale[e, j], None if bias is None else bias[e, j])
                 for j in range(wq.shape[1])]
         return _epilogue(part, activation, None if residual is None else residual[s:t], out_dtype)
 

@@ -101,11 +101,10 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
 
 
 def decode_rows() -> Iterator[dict]:
-    """Text decoding's GEMMs (one token, the understanding expert): decode's FP8 path (weight-only: the bf16 row
-    times the e4m3 weight, ``x_scale=None``) against the bf16 small-batch kernel, in µs per call and GB/s of weight
-    bytes (a decode GEMM streams its weight once); the path it replaced (the standalone row quantizer, then the
-    GEMM on e4m3 codes of both operands) and that GEMM alone; and a few other fixed (N tile, K step, warps, ring
-    stages) configurations of the weight-only kernel (``same bits`` checks the default's output)."""
+    """Text decoding's GEMMs (one token, the understanding expert): the FP8 small-batch kernel against the bf16
+    one in µs per call and GB/s of weight bytes (a decode GEMM streams its weight once), with a few other fixed
+    (N tile, K step, warps, ring stages) configurations (``same bits`` checks the default's output); and decode's
+    FP8 path as it runs (the standalone row quantizer, then the GEMM) against the bf16 GEMM."""
     from bagel_kernels.routed_gemm_fp8_small_batch import fp8_small_batch_tiles, routed_gemm_fp8_small_batch
     from bagel_kernels.routed_gemm_triton import routed_gemm_small_batch_triton
 
@@ -120,31 +119,28 @@ def decode_rows() -> Iterator[dict]:
         xq, xs = quantize_rows(x)
         shape = f"decode {pname} M=1 N={n * p} K={k}"
         us = lambda ms: ms * 1e3  # noqa: E731
-        gbs = lambda t, b: p * n * k * b / (t * 1e-6) / 1e9  # noqa: E731
-        _, bk0 = fp8_small_batch_tiles(n, k)
         t_bf16 = us(bench_ms(lambda: routed_gemm_small_batch_triton(x, w, None, ids, swiglu, res)))
-        want = routed_gemm_fp8_small_batch(x, None, wq, ws, None, ids, swiglu, res)
-        t_wo = us(bench_ms(lambda: routed_gemm_fp8_small_batch(x, None, wq, ws, None, ids, swiglu, res)))
+        want = routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res)
         t_fp8 = us(bench_ms(lambda: routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res)))
         t_quant = us(bench_ms(lambda: routed_gemm_fp8_small_batch(*quantize_rows_triton(x), wq, ws, None, ids, swiglu,
                                                                    res)))
-        yield row(f"weight-only fp8 small-batch GEMM (decode's path; BN 32, BK {bk0}, 4 warps)", shape, "us", t_wo,
+        yield row("row quantizer + fp8 small-batch GEMM (decode's path)", shape, "us", t_quant,
                   "bf16 small-batch GEMM", t_bf16)
-        yield row("row quantizer + fp8 x fp8 small-batch GEMM (decode's path before weight-only)", shape, "us",
-                  t_quant, "bf16 small-batch GEMM", t_bf16)
-        yield row(f"fp8 x fp8 small-batch GEMM (BN 32, BK {bk0}, 4 warps)", shape, "us", t_fp8,
-                  "bf16 small-batch GEMM", t_bf16)
-        yield row("weight-only fp8 small-batch GEMM (decode's path)", shape, "weight GB/s", gbs(t_wo, 1))
+        _, bk0 = fp8_small_batch_tiles(n, k)
+        gbs = lambda t, b: p * n * k * b / (t * 1e-6) / 1e9  # noqa: E731
+        yield row(f"fp8 small-batch GEMM (BN 32, BK {bk0}, 4 warps)", shape, "us", t_fp8, "bf16 small-batch GEMM",
+                  t_bf16)
+        yield row(f"fp8 small-batch GEMM (BN 32, BK {bk0}, 4 warps)", shape, "weight GB/s", gbs(t_fp8, 1))
         yield row("bf16 small-batch GEMM", shape, "weight GB/s", gbs(t_bf16, 2))
         for block_n, block_k, warps, stages in ((32, 512, 8, 4), (16, 256, 4, 4), (32, 256, 4, 6), (32, 128, 4, 8),
-                                                (32, 128, 4, 4), (64, 256, 4, 4)):
+                                                (32, 128, 4, 4)):
             def alt(block_n: int = block_n, block_k: int = block_k, warps: int = warps,
                     stages: int = stages) -> torch.Tensor:
-                return routed_gemm_fp8_small_batch(x, None, wq, ws, None, ids, swiglu, res, block_n=block_n,
+                return routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, ids, swiglu, res, block_n=block_n,
                                                    block_k=block_k, num_warps=warps, num_stages=stages)
             same = "same bits" if torch.equal(alt(), want) else "OTHER BITS"
-            yield row(f"weight-only fp8 small-batch GEMM (BN {block_n}, BK {block_k}, {warps} warps, {stages} stages; "
-                      f"{same})", shape, "us", us(bench_ms(alt)), "bf16 small-batch GEMM", t_bf16)
+            yield row(f"fp8 small-batch GEMM (BN {block_n}, BK {block_k}, {warps} warps, {stages} stages; {same})",
+                      shape, "us", us(bench_ms(alt)), "bf16 small-batch GEMM", t_bf16)
 
 
 def same_codes(got: tuple[torch.Tensor, torch.Tensor], want: tuple[torch.Tensor, torch.Tensor]) -> str:

@@ -5,7 +5,6 @@ bits never depend on which other rows share the launch.
 GPU tests: ``TRITON_INTERPRET=0 python -m pytest tests/test_fp8_gemm.py`` on a GPU with FP8 tensor cores."""
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 from pathlib import Path
@@ -158,10 +157,9 @@ def make_case(m: int, n: int, k: int, swiglu: bool, bias: bool, residual: bool, 
 
 
 def float64_truth(xq, xs, routing, wq, ws, b, swiglu, res):
-    """Per-row float64 of the dequantized operands (no intermediate rounding); ``xs=None``: ``xq`` is a weight-only
-    call's unquantized activation."""
+    """Per-row float64 of the dequantized operands (no intermediate rounding)."""
     ids = routing.expert_ids("cpu").long()
-    xd = xq.cpu().double() if xs is None else fq.dequantize_rows(xq.cpu(), xs.cpu()).double()
+    xd = fq.dequantize_rows(xq.cpu(), xs.cpu()).double()
     wd = fq.dequantize_channels(wq.cpu(), ws.cpu()).double()
     out = []
     for p in range(wq.shape[1]):
@@ -649,26 +647,22 @@ def _build_gluon_for_hopper(n: int, k: int, swiglu: bool, bias: bool, residual: 
 # ---------------------------------------------------------------- the small-batch kernel (AR decode)
 
 def _check_small_batch(device: str, opts: KernelOptions) -> None:
-    """Decode's kernel, on e4m3 activations and weight-only (``x_scale=None``: the bf16 row itself): the float64
-    truth to the bf16 epilogue's rounding, every epilogue, one expert or mixed rows; a row's bits the same in a
-    launch of 1, 5 or 16 rows; more than 16 rows refused."""
+    """Decode's kernel: the float64 truth to the bf16 epilogue's rounding, every epilogue, one expert or mixed
+    rows; a row's bits the same in a launch of 1, 5 or 16 rows; more than 16 rows refused."""
     from bagel_kernels.routed_gemm_fp8_small_batch import routed_gemm_fp8_small_batch
 
     m, n, k = 16, 80, 192  # N and K not multiples of the tiles: the masks
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5)).bfloat16().to(device)
     for swiglu, bias, residual in EPILOGUES:
         act = "swiglu" if swiglu else None
         xq, xs, wq, ws, b, res = make_case(m, n, k, swiglu, bias, residual, seed=3, device=device)
         for r in (mixed_routing(m), bk.ExpertSegments.uniform(m, False)):
-            for a_in, a_scale in ((xq, xs), (x, None)):
-                full = routed_gemm_fp8(a_in, a_scale, r, wq, ws, b, activation=act, residual=res, options=opts,
-                                       small_batch=True)
-                assert rel_err(full, float64_truth(a_in, a_scale, r, wq, ws, b, swiglu, res)) < 1e-2
-                for a, z in ((0, 1), (3, 8), (15, 16)):
-                    part = routed_gemm_fp8(a_in[a:z], None if a_scale is None else a_scale[a:z], r.slice(a, z), wq,
-                                           ws, b, activation=act, residual=None if res is None else res[a:z],
-                                           options=opts, small_batch=True)
-                    assert torch.equal(part, full[a:z]), (swiglu, bias, residual, a, z, a_scale is None)
+            full = routed_gemm_fp8(xq, xs, r, wq, ws, b, activation=act, residual=res, options=opts,
+                                   small_batch=True)
+            assert rel_err(full, float64_truth(xq, xs, r, wq, ws, b, swiglu, res)) < 1e-2
+            for a, z in ((0, 1), (3, 8), (15, 16)):
+                part = routed_gemm_fp8(xq[a:z], xs[a:z], r.slice(a, z), wq, ws, b, activation=act,
+                                       residual=None if res is None else res[a:z], options=opts, small_batch=True)
+                assert torch.equal(part, full[a:z]), (swiglu, bias, residual, a, z)
     xq, xs, wq, ws, _, _ = make_case(17, n, k, False, False, False, device=device)
     with pytest.raises(ValueError, match="at most 16 rows"):
         routed_gemm_fp8_small_batch(xq, xs, wq, ws, None, None)
@@ -694,40 +688,14 @@ def test_small_batch_flag_leaves_the_reference_and_large_launches_alone():
                                        small_batch=True), want[:3])
 
 
-def test_weight_only_is_decodes_path_and_names_its_limits():
-    """``x_scale=None`` (weight-only: the activation itself, in the output dtype) runs the reference on the CPU;
-    ``routed_linear_fp8`` takes it for a small batch of at most 16 rows, and quantizes per row beyond; the large
-    kernels refuse it, and a mistyped activation is named."""
-    from bagel_kernels.routed_linear_fp8 import fp8_decode_rows, routed_linear_fp8
-
-    _, _, wq, ws, b, res = make_case(20, 64, 128, False, True, True, seed=6)
-    x = torch.randn(20, 128, generator=torch.Generator().manual_seed(7)).bfloat16()
-    r = mixed_routing(20)
-    want = routed_gemm_fp8(x, None, r, wq, ws, b, residual=res)
-    assert rel_err(want, float64_truth(x, None, r, wq, ws, b, False, res)) < 1e-2
-    assert fp8_decode_rows(True, 16) and not fp8_decode_rows(True, 17) and not fp8_decode_rows(False, 1)
-    assert torch.equal(routed_linear_fp8(x[:16], r.slice(0, 16), wq, ws, b, residual=res[:16], small_batch=True),
-                       want[:16])
-    quantized = routed_linear_fp8(x, r, wq, ws, b, residual=res)
-    assert torch.equal(routed_linear_fp8(x, r, wq, ws, b, residual=res, small_batch=True), quantized)
-    assert not torch.equal(quantized, want)
-    with pytest.raises(ValueError, match=r"weight-only FP8 \(x_scale=None\) runs the small-batch kernel"):
-        routed_gemm_fp8(x, None, r, wq, ws, b, residual=res, options=KernelOptions(backend="triton"))
-    with pytest.raises(TypeError, match="weight-only FP8 .* output dtype"):
-        routed_gemm_fp8(x.half(), None, r, wq, ws, b, residual=res)
-    with pytest.raises(TypeError, match="x_scale=None for weight-only"):
-        routed_gemm_fp8(x, ws[0, 0, :1].expand(20).contiguous(), r, wq, ws, b, residual=res)
-
-
 def test_small_batch_kernel_builds_for_hopper():
-    """The decode kernel compiles for sm_90a at BAGEL's four projections, on e4m3 activations and weight-only
-    (Triton builds the cubin on the CPU)."""
+    """The decode kernel compiles for sm_90a at BAGEL's four projections (Triton builds the cubin on the CPU)."""
     import subprocess
 
     r = subprocess.run([sys.executable, __file__, "small-batch-build"], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=str(Path(__file__).parent))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("built") == 2 * len(BUILD_VARIANTS), r.stdout  # e4m3 activations, and weight-only
+    assert r.stdout.count("built") == len(BUILD_VARIANTS), r.stdout
 
 
 def _small_batch_build_report() -> None:
@@ -735,21 +703,20 @@ def _small_batch_build_report() -> None:
     from bagel_kernels.routed_gemm_triton import _routed_gemm_small_batch
     from hopper_build import compile_for_hopper
 
-    for (n, k, swiglu, bias, residual), codes in itertools.product(BUILD_VARIANTS, (True, False)):
+    for n, k, swiglu, bias, residual in BUILD_VARIANTS:
         p, m = 2 if swiglu else 1, 16
         bn, bkk = fp8_small_batch_tiles(n, k)
-        x = torch.empty(m, k, dtype=torch.float8_e4m3fn if codes else torch.bfloat16)  # weight-only: the bf16 row
-        out = torch.empty(m, n, dtype=torch.bfloat16)
-        args = dict(X=x, W=torch.empty(2, p, n, k, dtype=torch.float8_e4m3fn), XS=torch.empty(m),
+        xq, out = torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(m, n, dtype=torch.bfloat16)
+        args = dict(X=xq, W=torch.empty(2, p, n, k, dtype=torch.float8_e4m3fn), XS=torch.empty(m),
                     WS=torch.empty(2, p, n), OUT=out, RES=out, BIAS=torch.empty(2, p, n, dtype=torch.bfloat16),
                     IDS=torch.empty(m, dtype=torch.int32), M=m, N=n, K=k, s_xm=k, s_om=n, s_rm=n)
         consts = dict(HAS_IDS=True, HAS_BIAS=bias, HAS_RES=residual, SWIGLU=swiglu, BLOCK_M=16, BLOCK_N=bn,
-                      BLOCK_K=bkk, DOT_PREC="tf32", INTERPRETER=False, SCALED=True, BF16_BITS=False, X_CODES=codes)
+                      BLOCK_K=bkk, DOT_PREC="tf32", INTERPRETER=False, SCALED=True, BF16_BITS=False)
         c = compile_for_hopper(_routed_gemm_small_batch, args, consts, 4, num_stages=4, gluon=False)
         ptx = c.asm["ptx"]
         assert ".target sm_90a" in ptx and ("mma.sync" in ptx or "wgmma" in ptx), (n, k)
-        print(f"built N={n} K={k} swiglu={swiglu} {'e4m3' if codes else 'weight-only'}: shared "
-              f"{c.metadata.shared} B, {'wgmma' if 'wgmma' in ptx else 'mma.sync'}", flush=True)
+        print(f"built N={n} K={k} swiglu={swiglu}: shared {c.metadata.shared} B, "
+              f"{'wgmma' if 'wgmma' in ptx else 'mma.sync'}", flush=True)
 
 def test_quantizers_build_for_hopper_with_either_encode():
     """The standalone quantizer (both row widths) and the quantizing RMSNorm (per row and static) compile for sm_90a

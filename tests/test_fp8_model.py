@@ -105,23 +105,6 @@ def test_fp8_text_modes_decode(fp8):
     assert isinstance(out.text[0], str)
 
 
-def test_fp8_text_decoding_is_weight_only(fp8, monkeypatch):
-    """Decoding streams weights and has one row per token: its FP8 projections multiply that row unquantized with
-    the e4m3 weights (``x_scale=None``: no quantizing RMSNorm, no row quantizer), while the prompt's prefill runs
-    quantized activations as the denoiser does."""
-    import importlib
-
-    rl8 = importlib.import_module("bagel_kernels.routed_linear_fp8")
-    calls = []
-    real = rl8.routed_gemm_fp8
-    monkeypatch.setattr(rl8, "routed_gemm_fp8", lambda x, xs, *a, **k: calls.append(
-        (k.get("small_batch", False), xs is None, x.dtype)) or real(x, xs, *a, **k))
-    fp8("describe a cube", mode="text2text", max_new_tokens=3)
-    decode = [c for c in calls if c[0]]
-    assert decode and all(weight_only and dtype == fp8.model.dtype for _, weight_only, dtype in decode)
-    assert any(not small and not weight_only and dtype == FP8_DTYPE for small, weight_only, dtype in calls)
-
-
 def test_pipeline_quantization_argument_is_the_kernels_field():
     a = _pipe(quantization="fp8")
     b = _pipe(kernels=KernelOptions(quantization="fp8"))

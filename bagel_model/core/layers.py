@@ -7,8 +7,8 @@ exchanged without touching the layer), o_proj with the residual add fused, SwiGL
 with the residual. Parameters keep the released names; ``ExpertPack`` stacks them for the kernels in place.
 
 ``KernelOptions(quantization="fp8")``: the four projections (QKV, o_proj, gate/up, down) of both experts run
-``routed_linear_fp8`` on the packs' FP8 codes and per-channel scales (``project``; text decoding's few rows
-weight-only, not quantized); norms, QK-norm/RoPE and the attention are unchanged.
+``routed_linear_fp8`` on the packs' FP8 codes and per-channel scales (``project``); norms, QK-norm/RoPE and the
+attention are unchanged.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from bagel_kernels import (ContiguousKV, ExpertSegments, KernelOptions, PagedKV, QuantizedRows, default_options,
-                           fp8_decode_rows, joint_attention, qk_norm_rope, rms_norm_reference, routed_linear,
-                           routed_linear_fp8, routed_rms_norm, routed_rms_norm_fp8)
+                           joint_attention, qk_norm_rope, rms_norm_reference, routed_linear, routed_linear_fp8,
+                           routed_rms_norm, routed_rms_norm_fp8)
 
 from .expert_pack import ExpertPack
 
@@ -80,11 +80,9 @@ def _norm(x: torch.Tensor, li: LayerInputs, weight: torch.Tensor, eps: float, *,
           before_qkv: bool = False) -> torch.Tensor | QuantizedRows:
     """The RMSNorm before a projection. FP8 with per-row activation scales: it writes the projection's FP8 input
     (``routed_rms_norm_fp8``: the same codes as quantizing its bf16 output, without that output); with
-    ``fp8_activation_scaling="qkv_bound"`` the norm before QKV (``before_qkv``) quantizes with its static bound.
-    Text decoding's rows stay bf16: its FP8 projections are weight-only (``routed_linear_fp8``)."""
+    ``fp8_activation_scaling="qkv_bound"`` the norm before QKV (``before_qkv``) quantizes with its static bound."""
     ids, opts = li.expert_ids(x.device), li.kernels
-    if (opts.quantization == "fp8" and opts.fp8_activation_scaling in ("row", "qkv_bound")
-            and not fp8_decode_rows(li.small_batch, x.shape[0])):  # decoding's projections are weight-only
+    if opts.quantization == "fp8" and opts.fp8_activation_scaling in ("row", "qkv_bound"):
         static = before_qkv and opts.fp8_activation_scaling == "qkv_bound"
         return routed_rms_norm_fp8(x, li.routing, weight, eps, static_bound=static, expert_ids=ids, options=opts)
     return routed_rms_norm(x, li.routing, weight, eps, expert_ids=ids, options=opts)
