@@ -24,6 +24,7 @@ from bagel_kernels.kv_layout import token_slots, write_token_slots
 
 from ..core.layers import LayerInputs, local_attention
 from ..core.model import BagelModel
+from ..runtime.graph_capture import capture
 from .kv_cache import Context
 from .prefill import TextBlock, prefill
 
@@ -97,10 +98,8 @@ class GraphDecoder:
             self._warm = True
         else:
             if self.graph is None:  # capture records the step without running it; the replay runs it
-                torch.cuda.synchronize()
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self._step()
+                capture(self.graph, self._step)
             self.graph.replay()
         self.in_flight += 1
 

@@ -16,6 +16,7 @@ import torch
 from bagel_kernels import token_alignment
 
 from ..core.model import BagelModel
+from ..runtime.graph_capture import capture
 from . import cache
 from .cache import JobStep
 from .kv_cache import Context
@@ -80,6 +81,7 @@ class GraphedForwards:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._pool = None
+        self._stream = None  # the side stream captures run on (runtime.graph_capture: no device sync)
 
     def run(self, e: StepEntry, forward, xs: list[torch.Tensor], ts: list[float], device) -> torch.Tensor:
         """``forward(x_packed, t_jobs)`` -> output rows. Returns the rows (a static buffer when replayed)."""
@@ -92,9 +94,10 @@ class GraphedForwards:
             self._copy_in(e, xs, ts)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                e.out_static = forward(e.x_static, e.t_static)
+            e.out_static = capture(graph, lambda: forward(e.x_static, e.t_static), self._pool, self._stream)
             e.graph = graph
         else:
             self._copy_in(e, xs, ts)
