@@ -34,6 +34,8 @@ class ParallelStep(PackedStepBase):
     ``use_graph`` (default: on CUDA) records each job layout's forward — collectives included (NCCL) — in a CUDA
     graph on its second run and replays it, as the single-device engine does."""
 
+    captures_collectives = True  # its CUDA graphs hold NCCL collectives: capture after a device synchronize
+
     def __init__(self, model: BagelModel, mesh: Mesh, align: int, use_graph: bool | None = None):
         super().__init__(model, align, mesh.config.sp, use_graph)
         self.mesh = mesh

@@ -78,8 +78,8 @@ class GraphedForwards:
     graph's static inputs. All graphs share one memory pool (they never run at the same time). Used by both
     engines; the parallel one records its collectives (NCCL) in the graph too."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, synchronize: bool = False):
+        self.enabled, self.synchronize = enabled, synchronize  # synchronize: see runtime.graph_capture.capture
         self._pool = None
         self._stream = None  # the side stream captures run on (runtime.graph_capture: no device sync)
 
@@ -97,7 +97,8 @@ class GraphedForwards:
             if self._stream is None:
                 self._stream = torch.cuda.Stream(device=device)
             graph = torch.cuda.CUDAGraph()
-            e.out_static = capture(graph, lambda: forward(e.x_static, e.t_static), self._pool, self._stream)
+            e.out_static = capture(graph, lambda: forward(e.x_static, e.t_static), self._pool, self._stream,
+                                   self.synchronize)
             e.graph = graph
         else:
             self._copy_in(e, xs, ts)
@@ -147,6 +148,8 @@ class PackedStepBase:
     first step and kept while it recurs, and the graph runner. ``degree``: the sequence-parallel split of a
     forward; subclasses give the attention that suits it."""
 
+    captures_collectives = False  # a subclass whose forward runs collectives (NCCL) sets it: see GraphedForwards
+
     def __init__(self, model: BagelModel, align: int, degree: int, use_graph: bool | None = None,
                  max_layouts: int = 4):
         if max_layouts < 1:
@@ -155,7 +158,7 @@ class PackedStepBase:
         use_graph = model.device.type == "cuda" if use_graph is None else use_graph
         if use_graph and model.device.type != "cuda":
             raise ValueError("CUDA-graph replay needs a CUDA model")
-        self.graphs = GraphedForwards(use_graph)
+        self.graphs = GraphedForwards(use_graph, synchronize=self.captures_collectives)
         self._entries: dict[tuple, StepEntry] = {}
         self.forwards = 0  # packed forwards run (eager or replayed)
         self.jobs_run = 0  # branch-forwards they contained

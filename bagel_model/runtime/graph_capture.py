@@ -19,9 +19,14 @@ T = TypeVar("T")
 
 
 def capture(graph: torch.cuda.CUDAGraph, fn: Callable[[], T], pool=None,
-            stream: torch.cuda.Stream | None = None) -> T:
+            stream: torch.cuda.Stream | None = None, synchronize: bool = False) -> T:
     """Record ``fn()`` into ``graph`` (in ``pool``, a ``torch.cuda.graph_pool_handle()``, or the graph's own) on
-    ``stream`` (a side stream: a new one if None) and return what ``fn`` returned (the graph's static outputs)."""
+    ``stream`` (a side stream: a new one if None) and return what ``fn`` returned (the graph's static outputs).
+    ``synchronize``: wait for the device first, as ``torch.cuda.graph`` does — for forwards whose collectives
+    (NCCL) are captured too, whose streams should hold no eager work when they join a capture (not measured on
+    several GPUs here, so those keep the conservative entry)."""
+    if synchronize:
+        torch.cuda.synchronize()
     current = torch.cuda.current_stream()
     side = stream if stream is not None else torch.cuda.Stream(device=current.device)
     side.wait_stream(current)
