@@ -90,8 +90,14 @@ def encode_row_block(y, scale, INTERPRETER: tl.constexpr = False, RECIPROCAL: tl
         bad = (lo.to(tl.uint8, bitcast=True) != hi.to(tl.uint8, bitcast=True)) | (inv + tl.zeros_like(y) > 3.0e38)
         codes = lo
         if tl.max(tl.where(bad, 1, 0), axis=None) > 0:
-            codes = _clamp_cast(tl.math.div_rn(y, scale + tl.zeros_like(y)), INTERPRETER)
+            codes = _divide_encode(y, scale, INTERPRETER)
         return codes
+    return _divide_encode(y, scale, INTERPRETER)
+
+
+@triton.jit
+def _divide_encode(y, scale, INTERPRETER: tl.constexpr = False):
+    """y / scale correctly rounded (``div_rn``: the GPU's default fp32 division is approximate), clamped, cast."""
     return _clamp_cast(tl.math.div_rn(y, scale + tl.zeros_like(y)), INTERPRETER)
 
 

@@ -81,7 +81,7 @@ class GraphedForwards:
     def __init__(self, enabled: bool, synchronize: bool = False):
         self.enabled, self.synchronize = enabled, synchronize  # synchronize: see runtime.graph_capture.capture
         self._pool = None
-        self._stream = None  # the side stream captures run on (runtime.graph_capture: no device sync)
+        self._stream = None  # the side stream captures run on (runtime.graph_capture.capture)
 
     def run(self, e: StepEntry, forward, xs: list[torch.Tensor], ts: list[float], device) -> torch.Tensor:
         """``forward(x_packed, t_jobs)`` -> output rows. Returns the rows (a static buffer when replayed)."""
