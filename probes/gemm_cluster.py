@@ -1,0 +1,97 @@
+"""Question (issue #32): does a Hopper routed GEMM with 2-CTA clusters and TMA multicast of the weight tile
+(``probes/gemm_cluster_sm90.cu``) beat dense bf16 cuBLAS at the step's shapes, and does it give the shipped exact
+Gluon kernel's bits (same tiles, same wgmma sequence in K order, same epilogue roundings)?
+
+Builds the CUDA file with nvcc (sm_90a) into a shared library, calls it through ctypes on torch's current stream,
+and times it (CUDA-graph replay, ``benchmarks.common.bench_ms``) against the exact Gluon kernel (the shipped
+schedule) and dense cuBLAS with the same epilogue (``benchmarks.peers.projection_peers``) on
+``bench_routed_gemm --sweep``'s row sets and projections (qkv + bias, o_proj + residual, gate/up SwiGLU,
+down + residual), printing one JSON row per case.
+
+    python -m probes.gemm_cluster [--sets "t2i 1024² step 2×4098+4" ...] [--json OUT]
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import tempfile
+
+import torch
+
+from bagel_kernels.routed_gemm_gluon import BLOCK_K, GROUP_M, _block_n, _segment_bounds, _stages, launch_routed_gemm_ws
+from benchmarks.bench_routed_gemm import cases, sweep_token_sets
+from benchmarks.common import bench_ms
+from benchmarks.peers import projection_peers
+
+SRC = os.path.join(os.path.dirname(__file__), "gemm_cluster_sm90.cu")
+DEFAULT_SETS = ["t2i 1024² step 2×4098+4", "t2i 512² step 2×1026+4", "i2i prefill mixed", "SP/2 share of 1024² step"]
+
+
+def build() -> ctypes.CDLL:
+    out = os.path.join(tempfile.mkdtemp(), "libgemm_cluster.so")
+    subprocess.run(["nvcc", "-O3", "-std=c++17", "-fmad=false", "-gencode", "arch=compute_90a,code=sm_90a",
+                    "-shared", "-Xcompiler", "-fPIC", "-o", out, SRC], check=True)
+    lib = ctypes.CDLL(out)
+    lib.bk_routed_gemm_cluster.restype = ctypes.c_int
+    lib.bk_routed_gemm_cluster.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 12 + [ctypes.c_void_p]
+    lib.bk_gemm_cluster_max_clusters.restype = ctypes.c_int
+    return lib
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", nargs="+", default=DEFAULT_SETS)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    lib = build()
+    clusters = lib.bk_gemm_cluster_max_clusters()
+    print(f"{torch.cuda.get_device_name()}: {clusters} two-CTA clusters resident", flush=True)
+    sets = {k: v for k, v in sweep_token_sets().items() if k in a.sets}
+    rows = []
+    for routing, ids, (pname, n, k, swiglu), (p, w, x, bias, res, tf), shape in cases(sets):
+        m = routing.num_tokens
+        bounds = _segment_bounds(routing.segments, m)
+        if bounds is None:
+            print(f"skip {shape}: more than four segments")
+            continue
+        b1, b2, b3, e0 = bounds
+        out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        ref = torch.empty_like(out)
+
+        def ours() -> None:
+            r = lib.bk_routed_gemm_cluster(x.data_ptr(), w.data_ptr(), out.data_ptr(),
+                                           bias.data_ptr() if bias is not None else None,
+                                           res.data_ptr() if res is not None else None,
+                                           m, n, k, w.shape[0], p, b1, b2, b3, e0, n, n, clusters,
+                                           torch.cuda.current_stream().cuda_stream)
+            if r:
+                raise RuntimeError(f"bk_routed_gemm_cluster returned {r}")
+
+        def exact() -> torch.Tensor:
+            return launch_routed_gemm_ws(x, w, ref, bias, ids, swiglu, res, routing.segments, None,
+                                         _block_n(swiglu), BLOCK_K, _stages(swiglu), group_m=GROUP_M)
+
+        ours()
+        exact()
+        torch.cuda.synchronize()
+        same = bool(torch.equal(out, ref))
+        diff = (out.float() - ref.float()).abs().max().item()
+        t_ours = bench_ms(ours)
+        t_exact = bench_ms(exact)
+        t_dense = bench_ms(projection_peers(x, ids.bool(), w, swiglu, True, bias, res)["dense cuBLAS"])
+        row = {"shape": shape, "cluster_tflops": round(tf(t_ours), 1), "exact_gluon_tflops": round(tf(t_exact), 1),
+               "dense_cublas_tflops": round(tf(t_dense), 1), "cluster/dense": round(t_dense / t_ours, 3),
+               "cluster/exact": round(t_exact / t_ours, 3), "exact/dense": round(t_dense / t_exact, 3),
+               "bits_equal_exact": same, "max_abs_diff_vs_exact": diff}
+        rows.append(row)
+        print(json.dumps(row, ensure_ascii=False), flush=True)
+    if a.json:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "clusters": clusters,
+                   "rows": rows}, open(a.json, "w"), indent=1, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    main()
