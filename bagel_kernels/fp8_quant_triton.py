@@ -4,9 +4,7 @@
 registers (this file's standalone kernel, and the RMSNorm that writes FP8 for the next projection,
 ``norms_triton``): ``amax`` = max |y| (exact in any order), ``scale = amax / 448`` correctly rounded (``div_rn``: the
 GPU's default fp32 division is approximate), 1.0 for an all-zero row, ``q = y / scale`` correctly rounded, clamped
-to +-448, cast round-to-nearest-even (or, with ``reciprocal=True``, encoded as ``y * (1 / scale)`` with a bracket
-check that falls back to the division where it could differ: ``encode_row_block``'s RECIPROCAL, the same codes;
-not yet timed on a GPU, so not the default). A NaN anywhere in
+to +-448, cast round-to-nearest-even. A NaN anywhere in
 the row makes the scale and every code NaN, and an inf makes the scale inf (``fp8_quant``'s rules): Triton's max
 reduction would skip NaN, so it is checked for apart.
 One program per row: the codes and scale of a row never depend on another row (nor on the piece width the
@@ -54,10 +52,10 @@ def block_amax(v, ok):
 
 
 @triton.jit
-def quantize_row_block(y, ok, INTERPRETER: tl.constexpr = False, RECIPROCAL: tl.constexpr = False):
+def quantize_row_block(y, ok, INTERPRETER: tl.constexpr = False):
     """(codes e4m3, fp32 scale) of the fp32 row ``y`` (a 1-D block; ``ok`` masks its columns)."""
     scale = scale_from_amax(block_amax(y, ok))
-    return encode_row_block(y, scale, INTERPRETER, RECIPROCAL), scale
+    return encode_row_block(y, scale, INTERPRETER), scale
 
 
 @triton.jit
@@ -72,37 +70,16 @@ def _clamp_cast(q, INTERPRETER: tl.constexpr = False):
 
 
 @triton.jit
-def encode_row_block(y, scale, INTERPRETER: tl.constexpr = False, RECIPROCAL: tl.constexpr = False):
-    """e4m3 codes of the fp32 row ``y`` under the fp32 ``scale``: y / scale correctly rounded, clamped, cast.
-
-    ``RECIPROCAL``: the same codes without a correctly rounded division per element. ``inv`` = 1 / scale correctly
-    rounded (once per row), ``q = y * inv`` is within 2^-23 relative of the exact quotient (two roundings), so the
-    correctly rounded quotient lies between ``q * (1 - 2^-21)`` and ``q * (1 + 2^-21)`` (each rounded once more:
-    the bracket is still wider than 2^-22 either side). Clamp-and-cast is monotonic, so where both ends give the
-    same code, that is the quotient's code; only where they differ (q within a few ulps of an e4m3 rounding
-    boundary, about 1 element in 10^5) or where ``inv`` overflows (a subnormal scale) is the block encoded with
-    the division. NaN and inf follow the division's rules: y * (1 / inf) = y / inf, inf * 0 = inf / inf = NaN."""
-    if RECIPROCAL:
-        inv = tl.math.div_rn(tl.where(scale == scale, 1.0, 1.0), scale)
-        q = y * inv
-        lo = _clamp_cast(q * 0.99999952316284180, INTERPRETER)  # 1 - 2^-21 (exact in fp32)
-        hi = _clamp_cast(q * 1.00000047683715820, INTERPRETER)  # 1 + 2^-21
-        bad = (lo.to(tl.uint8, bitcast=True) != hi.to(tl.uint8, bitcast=True)) | (inv + tl.zeros_like(y) > 3.0e38)
-        codes = lo
-        if tl.max(tl.where(bad, 1, 0), axis=None) > 0:
-            codes = _divide_encode(y, scale, INTERPRETER)
-        return codes
-    return _divide_encode(y, scale, INTERPRETER)
-
-
-@triton.jit
-def _divide_encode(y, scale, INTERPRETER: tl.constexpr = False):
-    """y / scale correctly rounded (``div_rn``: the GPU's default fp32 division is approximate), clamped, cast."""
+def encode_row_block(y, scale, INTERPRETER: tl.constexpr = False):
+    """e4m3 codes of the fp32 row ``y`` under the fp32 ``scale``: y / scale correctly rounded (``div_rn``: the GPU's
+    default fp32 division is approximate), clamped, cast. (An encode by multiplication with ``1 / scale`` and a
+    bracket check was tried and removed: on an H100 it ran 0.70-0.85x the division's GB/s and its codes were not
+    the division's; benchmarks/RESULTS.md.)"""
     return _clamp_cast(tl.math.div_rn(y, scale + tl.zeros_like(y)), INTERPRETER)
 
 
 @triton.jit
-def _quantize_rows(X, Q, S, s_x, K, CHUNK: tl.constexpr, INTERPRETER: tl.constexpr, RECIPROCAL: tl.constexpr):
+def _quantize_rows(X, Q, S, s_x, K, CHUNK: tl.constexpr, INTERPRETER: tl.constexpr):
     """One row in CHUNK-wide pieces, twice: the amax pass, then the encode pass (the row is still in L2). A row
     held whole in registers (a power-of-two block: 32768 lanes for BAGEL's 18944-wide down input, 42 % of them
     masked) leaves one program per SM waiting on its loads; chunks keep several rows in flight. The amax is an
@@ -125,7 +102,7 @@ def _quantize_rows(X, Q, S, s_x, K, CHUNK: tl.constexpr, INTERPRETER: tl.constex
     for k0 in range(0, K, CHUNK):
         ok = k0 + cols < K
         y = tl.load(base + k0 + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out + k0 + cols, encode_row_block(y, scale, INTERPRETER, RECIPROCAL), mask=ok)
+        tl.store(out + k0 + cols, encode_row_block(y, scale, INTERPRETER), mask=ok)
     tl.store(S + row, scale)
 
 
@@ -185,12 +162,10 @@ def row_quantizer_buffers(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def quantize_rows_triton(x: torch.Tensor, chunk: int | None = None, num_warps: int | None = None,
-                         resident: bool = False, reciprocal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         resident: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) in a float dtype -> (codes (M, K) e4m3fn, scale (M,) fp32): ``fp8_quant.quantize_rows``'s bits
     for any ``chunk`` (a power of two; default ``quantizer_chunk(K)``) and ``num_warps`` (benchmarks sweep them).
-    ``resident=True``: the row held in registers and read once (``_quantize_rows_resident``; ``chunk`` unused).
-    ``reciprocal=True``: the piece-wise kernel encodes by a multiplication with a bracket check instead of a
-    division per element (``encode_row_block``'s RECIPROCAL; the same codes)."""
+    ``resident=True``: the row held in registers and read once (``_quantize_rows_resident``; ``chunk`` unused)."""
     x, q, s = row_quantizer_buffers(x)
     m, k = x.shape
     if m == 0:
@@ -205,5 +180,5 @@ def quantize_rows_triton(x: torch.Tensor, chunk: int | None = None, num_warps: i
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"quantize_rows_triton: chunk must be a power of two >= 16, got {chunk}")
     _quantize_rows[(m,)](x, q, s, x.stride(0), k, CHUNK=chunk, INTERPRETER=triton_interpreting(),
-                         RECIPROCAL=reciprocal, num_warps=_warps(chunk) if num_warps is None else num_warps)
+                         num_warps=_warps(chunk) if num_warps is None else num_warps)
     return q, s

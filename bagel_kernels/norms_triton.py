@@ -12,8 +12,7 @@ from .fp8_quant_triton import (block_amax, encode_row_block, quantize_row_block,
 
 @triton.jit
 def _rms_norm(X, W, IDS, OUT, Q, QS, s_x, s_o, H, eps, HAS_IDS: tl.constexpr, BLOCK_H: tl.constexpr,
-              QUANT: tl.constexpr = False, STATIC: tl.constexpr = False, INTERPRETER: tl.constexpr = False,
-              RECIPROCAL: tl.constexpr = False):
+              QUANT: tl.constexpr = False, STATIC: tl.constexpr = False, INTERPRETER: tl.constexpr = False):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     ok = cols < H
@@ -27,12 +26,12 @@ def _rms_norm(X, W, IDS, OUT, Q, QS, s_x, s_o, H, eps, HAS_IDS: tl.constexpr, BL
     if QUANT and STATIC:  # fp8_quant.norm_bound_scale of the row's expert weight, then quantize_rows_static
         scale = scale_from_amax(tl.sqrt_rn(H * 1.0) * block_amax(w, ok))
         yf = y.to(tl.float32)
-        q = encode_row_block(yf, scale, INTERPRETER, RECIPROCAL)
+        q = encode_row_block(yf, scale, INTERPRETER)
         bad = tl.sum(tl.where(ok & ((yf - yf) != 0.0), 1, 0), 0) > 0  # a NaN or inf in the row
         tl.store(Q + row * H + cols, q, mask=ok)
         tl.store(QS + row, tl.where(bad, float("nan"), scale))
     elif QUANT:  # the next projection's FP8 input: the rounded row, quantized per row (never written in bf16)
-        q, scale = quantize_row_block(y.to(tl.float32), ok, INTERPRETER, RECIPROCAL)
+        q, scale = quantize_row_block(y.to(tl.float32), ok, INTERPRETER)
         tl.store(Q + row * H + cols, q, mask=ok)
         tl.store(QS + row, scale)
     else:
@@ -55,12 +54,11 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, expert_id
 
 
 def rms_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, expert_ids: torch.Tensor | None,
-                        static: bool = False, reciprocal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                        static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_rows(rms_norm_triton(x, ...))`` in one pass: (codes (M, H) e4m3fn, scale (M,) fp32), the same bits
     (the same normalization code, then ``quantize_row_block``) without the bf16 rows ever reaching memory.
     ``static``: ``quantize_rows_static`` with each row's expert's ``norm_bound_scale`` instead (computed from the
-    weight row the kernel loads anyway, so no launch and no cache). ``reciprocal=True``: ``encode_row_block``'s
-    encode by multiplication instead of division (the same codes)."""
+    weight row the kernel loads anyway, so no launch and no cache)."""
     x, q, s = row_quantizer_buffers(x)
     m, h = x.shape
     if m == 0:
@@ -69,5 +67,5 @@ def rms_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, exper
     # OUT is passed only for its dtype (the rounding of the normalized row); nothing is stored through it.
     _rms_norm[(m,)](x, weight.contiguous(), expert_ids if expert_ids is not None else x, x, q, s, x.stride(0),
                     0, h, eps, HAS_IDS=expert_ids is not None, BLOCK_H=block, QUANT=True, STATIC=static,
-                    INTERPRETER=triton_interpreting(), RECIPROCAL=reciprocal, num_warps=8 if block >= 2048 else 4)
+                    INTERPRETER=triton_interpreting(), num_warps=8 if block >= 2048 else 4)
     return q, s

@@ -19,8 +19,7 @@ split across programs or kept whole (the same bits). ``--quick`` times ours agai
 bf16 exact routed GEMM only (issue #30's two ratios). Also prints, per shape, the FP8 output's
 relative difference to the bf16 GEMM and to ``_scaled_mm`` (precise), and how torch's CUDA cast to e4m3 treats
 out-of-range values. First, per row count, the standalone per-row quantizer (o_proj's and down's inputs) in GB/s
-against a plain e4m3 cast (``quantizer_rows``), with its piece width swept, the encode by multiplication with the
-reciprocal and a bracket check (``reciprocal=True``: the same codes) and the variant that reads a row once
+against a plain e4m3 cast (``quantizer_rows``), with its piece width swept and the variant that reads a row once
 (held in registers).
 
     python -m benchmarks.bench_fp8_gemm [--parts quantizer,decode,gemm] [--sweep] [--quick] [--m-gen 8196 2052]
@@ -167,11 +166,6 @@ def quantizer_rows(m_gen: int) -> Iterator[dict]:
             same = same_codes(quantize_rows_triton(x, chunk=chunk), want)
             yield row(f"per-row quantizer (triton), pieces of {chunk} ({same})", shape, "GB/s",
                       gbs(bench_ms(lambda c=chunk: quantize_rows_triton(x, chunk=c))), "torch e4m3 cast", peer)
-        for chunk in sorted({1024, 2048, 4096, quantizer_chunk(k)}):
-            same = same_codes(quantize_rows_triton(x, chunk=chunk, reciprocal=True), want)
-            yield row(f"per-row quantizer (triton), pieces of {chunk}, reciprocal encode ({same})", shape, "GB/s",
-                      gbs(bench_ms(lambda c=chunk: quantize_rows_triton(x, chunk=c, reciprocal=True))),
-                      "torch e4m3 cast", peer)
         for warps in (None, 32):
             same = same_codes(quantize_rows_triton(x, resident=True, num_warps=warps), want)
             yield row(f"per-row quantizer (triton), row resident in registers{'' if warps is None else f', {warps} warps'}"

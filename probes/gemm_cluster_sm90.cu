@@ -22,6 +22,13 @@
 #include <cudaTypedefs.h>
 #include <stdint.h>
 
+#ifndef BK_WAIT0
+#define BK_WAIT0 0  // 1: wait for each K step's wgmma group and release its stage at once (one stage held)
+#endif
+#ifndef BK_MULTICAST
+#define BK_MULTICAST 1  // 0: each CTA loads its whole weight tile (clusters without multicast)
+#endif
+
 namespace {
 
 constexpr int BM = 128, BK = 64, WROWS = 256, CONSUMERS = 2, THREADS = 128 * (CONSUMERS + 1);
@@ -215,7 +222,7 @@ __device__ __forceinline__ Work work_of(int t, const Routing& r, int num_pairs, 
   r.rows(2 * pair, m0a, enda, ea);
   const bool second = 2 * pair + 1 < num_row;
   if (second) r.rows(2 * pair + 1, m0b, endb, eb);
-  w.multicast = second && ea == eb;
+  w.multicast = BK_MULTICAST && second && ea == eb;
   w.here = rank == 0 || second;
   w.m0 = rank == 0 ? m0a : m0b;
   w.end = rank == 0 ? enda : endb;
@@ -312,8 +319,13 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(2, 1, 1)
             wgmma_m64n128k16(d + 64, smem_desc(a + 16 * k), smem_desc(b + 128 * BK + 16 * k));
         }
         wgmma_commit();
+#if BK_WAIT0
+        wgmma_wait<0>();  // this K step's group is done: release its stage in both CTAs
+        if (tid < 2) mbar_arrive_cluster(&s.empty[st], tid);
+#else
         wgmma_wait<1>();  // the previous K step's group is done: release its stage in both CTAs
         if (kk > 0 && tid < 2) mbar_arrive_cluster(&s.empty[(it + STAGES - 1) % STAGES], tid);
+#endif
         __syncwarp();
         if (HAS_RES && kk == res_step && tid == 0) {
           // the residual tile by TMA into c, once the previous tile's store has read c; lands under the mainloop
@@ -324,9 +336,11 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(2, 1, 1)
             tma_load(c + sub * 64 * 64, &res_map, &s.res[wg], w.n0 + 64 * sub, w.m0 + 64 * wg);
         }
       }
+#if !BK_WAIT0
       wgmma_wait<0>();
       if (tid < 2) mbar_arrive_cluster(&s.empty[(it + STAGES - 1) % STAGES], tid);
       __syncwarp();
+#endif
 
       // epilogue: rows past the segment's end (a tile reaching into the next segment) go through masked
       // pointer stores; other tiles through four (two) swizzled 64x64 sub-tiles and TMA stores

@@ -381,19 +381,16 @@ def _check_quantizers(quantize, rms_fp8, rms, device: str) -> None:
     x[5, 7] = float("inf")
     x[6, :8] = torch.tensor([448.0, -448.0, 1.0625, 1.1875, 2.0 ** -10, -2.0 ** -10, 0.0, -0.0])
     x = x.to(device)
-    for reciprocal in (False, True):  # the encode by division (default) and by multiplication: the same codes
-        _same_codes(*quantize(x, reciprocal=reciprocal), *fq.quantize_rows(x))
+    _same_codes(*quantize(x), *fq.quantize_rows(x))
     w = (1 + 0.1 * torch.randn(2, 3000, generator=g)).bfloat16().to(device)
     ids = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0], dtype=torch.int32, device=device)
     y = torch.randn(8, 3000, generator=g).bfloat16().to(device) * 3
-    for reciprocal in (False, True):
-        _same_codes(*rms_fp8(y, w, 1e-6, ids, reciprocal=reciprocal), *fq.quantize_rows(rms(y, w, 1e-6, ids)))
+    _same_codes(*rms_fp8(y, w, 1e-6, ids), *fq.quantize_rows(rms(y, w, 1e-6, ids)))
     # the static bound ("qkv_bound"): the expert's norm_bound_scale, NaN scale for a row with a NaN or an inf, and
     # a one-spike row (the bound's extreme: |x_i| / rms = sqrt(K)) within 448
     y[2, 9], y[5, 3], y[6], y[7] = float("nan"), float("inf"), 0.0, 0.0
     y[6, 11] = 5.0
     want = fq.quantize_rows_static(rms(y, w, 1e-6, ids), fq.norm_bound_scale(w)[ids.long()])
-    _same_codes(*rms_fp8(y, w, 1e-6, ids, static=True, reciprocal=True), *want)
     q, s = rms_fp8(y, w, 1e-6, ids, static=True)
     _same_codes(q, s, *want)
     assert torch.isnan(s[[2, 5]]).all() and torch.isfinite(s[[0, 1, 3, 4, 6, 7]]).all()
@@ -423,58 +420,10 @@ def _check_quantizer_pieces(device: str) -> None:
     want = fq.quantize_rows(x)
     for chunk in (256, 1024, 4096):
         _same_codes(*quantize_rows_triton(x, chunk=chunk), *want)
-    for chunk in (256, 1024):
-        _same_codes(*quantize_rows_triton(x, chunk=chunk, reciprocal=True), *want)
     _same_codes(*quantize_rows_triton(x, resident=True), *want)  # 2048 + 1024 lanes: the NaN, the amax in the tail
     _same_codes(*quantize_rows_triton(x[:, :2048], resident=True), *fq.quantize_rows(x[:, :2048]))  # no tail
     with pytest.raises(ValueError, match="power of two"):
         quantize_rows_triton(x, chunk=1000)
-
-
-def _check_reciprocal_encode(device: str) -> None:
-    from bagel_kernels.fp8_quant_triton import quantize_rows_triton
-
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(6, 2048, generator=g) * torch.tensor([1.0, 3e-5, 7e3, 0.3, 1.0, 1.0])[:, None]
-    # row 5: amax 1e-37, so the scale is subnormal and its reciprocal overflows: the division encodes the row
-    # (normal inputs only: the interpreter's bf16 -> fp32 conversion mistreats subnormal bf16)
-    x[5] = (0.2 + 0.8 * torch.rand(2048, generator=g)) * torch.where(torch.rand(2048, generator=g) < 0.5, -1.0, 1.0)
-    x[5] *= 1e-37 / x[5].abs().max()
-    x = x.bfloat16().to(device)
-    want = fq.quantize_rows(x)
-    for chunk in (256, 2048):
-        _same_codes(*quantize_rows_triton(x, chunk=chunk, reciprocal=True), *want)
-    # fp32 rows whose quotients are e4m3 ties (1.0625 -> 1.0, 1.1875 -> 1.25, ...) under scales 3 and 5 (amax 3 x
-    # 448 and 5 x 448): the bracket's ends round apart on every tie, so the division decides (half the ties round
-    # up to even: taking either end for them would be wrong)
-    tie_q = torch.tensor([(2.0 ** e + (m + 0.5) * 2.0 ** (e - 3)) for e in range(-6, 9) for m in range(8)]
-                         + [(k + 0.5) * 2.0 ** -9 for k in range(8)])  # normal and subnormal midpoints
-    tie_q = tie_q[tie_q < 448]
-    tie_q = tie_q * torch.where(torch.arange(len(tie_q)) % 2 == 0, 1.0, -1.0)
-    n = len(tie_q)
-    t = torch.zeros(2, 256)
-    for i, sc in enumerate((3.0, 5.0)):
-        t[i, :n], t[i, n] = tie_q * sc, 448 * sc
-    t = t.to(device)
-    want = fq.quantize_rows(t)
-    assert torch.equal(t[:, :n] / want[1][:, None], tie_q.expand(2, -1).to(device))  # exact ties
-    q = t[:, :n] * (torch.ones(2, 1, device=device) / want[1][:, None])
-    ends = [fq._cast(q * f).view(torch.uint8) for f in (1 - 2 ** -21, 1 + 2 ** -21)]
-    assert (ends[0] != ends[1]).all()
-    _same_codes(*quantize_rows_triton(t, reciprocal=True), *want)
-
-
-@interpreter_only
-def test_interpreter_reciprocal_encode_gives_the_division_codes():
-    """Encoding by ``y * (1 / scale)`` with a bracket check gives the division's codes: on e4m3 ties (exact
-    quotients on a rounding boundary, where the bracket's ends differ and the division decides), on a subnormal
-    scale (whose reciprocal overflows) and on random rows of every magnitude."""
-    _check_reciprocal_encode("cpu")
-
-
-@gpu_only
-def test_gpu_reciprocal_encode_gives_the_division_codes():
-    _check_reciprocal_encode("cuda")
 
 
 @interpreter_only
@@ -718,17 +667,16 @@ def _small_batch_build_report() -> None:
         print(f"built N={n} K={k} swiglu={swiglu}: shared {c.metadata.shared} B, "
               f"{'wgmma' if 'wgmma' in ptx else 'mma.sync'}", flush=True)
 
-def test_quantizers_build_for_hopper_with_either_encode():
+def test_quantizers_build_for_hopper():
     """The standalone quantizer (both row widths) and the quantizing RMSNorm (per row and static) compile for sm_90a
-    with the division and with the reciprocal encode (Triton builds the cubin on the CPU): the reciprocal one still
-    holds the division for its fallback, and its bracket casts with the hardware's e4m3 conversion."""
+    (Triton builds the cubin on the CPU) with the correctly rounded division and the hardware's e4m3 conversion."""
     import subprocess
 
     r = subprocess.run([sys.executable, __file__, "quantizer-build"], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=str(Path(__file__).parent))
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("built")]
-    assert len(lines) == 8, r.stdout
+    assert len(lines) == 4, r.stdout
     for ln in lines:
         assert "div.rn" in ln and "e4m3 cvt" in ln, ln
 
@@ -738,23 +686,21 @@ def _quantizer_build_report() -> None:
     from bagel_kernels.norms_triton import _rms_norm
     from hopper_build import compile_for_hopper
 
-    for reciprocal in (False, True):
-        for k in (3584, 18944):
-            chunk = quantizer_chunk(k)
-            args = dict(X=torch.empty(8, k, dtype=torch.bfloat16), Q=torch.empty(8, k, dtype=torch.float8_e4m3fn),
-                        S=torch.empty(8), s_x=k, K=k)
-            c = compile_for_hopper(_quantize_rows, args, dict(CHUNK=chunk, INTERPRETER=False, RECIPROCAL=reciprocal),
-                                   8 if chunk >= 2048 else 4, gluon=False)
-            _print_quantizer_build(f"quantizer K={k} reciprocal={reciprocal}", c.asm["ptx"])
-        for static in (False, True):
-            x = torch.empty(8, 3584, dtype=torch.bfloat16)
-            args = dict(X=x, W=torch.empty(2, 3584, dtype=torch.bfloat16), IDS=torch.empty(8, dtype=torch.int32),
-                        OUT=x, Q=torch.empty(8, 3584, dtype=torch.float8_e4m3fn), QS=torch.empty(8), s_x=3584, s_o=0,
-                        H=3584, eps=1e-6)
-            consts = dict(HAS_IDS=True, BLOCK_H=4096, QUANT=True, STATIC=static, INTERPRETER=False,
-                          RECIPROCAL=reciprocal)
-            c = compile_for_hopper(_rms_norm, args, consts, 8, gluon=False)
-            _print_quantizer_build(f"rms_norm_fp8 static={static} reciprocal={reciprocal}", c.asm["ptx"])
+    for k in (3584, 18944):
+        chunk = quantizer_chunk(k)
+        args = dict(X=torch.empty(8, k, dtype=torch.bfloat16), Q=torch.empty(8, k, dtype=torch.float8_e4m3fn),
+                    S=torch.empty(8), s_x=k, K=k)
+        c = compile_for_hopper(_quantize_rows, args, dict(CHUNK=chunk, INTERPRETER=False),
+                               8 if chunk >= 2048 else 4, gluon=False)
+        _print_quantizer_build(f"quantizer K={k}", c.asm["ptx"])
+    for static in (False, True):
+        x = torch.empty(8, 3584, dtype=torch.bfloat16)
+        args = dict(X=x, W=torch.empty(2, 3584, dtype=torch.bfloat16), IDS=torch.empty(8, dtype=torch.int32),
+                    OUT=x, Q=torch.empty(8, 3584, dtype=torch.float8_e4m3fn), QS=torch.empty(8), s_x=3584, s_o=0,
+                    H=3584, eps=1e-6)
+        consts = dict(HAS_IDS=True, BLOCK_H=4096, QUANT=True, STATIC=static, INTERPRETER=False)
+        c = compile_for_hopper(_rms_norm, args, consts, 8, gluon=False)
+        _print_quantizer_build(f"rms_norm_fp8 static={static}", c.asm["ptx"])
 
 
 def _print_quantizer_build(what: str, ptx: str) -> None:
