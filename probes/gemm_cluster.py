@@ -37,7 +37,9 @@ DEFAULT_SETS = ["t2i 1024² step 2×4098+4", "t2i 512² step 2×1026+4", "i2i pr
 
 
 VARIANTS = {"shipped schedule": [], "wait each step": ["-DBK_WAIT0=1"], "no multicast": ["-DBK_MULTICAST=0"],
-            "wait each step, no multicast": ["-DBK_WAIT0=1", "-DBK_MULTICAST=0"]}
+            "wait each step, no multicast": ["-DBK_WAIT0=1", "-DBK_MULTICAST=0"],
+            "no clusters (Gluon's schedule in CUDA)": ["-DBK_CLUSTER=1"],
+            "no clusters, wait each step": ["-DBK_CLUSTER=1", "-DBK_WAIT0=1"]}
 
 
 def build(flags: list[str] = ()) -> ctypes.CDLL:
@@ -58,8 +60,10 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     libs = {v: build(VARIANTS[v]) for v in a.variants}
-    clusters = next(iter(libs.values())).bk_gemm_cluster_max_clusters()
-    print(f"{torch.cuda.get_device_name()}: {clusters} two-CTA clusters resident", flush=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    clusters = {v: lib.bk_gemm_cluster_max_clusters() or (sms if "no clusters" in v else sms // 2)
+                for v, lib in libs.items()}
+    print(f"{torch.cuda.get_device_name()}: clusters resident {clusters}", flush=True)
     sets = {k: v for k, v in sweep_token_sets().items() if k in a.sets}
     rows = []
     for routing, ids, (pname, n, k, swiglu), (p, w, x, bias, res, tf), shape in cases(sets):
@@ -72,11 +76,11 @@ def main() -> None:
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
         ref = torch.empty_like(out)
 
-        def ours(lib: ctypes.CDLL = next(iter(libs.values()))) -> None:
+        def ours(lib: ctypes.CDLL, c: int) -> None:
             r = lib.bk_routed_gemm_cluster(x.data_ptr(), w.data_ptr(), out.data_ptr(),
                                            bias.data_ptr() if bias is not None else None,
                                            res.data_ptr() if res is not None else None,
-                                           m, n, k, w.shape[0], p, b1, b2, b3, e0, n, n, clusters,
+                                           m, n, k, w.shape[0], p, b1, b2, b3, e0, n, n, c,
                                            torch.cuda.current_stream().cuda_stream)
             if r:
                 raise RuntimeError(f"bk_routed_gemm_cluster returned {r}")
@@ -92,9 +96,9 @@ def main() -> None:
                "exact/dense": round(t_dense / t_exact, 3)}
         for vname, lib in libs.items():
             out.zero_()
-            ours(lib)
+            ours(lib, clusters[vname])
             torch.cuda.synchronize()
-            t_ours = bench_ms(lambda lib=lib: ours(lib))
+            t_ours = bench_ms(lambda lib=lib, c=clusters[vname]: ours(lib, c))
             row[vname] = {"tflops": round(tf(t_ours), 1), "/dense": round(t_dense / t_ours, 3),
                           "/exact": round(t_exact / t_ours, 3), "bits_equal_exact": bool(torch.equal(out, ref)),
                           "max_abs_diff_vs_exact": (out.float() - ref.float()).abs().max().item()}

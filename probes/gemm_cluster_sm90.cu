@@ -25,6 +25,9 @@
 #ifndef BK_WAIT0
 #define BK_WAIT0 0  // 1: wait for each K step's wgmma group and release its stage at once (one stage held)
 #endif
+#ifndef BK_CLUSTER
+#define BK_CLUSTER 2  // 1: no clusters (each CTA its own row tile and weights: the Gluon kernel's schedule in CUDA)
+#endif
 #ifndef BK_MULTICAST
 #define BK_MULTICAST 1  // 0: each CTA loads its whole weight tile (clusters without multicast)
 #endif
@@ -213,14 +216,14 @@ struct Work {
 
 __device__ __forceinline__ Work work_of(int t, const Routing& r, int num_pairs, int num_row, int num_n, int bn,
                                         uint32_t rank) {
-  constexpr int GROUP = 4;
+  constexpr int GROUP = 8 / BK_CLUSTER;
   const int per_group = GROUP * num_n, first = (t / per_group) * GROUP, size = min(num_pairs - first, GROUP);
   const int pair = first + (t % per_group) % size, nt = (t % per_group) / size;
   Work w;
   w.n0 = nt * bn;
   int m0a, enda, ea, m0b = 0, endb = 0, eb = -1;
-  r.rows(2 * pair, m0a, enda, ea);
-  const bool second = 2 * pair + 1 < num_row;
+  r.rows(BK_CLUSTER * pair, m0a, enda, ea);
+  const bool second = BK_CLUSTER == 2 && 2 * pair + 1 < num_row;
   if (second) r.rows(2 * pair + 1, m0b, endb, eb);
   w.multicast = BK_MULTICAST && second && ea == eb;
   w.here = rank == 0 || second;
@@ -231,7 +234,7 @@ __device__ __forceinline__ Work work_of(int t, const Routing& r, int num_pairs, 
 }
 
 template <int P, bool HAS_BIAS, bool HAS_RES>
-__global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(2, 1, 1)
+__global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
     routed_cluster_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                           const __grid_constant__ CUtensorMap out_map, const __grid_constant__ CUtensorMap res_map,
                           __nv_bfloat16* __restrict__ out, int ldo, const __nv_bfloat16* __restrict__ bias,
@@ -241,15 +244,15 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(2, 1, 1)
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   Smem<P>& s = *reinterpret_cast<Smem<P>*>(smem_raw);
   const uint32_t rank = cluster_rank();
-  const int cluster = blockIdx.x / 2, clusters = gridDim.x / 2;
-  const int num_row = r.row_tiles(), num_pairs = (num_row + 1) / 2, num_n = (N + BN - 1) / BN;
+  const int cluster = blockIdx.x / BK_CLUSTER, clusters = gridDim.x / BK_CLUSTER;
+  const int num_row = r.row_tiles(), num_pairs = (num_row + BK_CLUSTER - 1) / BK_CLUSTER, num_n = (N + BN - 1) / BN;
   const int tiles = num_pairs * num_n, k_iters = (K + BK - 1) / BK;
   const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < STAGES; ++i) {
       mbar_init(&s.full[i], 1);
-      mbar_init(&s.empty[i], CONSUMERS * 2);  // both warpgroups of both CTAs release every stage
+      mbar_init(&s.empty[i], CONSUMERS * BK_CLUSTER);  // both warpgroups of both CTAs release every stage
     }
     for (int i = 0; i < CONSUMERS; ++i) mbar_init(&s.res[i], 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -295,7 +298,7 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(2, 1, 1)
       if (!w.here) {  // the pair's missing tile: follow the ring, release every stage, compute nothing
         for (int kk = 0; kk < k_iters; ++kk, ++it) {
           mbar_wait(&s.full[it % STAGES], (it / STAGES) & 1);
-          if (tid < 2) mbar_arrive_cluster(&s.empty[it % STAGES], tid);
+          if (tid < BK_CLUSTER) mbar_arrive_cluster(&s.empty[it % STAGES], tid);
           __syncwarp();
         }
         continue;
@@ -321,10 +324,10 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(2, 1, 1)
         wgmma_commit();
 #if BK_WAIT0
         wgmma_wait<0>();  // this K step's group is done: release its stage in both CTAs
-        if (tid < 2) mbar_arrive_cluster(&s.empty[st], tid);
+        if (tid < BK_CLUSTER) mbar_arrive_cluster(&s.empty[st], tid);
 #else
         wgmma_wait<1>();  // the previous K step's group is done: release its stage in both CTAs
-        if (kk > 0 && tid < 2) mbar_arrive_cluster(&s.empty[(it + STAGES - 1) % STAGES], tid);
+        if (kk > 0 && tid < BK_CLUSTER) mbar_arrive_cluster(&s.empty[(it + STAGES - 1) % STAGES], tid);
 #endif
         __syncwarp();
         if (HAS_RES && kk == res_step && tid == 0) {
@@ -338,7 +341,7 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(2, 1, 1)
       }
 #if !BK_WAIT0
       wgmma_wait<0>();
-      if (tid < 2) mbar_arrive_cluster(&s.empty[(it + STAGES - 1) % STAGES], tid);
+      if (tid < BK_CLUSTER) mbar_arrive_cluster(&s.empty[(it + STAGES - 1) % STAGES], tid);
       __syncwarp();
 #endif
 
@@ -445,7 +448,7 @@ int launch(const CUtensorMap& xm, const CUtensorMap& wm, const CUtensorMap& om, 
   auto kernel = routed_cluster_kernel<P, HAS_BIAS, HAS_RES>;
   const int smem = sizeof(Smem<P>);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  kernel<<<2 * clusters, THREADS, smem, stream>>>(xm, wm, om, rm, static_cast<__nv_bfloat16*>(out), ldo,
+  kernel<<<BK_CLUSTER * clusters, THREADS, smem, stream>>>(xm, wm, om, rm, static_cast<__nv_bfloat16*>(out), ldo,
                                                   static_cast<const __nv_bfloat16*>(bias), r, N, K);
   cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? 0 : 1000 + (int)e;
@@ -485,14 +488,14 @@ extern "C" int bk_gemm_cluster_max_clusters() {
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(sms / 2 * 2);
+  cfg.gridDim = dim3(sms / BK_CLUSTER * BK_CLUSTER);
   cfg.blockDim = dim3(THREADS);
   cfg.dynamicSmemBytes = smem;
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n > 0) return n;  // its __cluster_dims__
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = 2;
+  attr.val.clusterDim.x = BK_CLUSTER;
   attr.val.clusterDim.y = 1;
   attr.val.clusterDim.z = 1;
   cfg.attrs = &attr;
