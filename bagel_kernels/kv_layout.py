@@ -98,6 +98,17 @@ def token_slots(block_table_row: torch.Tensor, start: int | torch.Tensor, n: int
     return block_table_row.to(device).long()[pos // block_size], pos % block_size
 
 
+@dataclass(frozen=True)
+class TokenSlots:
+    """Where a forward's new tokens go in one layer's paged cache: the layer's view and each token's (page, slot in
+    the page), as ``token_slots`` gives them. A kernel that produces K and V can write them there itself
+    (``qk_norm_rope(..., kv_out=)``), which is what ``write_token_slots`` does with two scatters."""
+
+    view: PagedKVView
+    pages: torch.Tensor
+    slots: torch.Tensor
+
+
 def write_token_slots(view: PagedKVView, pages: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
                       v: torch.Tensor) -> None:
     """Write ``k``/``v`` (n, H_kv, D) at ``token_slots``'s (pages, slots), in place through the view."""

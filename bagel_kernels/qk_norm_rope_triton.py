@@ -5,11 +5,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_layout import TokenSlots
+
 
 @triton.jit
 def _qk_norm_rope(QKV, s_qkv, IDS, QW, KW, COS, SIN, QO, KO, VO, HQ, HKV, eps,
+                  KC, VC, PAGES, SLOTS, kc_p, kc_s, kc_h, kc_d, vc_p, vc_s, vc_h, vc_d,
                   HAS_IDS: tl.constexpr, FP32: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_V: tl.constexpr):
+                  BLOCK_V: tl.constexpr, KV_OUT: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     ty = QO.dtype.element_ty
     heads = tl.arange(0, BLOCK_H)  # q heads then k heads
@@ -47,11 +50,18 @@ def _qk_norm_rope(QKV, s_qkv, IDS, QW, KW, COS, SIN, QO, KO, VO, HQ, HKV, eps,
     vok = vh < HKV
     v = tl.load(QKV + row * s_qkv + (HQ + HKV) * D + vh * D + d[None, :], mask=vok)
     tl.store(VO + row * HKV * D + vh * D + d[None, :], v, mask=vok)
+    if KV_OUT:  # the paged cache's copy of k and v (write_token_slots: cast to the cache's dtype)
+        page = tl.load(PAGES + row).to(tl.int64)
+        slot = tl.load(SLOTS + row).to(tl.int64)
+        kc = KC + page * kc_p + slot * kc_s + (heads[:, None] - HQ) * kc_h + d[None, :] * kc_d
+        tl.store(kc, out.to(KC.dtype.element_ty), mask=ok & (heads[:, None] >= HQ))
+        vc = VC + page * vc_p + slot * vc_s + vh * vc_h + d[None, :] * vc_d
+        tl.store(vc, v.to(VC.dtype.element_ty), mask=vok)
 
 
 def qk_norm_rope_triton(qkv: torch.Tensor, expert_ids: torch.Tensor | None, q_norm: torch.Tensor,
                         k_norm: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-                        num_kv_heads: int, eps: float, fp32_math: bool
+                        num_kv_heads: int, eps: float, fp32_math: bool, kv_out: TokenSlots | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, d = qkv.shape[0], q_norm.shape[-1]
     if d & (d - 1):
@@ -63,9 +73,14 @@ def qk_norm_rope_triton(qkv: torch.Tensor, expert_ids: torch.Tensor | None, q_no
     v = torch.empty(rows, num_kv_heads, d, dtype=qkv.dtype, device=qkv.device)
     if rows == 0:
         return q, k, v
+    kc, vc = (kv_out.view.k, kv_out.view.v) if kv_out is not None else (k, v)
+    pages, slots = (kv_out.pages, kv_out.slots) if kv_out is not None else (k, k)
+    kst = kc.stride() if kv_out is not None else (0, 0, 0, 0)
+    vst = vc.stride() if kv_out is not None else (0, 0, 0, 0)
     _qk_norm_rope[(rows,)](
         qkv, qkv.stride(0), expert_ids if expert_ids is not None else qkv, q_norm.contiguous(), k_norm.contiguous(),
         cos.float().contiguous(), sin.float().contiguous(), q, k, v, num_heads, num_kv_heads, eps,
+        kc, vc, pages, slots, *kst, *vst,
         HAS_IDS=expert_ids is not None, FP32=fp32_math, D=d, BLOCK_H=triton.next_power_of_2(num_heads + num_kv_heads),
-        BLOCK_V=triton.next_power_of_2(num_kv_heads), num_warps=4)
+        BLOCK_V=triton.next_power_of_2(num_kv_heads), KV_OUT=kv_out is not None, num_warps=4)
     return q, k, v

@@ -251,6 +251,39 @@ def test_qk_norm_rope_matches_reference(dtype, fp32_math, d, hq, hkv):
     assert all(torch.equal(p, f[5:]) for p, f in zip(part, got))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", bk.LAYOUTS)
+def test_qk_norm_rope_writes_k_and_v_into_the_paged_cache(backend, layout):
+    """``kv_out``: the kernel also stores each row's k and v at its (page, slot) of a paged cache in any layout,
+    cast to the cache's dtype — exactly what ``write_token_slots`` writes from the returned k and v — and touches
+    nothing else; q, k, v are returned unchanged."""
+    from bagel_kernels.kv_layout import TokenSlots, write_token_slots
+
+    g = torch.Generator().manual_seed(11)
+    d, hq, hkv, m, nb, bs = 16, 6, 2, 5, 4, 4
+    qkv = rnd(m, (hq + 2 * hkv) * d, dtype=torch.bfloat16, gen=g)
+    qn, kn = rnd(2, d, dtype=torch.bfloat16, gen=g), rnd(2, d, dtype=torch.bfloat16, gen=g)
+    cos, sin = bk.rope_cos_sin(torch.arange(m) + 40, d, 1e6)
+    r = routing_for("mixed", m)
+    pages, slots = torch.tensor([3, 0, 2, 2, 1]), torch.tensor([1, 3, 0, 2, 3])
+    opts = KernelOptions(backend=backend)
+    args = (qkv, r, qn, kn, cos, sin, hq, hkv, 1e-6, True)
+    want = bk.qk_norm_rope(*args, options=opts)
+    for dtype in (torch.bfloat16, torch.float32):  # a cache wider than the activations gets the exact widening
+        cache = bk.allocate_kv_cache(layout, nb, bs, hkv, d, dtype)
+        view = bk.normalize_kv_cache(cache, layout)
+        got = bk.qk_norm_rope(*args, options=opts, kv_out=TokenSlots(view, pages, slots))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        ref = bk.normalize_kv_cache(bk.allocate_kv_cache(layout, nb, bs, hkv, d, dtype), layout)
+        write_token_slots(ref, pages, slots, want[1], want[2])
+        assert torch.equal(view.k, ref.k) and torch.equal(view.v, ref.v)
+    with pytest.raises(ValueError, match="one page and one slot per row"):
+        bk.qk_norm_rope(*args, options=opts, kv_out=TokenSlots(view, pages[:3], slots[:3]))
+    with pytest.raises(ValueError, match="cache views must be"):
+        bad = bk.normalize_kv_cache(bk.allocate_kv_cache(layout, nb, bs, hkv + 1, d), layout)
+        bk.qk_norm_rope(*args, options=opts, kv_out=TokenSlots(bad, pages, slots))
+
+
 def test_bad_inputs_are_named():
     x, w = torch.randn(4, 8), torch.randn(2, 1, 6, 8)
     r = bk.ExpertSegments.uniform(4, True)

@@ -279,9 +279,23 @@ def test_one_process_makes_no_transfer_payload(tiny_model, tokenizer, monkeypatc
     assert res.image.shape == (16, 16, 3)
 
 
-def test_graph_decoders_device_step_gives_the_eager_tokens_and_cache(tiny_model):
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_graph_decoders_device_step_gives_the_eager_tokens_and_cache(tiny_model, backend):
     """What the CUDA graph records — ``GraphDecoder._step``, the token's page and slot computed once for all
-    layers — run eagerly (on the CPU): the eager loop's tokens, and the same K/V in the cache, bit for bit."""
+    layers, each layer's K/V stored by the QK-norm + RoPE kernel itself (``SlotSink``; with the reference
+    kernels, by ``write_token_slots``) — run eagerly (on the CPU): the eager loop's tokens (its cache written by
+    the prefill's scatters), and the same K/V in the cache, bit for bit."""
+    import dataclasses
+
+    kept = tiny_model.kernels
+    tiny_model.kernels = dataclasses.replace(kept, backend=backend)
+    try:
+        _check_device_step(tiny_model)
+    finally:
+        tiny_model.kernels = kept
+
+
+def _check_device_step(tiny_model) -> None:
     from bagel_model.engine.decode import GraphDecoder
 
     prompt, steps = [TextBlock(list(range(10, 47)))], 12  # 37 + 12 tokens cross a 16-token page boundary

@@ -18,9 +18,10 @@ from typing import Callable, Protocol
 import torch
 from torch import nn
 
-from bagel_kernels import (ContiguousKV, ExpertSegments, KernelOptions, PagedKV, QuantizedRows, default_options,
-                           joint_attention, qk_norm_rope, rms_norm_reference, routed_linear, routed_linear_fp8,
-                           routed_rms_norm, routed_rms_norm_fp8)
+from bagel_kernels import (ContiguousKV, ExpertSegments, KernelOptions, PagedKV, PagedKVView, QuantizedRows,
+                           default_options, joint_attention, qk_norm_rope, rms_norm_reference, routed_linear,
+                           routed_linear_fp8, routed_rms_norm, routed_rms_norm_fp8)
+from bagel_kernels.kv_layout import TokenSlots, write_token_slots
 
 from .expert_pack import ExpertPack
 
@@ -68,6 +69,27 @@ class LayerInputs:
 
 class AttentionFn(Protocol):
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+KVSink = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, k, v) after k_norm + RoPE: the context cache
+
+
+@dataclass(frozen=True)
+class SlotSink:
+    """A ``KVSink`` whose tokens go to fixed (page, slot)s of every layer's paged cache (``token_slots``, the same
+    for all layers). The layer hands it to QK-norm + RoPE, whose kernel stores k and v there itself
+    (``qk_norm_rope(..., kv_out=)``): text decoding's token step then launches no scatter per layer. Called as a
+    plain sink, it writes with ``write_token_slots`` (the same values)."""
+
+    views: list[PagedKVView]
+    pages: torch.Tensor
+    slots: torch.Tensor
+
+    def target(self, layer_idx: int) -> TokenSlots:
+        return TokenSlots(self.views[layer_idx], self.pages, self.slots)
+
+    def __call__(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        write_token_slots(self.views[layer_idx], self.pages, self.slots, k, v)
 
 
 def experts_pack(module: nn.Module, *names: str, attr: str = "weight", quantizable: bool = False) -> ExpertPack:
@@ -122,13 +144,15 @@ class MoTAttention(nn.Module):
         self._q_norm = experts_pack(self, "q_norm")
         self._k_norm = experts_pack(self, "k_norm")
 
-    def qkv(self, x: torch.Tensor, li: LayerInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Routed fused QKV, QK-norm and RoPE: q (rows, Hq, D), k/v (rows, Hkv, D) in the activation dtype."""
+    def qkv(self, x: torch.Tensor, li: LayerInputs, kv_out: TokenSlots | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Routed fused QKV, QK-norm and RoPE: q (rows, Hq, D), k/v (rows, Hkv, D) in the activation dtype;
+        ``kv_out``: k and v also written into a paged cache by the same kernel."""
         ids = li.expert_ids(x.device)
         fused = project(x, li, self._qkv_w, self._qkv_b.get())
         return qk_norm_rope(fused, li.routing, self._q_norm.get()[:, 0], self._k_norm.get()[:, 0], li.cos, li.sin,
                             self.num_heads, self.num_kv_heads, self.eps, li.gen_mode, expert_ids=ids,
-                            options=li.kernels)
+                            options=li.kernels, kv_out=kv_out)
 
     def out(self, attn: torch.Tensor, li: LayerInputs, residual: torch.Tensor) -> torch.Tensor:
         """``residual + o_proj(attn)`` routed per expert."""
@@ -155,10 +179,11 @@ class MoTDecoderLayer(nn.Module):
         self._down = ExpertPack([[[(m.down_proj, "weight")]] for m in mlps], quantizable=True)
 
     def forward(self, x: torch.Tensor, li: LayerInputs, attention: AttentionFn,
-                kv_sink: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+                kv_sink: KVSink | SlotSink | None = None) -> torch.Tensor:
         h = _norm(x, li, self._in_norm.get()[:, 0], self.eps, before_qkv=True)
-        q, k, v = self.self_attn.qkv(h, li)
-        if kv_sink is not None:  # prefill: the context cache keeps K after k_norm + RoPE
+        slots = kv_sink.target(self.layer_idx) if isinstance(kv_sink, SlotSink) else None
+        q, k, v = self.self_attn.qkv(h, li, kv_out=slots)
+        if kv_sink is not None and slots is None:  # prefill: the context cache keeps K after k_norm + RoPE
             kv_sink(self.layer_idx, k, v)
         x = self.self_attn.out(attention(self.layer_idx, q, k, v), li, residual=x)
         h = _norm(x, li, self._post_norm.get()[:, 0], self.eps)

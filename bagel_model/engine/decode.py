@@ -4,8 +4,9 @@ Eager decoding is host-bound: a token ran ≈ 430 kernels (28 layers of norms, r
 attention, cache writes; profiled on one H200, 2026-12-07), and Python + Triton's launch path cost several times the
 GPU work, so the GPU idles most of a token (numbers: benchmarks/RESULTS.md, decode). ≈ 170 of those kernels were the
 cache write's index arithmetic, 6 per layer for the one page and slot every layer shares: the step now computes them
-once (``token_slots``) and each layer only writes K and V (``write_token_slots``: 323 kernels a bf16 token on one
-H100, 2026-12-07). Every launch of a step depends only on device state — the fed token, its RoPE position, the
+once (``token_slots``) and each layer only wrote K and V (``write_token_slots``, two scatters: 323 kernels a bf16
+token on one H100, 2026-12-07); the QK-norm + RoPE kernel now stores them itself (``SlotSink``: 56 launches fewer a
+token). Every launch of a step depends only on device state — the fed token, its RoPE position, the
 cache slot it is written to, the cache length the attention reads — so the step is recorded once and replayed; the
 host only reads the chosen token back (the one read text decoding needs). That read is taken one step behind the
 GPU (``decode_ahead``): the replay of a one-step graph left the GPU idle while the host waited for the token, read
@@ -20,9 +21,9 @@ from __future__ import annotations
 import torch
 
 from bagel_kernels import ExpertSegments, invariant_linear
-from bagel_kernels.kv_layout import token_slots, write_token_slots
+from bagel_kernels.kv_layout import token_slots
 
-from ..core.layers import LayerInputs, local_attention
+from ..core.layers import LayerInputs, SlotSink, local_attention
 from ..core.model import BagelModel
 from ..runtime.graph_capture import capture
 from .kv_cache import Context
@@ -70,13 +71,11 @@ class GraphDecoder:
         cos, sin = m._cos_sin(self.position)
         li = LayerInputs(routing=ExpertSegments.uniform(1, False), cos=cos, sin=sin, gen_mode=False, small_batch=True,
                          kernels=m.kernels)
-        # the token's page and slot, once for all layers (in the graph: from the device-side ``slot``)
+        # the token's page and slot, once for all layers (in the graph: from the device-side ``slot``); each
+        # layer's QK-norm + RoPE kernel writes its K and V there (SlotSink)
         pages, slots = token_slots(self.cache.block_table[0], self.slot, 1, self.cache.views[0].block_size)
-
-        def write(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            write_token_slots(self.cache.views[layer], pages, slots, k, v)
-
-        h = m._run_layers(x, li, local_attention(self.cache.segments(), 1, self.visible, options=m.kernels), write)
+        sink = SlotSink(self.cache.views, pages, slots)
+        h = m._run_layers(x, li, local_attention(self.cache.segments(), 1, self.visible, options=m.kernels), sink)
         logits = invariant_linear(h, m.language_model.lm_head.weight, small_batch=True, options=m.kernels)
         self.token.copy_(logits[-1].float().argmax().view(1))
         self.position.add_(1)
