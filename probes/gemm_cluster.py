@@ -5,8 +5,9 @@ Issue #32: does a Hopper routed GEMM with 2-CTA clusters and TMA multicast of th
 Gluon kernel's bits (same tiles, same wgmma sequence in K order, same epilogue roundings)? Finding (one H100,
 2026-12-08): its bits equal the Gluon kernel's on every projection and row set (qkv + bias, o_proj and down +
 residual, gate/up SwiGLU; the 1024² and 512² steps, an SP/2 share, the img2img prefill's three segments), so a
-CUDA kernel can take over the exact mode without moving an md5; but this schedule runs 413-488 TFLOP/s, 0.67-0.74x
-the Gluon kernel (which ran 0.73-1.07x dense cuBLAS in the same call) and 0.50-0.77x cuBLAS.
+CUDA kernel can take over the exact mode without moving an md5; but this kernel runs 0.67-0.74x the Gluon kernel,
+and so does its schedule without clusters (0.63-0.70x): the CUDA mainloop itself is slow, while clusters with
+multicast add 7-13 % over it on o_proj, gate_up and down (``--variants``; benchmarks/RESULTS.md).
 
 Builds the CUDA file with nvcc (sm_90a) into a shared library, calls it through ctypes on torch's current stream,
 and times it (CUDA-graph replay, ``benchmarks.common.bench_ms``) against the exact Gluon kernel (the shipped
