@@ -6,8 +6,13 @@ Gluon kernel's bits (same tiles, same wgmma sequence in K order, same epilogue r
 2026-12-08): its bits equal the Gluon kernel's on every projection and row set (qkv + bias, o_proj and down +
 residual, gate/up SwiGLU; the 1024² and 512² steps, an SP/2 share, the img2img prefill's three segments), so a
 CUDA kernel can take over the exact mode without moving an md5; but this kernel runs 0.67-0.74x the Gluon kernel,
-and so does its schedule without clusters (0.63-0.70x): the CUDA mainloop itself is slow, while clusters with
-multicast add 7-13 % over it on o_proj, gate_up and down (``--variants``; benchmarks/RESULTS.md).
+and so does its schedule without clusters (0.63-0.70x): the CUDA mainloop itself was slow, while clusters with
+multicast added 7-13 % over it on o_proj, gate_up and down (``--variants``; benchmarks/RESULTS.md). The SASS then
+showed why: the stage release (``mbarrier.arrive.release.cluster``) compiled to MEMBAR.ALL.GPU before every K step's
+arrive, and the A descriptors went through R2UR (the warpgroup index was not warp-uniform to the compiler). Both are
+fixed in the .cu (default-semantics arrive, as CUTLASS's; ``__shfl_sync`` for the warpgroup index: its mainloop's
+SASS is now the Gluon kernel's shape) and NOT yet measured: the "release.cluster arrive" variants rebuild the
+measured version for comparison.
 
 Builds the CUDA file with nvcc (sm_90a) into a shared library, calls it through ctypes on torch's current stream,
 and times it (CUDA-graph replay, ``benchmarks.common.bench_ms``) against the exact Gluon kernel (the shipped
@@ -40,7 +45,9 @@ DEFAULT_SETS = ["t2i 1024² step 2×4098+4", "t2i 512² step 2×1026+4", "i2i pr
 VARIANTS = {"shipped schedule": [], "wait each step": ["-DBK_WAIT0=1"], "no multicast": ["-DBK_MULTICAST=0"],
             "wait each step, no multicast": ["-DBK_WAIT0=1", "-DBK_MULTICAST=0"],
             "no clusters (Gluon's schedule in CUDA)": ["-DBK_CLUSTER=1"],
-            "no clusters, wait each step": ["-DBK_CLUSTER=1", "-DBK_WAIT0=1"]}
+            "no clusters, wait each step": ["-DBK_CLUSTER=1", "-DBK_WAIT0=1"],
+            "release.cluster arrive (as measured 2026-12-08)": ["-DBK_RELEASE_CLUSTER=1"],
+            "no clusters, release.cluster arrive": ["-DBK_CLUSTER=1", "-DBK_RELEASE_CLUSTER=1"]}
 
 
 def build(flags: list[str] = ()) -> ctypes.CDLL:

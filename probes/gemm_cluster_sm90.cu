@@ -77,8 +77,17 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       : "memory");
 }
 
-// Arrive on the barrier at the same shared-memory offset in CTA `cta` of the cluster (this CTA included).
+// Arrive on the barrier at the same shared-memory offset in CTA `cta` of the cluster (this CTA included), with the
+// instruction's default semantics (release at CTA scope), as CUTLASS's ClusterBarrier::arrive(cta_id) does: the
+// stage's readers were wgmma, already retired. `BK_RELEASE_CLUSTER=1` asks for `.release.cluster` instead, which
+// ptxas compiles to MEMBAR.ALL.GPU (+ ERRBAR, CGAERRBAR) before the arrive — in the first version of this probe,
+// once per K step in warp 0 of each consumer warpgroup, stalling the whole warpgroup's next wgmma (found in the SASS
+// after the variants' call: the CUDA mainloop ran 0.63-0.70x the Gluon kernel with or without clusters).
+#ifndef BK_RELEASE_CLUSTER
+#define BK_RELEASE_CLUSTER 0
+#endif
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
+#if BK_RELEASE_CLUSTER
   asm volatile(
       "{\n"
       ".reg .b32 remote;\n"
@@ -87,6 +96,16 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta)
       "}\n" ::"r"(smem_addr(bar)),
       "r"(cta)
       : "memory");
+#else
+  asm volatile(
+      "{\n"
+      ".reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(cta)
+      : "memory");
+#endif
 }
 
 __device__ __forceinline__ void tma_load(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
@@ -247,7 +266,8 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
   const int cluster = blockIdx.x / BK_CLUSTER, clusters = gridDim.x / BK_CLUSTER;
   const int num_row = r.row_tiles(), num_pairs = (num_row + BK_CLUSTER - 1) / BK_CLUSTER, num_n = (N + BN - 1) / BN;
   const int tiles = num_pairs * num_n, k_iters = (K + BK - 1) / BK;
-  const int wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  // warp-uniform (CUTLASS's canonical_warp_group_idx): the A descriptors can live in uniform registers
+  const int wg = __shfl_sync(0xffffffff, threadIdx.x / 128, 0), tid = threadIdx.x % 128;
 
   if (threadIdx.x == 0) {
     for (int i = 0; i < STAGES; ++i) {
