@@ -44,7 +44,7 @@ from bagel_kernels.routed_gemm_fp8_gluon import (Fp8GluonConfig, _stages_that_fi
 from bagel_kernels.routed_gemm_fp8_triton import routed_gemm_fp8_triton
 
 from .common import add_output_args, bench_ms, emit, require_cuda, row
-from .shapes import EPILOGUE, PROJECTIONS
+from .shapes import EPILOGUE, PROJECTIONS, sweep_token_sets
 
 M_GEN, M_MARKERS = 2 * 4098, 4
 
@@ -80,8 +80,6 @@ def token_sets(args: argparse.Namespace) -> dict[str, bk.ExpertSegments]:
     (img2img's 3 jobs, its prefill with mixed routing) and an SP rank's share (``bench_routed_gemm``'s sets)."""
     sets = {f"step {m}+{M_MARKERS}": bagel_step_routing(m) for m in args.m_gen}
     if args.all_shapes:
-        from .bench_routed_gemm import sweep_token_sets
-
         sets.update({k: v for k, v in sweep_token_sets().items() if not k.startswith("t2i ")})
     return sets
 

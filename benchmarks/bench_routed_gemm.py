@@ -29,7 +29,7 @@ import bagel_kernels as bk
 
 from .common import add_output_args, bench_ms, emit, require_cuda, row
 from .peers import projection_peers
-from .shapes import EPILOGUE, PROJECTIONS, token_sets
+from .shapes import EPILOGUE, PROJECTIONS, sweep_token_sets, token_sets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,18 +70,6 @@ def cases(sets: dict[str, bk.ExpertSegments]) -> Iterator[tuple]:
             case = projection_case(m, pname, n, k, swiglu)
             shape = f"{tname} {pname}{' +' + EPILOGUE[pname] if EPILOGUE[pname] else ''} M={m} N={n * case[0]} K={k}"
             yield routing, ids, (pname, n, k, swiglu), case, shape
-
-
-def sweep_token_sets() -> dict[str, bk.ExpertSegments]:
-    """The row sets of issue #32's targets: generation steps (latents on the generation expert, 4 marker rows on
-    the understanding expert), img2img, its prefill, and an SP rank's share of the 1024² step."""
-    def step(m_gen: int) -> bk.ExpertSegments:
-        return bk.ExpertSegments(((0, m_gen, True), (m_gen, m_gen + 4, False)))
-    sets = {"t2i 1024² step 2×4098+4": step(2 * 4098), "t2i 512² step 2×1026+4": step(2 * 1026),
-            "i2i step 3×4098": bk.ExpertSegments.uniform(3 * 4098, True),
-            "SP/2 share of 1024² step": step(4098), "SP/4 share of 1024² step": step(2049)}
-    sets["i2i prefill mixed"] = token_sets()["i2i prefill mixed"]
-    return sets
 
 
 def sweep_variants(swiglu: bool) -> dict[str, dict]:

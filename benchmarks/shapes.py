@@ -22,3 +22,15 @@ def token_sets() -> dict[str, bk.ExpertSegments]:
     flags = [False] * 40 + [True] * 4098 + [False] * 60
     return {"gen step 3×4098": bk.ExpertSegments.uniform(3 * 4098, True),
             "i2i prefill mixed": bk.ExpertSegments.from_flags(flags)}
+
+
+def sweep_token_sets() -> dict[str, bk.ExpertSegments]:
+    """The row sets of issue #32's targets: generation steps (latents on the generation expert, 4 marker rows on
+    the understanding expert), img2img, its prefill, and an SP rank's share of the 1024² step."""
+    def step(m_gen: int) -> bk.ExpertSegments:
+        return bk.ExpertSegments(((0, m_gen, True), (m_gen, m_gen + 4, False)))
+    sets = {"t2i 1024² step 2×4098+4": step(2 * 4098), "t2i 512² step 2×1026+4": step(2 * 1026),
+            "i2i step 3×4098": bk.ExpertSegments.uniform(3 * 4098, True),
+            "SP/2 share of 1024² step": step(4098), "SP/4 share of 1024² step": step(2049)}
+    sets["i2i prefill mixed"] = token_sets()["i2i prefill mixed"]
+    return sets

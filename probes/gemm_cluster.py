@@ -34,7 +34,8 @@ import tempfile
 import torch
 
 from bagel_kernels.routed_gemm_gluon import BLOCK_K, GROUP_M, _block_n, _segment_bounds, _stages, launch_routed_gemm_ws
-from benchmarks.bench_routed_gemm import cases, sweep_token_sets
+from benchmarks.bench_routed_gemm import cases
+from benchmarks.shapes import sweep_token_sets
 from benchmarks.common import bench_ms
 from benchmarks.peers import projection_peers
 
