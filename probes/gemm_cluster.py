@@ -48,6 +48,7 @@ VARIANTS = {"shipped schedule": [], "wait each step": ["-DBK_WAIT0=1"], "no mult
             "no clusters (Gluon's schedule in CUDA)": ["-DBK_CLUSTER=1"],
             "no clusters, wait each step": ["-DBK_CLUSTER=1", "-DBK_WAIT0=1"],
             "release.cluster arrive (as measured 2026-12-08)": ["-DBK_RELEASE_CLUSTER=1"],
+            "stores from registers, 4 stages": ["-DBK_DIRECT=1"],
             "no clusters, release.cluster arrive": ["-DBK_CLUSTER=1", "-DBK_RELEASE_CLUSTER=1"]}
 
 

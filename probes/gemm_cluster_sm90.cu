@@ -28,6 +28,9 @@
 #ifndef BK_CLUSTER
 #define BK_CLUSTER 2  // 1: no clusters (each CTA its own row tile and weights: the Gluon kernel's schedule in CUDA)
 #endif
+#ifndef BK_DIRECT
+#define BK_DIRECT 0  // 1: the epilogue stores from registers (no output tile in shared memory), so P = 1 gets 4 stages
+#endif
 #ifndef BK_MULTICAST
 #define BK_MULTICAST 1  // 0: each CTA loads its whole weight tile (clusters without multicast)
 #endif
@@ -40,7 +43,7 @@ constexpr int A_BYTES = BM * BK * 2, B_BYTES = WROWS * BK * 2;
 template <int P>
 struct Cfg {
   static constexpr int BN = P == 1 ? 256 : 128;   // output columns of a tile
-  static constexpr int STAGES = P == 1 ? 3 : 4;  // the Gluon kernel's ring depths
+  static constexpr int STAGES = (P == 1 && !BK_DIRECT) ? 3 : 4;  // the Gluon kernel's ring depths
   static constexpr int SUBS = BN / 64;           // 64x64 output sub-tiles per warpgroup
 };
 
@@ -48,7 +51,7 @@ template <int P>
 struct __align__(1024) Smem {
   __nv_bfloat16 a[Cfg<P>::STAGES][BM * BK];     // 16 KB a stage, 128B-swizzled by TMA
   __nv_bfloat16 b[Cfg<P>::STAGES][WROWS * BK];  // 32 KB a stage: 256 weight rows (P = 2: gate rows, up rows)
-  __nv_bfloat16 c[BM * Cfg<P>::BN];             // epilogue: per warpgroup SUBS swizzled 64x64 sub-tiles
+  __nv_bfloat16 c[BK_DIRECT ? 64 : BM * Cfg<P>::BN];  // epilogue: per warpgroup SUBS swizzled 64x64 sub-tiles
   uint64_t full[Cfg<P>::STAGES], empty[Cfg<P>::STAGES], res[CONSUMERS];
 };
 
@@ -257,7 +260,7 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
     routed_cluster_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                           const __grid_constant__ CUtensorMap out_map, const __grid_constant__ CUtensorMap res_map,
                           __nv_bfloat16* __restrict__ out, int ldo, const __nv_bfloat16* __restrict__ bias,
-                          Routing r, int N, int K) {
+                          const __nv_bfloat16* __restrict__ res, int ldr, Routing r, int N, int K) {
   using C = Cfg<P>;
   constexpr int BN = C::BN, STAGES = C::STAGES, SUBS = C::SUBS;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -350,7 +353,7 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
         if (kk > 0 && tid < BK_CLUSTER) mbar_arrive_cluster(&s.empty[(it + STAGES - 1) % STAGES], tid);
 #endif
         __syncwarp();
-        if (HAS_RES && kk == res_step && tid == 0) {
+        if (HAS_RES && !BK_DIRECT && kk == res_step && tid == 0) {
           // the residual tile by TMA into c, once the previous tile's store has read c; lands under the mainloop
           asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
           mbar_expect_tx(&s.res[wg], 64 * BN * 2);
@@ -367,8 +370,9 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
 
       // epilogue: rows past the segment's end (a tile reaching into the next segment) go through masked
       // pointer stores; other tiles through four (two) swizzled 64x64 sub-tiles and TMA stores
-      const bool via_rows = w.end < min(w.m0 + BM, r.M);
-      if (HAS_RES) {
+      const bool via_rows = BK_DIRECT || w.end < min(w.m0 + BM, r.M);
+      if (BK_DIRECT) {
+      } else if (HAS_RES) {
         mbar_wait(&s.res[wg], res_phase);
         res_phase ^= 1;
       } else {
@@ -405,12 +409,19 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
           __nv_bfloat162* slot = reinterpret_cast<__nv_bfloat162*>(
               reinterpret_cast<uint8_t*>(c + sub * 64 * 64) + row * 128 + ((chunk ^ (row & 7)) * 16) + (col % 8) * 2);
           __nv_bfloat162 o = __floats2bfloat162_rn(v[0], v[1]);
+          const int grow = w.m0 + 64 * wg + row;
           if (HAS_RES) {  // res + the rounded projection, as eager's x + o_proj(a)
-            const __nv_bfloat162 rv = *slot;
+            __nv_bfloat162 rv;
+            if (BK_DIRECT) {
+              const bool in = grow < w.end && gcol + 1 < N;  // (N is even in the model; a ragged column is not read)
+              rv = in ? *reinterpret_cast<const __nv_bfloat162*>(res + (size_t)grow * ldr + gcol)
+                      : __floats2bfloat162_rn(0.f, 0.f);
+            } else {
+              rv = *slot;
+            }
             o = __floats2bfloat162_rn(__bfloat162float(rv.x) + __bfloat162float(o.x),
                                       __bfloat162float(rv.y) + __bfloat162float(o.y));
           }
-          const int grow = w.m0 + 64 * wg + row;
           if (via_rows) {
             if (grow < w.end) {
               if (gcol + 1 < N) *reinterpret_cast<__nv_bfloat162*>(out + (size_t)grow * ldo + gcol) = o;
@@ -421,6 +432,7 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
           }
         }
       }
+      if (BK_DIRECT) continue;
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
       wg_sync(wg);
       if (tid == 0 && !via_rows) {
@@ -464,12 +476,14 @@ int make_map(CUtensorMap* map, const void* ptr, int rows, int cols, int ld, int 
 
 template <int P, bool HAS_BIAS, bool HAS_RES>
 int launch(const CUtensorMap& xm, const CUtensorMap& wm, const CUtensorMap& om, const CUtensorMap& rm, void* out,
-           int ldo, const void* bias, Routing r, int N, int K, int clusters, cudaStream_t stream) {
+           int ldo, const void* bias, const void* res, int ldr, Routing r, int N, int K, int clusters,
+           cudaStream_t stream) {
   auto kernel = routed_cluster_kernel<P, HAS_BIAS, HAS_RES>;
   const int smem = sizeof(Smem<P>);
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   kernel<<<BK_CLUSTER * clusters, THREADS, smem, stream>>>(xm, wm, om, rm, static_cast<__nv_bfloat16*>(out), ldo,
-                                                  static_cast<const __nv_bfloat16*>(bias), r, N, K);
+                                                  static_cast<const __nv_bfloat16*>(bias),
+                                                  static_cast<const __nv_bfloat16*>(res), ldr, r, N, K);
   cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? 0 : 1000 + (int)e;
 }
@@ -491,11 +505,11 @@ extern "C" int bk_routed_gemm_cluster(const void* x, const void* w, void* out, c
   if (err) return err;
   const Routing r{M, b1, b2, b3, e0};
   const bool hb = bias != nullptr, hr = res != nullptr;
-  if (P == 1 && !hb && !hr) return launch<1, false, false>(xm, wm, om, rm, out, ldo, bias, r, N, K, clusters, stream);
-  if (P == 1 && hb && !hr) return launch<1, true, false>(xm, wm, om, rm, out, ldo, bias, r, N, K, clusters, stream);
-  if (P == 1 && !hb && hr) return launch<1, false, true>(xm, wm, om, rm, out, ldo, bias, r, N, K, clusters, stream);
-  if (P == 2 && !hr && !hb) return launch<2, false, false>(xm, wm, om, rm, out, ldo, bias, r, N, K, clusters, stream);
-  if (P == 2 && !hr && hb) return launch<2, true, false>(xm, wm, om, rm, out, ldo, bias, r, N, K, clusters, stream);
+  if (P == 1 && !hb && !hr) return launch<1, false, false>(xm, wm, om, rm, out, ldo, bias, res, ldr, r, N, K, clusters, stream);
+  if (P == 1 && hb && !hr) return launch<1, true, false>(xm, wm, om, rm, out, ldo, bias, res, ldr, r, N, K, clusters, stream);
+  if (P == 1 && !hb && hr) return launch<1, false, true>(xm, wm, om, rm, out, ldo, bias, res, ldr, r, N, K, clusters, stream);
+  if (P == 2 && !hr && !hb) return launch<2, false, false>(xm, wm, om, rm, out, ldo, bias, res, ldr, r, N, K, clusters, stream);
+  if (P == 2 && !hr && hb) return launch<2, true, false>(xm, wm, om, rm, out, ldo, bias, res, ldr, r, N, K, clusters, stream);
   return 3;
 }
 
