@@ -21,7 +21,7 @@ from torch import nn
 from bagel_kernels import (ContiguousKV, ExpertSegments, KernelOptions, PagedKV, PagedKVView, QuantizedRows,
                            default_options, joint_attention, qk_norm_rope, rms_norm_reference, routed_linear,
                            routed_linear_fp8, routed_rms_norm, routed_rms_norm_fp8)
-from bagel_kernels.kv_layout import TokenSlots, write_token_slots
+from bagel_kernels.kv_layout import TokenSlots
 
 from .expert_pack import ExpertPack
 
@@ -76,10 +76,10 @@ KVSink = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer, k, v) afte
 
 @dataclass(frozen=True)
 class SlotSink:
-    """A ``KVSink`` whose tokens go to fixed (page, slot)s of every layer's paged cache (``token_slots``, the same
+    """A K/V sink whose tokens go to fixed (page, slot)s of every layer's paged cache (``token_slots``, the same
     for all layers). The layer hands it to QK-norm + RoPE, whose kernel stores k and v there itself
-    (``qk_norm_rope(..., kv_out=)``): text decoding's token step then launches no scatter per layer. Called as a
-    plain sink, it writes with ``write_token_slots`` (the same values)."""
+    (``qk_norm_rope(..., kv_out=)``, the values ``write_token_slots`` would write): text decoding's token step then
+    launches no scatter per layer."""
 
     views: list[PagedKVView]
     pages: torch.Tensor
@@ -87,9 +87,6 @@ class SlotSink:
 
     def target(self, layer_idx: int) -> TokenSlots:
         return TokenSlots(self.views[layer_idx], self.pages, self.slots)
-
-    def __call__(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        write_token_slots(self.views[layer_idx], self.pages, self.slots, k, v)
 
 
 def experts_pack(module: nn.Module, *names: str, attr: str = "weight", quantizable: bool = False) -> ExpertPack:
