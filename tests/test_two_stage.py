@@ -295,6 +295,29 @@ def test_graph_decoders_device_step_gives_the_eager_tokens_and_cache(tiny_model,
         tiny_model.kernels = kept
 
 
+def test_decode_step_writes_the_cache_without_a_scatter(tiny_model):
+    """With the Triton kernels, the token step's K/V reach the paged cache through the QK-norm + RoPE kernel's own
+    stores: no index_put (two scatter kernels per layer on the GPU) in the step the CUDA graph records."""
+    import dataclasses
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from bagel_model.engine.decode import GraphDecoder
+
+    kept = tiny_model.kernels
+    tiny_model.kernels = dataclasses.replace(kept, backend="triton")
+    try:
+        ctx, _ = prefill(tiny_model, [TextBlock(list(range(10, 20)))], extra_capacity=4)
+        dec = GraphDecoder(tiny_model, ctx, 7, record=False)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            dec._step()
+    finally:
+        tiny_model.kernels = kept
+    ops = [e.name for e in prof.events()]
+    assert "aten::embedding" in ops  # the profile saw the step
+    assert not [n for n in ops if n.startswith("aten::index_put")]
+
+
 def _check_device_step(tiny_model) -> None:
     from bagel_model.engine.decode import GraphDecoder
 
