@@ -1,4 +1,4 @@
-"""Question: does a routed GEMM with 2-CTA clusters and TMA multicast beat cuBLAS with the exact bits? Finding: same bits, slower.
+"""Question: can a CUDA routed GEMM with 2-CTA clusters + TMA multicast beat cuBLAS exactly? Finding: same bits, slower.
 
 Issue #32: does a Hopper routed GEMM with 2-CTA clusters and TMA multicast of the weight tile
 (``probes/gemm_cluster_sm90.cu``) beat dense bf16 cuBLAS at the step's shapes, and does it give the shipped exact
@@ -40,7 +40,8 @@ from benchmarks.common import bench_ms
 from benchmarks.peers import projection_peers
 
 SRC = os.path.join(os.path.dirname(__file__), "gemm_cluster_sm90.cu")
-DEFAULT_SETS = ["t2i 1024² step 2×4098+4", "t2i 512² step 2×1026+4", "i2i prefill mixed", "SP/2 share of 1024² step"]
+DEFAULT_SETS = ["t2i 1024² step 2×4098+4", "t2i 512² step 2×1026+4", "i2i prefill mixed",
+                "SP/2 share of 1024² step"]
 
 
 VARIANTS = {"shipped schedule": [], "wait each step": ["-DBK_WAIT0=1"], "no multicast": ["-DBK_MULTICAST=0"],
@@ -102,8 +103,8 @@ def main() -> None:
         exact()
         t_exact = bench_ms(exact)
         t_dense = bench_ms(projection_peers(x, ids.bool(), w, swiglu, True, bias, res)["dense cuBLAS"])
-        row = {"shape": shape, "exact_gluon_tflops": round(tf(t_exact), 1), "dense_cublas_tflops": round(tf(t_dense), 1),
-               "exact/dense": round(t_dense / t_exact, 3)}
+        row = {"shape": shape, "exact_gluon_tflops": round(tf(t_exact), 1),
+               "dense_cublas_tflops": round(tf(t_dense), 1), "exact/dense": round(t_dense / t_exact, 3)}
         for vname, lib in libs.items():
             out.zero_()
             ours(lib, clusters[vname])

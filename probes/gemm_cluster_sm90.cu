@@ -505,11 +505,13 @@ extern "C" int bk_routed_gemm_cluster(const void* x, const void* w, void* out, c
   if (err) return err;
   const Routing r{M, b1, b2, b3, e0};
   const bool hb = bias != nullptr, hr = res != nullptr;
-  if (P == 1 && !hb && !hr) return launch<1, false, false>(xm, wm, om, rm, out, ldo, bias, res, ldr, r, N, K, clusters, stream);
-  if (P == 1 && hb && !hr) return launch<1, true, false>(xm, wm, om, rm, out, ldo, bias, res, ldr, r, N, K, clusters, stream);
-  if (P == 1 && !hb && hr) return launch<1, false, true>(xm, wm, om, rm, out, ldo, bias, res, ldr, r, N, K, clusters, stream);
-  if (P == 2 && !hr && !hb) return launch<2, false, false>(xm, wm, om, rm, out, ldo, bias, res, ldr, r, N, K, clusters, stream);
-  if (P == 2 && !hr && hb) return launch<2, true, false>(xm, wm, om, rm, out, ldo, bias, res, ldr, r, N, K, clusters, stream);
+#define BK_LAUNCH(P_, B_, R_) launch<P_, B_, R_>(xm, wm, om, rm, out, ldo, bias, res, ldr, r, N, K, clusters, stream)
+  if (P == 1 && !hb && !hr) return BK_LAUNCH(1, false, false);
+  if (P == 1 && hb && !hr) return BK_LAUNCH(1, true, false);
+  if (P == 1 && !hb && hr) return BK_LAUNCH(1, false, true);
+  if (P == 2 && !hr && !hb) return BK_LAUNCH(2, false, false);
+  if (P == 2 && !hr && hb) return BK_LAUNCH(2, true, false);
+#undef BK_LAUNCH
   return 3;
 }
 
