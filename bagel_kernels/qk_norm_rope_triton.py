@@ -73,14 +73,15 @@ def qk_norm_rope_triton(qkv: torch.Tensor, expert_ids: torch.Tensor | None, q_no
     v = torch.empty(rows, num_kv_heads, d, dtype=qkv.dtype, device=qkv.device)
     if rows == 0:
         return q, k, v
-    kc, vc = (kv_out.view.k, kv_out.view.v) if kv_out is not None else (k, v)
-    pages, slots = (kv_out.pages, kv_out.slots) if kv_out is not None else (k, k)
-    kst = kc.stride() if kv_out is not None else (0, 0, 0, 0)
-    vst = vc.stride() if kv_out is not None else (0, 0, 0, 0)
+    if kv_out is None:  # never read (KV_OUT off): placeholders of the right kinds
+        cache_args = (k, v, k, k) + (0,) * 8
+    else:
+        kc, vc = kv_out.view.k, kv_out.view.v
+        cache_args = (kc, vc, kv_out.pages, kv_out.slots, *kc.stride(), *vc.stride())
     _qk_norm_rope[(rows,)](
         qkv, qkv.stride(0), expert_ids if expert_ids is not None else qkv, q_norm.contiguous(), k_norm.contiguous(),
         cos.float().contiguous(), sin.float().contiguous(), q, k, v, num_heads, num_kv_heads, eps,
-        kc, vc, pages, slots, *kst, *vst,
+        *cache_args,
         HAS_IDS=expert_ids is not None, FP32=fp32_math, D=d, BLOCK_H=triton.next_power_of_2(num_heads + num_kv_heads),
         BLOCK_V=triton.next_power_of_2(num_kv_heads), KV_OUT=kv_out is not None, num_warps=4)
     return q, k, v
