@@ -1,5 +1,6 @@
 """Two-stage serving (AR -> DiT): split == single stage bit for bit, KV layouts round-trip, KV-ready forwarding,
 every request parameter reaches stage 1, malformed payloads are rejected."""
+import contextlib
 import dataclasses
 import os
 import time
@@ -279,40 +280,39 @@ def test_one_process_makes_no_transfer_payload(tiny_model, tokenizer, monkeypatc
     assert res.image.shape == (16, 16, 3)
 
 
+@contextlib.contextmanager
+def _kernel_backend(model, backend: str):
+    """The shared tiny model with its kernels on ``backend`` for the block, restored after."""
+    kept = model.kernels
+    model.kernels = dataclasses.replace(kept, backend=backend)
+    try:
+        yield
+    finally:
+        model.kernels = kept
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_graph_decoders_device_step_gives_the_eager_tokens_and_cache(tiny_model, backend):
     """What the CUDA graph records — ``GraphDecoder._step``, the token's page and slot computed once for all
     layers, each layer's K/V stored by the QK-norm + RoPE kernel itself (``SlotSink``; with the reference
     kernels, by ``write_token_slots``) — run eagerly (on the CPU): the eager loop's tokens (its cache written by
     the prefill's scatters), and the same K/V in the cache, bit for bit."""
-    import dataclasses
-
-    kept = tiny_model.kernels
-    tiny_model.kernels = dataclasses.replace(kept, backend=backend)
-    try:
+    with _kernel_backend(tiny_model, backend):
         _check_device_step(tiny_model)
-    finally:
-        tiny_model.kernels = kept
 
 
 def test_decode_step_writes_the_cache_without_a_scatter(tiny_model):
     """With the Triton kernels, the token step's K/V reach the paged cache through the QK-norm + RoPE kernel's own
     stores: no index_put (two scatter kernels per layer on the GPU) in the step the CUDA graph records."""
-    import dataclasses
-
     from torch.profiler import ProfilerActivity, profile
 
     from bagel_model.engine.decode import GraphDecoder
 
-    kept = tiny_model.kernels
-    tiny_model.kernels = dataclasses.replace(kept, backend="triton")
-    try:
+    with _kernel_backend(tiny_model, "triton"):
         ctx, _ = prefill(tiny_model, [TextBlock(list(range(10, 20)))], extra_capacity=4)
         dec = GraphDecoder(tiny_model, ctx, 7, record=False)
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
             dec._step()
-    finally:
-        tiny_model.kernels = kept
     ops = [e.name for e in prof.events()]
     assert "aten::embedding" in ops  # the profile saw the step
     assert not [n for n in ops if n.startswith("aten::index_put")]
