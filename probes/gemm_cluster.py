@@ -12,7 +12,10 @@ showed why: the stage release (``mbarrier.arrive.release.cluster``) compiled to 
 arrive, and the A descriptors went through R2UR (the warpgroup index was not warp-uniform to the compiler). Both are
 fixed in the .cu (default-semantics arrive, as CUTLASS's; ``__shfl_sync`` for the warpgroup index: its mainloop's
 SASS is now the Gluon kernel's shape) and NOT yet measured: the "release.cluster arrive" variants rebuild the
-measured version for comparison.
+measured version for comparison. The "ping-pong" variants (``BK_PINGPONG``, written 2026-12-08, built for sm_90a and
+read in SASS on the CPU, never run) give each consumer warpgroup whole 128 x 128 tiles (SwiGLU: 128 x 64 of gate and
+of up) in turn, so one warpgroup's epilogue overlaps the other's main loop; their wgmma are n128 (n64) instead of
+n256 (n128), and the bit check says whether that moves any element's bits.
 
 Builds the CUDA file with nvcc (sm_90a) into a shared library, calls it through ctypes on torch's current stream,
 and times it (CUDA-graph replay, ``benchmarks.common.bench_ms``) against the exact Gluon kernel (the shipped
@@ -30,6 +33,7 @@ import json
 import os
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -50,7 +54,10 @@ VARIANTS = {"shipped schedule": [], "wait each step": ["-DBK_WAIT0=1"], "no mult
             "no clusters, wait each step": ["-DBK_CLUSTER=1", "-DBK_WAIT0=1"],
             "release.cluster arrive (as measured 2026-12-08)": ["-DBK_RELEASE_CLUSTER=1"],
             "stores from registers, 4 stages": ["-DBK_DIRECT=1"],
-            "no clusters, release.cluster arrive": ["-DBK_CLUSTER=1", "-DBK_RELEASE_CLUSTER=1"]}
+            "no clusters, release.cluster arrive": ["-DBK_CLUSTER=1", "-DBK_RELEASE_CLUSTER=1"],
+            "ping-pong consumers": ["-DBK_PINGPONG=1"],
+            "ping-pong, no multicast": ["-DBK_PINGPONG=1", "-DBK_MULTICAST=0"],
+            "ping-pong, no clusters": ["-DBK_PINGPONG=1", "-DBK_CLUSTER=1"]}
 
 
 def build(flags: list[str] = ()) -> ctypes.CDLL:
@@ -70,7 +77,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["shipped schedule"], choices=list(VARIANTS))
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    libs = {v: build(VARIANTS[v]) for v in a.variants}
+    with ThreadPoolExecutor(max_workers=len(a.variants)) as pool:  # nvcc runs as its own process: build in parallel
+        libs = dict(zip(a.variants, pool.map(lambda v: build(VARIANTS[v]), a.variants)))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     clusters = {v: lib.bk_gemm_cluster_max_clusters() or (sms if "no clusters" in v else sms // 2)
                 for v, lib in libs.items()}

@@ -34,25 +34,44 @@
 #ifndef BK_MULTICAST
 #define BK_MULTICAST 1  // 0: each CTA loads its whole weight tile (clusters without multicast)
 #endif
+// 1: ping-pong consumers (CUTLASS's KernelTmaWarpSpecializedPingpong): each warpgroup computes whole 128-row tiles,
+// the CTA's even tiles on warpgroup 0 and odd ones on warpgroup 1, so one warpgroup's epilogue runs under the other's
+// main loop instead of both stopping the tensor cores for it. A warpgroup's 168-232 registers hold 128 accumulator
+// values a thread, so its tile is 128 x 128 (P = 2: 128 x 64 of gate and of up): wgmma m64n128k16 (m64n64k16) twice
+// per 16-wide K slice instead of the cooperative m64n256k16 (m64n128k16) once. Each output element still sums the
+// same k16 slices in K order onto an fp32 accumulator from zero; whether the instruction's N changes an element's bits
+// is what the probe's bit check answers.
+#ifndef BK_PINGPONG
+#define BK_PINGPONG 0
+#endif
+#if BK_PINGPONG && BK_DIRECT
+#error "BK_PINGPONG keeps the shared-memory epilogue (BK_DIRECT=0)"
+#endif
 
 namespace {
 
-constexpr int BM = 128, BK = 64, WROWS = 256, CONSUMERS = 2, THREADS = 128 * (CONSUMERS + 1);
+constexpr int BM = 128, BK = 64, CONSUMERS = 2, THREADS = 128 * (CONSUMERS + 1);
+constexpr int WROWS = BK_PINGPONG ? 128 : 256;  // weight rows of a stage (P = 2: half gate rows, half up rows)
+constexpr int SLABS = BK_PINGPONG ? 2 : 1;      // 64-row slabs a consumer warpgroup computes of each of its tiles
 constexpr int A_BYTES = BM * BK * 2, B_BYTES = WROWS * BK * 2;
 
 template <int P>
 struct Cfg {
-  static constexpr int BN = P == 1 ? 256 : 128;   // output columns of a tile
-  static constexpr int STAGES = (P == 1 && !BK_DIRECT) ? 3 : 4;  // the Gluon kernel's ring depths
-  static constexpr int SUBS = BN / 64;           // 64x64 output sub-tiles per warpgroup
+  static constexpr int BN = WROWS / P;  // output columns of a tile: 256 / 128 (P = 2); ping-pong 128 / 64
+  static constexpr int STAGES = BK_PINGPONG ? (P == 1 ? 5 : 6)  // 32 KB stages beside 64 KB (32 KB) of epilogue
+                                            : (P == 1 && !BK_DIRECT) ? 3 : 4;  // the Gluon kernel's ring depths
+  static constexpr int SUBS = BN / 64 > 0 ? BN / 64 : 1;  // 64x64 output sub-tiles per 64-row slab
+  static constexpr int SLAB_REGS = 128 / SLABS;  // a slab's accumulator values per thread (P = 2: gate, then up)
+  static constexpr int C_ELEMS = CONSUMERS * SLABS * 64 * BN;  // epilogue tiles of both warpgroups
 };
 
 template <int P>
 struct __align__(1024) Smem {
   __nv_bfloat16 a[Cfg<P>::STAGES][BM * BK];     // 16 KB a stage, 128B-swizzled by TMA
-  __nv_bfloat16 b[Cfg<P>::STAGES][WROWS * BK];  // 32 KB a stage: 256 weight rows (P = 2: gate rows, up rows)
-  __nv_bfloat16 c[BK_DIRECT ? 64 : BM * Cfg<P>::BN];  // epilogue: per warpgroup SUBS swizzled 64x64 sub-tiles
+  __nv_bfloat16 b[Cfg<P>::STAGES][WROWS * BK];  // 32 KB (ping-pong 16 KB) a stage: weight rows (P = 2: gate, up)
+  __nv_bfloat16 c[BK_DIRECT ? 64 : Cfg<P>::C_ELEMS];  // epilogue: per warpgroup and slab SUBS swizzled 64x64 tiles
   uint64_t full[Cfg<P>::STAGES], empty[Cfg<P>::STAGES], res[CONSUMERS];
+  uint64_t order[CONSUMERS];  // ping-pong: warpgroup w may start its next tile's K loop (see the kernel)
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
@@ -78,6 +97,10 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "}\n" ::"r"(smem_addr(bar)),
       "r"(parity)
       : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_local(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 }
 
 // Arrive on the barrier at the same shared-memory offset in CTA `cta` of the cluster (this CTA included), with the
@@ -179,6 +202,19 @@ __device__ __forceinline__ void wgmma_m64n128k16(float* d, uint64_t da, uint64_t
       : "l"(da), "l"(db));
 }
 
+// d += A(64x16) * B(64x16)^T
+__device__ __forceinline__ void wgmma_m64n64k16(float* d, uint64_t da, uint64_t db) {
+  asm volatile(
+      "{\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, 1, 1, 1, 0, 0;\n"
+      "}\n"
+      : BK_ACC8(0), BK_ACC8(8), BK_ACC8(16), BK_ACC8(24)
+      : "l"(da), "l"(db));
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
@@ -262,7 +298,10 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
                           __nv_bfloat16* __restrict__ out, int ldo, const __nv_bfloat16* __restrict__ bias,
                           const __nv_bfloat16* __restrict__ res, int ldr, Routing r, int N, int K) {
   using C = Cfg<P>;
-  constexpr int BN = C::BN, STAGES = C::STAGES, SUBS = C::SUBS;
+  constexpr int BN = C::BN, STAGES = C::STAGES, SUBS = C::SUBS, SLAB_REGS = C::SLAB_REGS;
+  constexpr int UP = P == 2 ? SLAB_REGS / 2 : 0;  // where a slab's up accumulator starts (P = 2)
+  constexpr int HALF = WROWS / 2;                 // weight rows each CTA of a multicasting pair loads
+  constexpr int RELEASERS = BK_PINGPONG ? 1 : CONSUMERS;  // warpgroups of a CTA that read (and release) a stage
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   Smem<P>& s = *reinterpret_cast<Smem<P>*>(smem_raw);
   const uint32_t rank = cluster_rank();
@@ -275,21 +314,24 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
   if (threadIdx.x == 0) {
     for (int i = 0; i < STAGES; ++i) {
       mbar_init(&s.full[i], 1);
-      mbar_init(&s.empty[i], CONSUMERS * BK_CLUSTER);  // both warpgroups of both CTAs release every stage
+      mbar_init(&s.empty[i], RELEASERS * BK_CLUSTER);  // the stage's readers in both CTAs release it
     }
-    for (int i = 0; i < CONSUMERS; ++i) mbar_init(&s.res[i], 1);
+    for (int i = 0; i < CONSUMERS; ++i) {
+      mbar_init(&s.res[i], 1);
+      mbar_init(&s.order[i], 1);
+    }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   cluster_sync();
 
-  if (wg == CONSUMERS) {  // producer warpgroup: one thread issues every copy
+  if (wg == CONSUMERS) {  // producer warpgroup: one thread issues every copy, tile after tile in the CTA's order
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (tid == 0) {
       int it = 0;
       for (int t = cluster; t < tiles; t += clusters) {
         const Work w = work_of(t, r, num_pairs, num_row, num_n, BN, rank);
-        // weight rows of half h of the tile: P = 1 rows [n0 + 128 h, +128) of expert e; P = 2 part h's rows
-        const int h_row0 = P == 1 ? w.e * N + w.n0 : 2 * w.e * N + w.n0, h_step = P == 1 ? 128 : N;
+        // weight rows of half h of the stage: P = 1 rows [n0 + HALF h, +HALF) of expert e; P = 2 part h's rows
+        const int h_row0 = P == 1 ? w.e * N + w.n0 : 2 * w.e * N + w.n0, h_step = P == 1 ? HALF : N;
         for (int kk = 0; kk < k_iters; ++kk, ++it) {
           const int st = it % STAGES;
           mbar_wait(&s.empty[st], ((it / STAGES) & 1) ^ 1);
@@ -300,49 +342,76 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
           mbar_expect_tx(&s.full[st], A_BYTES + B_BYTES);
           tma_load(s.a[st], &x_map, &s.full[st], kk * BK, w.m0);
           if (w.multicast) {
-            tma_load_multicast(s.b[st] + rank * 128 * BK, &w_map, &s.full[st], kk * BK, h_row0 + rank * h_step,
+            tma_load_multicast(s.b[st] + rank * HALF * BK, &w_map, &s.full[st], kk * BK, h_row0 + rank * h_step,
                                0x3);
           } else {
             tma_load(s.b[st], &w_map, &s.full[st], kk * BK, h_row0);
-            tma_load(s.b[st] + 128 * BK, &w_map, &s.full[st], kk * BK, h_row0 + h_step);
+            tma_load(s.b[st] + HALF * BK, &w_map, &s.full[st], kk * BK, h_row0 + h_step);
           }
         }
       }
     }
-  } else {  // consumer warpgroup wg: rows [64 wg, 64 wg + 64) of the tile
+  } else {  // consumer warpgroup wg: cooperative, rows [64 wg, 64 wg + 64) of every tile; ping-pong, every other tile
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-    float d[128];  // P = 1: 64 x 256; P = 2: gate d[0, 64) and up d[64, 128), 64 x 128 each
-    int it = 0, res_phase = 0;
+    // per slab: P = 1 its 64 x BN accumulator; P = 2 gate [0, UP) and up [UP, 2 UP), 64 x BN each
+    float d[128];
+    int res_phase = 0;
     const int warp = tid / 32, lane = tid % 32;
-    __nv_bfloat16* c = s.c + wg * (64 * BN);
-    for (int t = cluster; t < tiles; t += clusters) {
+    const int slab0 = BK_PINGPONG ? 0 : wg;  // the tile's first 64-row slab this warpgroup computes
+    __nv_bfloat16* c = s.c + wg * (SLABS * 64 * BN);
+    for (int i = BK_PINGPONG ? wg : 0;; i += BK_PINGPONG ? CONSUMERS : 1) {
+      const int t = cluster + i * clusters;
+      if (t >= tiles) break;
+      int it = i * k_iters;  // the ring position of the tile's first K step (every tile has k_iters of them)
       const Work w = work_of(t, r, num_pairs, num_row, num_n, BN, rank);
       const int res_step = min(2, k_iters - 1);
+      if (BK_PINGPONG && i > 0) {
+        // Ping-pong order: a warpgroup runs tile i's K loop only once the other one has passed every "full" wait of
+        // tile i - 1. Besides alternating the tensor cores between the two, this keeps a warpgroup's parity waits
+        // within one phase of the ring: its tile's first STAGES positions reuse stages whose previous fill was for
+        // tile i - 1, and a parity wait cannot tell a fill from the one two phases later.
+        // Completions of order[wg]: one per tile of the other warpgroup, tiles wg - 1, wg + 1, ... in turn.
+        mbar_wait(&s.order[wg], ((i - 1) / 2) & 1);
+      }
       if (!w.here) {  // the pair's missing tile: follow the ring, release every stage, compute nothing
         for (int kk = 0; kk < k_iters; ++kk, ++it) {
           mbar_wait(&s.full[it % STAGES], (it / STAGES) & 1);
           if (tid < BK_CLUSTER) mbar_arrive_cluster(&s.empty[it % STAGES], tid);
           __syncwarp();
         }
+        if (BK_PINGPONG && tid == 0) mbar_arrive_local(&s.order[wg ^ 1]);
         continue;
       }
 #pragma unroll
-      for (int i = 0; i < 128; ++i) d[i] = 0.f;
+      for (int q = 0; q < 128; ++q) d[q] = 0.f;
       for (int kk = 0; kk < k_iters; ++kk, ++it) {
         const int st = it % STAGES;
         mbar_wait(&s.full[st], (it / STAGES) & 1);
         wgmma_fence();
-        const __nv_bfloat16* a = s.a[st] + wg * 64 * BK;
         const __nv_bfloat16* b = s.b[st];
-        if constexpr (P == 1) {
 #pragma unroll
-          for (int k = 0; k < BK / 16; ++k) wgmma_m64n256k16(d, smem_desc(a + 16 * k), smem_desc(b + 16 * k));
-        } else {
+        for (int sl = 0; sl < SLABS; ++sl) {
+          const __nv_bfloat16* a = s.a[st] + (slab0 + sl) * 64 * BK;
+          float* ds = d + sl * SLAB_REGS;
+          if constexpr (P == 1 && !BK_PINGPONG) {
 #pragma unroll
-          for (int k = 0; k < BK / 16; ++k) wgmma_m64n128k16(d, smem_desc(a + 16 * k), smem_desc(b + 16 * k));
+            for (int k = 0; k < BK / 16; ++k) wgmma_m64n256k16(ds, smem_desc(a + 16 * k), smem_desc(b + 16 * k));
+          } else if constexpr (P == 1) {
 #pragma unroll
-          for (int k = 0; k < BK / 16; ++k)
-            wgmma_m64n128k16(d + 64, smem_desc(a + 16 * k), smem_desc(b + 128 * BK + 16 * k));
+            for (int k = 0; k < BK / 16; ++k) wgmma_m64n128k16(ds, smem_desc(a + 16 * k), smem_desc(b + 16 * k));
+          } else if constexpr (!BK_PINGPONG) {
+#pragma unroll
+            for (int k = 0; k < BK / 16; ++k) wgmma_m64n128k16(ds, smem_desc(a + 16 * k), smem_desc(b + 16 * k));
+#pragma unroll
+            for (int k = 0; k < BK / 16; ++k)
+              wgmma_m64n128k16(ds + UP, smem_desc(a + 16 * k), smem_desc(b + HALF * BK + 16 * k));
+          } else {
+#pragma unroll
+            for (int k = 0; k < BK / 16; ++k) wgmma_m64n64k16(ds, smem_desc(a + 16 * k), smem_desc(b + 16 * k));
+#pragma unroll
+            for (int k = 0; k < BK / 16; ++k)
+              wgmma_m64n64k16(ds + UP, smem_desc(a + 16 * k), smem_desc(b + HALF * BK + 16 * k));
+          }
         }
         wgmma_commit();
 #if BK_WAIT0
@@ -356,12 +425,16 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
         if (HAS_RES && !BK_DIRECT && kk == res_step && tid == 0) {
           // the residual tile by TMA into c, once the previous tile's store has read c; lands under the mainloop
           asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-          mbar_expect_tx(&s.res[wg], 64 * BN * 2);
+          mbar_expect_tx(&s.res[wg], SLABS * 64 * BN * 2);
 #pragma unroll
-          for (int sub = 0; sub < SUBS; ++sub)
-            tma_load(c + sub * 64 * 64, &res_map, &s.res[wg], w.n0 + 64 * sub, w.m0 + 64 * wg);
+          for (int sl = 0; sl < SLABS; ++sl)
+#pragma unroll
+            for (int sub = 0; sub < SUBS; ++sub)
+              tma_load(c + (sl * SUBS + sub) * 64 * 64, &res_map, &s.res[wg], w.n0 + 64 * sub,
+                       w.m0 + 64 * (slab0 + sl));
         }
       }
+      if (BK_PINGPONG && tid == 0) mbar_arrive_local(&s.order[wg ^ 1]);  // the other warpgroup's K loop may start
 #if !BK_WAIT0
       wgmma_wait<0>();
       if (tid < BK_CLUSTER) mbar_arrive_cluster(&s.empty[(it + STAGES - 1) % STAGES], tid);
@@ -369,7 +442,7 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
 #endif
 
       // epilogue: rows past the segment's end (a tile reaching into the next segment) go through masked
-      // pointer stores; other tiles through four (two) swizzled 64x64 sub-tiles and TMA stores
+      // pointer stores; other tiles through swizzled 64x64 sub-tiles and TMA stores
       const bool via_rows = BK_DIRECT || w.end < min(w.m0 + BM, r.M);
       if (BK_DIRECT) {
       } else if (HAS_RES) {
@@ -380,55 +453,61 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
         wg_sync(wg);
       }
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {  // n8 block j: columns 8j + 2 (lane % 4) + {0, 1}, rows r and r + 8
-        const int col = 8 * j + 2 * (lane % 4), sub = col / 64, chunk = (col % 64) / 8, gcol = w.n0 + col;
-        float bias0[2] = {0.f, 0.f}, bias1[2] = {0.f, 0.f};
-        if (HAS_BIAS) {
+      for (int sl = 0; sl < SLABS; ++sl) {
+        __nv_bfloat16* cs = c + sl * SUBS * 64 * 64;
+        const float* ds = d + sl * SLAB_REGS;
 #pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const bool ok = gcol + q < N;
-            bias0[q] = ok ? __bfloat162float(bias[(w.e * P) * N + gcol + q]) : 0.f;
-            if (P == 2) bias1[q] = ok ? __bfloat162float(bias[(w.e * P + 1) * N + gcol + q]) : 0.f;
-          }
-        }
+        for (int j = 0; j < BN / 8; ++j) {  // n8 block j: columns 8j + 2 (lane % 4) + {0, 1}, rows r and r + 8
+          const int col = 8 * j + 2 * (lane % 4), sub = col / 64, chunk = (col % 64) / 8, gcol = w.n0 + col;
+          float bias0[2] = {0.f, 0.f}, bias1[2] = {0.f, 0.f};
+          if (HAS_BIAS) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = 16 * warp + lane / 4 + 8 * h;
-          float v[2];
-#pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            float acc = d[4 * j + 2 * h + q];
-            if (HAS_BIAS) acc += bias0[q];
-            if constexpr (P == 2) {
-              float up = d[64 + 4 * j + 2 * h + q];
-              if (HAS_BIAS) up += bias1[q];
-              acc = swiglu(acc, up);
+            for (int q = 0; q < 2; ++q) {
+              const bool ok = gcol + q < N;
+              bias0[q] = ok ? __bfloat162float(bias[(w.e * P) * N + gcol + q]) : 0.f;
+              if (P == 2) bias1[q] = ok ? __bfloat162float(bias[(w.e * P + 1) * N + gcol + q]) : 0.f;
             }
-            v[q] = acc;
           }
-          __nv_bfloat162* slot = reinterpret_cast<__nv_bfloat162*>(
-              reinterpret_cast<uint8_t*>(c + sub * 64 * 64) + row * 128 + ((chunk ^ (row & 7)) * 16) + (col % 8) * 2);
-          __nv_bfloat162 o = __floats2bfloat162_rn(v[0], v[1]);
-          const int grow = w.m0 + 64 * wg + row;
-          if (HAS_RES) {  // res + the rounded projection, as eager's x + o_proj(a)
-            __nv_bfloat162 rv;
-            if (BK_DIRECT) {
-              const bool in = grow < w.end && gcol + 1 < N;  // (N is even in the model; a ragged column is not read)
-              rv = in ? *reinterpret_cast<const __nv_bfloat162*>(res + (size_t)grow * ldr + gcol)
-                      : __floats2bfloat162_rn(0.f, 0.f);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int row = 16 * warp + lane / 4 + 8 * h;
+            float v[2];
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              float acc = ds[4 * j + 2 * h + q];
+              if (HAS_BIAS) acc += bias0[q];
+              if constexpr (P == 2) {
+                float up = ds[UP + 4 * j + 2 * h + q];
+                if (HAS_BIAS) up += bias1[q];
+                acc = swiglu(acc, up);
+              }
+              v[q] = acc;
+            }
+            __nv_bfloat162* slot = reinterpret_cast<__nv_bfloat162*>(
+                reinterpret_cast<uint8_t*>(cs + sub * 64 * 64) + row * 128 + ((chunk ^ (row & 7)) * 16) +
+                (col % 8) * 2);
+            __nv_bfloat162 o = __floats2bfloat162_rn(v[0], v[1]);
+            const int grow = w.m0 + 64 * (slab0 + sl) + row;
+            if (HAS_RES) {  // res + the rounded projection, as eager's x + o_proj(a)
+              __nv_bfloat162 rv;
+              if (BK_DIRECT) {
+                const bool in = grow < w.end && gcol + 1 < N;  // (N is even in the model; a ragged column is not read)
+                rv = in ? *reinterpret_cast<const __nv_bfloat162*>(res + (size_t)grow * ldr + gcol)
+                        : __floats2bfloat162_rn(0.f, 0.f);
+              } else {
+                rv = *slot;
+              }
+              o = __floats2bfloat162_rn(__bfloat162float(rv.x) + __bfloat162float(o.x),
+                                        __bfloat162float(rv.y) + __bfloat162float(o.y));
+            }
+            if (via_rows) {
+              if (grow < w.end) {
+                if (gcol + 1 < N) *reinterpret_cast<__nv_bfloat162*>(out + (size_t)grow * ldo + gcol) = o;
+                else if (gcol < N) out[(size_t)grow * ldo + gcol] = o.x;
+              }
             } else {
-              rv = *slot;
+              *slot = o;
             }
-            o = __floats2bfloat162_rn(__bfloat162float(rv.x) + __bfloat162float(o.x),
-                                      __bfloat162float(rv.y) + __bfloat162float(o.y));
-          }
-          if (via_rows) {
-            if (grow < w.end) {
-              if (gcol + 1 < N) *reinterpret_cast<__nv_bfloat162*>(out + (size_t)grow * ldo + gcol) = o;
-              else if (gcol < N) out[(size_t)grow * ldo + gcol] = o.x;
-            }
-          } else {
-            *slot = o;
           }
         }
       }
@@ -437,7 +516,10 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
       wg_sync(wg);
       if (tid == 0 && !via_rows) {
 #pragma unroll
-        for (int sub = 0; sub < SUBS; ++sub) tma_store(&out_map, c + sub * 64 * 64, w.n0 + 64 * sub, w.m0 + 64 * wg);
+        for (int sl = 0; sl < SLABS; ++sl)
+#pragma unroll
+          for (int sub = 0; sub < SUBS; ++sub)
+            tma_store(&out_map, c + (sl * SUBS + sub) * 64 * 64, w.n0 + 64 * sub, w.m0 + 64 * (slab0 + sl));
         asm volatile("cp.async.bulk.commit_group;" ::: "memory");
       }
     }
@@ -499,7 +581,7 @@ extern "C" int bk_routed_gemm_cluster(const void* x, const void* w, void* out, c
                                       int ldr, int clusters, cudaStream_t stream) {
   CUtensorMap xm, wm, om, rm;
   int err = make_map(&xm, x, M, K, K, BM);
-  if (!err) err = make_map(&wm, w, E * P * N, K, K, 128);
+  if (!err) err = make_map(&wm, w, E * P * N, K, K, WROWS / 2);
   if (!err) err = make_map(&om, out, M, N, ldo, 64);
   if (!err) err = make_map(&rm, res ? res : out, M, N, res ? ldr : ldo, 64);
   if (err) return err;
