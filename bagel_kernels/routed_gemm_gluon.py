@@ -320,19 +320,26 @@ if _HAVE_GLUON:
 
     @gluon.jit
     def _partial_ptrs(WS, slot, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, P: gl.constexpr,
-                      layout: gl.constexpr):
+                      layout: gl.constexpr, ROW0: gl.constexpr, ROWS: gl.constexpr):
         """Where program ``slot``'s split-tile partial sums live: (BLOCK_M, P * BLOCK_N) fp32, written and read in
         the accumulator's own layout (each thread reads back the elements it wrote; the fp32 round trip is exact,
         so the tail's K loop continues the head's bit for bit). Built where used: hoisted, these offsets would
         hold a register per accumulator element."""
-        rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+        rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+        if ROW0 != 0:  # a half-tile partition (SPLIT_WG): its rows of the tile's (BLOCK_M, P * BLOCK_N) partial
+            rows = rows + ROW0
         return WS + slot * (BLOCK_M * P * BLOCK_N) + rows[:, None] * (P * BLOCK_N) + cols[None, :]
 
     @gluon.jit
     def _mma_partition(x_desc, w_desc, epi, routing, N, K, split, ring, c_smem, res_bar, part_bar, P: gl.constexpr,
-                       GROUP_M: gl.constexpr, NW: gl.constexpr, PROMOTE: gl.constexpr):
-        """The two MMA warpgroups: each work item's K loop of wgmma from the ring, then its epilogue."""
+                       GROUP_M: gl.constexpr, NW: gl.constexpr, PROMOTE: gl.constexpr, ROW0: gl.constexpr,
+                       ROWS: gl.constexpr):
+        """MMA warpgroups: each work item's K loop of wgmma from the ring, then its epilogue, for rows
+        [ROW0, ROW0 + ROWS) of every tile. Shipped: one partition of both warpgroups (NW = 8), the whole tile. With
+        ``SPLIT_WG`` each warpgroup is its own partition (NW = 4) of 64 rows, ``c_smem`` its half of the epilogue
+        tile, and it releases each stage on its own (the "empty" barriers count two arrivals): the same wgmma per
+        row, without the 256-thread barrier the one partition runs before every K step's release."""
         BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -345,13 +352,14 @@ if _HAVE_GLUON:
         INSTR_K: gl.constexpr = 256 // x_desc.dtype.primitive_bitwidth
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                              instr_shape=[16, BLOCK_N, INSTR_K])
+        HALF: gl.constexpr = ROWS != BLOCK_M  # a half-tile partition (SPLIT_WG)
         col_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
         flag_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
         num_m = _num_row_tiles(routing, BLOCK_M)
         k_iters = gl.cdiv(K, BLOCK_K)
         n_items, dp, n_dp, tail_t, tail_k, head_t, head_k, full_lo, n_full = _plan(
             num_m * gl.cdiv(N, BLOCK_N), k_iters, split.split_tail)
-        zero = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+        zero = gl.zeros((ROWS, BLOCK_N), dtype=gl.float32, layout=mma_layout)
         it = 0
         res_phase = 0
         for w in range(n_items):
@@ -371,19 +379,21 @@ if _HAVE_GLUON:
             for e in range(lo, hi + 1):
                 # The tail of a split tile starts from the head's partial sums, other tiles from zero. One masked
                 # load instead of a branch: ptxas serializes the wgmma pipeline when a branch merges the two.
-                is_tail = gl.full((BLOCK_M, BLOCK_N), 0, gl.int32, layout=mma_layout) + (kind == 2).to(gl.int32)
+                is_tail = gl.full((ROWS, BLOCK_N), 0, gl.int32, layout=mma_layout) + (kind == 2).to(gl.int32)
                 if kind == 2:
                     mbarrier.wait(part_bar, 0)
-                part = _partial_ptrs(split.WS, gl.program_id(0) - 1, BLOCK_M, BLOCK_N, P, mma_layout)
+                part = _partial_ptrs(split.WS, gl.program_id(0) - 1, BLOCK_M, BLOCK_N, P, mma_layout, ROW0, ROWS)
                 acc = gl.load(part, mask=is_tail != 0, other=0.0, cache_modifier=".cg")
                 if P == 2:
                     up = gl.load(part + BLOCK_N, mask=is_tail != 0, other=0.0, cache_modifier=".cg")
                 else:
-                    up = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=mma_layout)
+                    up = gl.zeros((ROWS, BLOCK_N), dtype=gl.float32, layout=mma_layout)
                 for kk in range(k0, k1):
                     s = it % STAGES
                     mbarrier.wait(ring.ready.index(s), phase(it, STAGES))
                     a = ring.x_bufs.index(s)
+                    if HALF:
+                        a = a.slice(ROW0, ROWS, dim=0)
                     if PROMOTE:
                         # FP8: the K step's products accumulate in the MMA's own (narrower than fp32) accumulator
                         # from zero, then one true fp32 add onto the running sum (DeepSeek-V3's promotion; what
@@ -413,7 +423,7 @@ if _HAVE_GLUON:
                     if kk == res_step:
                         tma.store_wait(pendings=0)
                         mbarrier.expect(res_bar, epi.res_desc.block_type.nbytes)
-                        tma.async_copy_global_to_shared(epi.res_desc, [m0, n0], res_bar, c_smem)
+                        tma.async_copy_global_to_shared(epi.res_desc, [m0 + ROW0, n0], res_bar, c_smem)
                     it += 1
                 if not PROMOTE:
                     if P == 2:
@@ -425,7 +435,7 @@ if _HAVE_GLUON:
                 if kind == 1:
                     # Head of a split tile: publish the partial sums for the next program (which runs the tail).
                     # Each thread's release orders its own stores; the waiter counts all NW * 32 of them.
-                    part = _partial_ptrs(split.WS, gl.program_id(0), BLOCK_M, BLOCK_N, P, mma_layout)
+                    part = _partial_ptrs(split.WS, gl.program_id(0), BLOCK_M, BLOCK_N, P, mma_layout, ROW0, ROWS)
                     gl.store(part, acc, cache_modifier=".cg")
                     if P == 2:
                         gl.store(part + BLOCK_N, up, cache_modifier=".cg")
@@ -433,7 +443,7 @@ if _HAVE_GLUON:
                     gl.atomic_add(split.FLAGS + gl.program_id(0) + ones * 0, ones, sem="release", scope="gpu")
                 else:
                     if epi.SCALED:  # acc * row scale * channel scale (the FP8 reference's order), then the bias
-                        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+                        rows = m0 + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, mma_layout))
                         xs = gl.load(epi.XS + rows, mask=rows < routing.M, other=0.0)[:, None]
                         acc = acc * xs * gl.load(epi.WS + e * P * N + cols, mask=cmask, other=0.0)[None, :]
                         if P == 2:
@@ -453,15 +463,16 @@ if _HAVE_GLUON:
                         res = c_smem.load(mma_layout)
                         c_smem.store((res.to(gl.float32) + acc.to(out_ty).to(gl.float32)).to(out_ty))
                         fence_async_shared()
-                        tma.async_copy_shared_to_global(epi.out_desc, [m0, n0], c_smem)
+                        tma.async_copy_shared_to_global(epi.out_desc, [m0 + ROW0, n0], c_smem)
                     else:
                         tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
                         c_smem.store(acc.to(out_ty))
                         if via_rows:
-                            _store_rows(c_smem, epi, routing, m0, m_end, n0, N, e, (lo != hi).to(gl.int32), NW)
+                            _store_rows(c_smem, epi, routing, m0 + ROW0, m_end, n0, N, e, (lo != hi).to(gl.int32),
+                                        NW)
                         else:
                             fence_async_shared()
-                            tma.async_copy_shared_to_global(epi.out_desc, [m0, n0], c_smem)
+                            tma.async_copy_shared_to_global(epi.out_desc, [m0 + ROW0, n0], c_smem)
         tma.store_wait(pendings=0)
 
     # The launch arguments stay flat (Triton 3.6 passes no aggregate from the host); the kernel groups them at once:
@@ -472,11 +483,15 @@ if _HAVE_GLUON:
                         ldr, b1, b2, b3, e0, split_tail, SEGMENTED: gl.constexpr, HAS_IDS: gl.constexpr,
                         HAS_BIAS: gl.constexpr,
                         HAS_RES: gl.constexpr, P: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                        num_warps: gl.constexpr, SCALED: gl.constexpr = False, PROMOTE: gl.constexpr = False):
+                        num_warps: gl.constexpr, SCALED: gl.constexpr = False, PROMOTE: gl.constexpr = False,
+                        SPLIT_WG: gl.constexpr = False):
+        # SPLIT_WG (a schedule variant, ``launch_routed_gemm_ws(split_wg=True)``): each consumer warpgroup its own
+        # partition of 64 rows (num_warps = 4 each); out_desc / res_desc then have 64-row boxes.
         dtype: gl.constexpr = x_desc.dtype
+        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
         x_bufs = gl.allocate_shared_memory(dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
         w_bufs = gl.allocate_shared_memory(dtype, [STAGES * P] + w_desc.block_type.shape, w_desc.layout)
-        c_smem = gl.allocate_shared_memory(out_desc.dtype, out_desc.block_type.shape, out_desc.layout)
+        c_smem = gl.allocate_shared_memory(out_desc.dtype, [BLOCK_M, out_desc.block_type.shape[1]], out_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         res_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -485,16 +500,30 @@ if _HAVE_GLUON:
         mbarrier.init(part_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2 if SPLIT_WG else 1)
         routing = Routing(M, b1, b2, b3, e0, IDS, SEGMENTED, HAS_IDS)
         ring = OperandRing(x_bufs, w_bufs, ready, empty)
         epi = Epilogue(out_desc, res_desc, OUT, RES, BIAS, XS, WSC, ldo, ldr, HAS_BIAS, HAS_RES, SCALED)
         split = SplitTail(WS, FLAGS, split_tail)
-        gl.warp_specialize([
-            (_mma_partition, (x_desc, w_desc, epi, routing, N, K, split, ring, c_smem, res_bar, part_bar, P, GROUP_M,
-                              num_warps, PROMOTE)),
-            (_load_partition, (x_desc, w_desc, routing, N, K, split, ring, part_bar, P, GROUP_M, num_warps * 32)),
-        ], [1], [40])
+        if SPLIT_WG:
+            HALF_M: gl.constexpr = BLOCK_M // 2
+            res_bar1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(res_bar1, count=1)
+            gl.warp_specialize([
+                (_mma_partition, (x_desc, w_desc, epi, routing, N, K, split, ring, c_smem.slice(0, HALF_M, dim=0),
+                                  res_bar, part_bar, P, GROUP_M, num_warps, PROMOTE, 0, HALF_M)),
+                (_mma_partition, (x_desc, w_desc, epi, routing, N, K, split, ring,
+                                  c_smem.slice(HALF_M, HALF_M, dim=0), res_bar1, part_bar, P, GROUP_M, num_warps,
+                                  PROMOTE, HALF_M, HALF_M)),
+                (_load_partition, (x_desc, w_desc, routing, N, K, split, ring, part_bar, P, GROUP_M,
+                                   2 * num_warps * 32)),
+            ], [num_warps, 1], [168, 40])  # the second consumer: MAXNREG registers, as the first
+        else:
+            gl.warp_specialize([
+                (_mma_partition, (x_desc, w_desc, epi, routing, N, K, split, ring, c_smem, res_bar, part_bar, P,
+                                  GROUP_M, num_warps, PROMOTE, 0, BLOCK_M)),
+                (_load_partition, (x_desc, w_desc, routing, N, K, split, ring, part_bar, P, GROUP_M, num_warps * 32)),
+            ], [1], [40])
 
 
 # Fixed per (N, K, dtype, activation), never from M (see routed_gemm_triton.gemm_config for why).
@@ -613,12 +642,14 @@ def launch_routed_gemm_ws(x: torch.Tensor, weight: torch.Tensor, out: torch.Tens
                           segments: tuple[tuple[int, int, int], ...] | None, split_tail: bool | None,
                           block_n: int, block_k: int, stages: int, x_scale: torch.Tensor | None = None,
                           w_scale: torch.Tensor | None = None, promote: bool = False,
-                          group_m: int = GROUP_M) -> torch.Tensor:
+                          group_m: int = GROUP_M, split_wg: bool = False) -> torch.Tensor:
     """Launch the warp-specialized kernel on (M, K) x and (E, P, N, K) weight into ``out`` with the given tile
     (BLOCK_M x block_n x block_k) and ring depth: ``routed_gemm_gluon`` (16-bit operands) and
     ``routed_gemm_fp8_gluon`` (e4m3 operands with fp32 row scales ``x_scale`` (M,) and channel scales ``w_scale``
     (E, P, N); ``promote``: an fp32 promotion after every K step) share it. ``group_m``: row tiles per L2 group of
-    the tile order (which tile a program computes never changes a row's bits)."""
+    the tile order (which tile a program computes never changes a row's bits). ``split_wg``: each consumer
+    warpgroup its own partition (``_mma_partition``; a schedule variant for ``bench_routed_gemm --sweep``, the same
+    bits)."""
     m, k = x.shape
     e, p, n, _ = weight.shape
     if m == 0:
@@ -633,9 +664,11 @@ def launch_routed_gemm_ws(x: torch.Tensor, weight: torch.Tensor, out: torch.Tens
     o_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, block_n], odt)
     x_desc = GluonTensorDescriptor.from_tensor(x, [BLOCK_M, block_k], x_layout)
     w_desc = GluonTensorDescriptor.from_tensor(weight.view(e * p * n, k), [block_n, block_k], w_layout)
-    out_desc = GluonTensorDescriptor.from_tensor(out, [BLOCK_M, block_n], o_layout)
+    box_m = BLOCK_M // 2 if split_wg else BLOCK_M  # the epilogue's TMA box: a consumer partition's rows
+    o_layout = gl.NVMMASharedLayout.get_default_for([box_m, block_n], odt) if split_wg else o_layout
+    out_desc = GluonTensorDescriptor.from_tensor(out, [box_m, block_n], o_layout)
     res_desc = (out_desc if residual is None
-                else GluonTensorDescriptor.from_tensor(residual, [BLOCK_M, block_n], o_layout))
+                else GluonTensorDescriptor.from_tensor(residual, [box_m, block_n], o_layout))
     has_ids = bounds is None and expert_ids is not None
     tiles = _row_tiles(bounds, m) * triton.cdiv(n, block_n)
     progs = _num_programs(x.device, tiles)
@@ -654,7 +687,8 @@ def launch_routed_gemm_ws(x: torch.Tensor, weight: torch.Tensor, out: torch.Tens
         m, n, k, out.stride(0), res.stride(0), b1, b2, b3, e0, int(split),
         SEGMENTED=bounds is not None, HAS_IDS=has_ids,
         HAS_BIAS=bias is not None, HAS_RES=residual is not None, P=p,
-        GROUP_M=group_m, STAGES=stages, num_warps=NUM_WARPS, SCALED=scaled, PROMOTE=promote, maxnreg=MAXNREG,
+        GROUP_M=group_m, STAGES=stages, num_warps=NUM_WARPS // 2 if split_wg else NUM_WARPS, SCALED=scaled,
+        PROMOTE=promote, SPLIT_WG=split_wg, maxnreg=MAXNREG,
     )
     return out
 

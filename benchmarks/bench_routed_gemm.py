@@ -8,15 +8,16 @@ TFLOP/s = 2·M·N·K (× 2 parts for SwiGLU gate/up) / median time.
 epilogue at every shape the model runs — the 1024² and 512² CFG steps (2 jobs + 4 marker rows), img2img's 3 jobs,
 the img2img prefill, and a sequence-parallel rank's share (M/2, M/4) of the 1024² step. Every variant keeps the
 K loop (BLOCK_K = 64, fp32, in K order), so all of them give the same bits; only speed differs: the L2 tile order
-(GROUP_M), the N tile (256 or 128; Gluon's tiles are powers of two), the ring depth and the stream-K split of the last round.
+(GROUP_M), the N tile (256 or 128; Gluon's tiles are powers of two), the ring depth, the stream-K split of the last
+round, and whether the two consumer warpgroups are one partition (shipped) or two.
 
 ``--quantization fp8`` (issue #30) instead times the FP8 routed GEMM the model runs with ``quantization="fp8"`` on
 the same row sets, with its peers in the same run (``torch._scaled_mm`` with the same scaling, precise and fast
 accumulation; this project's bf16 routed GEMM in exact mode; bf16 dense cuBLAS): ``bench_fp8_gemm``'s rows, which
 also sweeps the FP8 kernel's configs and times its quantizers.
 
-    python -m benchmarks.bench_routed_gemm [--backend auto|triton] [--no-graph] [--sweep] [--quantization fp8]
-        [--no-csv]
+    python -m benchmarks.bench_routed_gemm [--backend auto|triton] [--no-graph] [--sweep [--variants NAME ...]
+        [--sets NAME ...]] [--quantization fp8] [--no-csv]
 """
 from __future__ import annotations
 
@@ -41,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time with do_bench (launch overhead; adds the mask/scatter peers, which synchronize)")
     p.add_argument("--sweep", action="store_true",
                    help="time the exact Gluon kernel's schedule variants against dense cuBLAS instead (issue #32)")
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                   help="with --sweep: only these schedule variants, besides the shipped one (names as in the rows: "
+                        "'GROUP_M 16', 'no split tail', 'two consumer partitions', ...)")
+    p.add_argument("--sets", nargs="+", default=None, metavar="NAME",
+                   help="with --sweep: only these row sets (e.g. 't2i 1024² step 2×4098+4', 'i2i prefill mixed')")
     p.add_argument("--quantization", default="none", choices=["none", "fp8"],
                    help="fp8: time the FP8 routed GEMM (KernelOptions(quantization='fp8')) against torch._scaled_mm "
                         "and the bf16 GEMMs instead (issue #30)")
@@ -82,7 +88,9 @@ def sweep_variants(swiglu: bool) -> dict[str, dict]:
          "GROUP_M 16": dict(block_n=bn, stages=st, group_m=16, split_tail=None),
          "GROUP_M 32": dict(block_n=bn, stages=st, group_m=32, split_tail=None),
          "no split tail": dict(block_n=bn, stages=st, group_m=GROUP_M, split_tail=False),
-         "split tail always": dict(block_n=bn, stages=st, group_m=GROUP_M, split_tail=True)}
+         "split tail always": dict(block_n=bn, stages=st, group_m=GROUP_M, split_tail=True),
+         # each consumer warpgroup its own partition, releasing stages on its own (no 256-thread barrier a K step)
+         "two consumer partitions": dict(block_n=bn, stages=st, group_m=GROUP_M, split_tail=None, split_wg=True)}
     if not swiglu:
         v["BN 128, 5 stages"] = dict(block_n=128, stages=5, group_m=GROUP_M, split_tail=None)
     else:
@@ -93,16 +101,24 @@ def sweep_variants(swiglu: bool) -> dict[str, dict]:
 def run_sweep(args: argparse.Namespace) -> Iterator[dict]:
     from bagel_kernels.routed_gemm_gluon import BLOCK_K, launch_routed_gemm_ws
 
-    for routing, ids, (pname, n, k, swiglu), (p, w, x, bias, res, tf), shape in cases(sweep_token_sets()):
+    sets = sweep_token_sets()
+    unknown = sorted(set(args.sets or ()) - set(sets))
+    if unknown:
+        raise SystemExit(f"bench_routed_gemm: unknown row sets {unknown}; known: {sorted(sets)}")
+    for routing, ids, (pname, n, k, swiglu), (p, w, x, bias, res, tf), shape in cases(
+            {k: v for k, v in sets.items() if args.sets is None or k in args.sets}):
         m = routing.num_tokens
         dense = tf(bench_ms(projection_peers(x, ids.bool(), w, swiglu, True, bias, res)["dense cuBLAS"], True))
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
         want = None
-        for vname, v in sweep_variants(swiglu).items():
+        variants = sweep_variants(swiglu)
+        for vname, v in variants.items():
+            if args.variants is not None and vname != "shipped" and vname not in args.variants:
+                continue
             def f(v: dict = v) -> torch.Tensor:
                 return launch_routed_gemm_ws(x, w, out, bias, ids, swiglu, res, routing.segments,
                                              v["split_tail"], v["block_n"], BLOCK_K, v["stages"],
-                                             group_m=v["group_m"])
+                                             group_m=v["group_m"], split_wg=v.get("split_wg", False))
             got = f().clone()
             want = got if want is None else want
             same = "same bits" if torch.equal(got, want) else "BITS DIFFER"
@@ -139,6 +155,10 @@ def run_fp8(args: argparse.Namespace) -> Iterator[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    known = set(sweep_variants(False)) | set(sweep_variants(True))
+    if args.variants is not None and set(args.variants) - known:
+        raise SystemExit(f"bench_routed_gemm: unknown --variants {sorted(set(args.variants) - known)}; "
+                         f"known: {sorted(known)}")
     require_cuda("bench_routed_gemm")
     if args.sweep and args.quantization != "none":
         raise SystemExit("bench_routed_gemm: --sweep times the exact bf16 kernel; for FP8 configs run "

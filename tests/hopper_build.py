@@ -4,6 +4,7 @@ Used by the Gluon kernels' build tests. The compile runs in a fresh process with
 the suite's TRITON_INTERPRET=1 Triton's own helpers (tl.cdiv ...) are interpreter objects and a real build fails."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -22,9 +23,10 @@ def compile_for_hopper(fn, args: dict, consts: dict, num_warps: int, maxnreg: in
     from triton.runtime.jit import mangle_type
 
     signature, constexprs = {}, {}
+    defaults = {prm.name: prm.default for prm in fn.params if prm.default is not inspect.Parameter.empty}
     for i, name in enumerate(fn.arg_names):
-        if name in consts:
-            signature[name], constexprs[(i,)] = "constexpr", consts[name]
+        if name in consts or (name not in args and name in defaults):  # a constexpr left out: its default
+            signature[name], constexprs[(i,)] = "constexpr", consts.get(name, defaults.get(name))
         else:
             signature[name] = mangle_type(args[name])
     options = dict(num_warps=num_warps)

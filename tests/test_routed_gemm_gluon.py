@@ -125,7 +125,8 @@ def test_split_tail_is_off_when_the_rounds_are_even_or_asked_off():
     assert not rg.split_tail_wanted(1386, 132, force=False)
 
 
-def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: bool, has_res: bool):
+def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: bool, has_res: bool,
+                        split_wg: bool = False):
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -138,14 +139,17 @@ def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: 
     def desc(t, block):
         return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16))
 
+    box_m = rg.BLOCK_M // 2 if split_wg else rg.BLOCK_M  # a split consumer partition stores its 64 rows
     args = dict(x_desc=desc(x, [rg.BLOCK_M, rg.BLOCK_K]), w_desc=desc(w, [bn, rg.BLOCK_K]),
-                out_desc=desc(out, [rg.BLOCK_M, bn]), res_desc=desc(out, [rg.BLOCK_M, bn]), OUT=out, RES=out, BIAS=x,
+                out_desc=desc(out, [box_m, bn]), res_desc=desc(out, [box_m, bn]), OUT=out, RES=out, BIAS=x,
                 IDS=torch.empty(m, dtype=torch.int32), WS=torch.empty(1), FLAGS=torch.empty(1, dtype=torch.int32),
                 XS=torch.empty(1), WSC=torch.empty(1),
                 M=m, N=n, K=k, ldo=n, ldr=n, b1=40, b2=250, b3=300, e0=0, split_tail=1)
+    warps = rg.NUM_WARPS // 2 if split_wg else rg.NUM_WARPS
     consts = dict(SEGMENTED=segmented, HAS_IDS=has_ids, HAS_BIAS=has_bias, HAS_RES=has_res, P=p,
-                  GROUP_M=rg.GROUP_M, STAGES=rg._stages(swiglu), num_warps=rg.NUM_WARPS, SCALED=False, PROMOTE=False)
-    return compile_for_hopper(rg._routed_gemm_ws, args, consts, rg.NUM_WARPS, rg.MAXNREG)
+                  GROUP_M=rg.GROUP_M, STAGES=rg._stages(swiglu), num_warps=warps, SCALED=False, PROMOTE=False,
+                  SPLIT_WG=split_wg)
+    return compile_for_hopper(rg._routed_gemm_ws, args, consts, warps, rg.MAXNREG)
 
 
 BUILD_VARIANTS = [  # swiglu, segmented, has_ids, has_bias, has_res
@@ -154,6 +158,10 @@ BUILD_VARIANTS = [  # swiglu, segmented, has_ids, has_bias, has_res
     (True, True, False, False, False),   # gate/up SwiGLU
     (False, False, True, True, True),    # many segments: row tiles with expert ids
     (True, False, False, False, False),  # one expert, no routing
+    # the "two consumer partitions" schedule variant (bench_routed_gemm --sweep): QKV, o_proj, gate/up
+    (False, True, False, True, False, True),
+    (False, True, False, False, True, True),
+    (True, True, False, False, False, True),
 ]
 
 
@@ -162,7 +170,8 @@ def _build_report() -> list[dict]:
 
 
 def test_gluon_kernel_builds_for_hopper():
-    """Every kernel variant the model launches compiles to sm_90a with warp-specialized wgmma and fits shared memory.
+    """Every kernel variant the model launches (and the split-partition schedule variant the benchmark times)
+    compiles to sm_90a with warp-specialized wgmma and fits shared memory.
     Built in a fresh process without the interpreter: with TRITON_INTERPRET=1 (as this suite runs) Triton's own
     helpers are interpreter objects, and the GPU never compiles in that mode."""
     report = report_from_child(__file__)
@@ -228,6 +237,31 @@ def test_rows_do_not_depend_on_how_many_programs_share_the_gpu(swiglu, residual,
         for split in (False, True):  # the Gluon kernel's ragged last round run whole, and split (stream_k_items)
             for f, want in zip(kernels, full):
                 assert torch.equal(f(split), want), f"bits changed with {programs} programs, split tail {split}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+                    or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs a Hopper GPU and compiled kernels: TRITON_INTERPRET=0 pytest ... on the GPU")
+@pytest.mark.parametrize("swiglu,bias,residual", [(False, True, False), (True, False, False), (False, False, True)])
+@pytest.mark.parametrize("split_tail", [False, True])
+def test_two_consumer_partitions_give_the_shipped_bits(swiglu, bias, residual, split_tail):
+    """The schedule variant with one partition per consumer warpgroup (``split_wg``) runs each row's wgmma as the
+    shipped kernel does: every row's bits equal, with segment-aligned tiles, straddling tiles (expert ids) and the
+    stream-K split of the last round."""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    m, n, k, p = 1500, 1024, 512, (2 if swiglu else 1)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(2, p, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * k ** -0.5
+    b = torch.randn(2, p, n, device="cuda", dtype=torch.bfloat16, generator=g) if bias else None
+    res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g) if residual else None
+    ids = torch.zeros(m, dtype=torch.int32, device="cuda")
+    ids[200:1410] = 1
+    bn, st = rg._block_n(swiglu), rg._stages(swiglu)
+    for segs in (((0, 200, 0), (200, 1410, 1), (1410, 1500, 0)), None):
+        got, want = (rg.launch_routed_gemm_ws(x, w, torch.empty(m, n, device="cuda", dtype=torch.bfloat16), b, ids,
+                                              swiglu, res, segs, split_tail, bn, rg.BLOCK_K, st, split_wg=sw)
+                     for sw in (True, False))
+        assert torch.equal(got, want), f"segments {segs}"
 
 
 if __name__ == "__main__":  # the build check's child process (see test_gluon_kernel_builds_for_hopper)
