@@ -661,11 +661,10 @@ def launch_routed_gemm_ws(x: torch.Tensor, weight: torch.Tensor, out: torch.Tens
     odt = getattr(gl, _GL_DTYPES[out.dtype])
     x_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, block_k], gdt)
     w_layout = gl.NVMMASharedLayout.get_default_for([block_n, block_k], gdt)
-    o_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M, block_n], odt)
+    box_m = BLOCK_M // 2 if split_wg else BLOCK_M  # the epilogue's TMA box: a consumer partition's rows
+    o_layout = gl.NVMMASharedLayout.get_default_for([box_m, block_n], odt)
     x_desc = GluonTensorDescriptor.from_tensor(x, [BLOCK_M, block_k], x_layout)
     w_desc = GluonTensorDescriptor.from_tensor(weight.view(e * p * n, k), [block_n, block_k], w_layout)
-    box_m = BLOCK_M // 2 if split_wg else BLOCK_M  # the epilogue's TMA box: a consumer partition's rows
-    o_layout = gl.NVMMASharedLayout.get_default_for([box_m, block_n], odt) if split_wg else o_layout
     out_desc = GluonTensorDescriptor.from_tensor(out, [box_m, block_n], o_layout)
     res_desc = (out_desc if residual is None
                 else GluonTensorDescriptor.from_tensor(residual, [box_m, block_n], o_layout))
