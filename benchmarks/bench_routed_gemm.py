@@ -79,7 +79,8 @@ def cases(sets: dict[str, bk.ExpertSegments]) -> Iterator[tuple]:
 
 
 def sweep_variants(swiglu: bool) -> dict[str, dict]:
-    """Schedules of the exact kernel: (block_n, stages, group_m, split_tail); the first is the shipped one."""
+    """Schedules of the exact kernel: (block_n, stages, group_m, split_tail, and split_wg where on); the first is
+    the shipped one."""
     from bagel_kernels.routed_gemm_gluon import GROUP_M, _block_n, _stages
 
     bn, st = _block_n(swiglu), _stages(swiglu)
@@ -101,18 +102,13 @@ def sweep_variants(swiglu: bool) -> dict[str, dict]:
 def run_sweep(args: argparse.Namespace) -> Iterator[dict]:
     from bagel_kernels.routed_gemm_gluon import BLOCK_K, launch_routed_gemm_ws
 
-    sets = sweep_token_sets()
-    unknown = sorted(set(args.sets or ()) - set(sets))
-    if unknown:
-        raise SystemExit(f"bench_routed_gemm: unknown row sets {unknown}; known: {sorted(sets)}")
-    for routing, ids, (pname, n, k, swiglu), (p, w, x, bias, res, tf), shape in cases(
-            {k: v for k, v in sets.items() if args.sets is None or k in args.sets}):
+    sets = {k: v for k, v in sweep_token_sets().items() if args.sets is None or k in args.sets}
+    for routing, ids, (pname, n, k, swiglu), (p, w, x, bias, res, tf), shape in cases(sets):
         m = routing.num_tokens
         dense = tf(bench_ms(projection_peers(x, ids.bool(), w, swiglu, True, bias, res)["dense cuBLAS"], True))
         out = torch.empty(m, n, device=x.device, dtype=x.dtype)
         want = None
-        variants = sweep_variants(swiglu)
-        for vname, v in variants.items():
+        for vname, v in sweep_variants(swiglu).items():
             if args.variants is not None and vname != "shipped" and vname not in args.variants:
                 continue
             def f(v: dict = v) -> torch.Tensor:
@@ -159,6 +155,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.variants is not None and set(args.variants) - known:
         raise SystemExit(f"bench_routed_gemm: unknown --variants {sorted(set(args.variants) - known)}; "
                          f"known: {sorted(known)}")
+    sets = sweep_token_sets()
+    if args.sets is not None and set(args.sets) - set(sets):
+        raise SystemExit(f"bench_routed_gemm: unknown row sets {sorted(set(args.sets) - set(sets))}; "
+                         f"known: {sorted(sets)}")
     require_cuda("bench_routed_gemm")
     if args.sweep and args.quantization != "none":
         raise SystemExit("bench_routed_gemm: --sweep times the exact bf16 kernel; for FP8 configs run "
