@@ -15,7 +15,9 @@ SASS is now the Gluon kernel's shape) and NOT yet measured: the "release.cluster
 measured version for comparison. The "ping-pong" variants (``BK_PINGPONG``, written 2026-12-08, built for sm_90a and
 read in SASS on the CPU, never run) give each consumer warpgroup whole 128 x 128 tiles (SwiGLU: 128 x 64 of gate and
 of up) in turn, so one warpgroup's epilogue overlaps the other's main loop; their wgmma are n128 (n64) instead of
-n256 (n128), and the bit check says whether that moves any element's bits.
+n256 (n128), and the bit check says whether that moves any element's bits. Since 2026-12-08 (session 12, not yet
+measured) a consumer warpgroup whose 64 rows of a tile all lie past the tile's segment (the 4 marker rows' tile, a
+segment's last rows) skips its wgmma; "no empty-half skip" builds the kernel without that.
 
 Builds the CUDA file with nvcc (sm_90a) into a shared library, calls it through ctypes on torch's current stream,
 and times it (CUDA-graph replay, ``benchmarks.common.bench_ms``) against the exact Gluon kernel (the shipped
@@ -55,6 +57,7 @@ VARIANTS = {"shipped schedule": [], "wait each step": ["-DBK_WAIT0=1"], "no mult
             "release.cluster arrive (as measured 2026-12-08)": ["-DBK_RELEASE_CLUSTER=1"],
             "stores from registers, 4 stages": ["-DBK_DIRECT=1"],
             "no clusters, release.cluster arrive": ["-DBK_CLUSTER=1", "-DBK_RELEASE_CLUSTER=1"],
+            "no empty-half skip": ["-DBK_SKIP_HALF=0"],
             "ping-pong consumers": ["-DBK_PINGPONG=1"],
             "ping-pong, no multicast": ["-DBK_PINGPONG=1", "-DBK_MULTICAST=0"],
             "ping-pong, no clusters": ["-DBK_PINGPONG=1", "-DBK_CLUSTER=1"]}

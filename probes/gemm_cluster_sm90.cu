@@ -44,6 +44,10 @@
 #ifndef BK_PINGPONG
 #define BK_PINGPONG 0
 #endif
+// 1: a consumer warpgroup whose 64 rows of a tile all lie past the tile's segment skips its wgmma (see the kernel)
+#ifndef BK_SKIP_HALF
+#define BK_SKIP_HALF 1
+#endif
 #if BK_PINGPONG && BK_DIRECT
 #error "BK_PINGPONG keeps the shared-memory epilogue (BK_DIRECT=0)"
 #endif
@@ -373,7 +377,11 @@ __global__ void __launch_bounds__(THREADS, 1) __cluster_dims__(BK_CLUSTER, 1, 1)
         // Completions of order[wg]: one per tile of the other warpgroup, tiles wg - 1, wg + 1, ... in turn.
         mbar_wait(&s.order[wg], ((i - 1) / 2) & 1);
       }
-      if (!w.here) {  // the pair's missing tile: follow the ring, release every stage, compute nothing
+      // The pair's missing tile, or (cooperative, BK_SKIP_HALF) a warpgroup whose 64 rows all lie past its tile's
+      // segment (a segment's last tile of 1-64 rows: the 4 marker rows, a row count's remainder): follow the ring,
+      // release every stage, compute and store nothing. Those rows are not the tile's, so no output bit changes;
+      // the tensor cores do the tile's other half alone.
+      if (!w.here || (BK_SKIP_HALF && !BK_PINGPONG && w.m0 + 64 * slab0 >= w.end)) {
         for (int kk = 0; kk < k_iters; ++kk, ++it) {
           mbar_wait(&s.full[it % STAGES], (it / STAGES) & 1);
           if (tid < BK_CLUSTER) mbar_arrive_cluster(&s.empty[it % STAGES], tid);
