@@ -279,7 +279,7 @@ def sweep_rows(args: argparse.Namespace, label: str, shape: str, tf: Callable[[f
                   tf(bench_ms(lambda: launch(cfg, split))), "torch._scaled_mm rowwise fast-accum", t_peer)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_fp8_gemm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", action="store_true", help="also time a few other fixed tile configs")
@@ -292,7 +292,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="time ours against torch._scaled_mm fast-accum and the bf16 exact routed GEMM only")
     p.add_argument("--all-shapes", action="store_true",
                    help="also img2img's step (3 x 4098 rows), its prefill (mixed routing) and SP shares (M/2, M/4)")
-    args = add_output_args(p).parse_args(argv)
+    return add_output_args(p)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     require_cuda("bench_fp8_gemm")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     emit(run(args), args)

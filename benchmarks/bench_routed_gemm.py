@@ -143,10 +143,11 @@ def run(args: argparse.Namespace) -> Iterator[dict]:
 
 def run_fp8(args: argparse.Namespace) -> Iterator[dict]:
     """The FP8 routed GEMM at this benchmark's row sets (the generation step's 3 jobs, the img2img prefill)."""
-    from .bench_fp8_gemm import run_rows
+    from . import bench_fp8_gemm
 
+    fp8_args = bench_fp8_gemm.build_parser().parse_args([])  # every option run_rows reads, at its default
     for label, routing in token_sets().items():
-        yield from run_rows(argparse.Namespace(sweep=False), label, routing)
+        yield from bench_fp8_gemm.run_rows(fp8_args, label, routing)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 edits), answers ``--help`` on CPU, and writes the one results table's columns."""
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib
 import pathlib
@@ -138,6 +139,18 @@ def test_bench_routed_gemm_fp8_sweep_is_refused_with_where_to_go(monkeypatch):
     monkeypatch.setattr(bench_routed_gemm, "require_cuda", lambda what: None)
     with pytest.raises(SystemExit, match="bench_fp8_gemm --sweep"):
         bench_routed_gemm.main(["--sweep", "--quantization", "fp8", "--no-csv"])
+
+
+def test_bench_routed_gemm_fp8_gives_the_fp8_rows_every_option_they_read(monkeypatch):
+    """``--quantization fp8`` runs bench_fp8_gemm's rows with that benchmark's own defaults (a hand-made namespace
+    had lacked ``quick``, so the option died with an AttributeError on the GPU)."""
+    from benchmarks import bench_fp8_gemm, bench_routed_gemm
+
+    seen = []
+    monkeypatch.setattr(bench_fp8_gemm, "run_rows", lambda args, label, routing: iter(seen.append(args) or ()))
+    assert list(bench_routed_gemm.run_fp8(argparse.Namespace())) == [] and seen
+    defaults = vars(bench_fp8_gemm.build_parser().parse_args([]))
+    assert all(vars(args) == defaults for args in seen)
 
 
 def test_bench_routed_gemm_names_an_unknown_schedule_variant_or_row_set_before_any_work():
