@@ -3,11 +3,8 @@ traceback from deep inside a library, never a silent wrong image, never a hang.
 
 The CLI rows run ``bagel-generate``'s ``main`` (exit code 2 and the message on stderr) and stop before any model
 is built; the library rows call the API directly."""
-import json
 import math
 import os
-import struct
-import zlib
 
 import numpy as np
 import pytest

@@ -16,7 +16,7 @@ import torch
 
 import bagel_kernels as bk
 from bagel_kernels import KernelOptions, require_fp8_support
-from bagel_kernels.fp8_quant import FP8_DTYPE, FP8_MAX, quantize_channels, quantize_rows, quantize_tensor
+from bagel_kernels.fp8_quant import FP8_DTYPE, FP8_MAX, quantize_channels, quantize_tensor
 from bagel_kernels.routed_linear_fp8 import dequantized_activation, routed_linear_fp8
 from bagel_kernels.routed_linear_fp8_reference import routed_gemm_fp8_dequantized_reference
 from bagel_model.pipeline import BagelPipeline

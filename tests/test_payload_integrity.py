@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bagel_model.serving.payload import KVPayload, PayloadError, _pack, deserialize, extract, serialize, validate_payload
+from bagel_model.serving.payload import PayloadError, _pack, deserialize, serialize, validate_payload
 
 from bagel_model.serving.connectors import TensorQueueConnector, recv_payload, send_payload
 from bagel_model.serving.stages import Request, run_stage0
@@ -22,7 +22,6 @@ def payload(tiny_model, tokenizer):
 def _resave(data: bytes, edit_meta=None, edit_tensors=None) -> bytes:
     """The payload's tensors and header, edited, saved again with the ORIGINAL checksum (what corruption in
     transit, or a mix-up, would produce)."""
-    from safetensors import safe_open
     from safetensors.torch import load, save
 
     hlen = int.from_bytes(data[:8], "little")
