@@ -23,3 +23,15 @@ def t2i_request(model, tok, prompt: str, params: SamplingParams) -> DenoiseReque
 def per_branch(model, tok, prompt: str, params: SamplingParams) -> torch.Tensor:
     """The oracle's final latent: one forward per CFG branch, as the model was first written."""
     return denoise([t2i_request(model, tok, prompt, params)], PerBranchStep(model), progress=False)[0]
+
+
+def gemm_operands(m: int, n: int, k: int, parts: int, bias: bool, residual: bool, seed: int, device: str = "cuda"):
+    """Random bf16 operands of a two-expert routed GEMM: x (m, k), weight (2, parts, n, k) scaled by k^-1/2 (outputs
+    of order one), bias (2, parts, n) and residual (m, n), or None where not asked for."""
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=torch.bfloat16, generator=g)
+
+    x, w = randn(m, k), randn(2, parts, n, k) * k ** -0.5
+    return x, w, randn(2, parts, n) if bias else None, randn(m, n) if residual else None

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bagel_kernels.routed_gemm_gluon as rg
+from helpers import gemm_operands
 from hopper_build import compile_for_hopper, ptx_facts, report_from_child
 
 gluon = pytest.importorskip("triton.experimental.gluon")
@@ -152,7 +153,7 @@ def _compile_for_hopper(swiglu: bool, segmented: bool, has_ids: bool, has_bias: 
     return compile_for_hopper(rg._routed_gemm_ws, args, consts, warps, rg.MAXNREG)
 
 
-BUILD_VARIANTS = [  # swiglu, segmented, has_ids, has_bias, has_res
+BUILD_VARIANTS = [  # swiglu, segmented, has_ids, has_bias, has_res[, split_wg]
     (False, True, False, True, False),   # QKV (bias)
     (False, True, False, False, True),   # o_proj / down (residual)
     (True, True, False, False, False),   # gate/up SwiGLU
@@ -189,12 +190,8 @@ def test_gluon_kernel_builds_for_hopper():
 def test_gluon_rows_are_the_triton_kernels_bits(swiglu, bias, residual, m):
     from bagel_kernels.routed_gemm_triton import routed_gemm_triton
 
-    g = torch.Generator(device="cuda").manual_seed(m)
     n, k, p = 512, 384, (2 if swiglu else 1)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-    w = torch.randn(2, p, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * k ** -0.5
-    b = torch.randn(2, p, n, device="cuda", dtype=torch.bfloat16, generator=g) if bias else None
-    res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g) if residual else None
+    x, w, b, res = gemm_operands(m, n, k, p, bias, residual, seed=m)
     segments = ((0, m // 3, 0), (m // 3, m - m // 5, 1), (m - m // 5, m, 0))
     ids = torch.zeros(m, dtype=torch.int32, device="cuda")
     ids[m // 3:m - m // 5] = 1
@@ -218,11 +215,8 @@ def test_rows_do_not_depend_on_how_many_programs_share_the_gpu(swiglu, residual,
     import bagel_kernels._launch as launch
     import bagel_kernels.routed_gemm_triton as rt
 
-    g = torch.Generator(device="cuda").manual_seed(7)
     m, n, k, p = 2000, 1024, 512, (2 if swiglu else 1)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-    w = torch.randn(2, p, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * k ** -0.5
-    res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g) if residual else None
+    x, w, _, res = gemm_operands(m, n, k, p, False, residual, seed=7)
     ids = torch.zeros(m, dtype=torch.int32, device="cuda")
     ids[300:1900] = 1
     segments = ((0, 300, 0), (300, 1900, 1), (1900, 2000, 0))
@@ -248,12 +242,8 @@ def test_two_consumer_partitions_give_the_shipped_bits(swiglu, bias, residual, s
     """The schedule variant with one partition per consumer warpgroup (``split_wg``) runs each row's wgmma as the
     shipped kernel does: every row's bits equal, with segment-aligned tiles, straddling tiles (expert ids) and the
     stream-K split of the last round."""
-    g = torch.Generator(device="cuda").manual_seed(11)
     m, n, k, p = 1500, 1024, 512, (2 if swiglu else 1)
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-    w = torch.randn(2, p, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * k ** -0.5
-    b = torch.randn(2, p, n, device="cuda", dtype=torch.bfloat16, generator=g) if bias else None
-    res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g) if residual else None
+    x, w, b, res = gemm_operands(m, n, k, p, bias, residual, seed=11)
     ids = torch.zeros(m, dtype=torch.int32, device="cuda")
     ids[200:1410] = 1
     bn, st = rg._block_n(swiglu), rg._stages(swiglu)
